@@ -1,0 +1,175 @@
+"""The public Python API: everything the CLI does is one call here."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from fitonnx import data as data_mod
+from fitonnx import engine, graph, instrument, losses
+from fitonnx import score as score_mod
+from fitonnx.data import Dataset
+from fitonnx.errors import DataError
+from fitonnx.load import LoadedModel, load_model
+from fitonnx.prepare import PreparedModel, prepare, verify
+
+ModelSource = str | os.PathLike[str] | onnx.ModelProto | LoadedModel
+DataSource = str | os.PathLike[str] | Dataset | None
+
+VERIFY_SAMPLES = 8
+
+
+class RandomDataWarning(UserWarning):
+    """Scoring with random inputs: the result says little about real sensitivity."""
+
+
+@dataclass(frozen=True)
+class Session:
+    """A model made ready for scoring: loaded, prepared, with its quantizable tensors and data."""
+
+    loaded: LoadedModel
+    prepared: PreparedModel
+    specs: dict[str, graph.InputSpec]
+    tensors: tuple[graph.QuantTensor, ...]
+    data: Dataset
+
+
+def _load(model: ModelSource) -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else load_model(model)
+
+
+def resolve_data(loaded: LoadedModel, data: DataSource, random_samples: int | None, seed: int) -> Dataset:
+    """Explicit data, else the bundled sidecar (``<model>.calib.npz``), else random only on request."""
+    specs = graph.input_specs(loaded.proto)
+    if isinstance(data, Dataset):
+        return data
+    if data is not None:
+        return data_mod.load_data(data, list(specs))
+    if random_samples is not None:
+        warnings.warn(
+            "scoring with random inputs: the result says little about real sensitivity", RandomDataWarning, stacklevel=3
+        )
+        return data_mod.random_data(specs, random_samples, seed)
+    sidecar = data_mod.sidecar_for(loaded.path) if loaded.path is not None else None
+    if sidecar is None:
+        raise DataError(
+            f"expected calibration data for {loaded.name}; found no --data and no "
+            f"{Path(loaded.name).stem}.calib.npz beside it",
+            hint="pass --data calib.npz (keys = input names, optional 'labels'), or --random-data N for a smoke test",
+        )
+    return data_mod.load_npz(sidecar)
+
+
+def open_model(
+    model: ModelSource, data: DataSource = None, *, random_samples: int | None = None, seed: int = 0
+) -> Session:
+    """Load, check the data against the model, prepare and verify the differentiable twin."""
+    loaded = _load(model)
+    specs = graph.input_specs(loaded.proto)
+    dataset = resolve_data(loaded, data, random_samples, seed)
+    data_mod.check_against(dataset, specs)
+    prepared = prepare(loaded.proto)
+    verify(prepared, [dataset.sample(i, specs) for i in range(min(VERIFY_SAMPLES, dataset.num_samples))])
+    tensors = tuple(graph.find_quantizable(prepared.model))
+    return Session(loaded=loaded, prepared=prepared, specs=specs, tensors=tensors, data=dataset)
+
+
+def score(
+    model: ModelSource,
+    data: DataSource = None,
+    *,
+    fisher: losses.FisherMode | str | None = None,
+    likelihood: losses.Likelihood | str | None = None,
+    output: str | None = None,
+    class_axis: int | None = None,
+    weight_bits: Sequence[int] = score_mod.DEFAULT_WEIGHT_BITS,
+    activation_bits: Sequence[int] = score_mod.DEFAULT_ACTIVATION_BITS,
+    max_samples: int | None = None,
+    tol: float | None = None,
+    seed: int = 0,
+    random_samples: int | None = None,
+    progress: engine.ProgressFn | None = None,
+    session: Session | None = None,
+) -> score_mod.ScoreReport:
+    """Fisher traces and FIT for every quantizable weight and activation of ``model``."""
+    s = session if session is not None else open_model(model, data, random_samples=random_samples, seed=seed)
+    traces, target, mode = fisher_traces(
+        s,
+        fisher=fisher,
+        likelihood=likelihood,
+        output=output,
+        class_axis=class_axis,
+        max_samples=max_samples,
+        tol=tol,
+        seed=seed,
+        progress=progress,
+    )
+    return score_mod.score(
+        s.prepared.model,
+        traces,
+        model_name=s.loaded.name,
+        fisher=mode.value,
+        likelihood=target.likelihood.value,
+        output=target.output,
+        data_source=s.data.source,
+        weight_bits=tuple(weight_bits),
+        activation_bits=tuple(activation_bits),
+    )
+
+
+def fisher_traces(
+    s: Session,
+    *,
+    fisher: losses.FisherMode | str | None = None,
+    likelihood: losses.Likelihood | str | None = None,
+    output: str | None = None,
+    class_axis: int | None = None,
+    max_samples: int | None = None,
+    tol: float | None = None,
+    seed: int = 0,
+    progress: engine.ProgressFn | None = None,
+    keep_gradients: bool = False,
+    threads: int = 0,
+) -> tuple[engine.FisherTraces, losses.OutputTarget, losses.FisherMode]:
+    """The engine's raw per-sample statistics (for callers that need more than the report)."""
+    mode = losses.FisherMode(fisher) if fisher is not None else losses.default_mode(s.data.labels)
+    labels = s.data.labels if mode is losses.FisherMode.EMPIRICAL else None
+    if mode is losses.FisherMode.EMPIRICAL and s.data.labels is None:
+        raise DataError(
+            f"expected 'labels' in {s.data.source} for --fisher empirical; found none", hint="use --fisher mc"
+        )
+    ranks = graph.output_ranks(s.prepared.model)
+    target = losses.resolve_output(
+        s.prepared.model,
+        ranks,
+        output,
+        losses.Likelihood(likelihood) if likelihood else None,
+        s.data.labels,
+        class_axis,
+    )
+    head = losses.build_head(target, mode, None if labels is None else labels.dtype)
+    activations = [t for t in s.tensors if t.kind is graph.Kind.ACTIVATION]
+    probe, names = instrument.build_probe(s.prepared.model, activations, None)
+    shapes = engine.probe_shapes(probe, names, s.data.sample(0, s.specs), threads) if names else {}
+    gm = instrument.build_gradient_model(
+        s.prepared.model,
+        s.tensors,
+        head,
+        None if labels is None else labels.dtype,
+        ranks={name: len(shape) for name, shape in shapes.items()},
+        keep_gradients=keep_gradients,
+    )
+    options = engine.RunOptions(max_samples=max_samples, tol=tol, seed=seed, threads=threads)
+    traces = engine.run(gm, s.data, s.specs, options, progress)
+    return traces, target, mode
+
+
+def inspect_tensors(model: ModelSource) -> tuple[graph.QuantTensor, ...]:
+    """The quantizable tensors of the prepared model (no data needed)."""
+    loaded = _load(model)
+    return tuple(graph.find_quantizable(prepare(loaded.proto).model))

@@ -1,0 +1,1 @@
+"""The ``fitonnx`` command line: one module per subcommand over the public API."""

@@ -1,0 +1,93 @@
+"""Option groups shared by subcommands, as reusable click decorators."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _compose(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    def apply(f: F) -> F:
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+
+    return apply
+
+
+class BitsList(click.ParamType):
+    """A comma-separated list of bit widths, e.g. ``2,3,4,8``."""
+
+    name = "bits"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            bits = tuple(sorted({int(v) for v in str(value).split(",") if v.strip()}))
+        except ValueError:
+            self.fail(f"expected comma-separated integers like 2,4,8; found {value!r}", param, ctx)
+        if not bits or any(b < 1 or b > 32 for b in bits):
+            self.fail(f"expected bit widths between 1 and 32; found {value!r}", param, ctx)
+        return bits
+
+
+def data_options(f: F) -> F:
+    """--data / --random-data: where calibration samples come from."""
+    return _compose(
+        click.option(
+            "--data",
+            "data",
+            type=click.Path(exists=False, dir_okay=True),
+            help="Calibration .npz (keys = input names, optional 'labels') or a test_data_set_* folder. "
+            "Default: the model's bundled <model>.calib.npz.",
+        ),
+        click.option(
+            "--random-data",
+            "random_samples",
+            type=click.IntRange(min=1),
+            help="Score N random inputs instead of real data (a smoke test: says little about real sensitivity).",
+        ),
+    )(f)
+
+
+def fisher_options(f: F) -> F:
+    """Fisher mode, loss output and sample budget."""
+    return _compose(
+        click.option(
+            "--fisher",
+            type=click.Choice(["empirical", "mc"]),
+            help="empirical: cross-entropy against the data's labels; mc: labels sampled from the model. "
+            "Default: empirical when the data has labels, else mc.",
+        ),
+        click.option(
+            "--likelihood",
+            type=click.Choice(["categorical", "bernoulli", "gaussian"]),
+            help="How to read the output. Default: from the output's producer (Softmax/Sigmoid) and the labels.",
+        ),
+        click.option("--output", help="The model output that defines the loss. Default: the first output."),
+        click.option("--class-axis", type=int, help="Class axis of a categorical output. Default: 1 (-1 for rank 3)."),
+        click.option("--max-samples", type=click.IntRange(min=1), help="Use at most N calibration samples."),
+        click.option(
+            "--tol",
+            type=click.FloatRange(min=0, min_open=True),
+            help="Stop once the relative standard error of the total trace is below TOL (e.g. 0.05).",
+        ),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for --fisher mc and --random-data."),
+    )(f)
+
+
+def bits_options(f: F) -> F:
+    """Candidate bit widths for weights and activations."""
+    return _compose(
+        click.option(
+            "--weight-bits", type=BitsList(), default="2,3,4,8", show_default=True, help="Candidate weight bit widths."
+        ),
+        click.option(
+            "--act-bits", type=BitsList(), default="8,16", show_default=True, help="Candidate activation bit widths."
+        ),
+    )(f)

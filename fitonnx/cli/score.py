@@ -1,0 +1,67 @@
+"""``fitonnx score``: Fisher traces and FIT for every quantizable tensor."""
+
+from __future__ import annotations
+
+import warnings
+
+import click
+
+from fitonnx import api, report
+from fitonnx.cli.options import bits_options, data_options, fisher_options
+from fitonnx.cli.progress import progress_bar
+
+
+@click.command("score")
+@click.argument("model", type=click.Path(dir_okay=False))
+@data_options
+@fisher_options
+@bits_options
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write the table as CSV here.")
+@click.option("--top", type=click.IntRange(min=1), help="Show only the N most sensitive tensors in the terminal.")
+def score_command(
+    model: str,
+    data: str | None,
+    random_samples: int | None,
+    fisher: str | None,
+    likelihood: str | None,
+    output: str | None,
+    class_axis: int | None,
+    max_samples: int | None,
+    tol: float | None,
+    seed: int,
+    weight_bits: tuple[int, ...],
+    act_bits: tuple[int, ...],
+    json_path: str | None,
+    csv_path: str | None,
+    top: int | None,
+) -> None:
+    """Rank MODEL's quantizable weights and activations by FIT (most sensitive first)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", api.RandomDataWarning)
+        session = api.open_model(model, data, random_samples=random_samples, seed=seed)
+    for w in caught:
+        click.secho(f"warning: {w.message}", fg="yellow", err=True)
+    total = session.data.num_samples if max_samples is None else min(max_samples, session.data.num_samples)
+    with progress_bar(total, "Fisher samples") as advance:
+        result = api.score(
+            model,
+            session=session,
+            fisher=fisher,
+            likelihood=likelihood,
+            output=output,
+            class_axis=class_axis,
+            weight_bits=weight_bits,
+            activation_bits=act_bits,
+            max_samples=max_samples,
+            tol=tol,
+            seed=seed,
+            progress=advance,
+        )
+    click.echo(report.format_table(result, limit=top))
+    if json_path:
+        report.write_json(result, json_path)
+        click.echo(f"wrote {json_path}")
+    if csv_path:
+        report.write_csv(result, csv_path)
+        click.echo(f"wrote {csv_path}")

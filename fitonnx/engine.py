@@ -1,0 +1,210 @@
+"""Run the gradient model once per calibration sample and accumulate Fisher statistics.
+
+Per-sample squared gradient norms arrive as float64 scalars from the gradient graph and are kept
+per sample (an N × T float64 matrix), so traces, standard errors and bootstrap rankings all come
+from the same exact per-sample values: Tr(F_t) = (1/N)·Σ_i ‖∂ℓ_i/∂t‖².
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fitonnx.data import Dataset
+from fitonnx.errors import DataError, ModelError
+from fitonnx.graph import InputSpec, QuantTensor
+from fitonnx.instrument import GradientModel
+from fitonnx.losses import LABELS, NOISE, Likelihood, draw_noise
+
+ProgressFn = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How many samples to use and when to stop."""
+
+    max_samples: int | None = None
+    tol: float | None = None  # stop once the relative standard error of the total trace < tol
+    min_samples: int = 16  # never stop on ``tol`` before this many samples
+    seed: int = 0
+    threads: int = 0  # 0: onnxruntime's default (all cores)
+
+
+@dataclass(frozen=True)
+class FisherTraces:
+    """What the engine measured: per-sample squared norms and activation ranges."""
+
+    tensors: tuple[QuantTensor, ...]
+    per_sample: np.ndarray  # [samples, tensors] float64: ‖∂ℓ_i/∂t‖²
+    act_min: Mapping[str, float]
+    act_max: Mapping[str, float]
+    act_shapes: Mapping[str, tuple[int, ...]]  # per-sample activation shape seen on the first sample
+    stop_reason: str
+    diag: Mapping[str, np.ndarray] | None = None  # Σ_i (∂ℓ_i/∂t)² / N, if requested
+
+    @property
+    def samples(self) -> int:
+        return int(self.per_sample.shape[0])
+
+    def trace(self) -> np.ndarray:
+        return self.per_sample.mean(axis=0)
+
+    def trace_se(self) -> np.ndarray:
+        n = self.samples
+        if n < 2:
+            return np.full(self.per_sample.shape[1], np.nan)
+        return self.per_sample.std(axis=0, ddof=1) / np.sqrt(n)
+
+
+def make_session(model_bytes: bytes, threads: int = 0):  # -> onnxruntime.InferenceSession
+    """An InferenceSession on the CPU with fitonnx's settings (shared by engine and benchmarks)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def probe_shapes(
+    probe_bytes: bytes, outputs: Sequence[str], feed: Mapping[str, np.ndarray], threads: int = 0
+) -> dict[str, tuple[int, ...]]:
+    """Run the probe model once and return the shape of each exposed tensor."""
+    values = make_session(probe_bytes, threads).run(list(outputs), dict(feed))
+    return {name: np.asarray(v).shape for name, v in zip(outputs, values, strict=True)}
+
+
+class _Shapes:
+    """Zero inputs and noise shapes per input-shape signature, found by running the probe model."""
+
+    def __init__(self, gm: GradientModel, threads: int) -> None:
+        self.gm = gm
+        self.probe = make_session(gm.probe_bytes, threads)
+        self.cache: dict[tuple, tuple[dict[str, np.ndarray], tuple[int, ...]]] = {}
+
+    def get(self, feed: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], tuple[int, ...]]:
+        key = tuple((k, v.shape) for k, v in sorted(feed.items()))
+        if key not in self.cache:
+            values = self.probe.run(list(self.gm.probe_outputs), dict(feed))
+            shapes = {name: np.asarray(v).shape for name, v in zip(self.gm.probe_outputs, values, strict=True)}
+            zeros = {zero: np.zeros(shapes[act], np.float32) for act, zero in self.gm.perturbations}
+            self.cache[key] = (zeros, shapes[self.gm.head.target.tap])
+        return self.cache[key]
+
+
+def run(
+    gm: GradientModel,
+    data: Dataset,
+    specs: Mapping[str, InputSpec],
+    options: RunOptions,
+    progress: ProgressFn | None = None,
+) -> FisherTraces:
+    """Forward+backward once per sample; stop at ``max_samples``, on ``tol``, or when data ends."""
+    session = make_session(gm.model_bytes, options.threads)
+    shapes = _Shapes(gm, options.threads)
+    head = gm.head
+    total = data.num_samples if options.max_samples is None else min(options.max_samples, data.num_samples)
+    n_t = len(gm.tensors)
+    per_sample = np.zeros((total, n_t), np.float64)
+    activations = gm.activations
+    lo = np.full(len(activations), np.inf)
+    hi = np.full(len(activations), -np.inf)
+    fetch = list(gm.sqnorm_outputs) + [name for pair in gm.range_outputs for name in pair] + list(gm.grad_outputs)
+    diag = [np.zeros(0)] * len(gm.grad_outputs)
+    rng = np.random.default_rng(options.seed)
+    inputs = list(specs)
+    s1 = s2 = 0.0
+    stop_reason = (
+        "data exhausted" if options.max_samples is None or options.max_samples >= data.num_samples else "max-samples"
+    )
+    act_shapes: dict[str, tuple[int, ...]] = {}
+    done = 0
+    for i in range(total):
+        feed = {k: v for k, v in data.sample(i, specs).items() if k in inputs}
+        zeros, tap_shape = shapes.get(feed)
+        if i == 0:
+            act_shapes = {act: z.shape for act, z in zip((a for a, _ in gm.perturbations), zeros.values(), strict=True)}
+            _check_labels(data, head.target.likelihood, tap_shape, head.needs_labels, head.perm)
+        run_feed = {**feed, **zeros}
+        if head.needs_labels:
+            run_feed[LABELS] = data.sample_labels(i)
+        if head.noise is not None:
+            run_feed[NOISE] = draw_noise(head.noise, head.noise_shape(tap_shape), rng)
+        try:
+            values = session.run(fetch, run_feed)
+        except Exception as exc:
+            raise ModelError(f"onnxruntime failed on sample {i}: {str(exc).splitlines()[0][:300]}") from None
+        row = np.array(values[:n_t], dtype=np.float64)
+        if not np.all(np.isfinite(row)):
+            bad = gm.tensors[int(np.argmin(np.isfinite(row)))].name
+            raise ModelError(
+                f"expected finite gradients; sample {i} gives a non-finite gradient for {bad!r}",
+                hint="check the sample for extreme values or the model for overflow",
+            )
+        per_sample[i] = row
+        if activations:
+            ranges = np.array(values[n_t : n_t + 2 * len(activations)], dtype=np.float64).reshape(-1, 2)
+            np.minimum(lo, ranges[:, 0], out=lo)
+            np.maximum(hi, ranges[:, 1], out=hi)
+        for k, grad in enumerate(values[n_t + 2 * len(activations) :]):
+            sq = np.square(np.asarray(grad, np.float64))
+            diag[k] = sq if i == 0 else diag[k] + sq
+        done = i + 1
+        if progress is not None:
+            progress(1)
+        s = row.sum()
+        s1 += s
+        s2 += s * s
+        if options.tol is not None and done >= max(options.min_samples, 2):
+            mean = s1 / done
+            var = max(s2 / done - mean * mean, 0.0) * done / (done - 1)
+            if mean > 0 and np.sqrt(var / done) / mean < options.tol:
+                stop_reason = "tol"
+                break
+    names = [a.name for a in activations]
+    return FisherTraces(
+        tensors=gm.tensors,
+        per_sample=per_sample[:done],
+        act_min=dict(zip(names, lo.tolist(), strict=True)),
+        act_max=dict(zip(names, hi.tolist(), strict=True)),
+        act_shapes=act_shapes,
+        stop_reason=stop_reason,
+        diag=({t.name: d / done for t, d in zip(gm.tensors, diag, strict=True)} if gm.grad_outputs else None),
+    )
+
+
+def _check_labels(
+    data: Dataset, likelihood: Likelihood, tap_shape: tuple[int, ...], needs: bool, perm: tuple[int, ...] | None
+) -> None:
+    """Labels must match the output: class indices in range, or values shaped like the output."""
+    if not needs or data.labels is None:
+        return
+    labels = data.labels
+    if likelihood is Likelihood.CATEGORICAL:
+        shape = tap_shape if perm is None else tuple(tap_shape[i] for i in perm)
+        classes = shape[1]
+        expected = (shape[0], *shape[2:])
+        if tuple(labels.shape[1:]) != expected[1:]:
+            raise DataError(
+                f"expected labels of shape [N{''.join(', ' + str(d) for d in expected[1:])}] (class indices); "
+                f"found {list(labels.shape)}"
+            )
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= classes:
+            raise DataError(
+                f"expected class labels in [0, {classes - 1}] for an output with {classes} classes; "
+                f"found values in [{lo}, {hi}]"
+            )
+        return
+    if tuple(labels.shape[1:]) != tuple(tap_shape[1:]):
+        raise DataError(
+            f"expected labels shaped like the output, [N, {', '.join(map(str, tap_shape[1:]))}]; "
+            f"found {list(labels.shape)}"
+        )
+    if likelihood is Likelihood.BERNOULLI and (labels.min() < 0 or labels.max() > 1):
+        raise DataError(
+            f"expected labels in [0, 1] for a sigmoid output; found values in [{labels.min()}, {labels.max()}]"
+        )

@@ -1,0 +1,217 @@
+"""A networkx view of an ONNX graph and the quantizable tensors FIT scores.
+
+Quantizable weights are float constants read by the weight operand of Conv, ConvTranspose,
+Gemm, MatMul, Gather (embedding tables) and LSTM/GRU/RNN (W and R). Quantizable activations are
+the non-constant float data inputs of those same ops. A weight may reach its op through
+layout-only ops (Transpose, Reshape, Cast, ...) that constant folding would remove; it is still
+the source constant that a toolchain quantizes, so that is the tensor reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import networkx as nx
+import numpy as np
+import onnx
+from onnx import helper
+
+from fitonnx.errors import ModelError
+
+
+class Kind(str, Enum):
+    WEIGHT = "weight"
+    ACTIVATION = "activation"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A model input: element dtype and shape (``None`` for a symbolic dimension)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...]
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    def accepts(self, shape: tuple[int, ...]) -> bool:
+        return len(shape) == self.rank and all(d is None or d == s for d, s in zip(self.shape, shape, strict=True))
+
+    def display(self) -> str:
+        return "[" + ", ".join("?" if d is None else str(d) for d in self.shape) + "]"
+
+
+@dataclass(frozen=True)
+class QuantTensor:
+    """One quantizable tensor and the quantizable nodes that read it."""
+
+    name: str
+    kind: Kind
+    nodes: tuple[str, ...]
+    op_types: tuple[str, ...]
+    shape: tuple[int, ...] | None
+
+    @property
+    def numel(self) -> int | None:
+        return None if self.shape is None else int(np.prod(self.shape, dtype=np.int64))
+
+
+# op type -> indices of inputs that carry weights when constant; all other float inputs listed
+# in ACTIVATION_INPUTS are activations when they are not constant.
+WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
+    "Conv": (1,),
+    "ConvTranspose": (1,),
+    "Gemm": (0, 1),
+    "MatMul": (0, 1),
+    "Gather": (0,),
+    "LSTM": (1, 2),
+    "GRU": (1, 2),
+    "RNN": (1, 2),
+}
+ACTIVATION_INPUTS: dict[str, tuple[int, ...]] = {
+    "Conv": (0,),
+    "ConvTranspose": (0,),
+    "Gemm": (0, 1),
+    "MatMul": (0, 1),
+    "Gather": (),
+    "LSTM": (0,),
+    "GRU": (0,),
+    "RNN": (0,),
+}
+# Single-data-input ops that only move or relabel values; a weight seen through them is still the
+# source constant.
+LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze", "Flatten"})
+
+FLOAT_TYPES = frozenset(
+    {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+)
+
+
+def node_name(node: onnx.NodeProto, index: int) -> str:
+    """A node's name, or a stable stand-in for unnamed nodes."""
+    return node.name or f"{node.op_type}_{index}"
+
+
+def input_specs(model: onnx.ModelProto) -> dict[str, InputSpec]:
+    """The inputs a caller must feed (graph inputs that are not also initializers)."""
+    inits = {t.name for t in model.graph.initializer}
+    specs: dict[str, InputSpec] = {}
+    for value in model.graph.input:
+        if value.name in inits:
+            continue
+        ttype = value.type.tensor_type
+        if not value.type.HasField("tensor_type"):
+            raise ModelError(f"expected tensor inputs; input {value.name!r} is a sequence, map or optional")
+        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim)
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(ttype.elem_type))
+        specs[value.name] = InputSpec(name=value.name, dtype=dtype, shape=dims)
+    return specs
+
+
+def to_networkx(model: onnx.ModelProto) -> nx.MultiDiGraph:
+    """Bipartite graph: tensor nodes ("t", name) and op nodes ("n", name), edges in data-flow order."""
+    g = nx.MultiDiGraph()
+    for i, node in enumerate(model.graph.node):
+        key = ("n", node_name(node, i))
+        g.add_node(key, op=node, index=i)
+        for slot, name in enumerate(node.input):
+            if name:
+                g.add_edge(("t", name), key, slot=slot)
+        for slot, name in enumerate(node.output):
+            if name:
+                g.add_edge(key, ("t", name), slot=slot)
+    return g
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Name -> (shape, elem_type) for initializers and Constant-node outputs."""
+    out = {t.name: (tuple(t.dims), t.data_type) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            t = node.attribute[0].t
+            out[node.output[0]] = (tuple(t.dims), t.data_type)
+    return out
+
+
+def _value_types(model: onnx.ModelProto) -> dict[str, tuple[int, tuple[int | None, ...] | None]]:
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    out: dict[str, tuple[int, tuple[int | None, ...] | None]] = {}
+    for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        tt = v.type.tensor_type
+        if not v.type.HasField("tensor_type"):
+            continue
+        shape = (
+            tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+            if tt.HasField("shape")
+            else None
+        )
+        out[v.name] = (tt.elem_type, shape)
+    return out
+
+
+def find_quantizable(model: onnx.ModelProto) -> list[QuantTensor]:
+    """The quantizable weights and activations of ``model``, in graph order, weights first per op."""
+    g = to_networkx(model)
+    consts = _constants(model)
+    types = _value_types(model)
+    producers = {name: node for node in model.graph.node for name in node.output}
+
+    def source_constant(name: str) -> str | None:
+        seen = 0
+        while name not in consts:
+            node = producers.get(name)
+            if node is None or node.op_type not in LAYOUT_OPS or seen > 16:
+                return None
+            name = node.input[0]
+            seen += 1
+        return name
+
+    order: list[str] = []
+    info: dict[str, dict] = {}
+
+    def add(name: str, kind: Kind, consumer: str, op_type: str, shape: tuple | None) -> None:
+        if name not in info:
+            order.append(name)
+            info[name] = {"kind": kind, "nodes": [], "ops": [], "shape": shape}
+        entry = info[name]
+        if consumer not in entry["nodes"]:
+            entry["nodes"].append(consumer)
+            entry["ops"].append(op_type)
+
+    for key in nx.topological_sort(g):
+        if key[0] != "n":
+            continue
+        node: onnx.NodeProto = g.nodes[key]["op"]
+        op = node.op_type
+        if op not in WEIGHT_INPUTS or node.domain not in ("", "ai.onnx"):
+            continue
+        for slot, name in enumerate(node.input):
+            if not name:
+                continue
+            src = source_constant(name)
+            if src is not None and slot in WEIGHT_INPUTS[op]:
+                shape, elem = consts[src]
+                if elem in FLOAT_TYPES:
+                    add(src, Kind.WEIGHT, key[1], op, shape)
+            elif src is None and slot in ACTIVATION_INPUTS[op]:
+                elem, shape = types.get(name, (onnx.TensorProto.FLOAT, None))
+                if elem in FLOAT_TYPES:
+                    add(name, Kind.ACTIVATION, key[1], op, shape)
+    return [
+        QuantTensor(
+            name=name,
+            kind=info[name]["kind"],
+            nodes=tuple(info[name]["nodes"]),
+            op_types=tuple(info[name]["ops"]),
+            shape=info[name]["shape"],
+        )
+        for name in order
+    ]
+
+
+def output_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Rank of every tensor whose rank shape inference can tell."""
+    return {name: len(shape) for name, (_, shape) in _value_types(model).items() if shape is not None}

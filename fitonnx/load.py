@@ -1,0 +1,83 @@
+"""Load an ONNX model from an untrusted path, safely.
+
+External data is resolved only inside the model's own folder: a tensor whose ``location``
+points elsewhere (absolute path, ``..``, symlink out) is rejected before any byte is read.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from onnx import external_data_helper
+
+from fitonnx.errors import ModelError
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """An ONNX model and where it came from (``path`` is None for in-memory models)."""
+
+    proto: onnx.ModelProto
+    path: Path | None
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.path is not None else (self.proto.graph.name or "model")
+
+
+def _check_external_locations(model: onnx.ModelProto, folder: Path) -> None:
+    root = folder.resolve()
+    for tensor in external_data_helper._get_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = external_data_helper.ExternalDataInfo(tensor)
+        location = info.location
+        target = (root / location).resolve()
+        if os.path.isabs(location) or not target.is_relative_to(root):
+            raise ModelError(
+                f"tensor {tensor.name!r} stores its data at {location!r}, outside the model's folder",
+                hint="external data must live next to the model file",
+            )
+        if not target.is_file():
+            raise ModelError(f"tensor {tensor.name!r} expects external data file {location!r}; none found in {root}")
+
+
+def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
+    """Read an ONNX model (a path or an in-memory proto) and check it is well formed.
+
+    The returned proto is a private copy: nothing fitonnx does can change the caller's model.
+    """
+    if isinstance(source, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(source)
+        path = None
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ModelError(f"expected an ONNX model file at {str(path)!r}; no such file")
+        try:
+            proto = onnx.load_model(str(path), load_external_data=False)
+        except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning-ish variants
+            raise ModelError(
+                f"expected an ONNX model in {str(path)!r}; could not parse it ({type(exc).__name__})"
+            ) from None
+        _check_external_locations(proto, path.parent)
+        try:
+            external_data_helper.load_external_data_for_model(proto, str(path.parent))
+        except Exception as exc:
+            raise ModelError(f"could not read the external data of {str(path)!r}: {exc}") from None
+    if len(proto.graph.node) == 0:
+        raise ModelError(f"expected an ONNX model with a graph; {_describe(path)} has no nodes")
+    try:
+        onnx.checker.check_model(proto, full_check=False)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+        raise ModelError(f"{_describe(path)} is not a valid ONNX model: {first}") from None
+    return LoadedModel(proto=proto, path=path)
+
+
+def _describe(path: Path | None) -> str:
+    return repr(str(path)) if path is not None else "the in-memory model"

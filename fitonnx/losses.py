@@ -1,0 +1,225 @@
+"""Fisher modes as loss heads appended to the model.
+
+Each head turns the model's output into a scalar per-sample loss ℓ whose gradient defines the
+Fisher: cross-entropy against true labels (empirical Fisher), or against labels sampled from the
+model's own predictive distribution (Monte-Carlo "true" Fisher). Sampling happens inside the
+graph from noise fed by the engine (Gumbel-max for categorical, a uniform draw for Bernoulli,
+a standard normal for Gaussian), so one forward+backward pass per sample suffices and a seed
+makes it reproducible. Sampled labels pass through ArgMax/Less, which carry no gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from fitonnx.errors import DataError, InternalError, ModelError
+
+PREFIX = "fitonnx__"
+LOSS = PREFIX + "loss"
+LABELS = PREFIX + "labels"
+NOISE = PREFIX + "noise"
+
+
+class FisherMode(str, Enum):
+    EMPIRICAL = "empirical"
+    MC = "mc"
+
+
+class Likelihood(str, Enum):
+    CATEGORICAL = "categorical"  # logits (or Softmax probabilities) over a class axis
+    BERNOULLI = "bernoulli"  # a Sigmoid output: independent probabilities per element
+    GAUSSIAN = "gaussian"  # real values, unit-variance Gaussian around them
+
+
+class Noise(str, Enum):
+    GUMBEL = "gumbel"
+    UNIFORM = "uniform"
+    NORMAL = "normal"
+
+
+@dataclass(frozen=True)
+class OutputTarget:
+    """Which tensor the loss reads and how it is interpreted."""
+
+    output: str  # the model output the user chose
+    tap: str  # the tensor the loss reads (a Softmax/Sigmoid's input, else the output itself)
+    likelihood: Likelihood
+    class_axis: int | None  # non-negative axis, categorical only
+    rank: int | None
+
+
+@dataclass(frozen=True)
+class LossHead:
+    """Nodes and constants computing ``LOSS`` from ``target.tap`` plus what the engine must feed."""
+
+    nodes: tuple[onnx.NodeProto, ...]
+    initializers: tuple[onnx.TensorProto, ...]
+    target: OutputTarget
+    mode: FisherMode
+    noise: Noise | None  # fed as NOISE, shaped like the tap after ``perm``
+    perm: tuple[int, ...] | None  # transpose applied to the tap (class axis moved to 1)
+    needs_labels: bool
+
+    def noise_shape(self, tap_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tap_shape if self.perm is None else tuple(tap_shape[i] for i in self.perm)
+
+
+def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def resolve_output(
+    model: onnx.ModelProto,
+    ranks: dict[str, int],
+    output: str | None,
+    likelihood: Likelihood | None,
+    labels: np.ndarray | None,
+    class_axis: int | None = None,
+) -> OutputTarget:
+    """Pick the output the loss reads and how to interpret it (see README: "Which loss")."""
+    names = [o.name for o in model.graph.output]
+    if output is None:
+        output = names[0]
+    elif output not in names:
+        raise ModelError(f"expected --output to be one of the model outputs {names}; found {output!r}")
+    producer = _producers(model).get(output)
+    tap = output
+    axis = class_axis
+    rank = ranks.get(output)
+    if (
+        producer is not None
+        and producer.op_type in ("Softmax", "LogSoftmax")
+        and likelihood in (None, Likelihood.CATEGORICAL)
+    ):
+        tap = producer.input[0]
+        default = -1 if _opset(model) >= 13 else 1
+        axis = next((a.i for a in producer.attribute if a.name == "axis"), default) if axis is None else axis
+        likelihood = Likelihood.CATEGORICAL
+    elif producer is not None and producer.op_type == "Sigmoid" and likelihood in (None, Likelihood.BERNOULLI):
+        tap = producer.input[0]
+        likelihood = Likelihood.BERNOULLI
+    elif likelihood is None:
+        if labels is not None:
+            likelihood = Likelihood.CATEGORICAL if np.issubdtype(labels.dtype, np.integer) else Likelihood.GAUSSIAN
+        else:
+            likelihood = Likelihood.CATEGORICAL if rank is not None and rank >= 2 else Likelihood.GAUSSIAN
+    if likelihood is Likelihood.CATEGORICAL:
+        rank = rank if rank is not None else 2
+        if axis is None:
+            axis = -1 if rank == 3 else 1
+        if not -rank <= axis < rank:
+            raise ModelError(f"expected a class axis within the output's {rank} axes; found {axis}")
+        axis %= rank
+        if rank < 2:
+            raise ModelError(
+                f"expected a categorical output with a batch and a class axis; {output!r} has rank {rank}",
+                hint="use --likelihood gaussian for real-valued outputs",
+            )
+    return OutputTarget(
+        output=output,
+        tap=tap,
+        likelihood=likelihood,
+        class_axis=axis if likelihood is Likelihood.CATEGORICAL else None,
+        rank=rank,
+    )
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def default_mode(labels: np.ndarray | None) -> FisherMode:
+    return FisherMode.EMPIRICAL if labels is not None else FisherMode.MC
+
+
+def build_head(target: OutputTarget, mode: FisherMode, labels_dtype: np.dtype | None) -> LossHead:
+    """Nodes computing the per-sample loss (reduction: sum over the sample's outputs)."""
+    if mode is FisherMode.EMPIRICAL and labels_dtype is None:
+        raise DataError("expected 'labels' in the data for --fisher empirical; found none", hint="use --fisher mc")
+    n = helper.make_node
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    x = target.tap
+    noise: Noise | None = None
+    if target.likelihood is Likelihood.CATEGORICAL:
+        if mode is FisherMode.EMPIRICAL and not np.issubdtype(labels_dtype, np.integer):
+            raise DataError(f"expected integer class labels for a categorical output; found {labels_dtype}")
+        axis = target.class_axis
+        if axis is None or target.rank is None:
+            raise InternalError("categorical target without class axis")
+        perm: tuple[int, ...] | None = None
+        if axis != 1:
+            perm = (0, axis, *[i for i in range(1, target.rank) if i != axis])
+            nodes.append(n("Transpose", [x], [PREFIX + "logits"], perm=list(perm)))
+            x = PREFIX + "logits"
+        label = LABELS
+        if mode is FisherMode.EMPIRICAL:
+            nodes.append(n("Cast", [LABELS], [PREFIX + "labels64"], to=TensorProto.INT64))
+            label = PREFIX + "labels64"
+        else:
+            noise = Noise.GUMBEL
+            nodes.append(n("Add", [x, NOISE], [PREFIX + "perturbed"]))
+            nodes.append(n("ArgMax", [PREFIX + "perturbed"], [PREFIX + "sampled"], axis=1, keepdims=0))
+            label = PREFIX + "sampled"
+        # log_prob must be an output of the node for ORT to build its gradient.
+        nodes.append(n("SoftmaxCrossEntropyLoss", [x, label], [LOSS, PREFIX + "log_prob"], reduction="sum"))
+        return LossHead(tuple(nodes), (), target, mode, noise, perm, mode is FisherMode.EMPIRICAL)
+    if target.likelihood is Likelihood.BERNOULLI:
+        # loss = softplus(z) - y*z, with softplus(z) = relu(z) + log(1 + exp(-|z|)) for stability;
+        # built from ops that have gradients (Softplus has none in this ORT).
+        inits.append(numpy_helper.from_array(np.array(1.0, np.float32), PREFIX + "one"))
+        if mode is FisherMode.EMPIRICAL:
+            nodes.append(n("Cast", [LABELS], [PREFIX + "y"], to=TensorProto.FLOAT))
+        else:
+            noise = Noise.UNIFORM
+            nodes += [
+                n("Sigmoid", [x], [PREFIX + "p"]),
+                n("Less", [NOISE, PREFIX + "p"], [PREFIX + "yb"]),
+                n("Cast", [PREFIX + "yb"], [PREFIX + "y"], to=TensorProto.FLOAT),
+            ]
+        nodes += [
+            n("Relu", [x], [PREFIX + "relu"]),
+            n("Abs", [x], [PREFIX + "abs"]),
+            n("Neg", [PREFIX + "abs"], [PREFIX + "nabs"]),
+            n("Exp", [PREFIX + "nabs"], [PREFIX + "exp"]),
+            n("Add", [PREFIX + "exp", PREFIX + "one"], [PREFIX + "exp1"]),
+            n("Log", [PREFIX + "exp1"], [PREFIX + "log1p"]),
+            n("Add", [PREFIX + "relu", PREFIX + "log1p"], [PREFIX + "softplus"]),
+            n("Mul", [PREFIX + "y", x], [PREFIX + "yz"]),
+            n("Sub", [PREFIX + "softplus", PREFIX + "yz"], [PREFIX + "elementwise"]),
+            n("ReduceSum", [PREFIX + "elementwise"], [LOSS], keepdims=0),
+        ]
+        return LossHead(tuple(nodes), tuple(inits), target, mode, noise, None, mode is FisherMode.EMPIRICAL)
+    # Gaussian with unit variance: loss = ½‖f − y‖². For the MC Fisher, y = f + ε with f held
+    # constant, whose gradient −εᵀ∂f/∂θ equals that of the surrogate −Σ ε⊙f; the surrogate needs
+    # no stop-gradient op, and only the gradient (never the loss value) is used.
+    if mode is FisherMode.EMPIRICAL:
+        inits.append(numpy_helper.from_array(np.array(0.5, np.float32), PREFIX + "half"))
+        nodes += [
+            n("Cast", [LABELS], [PREFIX + "y"], to=TensorProto.FLOAT),
+            n("Sub", [x, PREFIX + "y"], [PREFIX + "residual"]),
+            n("Mul", [PREFIX + "residual", PREFIX + "residual"], [PREFIX + "sq"]),
+            n("ReduceSum", [PREFIX + "sq"], [PREFIX + "sum"], keepdims=0),
+            n("Mul", [PREFIX + "sum", PREFIX + "half"], [LOSS]),
+        ]
+    else:
+        noise = Noise.NORMAL
+        nodes += [
+            n("Mul", [x, NOISE], [PREFIX + "weighted"]),
+            n("ReduceSum", [PREFIX + "weighted"], [LOSS], keepdims=0),
+        ]
+    return LossHead(tuple(nodes), tuple(inits), target, mode, noise, None, mode is FisherMode.EMPIRICAL)
+
+
+def draw_noise(kind: Noise, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Noise for one sample's in-graph label sampling."""
+    if kind is Noise.GUMBEL:
+        return rng.gumbel(size=shape).astype(np.float32)
+    if kind is Noise.UNIFORM:
+        return rng.random(shape, dtype=np.float32)
+    return rng.standard_normal(shape, dtype=np.float32)

@@ -1,0 +1,181 @@
+"""FIT per tensor and bit width, totals of uniform configurations, and how stable the ranking is."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from fitonnx import noise
+from fitonnx.engine import FisherTraces
+from fitonnx.graph import Kind, QuantTensor
+
+DEFAULT_WEIGHT_BITS: tuple[int, ...] = (2, 3, 4, 8)
+DEFAULT_ACTIVATION_BITS: tuple[int, ...] = (8, 16)
+
+
+@dataclass(frozen=True)
+class TensorScore:
+    """One report row: a quantizable tensor's Fisher trace, range and FIT per bit width."""
+
+    name: str
+    kind: Kind
+    nodes: tuple[str, ...]
+    op_types: tuple[str, ...]
+    shape: tuple[int, ...]
+    numel: int
+    ef_trace: float
+    ef_trace_se: float
+    min: float
+    max: float
+    fit: Mapping[int, float]
+    share: float  # of the total FIT; the same at every bit width, since Δ(b)² scales all tensors alike
+
+
+@dataclass(frozen=True)
+class Stability:
+    """Bootstrap agreement of the FIT ranking with itself (Kendall τ over resampled samples)."""
+
+    resamples: int
+    kendall_tau_mean: float
+    kendall_tau_p05: float
+    top_k: int
+    top_k_same: float  # fraction of resamples whose top-k set equals the full-data top-k
+
+
+@dataclass(frozen=True)
+class ScoreReport:
+    """The result of ``fitonnx score``."""
+
+    model: str
+    fisher: str
+    likelihood: str
+    output: str
+    samples: int
+    stop_reason: str
+    data_source: str
+    weight_bits: tuple[int, ...]
+    activation_bits: tuple[int, ...]
+    tensors: tuple[TensorScore, ...]  # sorted by FIT, most sensitive first
+    total_fit: Mapping[int, float]  # every tensor at b bits
+    uniform: tuple[tuple[int, int, float], ...]  # (weight bits, activation bits, total FIT)
+    total_trace_rel_se: float
+    stability: Stability | None
+
+    @property
+    def bits(self) -> tuple[int, ...]:
+        return tuple(sorted(set(self.weight_bits) | set(self.activation_bits)))
+
+    def tensor(self, name: str) -> TensorScore:
+        return next(t for t in self.tensors if t.name == name)
+
+
+def weight_ranges(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, tuple[float, float]]:
+    wanted = set(names)
+    return {
+        t.name: (float(a.min()), float(a.max()))
+        for t in model.graph.initializer
+        if t.name in wanted and (a := numpy_helper.to_array(t)).size
+    }
+
+
+def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
+    """Kendall's τ-a between two score vectors (written here: numpy has none, scipy is not a dependency)."""
+    n = len(a)
+    if n < 2:
+        return 1.0
+    sa = np.sign(a[:, None] - a[None, :])
+    sb = np.sign(b[:, None] - b[None, :])
+    return float((sa * sb).sum() / (n * (n - 1)))
+
+
+def stability(
+    per_sample: np.ndarray, scale: np.ndarray, resamples: int = 200, seed: int = 0, top_k: int = 5
+) -> Stability | None:
+    """Resample calibration samples with replacement and compare the FIT ranking each time."""
+    n, t = per_sample.shape
+    if n < 2 or t < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    full = per_sample.mean(axis=0) * scale
+    k = min(top_k, t)
+    top = set(np.argsort(-full)[:k].tolist())
+    taus, same = [], 0
+    for _ in range(resamples):
+        boot = per_sample[rng.integers(0, n, n)].mean(axis=0) * scale
+        taus.append(kendall_tau(full, boot))
+        same += set(np.argsort(-boot)[:k].tolist()) == top
+    taus_arr = np.array(taus)
+    return Stability(resamples, float(taus_arr.mean()), float(np.quantile(taus_arr, 0.05)), k, same / resamples)
+
+
+def score(
+    model: onnx.ModelProto,
+    traces: FisherTraces,
+    *,
+    model_name: str,
+    fisher: str,
+    likelihood: str,
+    output: str,
+    data_source: str,
+    weight_bits: Sequence[int] = DEFAULT_WEIGHT_BITS,
+    activation_bits: Sequence[int] = DEFAULT_ACTIVATION_BITS,
+    resamples: int = 200,
+) -> ScoreReport:
+    """Combine traces with the noise model into the ranked FIT report."""
+    tensors: Sequence[QuantTensor] = traces.tensors
+    w_ranges = weight_ranges(model, [t.name for t in tensors if t.kind is Kind.WEIGHT])
+    trace, se = traces.trace(), traces.trace_se()
+    bits = sorted(set(weight_bits) | set(activation_bits))
+    lo = np.array([w_ranges[t.name][0] if t.kind is Kind.WEIGHT else traces.act_min[t.name] for t in tensors])
+    hi = np.array([w_ranges[t.name][1] if t.kind is Kind.WEIGHT else traces.act_max[t.name] for t in tensors])
+    fits = {b: noise.fit(trace, lo, hi, b) for b in bits}
+    totals = {b: float(fits[b].sum()) for b in bits}
+    is_w = np.array([t.kind is Kind.WEIGHT for t in tensors])
+    uniform = tuple(
+        (bw, ba, float(fits[bw][is_w].sum() + fits[ba][~is_w].sum())) for bw in weight_bits for ba in activation_bits
+    )
+    rows = []
+    for j, t in enumerate(tensors):
+        shape = tuple(t.shape) if t.kind is Kind.WEIGHT else tuple(traces.act_shapes.get(t.name, t.shape or ()))
+        rows.append(
+            TensorScore(
+                name=t.name,
+                kind=t.kind,
+                nodes=t.nodes,
+                op_types=t.op_types,
+                shape=shape,
+                numel=int(np.prod(shape, dtype=np.int64)),
+                ef_trace=float(trace[j]),
+                ef_trace_se=float(se[j]),
+                min=float(lo[j]),
+                max=float(hi[j]),
+                fit={b: float(fits[b][j]) for b in bits},
+                share=float(fits[bits[0]][j] / totals[bits[0]]) if totals[bits[0]] > 0 else 0.0,
+            )
+        )
+    order = np.argsort(-fits[bits[0]], kind="stable")
+    totals_ps = traces.per_sample.sum(axis=1)
+    n = traces.samples
+    rel_se = (
+        float(totals_ps.std(ddof=1) / np.sqrt(n) / totals_ps.mean()) if n > 1 and totals_ps.mean() > 0 else float("nan")
+    )
+    return ScoreReport(
+        model=model_name,
+        fisher=fisher,
+        likelihood=likelihood,
+        output=output,
+        samples=n,
+        stop_reason=traces.stop_reason,
+        data_source=data_source,
+        weight_bits=tuple(weight_bits),
+        activation_bits=tuple(activation_bits),
+        tensors=tuple(rows[i] for i in order),
+        total_fit=totals,
+        uniform=uniform,
+        total_trace_rel_se=rel_se,
+        stability=stability(traces.per_sample, (hi - lo) ** 2, resamples=resamples) if resamples else None,
+    )
