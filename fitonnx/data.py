@@ -48,10 +48,15 @@ class Dataset:
                 feed[name] = array[index : index + 1]
         return feed
 
-    def sample_labels(self, index: int) -> np.ndarray | None:
+    def whole_samples(self, specs: Mapping[str, InputSpec]) -> bool:
+        """True when samples are fed whole (arrays have one more axis than the model inputs)."""
+        return all(self.arrays[name].ndim == spec.rank + 1 for name, spec in specs.items())
+
+    def sample_labels(self, index: int, specs: Mapping[str, InputSpec]) -> np.ndarray | None:
+        """Labels of one sample, shaped like the sample's feed (with or without a batch axis of one)."""
         if self.labels is None:
             return None
-        return self.labels[index : index + 1]
+        return self.labels[index] if self.whole_samples(specs) else self.labels[index : index + 1]
 
     def head(self, n: int) -> Dataset:
         """The first ``n`` samples."""

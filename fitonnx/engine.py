@@ -127,10 +127,11 @@ def run(
         zeros, tap_shape = shapes.get(feed)
         if i == 0:
             act_shapes = {act: z.shape for act, z in zip((a for a, _ in gm.perturbations), zeros.values(), strict=True)}
-            _check_labels(data, head.target.likelihood, tap_shape, head.needs_labels, head.perm)
+            if head.needs_labels:
+                _check_labels(data, data.sample_labels(0, specs), head.target.likelihood, tap_shape, head.perm)
         run_feed = {**feed, **zeros}
         if head.needs_labels:
-            run_feed[LABELS] = data.sample_labels(i)
+            run_feed[LABELS] = data.sample_labels(i, specs)
         if head.noise is not None:
             run_feed[NOISE] = draw_noise(head.noise, head.noise_shape(tap_shape), rng)
         try:
@@ -177,21 +178,23 @@ def run(
 
 
 def _check_labels(
-    data: Dataset, likelihood: Likelihood, tap_shape: tuple[int, ...], needs: bool, perm: tuple[int, ...] | None
+    data: Dataset, first: np.ndarray, likelihood: Likelihood, tap_shape: tuple[int, ...], perm: tuple[int, ...] | None
 ) -> None:
     """Labels must match the output: class indices in range, or values shaped like the output."""
-    if not needs or data.labels is None:
-        return
     labels = data.labels
+    if labels is None:
+        return
     if likelihood is Likelihood.CATEGORICAL:
         shape = tap_shape if perm is None else tuple(tap_shape[i] for i in perm)
         classes = shape[1]
         expected = (shape[0], *shape[2:])
-        if tuple(labels.shape[1:]) != expected[1:]:
+        if tuple(first.shape) != expected:
             raise DataError(
-                f"expected labels of shape [N{''.join(', ' + str(d) for d in expected[1:])}] (class indices); "
-                f"found {list(labels.shape)}"
+                f"expected class-index labels of shape {list(expected)} per sample (the output without its "
+                f"class axis); found {list(first.shape)}"
             )
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"expected integer class labels for a categorical output; found {labels.dtype}")
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= classes:
             raise DataError(
@@ -199,10 +202,9 @@ def _check_labels(
                 f"found values in [{lo}, {hi}]"
             )
         return
-    if tuple(labels.shape[1:]) != tuple(tap_shape[1:]):
+    if tuple(first.shape) != tuple(tap_shape):
         raise DataError(
-            f"expected labels shaped like the output, [N, {', '.join(map(str, tap_shape[1:]))}]; "
-            f"found {list(labels.shape)}"
+            f"expected labels shaped like the output, {list(tap_shape)} per sample; found {list(first.shape)}"
         )
     if likelihood is Likelihood.BERNOULLI and (labels.min() < 0 or labels.max() > 1):
         raise DataError(
