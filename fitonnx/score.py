@@ -101,7 +101,7 @@ def stability(
         return None
     rng = np.random.default_rng(seed)
     full = per_sample.mean(axis=0) * scale
-    k = min(top_k, t)
+    k = min(top_k, max(1, t // 2))  # a top-k that is the whole list would be trivially stable
     top = set(np.argsort(-full)[:k].tolist())
     taus, same = [], 0
     for _ in range(resamples):
