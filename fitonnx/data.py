@@ -41,9 +41,10 @@ class Dataset:
     def sample(self, index: int, specs: Mapping[str, InputSpec]) -> dict[str, np.ndarray]:
         """The feed for one sample: a batch of one, or the whole slice when the model has no batch axis."""
         feed: dict[str, np.ndarray] = {}
-        for name, array in self.arrays.items():
-            if array.ndim == specs[name].rank + 1:
-                feed[name] = array[index]
+        for name, spec in specs.items():
+            array = self.arrays[name]
+            if array.ndim == spec.rank + 1:
+                feed[name] = np.asarray(array[index])  # a 0-d array, not a numpy scalar, for scalar inputs
             else:
                 feed[name] = array[index : index + 1]
         return feed

@@ -84,6 +84,12 @@ ACTIVATION_INPUTS: dict[str, tuple[int, ...]] = {
 # Single-data-input ops that only move or relabel values; a weight seen through them is still the
 # source constant.
 LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze", "Flatten"})
+# doc_string marks set by prepare's rewrites: a MatMul/Conv computing what was not a quantizable op
+# of the model (a Resize or Einsum lowered to MatMul) is skipped; a node that only rearranges its
+# first input (ConvTranspose's zero insertion) is looked through to the activation it rearranges.
+PREPARE_INTERNAL = "fitonnx:internal"
+PREPARE_PASSTHROUGH = "fitonnx:passthrough"
+PREPARE_WEIGHTS_ONLY = "fitonnx:weights-only"  # an unrolled recurrent MatMul: R counts, the hidden state does not
 
 FLOAT_TYPES = frozenset(
     {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
@@ -105,7 +111,8 @@ def input_specs(model: onnx.ModelProto) -> dict[str, InputSpec]:
         ttype = value.type.tensor_type
         if not value.type.HasField("tensor_type"):
             raise ModelError(f"expected tensor inputs; input {value.name!r} is a sequence, map or optional")
-        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim)
+        # paddle2onnx writes dim_value -1 for a dynamic size: read it as symbolic
+        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None for d in ttype.shape.dim)
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(ttype.elem_type))
         specs[value.name] = InputSpec(name=value.name, dtype=dtype, shape=dims)
     return specs
@@ -169,6 +176,14 @@ def find_quantizable(model: onnx.ModelProto) -> list[QuantTensor]:
             seen += 1
         return name
 
+    def source_activation(name: str) -> str:
+        for _ in range(16):
+            node = producers.get(name)
+            if node is None or node.doc_string != PREPARE_PASSTHROUGH:
+                break
+            name = node.input[0]
+        return name
+
     order: list[str] = []
     info: dict[str, dict] = {}
 
@@ -186,7 +201,7 @@ def find_quantizable(model: onnx.ModelProto) -> list[QuantTensor]:
             continue
         node: onnx.NodeProto = g.nodes[key]["op"]
         op = node.op_type
-        if op not in WEIGHT_INPUTS or node.domain not in ("", "ai.onnx"):
+        if op not in WEIGHT_INPUTS or node.domain not in ("", "ai.onnx") or node.doc_string == PREPARE_INTERNAL:
             continue
         for slot, name in enumerate(node.input):
             if not name:
@@ -196,7 +211,8 @@ def find_quantizable(model: onnx.ModelProto) -> list[QuantTensor]:
                 shape, elem = consts[src]
                 if elem in FLOAT_TYPES:
                     add(src, Kind.WEIGHT, key[1], op, shape)
-            elif src is None and slot in ACTIVATION_INPUTS[op]:
+            elif src is None and slot in ACTIVATION_INPUTS[op] and node.doc_string != PREPARE_WEIGHTS_ONLY:
+                name = source_activation(name)
                 elem, shape = types.get(name, (onnx.TensorProto.FLOAT, None))
                 if elem in FLOAT_TYPES:
                     add(name, Kind.ACTIVATION, key[1], op, shape)

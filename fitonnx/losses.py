@@ -6,10 +6,15 @@ model's own predictive distribution (Monte-Carlo "true" Fisher). Sampling happen
 graph from noise fed by the engine (Gumbel-max for categorical, a uniform draw for Bernoulli,
 a standard normal for Gaussian), so one forward+backward pass per sample suffices and a seed
 makes it reproducible. Sampled labels pass through ArgMax/Less, which carry no gradient.
+
+The exact true Fisher of a categorical output, E_y~p ‖∇ℓ_y‖² = Σ_c p_c·‖∇ℓ_c‖², has no label
+sampling noise: the head is the cross-entropy one, and the engine feeds every class c in turn
+and weights each pass by p_c = exp(−ℓ_c) (one backward pass per class).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from enum import Enum
 
@@ -17,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fitonnx.errors import DataError, InternalError, ModelError
+from fitonnx.errors import DataError, InternalError, ModelError, UnsupportedError
 
 PREFIX = "fitonnx__"
 LOSS = PREFIX + "loss"
@@ -28,6 +33,7 @@ NOISE = PREFIX + "noise"
 class FisherMode(str, Enum):
     EMPIRICAL = "empirical"
     MC = "mc"
+    EXACT = "exact"  # the true Fisher summed over classes: categorical outputs only
 
 
 class Likelihood(str, Enum):
@@ -51,6 +57,7 @@ class OutputTarget:
     likelihood: Likelihood
     class_axis: int | None  # non-negative axis, categorical only
     rank: int | None
+    probabilities: bool = False  # Bernoulli read from probabilities (no Sigmoid to tap)
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,7 @@ class LossHead:
     noise: Noise | None  # fed as NOISE, shaped like the tap after ``perm``
     perm: tuple[int, ...] | None  # transpose applied to the tap (class axis moved to 1)
     needs_labels: bool
+    enumerate_labels: bool = False  # EXACT: the engine feeds each class as LABELS, weighted by p_c
 
     def noise_shape(self, tap_shape: tuple[int, ...]) -> tuple[int, ...]:
         return tap_shape if self.perm is None else tuple(tap_shape[i] for i in self.perm)
@@ -84,10 +92,14 @@ def resolve_output(
     """Pick the output the loss reads and how to interpret it (see README: "Which loss")."""
     names = [o.name for o in model.graph.output]
     if output is None:
-        output = names[0]
+        # The first float output: converters such as skl2onnx put an integer label output first.
+        floats = [o.name for o in model.graph.output if o.type.tensor_type.elem_type in _FLOATS]
+        if not floats:
+            raise ModelError(f"expected a float output to define the loss; the outputs {names} are not float")
+        output = floats[0]
     elif output not in names:
         raise ModelError(f"expected --output to be one of the model outputs {names}; found {output!r}")
-    producer = _producers(model).get(output)
+    producer = _through_layout(model, output)
     tap = output
     axis = class_axis
     rank = ranks.get(output)
@@ -103,6 +115,8 @@ def resolve_output(
     elif producer is not None and producer.op_type == "Sigmoid" and likelihood in (None, Likelihood.BERNOULLI):
         tap = producer.input[0]
         likelihood = Likelihood.BERNOULLI
+    elif likelihood is Likelihood.BERNOULLI:
+        return OutputTarget(output, output, likelihood, None, rank, probabilities=True)
     elif likelihood is None:
         if labels is not None:
             likelihood = Likelihood.CATEGORICAL if np.issubdtype(labels.dtype, np.integer) else Likelihood.GAUSSIAN
@@ -129,6 +143,23 @@ def resolve_output(
     )
 
 
+_FLOATS = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+_LAYOUT = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
+
+
+def _through_layout(model: onnx.ModelProto, name: str) -> onnx.NodeProto | None:
+    """The producer of ``name``, looking through reshapes (a Sigmoid whose output is reshaped is
+    still a Sigmoid output). Softmax is only seen directly: a reshape may move its class axis."""
+    producers = _producers(model)
+    node = producers.get(name)
+    while node is not None and node.op_type in _LAYOUT:
+        inner = producers.get(node.input[0])
+        if inner is None or inner.op_type not in ("Sigmoid", *_LAYOUT):
+            break
+        node = inner
+    return node
+
+
 def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
@@ -139,6 +170,14 @@ def default_mode(labels: np.ndarray | None) -> FisherMode:
 
 def build_head(target: OutputTarget, mode: FisherMode, labels_dtype: np.dtype | None) -> LossHead:
     """Nodes computing the per-sample loss (reduction: sum over the sample's outputs)."""
+    if mode is FisherMode.EXACT:
+        if target.likelihood is not Likelihood.CATEGORICAL:
+            raise UnsupportedError(
+                f"expected a categorical output for --fisher exact; found {target.likelihood.value}",
+                hint="use --fisher mc",
+            )
+        head = build_head(target, FisherMode.EMPIRICAL, np.dtype(np.int64))
+        return dataclasses.replace(head, mode=FisherMode.EXACT, needs_labels=False, enumerate_labels=True)
     if mode is FisherMode.EMPIRICAL and labels_dtype is None:
         raise DataError("expected 'labels' in the data for --fisher empirical; found none", hint="use --fisher mc")
     n = helper.make_node
@@ -173,8 +212,15 @@ def build_head(target: OutputTarget, mode: FisherMode, labels_dtype: np.dtype | 
         # loss = softplus(z) - y*z, with softplus(z) = relu(z) + log(1 + exp(-|z|)) for stability;
         # built from ops that have gradients (Softplus has none in this ORT).
         inits.append(numpy_helper.from_array(np.array(1.0, np.float32), PREFIX + "one"))
+        if target.probabilities:
+            return _bernoulli_on_probabilities(x, mode, target)
         if mode is FisherMode.EMPIRICAL:
-            nodes.append(n("Cast", [LABELS], [PREFIX + "y"], to=TensorProto.FLOAT))
+            # Labels are shaped like the output, which may be a reshape of the tapped logits.
+            nodes += [
+                n("Cast", [LABELS], [PREFIX + "y_flat"], to=TensorProto.FLOAT),
+                n("Shape", [x], [PREFIX + "tap_shape"]),
+                n("Reshape", [PREFIX + "y_flat", PREFIX + "tap_shape"], [PREFIX + "y"]),
+            ]
         else:
             noise = Noise.UNIFORM
             nodes += [
@@ -213,6 +259,43 @@ def build_head(target: OutputTarget, mode: FisherMode, labels_dtype: np.dtype | 
             n("Mul", [x, NOISE], [PREFIX + "weighted"]),
             n("ReduceSum", [PREFIX + "weighted"], [LOSS], keepdims=0),
         ]
+    return LossHead(tuple(nodes), tuple(inits), target, mode, noise, None, mode is FisherMode.EMPIRICAL)
+
+
+def _bernoulli_on_probabilities(p: str, mode: FisherMode, target: OutputTarget) -> LossHead:
+    """Binary cross-entropy on probabilities p (an output that is not itself a Sigmoid, e.g. a mean
+    of sigmoids): ℓ = −Σ y·log p + (1 − y)·log(1 − p), with p clipped away from 0 and 1."""
+    n = helper.make_node
+    inits = [
+        numpy_helper.from_array(np.array(1.0, np.float32), PREFIX + "one"),
+        numpy_helper.from_array(np.array(1e-6, np.float32), PREFIX + "eps"),
+        numpy_helper.from_array(np.array(1 - 1e-6, np.float32), PREFIX + "one_minus_eps"),
+    ]
+    nodes = [n("Clip", [p, PREFIX + "eps", PREFIX + "one_minus_eps"], [PREFIX + "pc"])]
+    if mode is FisherMode.EMPIRICAL:
+        nodes += [
+            n("Cast", [LABELS], [PREFIX + "y_flat"], to=TensorProto.FLOAT),
+            n("Shape", [p], [PREFIX + "tap_shape"]),
+            n("Reshape", [PREFIX + "y_flat", PREFIX + "tap_shape"], [PREFIX + "y"]),
+        ]
+        noise = None
+    else:
+        noise = Noise.UNIFORM
+        nodes += [
+            n("Less", [NOISE, PREFIX + "pc"], [PREFIX + "yb"]),
+            n("Cast", [PREFIX + "yb"], [PREFIX + "y"], to=TensorProto.FLOAT),
+        ]
+    nodes += [
+        n("Log", [PREFIX + "pc"], [PREFIX + "log_p"]),
+        n("Sub", [PREFIX + "one", PREFIX + "pc"], [PREFIX + "q"]),
+        n("Log", [PREFIX + "q"], [PREFIX + "log_q"]),
+        n("Sub", [PREFIX + "one", PREFIX + "y"], [PREFIX + "not_y"]),
+        n("Mul", [PREFIX + "y", PREFIX + "log_p"], [PREFIX + "a"]),
+        n("Mul", [PREFIX + "not_y", PREFIX + "log_q"], [PREFIX + "b"]),
+        n("Add", [PREFIX + "a", PREFIX + "b"], [PREFIX + "ll"]),
+        n("ReduceSum", [PREFIX + "ll"], [PREFIX + "sum_ll"], keepdims=0),
+        n("Neg", [PREFIX + "sum_ll"], [LOSS]),
+    ]
     return LossHead(tuple(nodes), tuple(inits), target, mode, noise, None, mode is FisherMode.EMPIRICAL)
 
 

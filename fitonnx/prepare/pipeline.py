@@ -2,51 +2,150 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
-from fitonnx.errors import ModelError
+from fitonnx.errors import FitonnxError, ModelError
 
 
 @dataclass(frozen=True)
 class Change:
-    """One thing a prepare pass changed (shown by ``fitonnx inspect``)."""
+    """One thing a prepare pass changed (shown by ``fitonnx inspect``).
 
-    kind: str  # "opset", "constant", "fold", "rewrite"
+    ``origins`` maps each tensor the pass created to the tensors of its input model it was made
+    from (first the one it replaces, then any folded into it); the pipeline chains them back to
+    the original model as ``PreparedModel.origins``.
+    """
+
+    kind: str  # "shapes", "opset", "optimizer", "constant", "fold", "rewrite"
     where: str  # node or tensor name
     detail: str
+    origins: tuple[tuple[str, tuple[str, ...]], ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
 class PreparedModel:
-    """The differentiable twin and what was changed to get it."""
+    """The differentiable twin and what was changed to get it.
+
+    ``reference`` is what ``verify`` compares the twin against: the original, or, when this
+    onnxruntime cannot run the original (IR version or opset too new), the original after the
+    opset conversion alone. ``origins`` maps every tensor of ``model`` that is not a tensor of
+    the original under the same name (folded, promoted or renamed weights) to the names in the
+    original it came from, the replaced tensor first.
+    """
 
     original: onnx.ModelProto
     model: onnx.ModelProto
     changes: tuple[Change, ...]
+    reference: onnx.ModelProto | None = None
+    origins: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def origin_of(self, name: str) -> tuple[str, ...]:
+        """The original tensors a prepared tensor comes from (itself when unchanged)."""
+        return self.origins.get(name, (name,))
 
 
 Pass = Callable[[onnx.ModelProto], tuple[onnx.ModelProto, list[Change]]]
 
 
 def default_passes() -> list[Pass]:
+    """The passes ``prepare`` runs, in order (see README "Preparing a model")."""
+    from fitonnx.prepare.autopad import explicit_conv_pads
+    from fitonnx.prepare.batchnorm import fold_batchnorm
     from fitonnx.prepare.constants import constants_to_initializers
     from fitonnx.prepare.opset import convert_opset
+    from fitonnx.prepare.ort_optimizer import ort_basic_optimize
+    from fitonnx.prepare.rewrites import rewrite_ops
+    from fitonnx.prepare.shapes import infer_shapes
 
-    return [convert_opset, constants_to_initializers]
+    return [
+        convert_opset,
+        ort_basic_optimize,
+        constants_to_initializers,
+        explicit_conv_pads,
+        fold_batchnorm,
+        rewrite_ops,
+        infer_shapes,
+    ]
 
 
-def prepare(model: onnx.ModelProto, passes: Sequence[Pass] | None = None) -> PreparedModel:
-    """Run the passes in order; the input model is never modified."""
+def prepare(
+    model: onnx.ModelProto,
+    passes: Sequence[Pass] | None = None,
+    *,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    feeds: Sequence[Mapping[str, np.ndarray]] = (),
+) -> PreparedModel:
+    """Run the passes in order; the input model is never modified.
+
+    ``input_shapes`` (the shapes every calibration sample has) fixes the graph inputs to those
+    static sizes, which some rewrites and onnxruntime-training's pooling gradients need. A model
+    whose declared shapes contradict static ones (stale shapes inside an ``If`` branch, say) can
+    then fail to load; it is prepared again with its inputs left as declared.
+
+    ``feeds`` (calibration samples) let If nodes be specialized to the branch every sample takes,
+    right after opset conversion (see ``specialize``).
+    """
+    from fitonnx.prepare.opset import convert_opset
+    from fitonnx.prepare.ort_optimizer import ort_basic_optimize
+    from fitonnx.prepare.shapes import fix_input_shapes
+    from fitonnx.prepare.specialize import specialize_if
+
+    steps: list[Pass] = list(passes if passes is not None else default_passes())
+    if feeds and any(node.op_type == "If" for node in model.graph.node):
+        after = steps.index(convert_opset) + 1 if convert_opset in steps else 0
+        steps.insert(after, lambda m: specialize_if(m, feeds))
+    if not input_shapes:
+        return _run(model, steps)
+    # After onnxruntime's optimizer: folding with static sizes would turn size-derived lookups
+    # (position ids into an embedding table) into constants, and the table would vanish.
+    at = steps.index(ort_basic_optimize) + 1 if ort_basic_optimize in steps else 0
+    fixed = [*steps[:at], lambda m: fix_input_shapes(m, input_shapes), *steps[at:]]
+    try:
+        return _run(model, fixed)
+    except FitonnxError as exc:
+        first = _run(model, steps)
+        note = Change("shapes", "model", f"inputs left as declared: with the data's static shapes, {exc.message}")
+        return dataclasses.replace(first, changes=(note, *first.changes))
+
+
+def _run(model: onnx.ModelProto, steps: Sequence[Pass]) -> PreparedModel:
+    from fitonnx.prepare.opset import convert_opset, runnable
+
     current = model
     changes: list[Change] = []
-    for step in passes if passes is not None else default_passes():
+    origins: dict[str, tuple[str, ...]] = {}
+    reference: onnx.ModelProto | None = model if runnable(model) else None
+    for step in steps:
         current, done = step(current)
         changes.extend(done)
-    return PreparedModel(original=model, model=current, changes=tuple(changes))
+        for change in done:
+            for new, sources in change.origins:
+                chained: list[str] = []
+                for source in sources:
+                    chained.extend(s for s in origins.get(source, (source,)) if s not in chained)
+                origins[new] = tuple(chained)
+        if reference is None and step is convert_opset:
+            reference = current
+    existing = _tensor_names(model)
+    kept = _tensor_names(current)
+    final = {name: src for name, src in origins.items() if name in kept and (name not in existing or src != (name,))}
+    return PreparedModel(
+        original=model,
+        model=current,
+        changes=tuple(changes),
+        reference=reference if reference is not None else model,
+        origins=final,
+    )
+
+
+def _tensor_names(model: onnx.ModelProto) -> set[str]:
+    g = model.graph
+    return {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | {i.name for i in g.input}
 
 
 def verify(
@@ -54,22 +153,41 @@ def verify(
     feeds: Sequence[Mapping[str, np.ndarray]],
     rtol: float = 1e-4,
 ) -> None:
-    """Raise unless the twin gives the original's outputs (relative tolerance ``rtol``) on ``feeds``."""
+    """Raise unless the twin gives the original's outputs (relative tolerance ``rtol``) on ``feeds``.
+
+    The error is relative to the largest magnitude of each output; non-finite values must appear
+    at the same places in both. A mismatch is a ``ModelError``, never a warning: no gradient of a
+    twin that computes something else can be trusted.
+    """
     if not prepared.changes:
         return
     from fitonnx.engine import make_session
 
-    a = make_session(prepared.original.SerializeToString())
+    reference = prepared.reference if prepared.reference is not None else prepared.original
+    a = make_session(reference.SerializeToString())
     b = make_session(prepared.model.SerializeToString())
     names = [o.name for o in a.get_outputs()]
-    for i, feed in enumerate(feeds):
-        for name, x, y in zip(names, a.run(names, dict(feed)), b.run(names, dict(feed)), strict=True):
-            x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-            scale = max(float(np.max(np.abs(x))), 1e-12)
-            err = float(np.max(np.abs(x - y))) / scale if x.size else 0.0
-            if x.shape != y.shape or err > rtol:
+    for i, sample in enumerate(feeds):
+        feed = {k: np.asarray(v) for k, v in sample.items()}  # a scalar input may come as a numpy scalar
+        for name, x, y in zip(names, a.run(names, feed), b.run(names, feed), strict=True):
+            err = relative_error(np.asarray(x), np.asarray(y))
+            if err > rtol:
                 raise ModelError(
-                    f"the prepared model differs from the original on output {name!r} for sample {i} "
-                    f"(relative error {err:.2e}, expected <= {rtol:.0e})",
+                    f"expected the prepared model to give the original's outputs (relative error <= {rtol:.0e}); "
+                    f"output {name!r} differs on sample {i} (relative error {err:.2e})",
                     hint="report this model to fitonnx; the prepare passes changed what it computes",
                 )
+
+
+def relative_error(x: np.ndarray, y: np.ndarray) -> float:
+    """max|x − y| / max|x| over finite entries; inf when shapes or non-finite positions differ."""
+    if x.shape != y.shape:
+        return float("inf")
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    fx, fy = np.isfinite(x), np.isfinite(y)
+    if not np.array_equal(fx, fy) or not np.array_equal(x[~fx], y[~fy], equal_nan=True):
+        return float("inf")
+    if not fx.any():
+        return 0.0
+    scale = max(float(np.max(np.abs(x[fx]))), 1e-12)
+    return float(np.max(np.abs(x[fx] - y[fx]))) / scale

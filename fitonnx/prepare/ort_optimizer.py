@@ -1,0 +1,192 @@
+"""ONNX Runtime's own offline graph optimizer at the basic level (the library pass, not ours).
+
+``SessionOptions.optimized_model_filepath`` with ``ORT_ENABLE_BASIC`` saves the graph after
+ONNX Runtime's provider-independent rewrites: constant folding, Constant nodes to initializers,
+Identity/Dropout/no-op elimination, common subexpression elimination, MatMul+Add to Gemm,
+Relu+Clip fusion. Those compute the same function with fewer ops.
+
+Disabled here, because fitonnx does them itself with names a user can map back
+(``batchnorm.py``): the fusions that fold BatchNormalization, Mul or Add into a Conv/MatMul weight
+(ONNX Runtime names the result ``ConvBnFusion_W_<weight>``, without the BN), and ConstantSharing,
+which renames equal scalars.
+
+Constant folding can replace a weight by a folded copy named after the folded tensor; the
+``Change`` records where it came from. A copy made only by layout ops (Transpose, Reshape, Cast...)
+of a weight that is no longer used takes that weight's name back, so reports name what a user knows.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from fitonnx.errors import UnsupportedError
+from fitonnx.graph import FLOAT_TYPES, LAYOUT_OPS
+from fitonnx.prepare.pipeline import Change
+
+DISABLED = (
+    "ConvBNFusion",
+    "ConvMulFusion",
+    "ConvAddFusion",
+    "MatMul_BatchNormalization_Fusion",
+    "ConstantSharing",
+)
+MAX_BYTES = 1 << 31  # protobuf cannot serialize a model of 2 GB or more in one piece
+
+
+def ort_basic_optimize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Change]]:
+    if model.ByteSize() >= MAX_BYTES:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        return out, [Change("optimizer", "model", "skipped: the model is over 2 GB")]
+    optimized = _run_optimizer(model)
+    optimized = _drop_unused_domains(optimized, model)
+    renames = _restore_layout_names(optimized, model)
+    return optimized, _describe(model, optimized, renames)
+
+
+def _run_optimizer(model: onnx.ModelProto) -> onnx.ModelProto:
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="fitonnx-ort-") as tmp:
+        path = os.path.join(tmp, "optimized.onnx")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = path
+        try:
+            ort.InferenceSession(
+                model.SerializeToString(), options, providers=["CPUExecutionProvider"], disabled_optimizers=DISABLED
+            )
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UnsupportedError(
+                f"expected a model onnxruntime can load; loading it failed: {first[:300]}",
+                hint="fitonnx runs models with onnxruntime 1.19 on the CPU (no custom-op libraries)",
+            ) from None
+        return onnx.load_model(path, load_external_data=True) if Path(path).is_file() else _copy(model)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def _drop_unused_domains(optimized: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX Runtime imports every domain it knows; keep the model's own and those a node uses."""
+    used = {n.domain for n in optimized.graph.node} | {o.domain for o in model.opset_import}
+    kept = [o for o in optimized.opset_import if o.domain in used or o.domain in ("", "ai.onnx")]
+    del optimized.opset_import[:]
+    optimized.opset_import.extend(kept)
+    optimized.producer_name, optimized.producer_version = model.producer_name, model.producer_version
+    return optimized
+
+
+def _const_sources(model: onnx.ModelProto, name: str) -> tuple[tuple[str, ...], set[str]]:
+    """The initializers/Constant outputs ``name`` is computed from in ``model``, and the op types on the way."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name for t in model.graph.initializer}
+    sources: list[str] = []
+    ops: set[str] = set()
+    stack, seen = [name], set()
+    while stack:
+        current = stack.pop()
+        if current in seen or not current:
+            continue
+        seen.add(current)
+        node = producers.get(current)
+        if current in inits or node is None or node.op_type == "Constant":
+            sources.append(current)
+            continue
+        ops.add(node.op_type)
+        stack.extend(reversed(node.input))
+    return tuple(sources), ops
+
+
+# Ops that only move or select values: a fold of one float tensor through them is a rearrangement.
+MOVE_OPS = LAYOUT_OPS | {"Slice", "Concat", "Gather", "Split"}
+
+
+def _constant_info(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    """Name -> (element type, element count) of initializers and Constant-node tensors."""
+    info = {t.name: (t.data_type, int(np.prod(t.dims, dtype=np.int64))) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            t = node.attribute[0].t
+            info[node.output[0]] = (t.data_type, int(np.prod(t.dims, dtype=np.int64)))
+    return info
+
+
+def _restore_layout_names(optimized: onnx.ModelProto, model: onnx.ModelProto) -> dict[str, str]:
+    """Give a folded rearrangement of one now-unused float weight that weight's name back (in place).
+
+    A rearrangement (Transpose, Reshape, Cast, gate-reordering Slice/Concat...) holds exactly the
+    weight's values, so its range and Fisher trace are the weight's. Returns old -> new names.
+    """
+    before = {t.name for t in model.graph.initializer}
+    after = {t.name for t in optimized.graph.initializer}
+    used = {i for n in optimized.graph.node for i in n.input} | {o.name for o in optimized.graph.output}
+    info = _constant_info(model)
+    renames: dict[str, str] = {}
+    for tensor in optimized.graph.initializer:
+        if tensor.name in before or tensor.data_type not in FLOAT_TYPES:
+            continue
+        sources, ops = _const_sources(model, tensor.name)
+        floats = [src for src in sources if info.get(src, (0, 0))[0] in FLOAT_TYPES]
+        if len(floats) != 1 or not ops or not ops <= MOVE_OPS:
+            continue
+        target = floats[0]
+        if target in after or target in used or target in renames.values():
+            continue
+        if info[target][1] != int(np.prod(tensor.dims, dtype=np.int64)):
+            continue  # a selection of part of the weight is not the weight
+        renames[tensor.name] = target
+    if not renames:
+        return renames
+    for tensor in optimized.graph.initializer:
+        tensor.name = renames.get(tensor.name, tensor.name)
+    for node in optimized.graph.node:
+        for k, name in enumerate(node.input):
+            if name in renames:
+                node.input[k] = renames[name]
+    for value in optimized.graph.input:
+        value.name = renames.get(value.name, value.name)
+    return renames
+
+
+def _describe(model: onnx.ModelProto, optimized: onnx.ModelProto, renames: dict[str, str]) -> list[Change]:
+    changes: list[Change] = []
+    before_inits = {t.name for t in model.graph.initializer}
+    back = {new: old for old, new in renames.items()}
+    promoted: list[str] = []
+    for tensor in optimized.graph.initializer:
+        if tensor.name in before_inits:
+            continue
+        folded = back.get(tensor.name, tensor.name)
+        sources, ops = _const_sources(model, folded)
+        if not ops:
+            promoted.append(tensor.name)
+            continue
+        if folded != tensor.name:
+            detail = f"folded {'/'.join(sorted(ops))} of {tensor.name!r} into its data (name kept)"
+        else:
+            named = ", ".join(sources[:3]) + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
+            detail = f"constant-folded {'/'.join(sorted(ops))} of {named or 'nothing'}"
+        changes.append(Change("optimizer", tensor.name, detail, origins=((tensor.name, sources or (folded,)),)))
+    if promoted:
+        shown = ", ".join(promoted[:4]) + (f", ... ({len(promoted)} in all)" if len(promoted) > 4 else "")
+        changes.append(Change("constant", "model", f"Constant nodes -> initializers: {shown}"))
+    removed = Counter(n.op_type for n in model.graph.node) - Counter(n.op_type for n in optimized.graph.node)
+    added = Counter(n.op_type for n in optimized.graph.node) - Counter(n.op_type for n in model.graph.node)
+    if promoted:
+        removed -= Counter({"Constant": len(promoted)})
+    if removed or added:
+        parts = [f"-{k} {op}" for op, k in sorted(removed.items())] + [f"+{k} {op}" for op, k in sorted(added.items())]
+        changes.append(Change("optimizer", "model", "onnxruntime basic optimizer: " + ", ".join(parts)))
+    return changes

@@ -1,0 +1,241 @@
+"""Which ops the gradient engine can differentiate, and the nodes that block a gradient path.
+
+The op lists were measured on onnxruntime-training 1.19.2 by scripts/probe_gradients.py: a
+single-op graph per op, GradientGraphBuilder asked for d loss / d x, the gradient graph run on
+the CPU and compared with central differences. An op not in either list (another domain, or one
+never probed) is probed on the spot with the node's own attributes and input types.
+
+Only nodes on a float path from a differentiated tensor to the loss need a gradient: a path
+through an integer or boolean tensor (Shape, ArgMax, comparisons) carries none, and onnxruntime's
+builder skips it too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import onnx
+from onnx import TensorProto, helper
+
+from fitonnx.errors import UnsupportedError
+from fitonnx.graph import FLOAT_TYPES, node_name
+from fitonnx.prepare.shapes import TensorType, tensor_types
+
+if TYPE_CHECKING:
+    from fitonnx.prepare.rewrites import RewriteContext
+
+# Gradient builds, runs on the CPU and matches central differences (probe, opsets 17 and 21).
+GRADIENT_OPS = frozenset(
+    {
+        "Abs", "Add", "AveragePool", "Cast", "Clip", "Concat", "Conv", "Cos", "Div", "Erf", "Exp", "Expand",
+        "Flatten", "Gather", "GatherElements", "GatherND", "Gelu", "Gemm", "GlobalAveragePool", "Identity",
+        "LayerNormalization", "LeakyRelu", "Log", "LogSoftmax", "MatMul", "Max", "MaxPool", "Min", "Mul", "Neg",
+        "Pad", "Pow", "Reciprocal", "ReduceL2", "ReduceLogSumExp", "ReduceMean", "ReduceSum", "Relu", "Reshape",
+        "ScatterElements", "ScatterND", "Sigmoid", "Sin", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub",
+        "Tanh", "Tile", "TopK", "Transpose", "Trilu", "Unsqueeze", "Where",
+    }
+)  # fmt: skip
+# No gradient registered (or one that is wrong or has no CPU kernel: ConvTranspose, Resize,
+# Dropout, tanh-Gelu); the registry in rewrites.py covers most of them.
+NO_GRADIENT_OPS = frozenset(
+    {
+        "Acos", "Asin", "Atan", "BatchNormalization", "Celu", "Ceil", "Compress", "ConvTranspose", "CumSum",
+        "DepthToSpace", "Det", "Dropout", "Einsum", "Elu", "Floor", "GRU", "GlobalLpPool", "GlobalMaxPool",
+        "GridSample", "GroupNormalization", "HardSigmoid", "HardSwish", "Hardmax", "InstanceNormalization",
+        "LRN", "LSTM", "LpNormalization", "LpPool", "Mean", "MeanVarianceNormalization", "Mish", "Mod", "PRelu",
+        "RNN", "ReduceL1", "ReduceLogSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceSumSquare", "Resize",
+        "ReverseSequence", "RoiAlign", "Round", "Selu", "Shrink", "Sign", "Sinh", "Cosh", "Softplus", "Softsign",
+        "SpaceToDepth", "Sum", "Tan", "ThresholdedRelu", "Upsample",
+    }
+)  # fmt: skip
+CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+@dataclass(frozen=True)
+class Blocker:
+    """A node on a gradient path that the engine cannot differentiate, and why."""
+
+    op_type: str
+    node: str
+    domain: str
+    reason: str
+    outputs: tuple[str, ...] = ()  # the graph outputs whose loss it blocks (filled by ``find_blockers``)
+
+    def describe(self) -> str:
+        op = self.op_type if self.domain in DEFAULT_DOMAINS else f"{self.domain}.{self.op_type}"
+        return f"{op} (node {self.node!r}): {self.reason}"
+
+
+def _subgraph_names(node: onnx.NodeProto) -> set[str]:
+    names: set[str] = set()
+    for a in node.attribute:
+        for g in [a.g] if a.HasField("g") else list(a.graphs):
+            for n in g.node:
+                names.update(n.input)
+                names |= _subgraph_names(n)
+    return names
+
+
+def _is_float(types: dict[str, TensorType], name: str) -> bool:
+    t = types.get(name)
+    return t is None or t.elem_type == 0 or t.elem_type in FLOAT_TYPES
+
+
+def on_path(
+    model: onnx.ModelProto, sources: Iterable[str], targets: Iterable[str], types: dict[str, TensorType] | None = None
+) -> list[tuple[int, onnx.NodeProto]]:
+    """Nodes on a float path from any of ``sources`` to any of ``targets`` (graph order)."""
+    types = tensor_types(model) if types is None else types
+    nodes = list(model.graph.node)
+    reached = {s for s in sources if _is_float(types, s)}
+    forward: set[int] = set()
+    for i, node in enumerate(nodes):
+        read = set(node.input) | _subgraph_names(node)
+        if read & reached:
+            forward.add(i)
+            reached |= {o for o in node.output if o and _is_float(types, o)}
+    needed = {t for t in targets if _is_float(types, t)}
+    backward: set[int] = set()
+    for i in range(len(nodes) - 1, -1, -1):
+        node = nodes[i]
+        if any(o in needed for o in node.output):
+            backward.add(i)
+            needed |= {n for n in set(node.input) | _subgraph_names(node) if n and _is_float(types, n)}
+    return [(i, nodes[i]) for i in sorted(forward & backward)]
+
+
+def _reason(
+    model: onnx.ModelProto, index: int, node: onnx.NodeProto, types: dict[str, TensorType], ctx: RewriteContext
+) -> str | None:
+    """Why ``node`` blocks a gradient, or None if it does not."""
+    from fitonnx.prepare.rewrites import REWRITES, explain
+
+    op = node.op_type
+    default = node.domain in DEFAULT_DOMAINS
+    if (default and op in CONTROL_FLOW_OPS) or any(a.HasField("g") or a.graphs for a in node.attribute):
+        return "control flow (a subgraph) is not differentiable by onnxruntime-training 1.19"
+    if default and op in REWRITES:
+        # A node the registry covers is still here only if its form is not covered (or prepare did
+        # not run): say why. Ops with a gradient in their common form are rewritten only in bad forms.
+        why = explain(ctx, node, index)
+        if why is not None:
+            return f"no usable gradient in onnxruntime-training 1.19 in this form, and fitonnx's rewrite does not apply: {why}"
+        return None
+    if default and op in GRADIENT_OPS:
+        return None
+    if default and op in NO_GRADIENT_OPS:
+        return "no gradient in onnxruntime-training 1.19 and no rewrite in fitonnx"
+    return _probe(model, node, types)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _probe(model: onnx.ModelProto, node: onnx.NodeProto, types: dict[str, TensorType]) -> str | None:
+    """Build (and load) the gradient of ``node`` alone, with its attributes and input types."""
+    import onnxruntime as ort
+    from onnxruntime.capi._pybind_state import GradientGraphBuilder
+
+    inits = {t.name: t for t in model.graph.initializer}
+    inputs: list[onnx.ValueInfoProto] = []
+    constants: list[onnx.TensorProto] = []
+    wrt: set[str] = set()
+    for name in dict.fromkeys(i for i in node.input if i):
+        if name in inits:
+            constants.append(inits[name])
+            continue
+        t = types.get(name)
+        if t is None or t.elem_type == 0:
+            return "not known to have a gradient (its input types are unknown, so it could not be probed)"
+        inputs.append(helper.make_tensor_value_info(name, t.elem_type, list(t.shape) if t.shape is not None else None))
+        if t.elem_type in FLOAT_TYPES:
+            wrt.add(name)
+    outs = [o for o in node.output if o and _is_float(types, o)]
+    if not wrt or not outs:
+        return None
+    nodes = [node]
+    sums = []
+    for k, o in enumerate(outs):
+        cast = f"__probe_f{k}"
+        nodes.append(helper.make_node("Cast", [o], [cast], to=TensorProto.FLOAT))
+        sums.append(f"__probe_s{k}")
+        nodes.append(helper.make_node("ReduceSum", [cast], [sums[-1]], keepdims=0))
+    loss = sums[0]
+    for k, s in enumerate(sums[1:]):
+        loss_k = f"__probe_l{k}"
+        nodes.append(helper.make_node("Add", [loss, s], [loss_k]))
+        loss = loss_k
+    graph = helper.make_graph(
+        nodes, "probe", inputs, [helper.make_tensor_value_info(loss, TensorProto.FLOAT, [])], constants
+    )
+    probe = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=min(model.ir_version, 10))
+    try:
+        with _quiet():
+            builder = GradientGraphBuilder(probe.SerializeToString(), {loss}, wrt, loss)
+            builder.build()
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            ort.InferenceSession(builder.get_model(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        text = str(exc)
+        if "has not been registered" in text:
+            return "no gradient in onnxruntime-training 1.19 and no rewrite in fitonnx"
+        first = text.split("] : ")[-1].strip().splitlines()[0] if text.strip() else type(exc).__name__
+        return f"onnxruntime-training cannot differentiate it: {first[:200]}"
+    return None
+
+
+def find_blockers(
+    model: onnx.ModelProto, sources: Sequence[str], targets: Sequence[str] | None = None
+) -> list[Blocker]:
+    """Nodes between ``sources`` and ``targets`` (default: every graph output) with no usable gradient."""
+    from fitonnx.prepare.rewrites import context
+
+    ctx = context(model)
+    types = ctx.types
+    targets = [o.name for o in model.graph.output] if targets is None else list(targets)
+    reasons: dict[int, tuple[onnx.NodeProto, str]] = {}
+    affected: dict[int, list[str]] = {}
+    for target in targets:
+        for index, node in on_path(model, sources, [target], types):
+            if index not in reasons:
+                why = _reason(model, index, node, types, ctx)
+                if why is None:
+                    continue
+                reasons[index] = (node, why)
+            if index in reasons:
+                affected.setdefault(index, []).append(target)
+    return [
+        Blocker(node.op_type, node_name(node, index), node.domain, why, tuple(affected.get(index, ())))
+        for index, (node, why) in sorted(reasons.items())
+    ]
+
+
+def check_differentiable(model: onnx.ModelProto, sources: Sequence[str], targets: Sequence[str]) -> None:
+    """Raise ``UnsupportedError`` naming each op and node between ``sources`` and ``targets`` with no gradient."""
+    blockers = find_blockers(model, sources, targets)
+    if not blockers:
+        return
+    shown = "; ".join(b.describe() for b in blockers[:3])
+    more = f" (and {len(blockers) - 3} more)" if len(blockers) > 3 else ""
+    raise UnsupportedError(
+        f"expected only differentiable ops between the quantizable tensors and the loss; found {shown}{more}",
+        hint="`fitonnx inspect MODEL` lists them all; if they only feed another output pick the output with "
+        "--output, else re-export the model without them",
+    )
