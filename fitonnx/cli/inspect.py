@@ -1,0 +1,50 @@
+"""``fitonnx inspect``: quantizable tensors, prepare changes and unsupported ops of a model, without data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from fitonnx import inspect as inspect_mod
+
+
+class InputShape(click.ParamType):
+    """``NAME=D1,D2,...``: a static shape for one model input."""
+
+    name = "name=dims"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, tuple[int, ...]]:
+        if isinstance(value, tuple):
+            return value
+        name, sep, dims = str(value).partition("=")
+        try:
+            shape = tuple(int(d) for d in dims.split(",") if d.strip())
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape or any(d < 1 for d in shape):
+            self.fail(
+                f"expected NAME=D1,D2,... with positive sizes, e.g. input=1,3,224,224; found {value!r}", param, ctx
+            )
+        return name, shape
+
+
+@click.command("inspect")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the inspection as JSON here.")
+@click.option(
+    "--input-shape",
+    "input_shapes",
+    type=InputShape(),
+    multiple=True,
+    help="Fix an input's symbolic sizes, as scoring does from the data (repeatable), e.g. x=1,3,224,224.",
+)
+def inspect_command(model: str, json_path: str | None, input_shapes: tuple[tuple[str, tuple[int, ...]], ...]) -> None:
+    """List MODEL's quantizable weights and activations, what fitonnx changes to differentiate it, and what it cannot."""
+    result = inspect_mod.inspect_model(model, input_shapes=dict(input_shapes) or None)
+    click.echo(inspect_mod.format_inspection(result))
+    if json_path:
+        inspect_mod.write_json(result, json_path)
+        click.echo(f"wrote {json_path}")
