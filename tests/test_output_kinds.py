@@ -1,0 +1,87 @@
+"""Which output defines the loss and how it is read: label outputs skipped, Sigmoid seen through
+reshapes, Bernoulli on probabilities (checked against numpy finite differences)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from fitonnx import api, graph, losses
+from fitonnx.data import Dataset
+
+
+def _model(tail: list[onnx.NodeProto], outputs: list[onnx.ValueInfoProto], w: np.ndarray) -> onnx.ModelProto:
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["z"]), *tail]
+    g = helper.make_graph(
+        nodes,
+        "m",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+        outputs,
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([-1], np.int64), "flat")],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    return m
+
+
+W = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+
+
+def _target(model: onnx.ModelProto, likelihood: losses.Likelihood | None = None) -> losses.OutputTarget:
+    return losses.resolve_output(model, graph.output_ranks(model), None, likelihood, None)
+
+
+def test_integer_label_output_is_skipped() -> None:
+    model = _model(
+        [helper.make_node("ArgMax", ["z"], ["label"], axis=1), helper.make_node("Softmax", ["z"], ["probs"], axis=1)],
+        [
+            helper.make_tensor_value_info("label", TensorProto.INT64, ["batch", 1]),
+            helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", 4]),
+        ],
+        W,
+    )
+    target = _target(model)
+    assert target.output == "probs" and target.tap == "z" and target.likelihood is losses.Likelihood.CATEGORICAL
+
+
+def test_sigmoid_seen_through_reshape() -> None:
+    model = _model(
+        [helper.make_node("Sigmoid", ["z"], ["p"]), helper.make_node("Reshape", ["p", "flat"], ["out"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        W,
+    )
+    target = _target(model)
+    assert target.tap == "z" and target.likelihood is losses.Likelihood.BERNOULLI and not target.probabilities
+
+
+def test_bernoulli_on_probabilities_matches_finite_differences() -> None:
+    """Output = mean of sigmoids (not itself a Sigmoid): BCE on the probability, labels in [0, 1]."""
+    model = _model(
+        [
+            helper.make_node("Sigmoid", ["z"], ["s"]),
+            helper.make_node("ReduceMean", ["s"], ["p"], axes=[1], keepdims=1),
+        ],
+        [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["batch", 1])],
+        W,
+    )
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(5, 3)).astype(np.float32)
+    y = rng.integers(0, 2, size=(5, 1)).astype(np.float32)
+    session = api.open_model(model, Dataset({"x": x}, y))
+    traces, target, _ = api.fisher_traces(session, fisher="empirical", likelihood="bernoulli")
+    assert target.probabilities
+
+    def loss(w: np.ndarray, i: int) -> float:
+        p = (1 / (1 + np.exp(-(x[i].astype(np.float64) @ w)))).mean()
+        return float(-(y[i, 0] * np.log(p) + (1 - y[i, 0]) * np.log(1 - p)))
+
+    w64 = W.astype(np.float64)
+    j = [t.name for t in traces.tensors].index("w")
+    for i in range(5):
+        grad = np.zeros_like(w64)
+        for k in np.ndindex(w64.shape):
+            e = np.zeros_like(w64)
+            e[k] = 1e-6
+            grad[k] = (loss(w64 + e, i) - loss(w64 - e, i)) / 2e-6
+        np.testing.assert_allclose(traces.per_sample[i, j], np.sum(grad**2), rtol=1e-4)
