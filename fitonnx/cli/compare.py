@@ -1,0 +1,85 @@
+"""``fitonnx compare``: several models side by side, paired tensor by tensor where their graphs align."""
+
+from __future__ import annotations
+
+import click
+
+from fitonnx.cli.options import bits_options, fisher_options
+from fitonnx.cli.progress import progress_bar
+from fitonnx.compare import DEFAULT_AGREE_TOL, compare, format_table, open_models, write_json, write_plot
+
+
+@click.command("compare")
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option(
+    "--data",
+    "data",
+    multiple=True,
+    type=click.Path(exists=False, dir_okay=True),
+    help="Calibration data: once for all models, or once per model in the order of MODELS (each in that model's "
+    "own input layout). Default: each model's bundled <model>.calib.npz.",
+)
+@fisher_options
+@bits_options
+@click.option(
+    "--agree-tol",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_AGREE_TOL,
+    show_default=True,
+    help="Flag a pair whose traces or ranges differ by more than this fraction.",
+)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the comparison as JSON here.")
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    help="Plot every model's FIT-against-size Pareto front here (PNG; needs matplotlib, the 'plot' extra).",
+)
+def compare_command(
+    models: tuple[str, ...],
+    data: tuple[str, ...],
+    fisher: str | None,
+    likelihood: str | None,
+    output: str | None,
+    class_axis: int | None,
+    max_samples: int | None,
+    tol: float | None,
+    seed: int,
+    weight_bits: tuple[int, ...],
+    act_bits: tuple[int, ...],
+    agree_tol: float,
+    json_path: str | None,
+    plot_path: str | None,
+) -> None:
+    """Compare MODELS (two or more; each against the first): paired Fisher traces, ranges and FIT."""
+    sessions = open_models(models, data)
+    total = sum(s.data.num_samples if max_samples is None else min(max_samples, s.data.num_samples) for s in sessions)
+    with progress_bar(total, "Fisher samples") as advance:
+        result = compare(
+            models,
+            sessions=sessions,
+            fisher=fisher,
+            likelihood=likelihood,
+            output=output,
+            class_axis=class_axis,
+            weight_bits=weight_bits,
+            activation_bits=act_bits,
+            max_samples=max_samples,
+            tol=tol,
+            seed=seed,
+            agree_tol=agree_tol,
+            progress=advance,
+        )
+    click.echo(format_table(result))
+    if json_path:
+        write_json(result, json_path)
+        click.echo(f"wrote {json_path}")
+    if plot_path:
+        if write_plot(result, plot_path):
+            click.echo(f"wrote {plot_path}")
+        else:
+            click.secho(
+                "warning: matplotlib is not installed; no plot written (pip install 'fitonnx[plot]')",
+                fg="yellow",
+                err=True,
+            )
