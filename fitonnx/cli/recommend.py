@@ -1,0 +1,155 @@
+"""``fitonnx recommend``: per-tensor bit widths under a budget, written for a deployment toolchain."""
+
+from __future__ import annotations
+
+import warnings
+
+import click
+
+from fitonnx import api
+from fitonnx.allocate import BYTES_PER_KB, Allocation, budget_from, check_options
+from fitonnx.cli.options import BitsList, data_options, fisher_options
+from fitonnx.cli.progress import progress_bar
+from fitonnx.graph import Kind
+from fitonnx.targets import TARGETS
+
+
+def _short(name: str, width: int) -> str:
+    return name if len(name) <= width else "…" + name[-(width - 1) :]
+
+
+def _kb(n_bytes: int) -> str:
+    return f"{n_bytes / BYTES_PER_KB:.1f} KB"
+
+
+def format_summary(result: api.RecommendResult, limit: int | None = None) -> str:
+    """The chosen bits per tensor (most sensitive first) and the totals against the uniform baseline."""
+    alloc: Allocation = result.allocation
+    rec = alloc.recommendation
+    rows = [t for t in result.report.tensors if t.name in rec.weight_bits or t.name in rec.activation_bits]
+    name_w = min(40, max([len("tensor")] + [len(t.name) for t in rows]))
+    how = "exact" if alloc.front.tolerance == 0 else f"within a factor {1 + alloc.front.tolerance:g} of optimal"
+    lines = [
+        f"{rec.model}: target {alloc.target.name}, {alloc.budget.describe()}; {how} Pareto front of "
+        f"{len(alloc.front)} configurations, FIT from {result.report.samples} samples ({result.report.fisher} Fisher)",
+        f"{'tensor':<{name_w}} {'kind':<4} {'numel':>9} {'bits':>4} {'FIT':>10}",
+    ]
+    lines.append("-" * len(lines[-1]))
+    shown = rows if limit is None else rows[:limit]
+    for t in shown:
+        bits = rec.weight_bits.get(t.name) if t.kind is Kind.WEIGHT else rec.activation_bits.get(t.name)
+        fit = rec.fit_per_tensor.get(t.name, {}).get(bits, float("nan"))
+        lines.append(
+            f"{_short(t.name, name_w):<{name_w}} {'W' if t.kind is Kind.WEIGHT else 'A':<4} {t.numel:>9} {bits:>4} "
+            f"{fit:>10.3g}"
+        )
+    if len(shown) < len(rows):
+        lines.append(f"... {len(rows) - len(shown)} more (see recommendation.json)")
+    lines.append("")
+    lines.append(
+        f"recommended: weights {_kb(rec.weight_bytes)} (average {alloc.avg_bits:.2f} bits), "
+        f"FIT {rec.fit:.4g} (activations {alloc.activation_fit:.4g})"
+    )
+    uniform = alloc.comparable_uniform()
+    if uniform is not None:
+        ratio = f", {uniform.fit / rec.fit:.2f}× the recommended FIT" if rec.fit > 0 else ""
+        lines.append(f"uniform {uniform.bits}-bit weights: {_kb(uniform.weight_bytes)}, FIT {uniform.fit:.4g}{ratio}")
+    else:
+        lines.append("no uniform bit width meets this budget")
+    return "\n".join(lines)
+
+
+@click.command("recommend")
+@click.argument("model", type=click.Path(dir_okay=False))
+@data_options
+@fisher_options
+@click.option("--avg-bits", type=float, help="Budget: average bits per weight element (e.g. 4).")
+@click.option("--size-kb", type=float, help="Budget: total weight size in KB (1 KB = 1024 bytes, weights packed).")
+@click.option("--max-fit", type=float, help="Budget: the smallest weights whose total FIT stays within this.")
+@click.option(
+    "--target",
+    type=click.Choice(sorted(TARGETS)),
+    default="generic",
+    show_default=True,
+    help="Deployment toolchain: its bit widths, grid and export files. "
+    + "; ".join(f"{t.name}: {t.summary}" for t in TARGETS.values()),
+)
+@click.option("--weight-bits", type=BitsList(), help="Restrict the target's weight bit widths, e.g. 4,8.")
+@click.option("--act-bits", type=int, help="Bits of every activation. Default: the target's (8).")
+@click.option(
+    "--act-avg-bits", type=float, help="Instead of --act-bits: choose activation bits under this average (exact)."
+)
+@click.option(
+    "--tolerance",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="0: exact optimum. ε > 0: FIT within a factor 1+ε of optimal, with a smaller front (for huge models).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="Folder for recommendation.json, pareto.*, the annotated model and the target's exports (created).",
+)
+@click.option("--top", type=click.IntRange(min=1), help="Show only the N most sensitive tensors in the terminal.")
+def recommend_command(
+    model: str,
+    data: str | None,
+    random_samples: int | None,
+    fisher: str | None,
+    likelihood: str | None,
+    output: str | None,
+    class_axis: int | None,
+    max_samples: int | None,
+    tol: float | None,
+    seed: int,
+    avg_bits: float | None,
+    size_kb: float | None,
+    max_fit: float | None,
+    target: str,
+    weight_bits: tuple[int, ...] | None,
+    act_bits: int | None,
+    act_avg_bits: float | None,
+    tolerance: float,
+    out_dir: str,
+    top: int | None,
+) -> None:
+    """Choose per-tensor bit widths for MODEL under one budget (--avg-bits, --size-kb or --max-fit)."""
+    budget_from(avg_bits=avg_bits, size_kb=size_kb, max_fit=max_fit)  # fail before any work
+    check_options(target, weight_bits=weight_bits, act_bits=act_bits, act_avg_bits=act_avg_bits)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", api.RandomDataWarning)
+        session = api.open_model(model, data, random_samples=random_samples, seed=seed)
+    for w in caught:
+        click.secho(f"warning: {w.message}", fg="yellow", err=True)
+    total = session.data.num_samples if max_samples is None else min(max_samples, session.data.num_samples)
+    with progress_bar(total, "Fisher samples") as advance:
+        result = api.recommend(
+            model,
+            session=session,
+            target=target,
+            avg_bits=avg_bits,
+            size_kb=size_kb,
+            max_fit=max_fit,
+            weight_bits=weight_bits,
+            act_bits=act_bits,
+            act_avg_bits=act_avg_bits,
+            tolerance=tolerance,
+            out_dir=out_dir,
+            fisher=fisher,
+            likelihood=likelihood,
+            output=output,
+            class_axis=class_axis,
+            max_samples=max_samples,
+            tol=tol,
+            seed=seed,
+            progress=advance,
+        )
+    click.echo(format_summary(result, limit=top))
+    if result.written is not None:
+        for note in result.written.notes:
+            click.secho(f"note: {note}", fg="yellow", err=True)
+        for path in result.written.paths:
+            click.echo(f"wrote {path}")

@@ -1,0 +1,441 @@
+"""ONNX Runtime: TensorQuantOverrides as JSON, and a QDQ model made by onnxruntime.quantization itself.
+
+The overrides are written the way Olive stores them (quant types by enum name) and turned back
+into ``QuantType`` members, checked by onnxruntime's own ``TensorQuantOverridesHelper``, before
+``quantize_static`` gets them through ``extra_options["TensorQuantOverrides"]``.
+
+Bits → quant types: weights 4/8/16 → QInt4/QInt8/QInt16, symmetric when the recommendation's
+target says so (ort, qnn, tensorrt: yes; generic: no); activations 4/8/16 → QUInt4/QUInt8/QUInt16
+(asymmetric), or QInt* symmetric for a symmetric-activation toolchain (TensorRT). onnxruntime
+picks the scales from the calibration data: symmetric int8/int16 use the narrow range (±127,
+±32767, step max|x|/127 as the targets assume), symmetric int4 the full one (−8..7, step
+2·max|x|/15, a little finer than the max|x|/7 the FIT figures assume).
+
+Only the tensors the recommendation quantizes get Q/DQ: ``op_types_to_quantize`` is limited to the
+ops that read them, the outputs of those ops are not quantized (``OpTypesToExcludeOutputQuantization``),
+ops that read no quantized tensor are in ``nodes_to_exclude``, and the inputs onnxruntime quantizes
+with its defaults although the recommendation keeps them in float (the other input of a node
+whose weight is quantized, say) get their float tensor back. Every rounding in the exported model
+is thus one the FIT score accounted for. (onnxruntime's CPU kernels fuse a DequantizeLinear → op →
+QuantizeLinear group into an integer kernel only when the op's output is quantized too; this model
+computes the same numbers with float kernels.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, version_converter
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.registry import QDQRegistry
+from onnxruntime.quantization.tensor_quant_overrides import TensorQuantOverridesHelper
+
+from fitonnx import data as data_mod
+from fitonnx import graph
+from fitonnx.data import Dataset
+from fitonnx.errors import DataError, FitonnxError, InternalError, UnsupportedError
+from fitonnx.export.common import (
+    ExportPlan,
+    ExportResult,
+    Toolchain,
+    channel_axis,
+    check_runs,
+    first_feed,
+    plan_export,
+    quantizable_sites,
+    require_data,
+    save_model,
+)
+from fitonnx.prepare.opset import opset_of
+from fitonnx.recommendation import Recommendation
+from fitonnx.report import write_atomic
+from fitonnx.targets import Scheme
+
+ORT = Toolchain("ONNX Runtime", weight_bits=frozenset({4, 8, 16}), activation_bits=frozenset({4, 8, 16}))
+
+CALIBRATION_BATCH = 64
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+OPSET_WITH_INT4_INT16 = 21  # Q/DQ of int4/int16 in the default domain; below it, com.microsoft's
+OPSET_PER_CHANNEL = 13  # Q/DQ's axis attribute
+BITS_OF_TYPE = {
+    TensorProto.INT4: 4,
+    TensorProto.UINT4: 4,
+    TensorProto.INT8: 8,
+    TensorProto.UINT8: 8,
+    TensorProto.INT16: 16,
+    TensorProto.UINT16: 16,
+}
+
+
+def quant_type_name(bits: int, signed: bool) -> str:
+    """QuantType's member name for an integer grid: ``QInt4``, ``QUInt8``, ..."""
+    return f"Q{'Int' if signed else 'UInt'}{bits}"
+
+
+@dataclass(frozen=True)
+class QdqSettings:
+    """How a toolchain wants its QDQ model: symmetry, shared or dedicated Q/DQ pairs, bias, op domain."""
+
+    toolchain: Toolchain
+    weight_symmetric: bool
+    activation_symmetric: bool
+    dedicated_pairs: bool = False
+    quantize_bias: bool = True
+    standard_domain_only: bool = False  # no com.microsoft Q/DQ: lift the opset to 21 for int4/int16
+
+
+def ort_settings(plan: ExportPlan) -> QdqSettings:
+    """ONNX Runtime's QDQ: the symmetry of the recommendation's target, onnxruntime's defaults otherwise."""
+    return QdqSettings(
+        toolchain=ORT,
+        weight_symmetric=plan.target.weight_scheme is Scheme.SYMMETRIC,
+        activation_symmetric=plan.target.activation_scheme is Scheme.SYMMETRIC,
+    )
+
+
+def build_overrides(
+    plan: ExportPlan, *, weight_symmetric: bool, activation_symmetric: bool, per_channel: bool
+) -> dict[str, list[dict[str, Any]]]:
+    """TensorQuantOverrides for the plan's quantized tensors, Olive-style (quant types by name)."""
+    overrides: dict[str, list[dict[str, Any]]] = {}
+    for name, bits in plan.weights.items():
+        entry: dict[str, Any] = {"quant_type": quant_type_name(bits, signed=True), "symmetric": weight_symmetric}
+        axis = channel_axis(plan.model, name) if per_channel else None
+        if axis is not None:
+            entry["axis"] = axis
+        overrides[name] = [entry]
+    for name, bits in plan.activations.items():
+        if activation_symmetric:
+            overrides[name] = [{"quant_type": quant_type_name(bits, signed=True), "symmetric": True}]
+        else:
+            overrides[name] = [{"quant_type": quant_type_name(bits, signed=False)}]
+    return overrides
+
+
+def to_quantizer_overrides(
+    overrides: Mapping[str, Any], model: onnx.ModelProto, source: str = "the overrides"
+) -> dict[str, list[dict[str, Any]]]:
+    """Olive-style overrides → what ``quantize_static`` takes (QuantType members), checked by onnxruntime.
+
+    Each tensor is checked on its own: onnxruntime 1.19's ``TensorQuantOverridesHelper.is_valid``
+    returns after the first tensor of the dict it is given.
+    """
+    if not isinstance(overrides, Mapping):
+        raise FitonnxError(f"expected a JSON object of tensor name → list of overrides in {source}")
+    converted: dict[str, list[dict[str, Any]]] = {}
+    for name, entries in overrides.items():
+        if not isinstance(entries, list) or not all(isinstance(e, Mapping) for e in entries):
+            raise FitonnxError(f"expected a list of objects for {name!r} in {source}; found {entries!r}")
+        out_entries = []
+        for entry in entries:
+            item = dict(entry)
+            for holder in (item, item.get("convert")):
+                if isinstance(holder, dict) and isinstance(holder.get("quant_type"), str):
+                    try:
+                        holder["quant_type"] = QuantType[holder["quant_type"]]
+                    except KeyError:
+                        raise FitonnxError(
+                            f"expected a quant_type among {[q.name for q in QuantType]} for {name!r} in {source}; "
+                            f"found {holder['quant_type']!r}"
+                        ) from None
+            out_entries.append(item)
+        converted[name] = out_entries
+    inits = {t.name: t for t in model.graph.initializer}
+    tensors = {v.name for v in model.graph.input} | {o for n in model.graph.node for o in n.output}
+    for name, entries in converted.items():
+        ok, why = TensorQuantOverridesHelper({name: entries}).is_valid(inits, tensors, QuantType.QUInt8)
+        if not ok:
+            raise FitonnxError(f"expected TensorQuantOverrides onnxruntime accepts in {source}; {why}")
+    return converted
+
+
+def load_overrides(path: str | os.PathLike[str], model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
+    """Read an Olive-style overrides JSON file and check it against ``model`` with onnxruntime's helper."""
+    p = Path(path)
+    try:
+        raw = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FitonnxError(
+            f"expected a TensorQuantOverrides JSON file at {str(p)!r}; could not read it ({exc})"
+        ) from None
+    return to_quantizer_overrides(raw, model, source=repr(str(p)))
+
+
+class DatasetReader(CalibrationDataReader):
+    """onnxruntime's calibration reader over a fitonnx Dataset: batches along a dynamic batch axis, else one sample at a time."""
+
+    def __init__(self, data: Dataset, specs: Mapping[str, graph.InputSpec], batch: int = CALIBRATION_BATCH) -> None:
+        self._feeds = self._iterate(data, specs, batch)
+
+    @staticmethod
+    def _iterate(data: Dataset, specs: Mapping[str, graph.InputSpec], batch: int) -> Iterator[dict[str, np.ndarray]]:
+        batched = all(
+            data.arrays[name].ndim == spec.rank and spec.rank > 0 and spec.shape[0] is None
+            for name, spec in specs.items()
+        )
+        n = data.num_samples
+        if batched:
+            for start in range(0, n, batch):
+                yield {name: data.arrays[name][start : start + batch] for name in specs}
+        else:
+            for i in range(n):
+                yield {name: value for name, value in data.sample(i, specs).items() if name in specs}
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+@contextmanager
+def _int4_numpy_types() -> Iterator[None]:
+    """Let onnxruntime 1.19's quantizer handle int4 with this onnx.
+
+    It takes numpy types for INT4/UINT4 from ``onnx.reference.custom_element_types``, which newer
+    onnx releases (1.23 here) no longer have, so its table holds None and 4-bit weights fail with
+    "must be 8-bit before packing". Its own comments say those types are int8/uint8 underneath;
+    the table entries are set for the call and restored after.
+    """
+    from onnxruntime.quantization import quant_utils
+
+    table = quant_utils.ONNX_TYPE_TO_NP_TYPE
+    saved = {t: table.get(t) for t in (TensorProto.INT4, TensorProto.UINT4)}
+    if saved[TensorProto.INT4] is None:
+        table[TensorProto.INT4] = np.dtype(np.int8)
+    if saved[TensorProto.UINT4] is None:
+        table[TensorProto.UINT4] = np.dtype(np.uint8)
+    try:
+        yield
+    finally:
+        table.update(saved)
+
+
+@contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """Silence the advice onnxruntime's quantizer logs on the root logger ("consider pre-processing")."""
+    root = logging.getLogger()
+    added = None
+    if not root.handlers:  # logging.warning() would otherwise install a stderr handler for good
+        added = logging.NullHandler()
+        root.addHandler(added)
+    previous = root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+        if added is not None:
+            root.removeHandler(added)
+
+
+def _convert_opset(model: onnx.ModelProto, version: int, why: str) -> onnx.ModelProto:
+    try:
+        return version_converter.convert_version(model, version)
+    except Exception as exc:
+        raise UnsupportedError(
+            f"expected a model onnx.version_converter can lift from opset {opset_of(model)} to {version} ({why}); "
+            f"it failed: {str(exc).splitlines()[0][:200]}"
+        ) from None
+
+
+def restore_float_inputs(
+    quantized: onnx.ModelProto, original: onnx.ModelProto, sites: list[tuple[str, int, str]]
+) -> onnx.ModelProto:
+    """Feed each (node, slot) its original float tensor again and drop the Q/DQ nodes nothing reads."""
+    out = onnx.ModelProto()
+    out.CopyFrom(quantized)
+    nodes = {n.name: n for n in out.graph.node}
+    originals = {t.name: t for t in original.graph.initializer}
+    present = {t.name for t in out.graph.initializer}
+    for node_name, slot, tensor in sites:
+        node = nodes.get(node_name)
+        if node is None:
+            raise InternalError(f"node {node_name!r} vanished from the quantized model")
+        if node.input[slot] == tensor:
+            continue
+        node.input[slot] = tensor
+        if tensor in originals and tensor not in present:
+            out.graph.initializer.append(originals[tensor])
+            present.add(tensor)
+    _prune(out)
+    return out
+
+
+def _prune(model: onnx.ModelProto) -> None:
+    """Remove Q/DQ nodes whose outputs nobody reads, then initializers nobody reads (in place)."""
+    outputs = {o.name for o in model.graph.output}
+    while True:
+        used = {i for n in model.graph.node for i in n.input} | outputs
+        dead = [n for n in model.graph.node if n.op_type in QDQ_OPS and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            model.graph.node.remove(node)
+    used = {i for n in model.graph.node for i in n.input} | outputs | {v.name for v in model.graph.input}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+def realized_bits(
+    quantized: onnx.ModelProto, sites: list[tuple[str, int, str]]
+) -> tuple[dict[str, int], dict[str, str]]:
+    """For each tensor read at ``sites``, the bits of the DequantizeLinear feeding it (and the domain seen)."""
+    producers = {o: n for n in quantized.graph.node for o in n.output}
+    inits = {t.name: t for t in quantized.graph.initializer}
+    nodes = {n.name: n for n in quantized.graph.node}
+    bits: dict[str, int] = {}
+    domains: dict[str, str] = {}
+    for node_name, slot, tensor in sites:
+        dq = producers.get(nodes[node_name].input[slot])
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        typed = dq.input[2] if len(dq.input) > 2 and dq.input[2] in inits else dq.input[0]
+        if typed not in inits:
+            continue
+        width = BITS_OF_TYPE.get(inits[typed].data_type)
+        if width is not None:
+            bits[tensor] = width
+            domains[tensor] = dq.domain
+    return bits, domains
+
+
+def quantize_qdq(
+    plan: ExportPlan, data: Dataset, settings: QdqSettings, *, per_channel: bool
+) -> tuple[onnx.ModelProto, dict[str, int], list[str]]:
+    """Run ``quantize_static`` on the plan; return the QDQ model, the bits it realized, and notes."""
+    notes: list[str] = []
+    model = plan.model
+    quantized = plan.quantized
+    if not quantized:
+        notes.append("the recommendation quantizes no tensor: the model is written unchanged (all float)")
+        return model, {}, notes
+    wide = sorted({b for b in quantized.values() if b in (4, 16)})
+    if wide and settings.standard_domain_only and opset_of(model) < OPSET_WITH_INT4_INT16:
+        notes.append(
+            f"opset {opset_of(model)} → {OPSET_WITH_INT4_INT16} (onnx.version_converter): {wide}-bit Q/DQ needs it"
+        )
+        model = _convert_opset(model, OPSET_WITH_INT4_INT16, f"{wide}-bit Q/DQ in the default domain")
+    elif per_channel and opset_of(model) < OPSET_PER_CHANNEL:
+        notes.append(f"opset {opset_of(model)} → {OPSET_PER_CHANNEL} (onnx.version_converter) for per-channel Q/DQ")
+        model = _convert_opset(model, OPSET_PER_CHANNEL, "per-channel Q/DQ")
+    use_contrib = bool(wide) and opset_of(model) < OPSET_WITH_INT4_INT16
+    if use_contrib:
+        notes.append(
+            f"{wide}-bit Q/DQ at opset {opset_of(model)} use onnxruntime's com.microsoft QuantizeLinear/"
+            "DequantizeLinear (UseQDQContribOps)"
+        )
+    specs = graph.input_specs(model)
+    data_mod.check_against(data, specs)
+
+    overrides_json = build_overrides(
+        plan,
+        weight_symmetric=settings.weight_symmetric,
+        activation_symmetric=settings.activation_symmetric,
+        per_channel=per_channel,
+    )
+    overrides = to_quantizer_overrides(overrides_json, model)
+    sites = quantizable_sites(model)
+    quantized_nodes = {node for node, _, tensor in sites if tensor in quantized}
+    candidates = {n.name for n in model.graph.node if n.op_type in graph.WEIGHT_INPUTS and n.op_type in QDQRegistry}
+    op_types = sorted({n.op_type for n in model.graph.node if n.name in quantized_nodes} & set(QDQRegistry))
+    if not op_types:
+        raise UnsupportedError(
+            f"expected the recommended tensors to feed ops onnxruntime quantizes ({sorted(set(QDQRegistry) & set(graph.WEIGHT_INPUTS))}); "
+            "found none"
+        )
+    extra_options: dict[str, Any] = {
+        "TensorQuantOverrides": overrides,
+        "OpTypesToExcludeOutputQuantization": op_types,
+        "ActivationSymmetric": settings.activation_symmetric,
+        "WeightSymmetric": settings.weight_symmetric,
+        "DedicatedQDQPair": settings.dedicated_pairs,
+        "QuantizeBias": settings.quantize_bias,
+        "UseQDQContribOps": use_contrib,
+    }
+    with tempfile.TemporaryDirectory(prefix="fitonnx-export-") as tmp:
+        # quantize_static is given a path: with a ModelProto, onnxruntime 1.19 re-saves it as
+        # external data that this onnx refuses to load back.
+        src, dst = Path(tmp) / "model.onnx", Path(tmp) / "model.qdq.onnx"
+        onnx.save_model(model, str(src))
+        try:
+            with _int4_numpy_types(), _quiet_root_logger():
+                quantize_static(
+                    str(src),
+                    str(dst),
+                    DatasetReader(data, specs),
+                    quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=op_types,
+                    per_channel=per_channel,
+                    activation_type=QuantType.QInt8 if settings.activation_symmetric else QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=sorted(candidates - quantized_nodes),
+                    extra_options=extra_options,
+                )
+        except (DataError, FitonnxError):
+            raise
+        except Exception as exc:
+            raise UnsupportedError(
+                f"onnxruntime.quantization.quantize_static failed on this model: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            ) from exc
+        qdq = onnx.load_model(str(dst))
+    float_sites = [s for s in sites if s[0] in quantized_nodes and s[2] not in quantized]
+    qdq = restore_float_inputs(qdq, model, float_sites)
+    quant_sites = [s for s in sites if s[2] in quantized]
+    bits, domains = realized_bits(qdq, quant_sites)
+    for name, want in quantized.items():
+        if name not in bits:
+            notes.append(f"{name!r} was not quantized by onnxruntime (it reaches its op through another op)")
+        elif bits[name] != want:
+            raise InternalError(f"onnxruntime quantized {name!r} to {bits[name]} bits; the plan said {want}")
+    if settings.standard_domain_only and any(d not in ("", "ai.onnx") for d in domains.values()):
+        raise InternalError("the QDQ model for a standard-domain toolchain has com.microsoft Q/DQ nodes")
+    return qdq, bits, notes
+
+
+def write_overrides(
+    model: onnx.ModelProto, rec: Recommendation, out: Path, *, data: Dataset | None = None, per_channel: bool = False
+) -> ExportResult:
+    """Write the recommendation as Olive-style TensorQuantOverrides JSON (no data needed)."""
+    del data  # the overrides carry types only; ranges come from calibration when they are used
+    p = plan_export(model, rec, ORT)
+    s = ort_settings(p)
+    overrides = build_overrides(
+        p, weight_symmetric=s.weight_symmetric, activation_symmetric=s.activation_symmetric, per_channel=per_channel
+    )
+    to_quantizer_overrides(overrides, p.model)  # what we write must load in onnxruntime
+    text = json.dumps(overrides, indent=2) + "\n"
+    write_atomic(out, lambda f: f.write(text))
+    notes = []
+    if p.float_tensors:
+        notes.append(
+            f"{len(p.float_tensors)} quantizable tensors stay in float: TensorQuantOverrides cannot say so; "
+            "exclude the nodes that read them (nodes_to_exclude) or restrict op_types_to_quantize"
+        )
+    return ExportResult("overrides", out, dict(p.quantized), p.float_tensors, tuple(notes))
+
+
+def write_qdq(
+    model: onnx.ModelProto, rec: Recommendation, out: Path, *, data: Dataset | None = None, per_channel: bool = False
+) -> ExportResult:
+    """A QDQ model for the recommendation's target: TensorRT's for tensorrt, ONNX Runtime's otherwise."""
+    from fitonnx.export.tensorrt import TENSORRT_TARGET, write_tensorrt
+
+    if rec.target == TENSORRT_TARGET:
+        result = write_tensorrt(model, rec, out, data=data, per_channel=per_channel)
+        return ExportResult("qdq", result.path, result.quantized, result.kept_float, result.notes)
+    dataset = require_data(data, "qdq")
+    p = plan_export(model, rec, ORT)
+    qdq, bits, notes = quantize_qdq(p, dataset, ort_settings(p), per_channel=per_channel)
+    check_runs(qdq, first_feed(dataset, graph.input_specs(qdq)))
+    save_model(qdq, out)
+    return ExportResult("qdq", out, bits, p.float_tensors, tuple(notes))

@@ -1,0 +1,129 @@
+"""Deployment targets: which bit widths a toolchain offers and how it quantizes with them.
+
+A target decides the candidate bit widths of weights and activations, whether its grid is
+symmetric or asymmetric (which changes the quantization step, hence FIT), which widths mean an
+IEEE float rather than an integer grid (TensorRT's 16 = float16), and which exporter formats
+``fitonnx recommend`` writes for it. A new toolchain is one more ``Target`` in ``TARGETS``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+from fitonnx.errors import FitonnxError
+from fitonnx.graph import Kind
+
+FLOAT16_MANTISSA_BITS = 10
+
+
+class Scheme(str, Enum):
+    """How a toolchain places its integer grid over a tensor's range."""
+
+    ASYMMETRIC = "asymmetric"  # 2^b levels over [min, max] with a zero point (FIT.md's noise model)
+    SYMMETRIC = "symmetric"  # 2^b − 1 levels over [−max|x|, max|x|], zero point 0 (narrow range)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One toolchain's quantization menu; ``formats`` are ``fitonnx.export.EXPORTERS`` keys."""
+
+    name: str
+    summary: str
+    weight_bits: tuple[int, ...]
+    activation_bits: tuple[int, ...]
+    default_activation_bits: int
+    weight_scheme: Scheme
+    activation_scheme: Scheme
+    float_bits: frozenset[int] = frozenset()
+    formats: tuple[str, ...] = ()
+
+    def candidates(self, kind: Kind) -> tuple[int, ...]:
+        return self.weight_bits if kind is Kind.WEIGHT else self.activation_bits
+
+    def scheme(self, kind: Kind) -> Scheme:
+        return self.weight_scheme if kind is Kind.WEIGHT else self.activation_scheme
+
+    def is_float(self, bits: int) -> bool:
+        return bits in self.float_bits
+
+    def step(self, kind: Kind, lo: float, hi: float, bits: int) -> float:
+        """The rounding step Δ of this target's grid at ``bits`` for a tensor spanning [lo, hi].
+
+        Asymmetric: (max − min)/(2^b − 1), FIT.md's model. Symmetric: max|x|/(2^(b−1) − 1).
+        Float16: the spacing of float16 numbers at the tensor's largest magnitude (an upper
+        bound on the rounding step anywhere in the tensor).
+        """
+        if self.is_float(bits):
+            m = max(abs(lo), abs(hi))
+            return 0.0 if m == 0.0 else 2.0 ** (math.floor(math.log2(m)) - FLOAT16_MANTISSA_BITS)
+        if self.scheme(kind) is Scheme.SYMMETRIC:
+            return max(abs(lo), abs(hi)) / (2.0 ** (bits - 1) - 1.0)
+        return (hi - lo) / (2.0**bits - 1.0)
+
+    def fit(self, kind: Kind, trace: float, lo: float, hi: float, bits: int) -> float:
+        """FIT_t(b) = Tr(F_t) · Δ_t(b)² / 12 with this target's step."""
+        return trace * self.step(kind, lo, hi, bits) ** 2 / 12.0
+
+    def finn_datatype(self, kind: Kind, bits: int, lo: float) -> str:
+        """The QONNX/FINN DataType name of the quantized tensor (``INT4``, ``UINT8``, ``FLOAT16``)."""
+        if self.is_float(bits):
+            return "FLOAT16" if bits == 16 else f"FLOAT{bits}"
+        unsigned = self.scheme(kind) is Scheme.ASYMMETRIC and lo >= 0.0
+        return f"{'UINT' if unsigned else 'INT'}{bits}"
+
+
+TARGETS: dict[str, Target] = {
+    t.name: t
+    for t in (
+        Target(
+            name="generic",
+            summary="any integer toolchain: 2-8 and 16 bits, asymmetric min/max grids (FIT's own noise model)",
+            weight_bits=(2, 3, 4, 5, 6, 7, 8, 16),
+            activation_bits=(2, 3, 4, 5, 6, 7, 8, 16),
+            default_activation_bits=8,
+            weight_scheme=Scheme.ASYMMETRIC,
+            activation_scheme=Scheme.ASYMMETRIC,
+        ),
+        Target(
+            name="ort",
+            summary="ONNX Runtime Q/DQ: int4/int8/int16 weights (symmetric), int8/int16 activations (asymmetric)",
+            weight_bits=(4, 8, 16),
+            activation_bits=(8, 16),
+            default_activation_bits=8,
+            weight_scheme=Scheme.SYMMETRIC,
+            activation_scheme=Scheme.ASYMMETRIC,
+            formats=("overrides", "qdq"),
+        ),
+        Target(
+            name="qnn",
+            summary="Qualcomm QNN/AIMET: 4/8/16-bit weights (symmetric), 8/16-bit activations (asymmetric)",
+            weight_bits=(4, 8, 16),
+            activation_bits=(8, 16),
+            default_activation_bits=8,
+            weight_scheme=Scheme.SYMMETRIC,
+            activation_scheme=Scheme.ASYMMETRIC,
+            formats=("qnn",),
+        ),
+        Target(
+            name="tensorrt",
+            summary="TensorRT explicit Q/DQ: symmetric int8 (int4 for weights only), 16 = left in float16",
+            weight_bits=(4, 8, 16),
+            activation_bits=(8, 16),
+            default_activation_bits=8,
+            weight_scheme=Scheme.SYMMETRIC,
+            activation_scheme=Scheme.SYMMETRIC,
+            float_bits=frozenset({16}),
+            formats=("tensorrt",),
+        ),
+    )
+}
+
+
+def get_target(name: str) -> Target:
+    """The registered target ``name``; unknown names fail with the list of known ones."""
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise FitonnxError(f"expected a target among {sorted(TARGETS)}; found {name!r}") from None
