@@ -1,0 +1,437 @@
+"""Simulated post-training quantization in ONNX Runtime, any bit width per tensor.
+
+One simulation model per prepared model serves every configuration:
+
+- each quantizable weight becomes a graph input, fed its quantized-dequantized values (computed
+  here in numpy, cached per tensor and bit width);
+- each quantizable activation ``a`` is replaced, for all its consumers, by
+  ``Where(on, lo + step·clip(round((a − lo)/step), 0, levels), a)`` whose ``lo``, ``step``,
+  ``levels`` and ``on`` are graph inputs, so a configuration is a feed, not a new model, and
+  ``on = False`` gives back the float activation bit for bit.
+
+Written with plain arithmetic ops rather than QuantizeLinear/DequantizeLinear because those
+only offer 4-, 8- and 16-bit integer types, and validation needs every width from 2 to 16.
+
+A grid is ``lo + k·step`` for ``k = 0..levels`` (FIT.md's noise model): asymmetric min/max uses
+``step = (max − min)/(2^b − 1)`` and ``levels = 2^b − 1``; symmetric uses ``m = max|x|``,
+``step = m/(2^(b−1) − 1)`` and ``levels = 2^b − 2`` from ``lo = −m`` (zero on the grid).
+Rounding is to nearest, ties to even (ONNX Round and numpy agree).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from fitonnx.data import Dataset
+from fitonnx.errors import FitonnxError, InternalError, ModelError, UnsupportedError
+from fitonnx.graph import InputSpec, Kind, QuantTensor
+from fitonnx.losses import PREFIX
+
+MIN_BITS = 2
+# float32 holds every integer level exactly up to 2^24; 16 bits keeps round((x − lo)/step) exact.
+MAX_BITS = 16
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How tensors are quantized: per-tensor or per-channel weights, asymmetric or symmetric grids.
+
+    Activations are always per tensor (what deployment toolchains do); ``symmetric`` applies to
+    weights and activations alike.
+    """
+
+    per_channel: bool = False
+    symmetric: bool = False
+
+    def describe(self) -> str:
+        return (
+            f"{'per-channel' if self.per_channel else 'per-tensor'} weights, "
+            f"{'symmetric max|x|' if self.symmetric else 'asymmetric min/max'} ranges, round to nearest"
+        )
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The levels ``lo + k·step``, ``k = 0..levels``; ``lo``/``step`` broadcast against the tensor."""
+
+    lo: np.ndarray
+    step: np.ndarray
+    levels: int
+
+
+def check_bits(bits: Sequence[int]) -> tuple[int, ...]:
+    """Bit widths the simulation can represent exactly."""
+    bad = [b for b in bits if not MIN_BITS <= b <= MAX_BITS]
+    if not bits or bad:
+        raise FitonnxError(f"expected bit widths between {MIN_BITS} and {MAX_BITS} for simulation; found {list(bits)}")
+    return tuple(sorted(set(bits)))
+
+
+def make_grid(lo: np.ndarray | float, hi: np.ndarray | float, bits: int, symmetric: bool) -> Grid:
+    """The quantization grid at ``bits`` for a tensor (or channels) spanning [lo, hi]."""
+    lo64 = np.asarray(lo, np.float64)
+    hi64 = np.asarray(hi, np.float64)
+    if symmetric:
+        m = np.maximum(np.abs(lo64), np.abs(hi64))
+        start, step, levels = -m, m / (2.0 ** (bits - 1) - 1.0), 2**bits - 2
+    else:
+        start, step, levels = lo64, (hi64 - lo64) / (2.0**bits - 1.0), 2**bits - 1
+    # A constant tensor (or channel) has step 0: any positive step with lo = the constant maps it
+    # to itself, and the quantizer stays the identity there.
+    flat = step == 0
+    return Grid(lo=np.where(flat, lo64, start), step=np.where(flat, 1.0, step), levels=levels)
+
+
+def quantize(x: np.ndarray, grid: Grid) -> np.ndarray:
+    """Round ``x`` to the nearest grid level (clipped to the grid), in float64, returned in x's dtype."""
+    q = np.clip(np.round((x.astype(np.float64) - grid.lo) / grid.step), 0, grid.levels)
+    return (q * grid.step + grid.lo).astype(x.dtype)
+
+
+# op type -> (node, input slot, weight rank) -> the output-channel axis of the weight in that slot.
+ChannelAxis = Callable[[onnx.NodeProto, int, int], int]
+
+
+def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
+CHANNEL_AXIS: dict[str, ChannelAxis] = {
+    "Conv": lambda node, slot, rank: 0,
+    "ConvTranspose": lambda node, slot, rank: 1,
+    # Gemm B is [K, N] (or [N, K] with transB): channels are the N outputs; A as weight: its M rows.
+    "Gemm": lambda node, slot, rank: (
+        (0 if _attr(node, "transB", 0) else 1) if slot == 1 else (1 if _attr(node, "transA", 0) else 0)
+    ),
+    "MatMul": lambda node, slot, rank: rank - 1 if slot == 1 else max(rank - 2, 0),
+    "Gather": lambda node, slot, rank: 0,
+    "LSTM": lambda node, slot, rank: 1,
+    "GRU": lambda node, slot, rank: 1,
+    "RNN": lambda node, slot, rank: 1,
+}
+
+
+def channel_axis(model: onnx.ModelProto, tensor: QuantTensor, rank: int) -> int:
+    """The output-channel axis of a weight read directly by its quantizable consumers."""
+    axes: set[int] = set()
+    for node in model.graph.node:
+        if node.name not in tensor.nodes:
+            continue
+        slots = [k for k, name in enumerate(node.input) if name == tensor.name]
+        if not slots:
+            raise UnsupportedError(
+                f"expected weight {tensor.name!r} to be read directly by {node.op_type} for --per-channel; "
+                "it reaches the op through layout ops",
+                hint="use per-tensor quantization for this model",
+            )
+        rule = CHANNEL_AXIS.get(node.op_type)
+        if rule is None:
+            raise InternalError(f"no per-channel axis rule for op {node.op_type}")
+        axes.update(rule(node, slot, rank) for slot in slots)
+    if len(axes) != 1:
+        raise UnsupportedError(
+            f"expected one channel axis for weight {tensor.name!r}; its consumers disagree ({sorted(axes)})",
+            hint="use per-tensor quantization for this model",
+        )
+    return axes.pop()
+
+
+def weight_grid(w: np.ndarray, bits: int, scheme: Scheme, axis: int | None) -> Grid:
+    """Min/max grid of a weight, per tensor (``axis`` None) or per slice along ``axis``."""
+    if axis is None:
+        return make_grid(float(w.min()), float(w.max()), bits, scheme.symmetric)
+    other = tuple(k for k in range(w.ndim) if k != axis)
+    return make_grid(w.min(axis=other, keepdims=True), w.max(axis=other, keepdims=True), bits, scheme.symmetric)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Bit widths per tensor name; a tensor that is absent (or None) stays in float."""
+
+    weight_bits: Mapping[str, int]
+    activation_bits: Mapping[str, int]
+
+    @staticmethod
+    def floating() -> Config:
+        return Config(weight_bits={}, activation_bits={})
+
+
+@dataclass(frozen=True)
+class ActivationInputs:
+    """The graph inputs that set one activation's fake quantizer."""
+
+    name: str
+    lo: str
+    step: str
+    levels: str
+    on: str
+    dtype: np.dtype
+
+
+@dataclass(frozen=True)
+class SimulationModel:
+    """The serialized simulation model and the names a configuration feeds."""
+
+    model_bytes: bytes
+    weights: Mapping[str, np.ndarray]  # float values of the weights that became inputs
+    activations: tuple[ActivationInputs, ...]
+    output: str
+
+
+def _producer_positions(graph: onnx.GraphProto) -> dict[str, int]:
+    return {o: i for i, n in enumerate(graph.node) for o in n.output}
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    return {
+        v.name: v.type.tensor_type.elem_type
+        for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+        if v.type.HasField("tensor_type")
+    }
+
+
+def build(
+    model: onnx.ModelProto,
+    tensors: Sequence[QuantTensor],
+    output: str,
+    inputs: Mapping[str, InputSpec] | None = None,
+) -> SimulationModel:
+    """The simulation model of ``model`` (a new model; ``model`` is untouched) whose only output is ``output``.
+
+    ``inputs`` (the original model's input declarations) replace the prepared model's, which may
+    be fixed to one sample's shape; stored intermediate shapes go with them, so a batch axis the
+    original declares is free again (``Simulator`` checks that batching gives per-sample results).
+    """
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    g = work.graph
+    if inputs is not None:
+        for value in g.input:
+            spec = inputs.get(value.name)
+            if spec is not None and value.type.HasField("tensor_type"):
+                tt = value.type.tensor_type
+                tt.ClearField("shape")
+                for k, d in enumerate(spec.shape):
+                    if d is None:
+                        tt.shape.dim.add().dim_param = f"{value.name}_dim{k}"
+                    else:
+                        tt.shape.dim.add().dim_value = d
+        del g.value_info[:]
+    weights = [t for t in tensors if t.kind is Kind.WEIGHT]
+    activations = [t for t in tensors if t.kind is Kind.ACTIVATION]
+    inits = {t.name: t for t in g.initializer}
+    missing = [w.name for w in weights if w.name not in inits]
+    if missing:
+        raise InternalError(f"weights must be initializers after prepare; not found: {missing[:3]}")
+    declared = {v.name for v in g.input}
+    values: dict[str, np.ndarray] = {}
+    for w in weights:
+        init = inits[w.name]
+        values[w.name] = numpy_helper.to_array(init)
+        if w.name not in declared:
+            g.input.append(helper.make_tensor_value_info(w.name, init.data_type, list(init.dims)))
+    kept = [t for t in g.initializer if t.name not in values]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+
+    types = _elem_types(model)
+    renames: dict[str, str] = {}
+    fq_nodes: list[list[onnx.NodeProto]] = []
+    act_inputs: list[ActivationInputs] = []
+    for i, act in enumerate(activations):
+        p = f"{PREFIX}sim{i}_"
+        elem = types.get(act.name, TensorProto.FLOAT)
+        ai = ActivationInputs(
+            act.name, p + "lo", p + "step", p + "levels", p + "on", np.dtype(helper.tensor_dtype_to_np_dtype(elem))
+        )
+        for name in (ai.lo, ai.step, ai.levels):
+            g.input.append(helper.make_tensor_value_info(name, elem, []))
+        g.input.append(helper.make_tensor_value_info(ai.on, TensorProto.BOOL, []))
+        g.initializer.append(numpy_helper.from_array(np.zeros((), ai.dtype), p + "zero"))
+        n = helper.make_node
+        fq_nodes.append(
+            [
+                n("Sub", [act.name, ai.lo], [p + "shifted"], name=p + "sub"),
+                n("Div", [p + "shifted", ai.step], [p + "scaled"], name=p + "div"),
+                n("Round", [p + "scaled"], [p + "rounded"], name=p + "round"),
+                n("Clip", [p + "rounded", p + "zero", ai.levels], [p + "q"], name=p + "clip"),
+                n("Mul", [p + "q", ai.step], [p + "deq"], name=p + "mul"),
+                n("Add", [p + "deq", ai.lo], [p + "fq"], name=p + "add"),
+                n("Where", [ai.on, p + "fq", act.name], [p + "out"], name=p + "where"),
+            ]
+        )
+        renames[act.name] = p + "out"
+        act_inputs.append(ai)
+    for node in g.node:
+        for slot, name in enumerate(node.input):
+            if name in renames:
+                node.input[slot] = renames[name]
+    # Topological order: each fake quantizer right after the producer of its activation.
+    position = _producer_positions(g)
+    nodes = list(g.node)
+    for act, group in sorted(
+        zip(activations, fq_nodes, strict=True), key=lambda pair: position.get(pair[0].name, -1), reverse=True
+    ):
+        at = position.get(act.name, -1) + 1
+        nodes[at:at] = group
+    del g.node[:]
+    g.node.extend(nodes)
+    if output not in {o.name for o in g.output} and output not in position:
+        raise ModelError(f"expected {output!r} to be a tensor of the model; found no producer")
+    del g.output[:]
+    g.output.append(helper.make_empty_tensor_value_info(output))
+    return SimulationModel(
+        model_bytes=work.SerializeToString(), weights=values, activations=tuple(act_inputs), output=output
+    )
+
+
+@dataclass(frozen=True)
+class Batches:
+    """Held-out feeds cut once into batches; ``stack`` when each feed is one sample without a batch axis."""
+
+    feeds: tuple[dict[str, np.ndarray], ...]
+    stack: bool
+    num_samples: int
+
+
+def batches(data: Dataset, specs: Mapping[str, InputSpec], batch_size: int) -> Batches:
+    """Slices of ``data`` along axis 0, ``batch_size`` samples each when the model's batch axis allows it."""
+    n = data.num_samples
+    per_sample = any(data.arrays[name].ndim == spec.rank + 1 for name, spec in specs.items())
+    fixed_batch = any(spec.rank == 0 or spec.shape[0] is not None for spec in specs.values())
+    if per_sample:
+        return Batches(tuple(data.sample(i, specs) for i in range(n)), True, n)
+    size = 1 if fixed_batch else max(1, batch_size)
+    feeds = tuple({name: data.arrays[name][i : i + size] for name in specs} for i in range(0, n, size))
+    return Batches(feeds, False, n)
+
+
+def session(model_bytes: bytes, threads: int = 0):  # -> onnxruntime.InferenceSession
+    """A CPU session at the EXTENDED optimization level.
+
+    ORT_ENABLE_ALL adds layout transforms (NCHWc) for Conv only when weights are constants; the
+    simulation feeds them as inputs, so at ALL the float configuration drifts from the model by
+    ~1e-6. At EXTENDED both take the same kernels and the float configuration reproduces the
+    model's outputs bit for bit (tested).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+class Simulator:
+    """Runs the simulation model for one configuration at a time over fixed held-out batches."""
+
+    def __init__(
+        self,
+        sim: SimulationModel,
+        model: onnx.ModelProto,
+        tensors: Sequence[QuantTensor],
+        act_ranges: Mapping[str, tuple[float, float]],
+        scheme: Scheme,
+        data: Dataset,
+        specs: Mapping[str, InputSpec],
+        batch_size: int = 256,
+        threads: int = 0,
+    ) -> None:
+        self.sim = sim
+        self.scheme = scheme
+        self.session = session(sim.model_bytes, threads)
+        self.act_ranges = dict(act_ranges)
+        self.axes: dict[str, int | None] = {
+            t.name: channel_axis(model, t, sim.weights[t.name].ndim) if scheme.per_channel else None
+            for t in tensors
+            if t.kind is Kind.WEIGHT
+        }
+        self._weights: dict[tuple[str, int], np.ndarray] = {}
+        self.data = batches(data, specs, batch_size)
+        if not self._batching_works():
+            self.data = batches(data, specs, 1)
+
+    def _batching_works(self) -> bool:
+        """Whether a batch gives what its samples give one by one (a prepared model may have folded
+        shape arithmetic for batch 1, which then fails or mixes samples)."""
+        first = self.data.feeds[0]
+        n = len(next(iter(first.values()))) if first else 0
+        if self.data.stack or n < 2:
+            return True
+        settings = self.feed(Config.floating())
+        try:
+            (batched,) = self.session.run([self.sim.output], {**first, **settings})
+            singles = [
+                self.session.run([self.sim.output], {**{k: v[i : i + 1] for k, v in first.items()}, **settings})[0]
+                for i in (0, n - 1)
+            ]
+        except Exception:
+            return False
+        batched = np.asarray(batched)
+        if batched.shape[:1] != (n,) or any(s.shape != (1, *batched.shape[1:]) for s in singles):
+            return False
+        scale = max(float(np.max(np.abs(batched))), 1e-12)
+        return all(
+            np.allclose(batched[i], s[0], rtol=1e-4, atol=1e-5 * scale)
+            for i, s in zip((0, n - 1), singles, strict=True)
+        )
+
+    def weight_grid(self, name: str, bits: int) -> Grid:
+        return weight_grid(self.sim.weights[name], bits, self.scheme, self.axes[name])
+
+    def activation_grid(self, name: str, bits: int) -> Grid:
+        lo, hi = self.act_ranges[name]
+        return make_grid(lo, hi, bits, self.scheme.symmetric)
+
+    def quantized_weight(self, name: str, bits: int) -> np.ndarray:
+        key = (name, bits)
+        if key not in self._weights:
+            self._weights[key] = quantize(self.sim.weights[name], self.weight_grid(name, bits))
+        return self._weights[key]
+
+    def feed(self, config: Config) -> dict[str, np.ndarray]:
+        """Weight values and fake-quantizer settings for ``config``."""
+        unknown = sorted(
+            (set(config.weight_bits) - set(self.sim.weights))
+            | (set(config.activation_bits) - {a.name for a in self.sim.activations})
+        )
+        if unknown:
+            raise FitonnxError(f"expected quantizable tensor names in the configuration; found {unknown[:3]}")
+        feed: dict[str, np.ndarray] = {}
+        for name, value in self.sim.weights.items():
+            bits = config.weight_bits.get(name)
+            feed[name] = value if bits is None else self.quantized_weight(name, bits)
+        for a in self.sim.activations:
+            bits = config.activation_bits.get(a.name)
+            if bits is None:
+                lo, step, levels, on = 0.0, 1.0, 1.0, False
+            else:
+                grid = self.activation_grid(a.name, bits)
+                lo, step, levels, on = float(grid.lo), float(grid.step), float(grid.levels), True
+            feed[a.lo] = np.array(lo, a.dtype)
+            feed[a.step] = np.array(step, a.dtype)
+            feed[a.levels] = np.array(levels, a.dtype)
+            feed[a.on] = np.array(on)
+        return feed
+
+    def run(self, config: Config) -> np.ndarray:
+        """The output over all held-out samples, samples on axis 0."""
+        settings = self.feed(config)
+        outs = []
+        for batch in self.data.feeds:
+            try:
+                (value,) = self.session.run([self.sim.output], {**batch, **settings})
+            except Exception as exc:
+                raise ModelError(
+                    f"onnxruntime failed on the simulation model: {str(exc).splitlines()[0][:300]}"
+                ) from None
+            outs.append(np.asarray(value))
+        return np.stack(outs) if self.data.stack else np.concatenate(outs, axis=0)

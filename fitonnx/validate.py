@@ -1,0 +1,762 @@
+"""``fitonnx validate``: measure real quantization damage and how well FIT predicts it.
+
+Random mixed-precision configurations (plus uniform ones) are simulated in ONNX Runtime
+(``fitonnx.simulate``) on held-out data; the damage each one does (KL of the outputs, change of
+loss, accuracy) is ranked against FIT and against simple baselines, with bootstrap confidence
+intervals over configurations.
+
+Every predictor is additive over tensors, so each is a table [tensor, bit width] summed along a
+configuration:
+
+- ``fit``: Σ_t Tr(F_t)·Δ_t(b_t)²/12, the paper's FIT (per-channel weights: Σ_c Tr(F_t,c)·Δ_c²/12);
+- ``fit_grid``: FIT with the grid noise model (``fitonnx.noise``): elements whose value is a level
+  of the simulated grid at every width (0, min, max; per channel for per-channel weights) are not
+  perturbed, Σ_t Tr_pert(F_t)·Δ_t(b_t)²/12;
+- ``fit_measured``: FIT.md's refinement with the measured rounding error instead of Δ²/12:
+  weights Σ_j F_jj·(Q_b(w)_j − w_j)² with the diagonal Fisher F_jj; activations
+  (1/N)·Σ_i Σ_j (∂ℓ_i/∂a_ij)²·(Q_b(a_ij) − a_ij)², per calibration sample, since activation
+  values (hence their errors) change from sample to sample;
+- ``noise_only``: Σ_t numel_t·Δ_t(b_t)², the total squared rounding error, every element weighted alike;
+- ``trace_only``: Σ_t Tr(F_t)/(2^b_t − 1)², sensitivity without the tensor's range;
+- ``size_only``: Σ_t numel_t/(2^b_t − 1)², neither sensitivity nor range: only how many values
+  lose how many bits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from fitonnx import api, engine, losses, noise, simulate
+from fitonnx import data as data_mod
+from fitonnx.data import Dataset
+from fitonnx.errors import DataError, FitonnxError, InternalError
+from fitonnx.graph import Kind
+from fitonnx.instrument import GradientModel
+from fitonnx.losses import PREFIX, Likelihood, OutputTarget
+from fitonnx.report import write_atomic
+from fitonnx.score import ScoreReport
+from fitonnx.score import score as score_tensors
+from fitonnx.simulate import Config, Scheme
+
+DEFAULT_BITS: tuple[int, ...] = (3, 4, 5, 6, 7, 8)
+DEFAULT_CONFIGS = 100
+DEFAULT_RESAMPLES = 1000
+EVAL_SUFFIX = ".heldout.npz"
+
+PREDICTORS: dict[str, str] = {
+    "fit": "FIT, Σ Tr(F)·Δ²/12 (the paper's uniform noise model)",
+    "fit_grid": "FIT, grid noise model: elements at exact levels (0, min, max) unperturbed",
+    "fit_measured": "Σ diag(F)·(Q(t) − t)², measured rounding error (FIT.md refinement)",
+    "noise_only": "Σ numel·Δ², rounding noise without Fisher",
+    "trace_only": "Σ Tr(F)/(2^b − 1)², Fisher trace without ranges",
+    "size_only": "Σ numel/(2^b − 1)², tensor sizes and bits only",
+}
+MEASURES: dict[str, str] = {
+    "kl": "KL(float ‖ quantized) of the outputs, mean per held-out sample",
+    "dloss": "change of the mean held-out loss",
+    "accuracy_drop": "float accuracy − quantized accuracy",
+}
+
+
+@dataclass(frozen=True)
+class ConfigResult:
+    """One simulated configuration: its bit widths, what each predictor says and the measured damage."""
+
+    weight_bits: Mapping[str, int]
+    activation_bits: Mapping[str, int]
+    uniform: bool
+    fit: float
+    fit_grid: float
+    fit_measured: float
+    noise_only: float
+    trace_only: float
+    size_only: float
+    kl: float
+    dloss: float | None
+    accuracy: float | None
+
+
+@dataclass(frozen=True)
+class Correlation:
+    """Rank agreement of one predictor with one measure over the configurations."""
+
+    predictor: str
+    measure: str
+    spearman: float
+    spearman_ci: tuple[float, float]
+    kendall: float
+    kendall_ci: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """The result of ``fitonnx validate``."""
+
+    model: str
+    fisher: str
+    likelihood: str
+    output: str
+    data_source: str
+    samples: int
+    eval_source: str
+    eval_samples: int
+    scheme: Scheme
+    weight_bits: tuple[int, ...]
+    activation_bits: tuple[int, ...]
+    seed: int
+    resamples: int
+    float_loss: float | None
+    float_accuracy: float | None
+    configs: tuple[ConfigResult, ...]
+    correlations: tuple[Correlation, ...]
+
+    def correlation(self, predictor: str, measure: str) -> Correlation:
+        for c in self.correlations:
+            if c.predictor == predictor and c.measure == measure:
+                return c
+        raise FitonnxError(f"expected a predictor in {list(PREDICTORS)} and a measure in {self.measures}")
+
+    @property
+    def measures(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(c.measure for c in self.correlations))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rank statistics (written here: numpy has none, and scipy is not a dependency)
+# ---------------------------------------------------------------------------------------------
+
+
+def _signs(x: np.ndarray) -> np.ndarray:
+    """sign(x_i − x_j) as an int8 matrix: every rank statistic below is computed from these."""
+    return np.sign(x[:, None] - x[None, :]).astype(np.int8)
+
+
+@dataclass(frozen=True)
+class _SignStats:
+    """Sign matrices [batch, n, n], centred mid-ranks [batch, n] and untied pair counts [batch]."""
+
+    signs: np.ndarray
+    ranks: np.ndarray
+    untied: np.ndarray
+
+    @staticmethod
+    def of(signs: np.ndarray) -> _SignStats:
+        # The mid-rank of x_i is (Σ_j sign(x_i − x_j) + n + 1)/2; centring removes the constant.
+        ranks = signs.sum(axis=-1, dtype=np.int64).astype(np.float64)
+        ranks -= ranks.mean(axis=-1, keepdims=True)
+        return _SignStats(signs, ranks, np.count_nonzero(signs, axis=(-1, -2)))
+
+
+def _rho_tau(x: _SignStats, y: _SignStats) -> tuple[np.ndarray, np.ndarray]:
+    """Spearman ρ (Pearson's r of mid-ranks) and Kendall τ-b = Σ sx·sy / √(untied_x · untied_y)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = (x.ranks * y.ranks).sum(axis=-1) / np.sqrt((x.ranks**2).sum(axis=-1) * (y.ranks**2).sum(axis=-1))
+        tau = (x.signs * y.signs).sum(axis=(-1, -2), dtype=np.int64) / np.sqrt(x.untied.astype(np.float64) * y.untied)
+    return rho, tau
+
+
+def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
+    """Spearman's ρ with mid-ranks for ties (NaN if either side is constant)."""
+    rho, _ = _rho_tau(
+        _SignStats.of(_signs(np.asarray(x, np.float64))), _SignStats.of(_signs(np.asarray(y, np.float64)))
+    )
+    return float(rho)
+
+
+def kendall(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
+    """Kendall's τ-b (tie-corrected; NaN if either side is constant)."""
+    _, tau = _rho_tau(
+        _SignStats.of(_signs(np.asarray(x, np.float64))), _SignStats.of(_signs(np.asarray(y, np.float64)))
+    )
+    return float(tau)
+
+
+def rank_correlations(
+    predictors: Mapping[str, np.ndarray],
+    measures: Mapping[str, np.ndarray],
+    resamples: int,
+    seed: int,
+    level: float = 0.95,
+) -> tuple[Correlation, ...]:
+    """ρ and τ-b of every predictor with every measure, with percentile bootstrap intervals.
+
+    The bootstrap resamples configurations with replacement, the same resamples for every pair,
+    so intervals of different predictors are comparable.
+    """
+    signs = {k: _signs(np.asarray(v, np.float64)) for k, v in {**predictors, **measures}.items()}
+    n = len(next(iter(signs.values())))
+    full = {k: _SignStats.of(v) for k, v in signs.items()}
+    boot: dict[tuple[str, str], tuple[list[np.ndarray], list[np.ndarray]]] = {
+        (p, m): ([], []) for m in measures for p in predictors
+    }
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 4_000_000 // max(n * n, 1))  # bounds the int8 gathers to a few MB
+    for start in range(0, resamples if n >= 3 else 0, chunk):
+        idx = rng.integers(0, n, (min(chunk, resamples - start), n))
+        stats = {k: _SignStats.of(v[idx[:, :, None], idx[:, None, :]]) for k, v in signs.items()}
+        for (p, m), (rhos, taus) in boot.items():
+            rho, tau = _rho_tau(stats[p], stats[m])
+            rhos.append(rho)
+            taus.append(tau)
+    q = ((1 - level) / 2, (1 + level) / 2)
+
+    def interval(values: list[np.ndarray]) -> tuple[float, float]:
+        v = np.concatenate(values) if values else np.zeros(0)
+        v = v[np.isfinite(v)]
+        if v.size == 0:
+            return (math.nan, math.nan)
+        lo, hi = np.quantile(v, q)
+        return float(lo), float(hi)
+
+    out = []
+    for (p, m), (rhos, taus) in boot.items():
+        rho, tau = _rho_tau(full[p], full[m])
+        out.append(Correlation(p, m, float(rho), interval(rhos), float(tau), interval(taus)))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configurations
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_configs(
+    weights: Sequence[str],
+    activations: Sequence[str],
+    weight_bits: Sequence[int],
+    activation_bits: Sequence[int],
+    n: int,
+    seed: int,
+    uniform: bool = True,
+) -> tuple[tuple[Config, bool], ...]:
+    """``n`` configurations with bits drawn uniformly per tensor, then (if asked) every tensor at b
+    bits for each b both candidate lists share. Returns (configuration, is uniform) pairs."""
+    rng = np.random.default_rng(seed)
+    wb, ab = np.array(sorted(weight_bits)), np.array(sorted(activation_bits))
+    out: list[tuple[Config, bool]] = []
+    for _ in range(n):
+        out.append(
+            (
+                Config(
+                    weight_bits={w: int(rng.choice(wb)) for w in weights},
+                    activation_bits={a: int(rng.choice(ab)) for a in activations},
+                ),
+                False,
+            )
+        )
+    if uniform:
+        for b in sorted(set(weight_bits) & set(activation_bits)):
+            out.append((Config({w: b for w in weights}, {a: b for a in activations}), True))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Damage measures
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """What the float model gives on the held-out data, in the form each measure needs."""
+
+    target: OutputTarget
+    out: np.ndarray  # float64, class axis last for categorical
+    logp: np.ndarray | None  # categorical: log-softmax; bernoulli: log σ(z)
+    log1mp: np.ndarray | None  # bernoulli: log(1 − σ(z))
+    labels: np.ndarray | None
+    loss: float | None
+    accuracy: float | None
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    top = z.max(axis=-1, keepdims=True)
+    return z - top - np.log(np.exp(z - top).sum(axis=-1, keepdims=True))
+
+
+def _as_float64(target: OutputTarget, z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, np.float64)
+    if target.likelihood is Likelihood.CATEGORICAL:
+        if target.class_axis is None:
+            raise InternalError("categorical target without class axis")
+        return np.moveaxis(z, target.class_axis, -1)
+    return z
+
+
+def _per_sample(x: np.ndarray) -> np.ndarray:
+    return x.reshape(x.shape[0], -1).sum(axis=1)
+
+
+def _loss_and_accuracy(
+    target: OutputTarget, z: np.ndarray, logp: np.ndarray | None, log1mp: np.ndarray | None, labels: np.ndarray | None
+) -> tuple[float | None, float | None]:
+    if labels is None:
+        return None, None
+    if target.likelihood is Likelihood.CATEGORICAL and logp is not None:
+        picked = np.take_along_axis(logp, labels[..., None].astype(np.int64), axis=-1)[..., 0]
+        return float(-_per_sample(picked).mean()), float(np.mean(z.argmax(axis=-1) == labels))
+    if target.likelihood is Likelihood.BERNOULLI and logp is not None and log1mp is not None:
+        y = labels.astype(np.float64)
+        loss = float(-_per_sample(y * logp + (1 - y) * log1mp).mean())
+        binary = bool(np.all((y == 0) | (y == 1)))
+        return loss, float(np.mean((z > 0) == (y > 0.5))) if binary else None
+    return float(_per_sample(0.5 * np.square(z - labels.astype(np.float64))).mean()), None
+
+
+def _logs(target: OutputTarget, z: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    if target.likelihood is Likelihood.CATEGORICAL:
+        return _log_softmax(z), None
+    if target.likelihood is Likelihood.BERNOULLI:
+        return -np.logaddexp(0.0, -z), -np.logaddexp(0.0, z)
+    return None, None
+
+
+def _check_eval_labels(target: OutputTarget, z: np.ndarray, labels: np.ndarray, source: str) -> None:
+    """Held-out labels must match the output the loss reads (``z``: class axis last if categorical)."""
+    if target.likelihood is Likelihood.CATEGORICAL:
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"expected integer class labels in {source}; found {labels.dtype}")
+        if labels.shape != z.shape[:-1]:
+            raise DataError(f"expected labels of shape {list(z.shape[:-1])} in {source}; found {list(labels.shape)}")
+        if labels.min() < 0 or labels.max() >= z.shape[-1]:
+            raise DataError(
+                f"expected class labels in [0, {z.shape[-1] - 1}] in {source}; "
+                f"found values in [{labels.min()}, {labels.max()}]"
+            )
+    elif labels.shape != z.shape:
+        raise DataError(
+            f"expected labels shaped like the output, {list(z.shape)}, in {source}; found {list(labels.shape)}"
+        )
+
+
+def reference(target: OutputTarget, z_float: np.ndarray, labels: np.ndarray | None, source: str) -> _Reference:
+    z = _as_float64(target, z_float)
+    if labels is not None:
+        _check_eval_labels(target, z, labels, source)
+    logp, log1mp = _logs(target, z)
+    loss, acc = _loss_and_accuracy(target, z, logp, log1mp, labels)
+    return _Reference(target, z, logp, log1mp, labels, loss, acc)
+
+
+def damage(ref: _Reference, z_quant: np.ndarray) -> tuple[float, float | None, float | None]:
+    """(KL, Δloss, accuracy) of quantized outputs against the float reference."""
+    z = _as_float64(ref.target, z_quant)
+    logp, log1mp = _logs(ref.target, z)
+    if ref.target.likelihood is Likelihood.CATEGORICAL and ref.logp is not None and logp is not None:
+        kl = _per_sample(np.exp(ref.logp) * (ref.logp - logp))
+    elif ref.target.likelihood is Likelihood.BERNOULLI and ref.logp is not None and ref.log1mp is not None:
+        p = np.exp(ref.logp)
+        kl = _per_sample(p * (ref.logp - logp) + (1 - p) * (ref.log1mp - log1mp))
+    else:
+        kl = _per_sample(0.5 * np.square(z - ref.out))
+    loss, acc = _loss_and_accuracy(ref.target, z, logp, log1mp, ref.labels)
+    dloss = None if loss is None or ref.loss is None else loss - ref.loss
+    return float(kl.mean()), dloss, acc
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictor tables
+# ---------------------------------------------------------------------------------------------
+
+
+def _activation_error_model(
+    gm: GradientModel, grids: Mapping[tuple[str, int], simulate.Grid], dtypes: Mapping[str, np.dtype]
+) -> tuple[GradientModel, dict[tuple[str, int], str]]:
+    """The gradient model plus one float64 scalar per (activation, bits): Σ_j (∂ℓ/∂a_j · (Q_b(a_j) − a_j))².
+
+    The fake quantizer is the simulation's (same ops, same float32 arithmetic).
+    """
+    model = onnx.load_from_string(gm.model_bytes)
+    g = model.graph
+    grads = {t.name: grad for t, grad in zip(gm.tensors, gm.grad_outputs, strict=True)}
+    n = helper.make_node
+    outputs: dict[tuple[str, int], str] = {}
+    for i, act in enumerate(gm.activations):
+        dtype = dtypes[act.name]
+        g64 = f"{PREFIX}merr{i}_g64"
+        g.node.append(n("Cast", [grads[act.name]], [g64], to=TensorProto.DOUBLE))
+        bits_here = sorted(b for name, b in grids if name == act.name)
+        for b in bits_here:
+            grid = grids[(act.name, b)]
+            p = f"{PREFIX}merr{i}_{b}_"
+            for suffix, value in (("lo", grid.lo), ("step", grid.step), ("levels", grid.levels), ("zero", 0.0)):
+                g.initializer.append(numpy_helper.from_array(np.array(value, dtype), p + suffix))
+            g.node.extend(
+                [
+                    n("Sub", [act.name, p + "lo"], [p + "shifted"]),
+                    n("Div", [p + "shifted", p + "step"], [p + "scaled"]),
+                    n("Round", [p + "scaled"], [p + "rounded"]),
+                    n("Clip", [p + "rounded", p + "zero", p + "levels"], [p + "q"]),
+                    n("Mul", [p + "q", p + "step"], [p + "deq"]),
+                    n("Add", [p + "deq", p + "lo"], [p + "fq"]),
+                    n("Sub", [p + "fq", act.name], [p + "err"]),
+                    n("Cast", [p + "err"], [p + "err64"], to=TensorProto.DOUBLE),
+                    n("Mul", [p + "err64", g64], [p + "weighted"]),
+                    n("ReduceSumSquare", [p + "weighted"], [p + "out"], keepdims=0),
+                ]
+            )
+            g.output.append(helper.make_tensor_value_info(p + "out", TensorProto.DOUBLE, []))
+            outputs[(act.name, b)] = p + "out"
+    return dataclasses.replace(gm, model_bytes=model.SerializeToString()), outputs
+
+
+@dataclass(frozen=True)
+class _Tables:
+    """Per predictor, an array [tensor, bit-width index]; rows in ``names`` order."""
+
+    names: tuple[str, ...]
+    bits: tuple[int, ...]
+    values: Mapping[str, np.ndarray]
+
+    def total(self, predictor: str, config: Config) -> float:
+        table = self.values[predictor]
+        merged = {**config.weight_bits, **config.activation_bits}
+        col = {b: k for k, b in enumerate(self.bits)}
+        return float(sum(table[row, col[merged[name]]] for row, name in enumerate(self.names) if name in merged))
+
+
+def _tables(
+    report: ScoreReport,
+    traces: engine.FisherTraces,
+    simulator: simulate.Simulator,
+    measured_acts: Mapping[tuple[str, int], float],
+    weight_bits: Sequence[int],
+    activation_bits: Sequence[int],
+) -> _Tables:
+    """Each predictor per tensor and candidate width (NaN where a width is not a candidate)."""
+    if traces.diag is None or traces.points is None:
+        raise InternalError("validate needs the diagonal Fisher (keep_gradients) and point statistics (exact_points)")
+    points = traces.points
+    column = {t.name: j for j, t in enumerate(traces.tensors)}
+    names = tuple(t.name for t in report.tensors)
+    bits = tuple(sorted(set(weight_bits) | set(activation_bits)))
+    shape = (len(names), len(bits))
+    values = {p: np.full(shape, np.nan) for p in PREDICTORS}
+    for row, t in enumerate(report.tensors):
+        candidates = weight_bits if t.kind is Kind.WEIGHT else activation_bits
+        for col, b in enumerate(bits):
+            if b not in candidates:
+                continue
+            levels = 2.0**b - 1.0
+            values["trace_only"][row, col] = t.ef_trace / levels**2
+            values["size_only"][row, col] = t.numel / levels**2
+            if t.kind is Kind.WEIGHT:
+                grid = simulator.weight_grid(t.name, b)
+                w = simulator.sim.weights[t.name].astype(np.float64)
+                diag = np.asarray(traces.diag[t.name], np.float64).reshape(w.shape)
+                step_sq = np.broadcast_to(np.square(grid.step), w.shape)
+                # Per-channel Σ_c Tr(F_t,c)·Δ_c²/12 = Σ_j F_jj·Δ_j²/12; per tensor it is Tr(F_t)·Δ²/12.
+                values["fit"][row, col] = (
+                    float(np.sum(diag * step_sq)) / 12.0 if grid.step.ndim else t.ef_trace * float(grid.step) ** 2 / 12
+                )
+                values["noise_only"][row, col] = float(step_sq.sum())
+                err = simulator.quantized_weight(t.name, b).astype(np.float64) - w
+                values["fit_measured"][row, col] = float(np.sum(diag * err * err))
+                exact = _exact_elements(w, grid, simulator.axes[t.name])
+                values["fit_grid"][row, col] = float(np.sum(np.where(exact, 0.0, diag * step_sq))) / 12.0
+            else:
+                grid = simulator.activation_grid(t.name, b)
+                step = float(grid.step)
+                values["fit"][row, col] = t.ef_trace * step**2 / 12.0
+                j = column[t.name]
+                lo, hi = simulator.act_ranges[t.name]
+                held = noise.unperturbed(
+                    float(points.zero[:, j].mean()),
+                    float(points.at_min[:, j].mean()),
+                    float(points.at_max[:, j].mean()),
+                    lo,
+                    hi,
+                    lambda v, grid=grid: noise.represented(v, float(grid.lo), float(grid.step), grid.levels),
+                )
+                values["fit_grid"][row, col] = (t.ef_trace - float(held)) * step**2 / 12.0
+                values["noise_only"][row, col] = t.numel * step**2
+                values["fit_measured"][row, col] = measured_acts[(t.name, b)]
+    return _Tables(names, bits, values)
+
+
+def _exact_elements(w: np.ndarray, grid: simulate.Grid, axis: int | None) -> np.ndarray:
+    """Elements of ``w`` equal to 0 or to their slice's min or max that ``grid`` represents exactly
+    (the grid noise model's unperturbed elements; a slice is the tensor, or a channel on ``axis``)."""
+    other = tuple(k for k in range(w.ndim) if axis is None or k != axis)
+    lo = w.min(axis=other, keepdims=True)
+    hi = w.max(axis=other, keepdims=True)
+    candidate = (w == 0) | (w == lo) | (w == hi)
+    error = np.abs(simulate.quantize(w.astype(np.float64), grid) - w)
+    return candidate & (error <= noise.EXACT_TOL * np.broadcast_to(grid.step, w.shape))
+
+
+# ---------------------------------------------------------------------------------------------
+# The public function
+# ---------------------------------------------------------------------------------------------
+
+
+def _eval_dataset(s: api.Session, eval_data: str | os.PathLike[str] | Dataset | None) -> Dataset:
+    if isinstance(eval_data, Dataset):
+        dataset = eval_data
+    elif eval_data is not None:
+        dataset = data_mod.load_data(eval_data, list(s.specs))
+    else:
+        path = s.loaded.path
+        candidate = None if path is None else path.with_name(path.stem + EVAL_SUFFIX)
+        if candidate is None or not candidate.is_file():
+            raise DataError(
+                f"expected held-out data for {s.loaded.name}; found no --eval-data and no "
+                f"{Path(s.loaded.name).stem}{EVAL_SUFFIX} beside it",
+                hint="pass --eval-data heldout.npz (samples not used for calibration)",
+            )
+        dataset = data_mod.load_npz(candidate)
+    data_mod.check_against(dataset, s.specs)
+    return dataset
+
+
+def validate(
+    model: api.ModelSource,
+    data: api.DataSource = None,
+    eval_data: str | os.PathLike[str] | Dataset | None = None,
+    *,
+    configs: int = DEFAULT_CONFIGS,
+    weight_bits: Sequence[int] = DEFAULT_BITS,
+    activation_bits: Sequence[int] = DEFAULT_BITS,
+    uniform: bool = True,
+    per_channel: bool = False,
+    symmetric: bool = False,
+    fisher: losses.FisherMode | str | None = None,
+    likelihood: losses.Likelihood | str | None = None,
+    output: str | None = None,
+    class_axis: int | None = None,
+    max_samples: int | None = None,
+    tol: float | None = None,
+    seed: int = 0,
+    random_samples: int | None = None,
+    batch_size: int = 256,
+    resamples: int = DEFAULT_RESAMPLES,
+    fisher_progress: engine.ProgressFn | None = None,
+    config_progress: engine.ProgressFn | None = None,
+    session: api.Session | None = None,
+) -> ValidationReport:
+    """Simulate ``configs`` random mixed-precision configurations (plus uniform ones) on held-out
+    data and rank FIT and baselines against the damage each one does.
+
+    ``eval_data`` defaults to ``<model>.heldout.npz`` beside the model. The calibration pass runs
+    twice (``fisher_progress`` sees both): once for traces and ranges, once more for the
+    activations' measured rounding error, which needs those ranges.
+    """
+    if configs < 0:
+        raise FitonnxError(f"expected a non-negative number of configurations; found {configs}")
+    weight_bits, activation_bits = simulate.check_bits(weight_bits), simulate.check_bits(activation_bits)
+    scheme = Scheme(per_channel=per_channel, symmetric=symmetric)
+    s = session if session is not None else api.open_model(model, data, random_samples=random_samples, seed=seed)
+    held_out = _eval_dataset(s, eval_data)
+
+    gm, target, mode = api.gradient_model(
+        s,
+        fisher=fisher,
+        likelihood=likelihood,
+        output=output,
+        class_axis=class_axis,
+        keep_gradients=True,
+        exact_points=True,
+    )
+    options = engine.RunOptions(max_samples=max_samples, tol=tol, seed=seed)
+    traces = engine.run(gm, s.data, s.specs, options, fisher_progress)
+    report = score_tensors(
+        s.prepared.model,
+        traces,
+        model_name=s.loaded.name,
+        fisher=mode.value,
+        likelihood=target.likelihood.value,
+        output=target.output,
+        data_source=s.data.source,
+        weight_bits=weight_bits,
+        activation_bits=activation_bits,
+        resamples=0,
+    )
+    sim = simulate.build(s.prepared.model, s.tensors, target.tap, s.specs)
+    act_ranges = {name: (traces.act_min[name], traces.act_max[name]) for name in traces.act_min}
+    simulator = simulate.Simulator(sim, s.prepared.model, s.tensors, act_ranges, scheme, held_out, s.specs, batch_size)
+
+    acts = [t.name for t in s.tensors if t.kind is Kind.ACTIVATION]
+    measured_acts: dict[tuple[str, int], float] = {}
+    if acts:
+        grids = {(a, b): simulator.activation_grid(a, b) for a in acts for b in activation_bits}
+        dtypes = {a.name: a.dtype for a in sim.activations}
+        gm2, names = _activation_error_model(gm, grids, dtypes)
+        second = engine.run(gm2, s.data, s.specs, options, fisher_progress, extra_outputs=list(names.values()))
+        if second.extra is None:
+            raise InternalError("engine returned no extra outputs")
+        measured_acts = {key: float(second.extra[name].mean()) for key, name in names.items()}
+    tables = _tables(report, traces, simulator, measured_acts, weight_bits, activation_bits)
+
+    ref = reference(target, simulator.run(Config.floating()), held_out.labels, held_out.source)
+    sampled = sample_configs(
+        [t.name for t in s.tensors if t.kind is Kind.WEIGHT], acts, weight_bits, activation_bits, configs, seed, uniform
+    )
+    results: list[ConfigResult] = []
+    for config, is_uniform in sampled:
+        kl, dloss, acc = damage(ref, simulator.run(config))
+        results.append(
+            ConfigResult(
+                weight_bits=dict(config.weight_bits),
+                activation_bits=dict(config.activation_bits),
+                uniform=is_uniform,
+                kl=kl,
+                dloss=dloss,
+                accuracy=acc,
+                **{p: tables.total(p, config) for p in PREDICTORS},
+            )
+        )
+        if config_progress is not None:
+            config_progress(1)
+
+    return ValidationReport(
+        model=s.loaded.name,
+        fisher=mode.value,
+        likelihood=target.likelihood.value,
+        output=target.output,
+        data_source=s.data.source,
+        samples=traces.samples,
+        eval_source=held_out.source,
+        eval_samples=held_out.num_samples,
+        scheme=scheme,
+        weight_bits=weight_bits,
+        activation_bits=activation_bits,
+        seed=seed,
+        resamples=resamples,
+        float_loss=ref.loss,
+        float_accuracy=ref.accuracy,
+        configs=tuple(results),
+        correlations=_correlations(results, ref.accuracy, resamples, seed),
+    )
+
+
+def _correlations(
+    results: Sequence[ConfigResult], float_accuracy: float | None, resamples: int, seed: int
+) -> tuple[Correlation, ...]:
+    if len(results) < 2:
+        return ()
+    measures: dict[str, np.ndarray] = {"kl": np.array([r.kl for r in results])}
+    if all(r.dloss is not None for r in results):
+        measures["dloss"] = np.array([r.dloss for r in results], np.float64)
+    if float_accuracy is not None and all(r.accuracy is not None for r in results):
+        measures["accuracy_drop"] = float_accuracy - np.array([r.accuracy for r in results], np.float64)
+    predictors = {p: np.array([getattr(r, p) for r in results]) for p in PREDICTORS}
+    return rank_correlations(predictors, measures, resamples, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else x
+
+
+def to_dict(report: ValidationReport) -> dict[str, Any]:
+    """The JSON report (schema in README.md); NaN (undefined correlation) is written as null."""
+    corr: dict[str, dict[str, dict[str, Any]]] = {}
+    for c in report.correlations:
+        corr.setdefault(c.measure, {})[c.predictor] = {
+            "spearman": _finite(c.spearman),
+            "spearman_ci": [_finite(v) for v in c.spearman_ci],
+            "kendall": _finite(c.kendall),
+            "kendall_ci": [_finite(v) for v in c.kendall_ci],
+        }
+    return {
+        "model": report.model,
+        "fisher": report.fisher,
+        "likelihood": report.likelihood,
+        "output": report.output,
+        "data": report.data_source,
+        "samples": report.samples,
+        "eval_data": report.eval_source,
+        "eval_samples": report.eval_samples,
+        "scheme": {"per_channel": report.scheme.per_channel, "symmetric": report.scheme.symmetric},
+        "weight_bits": list(report.weight_bits),
+        "activation_bits": list(report.activation_bits),
+        "seed": report.seed,
+        "resamples": report.resamples,
+        "float": {"loss": report.float_loss, "accuracy": report.float_accuracy},
+        "predictors": dict(PREDICTORS),
+        "measures": {m: MEASURES[m] for m in report.measures},
+        "configs": [
+            {
+                "weight_bits": dict(r.weight_bits),
+                "activation_bits": dict(r.activation_bits),
+                "uniform": r.uniform,
+                **{p: getattr(r, p) for p in PREDICTORS},
+                "kl": r.kl,
+                "dloss": r.dloss,
+                "accuracy": r.accuracy,
+            }
+            for r in report.configs
+        ],
+        "correlation": corr,
+    }
+
+
+def write_json(report: ValidationReport, path: str | os.PathLike[str]) -> None:
+    text = json.dumps(to_dict(report), indent=2) + "\n"
+    write_atomic(path, lambda f: f.write(text))
+
+
+def _cell(c: Correlation, which: Callable[[Correlation], tuple[float, tuple[float, float]]]) -> str:
+    value, (lo, hi) = which(c)
+    if not math.isfinite(value):
+        return "n/a"
+    ci = "" if not (math.isfinite(lo) and math.isfinite(hi)) else f" [{lo:+.2f},{hi:+.2f}]"
+    return f"{value:+.3f}{ci}"
+
+
+def format_report(report: ValidationReport) -> str:
+    """The terminal summary: set-up, range of damage, and the correlation table."""
+    n_uniform = sum(r.uniform for r in report.configs)
+    lines = [
+        f"{report.model}: {len(report.configs)} configurations ({len(report.configs) - n_uniform} random, "
+        f"{n_uniform} uniform); weight bits {','.join(map(str, report.weight_bits))}, activation bits "
+        f"{','.join(map(str, report.activation_bits))}; {report.scheme.describe()}",
+        f"{report.fisher} Fisher ({report.likelihood} on {report.output!r}) from {report.samples} samples of "
+        f"{report.data_source}; damage measured on {report.eval_samples} samples of {report.eval_source}",
+    ]
+    floats = []
+    if report.float_loss is not None:
+        floats.append(f"float loss {report.float_loss:.4g}")
+    if report.float_accuracy is not None:
+        floats.append(f"float accuracy {100 * report.float_accuracy:.2f}%")
+    if report.configs:
+        kl = np.array([r.kl for r in report.configs])
+        floats.insert(0, f"KL from {kl.min():.3g} to {kl.max():.3g}")
+    if floats:
+        lines.append("; ".join(floats))
+    if not report.correlations:
+        lines.append("too few configurations for rank correlations")
+        return "\n".join(lines)
+    measures = report.measures
+    width = 30
+    lines.append("")
+    lines.append(f"Spearman ρ [95% bootstrap CI over configurations, {report.resamples} resamples]")
+    head = f"{'predictor':<14}" + "".join(f"{m:>{width}}" for m in measures)
+    lines += [head, "-" * len(head)]
+    for p in PREDICTORS:
+        cells = [_cell(report.correlation(p, m), lambda c: (c.spearman, c.spearman_ci)) for m in measures]
+        lines.append(f"{p:<14}" + "".join(f"{cell:>{width}}" for cell in cells))
+    lines.append("")
+    lines.append("Kendall τ-b")
+    lines += [head, "-" * len(head)]
+    for p in PREDICTORS:
+        cells = [_cell(report.correlation(p, m), lambda c: (c.kendall, c.kendall_ci)) for m in measures]
+        lines.append(f"{p:<14}" + "".join(f"{cell:>{width}}" for cell in cells))
+    lines.append("")
+    lines += [f"  {p}: {d}" for p, d in PREDICTORS.items()]
+    lines += [f"  {m}: {MEASURES[m]}" for m in measures]
+    return "\n".join(lines)
