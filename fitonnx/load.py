@@ -65,6 +65,7 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
                 f"expected an ONNX model in {str(path)!r}; could not parse it ({type(exc).__name__})"
             ) from None
         _check_external_locations(proto, path.parent)
+        _check_size(proto, path)
         try:
             external_data_helper.load_external_data_for_model(proto, str(path.parent))
         except Exception as exc:
@@ -77,6 +78,27 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise ModelError(f"{_describe(path)} is not a valid ONNX model: {first}") from None
     return LoadedModel(proto=proto, path=path)
+
+
+# onnxruntime-training's GradientGraphBuilder takes the model as one serialized protobuf, and a
+# protobuf message cannot exceed 2 GiB; larger models are refused up front with a clear message.
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+def _check_size(proto: onnx.ModelProto, path: Path) -> None:
+    external = 0
+    for tensor in external_data_helper._get_all_tensors(proto):  # onnx's own (private) walker
+        if external_data_helper.uses_external_data(tensor):
+            info = external_data_helper.ExternalDataInfo(tensor)
+            length = info.length or (path.parent / info.location).stat().st_size
+            external += int(length)
+    total = proto.ByteSize() + external
+    if total > PROTOBUF_LIMIT:
+        raise ModelError(
+            f"expected a model under 2 GiB (the gradient builder takes one protobuf); {path.name} holds "
+            f"{total / 2**30:.2f} GiB with its external data",
+            hint="score a smaller variant, or split the model into parts and score each",
+        )
 
 
 def _describe(path: Path | None) -> str:
