@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from fitonnx.data import Dataset
-from fitonnx.errors import DataError, ModelError
+from fitonnx.errors import DataError, InternalError, ModelError, UnsupportedError
 from fitonnx.graph import InputSpec, QuantTensor
 from fitonnx.instrument import GradientModel
 from fitonnx.losses import LABELS, NOISE, Likelihood, draw_noise
@@ -33,6 +34,20 @@ class RunOptions:
 
 
 @dataclass(frozen=True)
+class PointTraces:
+    """Per-sample Fisher mass of the elements equal to 0, to the tensor's min or to its max.
+
+    Each array is [samples, tensors] float64, ‖g_i ⊙ 1[t_i = v]‖² with v the tensor's min/max over
+    all calibration samples (zero for a sample that does not reach it): what the grid noise model
+    subtracts from the trace for values the quantization grid represents exactly.
+    """
+
+    zero: np.ndarray
+    at_min: np.ndarray
+    at_max: np.ndarray
+
+
+@dataclass(frozen=True)
 class FisherTraces:
     """What the engine measured: per-sample squared norms and activation ranges."""
 
@@ -43,6 +58,8 @@ class FisherTraces:
     act_shapes: Mapping[str, tuple[int, ...]]  # per-sample activation shape seen on the first sample
     stop_reason: str
     diag: Mapping[str, np.ndarray] | None = None  # Σ_i (∂ℓ_i/∂t)² / N, if requested
+    extra: Mapping[str, np.ndarray] | None = None  # per-sample values of ``extra_outputs``, if requested
+    points: PointTraces | None = None  # if the gradient model has ``point_outputs``
 
     @property
     def samples(self) -> int:
@@ -101,8 +118,18 @@ def run(
     specs: Mapping[str, InputSpec],
     options: RunOptions,
     progress: ProgressFn | None = None,
+    extra_outputs: Sequence[str] = (),
 ) -> FisherTraces:
-    """Forward+backward once per sample; stop at ``max_samples``, on ``tol``, or when data ends."""
+    """Forward+backward once per sample; stop at ``max_samples``, on ``tol``, or when data ends.
+
+    ``extra_outputs`` names scalar outputs a caller added to the gradient model (e.g. per-sample
+    statistics that need an activation and its gradient together); their per-sample values are
+    returned in ``FisherTraces.extra``.
+
+    With an enumerating head (``--fisher exact``) each sample runs once per class c with label c,
+    and every per-sample statistic except the activation ranges is Σ_c p_c·(value for label c),
+    p_c = exp(−ℓ_c) normalized to sum 1.
+    """
     session = make_session(gm.model_bytes, options.threads)
     shapes = _Shapes(gm, options.threads)
     head = gm.head
@@ -113,6 +140,17 @@ def run(
     lo = np.full(len(activations), np.inf)
     hi = np.full(len(activations), -np.inf)
     fetch = list(gm.sqnorm_outputs) + [name for pair in gm.range_outputs for name in pair] + list(gm.grad_outputs)
+    n_fixed = len(fetch)
+    fetch += list(extra_outputs)
+    n_points = 3 * len(gm.point_outputs)
+    fetch += [name for triple in gm.point_outputs for name in triple]
+    extra = np.zeros((total, len(extra_outputs)), np.float64)
+    points = np.zeros((total, n_points), np.float64)
+    act_lo = np.zeros((total, len(activations)), np.float64)
+    act_hi = np.zeros((total, len(activations)), np.float64)
+    ranges_at = slice(n_t, n_t + 2 * len(activations))
+    grads_at = slice(ranges_at.stop, n_fixed)
+    enumeration: tuple[tuple[int, ...], int] | None = None  # (label shape, classes) for an enumerating head
     diag = [np.zeros(0)] * len(gm.grad_outputs)
     rng = np.random.default_rng(options.seed)
     inputs = list(specs)
@@ -129,13 +167,21 @@ def run(
             act_shapes = {act: z.shape for act, z in zip((a for a, _ in gm.perturbations), zeros.values(), strict=True)}
             if head.needs_labels:
                 _check_labels(data, data.sample_labels(0, specs), head.target.likelihood, tap_shape, head.perm)
+            if head.enumerate_labels:
+                enumeration = _enumeration(tap_shape, head.perm)
+                if gm.loss_output is None:
+                    raise InternalError("an enumerating head needs the loss as an output")
         run_feed = {**feed, **zeros}
         if head.needs_labels:
             run_feed[LABELS] = data.sample_labels(i, specs)
         if head.noise is not None:
             run_feed[NOISE] = draw_noise(head.noise, head.noise_shape(tap_shape), rng)
         try:
-            values = session.run(fetch, run_feed)
+            values = (
+                session.run(fetch, run_feed)
+                if enumeration is None or gm.loss_output is None
+                else _expected_over_labels(session, fetch, run_feed, enumeration, gm.loss_output, ranges_at, grads_at)
+            )
         except Exception as exc:
             raise ModelError(f"onnxruntime failed on sample {i}: {str(exc).splitlines()[0][:300]}") from None
         row = np.array(values[:n_t], dtype=np.float64)
@@ -150,8 +196,11 @@ def run(
             ranges = np.array(values[n_t : n_t + 2 * len(activations)], dtype=np.float64).reshape(-1, 2)
             np.minimum(lo, ranges[:, 0], out=lo)
             np.maximum(hi, ranges[:, 1], out=hi)
-        for k, grad in enumerate(values[n_t + 2 * len(activations) :]):
-            sq = np.square(np.asarray(grad, np.float64))
+            act_lo[i], act_hi[i] = ranges[:, 0], ranges[:, 1]
+        extra[i] = np.array(values[n_fixed : n_fixed + len(extra_outputs)], dtype=np.float64)
+        points[i] = np.array(values[n_fixed + len(extra_outputs) :], dtype=np.float64)
+        for k, grad in enumerate(values[grads_at]):
+            sq = np.square(np.asarray(grad, np.float64)) if enumeration is None else np.asarray(grad, np.float64)
             diag[k] = sq if i == 0 else diag[k] + sq
         done = i + 1
         if progress is not None:
@@ -174,7 +223,61 @@ def run(
         act_shapes=act_shapes,
         stop_reason=stop_reason,
         diag=({t.name: d / done for t, d in zip(gm.tensors, diag, strict=True)} if gm.grad_outputs else None),
+        extra=({name: extra[:done, k] for k, name in enumerate(extra_outputs)} if extra_outputs else None),
+        points=_point_traces(gm, points[:done], act_lo[:done], act_hi[:done], lo, hi) if n_points else None,
     )
+
+
+def _enumeration(tap_shape: tuple[int, ...], perm: tuple[int, ...] | None) -> tuple[tuple[int, ...], int]:
+    """Label shape and class count of a categorical output holding one class distribution per sample
+    (``--fisher exact``; more positions would need one pass per class and position)."""
+    shape = tap_shape if perm is None else tuple(tap_shape[i] for i in perm)
+    labels = (shape[0], *shape[2:]) if len(shape) >= 2 else (0,)
+    if int(np.prod(labels, dtype=np.int64)) != 1:
+        raise UnsupportedError(
+            f"expected one class distribution per sample for --fisher exact; found output shape {list(shape)}",
+            hint="use --fisher mc",
+        )
+    return labels, int(shape[1])
+
+
+def _expected_over_labels(
+    session: Any,
+    fetch: list[str],
+    feed: dict[str, np.ndarray],
+    enumeration: tuple[tuple[int, ...], int],
+    loss: str,
+    keep: slice,
+    square: slice,
+) -> list[np.ndarray]:
+    """Σ_c p_c·values(label c), p_c = exp(−ℓ_c) normalized, over the classes c of the output: the
+    exact true Fisher's statistics. Values in ``keep`` do not depend on the label and are taken as
+    they are; the full gradients in ``square`` are squared before weighting (Σ_c p_c·g_c²)."""
+    labels_shape, classes = enumeration
+    runs = [session.run([*fetch, loss], {**feed, LABELS: np.full(labels_shape, c, np.int64)}) for c in range(classes)]
+    p = np.exp(-np.array([float(r[-1]) for r in runs], np.float64))
+    p /= p.sum()
+    out: list[np.ndarray] = []
+    for k in range(len(fetch)):
+        if keep.start <= k < keep.stop:
+            out.append(np.asarray(runs[0][k]))
+            continue
+        power = 2 if square.start <= k < square.stop else 1
+        out.append(sum(pc * np.asarray(r[k], np.float64) ** power for pc, r in zip(p, runs, strict=True)))
+    return out
+
+
+def _point_traces(
+    gm: GradientModel, values: np.ndarray, act_lo: np.ndarray, act_hi: np.ndarray, lo: np.ndarray, hi: np.ndarray
+) -> PointTraces:
+    """Per-sample point statistics, at_min/at_max kept only where the sample reaches the global extreme."""
+    zero, at_min, at_max = (values[:, k::3].copy() for k in range(3))
+    column = {t.name: j for j, t in enumerate(gm.tensors)}
+    for a, act in enumerate(gm.activations):
+        j = column[act.name]
+        at_min[:, j] *= act_lo[:, a] == lo[a]
+        at_max[:, j] *= act_hi[:, a] == hi[a]
+    return PointTraces(zero=zero, at_min=at_min, at_max=at_max)
 
 
 def _check_labels(
@@ -202,7 +305,7 @@ def _check_labels(
                 f"found values in [{lo}, {hi}]"
             )
         return
-    if tuple(first.shape) != tuple(tap_shape):
+    if first.size != int(np.prod(tap_shape)):
         raise DataError(
             f"expected labels shaped like the output, {list(tap_shape)} per sample; found {list(first.shape)}"
         )

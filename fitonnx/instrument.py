@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,11 @@ class GradientModel:
     range_outputs: tuple[tuple[str, str], ...]  # (min, max) per activation, order of activations
     head: LossHead
     probe_outputs: tuple[str, ...]  # activations..., then the loss tap
+    # Per tensor (order of ``tensors``), float64 scalars ‖g ⊙ 1[t = v]‖² for v = 0, min(t), max(t)
+    # (an activation's per-sample min/max): the grid noise model's trace of exactly represented
+    # elements. Empty unless ``exact_points``.
+    point_outputs: tuple[tuple[str, str, str], ...] = ()
+    loss_output: str | None = None  # the per-sample loss, fetched when the engine enumerates labels
 
     @property
     def activations(self) -> tuple[QuantTensor, ...]:
@@ -74,17 +80,38 @@ def _float_input(name: str) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
 
 
-def _same_rank_input(name: str, rank: int) -> onnx.ValueInfoProto:
-    """A float input of known rank and symbolic dims.
+def _same_rank_input(name: str, rank: int, shape: tuple[int, ...] | None = None) -> onnx.ValueInfoProto:
+    """A float input of known rank: the concrete ``shape`` when given, else symbolic dims.
 
     onnxruntime-training 1.19 crashes (segfault) building the gradient of an Add whose input has
     unknown rank, so the rank, measured by the probe, is always declared.
     """
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, [f"{name}_dim{k}" for k in range(rank)])
+    dims = list(shape) if shape is not None else [f"{name}_dim{k}" for k in range(rank)]
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+
+
+def _fix_input_shapes(graph: onnx.GraphProto, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Declare every graph input named in ``shapes`` with those concrete dims.
+
+    onnxruntime-training's AveragePoolGrad and MaxPoolGrad take the shape of their output from the
+    static shape known when the gradient graph is built, and a symbolic dimension reads as 0 there:
+    AveragePool then gives an empty gradient or kills the process (SIGFPE), MaxPool with symbolic
+    spatial dims writes out of bounds. Every sample of a Dataset has the same shapes, so declaring
+    them loses nothing.
+    """
+    for value in graph.input:
+        if value.name in shapes and value.type.HasField("tensor_type"):
+            tensor_type = value.type.tensor_type
+            tensor_type.ClearField("shape")
+            for size in shapes[value.name]:
+                tensor_type.shape.dim.add().dim_value = size
 
 
 def _tap_activations(
-    graph: onnx.GraphProto, activations: Sequence[QuantTensor], ranks: Mapping[str, int]
+    graph: onnx.GraphProto,
+    activations: Sequence[QuantTensor],
+    ranks: Mapping[str, int],
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> list[tuple[str, str]]:
     """Rewire every consumer of each activation ``a`` to read ``a + d_a``; return (a, d_a) pairs."""
     pairs: list[tuple[str, str]] = []
@@ -94,7 +121,7 @@ def _tap_activations(
         zero, tapped = _safe(i, "d"), _safe(i, "tap")
         renames[act.name] = tapped
         tap_nodes.append(helper.make_node("Add", [act.name, zero], [tapped], name=_safe(i, "tap_add")))
-        graph.input.append(_same_rank_input(zero, ranks[act.name]))
+        graph.input.append(_same_rank_input(zero, ranks[act.name], (shapes or {}).get(act.name)))
         pairs.append((act.name, zero))
     for node in graph.node:
         for slot, name in enumerate(node.input):
@@ -126,21 +153,30 @@ def build_probe(
     return probe.SerializeToString(), tuple(names)
 
 
-def build_gradient_model(
+@dataclass(frozen=True)
+class AugmentedModel:
+    """The model with its activation taps and loss head, whose only output is ``LOSS``.
+
+    This is what GradientGraphBuilder differentiates; benchmarks run the raw gradient graph of it.
+    """
+
+    model: onnx.ModelProto
+    perturbations: tuple[tuple[str, str], ...]  # (activation, zero-input name)
+    differentiate: tuple[str, ...]  # weight initializers, then the zero inputs
+
+
+def augment(
     model: onnx.ModelProto,
     tensors: Sequence[QuantTensor],
     head: LossHead,
     labels_dtype: np.dtype | None,
     ranks: Mapping[str, int],
-    keep_gradients: bool = False,
-) -> GradientModel:
-    """Attach the loss head and activation taps, build the gradient graph, add reductions.
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> AugmentedModel:
+    """Tap every quantizable activation and attach the loss head (a new model; ``model`` is untouched).
 
-    ``ranks`` gives the rank of every activation (from ``engine.probe_shapes``).
+    ``shapes``: concrete per-sample shapes of graph inputs and activations, declared when given.
     """
-    # Deferred: importing the training binding is slow and only this stage needs it.
-    from onnxruntime.capi._pybind_state import GradientGraphBuilder
-
     if not tensors:
         raise UnsupportedError("expected at least one quantizable weight or activation; the model has none")
     activations = [t for t in tensors if t.kind is Kind.ACTIVATION]
@@ -153,11 +189,12 @@ def build_gradient_model(
     if missing:
         raise InternalError(f"weights must be initializers after prepare; not found: {missing[:3]}")
 
-    probe_bytes, probe_outputs = build_probe(model, activations, head.target.tap)
-    pairs = _tap_activations(graph, activations, ranks)
+    if shapes:
+        _fix_input_shapes(graph, shapes)
+    pairs = _tap_activations(graph, activations, ranks, shapes)
     graph.node.extend(head.nodes)
     graph.initializer.extend(head.initializers)
-    if head.needs_labels:
+    if head.needs_labels or head.enumerate_labels:
         if labels_dtype is None:
             raise InternalError("head needs labels but no dtype given")
         graph.input.append(
@@ -167,18 +204,56 @@ def build_gradient_model(
         graph.input.append(_float_input(NOISE))
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info(LOSS, TensorProto.FLOAT, []))
-
     differentiate = [w.name for w in weights] + [zero for _, zero in pairs]
+    return AugmentedModel(model=work, perturbations=tuple(pairs), differentiate=tuple(differentiate))
+
+
+def gradient_graph(aug: AugmentedModel, source: onnx.ModelProto) -> onnx.ModelProto:
+    """GradientGraphBuilder's output for ``aug``: outputs ``<name>_grad`` per differentiated name.
+
+    ``source`` is the model before augmentation, whose ops name the culprit if the build fails.
+    """
+    # Deferred: importing the training binding is slow and only this stage needs it.
+    from onnxruntime.capi._pybind_state import GradientGraphBuilder
+
     try:
         with _quiet_stderr():
-            builder = GradientGraphBuilder(work.SerializeToString(), {LOSS}, set(differentiate), LOSS)
+            builder = GradientGraphBuilder(aug.model.SerializeToString(), {LOSS}, set(aug.differentiate), LOSS)
             builder.build()
-        grad_model = onnx.load_from_string(builder.get_model())
+        return onnx.load_from_string(builder.get_model())
     except Exception as exc:  # the binding raises RuntimeError/Fail with a C++ message
-        raise _explain_build_failure(exc, model) from None
+        raise _explain_build_failure(exc, source) from None
+
+
+def build_gradient_model(
+    model: onnx.ModelProto,
+    tensors: Sequence[QuantTensor],
+    head: LossHead,
+    labels_dtype: np.dtype | None,
+    ranks: Mapping[str, int],
+    keep_gradients: bool = False,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    exact_norms: bool = False,
+    exact_points: bool = False,
+) -> GradientModel:
+    """Attach the loss head and activation taps, build the gradient graph, add reductions.
+
+    ``ranks`` gives the rank of every activation (from ``engine.probe_shapes``); ``shapes``, the
+    concrete per-sample shapes of the inputs and activations, makes pooling gradients correct.
+    ``exact_norms`` casts every gradient to float64 before squaring (slower; see MIN_BLOCK).
+    ``exact_points`` adds ``point_outputs`` (see GradientModel) for the grid noise model.
+    """
+    aug = augment(model, tensors, head, labels_dtype, ranks, shapes)
+    activations = [t for t in tensors if t.kind is Kind.ACTIVATION]
+    weights = [t for t in tensors if t.kind is Kind.WEIGHT]
+    probe_bytes, probe_outputs = build_probe(model, activations, head.target.tap)
+    pairs = list(aug.perturbations)
+    grad_model = gradient_graph(aug, model)
 
     g = grad_model.graph
     produced = {o for n in g.node for o in n.output}
+    sizes = {init.name: int(np.prod(init.dims, dtype=np.int64)) for init in model.graph.initializer}
+    opset = next((o.version for o in grad_model.opset_import if o.domain in ("", "ai.onnx")), 0)
     sq_outputs: list[str] = []
     grad_outputs: list[str] = []
     by_tensor = {w.name: w.name for w in weights} | {a: zero for a, zero in pairs}
@@ -191,10 +266,10 @@ def build_gradient_model(
                 hint="pick the output that depends on it with --output",
             )
         sq = _safe(i, "sq")
-        # Cast to double before squaring: the per-sample norm of a large weight is a sum of
-        # millions of terms; float32 accumulation would lose digits the standard error needs.
-        g.node.append(helper.make_node("Cast", [grad], [sq + "_f64"], to=TensorProto.DOUBLE))
-        g.node.append(helper.make_node("ReduceSumSquare", [sq + "_f64"], [sq], keepdims=0))
+        numel = sizes[t.name] if t.kind is Kind.WEIGHT else _numel((shapes or {}).get(t.name))
+        nodes, inits = _sqnorm_nodes(grad, sq, None if exact_norms else numel, opset)
+        g.node.extend(nodes)
+        g.initializer.extend(inits)
         sq_outputs.append(sq)
         grad_outputs.append(grad)
     ranges: list[tuple[str, str]] = []
@@ -203,6 +278,20 @@ def build_gradient_model(
         g.node.append(helper.make_node("ReduceMin", [act.name], [lo], keepdims=0))
         g.node.append(helper.make_node("ReduceMax", [act.name], [hi], keepdims=0))
         ranges.append((lo, hi))
+    points: list[tuple[str, str, str]] = []
+    if exact_points:
+        act_ranges = dict(zip((a.name for a in activations), ranges, strict=True))
+        for i, t in enumerate(tensors):
+            lo_hi = act_ranges.get(t.name)
+            if lo_hi is None:  # a weight: its own min and max
+                lo_hi = (_safe(i, "wmin"), _safe(i, "wmax"))
+                g.node.append(helper.make_node("ReduceMin", [t.name], [lo_hi[0]], keepdims=0))
+                g.node.append(helper.make_node("ReduceMax", [t.name], [lo_hi[1]], keepdims=0))
+            nodes, inits, names = _point_nodes(t.name, by_tensor[t.name] + "_grad", lo_hi, _safe(i, "pt"))
+            g.node.extend(nodes)
+            g.initializer.extend(inits)
+            points.append(names)
+    loss_output = LOSS if head.enumerate_labels else None
     del g.output[:]
     for name in sq_outputs:
         g.output.append(helper.make_tensor_value_info(name, TensorProto.DOUBLE, []))
@@ -212,6 +301,10 @@ def build_gradient_model(
     if keep_gradients:
         for name in grad_outputs:
             g.output.append(helper.make_empty_tensor_value_info(name))
+    for name in (n for triple in points for n in triple):
+        g.output.append(helper.make_tensor_value_info(name, TensorProto.DOUBLE, []))
+    if loss_output is not None:
+        g.output.append(helper.make_tensor_value_info(loss_output, TensorProto.FLOAT, []))
     return GradientModel(
         model_bytes=grad_model.SerializeToString(),
         probe_bytes=probe_bytes,
@@ -222,11 +315,89 @@ def build_gradient_model(
         range_outputs=tuple(ranges),
         head=head,
         probe_outputs=probe_outputs,
+        point_outputs=tuple(points),
+        loss_output=loss_output,
     )
+
+
+def _point_nodes(
+    tensor: str, grad: str, lo_hi: tuple[str, str], prefix: str
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], tuple[str, str, str]]:
+    """Nodes computing ‖g ⊙ 1[t = v]‖² in float64 for v = 0, ``lo_hi[0]`` and ``lo_hi[1]``."""
+    zero32, zero64 = prefix + "_zero32", prefix + "_zero64"
+    inits = [
+        helper.make_tensor(zero32, TensorProto.FLOAT, [], [0.0]),
+        helper.make_tensor(zero64, TensorProto.DOUBLE, [], [0.0]),
+    ]
+    g64 = prefix + "_g64"
+    nodes = [helper.make_node("Cast", [grad], [g64], to=TensorProto.DOUBLE)]
+    outs = []
+    for tag, value in (("z", zero32), ("lo", lo_hi[0]), ("hi", lo_hi[1])):
+        p = f"{prefix}_{tag}"
+        nodes += [
+            helper.make_node("Equal", [tensor, value], [p + "_eq"]),
+            helper.make_node("Where", [p + "_eq", g64, zero64], [p + "_masked"]),
+            helper.make_node("ReduceSumSquare", [p + "_masked"], [p], keepdims=0),
+        ]
+        outs.append(p)
+    return nodes, inits, (outs[0], outs[1], outs[2])
+
+
+# Per-sample squared norms: squares summed in float32 over blocks of k consecutive elements
+# (MIN_BLOCK <= k <= MAX_BLOCK, k dividing the element count), the block sums cast to float64 and
+# summed there. Each block sum is within k·2⁻²⁴ (≤ 2e-6) of exact, so is the norm; casting the
+# whole gradient to float64 first is exact to float64 rounding but cost about 3x as much per
+# sample (onnxruntime's Cast is one single-threaded pass writing 8 bytes per element), which was
+# most of fitonnx's overhead over a bare gradient loop (bench/bench_score.py, BENCHMARKS.md).
+# Tensors whose size is unknown at build time or has no such divisor take the exact path.
+MIN_BLOCK = 16
+MAX_BLOCK = 32
+
+
+def _numel(shape: Sequence[int] | None) -> int | None:
+    return None if shape is None else int(np.prod(shape, dtype=np.int64))
+
+
+def _block(numel: int | None) -> int | None:
+    """The largest divisor of ``numel`` in [MIN_BLOCK, MAX_BLOCK], or None."""
+    if numel is None:
+        return None
+    return next((k for k in range(MAX_BLOCK, MIN_BLOCK - 1, -1) if numel % k == 0), None)
+
+
+def _sqnorm_nodes(
+    grad: str, out: str, numel: int | None, opset: int
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes computing ``out`` = ‖grad‖² as a float64 scalar (see MIN_BLOCK for the precision)."""
+    k = _block(numel)
+    if k is None:
+        return [
+            helper.make_node("Cast", [grad], [out + "_f64"], to=TensorProto.DOUBLE),
+            helper.make_node("ReduceSumSquare", [out + "_f64"], [out], keepdims=0),
+        ], []
+    shape = helper.make_tensor(out + "_blocks", TensorProto.INT64, [2], [-1, k])
+    nodes = [helper.make_node("Reshape", [grad, shape.name], [out + "_rows"])]
+    inits = [shape]
+    if opset >= 18:  # ReduceSumSquare took its axes as an attribute before opset 18
+        axes = helper.make_tensor(out + "_axes", TensorProto.INT64, [1], [1])
+        inits.append(axes)
+        nodes.append(helper.make_node("ReduceSumSquare", [out + "_rows", axes.name], [out + "_f32"], keepdims=0))
+    else:
+        nodes.append(helper.make_node("ReduceSumSquare", [out + "_rows"], [out + "_f32"], axes=[1], keepdims=0))
+    nodes.append(helper.make_node("Cast", [out + "_f32"], [out + "_f64"], to=TensorProto.DOUBLE))
+    nodes.append(helper.make_node("ReduceSum", [out + "_f64"], [out], keepdims=0))
+    return nodes, inits
 
 
 def _explain_build_failure(exc: Exception, model: onnx.ModelProto) -> UnsupportedError:
     text = str(exc)
+    named = re.search(r"has not been registered: (\S+) for node (\S*)", text)
+    if named:
+        return UnsupportedError(
+            f"onnxruntime-training cannot differentiate op {named.group(1)} (node {named.group(2) or '?'}); "
+            "expected only ops with registered gradients",
+            hint="run `fitonnx inspect` to see which ops need a rewrite",
+        )
     for node in model.graph.node:
         if f"op_type {node.op_type}" in text or f"'{node.op_type}'" in text or f" {node.op_type} " in text:
             return UnsupportedError(
@@ -234,5 +405,6 @@ def _explain_build_failure(exc: Exception, model: onnx.ModelProto) -> Unsupporte
                 "expected only ops with registered gradients",
                 hint="run `fitonnx inspect` to see which ops need a rewrite",
             )
-    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return UnsupportedError(f"could not build the gradient graph: {first[:300]}")
+    # The binding's first line is a C++ source location; the message follows the last "] : ".
+    message = text.rsplit("] : ", 1)[-1].strip() if text.strip() else type(exc).__name__
+    return UnsupportedError(f"could not build the gradient graph: {message.splitlines()[0][:300]}")

@@ -46,6 +46,7 @@ def to_dict(report: ScoreReport) -> dict[str, Any]:
         "stop_reason": report.stop_reason,
         "weight_bits": list(report.weight_bits),
         "activation_bits": list(report.activation_bits),
+        "noise_model": report.noise_model,
         "total_trace_rel_se": report.total_trace_rel_se,
         "tensors": [
             {
@@ -115,7 +116,8 @@ def format_table(report: ScoreReport, limit: int | None = None) -> str:
     )
     lines = [
         f"{report.model}: {report.fisher} Fisher ({report.likelihood} on {report.output!r}), "
-        f"{report.samples} samples from {report.data_source} [{report.stop_reason}]",
+        f"{report.samples} samples from {report.data_source} [{report.stop_reason}]"
+        + ("" if report.noise_model == "uniform" else f"; {report.noise_model} noise model"),
         head,
         "-" * len(head),
     ]

@@ -11,7 +11,9 @@ from onnx import numpy_helper
 
 from fitonnx import noise
 from fitonnx.engine import FisherTraces
+from fitonnx.errors import InternalError
 from fitonnx.graph import Kind, QuantTensor
+from fitonnx.noise import NoiseModel
 
 DEFAULT_WEIGHT_BITS: tuple[int, ...] = (2, 3, 4, 8)
 DEFAULT_ACTIVATION_BITS: tuple[int, ...] = (8, 16)
@@ -64,6 +66,7 @@ class ScoreReport:
     uniform: tuple[tuple[int, int, float], ...]  # (weight bits, activation bits, total FIT)
     total_trace_rel_se: float
     stability: Stability | None
+    noise_model: str = NoiseModel.UNIFORM.value
 
     @property
     def bits(self) -> tuple[int, ...]:
@@ -112,6 +115,27 @@ def stability(
     return Stability(resamples, float(taus_arr.mean()), float(np.quantile(taus_arr, 0.05)), k, same / resamples)
 
 
+def perturbed_traces(traces: FisherTraces, lo: np.ndarray, hi: np.ndarray, bits: int) -> np.ndarray:
+    """Per-sample traces [samples, tensors] of the elements the min/max grid at ``bits`` perturbs
+    (the grid noise model; ``lo``/``hi`` per tensor, as the grid's end points)."""
+    points = traces.points
+    if points is None:
+        raise InternalError("the grid noise model needs the engine's point statistics (exact_points)")
+    out = traces.per_sample.copy()
+    levels = 2**bits - 1
+    for j in range(out.shape[1]):
+        step = float(noise.step(lo[j], hi[j], bits))
+        out[:, j] -= noise.unperturbed(
+            points.zero[:, j],
+            points.at_min[:, j],
+            points.at_max[:, j],
+            float(lo[j]),
+            float(hi[j]),
+            lambda v, j=j, step=step: noise.represented(v, float(lo[j]), step, levels),
+        )
+    return out
+
+
 def score(
     model: onnx.ModelProto,
     traces: FisherTraces,
@@ -124,15 +148,25 @@ def score(
     weight_bits: Sequence[int] = DEFAULT_WEIGHT_BITS,
     activation_bits: Sequence[int] = DEFAULT_ACTIVATION_BITS,
     resamples: int = 200,
+    noise_model: NoiseModel | str = NoiseModel.UNIFORM,
 ) -> ScoreReport:
-    """Combine traces with the noise model into the ranked FIT report."""
+    """Combine traces with the noise model into the ranked FIT report.
+
+    ``noise_model`` GRID needs ``traces.points`` (``exact_points`` in the gradient model)."""
+    kind = NoiseModel(noise_model)
     tensors: Sequence[QuantTensor] = traces.tensors
     w_ranges = weight_ranges(model, [t.name for t in tensors if t.kind is Kind.WEIGHT])
     trace, se = traces.trace(), traces.trace_se()
     bits = sorted(set(weight_bits) | set(activation_bits))
     lo = np.array([w_ranges[t.name][0] if t.kind is Kind.WEIGHT else traces.act_min[t.name] for t in tensors])
     hi = np.array([w_ranges[t.name][1] if t.kind is Kind.WEIGHT else traces.act_max[t.name] for t in tensors])
-    fits = {b: noise.fit(trace, lo, hi, b) for b in bits}
+    if kind is NoiseModel.GRID:
+        perturbed = {b: perturbed_traces(traces, lo, hi, b) for b in bits}
+        fits = {b: noise.fit(perturbed[b].mean(axis=0), lo, hi, b) for b in bits}
+        stability_samples = perturbed[bits[0]]
+    else:
+        fits = {b: noise.fit(trace, lo, hi, b) for b in bits}
+        stability_samples = traces.per_sample
     totals = {b: float(fits[b].sum()) for b in bits}
     is_w = np.array([t.kind is Kind.WEIGHT for t in tensors])
     uniform = tuple(
@@ -177,5 +211,6 @@ def score(
         total_fit=totals,
         uniform=uniform,
         total_trace_rel_se=rel_se,
-        stability=stability(traces.per_sample, (hi - lo) ** 2, resamples=resamples) if resamples else None,
+        stability=stability(stability_samples, (hi - lo) ** 2, resamples=resamples) if resamples else None,
+        noise_model=kind.value,
     )
