@@ -16,6 +16,10 @@ configuration:
   weights Σ_j F_jj·(Q_b(w)_j − w_j)² with the diagonal Fisher F_jj; activations
   (1/N)·Σ_i Σ_j (∂ℓ_i/∂a_ij)²·(Q_b(a_ij) − a_ij)², per calibration sample, since activation
   values (hence their errors) change from sample to sample;
+- ``quadratic``: Σ_t e_tᵀ F e_t with the real rounding error e_t = Q_b(t) − t (per calibration
+  sample for activations) and the full Fisher, (1/N)·Σ_i (∂ℓ_i/∂t · e_t)²: twice the second-order
+  KL of each tensor's own quantization, with neither the trace nor a noise model (with
+  ``fisher="exact"`` it is exact in the labels; with MC one sampled label per sample);
 - ``noise_only``: Σ_t numel_t·Δ_t(b_t)², the total squared rounding error, every element weighted alike;
 - ``trace_only``: Σ_t Tr(F_t)/(2^b_t − 1)², sensitivity without the tensor's range;
 - ``size_only``: Σ_t numel_t/(2^b_t − 1)², neither sensitivity nor range: only how many values
@@ -58,6 +62,7 @@ PREDICTORS: dict[str, str] = {
     "fit": "FIT, Σ Tr(F)·Δ²/12 (the paper's uniform noise model)",
     "fit_grid": "FIT, grid noise model: elements at exact levels (0, min, max) unperturbed",
     "fit_measured": "Σ diag(F)·(Q(t) − t)², measured rounding error (FIT.md refinement)",
+    "quadratic": "Σ eᵀFe, Fisher quadratic form of the real rounding error e (2·KL to second order)",
     "noise_only": "Σ numel·Δ², rounding noise without Fisher",
     "trace_only": "Σ Tr(F)/(2^b − 1)², Fisher trace without ranges",
     "size_only": "Σ numel/(2^b − 1)², tensor sizes and bits only",
@@ -79,6 +84,7 @@ class ConfigResult:
     fit: float
     fit_grid: float
     fit_measured: float
+    quadratic: float
     noise_only: float
     trace_only: float
     size_only: float
@@ -369,45 +375,70 @@ def damage(ref: _Reference, z_quant: np.ndarray) -> tuple[float, float | None, f
 # ---------------------------------------------------------------------------------------------
 
 
-def _activation_error_model(
-    gm: GradientModel, grids: Mapping[tuple[str, int], simulate.Grid], dtypes: Mapping[str, np.dtype]
-) -> tuple[GradientModel, dict[tuple[str, int], str]]:
-    """The gradient model plus one float64 scalar per (activation, bits): Σ_j (∂ℓ/∂a_j · (Q_b(a_j) − a_j))².
+@dataclass(frozen=True)
+class _ErrorOutputs:
+    """Names of the second pass's per-sample outputs, per (tensor, bits)."""
 
-    The fake quantizer is the simulation's (same ops, same float32 arithmetic).
-    """
+    diagonal: Mapping[tuple[str, int], str]  # activations: Σ_j (g_j·e_j)²
+    quadratic: Mapping[tuple[str, int], str]  # every tensor: (Σ_j g_j·e_j)²
+
+
+def _error_model(
+    gm: GradientModel,
+    grids: Mapping[tuple[str, int], simulate.Grid],
+    dtypes: Mapping[str, np.dtype],
+    weight_errors: Mapping[tuple[str, int], np.ndarray],
+) -> tuple[GradientModel, _ErrorOutputs]:
+    """The gradient model plus float64 scalars per (tensor, bits) that need the real rounding error e:
+    for activations (e per sample, from the simulation's fake quantizer: same ops, same float32
+    arithmetic) Σ_j (∂ℓ/∂a_j·e_j)², and for every tensor (∂ℓ/∂t · e)², whose mean over samples (and
+    labels) is eᵀFe, the Fisher quadratic form of that error (``weight_errors``: Q_b(w) − w)."""
     model = onnx.load_from_string(gm.model_bytes)
     g = model.graph
     grads = {t.name: grad for t, grad in zip(gm.tensors, gm.grad_outputs, strict=True)}
     n = helper.make_node
-    outputs: dict[tuple[str, int], str] = {}
-    for i, act in enumerate(gm.activations):
-        dtype = dtypes[act.name]
+    diagonal: dict[tuple[str, int], str] = {}
+    quadratic: dict[tuple[str, int], str] = {}
+    for i, t in enumerate(gm.tensors):
         g64 = f"{PREFIX}merr{i}_g64"
-        g.node.append(n("Cast", [grads[act.name]], [g64], to=TensorProto.DOUBLE))
-        bits_here = sorted(b for name, b in grids if name == act.name)
-        for b in bits_here:
-            grid = grids[(act.name, b)]
+        g.node.append(n("Cast", [grads[t.name]], [g64], to=TensorProto.DOUBLE))
+        keys = sorted(key for key in (*grids, *weight_errors) if key[0] == t.name)
+        for _, b in keys:
             p = f"{PREFIX}merr{i}_{b}_"
-            for suffix, value in (("lo", grid.lo), ("step", grid.step), ("levels", grid.levels), ("zero", 0.0)):
-                g.initializer.append(numpy_helper.from_array(np.array(value, dtype), p + suffix))
+            if t.kind is Kind.WEIGHT:
+                g.initializer.append(
+                    numpy_helper.from_array(weight_errors[(t.name, b)].astype(np.float64), p + "err64")
+                )
+            else:
+                grid, dtype = grids[(t.name, b)], dtypes[t.name]
+                for suffix, value in (("lo", grid.lo), ("step", grid.step), ("levels", grid.levels), ("zero", 0.0)):
+                    g.initializer.append(numpy_helper.from_array(np.array(value, dtype), p + suffix))
+                g.node.extend(
+                    [
+                        n("Sub", [t.name, p + "lo"], [p + "shifted"]),
+                        n("Div", [p + "shifted", p + "step"], [p + "scaled"]),
+                        n("Round", [p + "scaled"], [p + "rounded"]),
+                        n("Clip", [p + "rounded", p + "zero", p + "levels"], [p + "q"]),
+                        n("Mul", [p + "q", p + "step"], [p + "deq"]),
+                        n("Add", [p + "deq", p + "lo"], [p + "fq"]),
+                        n("Sub", [p + "fq", t.name], [p + "err"]),
+                        n("Cast", [p + "err"], [p + "err64"], to=TensorProto.DOUBLE),
+                    ]
+                )
             g.node.extend(
                 [
-                    n("Sub", [act.name, p + "lo"], [p + "shifted"]),
-                    n("Div", [p + "shifted", p + "step"], [p + "scaled"]),
-                    n("Round", [p + "scaled"], [p + "rounded"]),
-                    n("Clip", [p + "rounded", p + "zero", p + "levels"], [p + "q"]),
-                    n("Mul", [p + "q", p + "step"], [p + "deq"]),
-                    n("Add", [p + "deq", p + "lo"], [p + "fq"]),
-                    n("Sub", [p + "fq", act.name], [p + "err"]),
-                    n("Cast", [p + "err"], [p + "err64"], to=TensorProto.DOUBLE),
                     n("Mul", [p + "err64", g64], [p + "weighted"]),
-                    n("ReduceSumSquare", [p + "weighted"], [p + "out"], keepdims=0),
+                    n("ReduceSum", [p + "weighted"], [p + "dot"], keepdims=0),
+                    n("Mul", [p + "dot", p + "dot"], [p + "quad"]),
                 ]
             )
-            g.output.append(helper.make_tensor_value_info(p + "out", TensorProto.DOUBLE, []))
-            outputs[(act.name, b)] = p + "out"
-    return dataclasses.replace(gm, model_bytes=model.SerializeToString()), outputs
+            g.output.append(helper.make_tensor_value_info(p + "quad", TensorProto.DOUBLE, []))
+            quadratic[(t.name, b)] = p + "quad"
+            if t.kind is Kind.ACTIVATION:
+                g.node.append(n("ReduceSumSquare", [p + "weighted"], [p + "out"], keepdims=0))
+                g.output.append(helper.make_tensor_value_info(p + "out", TensorProto.DOUBLE, []))
+                diagonal[(t.name, b)] = p + "out"
+    return dataclasses.replace(gm, model_bytes=model.SerializeToString()), _ErrorOutputs(diagonal, quadratic)
 
 
 @dataclass(frozen=True)
@@ -430,6 +461,7 @@ def _tables(
     traces: engine.FisherTraces,
     simulator: simulate.Simulator,
     measured_acts: Mapping[tuple[str, int], float],
+    quadratic: Mapping[tuple[str, int], float],
     weight_bits: Sequence[int],
     activation_bits: Sequence[int],
 ) -> _Tables:
@@ -448,6 +480,7 @@ def _tables(
             if b not in candidates:
                 continue
             levels = 2.0**b - 1.0
+            values["quadratic"][row, col] = quadratic[(t.name, b)]
             values["trace_only"][row, col] = t.ef_trace / levels**2
             values["size_only"][row, col] = t.numel / levels**2
             if t.kind is Kind.WEIGHT:
@@ -548,8 +581,8 @@ def validate(
     data and rank FIT and baselines against the damage each one does.
 
     ``eval_data`` defaults to ``<model>.heldout.npz`` beside the model. The calibration pass runs
-    twice (``fisher_progress`` sees both): once for traces and ranges, once more for the
-    activations' measured rounding error, which needs those ranges.
+    twice (``fisher_progress`` sees both): once for traces and ranges, once more for the measured
+    rounding errors, which need those ranges.
     """
     if configs < 0:
         raise FitonnxError(f"expected a non-negative number of configurations; found {configs}")
@@ -586,16 +619,22 @@ def validate(
     simulator = simulate.Simulator(sim, s.prepared.model, s.tensors, act_ranges, scheme, held_out, s.specs, batch_size)
 
     acts = [t.name for t in s.tensors if t.kind is Kind.ACTIVATION]
-    measured_acts: dict[tuple[str, int], float] = {}
-    if acts:
-        grids = {(a, b): simulator.activation_grid(a, b) for a in acts for b in activation_bits}
-        dtypes = {a.name: a.dtype for a in sim.activations}
-        gm2, names = _activation_error_model(gm, grids, dtypes)
-        second = engine.run(gm2, s.data, s.specs, options, fisher_progress, extra_outputs=list(names.values()))
-        if second.extra is None:
-            raise InternalError("engine returned no extra outputs")
-        measured_acts = {key: float(second.extra[name].mean()) for key, name in names.items()}
-    tables = _tables(report, traces, simulator, measured_acts, weight_bits, activation_bits)
+    weights = [t.name for t in s.tensors if t.kind is Kind.WEIGHT]
+    grids = {(a, b): simulator.activation_grid(a, b) for a in acts for b in activation_bits}
+    dtypes = {a.name: a.dtype for a in sim.activations}
+    weight_errors = {
+        (w, b): simulator.quantized_weight(w, b).astype(np.float64) - simulator.sim.weights[w].astype(np.float64)
+        for w in weights
+        for b in weight_bits
+    }
+    gm2, outs = _error_model(gm, grids, dtypes, weight_errors)
+    extra_names = [*outs.diagonal.values(), *outs.quadratic.values()]
+    second = engine.run(gm2, s.data, s.specs, options, fisher_progress, extra_outputs=extra_names)
+    if second.extra is None:
+        raise InternalError("engine returned no extra outputs")
+    measured_acts = {key: float(second.extra[name].mean()) for key, name in outs.diagonal.items()}
+    quadratic = {key: float(second.extra[name].mean()) for key, name in outs.quadratic.items()}
+    tables = _tables(report, traces, simulator, measured_acts, quadratic, weight_bits, activation_bits)
 
     ref = reference(target, simulator.run(Config.floating()), held_out.labels, held_out.source)
     sampled = sample_configs(

@@ -12,7 +12,6 @@ import click
 from fitonnx import api
 from fitonnx.cli.options import BitsList, data_options, fisher_options
 from fitonnx.cli.progress import progress_bar
-from fitonnx.graph import Kind
 from fitonnx.validate import DEFAULT_CONFIGS, DEFAULT_RESAMPLES, format_report, validate, write_json
 
 
@@ -97,12 +96,10 @@ def validate_command(
         click.secho(f"warning: {w.message}", fg="yellow", err=True)
     samples = session.data.num_samples if max_samples is None else min(max_samples, session.data.num_samples)
     uniform = 0 if no_uniform else len(set(weight_bits or bits) & set(act_bits or bits))
-    passes = 2 if any(t.kind is Kind.ACTIVATION for t in session.tensors) else 1
+    passes = 2  # traces and ranges, then the measured rounding errors
     # Two bars, one after the other: the configurations' bar opens when the Fisher passes are done.
     with ExitStack() as fisher_bar, ExitStack() as config_bar:
-        fisher_advance = fisher_bar.enter_context(
-            progress_bar(passes * samples, f"Fisher samples ({passes} pass{'es' if passes > 1 else ''})")
-        )
+        fisher_advance = fisher_bar.enter_context(progress_bar(passes * samples, f"Fisher samples ({passes} passes)"))
         config_advance: list[Callable[[int], None]] = []
 
         def advance_config(n: int) -> None:
