@@ -20,7 +20,7 @@ setup(
         "networkx>=3.0",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "matplotlib>=3.7"],
         "plot": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["fitonnx=fitonnx.cli.main:main"]},

@@ -1,30 +1,43 @@
 """fitonnx: Fisher Information Trace (FIT) quantization sensitivity for any ONNX model."""
 
-from fitonnx.api import Session, fisher_traces, inspect_tensors, open_model, score
+from fitonnx.api import RecommendResult, Session, fisher_traces, inspect_tensors, open_model, recommend, score
+from fitonnx.compare import CompareReport, compare
 from fitonnx.data import Dataset, load_data, load_npz
 from fitonnx.errors import FitonnxError, InternalError
+from fitonnx.export import export_recommendation
 from fitonnx.graph import Kind, QuantTensor, find_quantizable
+from fitonnx.inspect import Inspection, inspect_model
 from fitonnx.losses import FisherMode, Likelihood
 from fitonnx.score import ScoreReport, TensorScore
+from fitonnx.validate import ValidationReport, validate
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompareReport",
     "Dataset",
     "FisherMode",
     "FitonnxError",
+    "Inspection",
     "InternalError",
     "Kind",
     "Likelihood",
     "QuantTensor",
+    "RecommendResult",
     "ScoreReport",
     "Session",
     "TensorScore",
+    "ValidationReport",
+    "compare",
+    "export_recommendation",
     "find_quantizable",
     "fisher_traces",
+    "inspect_model",
     "inspect_tensors",
     "load_data",
     "load_npz",
     "open_model",
+    "recommend",
     "score",
+    "validate",
 ]

@@ -7,16 +7,22 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import onnx
 
+from fitonnx import allocate, engine, graph, instrument, losses, noise
 from fitonnx import data as data_mod
-from fitonnx import engine, graph, instrument, losses
 from fitonnx import score as score_mod
 from fitonnx.data import Dataset
 from fitonnx.errors import DataError
 from fitonnx.load import LoadedModel, load_model
 from fitonnx.prepare import PreparedModel, prepare, verify
+from fitonnx.prepare.support import check_differentiable
+
+if TYPE_CHECKING:
+    from fitonnx.recommend_outputs import Written
 
 ModelSource = str | os.PathLike[str] | onnx.ModelProto | LoadedModel
 DataSource = str | os.PathLike[str] | Dataset | None
@@ -73,7 +79,9 @@ def open_model(
     specs = graph.input_specs(loaded.proto)
     dataset = resolve_data(loaded, data, random_samples, seed)
     data_mod.check_against(dataset, specs)
-    prepared = prepare(loaded.proto)
+    first = {name: value.shape for name, value in dataset.sample(0, specs).items() if name in specs}
+    feeds = [dataset.sample(i, specs) for i in range(dataset.num_samples)]
+    prepared = prepare(loaded.proto, input_shapes=first, feeds=feeds)
     verify(prepared, [dataset.sample(i, specs) for i in range(min(VERIFY_SAMPLES, dataset.num_samples))])
     tensors = tuple(graph.find_quantizable(prepared.model))
     return Session(loaded=loaded, prepared=prepared, specs=specs, tensors=tensors, data=dataset)
@@ -95,8 +103,12 @@ def score(
     random_samples: int | None = None,
     progress: engine.ProgressFn | None = None,
     session: Session | None = None,
+    noise_model: noise.NoiseModel | str = noise.NoiseModel.UNIFORM,
 ) -> score_mod.ScoreReport:
-    """Fisher traces and FIT for every quantizable weight and activation of ``model``."""
+    """Fisher traces and FIT for every quantizable weight and activation of ``model``.
+
+    ``noise_model``: ``uniform`` (the paper) or ``grid`` (see fitonnx.noise)."""
+    kind = noise.NoiseModel(noise_model)
     s = session if session is not None else open_model(model, data, random_samples=random_samples, seed=seed)
     traces, target, mode = fisher_traces(
         s,
@@ -108,6 +120,7 @@ def score(
         tol=tol,
         seed=seed,
         progress=progress,
+        exact_points=kind is noise.NoiseModel.GRID,
     )
     return score_mod.score(
         s.prepared.model,
@@ -119,6 +132,7 @@ def score(
         data_source=s.data.source,
         weight_bits=tuple(weight_bits),
         activation_bits=tuple(activation_bits),
+        noise_model=kind,
     )
 
 
@@ -135,8 +149,38 @@ def fisher_traces(
     progress: engine.ProgressFn | None = None,
     keep_gradients: bool = False,
     threads: int = 0,
+    exact_points: bool = False,
 ) -> tuple[engine.FisherTraces, losses.OutputTarget, losses.FisherMode]:
     """The engine's raw per-sample statistics (for callers that need more than the report)."""
+    gm, target, mode = gradient_model(
+        s,
+        fisher=fisher,
+        likelihood=likelihood,
+        output=output,
+        class_axis=class_axis,
+        keep_gradients=keep_gradients,
+        threads=threads,
+        exact_points=exact_points,
+    )
+    options = engine.RunOptions(max_samples=max_samples, tol=tol, seed=seed, threads=threads)
+    traces = engine.run(gm, s.data, s.specs, options, progress)
+    return traces, target, mode
+
+
+def gradient_model(
+    s: Session,
+    *,
+    fisher: losses.FisherMode | str | None = None,
+    likelihood: losses.Likelihood | str | None = None,
+    output: str | None = None,
+    class_axis: int | None = None,
+    keep_gradients: bool = False,
+    threads: int = 0,
+    exact_points: bool = False,
+) -> tuple[instrument.GradientModel, losses.OutputTarget, losses.FisherMode]:
+    """The gradient model ``fisher_traces`` runs, for callers that add per-sample outputs of their own.
+
+    ``exact_points`` adds the statistics of the grid noise model (``noise.NoiseModel.GRID``)."""
     mode = losses.FisherMode(fisher) if fisher is not None else losses.default_mode(s.data.labels)
     labels = s.data.labels if mode is losses.FisherMode.EMPIRICAL else None
     if mode is losses.FisherMode.EMPIRICAL and s.data.labels is None:
@@ -152,24 +196,92 @@ def fisher_traces(
         s.data.labels,
         class_axis,
     )
-    head = losses.build_head(target, mode, None if labels is None else labels.dtype)
+    labels_dtype = np.dtype(np.int64) if mode is losses.FisherMode.EXACT else None if labels is None else labels.dtype
+    head = losses.build_head(target, mode, labels_dtype)
+    # Name any op without a usable gradient before onnxruntime's builder fails on it in C++.
+    check_differentiable(s.prepared.model, [t.name for t in s.tensors], [target.tap])
     activations = [t for t in s.tensors if t.kind is graph.Kind.ACTIVATION]
     probe, names = instrument.build_probe(s.prepared.model, activations, None)
-    shapes = engine.probe_shapes(probe, names, s.data.sample(0, s.specs), threads) if names else {}
+    feed = s.data.sample(0, s.specs)
+    shapes = engine.probe_shapes(probe, names, feed, threads) if names else {}
     gm = instrument.build_gradient_model(
         s.prepared.model,
         s.tensors,
         head,
-        None if labels is None else labels.dtype,
+        labels_dtype,
         ranks={name: len(shape) for name, shape in shapes.items()},
         keep_gradients=keep_gradients,
+        exact_points=exact_points,
+        # Every sample has these shapes; pooling gradients need them concrete (see instrument).
+        shapes={**shapes, **{name: value.shape for name, value in feed.items() if name in s.specs}},
     )
-    options = engine.RunOptions(max_samples=max_samples, tol=tol, seed=seed, threads=threads)
-    traces = engine.run(gm, s.data, s.specs, options, progress)
-    return traces, target, mode
+    return gm, target, mode
 
 
 def inspect_tensors(model: ModelSource) -> tuple[graph.QuantTensor, ...]:
     """The quantizable tensors of the prepared model (no data needed)."""
     loaded = _load(model)
     return tuple(graph.find_quantizable(prepare(loaded.proto).model))
+
+
+@dataclass(frozen=True)
+class RecommendResult:
+    """What ``recommend`` chose (``allocation``), the FIT report it used, and the files it wrote."""
+
+    allocation: allocate.Allocation
+    report: score_mod.ScoreReport
+    written: Written | None
+
+
+def recommend(
+    model: ModelSource,
+    data: DataSource = None,
+    *,
+    target: str = "generic",
+    avg_bits: float | None = None,
+    size_kb: float | None = None,
+    max_fit: float | None = None,
+    weight_bits: Sequence[int] | None = None,
+    act_bits: int | None = None,
+    act_avg_bits: float | None = None,
+    tolerance: float = 0.0,
+    out_dir: str | os.PathLike[str] | None = None,
+    fisher: losses.FisherMode | str | None = None,
+    likelihood: losses.Likelihood | str | None = None,
+    output: str | None = None,
+    class_axis: int | None = None,
+    max_samples: int | None = None,
+    tol: float | None = None,
+    seed: int = 0,
+    random_samples: int | None = None,
+    progress: engine.ProgressFn | None = None,
+    session: Session | None = None,
+) -> RecommendResult:
+    """Per-tensor bit widths for ``target`` under exactly one budget (average weight bits, weight KB
+    or maximum FIT), and, with ``out_dir``, every output of ``fitonnx recommend`` written there."""
+    # Imported here: the exporters pull in onnxruntime.quantization, which scoring never needs.
+    from fitonnx.recommend_outputs import prepare_out_dir, write_outputs
+
+    budget = allocate.budget_from(avg_bits=avg_bits, size_kb=size_kb, max_fit=max_fit)
+    tgt = allocate.check_options(target, weight_bits=weight_bits, act_bits=act_bits, act_avg_bits=act_avg_bits)
+    s = session if session is not None else open_model(model, data, random_samples=random_samples, seed=seed)
+    out = None if out_dir is None else prepare_out_dir(out_dir, s.loaded.path, s.loaded.name)
+    report = score(
+        model,
+        session=s,
+        fisher=fisher,
+        likelihood=likelihood,
+        output=output,
+        class_axis=class_axis,
+        weight_bits=tgt.weight_bits,
+        activation_bits=tgt.activation_bits,
+        max_samples=max_samples,
+        tol=tol,
+        seed=seed,
+        progress=progress,
+    )
+    alloc = allocate.allocate(
+        report, tgt, budget, weight_bits=weight_bits, act_bits=act_bits, act_avg_bits=act_avg_bits, tolerance=tolerance
+    )
+    written = None if out is None else write_outputs(alloc, s.loaded.proto, out, source=s.loaded.path, data=s.data)
+    return RecommendResult(allocation=alloc, report=report, written=written)

@@ -7,7 +7,12 @@ import sys
 import click
 
 from fitonnx import __version__
+from fitonnx.cli.compare import compare_command
+from fitonnx.cli.export import export_command
+from fitonnx.cli.inspect import inspect_command
+from fitonnx.cli.recommend import recommend_command
 from fitonnx.cli.score import score_command
+from fitonnx.cli.validate import validate_command
 from fitonnx.errors import FitonnxError
 
 EXIT_USER_ERROR = 2
@@ -33,6 +38,11 @@ def cli() -> None:
 
 
 cli.add_command(score_command)
+cli.add_command(inspect_command)
+cli.add_command(validate_command)
+cli.add_command(recommend_command)
+cli.add_command(export_command)
+cli.add_command(compare_command)
 
 
 def main() -> None:

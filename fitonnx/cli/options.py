@@ -60,8 +60,9 @@ def fisher_options(f: F) -> F:
     return _compose(
         click.option(
             "--fisher",
-            type=click.Choice(["empirical", "mc"]),
-            help="empirical: cross-entropy against the data's labels; mc: labels sampled from the model. "
+            type=click.Choice(["empirical", "mc", "exact"]),
+            help="empirical: cross-entropy against the data's labels; mc: labels sampled from the model; "
+            "exact: the true Fisher summed over every class (categorical outputs, one pass per class). "
             "Default: empirical when the data has labels, else mc.",
         ),
         click.option(

@@ -9,6 +9,7 @@ import click
 from fitonnx import api, report
 from fitonnx.cli.options import bits_options, data_options, fisher_options
 from fitonnx.cli.progress import progress_bar
+from fitonnx.noise import NOISE_MODELS, NoiseModel
 
 
 @click.command("score")
@@ -16,6 +17,13 @@ from fitonnx.cli.progress import progress_bar
 @data_options
 @fisher_options
 @bits_options
+@click.option(
+    "--noise-model",
+    type=click.Choice([m.value for m in NoiseModel]),
+    default=NoiseModel.UNIFORM.value,
+    show_default=True,
+    help="; ".join(f"{m.value}: {d}" for m, d in NOISE_MODELS.items()) + ".",
+)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write the table as CSV here.")
 @click.option("--top", type=click.IntRange(min=1), help="Show only the N most sensitive tensors in the terminal.")
@@ -32,6 +40,7 @@ def score_command(
     seed: int,
     weight_bits: tuple[int, ...],
     act_bits: tuple[int, ...],
+    noise_model: str,
     json_path: str | None,
     csv_path: str | None,
     top: int | None,
@@ -57,6 +66,7 @@ def score_command(
             tol=tol,
             seed=seed,
             progress=advance,
+            noise_model=noise_model,
         )
     click.echo(report.format_table(result, limit=top))
     if json_path:
