@@ -550,12 +550,10 @@ def write_plot(report: CompareReport, path: str | os.PathLike[str]) -> bool:
 
     Returns False, writing nothing, when matplotlib (the optional ``plot`` extra) is not installed.
     """
-    try:
-        import matplotlib
+    from fitonnx.plot import pyplot_or_none
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot_or_none()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     try:

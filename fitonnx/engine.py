@@ -18,6 +18,7 @@ from fitonnx.errors import DataError, InternalError, ModelError, UnsupportedErro
 from fitonnx.graph import InputSpec, QuantTensor
 from fitonnx.instrument import GradientModel
 from fitonnx.losses import LABELS, NOISE, Likelihood, draw_noise
+from fitonnx.runtime import make_session
 
 ProgressFn = Callable[[int], None]
 
@@ -73,17 +74,6 @@ class FisherTraces:
         if n < 2:
             return np.full(self.per_sample.shape[1], np.nan)
         return self.per_sample.std(axis=0, ddof=1) / np.sqrt(n)
-
-
-def make_session(model_bytes: bytes, threads: int = 0):  # -> onnxruntime.InferenceSession
-    """An InferenceSession on the CPU with fitonnx's settings (shared by engine and benchmarks)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
 def probe_shapes(

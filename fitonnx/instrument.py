@@ -14,11 +14,8 @@ Like ONNX Runtime's calibrator, this stage only builds models; ``engine`` runs t
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +25,7 @@ from onnx import TensorProto, helper
 from fitonnx.errors import InternalError, UnsupportedError
 from fitonnx.graph import Kind, QuantTensor
 from fitonnx.losses import LABELS, LOSS, NOISE, PREFIX, LossHead
+from fitonnx.runtime import quiet_stderr
 
 
 @dataclass(frozen=True)
@@ -52,24 +50,6 @@ class GradientModel:
     @property
     def activations(self) -> tuple[QuantTensor, ...]:
         return tuple(t for t in self.tensors if t.kind is Kind.ACTIVATION)
-
-
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Silence file descriptor 2 for the duration.
-
-    The builder logs each graph transformer at INFO level through a logger that ignores
-    ``onnxruntime.set_default_logger_severity``; only the file descriptor can be quieted.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 def _safe(index: int, kind: str) -> str:
@@ -217,7 +197,7 @@ def gradient_graph(aug: AugmentedModel, source: onnx.ModelProto) -> onnx.ModelPr
     from onnxruntime.capi._pybind_state import GradientGraphBuilder
 
     try:
-        with _quiet_stderr():
+        with quiet_stderr():
             builder = GradientGraphBuilder(aug.model.SerializeToString(), {LOSS}, set(aug.differentiate), LOSS)
             builder.build()
         return onnx.load_from_string(builder.get_model())

@@ -70,12 +70,10 @@ def write_png(alloc: Allocation, path: str | os.PathLike[str]) -> bool:
 
     Returns False, writing nothing, when matplotlib (the optional ``plot`` extra) is not installed.
     """
-    try:
-        import matplotlib
+    from fitonnx.plot import pyplot_or_none
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot_or_none()
+    if plt is None:
         return False
     _, _, sizes, _, fits = _columns(alloc)
     kb = np.array(sizes, np.float64) / 1024

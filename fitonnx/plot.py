@@ -31,6 +31,14 @@ def require_matplotlib() -> ModuleType:
     return plt
 
 
+def pyplot_or_none() -> ModuleType | None:
+    """``matplotlib.pyplot`` on the Agg backend, or None when the ``plot`` extra is not installed."""
+    try:
+        return require_matplotlib()
+    except FitonnxError:
+        return None
+
+
 def _save(fig: object, path: str | os.PathLike[str]) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")  # type: ignore[attr-defined]

@@ -18,10 +18,10 @@ from fitonnx.api import Session, open_model
 from fitonnx.cli.main import cli
 from fitonnx.compare import CompareReport, compare, format_table, open_models, spearman, to_dict
 from fitonnx.data import Dataset
-from fitonnx.engine import make_session
 from fitonnx.errors import FitonnxError
 from fitonnx.graph import Kind, find_quantizable
 from fitonnx.prepare.autopad import explicit_conv_pads
+from fitonnx.runtime import make_session
 
 PAIR = Path(__file__).resolve().parent.parent / "models" / "pair"
 TORCH, JAX = PAIR / "cnn_torch.onnx", PAIR / "cnn_jax.onnx"

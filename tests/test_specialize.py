@@ -72,7 +72,7 @@ def test_taken_branch_is_inlined_and_scored() -> None:
     assert np.all(np.isfinite(traces.per_sample)) and np.all(traces.trace() > 0) and traces.samples == 12
     # The inlined twin computes the taken branch, as numpy does:
     x = data.arrays["x"][:1]
-    from fitonnx.engine import make_session
+    from fitonnx.runtime import make_session
 
     out = make_session(session.prepared.model.SerializeToString()).run(["logits"], {"x": x, "sr": np.array(16000)})[0]
     np.testing.assert_allclose(out, np.tanh(x @ w16) @ w_out, rtol=1e-5)

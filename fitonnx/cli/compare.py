@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from fitonnx.cli.common import samples_to_use
 from fitonnx.cli.options import bits_options, fisher_options
 from fitonnx.cli.progress import progress_bar
 from fitonnx.compare import DEFAULT_AGREE_TOL, compare, format_table, open_models, write_json, write_plot
@@ -53,7 +54,7 @@ def compare_command(
 ) -> None:
     """Compare MODELS (two or more; each against the first): paired Fisher traces, ranges and FIT."""
     sessions = open_models(models, data)
-    total = sum(s.data.num_samples if max_samples is None else min(max_samples, s.data.num_samples) for s in sessions)
+    total = sum(samples_to_use(s, max_samples) for s in sessions)
     with progress_bar(total, "Fisher samples") as advance:
         result = compare(
             models,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 
 import click
 
+from fitonnx.cli.common import echo_warnings
 from fitonnx.cli.options import data_options
 from fitonnx.errors import FitonnxError
 from fitonnx.export import EXPORTERS, export_recommendation, get_exporter
@@ -59,7 +59,6 @@ def export_command(
     eval_data: str | None,
 ) -> None:
     """Write MODEL's recommendation in one toolchain's format (calibrating on --data where needed)."""
-    from fitonnx import api
     from fitonnx.data import load_npz
     from fitonnx.export.evaluate import compare
 
@@ -70,13 +69,10 @@ def export_command(
             hint="drop --eval, or export a QDQ model",
         )
     held_out = load_npz(eval_data) if eval_data is not None else None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", api.RandomDataWarning)
+    with echo_warnings():
         result = export_recommendation(
             model, recommendation, fmt, out, data=data, random_samples=random_samples, per_channel=per_channel
         )
-    for w in caught:
-        click.secho(f"warning: {w.message}", fg="yellow", err=True)
     widths = Counter(result.quantized.values())
     summary = ", ".join(f"{n} at {b} bits" for b, n in sorted(widths.items())) or "none quantized"
     click.echo(f"wrote {result.path} ({fmt}): {summary}; {len(result.kept_float)} left in float")

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
-
 import click
 
 from fitonnx import api
 from fitonnx.allocate import BYTES_PER_KB, Allocation, budget_from, check_options
+from fitonnx.cli.common import open_session, samples_to_use
 from fitonnx.cli.options import BitsList, data_options, fisher_options
 from fitonnx.cli.progress import progress_bar
 from fitonnx.graph import Kind
@@ -119,12 +118,8 @@ def recommend_command(
     """Choose per-tensor bit widths for MODEL under one budget (--avg-bits, --size-kb or --max-fit)."""
     budget_from(avg_bits=avg_bits, size_kb=size_kb, max_fit=max_fit)  # fail before any work
     check_options(target, weight_bits=weight_bits, act_bits=act_bits, act_avg_bits=act_avg_bits)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", api.RandomDataWarning)
-        session = api.open_model(model, data, random_samples=random_samples, seed=seed)
-    for w in caught:
-        click.secho(f"warning: {w.message}", fg="yellow", err=True)
-    total = session.data.num_samples if max_samples is None else min(max_samples, session.data.num_samples)
+    session = open_session(model, data, random_samples, seed)
+    total = samples_to_use(session, max_samples)
     with progress_bar(total, "Fisher samples") as advance:
         result = api.recommend(
             model,

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import warnings
-
 import click
 
 from fitonnx import api, report
+from fitonnx.cli.common import open_session, samples_to_use
 from fitonnx.cli.options import bits_options, data_options, fisher_options
 from fitonnx.cli.progress import progress_bar
 from fitonnx.noise import NOISE_MODELS, NoiseModel
@@ -46,12 +45,8 @@ def score_command(
     top: int | None,
 ) -> None:
     """Rank MODEL's quantizable weights and activations by FIT (most sensitive first)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", api.RandomDataWarning)
-        session = api.open_model(model, data, random_samples=random_samples, seed=seed)
-    for w in caught:
-        click.secho(f"warning: {w.message}", fg="yellow", err=True)
-    total = session.data.num_samples if max_samples is None else min(max_samples, session.data.num_samples)
+    session = open_session(model, data, random_samples, seed)
+    total = samples_to_use(session, max_samples)
     with progress_bar(total, "Fisher samples") as advance:
         result = api.score(
             model,

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
 
 import click
 
-from fitonnx import api
+from fitonnx.cli.common import open_session, samples_to_use
 from fitonnx.cli.options import BitsList, data_options, fisher_options
 from fitonnx.cli.progress import progress_bar
 from fitonnx.validate import DEFAULT_CONFIGS, DEFAULT_RESAMPLES, format_report, validate, write_json
@@ -89,12 +88,8 @@ def validate_command(
 
         require_matplotlib()  # fail before the work, not after it
     started = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", api.RandomDataWarning)
-        session = api.open_model(model, data, random_samples=random_samples, seed=seed)
-    for w in caught:
-        click.secho(f"warning: {w.message}", fg="yellow", err=True)
-    samples = session.data.num_samples if max_samples is None else min(max_samples, session.data.num_samples)
+    session = open_session(model, data, random_samples, seed)
+    samples = samples_to_use(session, max_samples)
     uniform = 0 if no_uniform else len(set(weight_bits or bits) & set(act_bits or bits))
     passes = 2  # traces and ranges, then the measured rounding errors
     # Two bars, one after the other: the configurations' bar opens when the Fisher passes are done.

@@ -205,7 +205,7 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
 
 def check_runs(model: onnx.ModelProto, feed: Mapping[str, np.ndarray] | None) -> None:
     """Raise ``InternalError`` unless onnxruntime loads ``model`` (and runs ``feed`` when given)."""
-    from fitonnx.engine import make_session
+    from fitonnx.runtime import make_session
 
     try:
         session = make_session(model.SerializeToString())

@@ -161,7 +161,7 @@ def verify(
     """
     if not prepared.changes:
         return
-    from fitonnx.engine import make_session
+    from fitonnx.runtime import make_session
 
     reference = prepared.reference if prepared.reference is not None else prepared.original
     a = make_session(reference.SerializeToString())

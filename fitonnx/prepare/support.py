@@ -12,10 +12,7 @@ builder skips it too.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,6 +22,7 @@ from onnx import TensorProto, helper
 from fitonnx.errors import UnsupportedError
 from fitonnx.graph import FLOAT_TYPES, node_name
 from fitonnx.prepare.shapes import TensorType, tensor_types
+from fitonnx.runtime import quiet_stderr
 
 if TYPE_CHECKING:
     from fitonnx.prepare.rewrites import RewriteContext
@@ -134,19 +132,6 @@ def _reason(
     return _probe(model, node, types)
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def _probe(model: onnx.ModelProto, node: onnx.NodeProto, types: dict[str, TensorType]) -> str | None:
     """Build (and load) the gradient of ``node`` alone, with its attributes and input types."""
     import onnxruntime as ort
@@ -186,7 +171,7 @@ def _probe(model: onnx.ModelProto, node: onnx.NodeProto, types: dict[str, Tensor
     )
     probe = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=min(model.ir_version, 10))
     try:
-        with _quiet():
+        with quiet_stderr():
             builder = GradientGraphBuilder(probe.SerializeToString(), {loss}, wrt, loss)
             builder.build()
             options = ort.SessionOptions()

@@ -1,0 +1,37 @@
+"""onnxruntime plumbing shared by every stage: CPU sessions with fitonnx's settings, a quiet stderr."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+
+
+def make_session(model_bytes: bytes, threads: int = 0):  # -> onnxruntime.InferenceSession
+    """An InferenceSession on the CPU with fitonnx's settings (shared by engine and benchmarks)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 for the duration.
+
+    The builder logs each graph transformer at INFO level through a logger that ignores
+    ``onnxruntime.set_default_logger_severity``; only the file descriptor can be quieted.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
