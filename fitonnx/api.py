@@ -43,6 +43,7 @@ class Session:
     specs: dict[str, graph.InputSpec]
     tensors: tuple[graph.QuantTensor, ...]
     data: Dataset
+    ranks: dict[str, int]  # rank of every tensor of the prepared model that shape inference knows
 
 
 def _load(model: ModelSource) -> LoadedModel:
@@ -83,8 +84,16 @@ def open_model(
     feeds = [dataset.sample(i, specs) for i in range(dataset.num_samples)]
     prepared = prepare(loaded.proto, input_shapes=first, feeds=feeds)
     verify(prepared, [dataset.sample(i, specs) for i in range(min(VERIFY_SAMPLES, dataset.num_samples))])
-    tensors = tuple(graph.find_quantizable(prepared.model))
-    return Session(loaded=loaded, prepared=prepared, specs=specs, tensors=tensors, data=dataset)
+    types = graph.value_types(prepared.model)  # one shape inference serves both lookups
+    tensors = tuple(graph.find_quantizable(prepared.model, types))
+    return Session(
+        loaded=loaded,
+        prepared=prepared,
+        specs=specs,
+        tensors=tensors,
+        data=dataset,
+        ranks=graph.output_ranks(prepared.model, types),
+    )
 
 
 def score(
@@ -187,7 +196,7 @@ def gradient_model(
         raise DataError(
             f"expected 'labels' in {s.data.source} for --fisher empirical; found none", hint="use --fisher mc"
         )
-    ranks = graph.output_ranks(s.prepared.model)
+    ranks = s.ranks
     target = losses.resolve_output(
         s.prepared.model,
         ranks,
@@ -201,7 +210,7 @@ def gradient_model(
     # Name any op without a usable gradient before onnxruntime's builder fails on it in C++.
     check_differentiable(s.prepared.model, [t.name for t in s.tensors], [target.tap])
     activations = [t for t in s.tensors if t.kind is graph.Kind.ACTIVATION]
-    probe, names = instrument.build_probe(s.prepared.model, activations, None)
+    probe, names = instrument.build_probe(s.prepared.model, activations, target.tap)
     feed = s.data.sample(0, s.specs)
     shapes = engine.probe_shapes(probe, names, feed, threads) if names else {}
     gm = instrument.build_gradient_model(

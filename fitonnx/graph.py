@@ -143,7 +143,15 @@ def _constants(model: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...], int]]
     return out
 
 
-def _value_types(model: onnx.ModelProto) -> dict[str, tuple[int, tuple[int | None, ...] | None]]:
+ValueTypes = dict[str, tuple[int, tuple[int | None, ...] | None]]
+
+
+def value_types(model: onnx.ModelProto) -> ValueTypes:
+    """Element type and shape (None where unknown) of every tensor shape inference can tell."""
+    return _value_types(model)
+
+
+def _value_types(model: onnx.ModelProto) -> ValueTypes:
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     out: dict[str, tuple[int, tuple[int | None, ...] | None]] = {}
     for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
@@ -159,11 +167,11 @@ def _value_types(model: onnx.ModelProto) -> dict[str, tuple[int, tuple[int | Non
     return out
 
 
-def find_quantizable(model: onnx.ModelProto) -> list[QuantTensor]:
+def find_quantizable(model: onnx.ModelProto, types: ValueTypes | None = None) -> list[QuantTensor]:
     """The quantizable weights and activations of ``model``, in graph order, weights first per op."""
     g = to_networkx(model)
     consts = _constants(model)
-    types = _value_types(model)
+    types = _value_types(model) if types is None else types
     producers = {name: node for node in model.graph.node for name in node.output}
 
     def source_constant(name: str) -> str | None:
@@ -228,6 +236,7 @@ def find_quantizable(model: onnx.ModelProto) -> list[QuantTensor]:
     ]
 
 
-def output_ranks(model: onnx.ModelProto) -> dict[str, int]:
+def output_ranks(model: onnx.ModelProto, types: ValueTypes | None = None) -> dict[str, int]:
     """Rank of every tensor whose rank shape inference can tell."""
-    return {name: len(shape) for name, (_, shape) in _value_types(model).items() if shape is not None}
+    types = _value_types(model) if types is None else types
+    return {name: len(shape) for name, (_, shape) in types.items() if shape is not None}

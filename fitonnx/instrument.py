@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -46,6 +46,9 @@ class GradientModel:
     # elements. Empty unless ``exact_points``.
     point_outputs: tuple[tuple[str, str, str], ...] = ()
     loss_output: str | None = None  # the per-sample loss, fetched when the engine enumerates labels
+    # Per-sample shapes of inputs, activations and the loss tap measured when the model was built
+    # (the engine probes again only for samples of other shapes).
+    sample_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def activations(self) -> tuple[QuantTensor, ...]:
@@ -297,6 +300,7 @@ def build_gradient_model(
         probe_outputs=probe_outputs,
         point_outputs=tuple(points),
         loss_output=loss_output,
+        sample_shapes=dict(shapes or {}),
     )
 
 
