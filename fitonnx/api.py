@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Sequence
@@ -131,7 +132,7 @@ def score(
         progress=progress,
         exact_points=kind is noise.NoiseModel.GRID,
     )
-    return score_mod.score(
+    report = score_mod.score(
         s.prepared.model,
         traces,
         model_name=s.loaded.name,
@@ -143,6 +144,16 @@ def score(
         activation_bits=tuple(activation_bits),
         noise_model=kind,
     )
+    return dataclasses.replace(report, notes=prepare_notes(s.prepared))
+
+
+# Prepare changes that alter what is scored (other changes keep every tensor and its meaning).
+NOTE_KINDS = frozenset({"specialize"})
+
+
+def prepare_notes(prepared: PreparedModel) -> tuple[str, ...]:
+    """The prepare changes a score report must mention: a specialized If (its other branch is not scored)."""
+    return tuple(f"{c.where}: {c.detail}" for c in prepared.changes if c.kind in NOTE_KINDS)
 
 
 def fisher_traces(

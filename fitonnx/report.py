@@ -66,6 +66,7 @@ def to_dict(report: ScoreReport) -> dict[str, Any]:
             for t in report.tensors
         ],
         "total_fit": {str(b): v for b, v in report.total_fit.items()},
+        "notes": list(report.notes),
         "uniform": [{"weight_bits": w, "activation_bits": a, "fit": f} for w, a, f in report.uniform],
         "ranking_stability": None
         if report.stability is None
@@ -147,4 +148,5 @@ def format_table(report: ScoreReport, limit: int | None = None) -> str:
         f"(5th pct {s.kendall_tau_p05:.3f}), top-{s.top_k} set unchanged in {100 * s.top_k_same:.0f}%"
     )
     lines.append(f"relative standard error of the total trace: {100 * report.total_trace_rel_se:.1f}%{stab}")
+    lines.extend(f"note: {note}" for note in report.notes)
     return "\n".join(lines)

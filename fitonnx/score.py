@@ -67,6 +67,7 @@ class ScoreReport:
     total_trace_rel_se: float
     stability: Stability | None
     noise_model: str = NoiseModel.UNIFORM.value
+    notes: tuple[str, ...] = ()  # what the user must know about the scored twin (e.g. an untaken If branch)
 
     @property
     def bits(self) -> tuple[int, ...]:

@@ -67,7 +67,7 @@ def test_taken_branch_is_inlined_and_scored() -> None:
     names = {t.name for t in session.tensors}
     assert "then_w" in names and "w_out" in names and "else_w" not in names
     change = next(c for c in session.prepared.changes if c.kind == "specialize")
-    assert "True on all 12 calibration samples" in change.detail and "other branch" in change.detail
+    assert "True on all 12 calibration samples" in change.detail and "other branch's 1 weight-like" in change.detail
     traces, _, _ = api.fisher_traces(session, fisher="mc")
     assert np.all(np.isfinite(traces.per_sample)) and np.all(traces.trace() > 0) and traces.samples == 12
     # The inlined twin computes the taken branch, as numpy does:
@@ -101,3 +101,22 @@ def test_input_model_is_not_modified() -> None:
     before = model.SerializeToString()
     specialize_if(model, [_data([16000]).sample(0, _specs(model))])
     assert model.SerializeToString() == before
+
+
+def test_score_report_names_the_untaken_branch(tmp_path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from fitonnx.cli.main import cli
+
+    model, _, _, _ = if_model()
+    onnx.save(model, tmp_path / "if.onnx")
+    data = _data([16000] * 6)
+    np.savez(tmp_path / "d.npz", **data.arrays)
+    args = ["score", str(tmp_path / "if.onnx"), "--data", str(tmp_path / "d.npz"), "--json", str(tmp_path / "r.json")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.stderr
+    assert "note:" in result.stdout and "then branch inlined" in result.stdout
+    notes = json.loads((tmp_path / "r.json").read_text())["notes"]
+    assert len(notes) == 1 and "other branch's 1 weight-like constants are not scored" in notes[0]

@@ -109,14 +109,14 @@ def _inline(
             graph.initializer.append(copy)
         for src, dst in zip(branch.output, node.output, strict=True):
             nodes.append(helper.make_node("Identity", [renames.get(src.name, src.name)], [dst]))
-        lost = _count_constants(dropped)
+        lost = _count_weights(dropped)
         changes.append(
             Change(
                 "specialize",
                 node.name or node.output[0],
                 f"If on {node.input[0]!r} is {cond} on all {samples} calibration samples: "
                 f"{'then' if cond else 'else'} branch inlined"
-                + (f"; {lost} constant tensors only the other branch reads are not scored" if lost else ""),
+                + (f"; the other branch's {lost} weight-like constants are not scored" if lost else ""),
             )
         )
     del graph.node[:]
@@ -150,10 +150,17 @@ def _rename_node(node: onnx.NodeProto, renames: Mapping[str, str]) -> None:
                 value.name = outer.get(value.name, value.name)
 
 
-def _count_constants(graph: onnx.GraphProto) -> int:
-    count = len(graph.initializer) + sum(1 for n in graph.node if n.op_type == "Constant")
+def _count_weights(graph: onnx.GraphProto) -> int:
+    """Float constants of rank >= 2 in ``graph`` and its subgraphs: the weight-like tensors a branch holds."""
+    tensors = list(graph.initializer) + [
+        a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"
+    ]
+    count = sum(1 for t in tensors if t.data_type in _FLOATS and len(t.dims) >= 2)
     for node in graph.node:
         for attr in node.attribute:
             for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                count += _count_constants(sub)
+                count += _count_weights(sub)
     return count
+
+
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
