@@ -12,13 +12,11 @@ The first model is the reference: every other model is compared with it.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -550,7 +548,7 @@ def write_plot(report: CompareReport, path: str | os.PathLike[str]) -> bool:
 
     Returns False, writing nothing, when matplotlib (the optional ``plot`` extra) is not installed.
     """
-    from fitonnx.plot import pyplot_or_none
+    from fitonnx.plot import pyplot_or_none, save_png
 
     plt = pyplot_or_none()
     if plt is None:
@@ -574,10 +572,7 @@ def write_plot(report: CompareReport, path: str | os.PathLike[str]) -> bool:
         ax.set_title("FIT against size; squares: uniform bit widths")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png")
+        save_png(fig, path)
     finally:
         plt.close(fig)
-    write_atomic(Path(path), buffer.getvalue())
     return True

@@ -10,7 +10,6 @@ import csv
 import io
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -70,7 +69,7 @@ def write_png(alloc: Allocation, path: str | os.PathLike[str]) -> bool:
 
     Returns False, writing nothing, when matplotlib (the optional ``plot`` extra) is not installed.
     """
-    from fitonnx.plot import pyplot_or_none
+    from fitonnx.plot import pyplot_or_none, save_png
 
     plt = pyplot_or_none()
     if plt is None:
@@ -104,10 +103,7 @@ def write_png(alloc: Allocation, path: str | os.PathLike[str]) -> bool:
         ax.set_title(f"{alloc.recommendation.model}, target {alloc.target.name}: {alloc.budget.describe()}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png")
+        save_png(fig, path)
     finally:
         plt.close(fig)
-    write_atomic(Path(path), buffer.getvalue())
     return True

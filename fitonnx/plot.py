@@ -39,7 +39,8 @@ def pyplot_or_none() -> ModuleType | None:
         return None
 
 
-def _save(fig: object, path: str | os.PathLike[str]) -> None:
+def save_png(fig: object, path: str | os.PathLike[str]) -> None:
+    """Write ``fig`` as a PNG atomically (never a half-written file)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")  # type: ignore[attr-defined]
     write_atomic(path, buffer.getvalue())
@@ -84,6 +85,6 @@ def scatter(report: ValidationReport, path: str | os.PathLike[str]) -> None:
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{report.model}: {len(report.configs)} configurations, {report.fisher} Fisher", fontsize=10, y=1.04)
     try:
-        _save(fig, path)
+        save_png(fig, path)
     finally:
         plt.close(fig)
