@@ -39,12 +39,12 @@ def damage(ref: np.ndarray, z: np.ndarray, labels: np.ndarray) -> tuple[float, f
     return kl, float((z.argmax(axis=1) == labels).mean())
 
 
-def run(model: str, budgets: list[float], n_random: int, slack: float, seed: int) -> list[dict]:
+def run(model: str, budgets: list[float], n_random: int, slack: float, seed: int, fisher: str | None) -> list[dict]:
     path = MODELS / f"{model}.onnx"
     session = api.open_model(path)
     held = load_npz(MODELS / f"{model}.heldout.npz")
     results = []
-    first = api.recommend(path, session=session, avg_bits=budgets[0], target="generic")
+    first = api.recommend(path, session=session, avg_bits=budgets[0], target="generic", fisher=fisher)
     report = first.report
     weights = [t for t in report.tensors if t.kind is Kind.WEIGHT]
     acts = {t.name: (t.min, t.max) for t in report.tensors if t.kind is Kind.ACTIVATION}
@@ -72,7 +72,7 @@ def run(model: str, budgets: list[float], n_random: int, slack: float, seed: int
     everything = list(itertools.product(menu, repeat=len(weights)))
     rng = np.random.default_rng(seed)
     for avg in budgets:
-        res = api.recommend(path, session=session, avg_bits=avg, target="generic")
+        res = api.recommend(path, session=session, avg_bits=avg, target="generic", fisher=fisher)
         rec = res.allocation.recommendation
         limit = avg * total
         same_size = [
@@ -130,10 +130,11 @@ def main() -> None:
     parser.add_argument("--random", type=int, default=200)
     parser.add_argument("--slack", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fisher", choices=["empirical", "mc", "exact"], help="Fisher mode (default: empirical)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
-    rows = [r for m in args.models.split(",") for r in run(m, budgets, args.random, args.slack, args.seed)]
+    rows = [r for m in args.models.split(",") for r in run(m, budgets, args.random, args.slack, args.seed, args.fisher)]
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
