@@ -226,3 +226,23 @@ def test_external_data_inside_folder_loads(tmp_path: Path) -> None:
     code, out, err = run("score", str(path), "--random-data", "3")
     assert code == 0, err
     assert "w1" in out and "w2" in out
+
+
+def test_half_precision_model_is_one_line(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 3), np.float16), "W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["logits"])],
+        "half",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT16, ["N", 3])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, tmp_path / "half.onnx")
+    data = _npz(tmp_path, x=np.zeros((4, 4), np.float16), labels=np.array([0, 1, 2, 0]))
+    code, _, err = run("score", str(tmp_path / "half.onnx"), "--data", data)
+    _one_line_error(code, err, "expected a float32 model", "W (float16)")

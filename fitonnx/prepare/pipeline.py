@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from fitonnx.errors import FitonnxError, ModelError
+from fitonnx.errors import FitonnxError, ModelError, UnsupportedError
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,7 @@ def prepare(
     from fitonnx.prepare.shapes import fix_input_shapes
     from fitonnx.prepare.specialize import specialize_if
 
+    check_precision(model)
     steps: list[Pass] = list(passes if passes is not None else default_passes())
     if feeds and any(node.op_type == "If" for node in model.graph.node):
         after = steps.index(convert_opset) + 1 if convert_opset in steps else 0
@@ -111,6 +112,24 @@ def prepare(
         first = _run(model, steps)
         note = Change("shapes", "model", f"inputs left as declared: with the data's static shapes, {exc.message}")
         return dataclasses.replace(first, changes=(note, *first.changes))
+
+
+_HALF = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
+
+
+def check_precision(model: onnx.ModelProto) -> None:
+    """Refuse half-precision models up front: the loss heads and onnxruntime-training's CPU
+    gradients work in float32, and the builder's own type error would not say what to do."""
+    g = model.graph
+    typed = [(v.name, v.type.tensor_type.elem_type) for v in [*g.input, *g.output]]
+    typed += [(t.name, t.data_type) for t in g.initializer]
+    half = [(name, _HALF[elem]) for name, elem in typed if elem in _HALF]
+    if half:
+        names = ", ".join(f"{n} ({t})" for n, t in half[:3]) + (" ..." if len(half) > 3 else "")
+        raise UnsupportedError(
+            f"expected a float32 model; found half-precision tensors: {names}",
+            hint="convert the model and its data to float32 (e.g. with onnxconverter-common) and score that",
+        )
 
 
 def _run(model: onnx.ModelProto, steps: Sequence[Pass]) -> PreparedModel:
