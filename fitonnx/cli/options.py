@@ -70,7 +70,7 @@ def fisher_options(f: F) -> F:
             type=click.Choice(["categorical", "bernoulli", "gaussian"]),
             help="How to read the output. Default: from the output's producer (Softmax/Sigmoid) and the labels.",
         ),
-        click.option("--output", help="The model output that defines the loss. Default: the first output."),
+        click.option("--output", help="The model output that defines the loss. Default: the first float output."),
         click.option("--class-axis", type=int, help="Class axis of a categorical output. Default: 1 (-1 for rank 3)."),
         click.option("--max-samples", type=click.IntRange(min=1), help="Use at most N calibration samples."),
         click.option(
