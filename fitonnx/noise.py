@@ -89,11 +89,3 @@ def fake_quantize(x: np.ndarray, bits: int, lo: float | None = None, hi: float |
         return x.copy()
     q = np.clip(np.round((x.astype(np.float64) - lo) / delta), 0, 2**bits - 1)
     return (q * delta + lo).astype(x.dtype)
-
-
-def measured_fit(
-    diag_fisher: np.ndarray, x: np.ndarray, bits: int, lo: float | None = None, hi: float | None = None
-) -> float:
-    """The refinement of FIT.md: Σ_j F_jj · (Q_b(x)_j − x_j)² with the measured rounding error."""
-    err = fake_quantize(x, bits, lo, hi).astype(np.float64) - x.astype(np.float64)
-    return float(np.sum(diag_fisher * err * err))

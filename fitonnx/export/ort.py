@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -157,18 +156,6 @@ def to_quantizer_overrides(
         if not ok:
             raise FitonnxError(f"expected TensorQuantOverrides onnxruntime accepts in {source}; {why}")
     return converted
-
-
-def load_overrides(path: str | os.PathLike[str], model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
-    """Read an Olive-style overrides JSON file and check it against ``model`` with onnxruntime's helper."""
-    p = Path(path)
-    try:
-        raw = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FitonnxError(
-            f"expected a TensorQuantOverrides JSON file at {str(p)!r}; could not read it ({exc})"
-        ) from None
-    return to_quantizer_overrides(raw, model, source=repr(str(p)))
 
 
 class DatasetReader(CalibrationDataReader):

@@ -118,12 +118,6 @@ def _weight_encodings(
     ]
 
 
-def encodings_document(rec: Recommendation, model: onnx.ModelProto, *, version: str, per_channel: bool) -> dict:
-    """The encodings file ``write_encodings`` writes, as a JSON-ready dict."""
-    doc, _ = _build(rec, model, version=version, per_channel=per_channel)
-    return doc
-
-
 def _build(
     rec: Recommendation, model: onnx.ModelProto, *, version: str, per_channel: bool
 ) -> tuple[dict[str, Any], ExportPlan]:
