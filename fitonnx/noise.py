@@ -78,14 +78,3 @@ def noise_power(lo: float | np.ndarray, hi: float | np.ndarray, bits: int) -> fl
 def fit(trace: float | np.ndarray, lo: float | np.ndarray, hi: float | np.ndarray, bits: int) -> float | np.ndarray:
     """FIT_t(b) = Tr(F_t) · Δ_t(b)² / 12."""
     return np.asarray(trace, np.float64) * noise_power(lo, hi, bits)
-
-
-def fake_quantize(x: np.ndarray, bits: int, lo: float | None = None, hi: float | None = None) -> np.ndarray:
-    """Round ``x`` to the 2^b-level asymmetric grid spanning [lo, hi] (default: its own min/max)."""
-    lo = float(np.min(x)) if lo is None else lo
-    hi = float(np.max(x)) if hi is None else hi
-    delta = (hi - lo) / (2.0**bits - 1.0)
-    if delta == 0.0:
-        return x.copy()
-    q = np.clip(np.round((x.astype(np.float64) - lo) / delta), 0, 2**bits - 1)
-    return (q * delta + lo).astype(x.dtype)
