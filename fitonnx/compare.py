@@ -26,8 +26,9 @@ from fitonnx import api, engine, losses
 from fitonnx.allocate import Item, pareto_front, weight_bytes
 from fitonnx.errors import FitonnxError
 from fitonnx.graph import Kind
+from fitonnx.ranks import kendall, spearman
 from fitonnx.report import write_atomic
-from fitonnx.score import DEFAULT_ACTIVATION_BITS, DEFAULT_WEIGHT_BITS, ScoreReport, TensorScore, kendall_tau
+from fitonnx.score import DEFAULT_ACTIVATION_BITS, DEFAULT_WEIGHT_BITS, ScoreReport, TensorScore
 
 DEFAULT_AGREE_TOL = 0.01  # same function, same weights, same samples: traces agree to float rounding
 TABLE_BITS = (4, 8)  # FIT columns of the terminal table (the JSON has every bit width)
@@ -138,22 +139,6 @@ def _ratio(num: float, den: float) -> float:
     return num / den
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's ρ with average ranks for ties (written here: scipy is not a dependency)."""
-    if len(a) < 2:
-        return float("nan")
-    ra, rb = _average_ranks(a), _average_ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    return ((ends - (counts - 1) / 2.0)[inverse]).astype(np.float64)
-
-
 def open_models(
     models: Sequence[api.ModelSource], data: Sequence[api.DataSource] | None = None
 ) -> tuple[api.Session, ...]:
@@ -256,7 +241,7 @@ def compare_scored(
                 rank=RankAgreement(
                     pairs=len(pairs),
                     spearman=spearman(fa, fb),
-                    kendall=kendall_tau(fa, fb) if len(pairs) >= 2 else float("nan"),
+                    kendall=kendall(fa, fb),
                 ),
             )
         )

@@ -14,6 +14,7 @@ from fitonnx.engine import FisherTraces
 from fitonnx.errors import InternalError
 from fitonnx.graph import Kind, QuantTensor
 from fitonnx.noise import NoiseModel
+from fitonnx.ranks import kendall
 
 DEFAULT_WEIGHT_BITS: tuple[int, ...] = (2, 3, 4, 8)
 DEFAULT_ACTIVATION_BITS: tuple[int, ...] = (8, 16)
@@ -86,16 +87,6 @@ def weight_ranges(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, tup
     }
 
 
-def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
-    """Kendall's τ-a between two score vectors (written here: numpy has none, scipy is not a dependency)."""
-    n = len(a)
-    if n < 2:
-        return 1.0
-    sa = np.sign(a[:, None] - a[None, :])
-    sb = np.sign(b[:, None] - b[None, :])
-    return float((sa * sb).sum() / (n * (n - 1)))
-
-
 def stability(
     per_sample: np.ndarray, scale: np.ndarray, resamples: int = 200, seed: int = 0, top_k: int = 5
 ) -> Stability | None:
@@ -110,7 +101,7 @@ def stability(
     taus, same = [], 0
     for _ in range(resamples):
         boot = per_sample[rng.integers(0, n, n)].mean(axis=0) * scale
-        taus.append(kendall_tau(full, boot))
+        taus.append(kendall(full, boot))
         same += set(np.argsort(-boot)[:k].tolist()) == top
     taus_arr = np.array(taus)
     return Stability(resamples, float(taus_arr.mean()), float(np.quantile(taus_arr, 0.05)), k, same / resamples)

@@ -16,11 +16,12 @@ from onnx import TensorProto, helper, numpy_helper
 from fitonnx.align import align
 from fitonnx.api import Session, open_model
 from fitonnx.cli.main import cli
-from fitonnx.compare import CompareReport, compare, format_table, open_models, spearman, to_dict
+from fitonnx.compare import CompareReport, compare, format_table, open_models, to_dict
 from fitonnx.data import Dataset
 from fitonnx.errors import FitonnxError
 from fitonnx.graph import Kind, find_quantizable
 from fitonnx.prepare.autopad import explicit_conv_pads
+from fitonnx.ranks import spearman
 from fitonnx.runtime import make_session
 
 PAIR = Path(__file__).resolve().parent.parent / "models" / "pair"

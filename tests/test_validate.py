@@ -17,15 +17,13 @@ from fitonnx import api
 from fitonnx.cli.main import cli
 from fitonnx.data import Dataset
 from fitonnx.losses import Likelihood, OutputTarget
+from fitonnx.ranks import kendall, rank_correlations, spearman
 from fitonnx.validate import (
     PREDICTORS,
     ValidationReport,
     damage,
-    kendall,
-    rank_correlations,
     reference,
     sample_configs,
-    spearman,
     to_dict,
     validate,
 )
