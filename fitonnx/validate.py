@@ -43,11 +43,18 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fitonnx import api, engine, losses, noise, simulate
 from fitonnx import data as data_mod
+from fitonnx.damage import (
+    MEASURES,
+    Damage,
+    Reference,
+    damage,
+    reference,
+)
 from fitonnx.data import Dataset
 from fitonnx.errors import DataError, FitonnxError, InternalError
 from fitonnx.graph import Kind
 from fitonnx.instrument import GradientModel
-from fitonnx.losses import PREFIX, Likelihood, OutputTarget
+from fitonnx.losses import PREFIX, OutputTarget
 from fitonnx.ranks import Correlation, rank_correlations
 from fitonnx.report import write_atomic
 from fitonnx.score import ScoreReport
@@ -67,11 +74,6 @@ PREDICTORS: dict[str, str] = {
     "noise_only": "Σ numel·Δ², rounding noise without Fisher",
     "trace_only": "Σ Tr(F)/(2^b − 1)², Fisher trace without ranges",
     "size_only": "Σ numel/(2^b − 1)², tensor sizes and bits only",
-}
-MEASURES: dict[str, str] = {
-    "kl": "KL(float ‖ quantized) of the outputs, mean per held-out sample",
-    "dloss": "change of the mean held-out loss",
-    "accuracy_drop": "float accuracy − quantized accuracy",
 }
 
 
@@ -163,109 +165,6 @@ def sample_configs(
 
 
 # ---------------------------------------------------------------------------------------------
-# Damage measures
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Reference:
-    """What the float model gives on the held-out data, in the form each measure needs."""
-
-    target: OutputTarget
-    out: np.ndarray  # float64, class axis last for categorical
-    logp: np.ndarray | None  # categorical: log-softmax; bernoulli: log σ(z)
-    log1mp: np.ndarray | None  # bernoulli: log(1 − σ(z))
-    labels: np.ndarray | None
-    loss: float | None
-    accuracy: float | None
-
-
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    top = z.max(axis=-1, keepdims=True)
-    return z - top - np.log(np.exp(z - top).sum(axis=-1, keepdims=True))
-
-
-def _as_float64(target: OutputTarget, z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, np.float64)
-    if target.likelihood is Likelihood.CATEGORICAL:
-        if target.class_axis is None:
-            raise InternalError("categorical target without class axis")
-        return np.moveaxis(z, target.class_axis, -1)
-    return z
-
-
-def _per_sample(x: np.ndarray) -> np.ndarray:
-    return x.reshape(x.shape[0], -1).sum(axis=1)
-
-
-def _loss_and_accuracy(
-    target: OutputTarget, z: np.ndarray, logp: np.ndarray | None, log1mp: np.ndarray | None, labels: np.ndarray | None
-) -> tuple[float | None, float | None]:
-    if labels is None:
-        return None, None
-    if target.likelihood is Likelihood.CATEGORICAL and logp is not None:
-        picked = np.take_along_axis(logp, labels[..., None].astype(np.int64), axis=-1)[..., 0]
-        return float(-_per_sample(picked).mean()), float(np.mean(z.argmax(axis=-1) == labels))
-    if target.likelihood is Likelihood.BERNOULLI and logp is not None and log1mp is not None:
-        y = labels.astype(np.float64)
-        loss = float(-_per_sample(y * logp + (1 - y) * log1mp).mean())
-        binary = bool(np.all((y == 0) | (y == 1)))
-        return loss, float(np.mean((z > 0) == (y > 0.5))) if binary else None
-    return float(_per_sample(0.5 * np.square(z - labels.astype(np.float64))).mean()), None
-
-
-def _logs(target: OutputTarget, z: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
-    if target.likelihood is Likelihood.CATEGORICAL:
-        return _log_softmax(z), None
-    if target.likelihood is Likelihood.BERNOULLI:
-        return -np.logaddexp(0.0, -z), -np.logaddexp(0.0, z)
-    return None, None
-
-
-def _check_eval_labels(target: OutputTarget, z: np.ndarray, labels: np.ndarray, source: str) -> None:
-    """Held-out labels must match the output the loss reads (``z``: class axis last if categorical)."""
-    if target.likelihood is Likelihood.CATEGORICAL:
-        if not np.issubdtype(labels.dtype, np.integer):
-            raise DataError(f"expected integer class labels in {source}; found {labels.dtype}")
-        if labels.shape != z.shape[:-1]:
-            raise DataError(f"expected labels of shape {list(z.shape[:-1])} in {source}; found {list(labels.shape)}")
-        if labels.min() < 0 or labels.max() >= z.shape[-1]:
-            raise DataError(
-                f"expected class labels in [0, {z.shape[-1] - 1}] in {source}; "
-                f"found values in [{labels.min()}, {labels.max()}]"
-            )
-    elif labels.shape != z.shape:
-        raise DataError(
-            f"expected labels shaped like the output, {list(z.shape)}, in {source}; found {list(labels.shape)}"
-        )
-
-
-def reference(target: OutputTarget, z_float: np.ndarray, labels: np.ndarray | None, source: str) -> _Reference:
-    z = _as_float64(target, z_float)
-    if labels is not None:
-        _check_eval_labels(target, z, labels, source)
-    logp, log1mp = _logs(target, z)
-    loss, acc = _loss_and_accuracy(target, z, logp, log1mp, labels)
-    return _Reference(target, z, logp, log1mp, labels, loss, acc)
-
-
-def damage(ref: _Reference, z_quant: np.ndarray) -> tuple[float, float | None, float | None]:
-    """(KL, Δloss, accuracy) of quantized outputs against the float reference."""
-    z = _as_float64(ref.target, z_quant)
-    logp, log1mp = _logs(ref.target, z)
-    if ref.target.likelihood is Likelihood.CATEGORICAL and ref.logp is not None and logp is not None:
-        kl = _per_sample(np.exp(ref.logp) * (ref.logp - logp))
-    elif ref.target.likelihood is Likelihood.BERNOULLI and ref.logp is not None and ref.log1mp is not None:
-        p = np.exp(ref.logp)
-        kl = _per_sample(p * (ref.logp - logp) + (1 - p) * (ref.log1mp - log1mp))
-    else:
-        kl = _per_sample(0.5 * np.square(z - ref.out))
-    loss, acc = _loss_and_accuracy(ref.target, z, logp, log1mp, ref.labels)
-    dloss = None if loss is None or ref.loss is None else loss - ref.loss
-    return float(kl.mean()), dloss, acc
-
-
-# ---------------------------------------------------------------------------------------------
 # Predictor tables
 # ---------------------------------------------------------------------------------------------
 
@@ -337,8 +236,9 @@ def _error_model(
 
 
 @dataclass(frozen=True)
-class _Tables:
-    """Per predictor, an array [tensor, bit-width index]; rows in ``names`` order."""
+class PredictorTables:
+    """Every predictor per tensor and candidate width: arrays [tensor, bit-width index], rows in
+    ``names`` order, NaN where a width is not a candidate; a configuration's prediction is a sum."""
 
     names: tuple[str, ...]
     bits: tuple[int, ...]
@@ -359,7 +259,7 @@ def _tables(
     quadratic: Mapping[tuple[str, int], float],
     weight_bits: Sequence[int],
     activation_bits: Sequence[int],
-) -> _Tables:
+) -> PredictorTables:
     """Each predictor per tensor and candidate width (NaN where a width is not a candidate)."""
     if traces.diag is None or traces.points is None:
         raise InternalError("validate needs the diagonal Fisher (keep_gradients) and point statistics (exact_points)")
@@ -409,7 +309,7 @@ def _tables(
                 values["fit_grid"][row, col] = (t.ef_trace - float(held)) * step**2 / 12.0
                 values["noise_only"][row, col] = t.numel * step**2
                 values["fit_measured"][row, col] = measured_acts[(t.name, b)]
-    return _Tables(names, bits, values)
+    return PredictorTables(names, bits, values)
 
 
 def _exact_elements(w: np.ndarray, grid: simulate.Grid, axis: int | None) -> np.ndarray:
@@ -447,15 +347,41 @@ def _eval_dataset(s: api.Session, eval_data: str | os.PathLike[str] | Dataset | 
     return dataset
 
 
-def validate(
+@dataclass(frozen=True)
+class Harness:
+    """Everything configurations are predicted and measured with: the Fisher pass's predictor
+    tables, the simulator on the held-out data and the float reference (``harness``)."""
+
+    session: api.Session
+    target: OutputTarget
+    fisher: losses.FisherMode
+    samples: int
+    held_out: Dataset
+    scheme: Scheme
+    weight_bits: tuple[int, ...]
+    activation_bits: tuple[int, ...]
+    weights: tuple[str, ...]
+    activations: tuple[str, ...]
+    simulator: simulate.Simulator
+    tables: PredictorTables
+    reference: Reference
+
+    def measure(self, config: Config) -> Damage:
+        """The damage ``config`` does on the held-out data."""
+        return damage(self.reference, self.simulator.run(config))
+
+    def predict(self, config: Config) -> dict[str, float]:
+        """What every predictor says of ``config``."""
+        return {p: self.tables.total(p, config) for p in PREDICTORS}
+
+
+def harness(
     model: api.ModelSource,
     data: api.DataSource = None,
     eval_data: str | os.PathLike[str] | Dataset | None = None,
     *,
-    configs: int = DEFAULT_CONFIGS,
     weight_bits: Sequence[int] = DEFAULT_BITS,
     activation_bits: Sequence[int] = DEFAULT_BITS,
-    uniform: bool = True,
     per_channel: bool = False,
     symmetric: bool = False,
     fisher: losses.FisherMode | str | None = None,
@@ -467,20 +393,16 @@ def validate(
     seed: int = 0,
     random_samples: int | None = None,
     batch_size: int = 256,
-    resamples: int = DEFAULT_RESAMPLES,
     fisher_progress: engine.ProgressFn | None = None,
-    config_progress: engine.ProgressFn | None = None,
     session: api.Session | None = None,
-) -> ValidationReport:
-    """Simulate ``configs`` random mixed-precision configurations (plus uniform ones) on held-out
-    data and rank FIT and baselines against the damage each one does.
+) -> Harness:
+    """Run the calibration passes and build the simulator: the stage of ``validate`` before any
+    configuration, for callers that measure configurations of their own.
 
     ``eval_data`` defaults to ``<model>.heldout.npz`` beside the model. The calibration pass runs
     twice (``fisher_progress`` sees both): once for traces and ranges, once more for the measured
     rounding errors, which need those ranges.
     """
-    if configs < 0:
-        raise FitonnxError(f"expected a non-negative number of configurations; found {configs}")
     weight_bits, activation_bits = simulate.check_bits(weight_bits), simulate.check_bits(activation_bits)
     scheme = Scheme(per_channel=per_channel, symmetric=symmetric)
     s = session if session is not None else api.open_model(model, data, random_samples=random_samples, seed=seed)
@@ -513,8 +435,8 @@ def validate(
     act_ranges = {name: (traces.act_min[name], traces.act_max[name]) for name in traces.act_min}
     simulator = simulate.Simulator(sim, s.prepared.model, s.tensors, act_ranges, scheme, held_out, s.specs, batch_size)
 
-    acts = [t.name for t in s.tensors if t.kind is Kind.ACTIVATION]
-    weights = [t.name for t in s.tensors if t.kind is Kind.WEIGHT]
+    acts = tuple(t.name for t in s.tensors if t.kind is Kind.ACTIVATION)
+    weights = tuple(t.name for t in s.tensors if t.kind is Kind.WEIGHT)
     grids = {(a, b): simulator.activation_grid(a, b) for a in acts for b in activation_bits}
     dtypes = {a.name: a.dtype for a in sim.activations}
     weight_errors = {
@@ -530,40 +452,105 @@ def validate(
     measured_acts = {key: float(second.extra[name].mean()) for key, name in outs.diagonal.items()}
     quadratic = {key: float(second.extra[name].mean()) for key, name in outs.quadratic.items()}
     tables = _tables(report, traces, simulator, measured_acts, quadratic, weight_bits, activation_bits)
-
     ref = reference(target, simulator.run(Config.floating()), held_out.labels, held_out.source)
-    sampled = sample_configs(
-        [t.name for t in s.tensors if t.kind is Kind.WEIGHT], acts, weight_bits, activation_bits, configs, seed, uniform
+    return Harness(
+        session=s,
+        target=target,
+        fisher=mode,
+        samples=traces.samples,
+        held_out=held_out,
+        scheme=scheme,
+        weight_bits=weight_bits,
+        activation_bits=activation_bits,
+        weights=weights,
+        activations=acts,
+        simulator=simulator,
+        tables=tables,
+        reference=ref,
     )
+
+
+def validate(
+    model: api.ModelSource,
+    data: api.DataSource = None,
+    eval_data: str | os.PathLike[str] | Dataset | None = None,
+    *,
+    configs: int = DEFAULT_CONFIGS,
+    weight_bits: Sequence[int] = DEFAULT_BITS,
+    activation_bits: Sequence[int] = DEFAULT_BITS,
+    uniform: bool = True,
+    per_channel: bool = False,
+    symmetric: bool = False,
+    fisher: losses.FisherMode | str | None = None,
+    likelihood: losses.Likelihood | str | None = None,
+    output: str | None = None,
+    class_axis: int | None = None,
+    max_samples: int | None = None,
+    tol: float | None = None,
+    seed: int = 0,
+    random_samples: int | None = None,
+    batch_size: int = 256,
+    resamples: int = DEFAULT_RESAMPLES,
+    fisher_progress: engine.ProgressFn | None = None,
+    config_progress: engine.ProgressFn | None = None,
+    session: api.Session | None = None,
+) -> ValidationReport:
+    """Simulate ``configs`` random mixed-precision configurations (plus uniform ones) on held-out
+    data and rank FIT and baselines against the damage each one does (``harness`` explains the
+    shared arguments)."""
+    if configs < 0:
+        raise FitonnxError(f"expected a non-negative number of configurations; found {configs}")
+    h = harness(
+        model,
+        data,
+        eval_data,
+        weight_bits=weight_bits,
+        activation_bits=activation_bits,
+        per_channel=per_channel,
+        symmetric=symmetric,
+        fisher=fisher,
+        likelihood=likelihood,
+        output=output,
+        class_axis=class_axis,
+        max_samples=max_samples,
+        tol=tol,
+        seed=seed,
+        random_samples=random_samples,
+        batch_size=batch_size,
+        fisher_progress=fisher_progress,
+        session=session,
+    )
+    sampled = sample_configs(h.weights, h.activations, h.weight_bits, h.activation_bits, configs, seed, uniform)
     results: list[ConfigResult] = []
     for config, is_uniform in sampled:
-        kl, dloss, acc = damage(ref, simulator.run(config))
+        d = h.measure(config)
         results.append(
             ConfigResult(
                 weight_bits=dict(config.weight_bits),
                 activation_bits=dict(config.activation_bits),
                 uniform=is_uniform,
-                kl=kl,
-                dloss=dloss,
-                accuracy=acc,
-                **{p: tables.total(p, config) for p in PREDICTORS},
+                kl=d.kl,
+                dloss=d.dloss,
+                accuracy=d.accuracy,
+                **h.predict(config),
             )
         )
         if config_progress is not None:
             config_progress(1)
 
+    s, ref = h.session, h.reference
     return ValidationReport(
         model=s.loaded.name,
-        fisher=mode.value,
-        likelihood=target.likelihood.value,
-        output=target.output,
+        fisher=h.fisher.value,
+        likelihood=h.target.likelihood.value,
+        output=h.target.output,
         data_source=s.data.source,
-        samples=traces.samples,
-        eval_source=held_out.source,
-        eval_samples=held_out.num_samples,
-        scheme=scheme,
-        weight_bits=weight_bits,
-        activation_bits=activation_bits,
+        samples=h.samples,
+        eval_source=h.held_out.source,
+        eval_samples=h.held_out.num_samples,
+        scheme=h.scheme,
+        weight_bits=h.weight_bits,
+        activation_bits=h.activation_bits,
         seed=seed,
         resamples=resamples,
         float_loss=ref.loss,

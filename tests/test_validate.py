@@ -15,14 +15,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fitonnx import api
 from fitonnx.cli.main import cli
+from fitonnx.damage import damage, reference
 from fitonnx.data import Dataset
 from fitonnx.losses import Likelihood, OutputTarget
 from fitonnx.ranks import kendall, rank_correlations, spearman
 from fitonnx.validate import (
     PREDICTORS,
     ValidationReport,
-    damage,
-    reference,
     sample_configs,
     to_dict,
     validate,
@@ -83,7 +82,8 @@ def test_damage_measures_by_hand() -> None:
     pf = np.exp(zf) / np.exp(zf).sum(1, keepdims=True)
     pq = np.exp(zq) / np.exp(zq).sum(1, keepdims=True)
     ref = reference(cat, zf, labels, "test")
-    kl, dloss, acc = damage(ref, zq)
+    d = damage(ref, zq)
+    kl, dloss, acc = d.kl, d.dloss, d.accuracy
     assert kl == pytest.approx(np.mean(np.sum(pf * np.log(pf / pq), axis=1)))
     ce = lambda p: -np.mean(np.log(p[[0, 1], labels]))  # noqa: E731
     assert dloss == pytest.approx(ce(pq) - ce(pf))
@@ -91,13 +91,14 @@ def test_damage_measures_by_hand() -> None:
 
     # Class axis 1 of a rank-3 output [N, C, T]: the same numbers per position, summed over T.
     seq = OutputTarget("y", "y", Likelihood.CATEGORICAL, 1, 3)
-    kl3, _, _ = damage(reference(seq, np.stack([zf, zf], -1), None, "t"), np.stack([zq, zq], -1))
+    kl3 = damage(reference(seq, np.stack([zf, zf], -1), None, "t"), np.stack([zq, zq], -1)).kl
     assert kl3 == pytest.approx(2 * kl)
 
     ber = OutputTarget("y", "y", Likelihood.BERNOULLI, None, 2)
     sf, sq = 1 / (1 + np.exp(-zf)), 1 / (1 + np.exp(-zq))
     y = np.array([[1, 0, 1], [0, 0, 1]])
-    kl, dloss, acc = damage(reference(ber, zf, y, "t"), zq)
+    d = damage(reference(ber, zf, y, "t"), zq)
+    kl, dloss, acc = d.kl, d.dloss, d.accuracy
     want = np.sum(sf * np.log(sf / sq) + (1 - sf) * np.log((1 - sf) / (1 - sq)), axis=1).mean()
     assert kl == pytest.approx(want)
     bce = lambda s: -np.mean(np.sum(y * np.log(s) + (1 - y) * np.log(1 - s), axis=1))  # noqa: E731
@@ -105,7 +106,8 @@ def test_damage_measures_by_hand() -> None:
     assert acc == pytest.approx(np.mean((zq > 0) == (y == 1)))
 
     gau = OutputTarget("y", "y", Likelihood.GAUSSIAN, None, 2)
-    kl, dloss, acc = damage(reference(gau, zf, None, "t"), zq)
+    d = damage(reference(gau, zf, None, "t"), zq)
+    kl, dloss, acc = d.kl, d.dloss, d.accuracy
     assert kl == pytest.approx(0.5 * np.mean(np.sum((zq - zf) ** 2, axis=1))) and dloss is None and acc is None
 
 

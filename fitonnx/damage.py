@@ -1,0 +1,155 @@
+"""Measured quantization damage: what a quantized model's outputs lose against the float model's.
+
+Kept per held-out sample, so that callers can look at the spread as well as the means.
+
+Measures (``MEASURES``): KL(float ‖ quantized) of the output distribution, what FIT models; the
+change of loss when labels are present; the accuracy drop of classifiers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fitonnx.errors import DataError, InternalError
+from fitonnx.losses import Likelihood, OutputTarget
+
+MEASURES: dict[str, str] = {
+    "kl": "KL(float ‖ quantized) of the outputs, mean per held-out sample",
+    "dloss": "change of the mean held-out loss",
+    "accuracy_drop": "float accuracy − quantized accuracy",
+}
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What the float model gives on the held-out data, in the form each measure needs."""
+
+    target: OutputTarget
+    out: np.ndarray  # float64, class axis last for categorical
+    logp: np.ndarray | None  # categorical: log-softmax; bernoulli: log σ(z)
+    log1mp: np.ndarray | None  # bernoulli: log(1 − σ(z))
+    labels: np.ndarray | None
+    sample_loss: np.ndarray | None  # per held-out sample
+    sample_correct: np.ndarray | None  # per held-out sample: the fraction of its outputs right
+
+    @property
+    def loss(self) -> float | None:
+        return None if self.sample_loss is None else float(self.sample_loss.mean())
+
+    @property
+    def accuracy(self) -> float | None:
+        return None if self.sample_correct is None else float(self.sample_correct.mean())
+
+
+@dataclass(frozen=True)
+class Damage:
+    """One quantized model's damage, per held-out sample; the measures are their means."""
+
+    sample_kl: np.ndarray
+    sample_dloss: np.ndarray | None
+    sample_correct: np.ndarray | None
+
+    @property
+    def kl(self) -> float:
+        return float(self.sample_kl.mean())
+
+    @property
+    def dloss(self) -> float | None:
+        return None if self.sample_dloss is None else float(self.sample_dloss.mean())
+
+    @property
+    def accuracy(self) -> float | None:
+        return None if self.sample_correct is None else float(self.sample_correct.mean())
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    top = z.max(axis=-1, keepdims=True)
+    return z - top - np.log(np.exp(z - top).sum(axis=-1, keepdims=True))
+
+
+def _as_float64(target: OutputTarget, z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, np.float64)
+    if target.likelihood is Likelihood.CATEGORICAL:
+        if target.class_axis is None:
+            raise InternalError("categorical target without class axis")
+        return np.moveaxis(z, target.class_axis, -1)
+    return z
+
+
+def _per_sample(x: np.ndarray) -> np.ndarray:
+    return x.reshape(x.shape[0], -1).sum(axis=1)
+
+
+def _per_sample_mean(x: np.ndarray) -> np.ndarray:
+    return x.reshape(x.shape[0], -1).mean(axis=1)
+
+
+def _loss_and_correct(
+    target: OutputTarget, z: np.ndarray, logp: np.ndarray | None, log1mp: np.ndarray | None, labels: np.ndarray | None
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Per-sample loss and per-sample fraction of correct outputs (None where undefined)."""
+    if labels is None:
+        return None, None
+    if target.likelihood is Likelihood.CATEGORICAL and logp is not None:
+        picked = np.take_along_axis(logp, labels[..., None].astype(np.int64), axis=-1)[..., 0]
+        return -_per_sample(picked), _per_sample_mean(z.argmax(axis=-1) == labels)
+    if target.likelihood is Likelihood.BERNOULLI and logp is not None and log1mp is not None:
+        y = labels.astype(np.float64)
+        loss = -_per_sample(y * logp + (1 - y) * log1mp)
+        binary = bool(np.all((y == 0) | (y == 1)))
+        return loss, _per_sample_mean((z > 0) == (y > 0.5)) if binary else None
+    return _per_sample(0.5 * np.square(z - labels.astype(np.float64))), None
+
+
+def _logs(target: OutputTarget, z: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    if target.likelihood is Likelihood.CATEGORICAL:
+        return _log_softmax(z), None
+    if target.likelihood is Likelihood.BERNOULLI:
+        return -np.logaddexp(0.0, -z), -np.logaddexp(0.0, z)
+    return None, None
+
+
+def _check_eval_labels(target: OutputTarget, z: np.ndarray, labels: np.ndarray, source: str) -> None:
+    """Held-out labels must match the output the loss reads (``z``: class axis last if categorical)."""
+    if target.likelihood is Likelihood.CATEGORICAL:
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"expected integer class labels in {source}; found {labels.dtype}")
+        if labels.shape != z.shape[:-1]:
+            raise DataError(f"expected labels of shape {list(z.shape[:-1])} in {source}; found {list(labels.shape)}")
+        if labels.min() < 0 or labels.max() >= z.shape[-1]:
+            raise DataError(
+                f"expected class labels in [0, {z.shape[-1] - 1}] in {source}; "
+                f"found values in [{labels.min()}, {labels.max()}]"
+            )
+    elif labels.shape != z.shape:
+        raise DataError(
+            f"expected labels shaped like the output, {list(z.shape)}, in {source}; found {list(labels.shape)}"
+        )
+
+
+def reference(target: OutputTarget, z_float: np.ndarray, labels: np.ndarray | None, source: str) -> Reference:
+    """The float model's outputs on the held-out data (labels checked against them)."""
+    z = _as_float64(target, z_float)
+    if labels is not None:
+        _check_eval_labels(target, z, labels, source)
+    logp, log1mp = _logs(target, z)
+    loss, correct = _loss_and_correct(target, z, logp, log1mp, labels)
+    return Reference(target, z, logp, log1mp, labels, loss, correct)
+
+
+def damage(ref: Reference, z_quant: np.ndarray) -> Damage:
+    """KL, loss change and correctness of quantized outputs against the float reference, per sample."""
+    z = _as_float64(ref.target, z_quant)
+    logp, log1mp = _logs(ref.target, z)
+    if ref.target.likelihood is Likelihood.CATEGORICAL and ref.logp is not None and logp is not None:
+        kl = _per_sample(np.exp(ref.logp) * (ref.logp - logp))
+    elif ref.target.likelihood is Likelihood.BERNOULLI and ref.logp is not None and ref.log1mp is not None:
+        p = np.exp(ref.logp)
+        kl = _per_sample(p * (ref.logp - logp) + (1 - p) * (ref.log1mp - log1mp))
+    else:
+        kl = _per_sample(0.5 * np.square(z - ref.out))
+    loss, correct = _loss_and_correct(ref.target, z, logp, log1mp, ref.labels)
+    dloss = None if loss is None or ref.sample_loss is None else loss - ref.sample_loss
+    return Damage(kl, dloss, correct)
