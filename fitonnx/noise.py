@@ -5,12 +5,13 @@ E[δ²] = Δ²/12, so FIT_t(b) = Tr(F_t)·Δ_t(b)²/12.
 
 ``grid``: elements whose value is itself a level of the quantization grid are not perturbed at
 all. Which values those are is a property of the grid, not of the data, and holds at every bit
-width: the grid's end points min and max (min/max calibration puts them there) and 0 wherever the
-grid has it (deployment toolchains make 0 a level; with a min/max grid it is one when it is the
-min or the max, as for every ReLU output). Such elements are common: ReLU zeros, blank and
-saturated pixels of an image input. So FIT_t(b) = Tr_pert(F_t)·Δ_t(b)²/12 with
-Tr_pert(F_t) = Tr(F_t) − Σ_v (1/N)·Σ_i ‖g_i ⊙ 1[t_i = v]‖² over the distinct values v ∈ {0, min,
-max} the grid represents exactly (gradient-graph statistics, ``engine.PointTraces``).
+width: 0 always (deployment toolchains make it a level through an integer zero point, and so do
+fitonnx's grids, ``zero_point``), and the range's end points min and max when the grid lands
+on them (when the other end is 0, as for every ReLU output or an image input in [0, 1]). Such
+elements are common: ReLU zeros, blank and saturated pixels of an image input. So
+FIT_t(b) = Tr_pert(F_t)·Δ_t(b)²/12 with Tr_pert(F_t) = Tr(F_t) − Σ_v (1/N)·Σ_i ‖g_i ⊙ 1[t_i = v]‖²
+over the distinct values v ∈ {0, min, max} the grid represents exactly (gradient-graph
+statistics, ``engine.PointTraces``).
 """
 
 from __future__ import annotations
@@ -66,8 +67,29 @@ def unperturbed(
 
 
 def step(lo: float | np.ndarray, hi: float | np.ndarray, bits: int) -> float | np.ndarray:
-    """Δ(b) = (max − min) / (2^b − 1)."""
-    return (np.asarray(hi, np.float64) - np.asarray(lo, np.float64)) / (2.0**bits - 1.0)
+    """Δ(b) = (max − min) / (2^b − 1) over the range widened to hold 0.
+
+    Deployment toolchains (ONNX QuantizeLinear's integer zero point, QNN's offset, ONNX Runtime's
+    calibrator) always make 0 a level, so a range that excludes 0 is widened to reach it; for the
+    usual range with min ≤ 0 ≤ max this is FIT.md's Δ unchanged.
+    """
+    lo64 = np.minimum(np.asarray(lo, np.float64), 0.0)
+    hi64 = np.maximum(np.asarray(hi, np.float64), 0.0)
+    return (hi64 - lo64) / (2.0**bits - 1.0)
+
+
+def zero_point(lo: float | np.ndarray, step_: float | np.ndarray) -> float | np.ndarray:
+    """The integer zero point of the asymmetric grid with step Δ for a range starting at ``lo``.
+
+    It is ``−round(min(lo, 0)/Δ)``, QuantizeLinear's zero point: the levels are (k − zero point)·Δ,
+    0 is one of them exactly, and the grid is the min/max grid shifted by less than half a step
+    (so a value at the far end may clip by at most Δ/2). Without the shift 0 falls between two
+    levels and every near-zero value moves the same way, a correlated error the uniform-noise
+    model cannot see.
+    """
+    lo64 = np.minimum(np.asarray(lo, np.float64), 0.0)
+    s = np.asarray(step_, np.float64)
+    return np.where(s == 0, 0.0, -np.round(lo64 / np.where(s == 0, 1.0, s)))
 
 
 def noise_power(lo: float | np.ndarray, hi: float | np.ndarray, bits: int) -> float | np.ndarray:

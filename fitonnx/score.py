@@ -117,13 +117,14 @@ def perturbed_traces(traces: FisherTraces, lo: np.ndarray, hi: np.ndarray, bits:
     levels = 2**bits - 1
     for j in range(out.shape[1]):
         step = float(noise.step(lo[j], hi[j], bits))
+        start = -float(noise.zero_point(lo[j], step)) * step
         out[:, j] -= noise.unperturbed(
             points.zero[:, j],
             points.at_min[:, j],
             points.at_max[:, j],
             float(lo[j]),
             float(hi[j]),
-            lambda v, j=j, step=step: noise.represented(v, float(lo[j]), step, levels),
+            lambda v, start=start, step=step: noise.represented(v, start, step, levels),
         )
     return out
 

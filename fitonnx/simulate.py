@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from fitonnx import noise
 from fitonnx.data import Dataset
 from fitonnx.errors import FitonnxError, InternalError, ModelError, UnsupportedError
 from fitonnx.graph import InputSpec, Kind, QuantTensor
@@ -57,11 +58,18 @@ class Scheme:
 
 @dataclass(frozen=True)
 class Grid:
-    """The levels ``lo + k·step``, ``k = 0..levels``; ``lo``/``step`` broadcast against the tensor."""
+    """The levels ``(k − zero_point)·step``, ``k = 0..levels``, as QuantizeLinear/DequantizeLinear
+    define them: ``zero_point`` is an integer (held in float64), so 0 is a level exactly.
+    ``zero_point``/``step`` broadcast against the tensor."""
 
-    lo: np.ndarray
+    zero_point: np.ndarray
     step: np.ndarray
     levels: int
+
+    @property
+    def lo(self) -> np.ndarray:
+        """The lowest level."""
+        return -self.zero_point * self.step
 
 
 def check_bits(bits: Sequence[int]) -> tuple[int, ...]:
@@ -78,19 +86,21 @@ def make_grid(lo: np.ndarray | float, hi: np.ndarray | float, bits: int, symmetr
     hi64 = np.asarray(hi, np.float64)
     if symmetric:
         m = np.maximum(np.abs(lo64), np.abs(hi64))
-        start, step, levels = -m, m / (2.0 ** (bits - 1) - 1.0), 2**bits - 2
+        half = 2.0 ** (bits - 1) - 1.0
+        step, zero_point, levels = m / half, np.full_like(m, half), 2**bits - 2
     else:
-        start, step, levels = lo64, (hi64 - lo64) / (2.0**bits - 1.0), 2**bits - 1
-    # A constant tensor (or channel) has step 0: any positive step with lo = the constant maps it
-    # to itself, and the quantizer stays the identity there.
+        step = np.asarray(noise.step(lo64, hi64, bits), np.float64)
+        zero_point, levels = np.asarray(noise.zero_point(lo64, step), np.float64), 2**bits - 1
+    # An all-zero tensor (or channel) has step 0: any positive step with zero point 0 maps it to
+    # itself, and the quantizer stays the identity there.
     flat = step == 0
-    return Grid(lo=np.where(flat, lo64, start), step=np.where(flat, 1.0, step), levels=levels)
+    return Grid(zero_point=np.where(flat, 0.0, zero_point), step=np.where(flat, 1.0, step), levels=levels)
 
 
 def quantize(x: np.ndarray, grid: Grid) -> np.ndarray:
     """Round ``x`` to the nearest grid level (clipped to the grid), in float64, returned in x's dtype."""
-    q = np.clip(np.round((x.astype(np.float64) - grid.lo) / grid.step), 0, grid.levels)
-    return (q * grid.step + grid.lo).astype(x.dtype)
+    q = np.clip(np.round(x.astype(np.float64) / grid.step) + grid.zero_point, 0, grid.levels)
+    return ((q - grid.zero_point) * grid.step).astype(x.dtype)
 
 
 # op type -> (node, input slot, weight rank) -> the output-channel axis of the weight in that slot.
@@ -166,7 +176,7 @@ class ActivationInputs:
     """The graph inputs that set one activation's fake quantizer."""
 
     name: str
-    lo: str
+    zero_point: str
     step: str
     levels: str
     on: str
@@ -248,21 +258,21 @@ def build(
         p = f"{PREFIX}sim{i}_"
         elem = types.get(act.name, TensorProto.FLOAT)
         ai = ActivationInputs(
-            act.name, p + "lo", p + "step", p + "levels", p + "on", np.dtype(helper.tensor_dtype_to_np_dtype(elem))
+            act.name, p + "zp", p + "step", p + "levels", p + "on", np.dtype(helper.tensor_dtype_to_np_dtype(elem))
         )
-        for name in (ai.lo, ai.step, ai.levels):
+        for name in (ai.zero_point, ai.step, ai.levels):
             g.input.append(helper.make_tensor_value_info(name, elem, []))
         g.input.append(helper.make_tensor_value_info(ai.on, TensorProto.BOOL, []))
         g.initializer.append(numpy_helper.from_array(np.zeros((), ai.dtype), p + "zero"))
         n = helper.make_node
         fq_nodes.append(
             [
-                n("Sub", [act.name, ai.lo], [p + "shifted"], name=p + "sub"),
-                n("Div", [p + "shifted", ai.step], [p + "scaled"], name=p + "div"),
+                n("Div", [act.name, ai.step], [p + "scaled"], name=p + "div"),
                 n("Round", [p + "scaled"], [p + "rounded"], name=p + "round"),
-                n("Clip", [p + "rounded", p + "zero", ai.levels], [p + "q"], name=p + "clip"),
-                n("Mul", [p + "q", ai.step], [p + "deq"], name=p + "mul"),
-                n("Add", [p + "deq", ai.lo], [p + "fq"], name=p + "add"),
+                n("Add", [p + "rounded", ai.zero_point], [p + "shifted"], name=p + "add"),
+                n("Clip", [p + "shifted", p + "zero", ai.levels], [p + "q"], name=p + "clip"),
+                n("Sub", [p + "q", ai.zero_point], [p + "centred"], name=p + "sub"),
+                n("Mul", [p + "centred", ai.step], [p + "fq"], name=p + "mul"),
                 n("Where", [ai.on, p + "fq", act.name], [p + "out"], name=p + "where"),
             ]
         )
@@ -412,11 +422,11 @@ class Simulator:
         for a in self.sim.activations:
             bits = config.activation_bits.get(a.name)
             if bits is None:
-                lo, step, levels, on = 0.0, 1.0, 1.0, False
+                zero_point, step, levels, on = 0.0, 1.0, 1.0, False
             else:
                 grid = self.activation_grid(a.name, bits)
-                lo, step, levels, on = float(grid.lo), float(grid.step), float(grid.levels), True
-            feed[a.lo] = np.array(lo, a.dtype)
+                zero_point, step, levels, on = float(grid.zero_point), float(grid.step), float(grid.levels), True
+            feed[a.zero_point] = np.array(zero_point, a.dtype)
             feed[a.step] = np.array(step, a.dtype)
             feed[a.levels] = np.array(levels, a.dtype)
             feed[a.on] = np.array(on)

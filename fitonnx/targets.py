@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
+from fitonnx import noise
 from fitonnx.errors import FitonnxError
 from fitonnx.graph import Kind
 
@@ -51,7 +52,8 @@ class Target:
     def step(self, kind: Kind, lo: float, hi: float, bits: int) -> float:
         """The rounding step Δ of this target's grid at ``bits`` for a tensor spanning [lo, hi].
 
-        Asymmetric: (max − min)/(2^b − 1), FIT.md's model. Symmetric: max|x|/(2^(b−1) − 1).
+        Asymmetric: (max − min)/(2^b − 1) over the range widened to hold 0 (``noise.step``), FIT.md's
+        model. Symmetric: max|x|/(2^(b−1) − 1).
         Float16: the spacing of float16 numbers at the tensor's largest magnitude (an upper
         bound on the rounding step anywhere in the tensor).
         """
@@ -60,7 +62,7 @@ class Target:
             return 0.0 if m == 0.0 else 2.0 ** (math.floor(math.log2(m)) - FLOAT16_MANTISSA_BITS)
         if self.scheme(kind) is Scheme.SYMMETRIC:
             return max(abs(lo), abs(hi)) / (2.0 ** (bits - 1) - 1.0)
-        return (hi - lo) / (2.0**bits - 1.0)
+        return float(noise.step(lo, hi, bits))
 
     def fit(self, kind: Kind, trace: float, lo: float, hi: float, bits: int) -> float:
         """FIT_t(b) = Tr(F_t) · Δ_t(b)² / 12 with this target's step."""

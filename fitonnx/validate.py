@@ -205,16 +205,21 @@ def _error_model(
                 )
             else:
                 grid, dtype = grids[(t.name, b)], dtypes[t.name]
-                for suffix, value in (("lo", grid.lo), ("step", grid.step), ("levels", grid.levels), ("zero", 0.0)):
+                for suffix, value in (
+                    ("zp", grid.zero_point),
+                    ("step", grid.step),
+                    ("levels", grid.levels),
+                    ("zero", 0.0),
+                ):
                     g.initializer.append(numpy_helper.from_array(np.array(value, dtype), p + suffix))
                 g.node.extend(
                     [
-                        n("Sub", [t.name, p + "lo"], [p + "shifted"]),
-                        n("Div", [p + "shifted", p + "step"], [p + "scaled"]),
+                        n("Div", [t.name, p + "step"], [p + "scaled"]),
                         n("Round", [p + "scaled"], [p + "rounded"]),
-                        n("Clip", [p + "rounded", p + "zero", p + "levels"], [p + "q"]),
-                        n("Mul", [p + "q", p + "step"], [p + "deq"]),
-                        n("Add", [p + "deq", p + "lo"], [p + "fq"]),
+                        n("Add", [p + "rounded", p + "zp"], [p + "shifted"]),
+                        n("Clip", [p + "shifted", p + "zero", p + "levels"], [p + "q"]),
+                        n("Sub", [p + "q", p + "zp"], [p + "centred"]),
+                        n("Mul", [p + "centred", p + "step"], [p + "fq"]),
                         n("Sub", [p + "fq", t.name], [p + "err"]),
                         n("Cast", [p + "err"], [p + "err64"], to=TensorProto.DOUBLE),
                     ]

@@ -134,8 +134,9 @@ def _grid_fit(trace: float, masses: dict[str, float], lo: float, hi: float, bits
     if symmetric:
         m = max(abs(lo), abs(hi))
         start, step, levels = -m, m / (2 ** (bits - 1) - 1), 2**bits - 2
-    else:
-        start, step, levels = lo, (hi - lo) / (2**bits - 1), 2**bits - 1
+    else:  # integer zero point: the range widened to hold 0, and 0 a level
+        step, levels = (max(hi, 0.0) - min(lo, 0.0)) / (2**bits - 1), 2**bits - 1
+        start = round(min(lo, 0.0) / step) * step
     held, seen = 0.0, set()
     for v, kind in ((0.0, "zero"), (lo, "at_min"), (hi, "at_max")):
         k = np.clip(np.rint((v - start) / step), 0, levels)

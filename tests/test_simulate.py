@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from fitonnx import api
 from fitonnx.data import Dataset
 from fitonnx.errors import FitonnxError
+from fitonnx.export.qnn import encoding_from_range
 from fitonnx.graph import Kind
 from fitonnx.simulate import Config, Scheme, Simulator, build, make_grid, quantize
 
@@ -80,8 +81,10 @@ def np_fake_quant(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int, symm
         delta = m / (2 ** (bits - 1) - 1)
         k = np.clip(np.rint(x / delta), -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1)
         return k * delta
-    delta = (hi - lo) / (2**bits - 1)
-    return lo + delta * np.clip(np.rint((x - lo) / delta), 0, 2**bits - 1)
+    # QuantizeLinear with an integer zero point over the range widened to hold 0.
+    scale = (np.maximum(hi, 0) - np.minimum(lo, 0)) / (2**bits - 1)
+    zero_point = np.rint(-np.minimum(lo, 0) / scale)
+    return (np.clip(np.rint(x / scale) + zero_point, 0, 2**bits - 1) - zero_point) * scale
 
 
 def np_weight(w: np.ndarray, bits: int, symmetric: bool, axis: int | None) -> np.ndarray:
@@ -203,6 +206,24 @@ def test_grids_by_hand() -> None:
     np.testing.assert_allclose(quantize(np.array([-0.9, 0.0, 0.1, 0.4, 2.0]), g), [-1, 0, 0, 1 / 3, 1])
     # A constant tensor is left as it is.
     assert quantize(np.full(3, 2.5), make_grid(2.5, 2.5, 4, False)).tolist() == [2.5, 2.5, 2.5]
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_grids_are_the_qnn_encodings_grids(symmetric: bool) -> None:
+    # The simulation must quantize as a toolchain would: the same grid as the QNN exporter's
+    # encodings (a separate implementation, float = (q + offset)·scale), 0 always a level.
+    rng = np.random.default_rng(0)
+    for lo, hi in [(-0.93, 0.47), (0.0, 6.0), (0.2, 1.7), (-3.0, -0.5), (-1.0, 1.0), *rng.normal(size=(20, 2))]:
+        lo, hi = min(lo, hi), max(lo, hi)
+        if hi - lo < 0.02:
+            continue
+        for bits in range(2, 9):
+            e = encoding_from_range(lo, hi, bits, symmetric=symmetric)
+            x = np.concatenate([rng.uniform(lo, hi, 500), [lo, hi, 0.0]])
+            q = np.clip(np.round(x / e.scale) - e.offset, 0, 2**bits - 1)
+            grid = make_grid(lo, hi, bits, symmetric)
+            np.testing.assert_allclose(quantize(x, grid), (q + e.offset) * e.scale, rtol=0, atol=1e-12)
+            assert quantize(np.zeros(1), grid)[0] == 0.0
 
 
 def _sample_shape(model: onnx.ModelProto) -> list[int]:

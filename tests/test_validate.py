@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +20,12 @@ from fitonnx.damage import damage, reference
 from fitonnx.data import Dataset
 from fitonnx.losses import Likelihood, OutputTarget
 from fitonnx.ranks import kendall, rank_correlations, spearman
+from fitonnx.simulate import Config
 from fitonnx.validate import (
     PREDICTORS,
+    Harness,
     ValidationReport,
+    harness,
     sample_configs,
     to_dict,
     validate,
@@ -154,8 +158,10 @@ def np_forward(p: dict[str, np.ndarray], x: np.ndarray, quant: dict | None = Non
 
 
 def np_quant(t: np.ndarray, lo: np.ndarray | float, hi: np.ndarray | float, bits: int) -> np.ndarray:
-    delta = (hi - lo) / (2**bits - 1)
-    return lo + delta * np.clip(np.rint((t - lo) / delta), 0, 2**bits - 1)
+    # QuantizeLinear with an integer zero point over the range widened to hold 0.
+    scale = (np.maximum(hi, 0) - np.minimum(lo, 0)) / (2**bits - 1)
+    zero_point = np.rint(-np.minimum(lo, 0) / scale)
+    return (np.clip(np.rint(t / scale) + zero_point, 0, 2**bits - 1) - zero_point) * scale
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:
@@ -237,7 +243,7 @@ def test_predictors_match_numpy(mlp_case: tuple, mlp_report: ValidationReport) -
     calib_f = np_forward(p64, calib.arrays["x"])
     for c in mlp_report.configs:
         bits = {**c.weight_bits, **c.activation_bits}
-        step = {k: (ranges[k][1] - ranges[k][0]) / (2 ** bits[k] - 1) for k in bits}
+        step = {k: (max(ranges[k][1], 0) - min(ranges[k][0], 0)) / (2 ** bits[k] - 1) for k in bits}
         assert c.fit == pytest.approx(sum(trace[k] * step[k] ** 2 / 12 for k in bits), rel=1e-4)
         assert c.noise_only == pytest.approx(sum(numel[k] * step[k] ** 2 for k in bits), rel=1e-6)
         assert c.trace_only == pytest.approx(sum(trace[k] / (2 ** bits[k] - 1) ** 2 for k in bits), rel=1e-4)
@@ -314,36 +320,74 @@ def test_symmetric_fit_uses_the_symmetric_step(mlp_case: tuple) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+MODELS = Path(__file__).resolve().parent.parent / "models"
+SEEDS = range(5)
+
+
+@dataclass(frozen=True)
+class _Runs:
+    """100 random + 6 uniform configurations per seed in SEEDS and their measured KL (what
+    ``validate(configs=100, seed=s)`` ranks), from one calibration pass for all seeds."""
+
+    configs: tuple[tuple[Config, ...], ...]
+    kl: tuple[tuple[float, ...], ...]
+
+    def rho(self, h: Harness, predictor: str) -> np.ndarray:
+        return np.array(
+            [
+                spearman([h.tables.total(predictor, c) for c in cs], kl)
+                for cs, kl in zip(self.configs, self.kl, strict=True)
+            ]
+        )
+
+
+def _runs(h: Harness) -> _Runs:
+    configs = tuple(
+        tuple(c for c, _ in sample_configs(h.weights, h.activations, h.weight_bits, h.activation_bits, 100, seed))
+        for seed in SEEDS
+    )
+    return _Runs(configs, tuple(tuple(h.measure(c).kl for c in cs) for cs in configs))
+
+
+@pytest.fixture(scope="module")
+def bundled() -> dict[str, tuple[Harness, _Runs]]:
+    out = {}
+    for name in ("mnist_cnn", "digits_mlp"):
+        h = harness(MODELS / f"{name}.onnx")
+        out[name] = (h, _runs(h))
+    return out
+
+
 @pytest.mark.parametrize(
-    ("name", "beats"),
-    [("mnist_cnn", ("noise_only", "trace_only", "size_only")), ("digits_mlp", ("trace_only", "size_only"))],
+    ("name", "floor", "median_floor", "margin"),
+    [
+        # Measured (empirical Fisher from the bundled 256 calibration samples, 3–8 bits), seeds 0–4:
+        #   mnist_cnn:  fit 0.950 0.957 0.971 0.955 0.963; noise_only ≤ 0.833, trace_only ≤ 0.802, size_only ≤ 0.712
+        #   digits_mlp: fit 0.951 0.910 0.936 0.945 0.940; noise_only ≤ 0.867, trace_only ≤ 0.754, size_only ≤ 0.808
+        ("mnist_cnn", 0.94, 0.95, 0.10),
+        ("digits_mlp", 0.90, 0.93, 0.05),
+    ],
 )
-def test_fit_ranks_kl_on_the_bundled_models(name: str, beats: tuple[str, ...]) -> None:
-    # Measured with 40 random + 6 uniform configurations of 3–8 bits, seeds 0–4: ρ(FIT, KL) was
-    # 0.947–0.952 (mnist_cnn) and 0.880–0.938 (digits_mlp); the best baseline reached 0.868 and
-    # 0.88 (noise only, which on digits_mlp is close to FIT, so it is not asserted there).
-    models = Path(__file__).resolve().parent.parent / "models"
-    report = validate(models / f"{name}.onnx", configs=40, resamples=0)
-    rho = report.correlation("fit", "kl").spearman
-    assert rho >= 0.85
-    for baseline in beats:
-        assert rho > report.correlation(baseline, "kl").spearman + 0.03
+def test_fit_ranks_kl_on_the_bundled_models(
+    bundled: dict[str, tuple[Harness, _Runs]], name: str, floor: float, median_floor: float, margin: float
+) -> None:
+    h, runs = bundled[name]
+    fit = runs.rho(h, "fit")
+    assert fit.min() >= floor and np.median(fit) >= median_floor
+    for baseline in ("noise_only", "trace_only", "size_only"):
+        assert np.median(fit) > np.median(runs.rho(h, baseline)) + margin
 
 
-@pytest.mark.parametrize(("name", "configs", "grid_floor"), [("mnist_cnn", 40, 0.95), ("digits_mlp", 100, None)])
-def test_refinements_reach_the_target_on_the_bundled_models(name: str, configs: int, grid_floor: float | None) -> None:
-    # Exact true Fisher, 3–8 bits, configurations drawn with seeds 0–4 (the exact Fisher itself
-    # has no randomness), ρ(·, KL):
-    #   mnist_cnn, 40 configs:   fit 0.948–0.959, fit_grid 0.959–0.973, quadratic 0.965–0.985
-    #   digits_mlp, 100 configs: fit 0.883–0.949, fit_grid 0.918–0.966, quadratic 0.952–0.975
-    # (seed 0, asserted here: mnist 0.948 / 0.968 / 0.972; digits 0.949 / 0.966 / 0.974).
-    models = Path(__file__).resolve().parent.parent / "models"
-    report = validate(models / f"{name}.onnx", configs=configs, resamples=0, fisher="exact")
-    rho = {p: report.correlation(p, "kl").spearman for p in ("fit", "fit_grid", "quadratic")}
-    assert rho["quadratic"] >= 0.95
-    assert rho["fit_grid"] > rho["fit"] + 0.01
-    if grid_floor is not None:
-        assert rho["fit_grid"] >= grid_floor
+def test_exact_fisher_and_grid_noise_on_mnist_cnn(bundled: dict[str, tuple[Harness, _Runs]]) -> None:
+    # Exact Fisher, seeds 0–4: fit 0.952–0.970 (median 0.960), fit_grid 0.963–0.980 (0.973),
+    # quadratic 0.945–0.970 (0.956). The grid model helps here because the input's blank and full
+    # pixels and the ReLU zeros sit on grid levels, where the uniform model puts noise that is not there.
+    _, runs = bundled["mnist_cnn"]  # the same configurations and KL: the Fisher does not change them
+    h = harness(MODELS / "mnist_cnn.onnx", fisher="exact")
+    fit, grid, quadratic = (runs.rho(h, p) for p in ("fit", "fit_grid", "quadratic"))
+    assert fit.min() >= 0.95
+    assert grid.min() >= 0.96 and np.median(grid - fit) > 0.005
+    assert np.median(quadratic) >= 0.95
 
 
 # ---------------------------------------------------------------------------------------------
