@@ -1,6 +1,10 @@
 """Measured quantization damage: what a quantized model's outputs lose against the float model's.
 
-Kept per held-out sample, so that callers can look at the spread as well as the means.
+Per held-out sample, so that a measure's own noise can be estimated: ``reliability`` splits the
+held-out samples into two halves many times and asks how well the two halves rank the same
+configurations. That split-half agreement is a ceiling on what any predictor can show against the
+measurement; without it, a ρ of 0.93 cannot be told apart from a measurement that only
+reproduces itself to 0.93.
 
 Measures (``MEASURES``): KL(float ‖ quantized) of the output distribution, what FIT models; the
 change of loss when labels are present; the accuracy drop of classifiers.
@@ -8,18 +12,22 @@ change of loss when labels are present; the accuracy drop of classifiers.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from fitonnx.errors import DataError, InternalError
 from fitonnx.losses import Likelihood, OutputTarget
+from fitonnx.ranks import spearman
 
 MEASURES: dict[str, str] = {
     "kl": "KL(float ‖ quantized) of the outputs, mean per held-out sample",
     "dloss": "change of the mean held-out loss",
     "accuracy_drop": "float accuracy − quantized accuracy",
 }
+DEFAULT_SPLITS = 50
+CONTINUOUS = ("kl", "dloss")
 
 
 @dataclass(frozen=True)
@@ -153,3 +161,64 @@ def damage(ref: Reference, z_quant: np.ndarray) -> Damage:
     loss, correct = _loss_and_correct(ref.target, z, logp, log1mp, ref.labels)
     dloss = None if loss is None or ref.sample_loss is None else loss - ref.sample_loss
     return Damage(kl, dloss, correct)
+
+
+def per_sample_measures(ref: Reference, damages: Sequence[Damage]) -> dict[str, np.ndarray]:
+    """Each measure defined for every configuration as a matrix [configuration, held-out sample]
+    whose row means are the measure (accuracy drop: float correct − quantized correct)."""
+    out = {"kl": np.stack([d.sample_kl for d in damages])}
+    dloss = [d.sample_dloss for d in damages]
+    if dloss and all(x is not None for x in dloss):
+        out["dloss"] = np.stack(dloss)  # type: ignore[arg-type]
+    correct = [d.sample_correct for d in damages]
+    if ref.sample_correct is not None and correct and all(x is not None for x in correct):
+        out["accuracy_drop"] = ref.sample_correct[None, :] - np.stack(correct)  # type: ignore[arg-type]
+    return out
+
+
+@dataclass(frozen=True)
+class Reliability:
+    """How well a measure reproduces itself: Spearman ρ between the configuration rankings of two
+    random halves of the held-out samples (mean over ``splits`` splits), and that agreement
+    carried to the whole set by the Spearman–Brown formula 2ρ/(1 + ρ)."""
+
+    measure: str
+    split_half: float
+    full: float
+    splits: int
+
+    @property
+    def ceiling(self) -> float:
+        """√full: the correlation a perfect predictor of the measure's expectation would show with
+        the measurement itself (classical test theory; approximate for ranks)."""
+        return float(np.sqrt(self.full)) if self.full > 0 else float("nan")
+
+
+def reliability(
+    per_sample: Mapping[str, np.ndarray], splits: int = DEFAULT_SPLITS, seed: int = 0
+) -> tuple[Reliability, ...]:
+    """Split-half reliability of each continuous measure (matrices [configuration, sample]).
+
+    The accuracy drop is left out: it moves in steps of one sample, so most configurations tie on
+    a half of the data, and rank agreement between halves of tied values says nothing about the
+    whole set's noise.
+    """
+    out = []
+    for name, m in per_sample.items():
+        if name not in CONTINUOUS:
+            continue
+        n_configs, n = m.shape
+        if n < 4 or n_configs < 3 or splits < 1:
+            continue
+        rng = np.random.default_rng(seed)
+        rhos = []
+        for _ in range(splits):
+            order = rng.permutation(n)
+            a, b = order[: n // 2], order[n // 2 :]
+            rhos.append(spearman(m[:, a].mean(axis=1), m[:, b].mean(axis=1)))
+        finite = [r for r in rhos if np.isfinite(r)]
+        if not finite:
+            continue
+        rho = float(np.mean(finite))
+        out.append(Reliability(name, rho, 2 * rho / (1 + rho) if rho > -1 else float("nan"), splits))
+    return tuple(out)

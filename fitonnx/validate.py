@@ -47,8 +47,11 @@ from fitonnx.damage import (
     MEASURES,
     Damage,
     Reference,
+    Reliability,
     damage,
+    per_sample_measures,
     reference,
+    reliability,
 )
 from fitonnx.data import Dataset
 from fitonnx.errors import DataError, FitonnxError, InternalError
@@ -117,6 +120,7 @@ class ValidationReport:
     float_accuracy: float | None
     configs: tuple[ConfigResult, ...]
     correlations: tuple[Correlation, ...]
+    reliability: tuple[Reliability, ...] = ()
 
     def correlation(self, predictor: str, measure: str) -> Correlation:
         for c in self.correlations:
@@ -527,8 +531,10 @@ def validate(
     )
     sampled = sample_configs(h.weights, h.activations, h.weight_bits, h.activation_bits, configs, seed, uniform)
     results: list[ConfigResult] = []
+    damages = []
     for config, is_uniform in sampled:
         d = h.measure(config)
+        damages.append(d)
         results.append(
             ConfigResult(
                 weight_bits=dict(config.weight_bits),
@@ -562,6 +568,7 @@ def validate(
         float_accuracy=ref.accuracy,
         configs=tuple(results),
         correlations=_correlations(results, ref.accuracy, resamples, seed),
+        reliability=reliability(per_sample_measures(ref, damages), seed=seed) if len(results) >= 3 else (),
     )
 
 
@@ -628,6 +635,15 @@ def to_dict(report: ValidationReport) -> dict[str, Any]:
             for r in report.configs
         ],
         "correlation": corr,
+        "reliability": {
+            r.measure: {
+                "split_half": _finite(r.split_half),
+                "full": _finite(r.full),
+                "ceiling": _finite(r.ceiling),
+                "splits": r.splits,
+            }
+            for r in report.reliability
+        },
     }
 
 
@@ -682,6 +698,17 @@ def format_report(report: ValidationReport) -> str:
     for p in PREDICTORS:
         cells = [_cell(report.correlation(p, m), lambda c: (c.kendall, c.kendall_ci)) for m in measures]
         lines.append(f"{p:<14}" + "".join(f"{cell:>{width}}" for cell in cells))
+    if report.reliability:
+        lines.append("")
+        lines.append(
+            f"Measurement reliability (rank agreement of two random halves of the held-out data, mean of "
+            f"{report.reliability[0].splits} splits; whole set by Spearman–Brown; ceiling = √whole, about the "
+            "most any predictor can show against this measurement)"
+        )
+        lines += [
+            f"  {r.measure:<14} halves {r.split_half:+.3f}   whole {r.full:+.3f}   ceiling {r.ceiling:.3f}"
+            for r in report.reliability
+        ]
     lines.append("")
     lines += [f"  {p}: {d}" for p, d in PREDICTORS.items()]
     lines += [f"  {m}: {MEASURES[m]}" for m in measures]

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fitonnx import api
 from fitonnx.cli.main import cli
-from fitonnx.damage import damage, reference
+from fitonnx.damage import damage, reference, reliability
 from fitonnx.data import Dataset
 from fitonnx.losses import Likelihood, OutputTarget
 from fitonnx.ranks import kendall, rank_correlations, spearman
@@ -113,6 +113,24 @@ def test_damage_measures_by_hand() -> None:
     d = damage(reference(gau, zf, None, "t"), zq)
     kl, dloss, acc = d.kl, d.dloss, d.accuracy
     assert kl == pytest.approx(0.5 * np.mean(np.sum((zq - zf) ** 2, axis=1))) and dloss is None and acc is None
+
+
+def test_split_half_reliability_recovers_a_known_ceiling() -> None:
+    # A measure whose expectation per configuration is known: mean_c + noise per held-out sample.
+    # The ceiling should be how well that expectation ranks the measured means, which is computed
+    # here directly; the split-half agreement follows from the noise level.
+    rng = np.random.default_rng(0)
+    configs, samples = 400, 600
+    for noise in (3.0, 8.0, 20.0):
+        mean = rng.normal(size=configs)
+        measured = mean[:, None] + noise * rng.normal(size=(configs, samples))
+        (r,) = reliability({"kl": measured, "accuracy_drop": measured}, splits=20, seed=1)
+        assert r.measure == "kl"  # accuracy is left out: ties
+        truth = spearman(mean, measured.mean(axis=1))
+        assert r.ceiling == pytest.approx(truth, abs=0.02)
+        half_noise = noise**2 / (samples // 2)  # variance of a half's mean around the expectation
+        want_half = 1 / (1 + half_noise)  # Pearson r of two halves with unit-variance expectation
+        assert r.split_half == pytest.approx(want_half, abs=0.03)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,6 +444,8 @@ def test_cli_writes_json_and_png(mlp_files: tuple[Path, Path, Path], tmp_path: P
     assert set(first["weight_bits"]) == {"w1", "w2"} and set(first["activation_bits"]) == {"x", "r"}
     assert {"fit", "kl", "dloss", "accuracy"} <= set(first)
     assert set(data["correlation"]["kl"]) == set(PREDICTORS)
+    assert set(data["reliability"]) == {"kl", "dloss"}  # accuracy moves in whole samples: no split-half
+    assert 0 < data["reliability"]["kl"]["ceiling"] <= 1 and "Measurement reliability" in result.stdout
     assert (tmp_path / "v.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz", "h.npz", "m.onnx", "v.json", "v.png"]
 
