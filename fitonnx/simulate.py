@@ -407,8 +407,9 @@ class Simulator:
             self._weights[key] = quantize(self.sim.weights[name], self.weight_grid(name, bits))
         return self._weights[key]
 
-    def feed(self, config: Config) -> dict[str, np.ndarray]:
-        """Weight values and fake-quantizer settings for ``config``."""
+    def feed(self, config: Config, weights: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Weight values and fake-quantizer settings for ``config``; ``weights`` replaces the values
+        of some weights outright (for perturbations other than rounding)."""
         unknown = sorted(
             (set(config.weight_bits) - set(self.sim.weights))
             | (set(config.activation_bits) - {a.name for a in self.sim.activations})
@@ -419,6 +420,10 @@ class Simulator:
         for name, value in self.sim.weights.items():
             bits = config.weight_bits.get(name)
             feed[name] = value if bits is None else self.quantized_weight(name, bits)
+        for name, value in (weights or {}).items():
+            if name not in self.sim.weights or np.shape(value) != self.sim.weights[name].shape:
+                raise FitonnxError(f"expected replacement values for a simulated weight of its shape; found {name!r}")
+            feed[name] = np.asarray(value, self.sim.weights[name].dtype)
         for a in self.sim.activations:
             bits = config.activation_bits.get(a.name)
             if bits is None:
@@ -432,9 +437,9 @@ class Simulator:
             feed[a.on] = np.array(on)
         return feed
 
-    def run(self, config: Config) -> np.ndarray:
-        """The output over all held-out samples, samples on axis 0."""
-        settings = self.feed(config)
+    def run(self, config: Config, weights: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+        """The output over all held-out samples, samples on axis 0 (``weights``: see ``feed``)."""
+        settings = self.feed(config, weights)
         outs = []
         for batch in self.data.feeds:
             try:

@@ -260,3 +260,20 @@ def test_a_model_that_cannot_batch_runs_one_sample_at_a_time() -> None:
     wq = np_fake_quant(w.astype(np.float64), np.array(w.min()), np.array(w.max()), 4, False)
     fq = np_fake_quant(x.reshape(10, 6).astype(np.float64), np.array(-3.0), np.array(3.0), 5, False)
     np.testing.assert_allclose(got, fq @ wq, rtol=0, atol=1e-4)
+
+
+def test_replacement_weights_are_fed_as_given() -> None:
+    model, params = mlp()
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(7, *_sample_shape(model))).astype(np.float32)
+    simulator = _setup(model, x, {}, Scheme())
+    quantized = simulator.run(Config({"w1": 3}, {}))
+    # Feeding the quantized values by hand is the same run; a perturbation of our own changes it.
+    same = simulator.run(Config.floating(), {"w1": simulator.quantized_weight("w1", 3)})
+    np.testing.assert_array_equal(same, quantized)
+    other = simulator.run(Config.floating(), {"w1": params["w1"] + 0.1})
+    assert np.abs(other - simulator.run(Config.floating())).max() > 1e-3
+    with pytest.raises(FitonnxError, match="expected replacement values"):
+        simulator.run(Config.floating(), {"w1": params["w1"][:1]})
+    with pytest.raises(FitonnxError, match="expected replacement values"):
+        simulator.run(Config.floating(), {"nope": params["w1"]})
