@@ -22,6 +22,7 @@ import numpy as np
 from fitonnx import api, simulate
 from fitonnx.data import load_npz
 from fitonnx.graph import Kind
+from fitonnx.options import FisherOptions
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
@@ -44,7 +45,9 @@ def run(model: str, budgets: list[float], n_random: int, slack: float, seed: int
     session = api.open_model(path)
     held = load_npz(MODELS / f"{model}.heldout.npz")
     results = []
-    first = api.recommend(path, session=session, avg_bits=budgets[0], target="generic", fisher=fisher)
+    first = api.recommend(
+        path, session=session, avg_bits=budgets[0], target="generic", options=FisherOptions(fisher=fisher)
+    )
     report = first.report
     weights = [t for t in report.tensors if t.kind is Kind.WEIGHT]
     acts = {t.name: (t.min, t.max) for t in report.tensors if t.kind is Kind.ACTIVATION}
@@ -72,7 +75,7 @@ def run(model: str, budgets: list[float], n_random: int, slack: float, seed: int
     everything = list(itertools.product(menu, repeat=len(weights)))
     rng = np.random.default_rng(seed)
     for avg in budgets:
-        res = api.recommend(path, session=session, avg_bits=avg, target="generic", fisher=fisher)
+        res = api.recommend(path, session=session, avg_bits=avg, target="generic", options=FisherOptions(fisher=fisher))
         rec = res.allocation.recommendation
         limit = avg * total
         same_size = [

@@ -8,6 +8,7 @@ from fitonnx.export import export_recommendation
 from fitonnx.graph import Kind, QuantTensor, find_quantizable
 from fitonnx.inspect import Inspection, inspect_model
 from fitonnx.losses import FisherMode, Likelihood
+from fitonnx.options import FisherOptions
 from fitonnx.score import ScoreReport, TensorScore
 from fitonnx.validate import ValidationReport, validate
 
@@ -17,6 +18,7 @@ __all__ = [
     "CompareReport",
     "Dataset",
     "FisherMode",
+    "FisherOptions",
     "FitonnxError",
     "Inspection",
     "InternalError",

@@ -19,6 +19,7 @@ from fitonnx import score as score_mod
 from fitonnx.data import Dataset
 from fitonnx.errors import DataError
 from fitonnx.load import LoadedModel, load_model
+from fitonnx.options import FisherOptions
 from fitonnx.prepare import PreparedModel, prepare, verify
 from fitonnx.prepare.support import check_differentiable
 
@@ -101,37 +102,23 @@ def score(
     model: ModelSource,
     data: DataSource = None,
     *,
-    fisher: losses.FisherMode | str | None = None,
-    likelihood: losses.Likelihood | str | None = None,
-    output: str | None = None,
-    class_axis: int | None = None,
+    options: FisherOptions | None = None,
     weight_bits: Sequence[int] = score_mod.DEFAULT_WEIGHT_BITS,
     activation_bits: Sequence[int] = score_mod.DEFAULT_ACTIVATION_BITS,
-    max_samples: int | None = None,
-    tol: float | None = None,
-    seed: int = 0,
+    noise_model: noise.NoiseModel | str = noise.NoiseModel.UNIFORM,
     random_samples: int | None = None,
     progress: engine.ProgressFn | None = None,
     session: Session | None = None,
-    noise_model: noise.NoiseModel | str = noise.NoiseModel.UNIFORM,
 ) -> score_mod.ScoreReport:
     """Fisher traces and FIT for every quantizable weight and activation of ``model``.
 
-    ``noise_model``: ``uniform`` (the paper) or ``grid`` (see fitonnx.noise)."""
+    ``options``: how the Fisher is estimated (default: ``FisherOptions()``). ``noise_model``:
+    ``uniform`` (the paper) or ``grid`` (see fitonnx.noise). ``random_samples``: score that many
+    random inputs instead of data (a smoke test)."""
+    opts = options or FisherOptions()
     kind = noise.NoiseModel(noise_model)
-    s = session if session is not None else open_model(model, data, random_samples=random_samples, seed=seed)
-    traces, target, mode = fisher_traces(
-        s,
-        fisher=fisher,
-        likelihood=likelihood,
-        output=output,
-        class_axis=class_axis,
-        max_samples=max_samples,
-        tol=tol,
-        seed=seed,
-        progress=progress,
-        exact_points=kind is noise.NoiseModel.GRID,
-    )
+    s = session if session is not None else open_model(model, data, random_samples=random_samples, seed=opts.seed)
+    traces, target, mode = fisher_traces(s, opts, progress=progress, exact_points=kind is noise.NoiseModel.GRID)
     report = score_mod.score(
         s.prepared.model,
         traces,
@@ -158,50 +145,36 @@ def prepare_notes(prepared: PreparedModel) -> tuple[str, ...]:
 
 def fisher_traces(
     s: Session,
+    options: FisherOptions | None = None,
     *,
-    fisher: losses.FisherMode | str | None = None,
-    likelihood: losses.Likelihood | str | None = None,
-    output: str | None = None,
-    class_axis: int | None = None,
-    max_samples: int | None = None,
-    tol: float | None = None,
-    seed: int = 0,
     progress: engine.ProgressFn | None = None,
     keep_gradients: bool = False,
     threads: int = 0,
     exact_points: bool = False,
 ) -> tuple[engine.FisherTraces, losses.OutputTarget, losses.FisherMode]:
     """The engine's raw per-sample statistics (for callers that need more than the report)."""
+    opts = options or FisherOptions()
     gm, target, mode = gradient_model(
-        s,
-        fisher=fisher,
-        likelihood=likelihood,
-        output=output,
-        class_axis=class_axis,
-        keep_gradients=keep_gradients,
-        threads=threads,
-        exact_points=exact_points,
+        s, opts, keep_gradients=keep_gradients, threads=threads, exact_points=exact_points
     )
-    options = engine.RunOptions(max_samples=max_samples, tol=tol, seed=seed, threads=threads)
-    traces = engine.run(gm, s.data, s.specs, options, progress)
+    traces = engine.run(gm, s.data, s.specs, opts.run_options(threads), progress)
     return traces, target, mode
 
 
 def gradient_model(
     s: Session,
+    options: FisherOptions | None = None,
     *,
-    fisher: losses.FisherMode | str | None = None,
-    likelihood: losses.Likelihood | str | None = None,
-    output: str | None = None,
-    class_axis: int | None = None,
     keep_gradients: bool = False,
     threads: int = 0,
     exact_points: bool = False,
 ) -> tuple[instrument.GradientModel, losses.OutputTarget, losses.FisherMode]:
-    """The gradient model ``fisher_traces`` runs, for callers that add per-sample outputs of their own.
+    """The gradient model ``fisher_traces`` runs, for callers that add per-sample outputs of their own
+    (``options``: only the mode and the output matter here, not the sample budget).
 
     ``exact_points`` adds the statistics of the grid noise model (``noise.NoiseModel.GRID``)."""
-    mode = losses.FisherMode(fisher) if fisher is not None else losses.default_mode(s.data.labels)
+    opts = options or FisherOptions()
+    mode = opts.fisher if opts.fisher is not None else losses.default_mode(s.data.labels)
     labels = s.data.labels if mode is losses.FisherMode.EMPIRICAL else None
     if mode is losses.FisherMode.EMPIRICAL and s.data.labels is None:
         raise DataError(
@@ -209,12 +182,7 @@ def gradient_model(
         )
     ranks = s.ranks
     target = losses.resolve_output(
-        s.prepared.model,
-        ranks,
-        output,
-        losses.Likelihood(likelihood) if likelihood else None,
-        s.data.labels,
-        class_axis,
+        s.prepared.model, ranks, opts.output, opts.likelihood, s.data.labels, opts.class_axis
     )
     labels_dtype = np.dtype(np.int64) if mode is losses.FisherMode.EXACT else None if labels is None else labels.dtype
     head = losses.build_head(target, mode, labels_dtype)
@@ -266,38 +234,28 @@ def recommend(
     act_avg_bits: float | None = None,
     tolerance: float = 0.0,
     out_dir: str | os.PathLike[str] | None = None,
-    fisher: losses.FisherMode | str | None = None,
-    likelihood: losses.Likelihood | str | None = None,
-    output: str | None = None,
-    class_axis: int | None = None,
-    max_samples: int | None = None,
-    tol: float | None = None,
-    seed: int = 0,
+    options: FisherOptions | None = None,
     random_samples: int | None = None,
     progress: engine.ProgressFn | None = None,
     session: Session | None = None,
 ) -> RecommendResult:
     """Per-tensor bit widths for ``target`` under exactly one budget (average weight bits, weight KB
-    or maximum FIT), and, with ``out_dir``, every output of ``fitonnx recommend`` written there."""
+    or maximum FIT), and, with ``out_dir``, every output of ``fitonnx recommend`` written there.
+    ``options``: how the Fisher is estimated (``score``)."""
     # Imported here: the exporters pull in onnxruntime.quantization, which scoring never needs.
     from fitonnx.recommend_outputs import prepare_out_dir, write_outputs
 
     budget = allocate.budget_from(avg_bits=avg_bits, size_kb=size_kb, max_fit=max_fit)
     tgt = allocate.check_options(target, weight_bits=weight_bits, act_bits=act_bits, act_avg_bits=act_avg_bits)
-    s = session if session is not None else open_model(model, data, random_samples=random_samples, seed=seed)
+    opts = options or FisherOptions()
+    s = session if session is not None else open_model(model, data, random_samples=random_samples, seed=opts.seed)
     out = None if out_dir is None else prepare_out_dir(out_dir, s.loaded.path, s.loaded.name)
     report = score(
         model,
         session=s,
-        fisher=fisher,
-        likelihood=likelihood,
-        output=output,
-        class_axis=class_axis,
+        options=opts,
         weight_bits=tgt.weight_bits,
         activation_bits=tgt.activation_bits,
-        max_samples=max_samples,
-        tol=tol,
-        seed=seed,
         progress=progress,
     )
     alloc = allocate.allocate(

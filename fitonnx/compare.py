@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 
 from fitonnx import align as align_mod
-from fitonnx import api, engine, losses
+from fitonnx import api, engine
 from fitonnx.allocate import Item, pareto_front, weight_bytes
 from fitonnx.errors import FitonnxError
 from fitonnx.graph import Kind
+from fitonnx.options import FisherOptions
 from fitonnx.ranks import kendall, spearman
 from fitonnx.report import write_atomic
 from fitonnx.score import DEFAULT_ACTIVATION_BITS, DEFAULT_WEIGHT_BITS, ScoreReport, TensorScore
@@ -258,20 +259,14 @@ def compare(
     models: Sequence[api.ModelSource],
     data: Sequence[api.DataSource] | None = None,
     *,
-    fisher: losses.FisherMode | str | None = None,
-    likelihood: losses.Likelihood | str | None = None,
-    output: str | None = None,
-    class_axis: int | None = None,
+    options: FisherOptions | None = None,
     weight_bits: Sequence[int] = DEFAULT_WEIGHT_BITS,
     activation_bits: Sequence[int] = DEFAULT_ACTIVATION_BITS,
-    max_samples: int | None = None,
-    tol: float | None = None,
-    seed: int = 0,
     agree_tol: float = DEFAULT_AGREE_TOL,
     progress: engine.ProgressFn | None = None,
     sessions: Sequence[api.Session] | None = None,
 ) -> CompareReport:
-    """Score every model (same options for all) and compare each with the first.
+    """Score every model (same ``options`` for all) and compare each with the first.
 
     ``data``: one source used for all models, one per model in order, or None for each model's
     bundled ``<model>.calib.npz``. For a fair comparison give every model the same samples in
@@ -282,15 +277,9 @@ def compare(
         api.score(
             s.loaded,
             session=s,
-            fisher=fisher,
-            likelihood=likelihood,
-            output=output,
-            class_axis=class_axis,
+            options=options,
             weight_bits=weight_bits,
             activation_bits=activation_bits,
-            max_samples=max_samples,
-            tol=tol,
-            seed=seed,
             progress=progress,
         )
         for s in opened

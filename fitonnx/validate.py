@@ -58,6 +58,7 @@ from fitonnx.errors import DataError, FitonnxError, InternalError
 from fitonnx.graph import Kind
 from fitonnx.instrument import GradientModel
 from fitonnx.losses import PREFIX, OutputTarget
+from fitonnx.options import FisherOptions
 from fitonnx.ranks import Correlation, rank_correlations
 from fitonnx.report import write_atomic
 from fitonnx.score import ScoreReport
@@ -393,13 +394,7 @@ def harness(
     activation_bits: Sequence[int] = DEFAULT_BITS,
     per_channel: bool = False,
     symmetric: bool = False,
-    fisher: losses.FisherMode | str | None = None,
-    likelihood: losses.Likelihood | str | None = None,
-    output: str | None = None,
-    class_axis: int | None = None,
-    max_samples: int | None = None,
-    tol: float | None = None,
-    seed: int = 0,
+    options: FisherOptions | None = None,
     random_samples: int | None = None,
     batch_size: int = 256,
     fisher_progress: engine.ProgressFn | None = None,
@@ -412,22 +407,15 @@ def harness(
     twice (``fisher_progress`` sees both): once for traces and ranges, once more for the measured
     rounding errors, which need those ranges.
     """
+    opts = options or FisherOptions()
     weight_bits, activation_bits = simulate.check_bits(weight_bits), simulate.check_bits(activation_bits)
     scheme = Scheme(per_channel=per_channel, symmetric=symmetric)
-    s = session if session is not None else api.open_model(model, data, random_samples=random_samples, seed=seed)
+    s = session if session is not None else api.open_model(model, data, random_samples=random_samples, seed=opts.seed)
     held_out = _eval_dataset(s, eval_data)
 
-    gm, target, mode = api.gradient_model(
-        s,
-        fisher=fisher,
-        likelihood=likelihood,
-        output=output,
-        class_axis=class_axis,
-        keep_gradients=True,
-        exact_points=True,
-    )
-    options = engine.RunOptions(max_samples=max_samples, tol=tol, seed=seed)
-    traces = engine.run(gm, s.data, s.specs, options, fisher_progress)
+    gm, target, mode = api.gradient_model(s, opts, keep_gradients=True, exact_points=True)
+    run_options = opts.run_options()
+    traces = engine.run(gm, s.data, s.specs, run_options, fisher_progress)
     report = score_tensors(
         s.prepared.model,
         traces,
@@ -455,7 +443,7 @@ def harness(
     }
     gm2, outs = _error_model(gm, grids, dtypes, weight_errors)
     extra_names = [*outs.diagonal.values(), *outs.quadratic.values()]
-    second = engine.run(gm2, s.data, s.specs, options, fisher_progress, extra_outputs=extra_names)
+    second = engine.run(gm2, s.data, s.specs, run_options, fisher_progress, extra_outputs=extra_names)
     if second.extra is None:
         raise InternalError("engine returned no extra outputs")
     measured_acts = {key: float(second.extra[name].mean()) for key, name in outs.diagonal.items()}
@@ -490,13 +478,7 @@ def validate(
     uniform: bool = True,
     per_channel: bool = False,
     symmetric: bool = False,
-    fisher: losses.FisherMode | str | None = None,
-    likelihood: losses.Likelihood | str | None = None,
-    output: str | None = None,
-    class_axis: int | None = None,
-    max_samples: int | None = None,
-    tol: float | None = None,
-    seed: int = 0,
+    options: FisherOptions | None = None,
     random_samples: int | None = None,
     batch_size: int = 256,
     resamples: int = DEFAULT_RESAMPLES,
@@ -506,9 +488,11 @@ def validate(
 ) -> ValidationReport:
     """Simulate ``configs`` random mixed-precision configurations (plus uniform ones) on held-out
     data and rank FIT and baselines against the damage each one does (``harness`` explains the
-    shared arguments)."""
+    shared arguments; ``options.seed`` also draws the configurations and the bootstrap)."""
     if configs < 0:
         raise FitonnxError(f"expected a non-negative number of configurations; found {configs}")
+    opts = options or FisherOptions()
+    seed = opts.seed
     h = harness(
         model,
         data,
@@ -517,13 +501,7 @@ def validate(
         activation_bits=activation_bits,
         per_channel=per_channel,
         symmetric=symmetric,
-        fisher=fisher,
-        likelihood=likelihood,
-        output=output,
-        class_axis=class_axis,
-        max_samples=max_samples,
-        tol=tol,
-        seed=seed,
+        options=opts,
         random_samples=random_samples,
         batch_size=batch_size,
         fisher_progress=fisher_progress,

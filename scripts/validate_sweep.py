@@ -29,6 +29,7 @@ import click
 import numpy as np
 
 from fitonnx.damage import damage
+from fitonnx.options import FisherOptions
 from fitonnx.ranks import spearman
 from fitonnx.simulate import Config
 from fitonnx.validate import PREDICTORS, harness, sample_configs, validate
@@ -72,9 +73,8 @@ def main(
                         configs=configs,
                         weight_bits=bits,
                         activation_bits=bits,
-                        fisher=fisher,
-                        seed=seed,
                         resamples=0,
+                        options=FisherOptions(fisher=fisher, seed=seed),
                     )
                     per_seed.append(r)
                 elapsed = time.perf_counter() - started
@@ -115,7 +115,7 @@ def main(
 
 
 def _oracle(path: Path, bits: tuple[int, ...], fisher: str, configs: int, seeds: int) -> None:
-    h = harness(path, weight_bits=bits, activation_bits=bits, fisher=fisher)
+    h = harness(path, weight_bits=bits, activation_bits=bits, options=FisherOptions(fisher=fisher))
     names, fit = h.tables.names, h.tables.values["fit"]
     single = np.full_like(fit, np.nan)
     for row, name in enumerate(names):

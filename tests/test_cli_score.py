@@ -11,6 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from fitonnx.cli.main import cli
+from fitonnx.errors import FitonnxError
+from fitonnx.losses import FisherMode, Likelihood
+from fitonnx.options import FisherOptions
 
 
 def run(*args: str) -> tuple[int, str, str]:
@@ -246,3 +249,19 @@ def test_half_precision_model_is_one_line(tmp_path: Path) -> None:
     data = _npz(tmp_path, x=np.zeros((4, 4), np.float16), labels=np.array([0, 1, 2, 0]))
     code, _, err = run("score", str(tmp_path / "half.onnx"), "--data", data)
     _one_line_error(code, err, "expected a float32 model", "W (float16)")
+
+
+def test_fisher_options_are_checked_and_coerced() -> None:
+    opts = FisherOptions(fisher="mc", likelihood="gaussian", max_samples=4, tol=0.1, seed=3)
+    assert opts.fisher is FisherMode.MC and opts.likelihood is Likelihood.GAUSSIAN
+    assert opts.run_options().max_samples == 4 and opts.run_options(threads=1).threads == 1
+    for bad, message in [
+        ({"fisher": "hessian"}, "expected fisher to be one of"),
+        ({"likelihood": "poisson"}, "expected likelihood to be one of"),
+        ({"max_samples": 0}, "expected max_samples of at least 1"),
+        ({"tol": 0.0}, "expected a positive tol"),
+    ]:
+        with pytest.raises(FitonnxError, match=message):
+            FisherOptions(**bad)
+    with pytest.raises(FitonnxError, match="expected a positive tol"):
+        opts.replace(tol=-1.0)

@@ -28,6 +28,7 @@ from onnx import TensorProto
 
 import fitonnx
 from fitonnx.data import Dataset
+from fitonnx.options import FisherOptions
 from tests.models import (
     SmallModel,
     Tap,
@@ -129,7 +130,7 @@ def test_per_sample_sqnorms_match_finite_differences(case_id: str) -> None:
     model = case.build()
     data = make_data(model, case.labels, SAMPLES, seed=100)
     session = fitonnx.open_model(model.proto, data)
-    traces, target, mode = fitonnx.fisher_traces(session, fisher="empirical")
+    traces, target, mode = fitonnx.fisher_traces(session, options=FisherOptions(fisher="empirical"))
     assert mode.value == "empirical"
     assert target.likelihood.value == case.likelihood
     assert {(t.name, t.kind.value) for t in traces.tensors} == model.tensors
@@ -161,7 +162,9 @@ def test_shared_activation_gradient_is_the_total_derivative() -> None:
     """
     model = shared_activation(11)
     data = make_data(model, "class", SAMPLES, seed=7)
-    traces, _, _ = fitonnx.fisher_traces(fitonnx.open_model(model.proto, data), fisher="empirical")
+    traces, _, _ = fitonnx.fisher_traces(
+        fitonnx.open_model(model.proto, data), options=FisherOptions(fisher="empirical")
+    )
     col = [t.name for t in traces.tensors].index("h")
     for i, g in enumerate(reference_grads(model, data, "categorical")):
         g_r = g["r"][0]  # ∂ℓ/∂r, r = h·A + h·B + h
@@ -181,7 +184,7 @@ def test_trace_is_mean_of_per_sample_norms_not_batch_gradient_squared() -> None:
     model = mlp(13, act="tanh")
     n = 8
     data = make_data(model, "class", n, seed=3)
-    report = fitonnx.score(model.proto, data, fisher="empirical")
+    report = fitonnx.score(model.proto, data, options=FisherOptions(fisher="empirical"))
     assert report.samples == n
     grads = reference_grads(model, data, "categorical")
     for name in model.weights + model.activations:

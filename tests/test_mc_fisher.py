@@ -28,6 +28,7 @@ import fitonnx
 from fitonnx.cli.main import cli
 from fitonnx.data import Dataset
 from fitonnx.engine import FisherTraces
+from fitonnx.options import FisherOptions
 from tests.models import SmallModel, Tap, as64, embedding, finite_differences, mlp, regression, sigmoid, softmax
 
 EPS = 1e-5  # see test_gradients: central differences in float64 are good to ~1e-9 here
@@ -89,7 +90,9 @@ def mc_traces(model: SmallModel, x: np.ndarray, n: int, seed: int, likelihood: s
     """``fisher="mc"`` traces of ``x`` repeated ``n`` times (no labels)."""
     data = Dataset(arrays={model.input_name: np.repeat(x, n, axis=0)}, source="repeated")
     session = fitonnx.open_model(model.proto, data)
-    traces, _, mode = fitonnx.fisher_traces(session, fisher="mc", likelihood=likelihood, seed=seed)
+    traces, _, mode = fitonnx.fisher_traces(
+        session, options=FisherOptions(fisher="mc", likelihood=likelihood, seed=seed)
+    )
     assert mode.value == "mc"
     return traces
 

@@ -23,6 +23,7 @@ from fitonnx import api, noise
 from fitonnx.cli.main import cli
 from fitonnx.data import Dataset
 from fitonnx.errors import UnsupportedError
+from fitonnx.options import FisherOptions
 from fitonnx.validate import validate
 from tests.models import embedding, regression
 
@@ -115,7 +116,7 @@ def case() -> tuple[onnx.ModelProto, dict[str, np.ndarray], Dataset]:
 def test_point_traces_match_numpy(case: tuple) -> None:
     model, p, data = case
     s = fitonnx.open_model(model, data)
-    traces, _, _ = fitonnx.fisher_traces(s, fisher="empirical", exact_points=True)
+    traces, _, _ = fitonnx.fisher_traces(s, exact_points=True, options=FisherOptions(fisher="empirical"))
     assert traces.points is not None
     want = point_masses(gradients(p, data.arrays["x"], data.labels), values(p, data.arrays["x"]))
     checked = 0
@@ -209,7 +210,9 @@ def test_represented_and_unperturbed() -> None:
 def test_exact_fisher_matches_numpy(case: tuple) -> None:
     model, p, data = case
     s = fitonnx.open_model(model, data)
-    traces, _, mode = fitonnx.fisher_traces(s, fisher="exact", keep_gradients=True, exact_points=True)
+    traces, _, mode = fitonnx.fisher_traces(
+        s, keep_gradients=True, exact_points=True, options=FisherOptions(fisher="exact")
+    )
     assert mode.value == "exact"
     x = data.arrays["x"]
     prob = forward(p, x)["p"]
@@ -225,7 +228,7 @@ def test_exact_fisher_matches_numpy(case: tuple) -> None:
         zero = sum(prob[:, c] * (sq[c] * (vals[t.name].reshape(len(x), -1) == 0)).sum(1) for c in range(CLASSES))
         np.testing.assert_allclose(traces.points.zero[:, j], zero, rtol=1e-4, atol=1e-12)
     # Not the empirical Fisher: the labels here are random, the exact Fisher never looks at them.
-    emp, _, _ = fitonnx.fisher_traces(s, fisher="empirical")
+    emp, _, _ = fitonnx.fisher_traces(s, options=FisherOptions(fisher="empirical"))
     assert not np.allclose(emp.per_sample, traces.per_sample, rtol=0.05)
 
 
@@ -234,12 +237,12 @@ def test_exact_fisher_needs_one_categorical_distribution_per_sample() -> None:
     data = Dataset({reg.input_name: np.random.default_rng(0).normal(size=(4, *reg.sample_shape)).astype(np.float32)})
     s = fitonnx.open_model(reg.proto, data)
     with pytest.raises(UnsupportedError, match="expected a categorical output for --fisher exact"):
-        fitonnx.fisher_traces(s, fisher="exact", likelihood="gaussian")
+        fitonnx.fisher_traces(s, options=FisherOptions(fisher="exact", likelihood="gaussian"))
     tok = embedding(23, reduce="none")
     tokens = np.random.default_rng(1).integers(0, tok.params["E"].shape[0], (4, *tok.sample_shape)).astype(np.int64)
     s = fitonnx.open_model(tok.proto, Dataset({tok.input_name: tokens}))
     with pytest.raises(UnsupportedError, match="expected one class distribution per sample for --fisher exact"):
-        fitonnx.fisher_traces(s, fisher="exact")
+        fitonnx.fisher_traces(s, options=FisherOptions(fisher="exact"))
 
 
 def test_cli_score_noise_model_and_exact_fisher(case: tuple, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fitonnx import api, graph, losses
 from fitonnx.data import Dataset
+from fitonnx.options import FisherOptions
 
 
 def _model(tail: list[onnx.NodeProto], outputs: list[onnx.ValueInfoProto], w: np.ndarray) -> onnx.ModelProto:
@@ -69,7 +70,7 @@ def test_bernoulli_on_probabilities_matches_finite_differences() -> None:
     x = rng.normal(size=(5, 3)).astype(np.float32)
     y = rng.integers(0, 2, size=(5, 1)).astype(np.float32)
     session = api.open_model(model, Dataset({"x": x}, y))
-    traces, target, _ = api.fisher_traces(session, fisher="empirical", likelihood="bernoulli")
+    traces, target, _ = api.fisher_traces(session, options=FisherOptions(fisher="empirical", likelihood="bernoulli"))
     assert target.probabilities
 
     def loss(w: np.ndarray, i: int) -> float:

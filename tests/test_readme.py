@@ -69,3 +69,15 @@ def test_readme_fitonnx_command_runs(argv: list[str], tmp_path: Path, monkeypatc
 
 def test_readme_has_runnable_examples() -> None:
     assert any(argv[:2] == ["score", "models/mnist_cnn.onnx"] for argv in _fitonnx_commands())
+
+
+def test_readme_python_examples_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    runnable = [b for b in blocks if "models/" in b]  # the ones on bundled models
+    assert runnable
+    monkeypatch.chdir(ROOT)
+    for block in runnable:
+        namespace: dict[str, object] = {}
+        exec(compile(block, "README.md", "exec"), namespace)  # our own README, bundled models only
+        report = namespace.get("report")
+        assert report is not None and len(report.tensors) > 0  # type: ignore[attr-defined]

@@ -25,6 +25,7 @@ from fitonnx.cli.main import cli
 from fitonnx.data import load_npz
 from fitonnx.export.annotate import FINN_KEY, METADATA_KEY
 from fitonnx.graph import Kind
+from fitonnx.options import FisherOptions
 from tests.conftest import tiny_classifier
 
 CNN_WEIGHTS = ("conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight")
@@ -270,7 +271,12 @@ def test_qnn_and_tensorrt_targets_write_their_files(cnn_path: Path, tmp_path: Pa
     session = api.open_model(cnn_path)
     for target, name in (("qnn", "mnist_cnn.encodings"), ("tensorrt", "mnist_cnn.trt.qdq.onnx")):
         result = api.recommend(
-            cnn_path, session=session, size_kb=30, target=target, max_samples=32, out_dir=tmp_path / target
+            cnn_path,
+            session=session,
+            size_kb=30,
+            target=target,
+            out_dir=tmp_path / target,
+            options=FisherOptions(max_samples=32),
         )
         rec = result.allocation.recommendation
         assert (tmp_path / target / name) in result.written.paths

@@ -10,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from fitonnx import api
 from fitonnx.data import Dataset
 from fitonnx.errors import UnsupportedError
+from fitonnx.options import FisherOptions
 from fitonnx.prepare.specialize import specialize_if
 
 
@@ -68,7 +69,7 @@ def test_taken_branch_is_inlined_and_scored() -> None:
     assert "then_w" in names and "w_out" in names and "else_w" not in names
     change = next(c for c in session.prepared.changes if c.kind == "specialize")
     assert "True on all 12 calibration samples" in change.detail and "other branch's 1 weight-like" in change.detail
-    traces, _, _ = api.fisher_traces(session, fisher="mc")
+    traces, _, _ = api.fisher_traces(session, options=FisherOptions(fisher="mc"))
     assert np.all(np.isfinite(traces.per_sample)) and np.all(traces.trace() > 0) and traces.samples == 12
     # The inlined twin computes the taken branch, as numpy does:
     x = data.arrays["x"][:1]

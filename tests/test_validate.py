@@ -19,6 +19,7 @@ from fitonnx.cli.main import cli
 from fitonnx.damage import damage, reference, reliability
 from fitonnx.data import Dataset
 from fitonnx.losses import Likelihood, OutputTarget
+from fitonnx.options import FisherOptions
 from fitonnx.ranks import kendall, rank_correlations, spearman
 from fitonnx.simulate import Config
 from fitonnx.validate import (
@@ -345,7 +346,7 @@ SEEDS = range(5)
 @dataclass(frozen=True)
 class _Runs:
     """100 random + 6 uniform configurations per seed in SEEDS and their measured KL (what
-    ``validate(configs=100, seed=s)`` ranks), from one calibration pass for all seeds."""
+    ``validate(configs=100, options=FisherOptions(seed=s))`` ranks), from one calibration pass for all seeds."""
 
     configs: tuple[tuple[Config, ...], ...]
     kl: tuple[tuple[float, ...], ...]
@@ -401,7 +402,7 @@ def test_exact_fisher_and_grid_noise_on_mnist_cnn(bundled: dict[str, tuple[Harne
     # quadratic 0.945–0.970 (0.956). The grid model helps here because the input's blank and full
     # pixels and the ReLU zeros sit on grid levels, where the uniform model puts noise that is not there.
     _, runs = bundled["mnist_cnn"]  # the same configurations and KL: the Fisher does not change them
-    h = harness(MODELS / "mnist_cnn.onnx", fisher="exact")
+    h = harness(MODELS / "mnist_cnn.onnx", options=FisherOptions(fisher="exact"))
     fit, grid, quadratic = (runs.rho(h, p) for p in ("fit", "fit_grid", "quadratic"))
     assert fit.min() >= 0.95
     assert grid.min() >= 0.96 and np.median(grid - fit) > 0.005

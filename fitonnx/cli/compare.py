@@ -8,6 +8,7 @@ from fitonnx.cli.common import samples_to_use
 from fitonnx.cli.options import bits_options, fisher_options
 from fitonnx.cli.progress import progress_bar
 from fitonnx.compare import DEFAULT_AGREE_TOL, compare, format_table, open_models, write_json, write_plot
+from fitonnx.options import FisherOptions
 
 
 @click.command("compare")
@@ -39,13 +40,7 @@ from fitonnx.compare import DEFAULT_AGREE_TOL, compare, format_table, open_model
 def compare_command(
     models: tuple[str, ...],
     data: tuple[str, ...],
-    fisher: str | None,
-    likelihood: str | None,
-    output: str | None,
-    class_axis: int | None,
-    max_samples: int | None,
-    tol: float | None,
-    seed: int,
+    options: FisherOptions,
     weight_bits: tuple[int, ...],
     act_bits: tuple[int, ...],
     agree_tol: float,
@@ -54,20 +49,14 @@ def compare_command(
 ) -> None:
     """Compare MODELS (two or more; each against the first): paired Fisher traces, ranges and FIT."""
     sessions = open_models(models, data)
-    total = sum(samples_to_use(s, max_samples) for s in sessions)
+    total = sum(samples_to_use(s, options.max_samples) for s in sessions)
     with progress_bar(total, "Fisher samples") as advance:
         result = compare(
             models,
             sessions=sessions,
-            fisher=fisher,
-            likelihood=likelihood,
-            output=output,
-            class_axis=class_axis,
+            options=options,
             weight_bits=weight_bits,
             activation_bits=act_bits,
-            max_samples=max_samples,
-            tol=tol,
-            seed=seed,
             agree_tol=agree_tol,
             progress=advance,
         )

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
+
+from fitonnx.losses import FisherMode, Likelihood
+from fitonnx.options import FisherOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -56,7 +60,32 @@ def data_options(f: F) -> F:
 
 
 def fisher_options(f: F) -> F:
-    """Fisher mode, loss output and sample budget."""
+    """Fisher mode, loss output, sample budget and seed, handed to the command as one
+    ``options: FisherOptions`` argument."""
+
+    @functools.wraps(f)
+    def collect(
+        *args: Any,
+        fisher: str | None,
+        likelihood: str | None,
+        output: str | None,
+        class_axis: int | None,
+        max_samples: int | None,
+        tol: float | None,
+        seed: int,
+        **kwargs: Any,
+    ) -> Any:
+        options = FisherOptions(
+            fisher=None if fisher is None else FisherMode(fisher),
+            likelihood=None if likelihood is None else Likelihood(likelihood),
+            output=output,
+            class_axis=class_axis,
+            max_samples=max_samples,
+            tol=tol,
+            seed=seed,
+        )
+        return f(*args, options=options, **kwargs)
+
     return _compose(
         click.option(
             "--fisher",
@@ -79,7 +108,7 @@ def fisher_options(f: F) -> F:
             help="Stop once the relative standard error of the total trace is below TOL (e.g. 0.05).",
         ),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for --fisher mc and --random-data."),
-    )(f)
+    )(collect)  # type: ignore[arg-type]
 
 
 def bits_options(f: F) -> F:

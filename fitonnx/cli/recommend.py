@@ -10,6 +10,7 @@ from fitonnx.cli.common import open_session, samples_to_use
 from fitonnx.cli.options import BitsList, data_options, fisher_options
 from fitonnx.cli.progress import progress_bar
 from fitonnx.graph import Kind
+from fitonnx.options import FisherOptions
 from fitonnx.targets import TARGETS
 
 
@@ -97,13 +98,7 @@ def recommend_command(
     model: str,
     data: str | None,
     random_samples: int | None,
-    fisher: str | None,
-    likelihood: str | None,
-    output: str | None,
-    class_axis: int | None,
-    max_samples: int | None,
-    tol: float | None,
-    seed: int,
+    options: FisherOptions,
     avg_bits: float | None,
     size_kb: float | None,
     max_fit: float | None,
@@ -118,8 +113,8 @@ def recommend_command(
     """Choose per-tensor bit widths for MODEL under one budget (--avg-bits, --size-kb or --max-fit)."""
     budget_from(avg_bits=avg_bits, size_kb=size_kb, max_fit=max_fit)  # fail before any work
     check_options(target, weight_bits=weight_bits, act_bits=act_bits, act_avg_bits=act_avg_bits)
-    session = open_session(model, data, random_samples, seed)
-    total = samples_to_use(session, max_samples)
+    session = open_session(model, data, random_samples, options.seed)
+    total = samples_to_use(session, options.max_samples)
     with progress_bar(total, "Fisher samples") as advance:
         result = api.recommend(
             model,
@@ -133,13 +128,7 @@ def recommend_command(
             act_avg_bits=act_avg_bits,
             tolerance=tolerance,
             out_dir=out_dir,
-            fisher=fisher,
-            likelihood=likelihood,
-            output=output,
-            class_axis=class_axis,
-            max_samples=max_samples,
-            tol=tol,
-            seed=seed,
+            options=options,
             progress=advance,
         )
     click.echo(format_summary(result, limit=top))

@@ -9,6 +9,7 @@ from fitonnx.cli.common import open_session, samples_to_use
 from fitonnx.cli.options import bits_options, data_options, fisher_options
 from fitonnx.cli.progress import progress_bar
 from fitonnx.noise import NOISE_MODELS, NoiseModel
+from fitonnx.options import FisherOptions
 
 
 @click.command("score")
@@ -30,13 +31,7 @@ def score_command(
     model: str,
     data: str | None,
     random_samples: int | None,
-    fisher: str | None,
-    likelihood: str | None,
-    output: str | None,
-    class_axis: int | None,
-    max_samples: int | None,
-    tol: float | None,
-    seed: int,
+    options: FisherOptions,
     weight_bits: tuple[int, ...],
     act_bits: tuple[int, ...],
     noise_model: str,
@@ -45,21 +40,15 @@ def score_command(
     top: int | None,
 ) -> None:
     """Rank MODEL's quantizable weights and activations by FIT (most sensitive first)."""
-    session = open_session(model, data, random_samples, seed)
-    total = samples_to_use(session, max_samples)
+    session = open_session(model, data, random_samples, options.seed)
+    total = samples_to_use(session, options.max_samples)
     with progress_bar(total, "Fisher samples") as advance:
         result = api.score(
             model,
             session=session,
-            fisher=fisher,
-            likelihood=likelihood,
-            output=output,
-            class_axis=class_axis,
+            options=options,
             weight_bits=weight_bits,
             activation_bits=act_bits,
-            max_samples=max_samples,
-            tol=tol,
-            seed=seed,
             progress=advance,
             noise_model=noise_model,
         )

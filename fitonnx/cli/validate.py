@@ -11,6 +11,7 @@ import click
 from fitonnx.cli.common import open_session, samples_to_use
 from fitonnx.cli.options import BitsList, data_options, fisher_options
 from fitonnx.cli.progress import progress_bar
+from fitonnx.options import FisherOptions
 from fitonnx.validate import DEFAULT_CONFIGS, DEFAULT_RESAMPLES, format_report, validate, write_json
 
 
@@ -59,13 +60,7 @@ def validate_command(
     model: str,
     data: str | None,
     random_samples: int | None,
-    fisher: str | None,
-    likelihood: str | None,
-    output: str | None,
-    class_axis: int | None,
-    max_samples: int | None,
-    tol: float | None,
-    seed: int,
+    options: FisherOptions,
     eval_data: str | None,
     configs: int,
     bits: tuple[int, ...],
@@ -88,8 +83,8 @@ def validate_command(
 
         require_matplotlib()  # fail before the work, not after it
     started = time.perf_counter()
-    session = open_session(model, data, random_samples, seed)
-    samples = samples_to_use(session, max_samples)
+    session = open_session(model, data, random_samples, options.seed)
+    samples = samples_to_use(session, options.max_samples)
     uniform = 0 if no_uniform else len(set(weight_bits or bits) & set(act_bits or bits))
     passes = 2  # traces and ranges, then the measured rounding errors
     # Two bars, one after the other: the configurations' bar opens when the Fisher passes are done.
@@ -113,13 +108,7 @@ def validate_command(
             uniform=not no_uniform,
             per_channel=per_channel,
             symmetric=symmetric,
-            fisher=fisher,
-            likelihood=likelihood,
-            output=output,
-            class_axis=class_axis,
-            max_samples=max_samples,
-            tol=tol,
-            seed=seed,
+            options=options,
             batch_size=batch_size,
             resamples=resamples,
             fisher_progress=fisher_advance,

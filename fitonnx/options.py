@@ -1,0 +1,65 @@
+"""``FisherOptions``: how the Fisher is estimated, one typed value for every entry point.
+
+``score``, ``recommend``, ``validate`` and ``compare`` (and their subcommands, through the shared
+``--fisher``/``--likelihood``/... option group) all take the same choices: which Fisher, which
+output and how to read it, how many samples, and the seed. They travel together as one frozen
+value instead of seven keyword arguments repeated through every layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from fitonnx import engine
+from fitonnx.errors import FitonnxError
+from fitonnx.losses import FisherMode, Likelihood
+
+
+def _enum(kind: type[FisherMode] | type[Likelihood], value: object, flag: str) -> FisherMode | Likelihood | None:
+    if value is None or isinstance(value, kind):
+        return value  # type: ignore[return-value]
+    try:
+        return kind(value)
+    except ValueError:
+        raise FitonnxError(f"expected {flag} to be one of {[m.value for m in kind]}; found {value!r}") from None
+
+
+@dataclass(frozen=True)
+class FisherOptions:
+    """How the Fisher is estimated.
+
+    - ``fisher``: empirical (labels), mc (labels sampled from the model) or exact (every class);
+      None picks empirical when the data has labels, else mc.
+    - ``likelihood``/``output``/``class_axis``: which output defines the loss and how it is read;
+      None infers them (``losses.resolve_output``).
+    - ``max_samples``/``tol``: at most that many calibration samples; stop once the total trace's
+      relative standard error is below ``tol``.
+    - ``seed``: MC labels, random data, and (in ``validate``) configurations and bootstrap.
+
+    Strings are accepted for the enums (``FisherOptions(fisher="mc")``).
+    """
+
+    fisher: FisherMode | None = None
+    likelihood: Likelihood | None = None
+    output: str | None = None
+    class_axis: int | None = None
+    max_samples: int | None = None
+    tol: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fisher", _enum(FisherMode, self.fisher, "fisher"))
+        object.__setattr__(self, "likelihood", _enum(Likelihood, self.likelihood, "likelihood"))
+        if self.max_samples is not None and self.max_samples < 1:
+            raise FitonnxError(f"expected max_samples of at least 1; found {self.max_samples}")
+        if self.tol is not None and not self.tol > 0:
+            raise FitonnxError(f"expected a positive tol; found {self.tol}")
+
+    def replace(self, **changes: object) -> FisherOptions:
+        """A copy with some fields changed (checked like a new value)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def run_options(self, threads: int = 0) -> engine.RunOptions:
+        """The engine's sample budget and seed."""
+        return engine.RunOptions(max_samples=self.max_samples, tol=self.tol, seed=self.seed, threads=threads)
