@@ -107,14 +107,23 @@ def _loss_and_correct(
         y = labels.astype(np.float64)
         loss = -_per_sample(y * logp + (1 - y) * log1mp)
         binary = bool(np.all((y == 0) | (y == 1)))
-        return loss, _per_sample_mean((z > 0) == (y > 0.5)) if binary else None
+        return loss, _per_sample_mean((logp > log1mp) == (y > 0.5)) if binary else None
     return _per_sample(0.5 * np.square(z - labels.astype(np.float64))), None
 
 
+# The in-graph Bernoulli head on probabilities clips p to [EPS, 1 − EPS] (losses); so does the damage.
+PROBABILITY_EPS = 1e-6
+
+
 def _logs(target: OutputTarget, z: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Log-probabilities: log-softmax (categorical); log p and log(1 − p) (Bernoulli, from logits,
+    or from probabilities when the output is one, ``target.probabilities``)."""
     if target.likelihood is Likelihood.CATEGORICAL:
         return _log_softmax(z), None
     if target.likelihood is Likelihood.BERNOULLI:
+        if target.probabilities:
+            p = np.clip(z, PROBABILITY_EPS, 1.0 - PROBABILITY_EPS)
+            return np.log(p), np.log1p(-p)
         return -np.logaddexp(0.0, -z), -np.logaddexp(0.0, z)
     return None, None
 

@@ -115,13 +115,15 @@ def resolve_output(
     elif producer is not None and producer.op_type == "Sigmoid" and likelihood in (None, Likelihood.BERNOULLI):
         tap = producer.input[0]
         likelihood = Likelihood.BERNOULLI
-    elif likelihood is Likelihood.BERNOULLI:
-        return OutputTarget(output, output, likelihood, None, rank, probabilities=True)
+    elif likelihood is Likelihood.BERNOULLI or (likelihood is None and _mean_of_sigmoids(model, output)):
+        return OutputTarget(output, output, Likelihood.BERNOULLI, None, rank, probabilities=True)
     elif likelihood is None:
         if labels is not None:
             likelihood = Likelihood.CATEGORICAL if np.issubdtype(labels.dtype, np.integer) else Likelihood.GAUSSIAN
         else:
             likelihood = Likelihood.CATEGORICAL if rank is not None and rank >= 2 else Likelihood.GAUSSIAN
+            if likelihood is Likelihood.CATEGORICAL and _static_dim(model, output, 1 if axis is None else axis) == 1:
+                likelihood = Likelihood.GAUSSIAN  # one "class": a softmax over it is constant, its Fisher 0
     if likelihood is Likelihood.CATEGORICAL:
         rank = rank if rank is not None else 2
         if axis is None:
@@ -133,6 +135,12 @@ def resolve_output(
             raise ModelError(
                 f"expected a categorical output with a batch and a class axis; {output!r} has rank {rank}",
                 hint="use --likelihood gaussian for real-valued outputs",
+            )
+        if _static_dim(model, output, axis) == 1:
+            raise ModelError(
+                f"expected at least 2 classes on axis {axis} of {output!r}; found 1 (a softmax over one class "
+                "is constant, so every Fisher trace would be 0)",
+                hint="use --likelihood bernoulli for a probability, gaussian for a real value, or --class-axis",
             )
     return OutputTarget(
         output=output,
@@ -158,6 +166,34 @@ def _through_layout(model: onnx.ModelProto, name: str) -> onnx.NodeProto | None:
             break
         node = inner
     return node
+
+
+# Ops whose output is a weighted mean of their input's values: a mean of probabilities is one.
+_MEANS = frozenset({"ReduceMean", "GlobalAveragePool", "AveragePool"})
+
+
+def _mean_of_sigmoids(model: onnx.ModelProto, name: str) -> bool:
+    """Whether ``name`` is a Sigmoid output seen through reshapes and means (silero-vad's speech
+    probability is the time-mean of per-frame sigmoids): probabilities with no Sigmoid to tap."""
+    producers = _producers(model)
+    node, through_mean = producers.get(name), False
+    while node is not None and node.op_type in _LAYOUT | _MEANS:
+        through_mean = through_mean or node.op_type in _MEANS
+        node = producers.get(node.input[0])
+    return through_mean and node is not None and node.op_type == "Sigmoid"
+
+
+def _static_dim(model: onnx.ModelProto, name: str, axis: int) -> int | None:
+    """The static size of ``axis`` of tensor ``name`` where the model declares it, else None."""
+    infos = [*model.graph.output, *model.graph.value_info]
+    info = next((v for v in infos if v.name == name and v.type.tensor_type.HasField("shape")), None)
+    if info is None:
+        return None
+    dims = info.type.tensor_type.shape.dim
+    if not -len(dims) <= axis < len(dims):
+        return None
+    d = dims[axis]
+    return d.dim_value if d.HasField("dim_value") else None
 
 
 def _opset(model: onnx.ModelProto) -> int:

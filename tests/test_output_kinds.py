@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from fitonnx import api, graph, losses
 from fitonnx.data import Dataset
+from fitonnx.errors import ModelError
 from fitonnx.options import FisherOptions
 
 
@@ -86,3 +88,37 @@ def test_bernoulli_on_probabilities_matches_finite_differences() -> None:
             e[k] = 1e-6
             grad[k] = (loss(w64 + e, i) - loss(w64 - e, i)) / 2e-6
         np.testing.assert_allclose(traces.per_sample[i, j], np.sum(grad**2), rtol=1e-4)
+
+
+def test_a_mean_of_sigmoids_is_read_as_probabilities() -> None:
+    # silero-vad's speech probability is Unsqueeze(ReduceMean(Sigmoid(...))): no Sigmoid to tap, but
+    # a probability all the same; read as a categorical over its one "class" it had a Fisher of 0.
+    model = _model(
+        [
+            helper.make_node("Sigmoid", ["z"], ["s"]),
+            helper.make_node("ReduceMean", ["s"], ["m"], axes=[1], keepdims=0),
+            helper.make_node("Unsqueeze", ["m", "one"], ["p"]),
+        ],
+        [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["batch", 1])],
+        W,
+    )
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "one"))
+    target = _target(model)
+    assert target.likelihood is losses.Likelihood.BERNOULLI and target.probabilities and target.tap == "p"
+    x = np.random.default_rng(4).normal(size=(6, 3)).astype(np.float32)
+    traces, _, _ = api.fisher_traces(api.open_model(model, Dataset({"x": x})), FisherOptions(fisher="mc"))
+    assert traces.trace().sum() > 0
+
+
+def test_one_class_is_not_a_categorical_output() -> None:
+    # A [batch, 1] output that is not a probability: inferred as Gaussian, refused as categorical.
+    model = _model(
+        [helper.make_node("ReduceSum", ["z"], ["y"], axes=[1], keepdims=1)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])],
+        W,
+    )
+    model.graph.node[-1].CopyFrom(helper.make_node("ReduceSum", ["z", "axes"], ["y"], keepdims=1))
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "axes"))
+    assert _target(model).likelihood is losses.Likelihood.GAUSSIAN
+    with pytest.raises(ModelError, match="expected at least 2 classes on axis 1 of 'y'; found 1"):
+        _target(model, losses.Likelihood.CATEGORICAL)

@@ -115,6 +115,13 @@ def test_damage_measures_by_hand() -> None:
     kl, dloss, acc = d.kl, d.dloss, d.accuracy
     assert kl == pytest.approx(0.5 * np.mean(np.sum((zq - zf) ** 2, axis=1))) and dloss is None and acc is None
 
+    # A Bernoulli output that is itself a probability (a mean of sigmoids): the same measures as
+    # from the logits above, read from the probabilities sf, sq.
+    prob = OutputTarget("y", "y", Likelihood.BERNOULLI, None, 2, probabilities=True)
+    d = damage(reference(prob, sf, y, "t"), sq)
+    assert d.kl == pytest.approx(want) and d.dloss == pytest.approx(bce(sq) - bce(sf))
+    assert d.accuracy == pytest.approx(np.mean((sq > 0.5) == (y == 1)))
+
 
 def test_split_half_reliability_recovers_a_known_ceiling() -> None:
     # A measure whose expectation per configuration is known: mean_c + noise per held-out sample.

@@ -38,6 +38,22 @@ EXTRA: dict[str, tuple[str, ...]] = {"digits_skl2onnx": ("--output", "probabilit
 # branch is not taken and its weights cannot be scored (the prepare stage says so).
 UNTAKEN_PREFIX: dict[str, str] = {"silero_vad": "If_0_else_branch"}
 
+# How each model's output is read (losses.resolve_output): silero's speech probability is a mean
+# of sigmoids (Bernoulli on probabilities), DBNet's map a Sigmoid, the rest class scores.
+LIKELIHOOD: dict[str, str] = {
+    "digits_cnn_jax2onnx": "categorical",
+    "digits_skl2onnx": "categorical",
+    "gru_charlm_dynamo": "categorical",
+    "mbv3_small_ts": "categorical",
+    "ppocr_cls_mbv3": "categorical",
+    "ppocrv4_det_dbnet": "bernoulli",
+    "ppocrv4_rec_svtr": "categorical",
+    "silero_vad": "bernoulli",
+    "silero_vad_16k_op15": "bernoulli",
+    "silero_vad_16k_sequence": "bernoulli",
+    "tiny_bert_dynamo": "categorical",
+}
+
 MODELS = sorted(p.stem for p in ZOO.glob("*.onnx"))
 
 
@@ -54,6 +70,8 @@ def test_zoo_model_scores_every_weight(name: str, tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     tensors = report["tensors"]
     assert all(math.isfinite(t["ef_trace"]) and t["ef_trace"] >= 0 for t in tensors)
+    # A loss that does not depend on the tensors (a softmax over one class) gives traces of exactly 0.
+    assert report["likelihood"] == LIKELIHOOD[name] and sum(t["ef_trace"] for t in tensors) > 0
     assert any(t["kind"] == "activation" for t in tensors)
     reported = {part for t in tensors if t["kind"] == "weight" for part in t["name"].split("+")}
     expected = _inventory()(onnx.load(ZOO / f"{name}.onnx")).roots

@@ -51,6 +51,8 @@ class Outcome:
     weights: int | None
     activations: int | None
     finite: bool | None
+    likelihood: str | None
+    total_trace: float | None
     missing_roots: tuple[str, ...]
     samples: int | None
     detail: str
@@ -88,7 +90,15 @@ def run(model: str, fitonnx: str, max_samples: int, out_dir: Path) -> Outcome:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         error = next((line for line in lines if line.startswith("error:")), lines[-1] if lines else "(no output)")
         return Outcome(
-            **common, weights=None, activations=None, finite=None, missing_roots=(), samples=None, detail=error
+            **common,
+            weights=None,
+            activations=None,
+            finite=None,
+            likelihood=None,
+            total_trace=None,
+            missing_roots=(),
+            samples=None,
+            detail=error,
         )
     result = json.loads(report.read_text())
     tensors = result["tensors"]
@@ -99,6 +109,8 @@ def run(model: str, fitonnx: str, max_samples: int, out_dir: Path) -> Outcome:
         weights=len(weights),
         activations=sum(1 for t in tensors if t["kind"] == "activation"),
         finite=all(math.isfinite(t["ef_trace"]) and math.isfinite(t["ef_trace_se"]) for t in tensors),
+        likelihood=f"{result['likelihood']} on {result['output']!r}",
+        total_trace=sum(t["ef_trace"] for t in tensors),
         missing_roots=tuple(sorted(inv.roots - parts)),
         samples=result["samples"],
         detail="",
@@ -123,7 +135,7 @@ def main(argv: list[str]) -> None:
                 f", stored tensors not named in the report: {', '.join(o.missing_roots[:6])}" if o.missing_roots else ""
             )
             print(
-                f"{model:26s} ok   {o.seconds:6.1f}s  {expected}; {o.samples} samples: reported W {o.weights} A {o.activations}, finite {o.finite}{missing}"
+                f"{model:26s} ok   {o.seconds:6.1f}s  {expected}; {o.samples} samples: reported W {o.weights} A {o.activations}, finite {o.finite}, {o.likelihood}, total trace {o.total_trace:.3g}{missing}"
             )
 
 
