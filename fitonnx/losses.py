@@ -103,7 +103,11 @@ def resolve_output(
     tap = output
     axis = class_axis
     rank = ranks.get(output)
-    if (
+    restored = _converted_softmax(model, output, rank)
+    if restored is not None and likelihood in (None, Likelihood.CATEGORICAL) and axis in (None, restored[1]):
+        tap, axis = restored
+        likelihood = Likelihood.CATEGORICAL
+    elif (
         producer is not None
         and producer.op_type in ("Softmax", "LogSoftmax")
         and likelihood in (None, Likelihood.CATEGORICAL)
@@ -170,6 +174,31 @@ def _through_layout(model: onnx.ModelProto, name: str) -> onnx.NodeProto | None:
 
 # Ops whose output is a weighted mean of their input's values: a mean of probabilities is one.
 _MEANS = frozenset({"ReduceMean", "GlobalAveragePool", "AveragePool"})
+
+
+def _converted_softmax(model: onnx.ModelProto, name: str, rank: int | None) -> tuple[str, int] | None:
+    """(logits, class axis) when ``name`` is onnx.version_converter's form of an opset < 13
+    Softmax/LogSoftmax over the last axis of a tensor whose rank it did not know:
+    Reshape(Softmax(Flatten(x, axis=k), axis=-1), Shape(x)). That is a softmax over x's last axis
+    exactly when k = rank − 1 (x has the output's rank, restored by the Reshape); a smaller k
+    normalizes over several axes at once, which no categorical likelihood here reads."""
+    producers = _producers(model)
+    reshape = producers.get(name)
+    if rank is None or reshape is None or reshape.op_type != "Reshape":
+        return None
+    softmax = producers.get(reshape.input[0])
+    shape = producers.get(reshape.input[1])
+    if softmax is None or softmax.op_type not in ("Softmax", "LogSoftmax") or shape is None or shape.op_type != "Shape":
+        return None
+    flatten = producers.get(softmax.input[0])
+    if flatten is None or flatten.op_type != "Flatten" or flatten.input[0] != shape.input[0]:
+        return None
+    if next((a.i for a in softmax.attribute if a.name == "axis"), -1) not in (-1, 1):
+        return None
+    k = next((a.i for a in flatten.attribute if a.name == "axis"), 1)
+    if k % rank != rank - 1:
+        return None
+    return flatten.input[0], rank - 1
 
 
 def _mean_of_sigmoids(model: onnx.ModelProto, name: str) -> bool:

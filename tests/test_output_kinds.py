@@ -122,3 +122,39 @@ def test_one_class_is_not_a_categorical_output() -> None:
     assert _target(model).likelihood is losses.Likelihood.GAUSSIAN
     with pytest.raises(ModelError, match="expected at least 2 classes on axis 1 of 'y'; found 1"):
         _target(model, losses.Likelihood.CATEGORICAL)
+
+
+def _softmax_model(opset: int, axis: int, hide_rank: bool) -> onnx.ModelProto:
+    """x [N, T, 3] ─MatMul(w)─► z [N, T, 4] ─Softmax(axis)─► probs. ``hide_rank`` routes z through
+    Reshape(z, Shape(z)), whose rank shape inference cannot see, so onnx.version_converter writes an
+    opset-12 Softmax as Reshape(Softmax(Flatten(z, axis)), Shape(z))."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["z0" if hide_rank else "z"])]
+    if hide_rank:
+        nodes += [helper.make_node("Shape", ["z0"], ["s"]), helper.make_node("Reshape", ["z0", "s"], ["z"])]
+    nodes.append(helper.make_node("Softmax", ["z"], ["probs"], axis=axis))
+    g = helper.make_graph(
+        nodes,
+        "m",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "time", 3])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", "time", 4])],
+        [numpy_helper.from_array(W, "w")],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    return m
+
+
+def test_an_opset_12_softmax_converted_without_shapes_still_reads_logits() -> None:
+    # paddle2onnx's PP-OCR recognizer: an opset-12 Softmax(axis=2) whose input rank the converter
+    # cannot see became Reshape(Softmax(Flatten(z, 2)), Shape(z)); read as logits, the probabilities
+    # made every trace and KL meaningless. The traces must equal those of the opset-13 model.
+    rng = np.random.default_rng(6)
+    data = Dataset({"x": rng.normal(size=(5, 2, 3)).astype(np.float32)}, rng.integers(0, 4, size=(5, 2)))
+    old = api.open_model(_softmax_model(12, 2, hide_rank=True), data)
+    assert any(n.op_type == "Flatten" for n in old.prepared.model.graph.node)  # the converter's form
+    new = api.open_model(_softmax_model(13, -1, hide_rank=False), data)
+    got, target, _ = api.fisher_traces(old, FisherOptions(fisher="empirical"))
+    want, _, _ = api.fisher_traces(new, FisherOptions(fisher="empirical"))
+    assert target.class_axis == 2 and target.tap != "probs"
+    assert [t.name for t in got.tensors] == [t.name for t in want.tensors]
+    np.testing.assert_allclose(got.per_sample, want.per_sample, rtol=1e-5)
