@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -26,6 +27,7 @@ from fitonnx.validate import (
     PREDICTORS,
     Harness,
     ValidationReport,
+    format_report,
     harness,
     sample_configs,
     to_dict,
@@ -294,6 +296,12 @@ def test_uniform_fit_equals_the_score_report(mlp_case: tuple, mlp_report: Valida
     assert [next(iter(c.weight_bits.values())) for c in uniform] == [3, 5]
     for c, b in zip(uniform, (3, 5), strict=True):
         assert c.fit == pytest.approx(scored.total_fit[b], rel=1e-9)
+
+
+def test_report_says_when_the_damage_is_beyond_second_order(mlp_report: ValidationReport) -> None:
+    assert "note: the median configuration" not in format_report(mlp_report)
+    broken = dataclasses.replace(mlp_report, configs=tuple(dataclasses.replace(c, kl=5.0) for c in mlp_report.configs))
+    assert "note: the median configuration moves the outputs by KL 5 nats" in format_report(broken)
 
 
 def test_report_correlations_are_those_of_its_columns(mlp_report: ValidationReport) -> None:
