@@ -304,7 +304,12 @@ class Allocation:
 
 def _items(report: ScoreReport, target: Target, kind: Kind, bits: Sequence[int]) -> list[Item]:
     return [
-        Item(t.name, t.numel, tuple(bits), tuple(target.fit(kind, t.ef_trace, t.min, t.max, b) for b in bits))
+        Item(
+            t.name,
+            t.numel,
+            tuple(bits),
+            tuple(target.fit(kind, t.ef_trace, t.min, t.max, b, t.point_mass) for b in bits),
+        )
         for t in report.tensors
         if t.kind is kind
     ]
@@ -409,6 +414,7 @@ def allocate(
         ranges={t.name: (t.min, t.max) for t in report.tensors},
         budget=budget_dict,
         fit_per_tensor=per_tensor,
+        noise_model=report.noise_model,
         pareto=pareto_points(front, a_fit, np.union1d(_front_sample(front, PARETO_IN_RECOMMENDATION), [chosen.index])),
     )
     return Allocation(

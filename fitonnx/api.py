@@ -235,13 +235,15 @@ def recommend(
     tolerance: float = 0.0,
     out_dir: str | os.PathLike[str] | None = None,
     options: FisherOptions | None = None,
+    noise_model: noise.NoiseModel | str = noise.NoiseModel.UNIFORM,
     random_samples: int | None = None,
     progress: engine.ProgressFn | None = None,
     session: Session | None = None,
 ) -> RecommendResult:
     """Per-tensor bit widths for ``target`` under exactly one budget (average weight bits, weight KB
     or maximum FIT), and, with ``out_dir``, every output of ``fitonnx recommend`` written there.
-    ``options``: how the Fisher is estimated (``score``)."""
+    ``options``: how the Fisher is estimated; ``noise_model``: as in ``score``, with the grid model
+    judged on the target's own grids (``targets.Target.represents``)."""
     # Imported here: the exporters pull in onnxruntime.quantization, which scoring never needs.
     from fitonnx.recommend_outputs import prepare_out_dir, write_outputs
 
@@ -256,6 +258,7 @@ def recommend(
         options=opts,
         weight_bits=tgt.weight_bits,
         activation_bits=tgt.activation_bits,
+        noise_model=noise_model,
         progress=progress,
     )
     alloc = allocate.allocate(

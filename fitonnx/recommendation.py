@@ -48,6 +48,7 @@ class Recommendation:
     budget: Mapping[str, float] = field(default_factory=dict)  # e.g. {"avg_bits": 4.0}
     fit_per_tensor: Mapping[str, Mapping[int, float]] = field(default_factory=dict)
     pareto: tuple[ParetoPoint, ...] = ()
+    noise_model: str = "uniform"  # fitonnx.noise.NoiseModel the FIT values were computed with
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +62,7 @@ class Recommendation:
             "weight_bytes": self.weight_bytes,
             "ranges": {k: [float(lo), float(hi)] for k, (lo, hi) in self.ranges.items()},
             "fit_per_tensor": {k: {str(b): v for b, v in d.items()} for k, d in self.fit_per_tensor.items()},
+            "noise_model": self.noise_model,
             "pareto": [
                 {
                     "weight_bytes": p.weight_bytes,
@@ -96,6 +98,7 @@ class Recommendation:
                     )
                     for p in d.get("pareto", [])
                 ),
+                noise_model=str(d.get("noise_model", "uniform")),
             )
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise FitonnxError(

@@ -36,6 +36,18 @@ class TensorScore:
     max: float
     fit: Mapping[int, float]
     share: float  # of the total FIT; the same at every bit width, since Δ(b)² scales all tensors alike
+    # Grid noise model only: mean Fisher mass of the elements equal to 0, to min and to max
+    # (engine.PointTraces), so a target with another grid can tell which of them it keeps exact.
+    point_mass: PointMass | None = None
+
+
+@dataclass(frozen=True)
+class PointMass:
+    """(1/N)·Σ_i ‖g_i ⊙ 1[t_i = v]‖² for v = 0, the tensor's min and its max."""
+
+    zero: float
+    at_min: float
+    at_max: float
 
 
 @dataclass(frozen=True)
@@ -105,6 +117,15 @@ def stability(
         same += set(np.argsort(-boot)[:k].tolist()) == top
     taus_arr = np.array(taus)
     return Stability(resamples, float(taus_arr.mean()), float(np.quantile(taus_arr, 0.05)), k, same / resamples)
+
+
+def _point_mass(traces: FisherTraces, j: int) -> PointMass:
+    points = traces.points
+    if points is None:
+        raise InternalError("the grid noise model needs the engine's point statistics (exact_points)")
+    return PointMass(
+        float(points.zero[:, j].mean()), float(points.at_min[:, j].mean()), float(points.at_max[:, j].mean())
+    )
 
 
 def perturbed_traces(traces: FisherTraces, lo: np.ndarray, hi: np.ndarray, bits: int) -> np.ndarray:
@@ -182,6 +203,7 @@ def score(
                 max=float(hi[j]),
                 fit={b: float(fits[b][j]) for b in bits},
                 share=float(fits[bits[0]][j] / totals[bits[0]]) if totals[bits[0]] > 0 else 0.0,
+                point_mass=_point_mass(traces, j) if kind is NoiseModel.GRID else None,
             )
         )
     order = np.argsort(-fits[bits[0]], kind="stable")

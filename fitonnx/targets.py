@@ -12,9 +12,12 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
+import numpy as np
+
 from fitonnx import noise
 from fitonnx.errors import FitonnxError
 from fitonnx.graph import Kind
+from fitonnx.score import PointMass
 
 FLOAT16_MANTISSA_BITS = 10
 
@@ -64,9 +67,38 @@ class Target:
             return max(abs(lo), abs(hi)) / (2.0 ** (bits - 1) - 1.0)
         return float(noise.step(lo, hi, bits))
 
-    def fit(self, kind: Kind, trace: float, lo: float, hi: float, bits: int) -> float:
-        """FIT_t(b) = Tr(F_t) · Δ_t(b)² / 12 with this target's step."""
-        return trace * self.step(kind, lo, hi, bits) ** 2 / 12.0
+    def represents(self, kind: Kind, value: float, lo: float, hi: float, bits: int) -> bool:
+        """Whether this target's grid at ``bits`` for a tensor spanning [lo, hi] holds ``value``
+        exactly (the grid noise model leaves such elements unperturbed)."""
+        if self.is_float(bits):
+            return bool(np.isfinite(np.float16(value)) and float(np.float16(value)) == value)
+        step = self.step(kind, lo, hi, bits)
+        if step <= 0:
+            return value == 0.0
+        if self.scheme(kind) is Scheme.SYMMETRIC:
+            half = 2 ** (bits - 1) - 1
+            return noise.represented(value, -half * step, step, 2 * half)
+        return noise.represented(value, -float(noise.zero_point(lo, step)) * step, step, 2**bits - 1)
+
+    def fit(
+        self, kind: Kind, trace: float, lo: float, hi: float, bits: int, point_mass: PointMass | None = None
+    ) -> float:
+        """FIT_t(b) = Tr(F_t) · Δ_t(b)² / 12 with this target's step; with ``point_mass`` (the grid
+        noise model) the Fisher mass of the values 0, min and max that this grid holds exactly is
+        left out of the trace."""
+        held = 0.0
+        if point_mass is not None:
+            held = float(
+                noise.unperturbed(
+                    point_mass.zero,
+                    point_mass.at_min,
+                    point_mass.at_max,
+                    lo,
+                    hi,
+                    lambda v: self.represents(kind, v, lo, hi, bits),
+                )
+            )
+        return max(trace - held, 0.0) * self.step(kind, lo, hi, bits) ** 2 / 12.0
 
     def finn_datatype(self, kind: Kind, bits: int, lo: float) -> str:
         """The QONNX/FINN DataType name of the quantized tensor (``INT4``, ``UINT8``, ``FLOAT16``)."""

@@ -261,3 +261,43 @@ def test_cli_score_noise_model_and_exact_fisher(case: tuple, tmp_path: Path) -> 
     assert grid["noise_model"] == "grid" and uniform["noise_model"] == "uniform" and grid["fisher"] == "exact"
     fit = {m: {t["name"]: t["fit"]["4"] for t in r["tensors"]} for m, r in reports.items()}
     assert fit["grid"]["r"] < fit["exact"]["r"]
+
+
+def _on_levels(v: float, levels: np.ndarray) -> bool:
+    return bool(np.min(np.abs(levels - v)) <= 1e-6 * (levels[1] - levels[0]))
+
+
+@pytest.mark.parametrize("target", ["generic", "tensorrt"])
+def test_recommend_grid_noise_uses_the_targets_own_grid(case: tuple, target: str) -> None:
+    # generic: the same asymmetric zero-point grid as `score --noise-model grid`; tensorrt: symmetric
+    # grids, where ±max|x| and 0 are levels but a min/max of smaller magnitude is not. Levels are
+    # enumerated here, not tested by formula.
+    model, p, data = case
+    rec = api.recommend(model, data, target=target, avg_bits=4, noise_model="grid").allocation.recommendation
+    assert rec.noise_model == "grid"
+    grads = gradients(p, data.arrays["x"], data.labels)
+    vals = values(p, data.arrays["x"])
+    masses = point_masses(grads, vals)
+    scored = api.score(model, data, noise_model="grid", weight_bits=(4, 8), activation_bits=(8,))
+    for name, per_bits in rec.fit_per_tensor.items():
+        trace = float((grads[name].reshape(len(grads[name]), -1) ** 2).sum(1).mean())
+        lo, hi = float(vals[name].min()), float(vals[name].max())
+        mass = {k: float(v.mean()) for k, v in masses[name].items()}
+        for b, got in per_bits.items():
+            if b == 16 and target == "tensorrt":
+                continue  # float16: not an integer grid
+            if target == "tensorrt":
+                m, half = max(abs(lo), abs(hi)), 2 ** (b - 1) - 1
+                levels = np.arange(-half, half + 1) * (m / half)
+            else:
+                step = (max(hi, 0) - min(lo, 0)) / (2**b - 1)
+                levels = (np.arange(2**b) - round(-min(lo, 0) / step)) * step
+            held, seen = 0.0, set()
+            for v, kind in ((0.0, "zero"), (lo, "at_min"), (hi, "at_max")):
+                if v not in seen and lo <= v <= hi and _on_levels(v, levels):
+                    seen.add(v)
+                    held += mass[kind]
+            step = levels[1] - levels[0]
+            assert got == pytest.approx((trace - held) * step**2 / 12, rel=1e-4), (name, b)
+            if target == "generic" and b in scored.tensor(name).fit:
+                assert got == pytest.approx(scored.tensor(name).fit[b], rel=1e-6)

@@ -194,6 +194,18 @@ def test_activation_average_budget_is_optimal(tmp_path: Path) -> None:
     assert len(set(rec.activation_bits.values())) == 2  # a real mix, not a uniform width
 
 
+def test_cli_grid_noise_model_is_recorded(tmp_path: Path) -> None:
+    path, data = tiny(tmp_path, ir_version=9)
+    args = ["recommend", str(path), "--data", str(data), "--avg-bits", "4", "--noise-model", "grid"]
+    code, _, err = run(*args, "--out", str(tmp_path / "rec"))
+    assert code == 0, err
+    rec = rec_mod.load(tmp_path / "rec" / "recommendation.json")
+    uniform = api.recommend(path, data, avg_bits=4).allocation.recommendation
+    assert rec.noise_model == "grid" and uniform.noise_model == "uniform"
+    # r is a ReLU output: the grid model takes the Fisher mass of its zeros out of its trace.
+    assert rec.fit_per_tensor["r"][8] < 0.95 * uniform.fit_per_tensor["r"][8]
+
+
 def test_max_fit_gives_the_smallest_weights_within_it(tmp_path: Path) -> None:
     path, data = tiny(tmp_path, ir_version=9)
     first = api.recommend(path, data, avg_bits=4).allocation.recommendation

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 import click
 
 from fitonnx.losses import FisherMode, Likelihood
+from fitonnx.noise import NOISE_MODELS, NoiseModel
 from fitonnx.options import FisherOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -109,6 +110,17 @@ def fisher_options(f: F) -> F:
         ),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for --fisher mc and --random-data."),
     )(collect)  # type: ignore[arg-type]
+
+
+def noise_model_option(f: F) -> F:
+    """--noise-model: the paper's uniform rounding noise, or the grid model."""
+    return click.option(
+        "--noise-model",
+        type=click.Choice([m.value for m in NoiseModel]),
+        default=NoiseModel.UNIFORM.value,
+        show_default=True,
+        help="; ".join(f"{m.value}: {d}" for m, d in NOISE_MODELS.items()) + ".",
+    )(f)
 
 
 def bits_options(f: F) -> F:

@@ -7,7 +7,7 @@ import click
 from fitonnx import api
 from fitonnx.allocate import BYTES_PER_KB, Allocation, budget_from, check_options
 from fitonnx.cli.common import open_session, samples_to_use
-from fitonnx.cli.options import BitsList, data_options, fisher_options
+from fitonnx.cli.options import BitsList, data_options, fisher_options, noise_model_option
 from fitonnx.cli.progress import progress_bar
 from fitonnx.graph import Kind
 from fitonnx.options import FisherOptions
@@ -63,6 +63,7 @@ def format_summary(result: api.RecommendResult, limit: int | None = None) -> str
 @click.argument("model", type=click.Path(dir_okay=False))
 @data_options
 @fisher_options
+@noise_model_option
 @click.option("--avg-bits", type=float, help="Budget: average bits per weight element (e.g. 4).")
 @click.option("--size-kb", type=float, help="Budget: total weight size in KB (1 KB = 1024 bytes, weights packed).")
 @click.option("--max-fit", type=float, help="Budget: the smallest weights whose total FIT stays within this.")
@@ -99,6 +100,7 @@ def recommend_command(
     data: str | None,
     random_samples: int | None,
     options: FisherOptions,
+    noise_model: str,
     avg_bits: float | None,
     size_kb: float | None,
     max_fit: float | None,
@@ -129,6 +131,7 @@ def recommend_command(
             tolerance=tolerance,
             out_dir=out_dir,
             options=options,
+            noise_model=noise_model,
             progress=advance,
         )
     click.echo(format_summary(result, limit=top))

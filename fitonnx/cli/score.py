@@ -6,9 +6,8 @@ import click
 
 from fitonnx import api, report
 from fitonnx.cli.common import open_session, samples_to_use
-from fitonnx.cli.options import bits_options, data_options, fisher_options
+from fitonnx.cli.options import bits_options, data_options, fisher_options, noise_model_option
 from fitonnx.cli.progress import progress_bar
-from fitonnx.noise import NOISE_MODELS, NoiseModel
 from fitonnx.options import FisherOptions
 
 
@@ -17,13 +16,7 @@ from fitonnx.options import FisherOptions
 @data_options
 @fisher_options
 @bits_options
-@click.option(
-    "--noise-model",
-    type=click.Choice([m.value for m in NoiseModel]),
-    default=NoiseModel.UNIFORM.value,
-    show_default=True,
-    help="; ".join(f"{m.value}: {d}" for m, d in NOISE_MODELS.items()) + ".",
-)
+@noise_model_option
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write the table as CSV here.")
 @click.option("--top", type=click.IntRange(min=1), help="Show only the N most sensitive tensors in the terminal.")
