@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fitonnx.errors import InternalError
+
 
 @dataclass(frozen=True)
 class Correlation:
@@ -57,24 +59,26 @@ def _rho_tau(x: _SignStats, y: _SignStats) -> tuple[np.ndarray, np.ndarray]:
     return rho, tau
 
 
-def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
-    """Spearman's ρ with mid-ranks for ties (NaN if either side is constant or has < 2 values)."""
+def _pair(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> tuple[float, float]:
+    """(ρ, τ-b) of two paired samples; NaN for fewer than two pairs."""
+    if len(x) != len(y):
+        raise InternalError(f"expected paired samples of one length; found {len(x)} and {len(y)}")
     if len(x) < 2:
-        return math.nan
-    rho, _ = _rho_tau(
+        return math.nan, math.nan
+    rho, tau = _rho_tau(
         _SignStats.of(_signs(np.asarray(x, np.float64))), _SignStats.of(_signs(np.asarray(y, np.float64)))
     )
-    return float(rho)
+    return float(rho), float(tau)
+
+
+def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
+    """Spearman's ρ with mid-ranks for ties (NaN if either side is constant or has < 2 values)."""
+    return _pair(x, y)[0]
 
 
 def kendall(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
     """Kendall's τ-b (tie-corrected; NaN if either side is constant or has < 2 values)."""
-    if len(x) < 2:
-        return math.nan
-    _, tau = _rho_tau(
-        _SignStats.of(_signs(np.asarray(x, np.float64))), _SignStats.of(_signs(np.asarray(y, np.float64)))
-    )
-    return float(tau)
+    return _pair(x, y)[1]
 
 
 def rank_correlations(
