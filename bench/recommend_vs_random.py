@@ -40,13 +40,20 @@ def damage(ref: np.ndarray, z: np.ndarray, labels: np.ndarray) -> tuple[float, f
     return kl, float((z.argmax(axis=1) == labels).mean())
 
 
-def run(model: str, budgets: list[float], n_random: int, slack: float, seed: int, fisher: str | None) -> list[dict]:
+def run(
+    model: str, budgets: list[float], n_random: int, slack: float, seed: int, fisher: str | None, noise_model: str
+) -> list[dict]:
     path = MODELS / f"{model}.onnx"
     session = api.open_model(path)
     held = load_npz(MODELS / f"{model}.heldout.npz")
     results = []
     first = api.recommend(
-        path, session=session, avg_bits=budgets[0], target="generic", options=FisherOptions(fisher=fisher)
+        path,
+        session=session,
+        avg_bits=budgets[0],
+        target="generic",
+        options=FisherOptions(fisher=fisher),
+        noise_model=noise_model,
     )
     report = first.report
     weights = [t for t in report.tensors if t.kind is Kind.WEIGHT]
@@ -75,7 +82,14 @@ def run(model: str, budgets: list[float], n_random: int, slack: float, seed: int
     everything = list(itertools.product(menu, repeat=len(weights)))
     rng = np.random.default_rng(seed)
     for avg in budgets:
-        res = api.recommend(path, session=session, avg_bits=avg, target="generic", options=FisherOptions(fisher=fisher))
+        res = api.recommend(
+            path,
+            session=session,
+            avg_bits=avg,
+            target="generic",
+            options=FisherOptions(fisher=fisher),
+            noise_model=noise_model,
+        )
         rec = res.allocation.recommendation
         limit = avg * total
         same_size = [
@@ -134,10 +148,15 @@ def main() -> None:
     parser.add_argument("--slack", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fisher", choices=["empirical", "mc", "exact"], help="Fisher mode (default: empirical)")
+    parser.add_argument("--noise-model", choices=["uniform", "grid"], default="uniform", help="FIT's noise model")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
-    rows = [r for m in args.models.split(",") for r in run(m, budgets, args.random, args.slack, args.seed, args.fisher)]
+    rows = [
+        r
+        for m in args.models.split(",")
+        for r in run(m, budgets, args.random, args.slack, args.seed, args.fisher, args.noise_model)
+    ]
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
