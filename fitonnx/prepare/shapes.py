@@ -102,8 +102,15 @@ def fix_input_shapes(
         fixed.append(f"{value.name} {target}")
     if not fixed:
         return out, []
-    _check_loads(out)
+    if _has_subgraphs(out):  # only a subgraph can hold shapes the new static inputs contradict
+        _check_loads(out)
     return out, [Change("shapes", "model", "inputs fixed to the data's shapes: " + ", ".join(fixed))]
+
+
+def _has_subgraphs(model: onnx.ModelProto) -> bool:
+    return any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node for a in n.attribute
+    )
 
 
 def _check_loads(model: onnx.ModelProto) -> None:
