@@ -19,7 +19,7 @@ configuration:
 - ``quadratic``: Σ_t e_tᵀ F e_t with the real rounding error e_t = Q_b(t) − t (per calibration
   sample for activations) and the full Fisher, (1/N)·Σ_i (∂ℓ_i/∂t · e_t)²: twice the second-order
   KL of each tensor's own quantization, with neither the trace nor a noise model (with
-  ``fisher="exact"`` it is exact in the labels; with MC one sampled label per sample);
+  ``FisherOptions(fisher="exact")`` it is exact in the labels; with MC one sampled label per sample);
 - ``noise_only``: Σ_t numel_t·Δ_t(b_t)², the total squared rounding error, every element weighted alike;
 - ``trace_only``: Σ_t Tr(F_t)/(2^b_t − 1)², sensitivity without the tensor's range;
 - ``size_only``: Σ_t numel_t/(2^b_t − 1)², neither sensitivity nor range: only how many values
