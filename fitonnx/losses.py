@@ -161,9 +161,12 @@ _LAYOUT = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
 
 def _through_layout(model: onnx.ModelProto, name: str) -> onnx.NodeProto | None:
     """The producer of ``name``, looking through reshapes (a Sigmoid whose output is reshaped is
-    still a Sigmoid output). Softmax is only seen directly: a reshape may move its class axis."""
+    still a Sigmoid output). Softmax is seen through Identity only (skl2onnx ends in one): a
+    reshape may move its class axis."""
     producers = _producers(model)
     node = producers.get(name)
+    while node is not None and node.op_type == "Identity":  # moves no axis: see through it for any op
+        node = producers.get(node.input[0])
     while node is not None and node.op_type in _LAYOUT:
         inner = producers.get(node.input[0])
         if inner is None or inner.op_type not in ("Sigmoid", *_LAYOUT):

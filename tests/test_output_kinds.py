@@ -158,3 +158,20 @@ def test_an_opset_12_softmax_converted_without_shapes_still_reads_logits() -> No
     assert target.class_axis == 2 and target.tap != "probs"
     assert [t.name for t in got.tensors] == [t.name for t in want.tensors]
     np.testing.assert_allclose(got.per_sample, want.per_sample, rtol=1e-5)
+
+
+def test_a_softmax_behind_an_identity_still_reads_logits() -> None:
+    # skl2onnx's MLPClassifier: Softmax -> Identity -> "probabilities". Read as logits, the
+    # probabilities gave wrong traces; they must equal those of the same model without the Identity.
+    rng = np.random.default_rng(8)
+    data = Dataset({"x": rng.normal(size=(6, 3)).astype(np.float32)}, rng.integers(0, 4, size=6))
+    out = [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", 4])]
+    direct = _model([helper.make_node("Softmax", ["z"], ["probs"], axis=1)], out, W)
+    behind = _model(
+        [helper.make_node("Softmax", ["z"], ["p"], axis=1), helper.make_node("Identity", ["p"], ["probs"])], out, W
+    )
+    target = _target(behind)
+    assert target.tap == "z" and target.class_axis == 1
+    got, _, _ = api.fisher_traces(api.open_model(behind, data), FisherOptions(fisher="empirical"))
+    want, _, _ = api.fisher_traces(api.open_model(direct, data), FisherOptions(fisher="empirical"))
+    np.testing.assert_allclose(got.per_sample, want.per_sample, rtol=1e-6)
