@@ -131,7 +131,13 @@ def score(
         activation_bits=tuple(activation_bits),
         noise_model=kind,
     )
-    return dataclasses.replace(report, notes=prepare_notes(s.prepared))
+    notes = prepare_notes(s.prepared)
+    if target.probabilities and target.likelihood is losses.Likelihood.CATEGORICAL:
+        notes += (
+            f"{target.output!r} is read as class probabilities (non-negative, summing to 1 over axis "
+            f"{target.class_axis} on the first sample, with no Softmax in front): the loss uses their log",
+        )
+    return dataclasses.replace(report, notes=notes)
 
 
 # Prepare changes that alter what is scored (other changes keep every tensor and its meaning).
@@ -185,13 +191,15 @@ def gradient_model(
         s.prepared.model, ranks, opts.output, opts.likelihood, s.data.labels, opts.class_axis
     )
     labels_dtype = np.dtype(np.int64) if mode is losses.FisherMode.EXACT else None if labels is None else labels.dtype
-    head = losses.build_head(target, mode, labels_dtype)
     # Name any op without a usable gradient before onnxruntime's builder fails on it in C++.
     check_differentiable(s.prepared.model, [t.name for t in s.tensors], [target.tap])
     activations = [t for t in s.tensors if t.kind is graph.Kind.ACTIVATION]
     probe, names = instrument.build_probe(s.prepared.model, activations, target.tap)
     feed = s.data.sample(0, s.specs)
-    shapes = engine.probe_shapes(probe, names, feed, threads) if names else {}
+    values = engine.probe_values(probe, names, feed, threads)
+    shapes = {name: value.shape for name, value in values.items()}
+    target = losses.check_probabilities(target, values[target.tap])
+    head = losses.build_head(target, mode, labels_dtype)
     gm = instrument.build_gradient_model(
         s.prepared.model,
         s.tensors,

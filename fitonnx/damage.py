@@ -113,12 +113,15 @@ def _loss_and_correct(
 
 # The in-graph Bernoulli head on probabilities clips p to [EPS, 1 − EPS] (losses); so does the damage.
 PROBABILITY_EPS = 1e-6
+CATEGORICAL_EPS = 1e-12  # as the categorical head's clip of class probabilities (losses)
 
 
 def _logs(target: OutputTarget, z: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Log-probabilities: log-softmax (categorical); log p and log(1 − p) (Bernoulli, from logits,
     or from probabilities when the output is one, ``target.probabilities``)."""
     if target.likelihood is Likelihood.CATEGORICAL:
+        if target.probabilities:
+            return _log_softmax(np.log(np.clip(z, CATEGORICAL_EPS, 1.0))), None
         return _log_softmax(z), None
     if target.likelihood is Likelihood.BERNOULLI:
         if target.probabilities:

@@ -76,12 +76,19 @@ class FisherTraces:
         return self.per_sample.std(axis=0, ddof=1) / np.sqrt(n)
 
 
+def probe_values(
+    probe_bytes: bytes, outputs: Sequence[str], feed: Mapping[str, np.ndarray], threads: int = 0
+) -> dict[str, np.ndarray]:
+    """Run the probe model once and return each exposed tensor."""
+    values = make_session(probe_bytes, threads).run(list(outputs), dict(feed))
+    return {name: np.asarray(v) for name, v in zip(outputs, values, strict=True)}
+
+
 def probe_shapes(
     probe_bytes: bytes, outputs: Sequence[str], feed: Mapping[str, np.ndarray], threads: int = 0
 ) -> dict[str, tuple[int, ...]]:
     """Run the probe model once and return the shape of each exposed tensor."""
-    values = make_session(probe_bytes, threads).run(list(outputs), dict(feed))
-    return {name: np.asarray(v).shape for name, v in zip(outputs, values, strict=True)}
+    return {name: v.shape for name, v in probe_values(probe_bytes, outputs, feed, threads).items()}
 
 
 class _Shapes:

@@ -57,7 +57,7 @@ class OutputTarget:
     likelihood: Likelihood
     class_axis: int | None  # non-negative axis, categorical only
     rank: int | None
-    probabilities: bool = False  # Bernoulli read from probabilities (no Sigmoid to tap)
+    probabilities: bool = False  # read from probabilities: no Sigmoid/Softmax in front to tap
 
 
 @dataclass(frozen=True)
@@ -232,6 +232,27 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
+# Rows of a categorical output that sum to 1 within this (float32 softmax rounding is far smaller)
+# and have no negative entry are probabilities, whatever computed them.
+PROBABILITY_SUM_TOL = 1e-4
+PROBABILITY_EPS = 1e-12
+
+
+def check_probabilities(target: OutputTarget, tap_value: np.ndarray) -> OutputTarget:
+    """A categorical output read from its own values (no Softmax found in front of it) is taken as
+    class probabilities when a sample's values are non-negative and sum to 1 over the class axis:
+    a softmax computed by hand (Exp/ReduceSum/Div), or behind ops the resolver does not look
+    through. The loss then reads log p, whose softmax is p itself."""
+    if target.likelihood is not Likelihood.CATEGORICAL or target.tap != target.output or target.class_axis is None:
+        return target
+    v = np.asarray(tap_value, np.float64)
+    if v.ndim <= target.class_axis or v.shape[target.class_axis] < 2 or not np.all(np.isfinite(v)) or v.min() < 0:
+        return target
+    if np.max(np.abs(v.sum(axis=target.class_axis) - 1.0)) > PROBABILITY_SUM_TOL:
+        return target
+    return dataclasses.replace(target, probabilities=True)
+
+
 def default_mode(labels: np.ndarray | None) -> FisherMode:
     return FisherMode.EMPIRICAL if labels is not None else FisherMode.MC
 
@@ -260,6 +281,16 @@ def build_head(target: OutputTarget, mode: FisherMode, labels_dtype: np.dtype | 
         if axis is None or target.rank is None:
             raise InternalError("categorical target without class axis")
         perm: tuple[int, ...] | None = None
+        if target.probabilities:  # log p: its softmax is p (a clip keeps log 0 finite)
+            inits += [
+                numpy_helper.from_array(np.array(PROBABILITY_EPS, np.float32), PREFIX + "p_eps"),
+                numpy_helper.from_array(np.array(1.0, np.float32), PREFIX + "p_one"),
+            ]
+            nodes += [
+                n("Clip", [x, PREFIX + "p_eps", PREFIX + "p_one"], [PREFIX + "p_clipped"]),
+                n("Log", [PREFIX + "p_clipped"], [PREFIX + "log_p"]),
+            ]
+            x = PREFIX + "log_p"
         if axis != 1:
             perm = (0, axis, *[i for i in range(1, target.rank) if i != axis])
             nodes.append(n("Transpose", [x], [PREFIX + "logits"], perm=list(perm)))
@@ -275,7 +306,7 @@ def build_head(target: OutputTarget, mode: FisherMode, labels_dtype: np.dtype | 
             label = PREFIX + "sampled"
         # log_prob must be an output of the node for ORT to build its gradient.
         nodes.append(n("SoftmaxCrossEntropyLoss", [x, label], [LOSS, PREFIX + "log_prob"], reduction="sum"))
-        return LossHead(tuple(nodes), (), target, mode, noise, perm, mode is FisherMode.EMPIRICAL)
+        return LossHead(tuple(nodes), tuple(inits), target, mode, noise, perm, mode is FisherMode.EMPIRICAL)
     if target.likelihood is Likelihood.BERNOULLI:
         # loss = softplus(z) - y*z, with softplus(z) = relu(z) + log(1 + exp(-|z|)) for stability;
         # built from ops that have gradients (Softplus has none in this ORT).

@@ -175,3 +175,33 @@ def test_a_softmax_behind_an_identity_still_reads_logits() -> None:
     got, _, _ = api.fisher_traces(api.open_model(behind, data), FisherOptions(fisher="empirical"))
     want, _, _ = api.fisher_traces(api.open_model(direct, data), FisherOptions(fisher="empirical"))
     np.testing.assert_allclose(got.per_sample, want.per_sample, rtol=1e-6)
+
+
+def test_probabilities_computed_by_hand_are_read_as_probabilities() -> None:
+    # Exp(z) / ReduceSum(Exp(z)): a softmax with no Softmax op. Read as logits its traces were those
+    # of softmax(p); read as probabilities (log p) they must equal the Softmax model's.
+    rng = np.random.default_rng(9)
+    data = Dataset({"x": rng.normal(size=(6, 3)).astype(np.float32)}, rng.integers(0, 4, size=6))
+    out = [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", 4])]
+    direct = _model([helper.make_node("Softmax", ["z"], ["probs"], axis=1)], out, W)
+    by_hand = _model(
+        [
+            helper.make_node("Exp", ["z"], ["e"]),
+            helper.make_node("ReduceSum", ["e", "axis"], ["total"], keepdims=1),
+            helper.make_node("Div", ["e", "total"], ["probs"]),
+        ],
+        out,
+        W,
+    )
+    by_hand.graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "axis"))
+    for fisher in ("empirical", "exact"):
+        got, target, _ = api.fisher_traces(api.open_model(by_hand, data), FisherOptions(fisher=fisher))
+        want, _, _ = api.fisher_traces(api.open_model(direct, data), FisherOptions(fisher=fisher))
+        assert target.probabilities and target.tap == "probs"
+        np.testing.assert_allclose(got.per_sample, want.per_sample, rtol=1e-4)
+    report = api.score(by_hand, data)
+    assert any("read as class probabilities" in note for note in report.notes)
+    # Real logits (rows not summing to 1) stay logits.
+    logits = _model([], [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 4])], W)
+    _, target, _ = api.fisher_traces(api.open_model(logits, data), FisherOptions(fisher="empirical"))
+    assert not target.probabilities

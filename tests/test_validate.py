@@ -96,6 +96,10 @@ def test_damage_measures_by_hand() -> None:
     assert dloss == pytest.approx(ce(pq) - ce(pf))
     assert acc == 0.5 and ref.accuracy == 0.5  # argmax 0 ✓ and 1 or 0 ✗ (label 2)
 
+    # The same output given as class probabilities (a softmax computed without a Softmax op).
+    d = damage(reference(OutputTarget("y", "y", Likelihood.CATEGORICAL, 1, 2, probabilities=True), pf, labels, "t"), pq)
+    assert (d.kl, d.dloss, d.accuracy) == pytest.approx((kl, dloss, acc))
+
     # Class axis 1 of a rank-3 output [N, C, T]: the same numbers per position, summed over T.
     seq = OutputTarget("y", "y", Likelihood.CATEGORICAL, 1, 3)
     kl3 = damage(reference(seq, np.stack([zf, zf], -1), None, "t"), np.stack([zq, zq], -1)).kl
