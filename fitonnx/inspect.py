@@ -20,8 +20,9 @@ import onnx
 from onnx import helper
 
 from fitonnx.errors import FitonnxError
-from fitonnx.graph import Kind, find_quantizable
+from fitonnx.graph import Kind, find_quantizable, output_ranks
 from fitonnx.load import LoadedModel, load_model
+from fitonnx.losses import OutputTarget, resolve_output
 from fitonnx.prepare import Change, PreparedModel, prepare
 from fitonnx.prepare.opset import opset_of
 from fitonnx.prepare.shapes import Dim, TensorType, tensor_types
@@ -77,6 +78,9 @@ class Inspection:
     changes: tuple[Change, ...]
     unsupported: tuple[Blocker, ...]
     problems: tuple[str, ...]  # prepare errors; the lists then describe the unprepared model
+    loss: OutputTarget | None = None  # how score reads the outputs by default, without labels
+    loss_problem: str | None = None  # why no default loss could be chosen
+    has_if: bool = False  # the prepared graph still holds If nodes (scoring specializes them on data)
 
     @property
     def parameters(self) -> int:
@@ -129,6 +133,12 @@ def inspect_model(model: InspectSource, *, input_shapes: Mapping[str, tuple[int,
         blockers = []
     inits = {t.name for t in proto.graph.initializer}
     original_types = tensor_types(proto)
+    loss: OutputTarget | None = None
+    loss_problem = None
+    try:
+        loss = resolve_output(prepared.model, output_ranks(prepared.model), None, None, None)
+    except FitonnxError as exc:
+        loss_problem = str(exc)
     return Inspection(
         model=loaded.name,
         opset=opset_of(proto),
@@ -148,6 +158,9 @@ def inspect_model(model: InspectSource, *, input_shapes: Mapping[str, tuple[int,
         changes=prepared.changes,
         unsupported=tuple(blockers),
         problems=tuple(problems),
+        loss=loss,
+        loss_problem=loss_problem,
+        has_if=any(n.op_type == "If" for n in prepared.model.graph.node),
     )
 
 
@@ -180,6 +193,10 @@ def format_inspection(insp: Inspection) -> str:
     lines = [f"{insp.model}: {opset}, IR version {insp.ir_version}"]
     for label, items in (("inputs", insp.inputs), ("outputs", insp.outputs)):
         lines.append(f"{label}: " + ", ".join(f"{t.name} {t.dtype}[{format_shape(t.shape)}]" for t in items))
+    loss = describe_loss(insp.loss) if insp.loss else insp.loss_problem
+    if insp.has_if:
+        loss += " (with If branches still in: scoring inlines the branch the data takes, which can change this)"
+    lines.append(f"loss (default, no labels): {loss}")
     name_w = min(48, max([len("name")] + [len(t.name) for t in (*insp.weights, *insp.activations)]))
 
     lines += ["", f"quantizable weights: {len(insp.weights)}, {insp.parameters:,} parameters"]
@@ -221,6 +238,15 @@ def format_inspection(insp: Inspection) -> str:
     return "\n".join(lines)
 
 
+def describe_loss(t: OutputTarget) -> str:
+    """One line: which output the loss reads, as what, and from which tensor."""
+    what = t.likelihood.value + (f" over axis {t.class_axis}" if t.class_axis is not None else "")
+    source = "" if t.tap == t.output else f", from {t.tap!r} (the values before its Softmax/Sigmoid)"
+    if t.probabilities:
+        source = ", read as probabilities"
+    return f"{what} on {t.output!r}{source}"
+
+
 def to_dict(insp: Inspection) -> dict[str, Any]:
     """The JSON form of an inspection (schema in README.md, "Inspecting a model")."""
 
@@ -254,6 +280,15 @@ def to_dict(insp: Inspection) -> dict[str, Any]:
             for b in insp.unsupported
         ],
         "problems": list(insp.problems),
+        "loss": None
+        if insp.loss is None
+        else {
+            "output": insp.loss.output,
+            "tap": insp.loss.tap,
+            "likelihood": insp.loss.likelihood.value,
+            "class_axis": insp.loss.class_axis,
+            "probabilities": insp.loss.probabilities,
+        },
     }
 
 

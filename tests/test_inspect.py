@@ -14,7 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 import fitonnx
 from fitonnx.cli.main import cli
 from fitonnx.graph import Kind
-from fitonnx.inspect import format_inspection, inspect_model
+from fitonnx.inspect import format_inspection, inspect_model, to_dict
+from tests.test_output_kinds import _softmax_model
 from tests.test_prepare import grid_sample_model, mobilenet_block, paddle_style
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -144,3 +145,11 @@ def test_cli_inspect_rejects_a_bad_input_shape_and_a_missing_model(tmp_path: Pat
     assert bad.exit_code == 2 and "expected NAME=D1,D2" in bad.output
     missing = CliRunner().invoke(cli, ["inspect", str(tmp_path / "nope.onnx")])
     assert missing.exit_code == 2 and "error: expected an ONNX model file" in missing.output
+
+
+def test_inspect_says_how_the_loss_reads_the_output() -> None:
+    # An opset-12 Softmax the converter flattened: the loss must read the logits before it.
+    insp = inspect_model(_softmax_model(12, 2, hide_rank=True))
+    assert insp.loss is not None and insp.loss.class_axis == 2 and insp.loss.tap not in ("probs", None)
+    assert "loss (default, no labels): categorical over axis 2 on 'probs', from " in format_inspection(insp)
+    assert to_dict(insp)["loss"]["likelihood"] == "categorical"
