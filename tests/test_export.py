@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType
 from onnxruntime.quantization.tensor_quant_overrides import TensorQuantOverridesHelper
 
@@ -478,3 +478,38 @@ def test_cli_refuses_to_overwrite_the_model_and_reports_bad_names(cnn_ranges: di
         "--eval", str(MODELS / "mnist_cnn.heldout.npz"),
     )  # fmt: skip
     assert code == 2 and "for --eval" in stderr
+
+
+def test_pruning_keeps_what_an_if_body_reads_from_the_outer_scope() -> None:
+    # silero-vad's LSTM weights are initializers of the main graph read only inside an If branch;
+    # pruning them made the quantized model invalid.
+    from fitonnx.export.ort import _prune
+
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w_outer"], ["y_then"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, None)],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y_else"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, None)],
+    )
+    g = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=body, else_branch=other)],
+        "m",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2]),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            numpy_helper.from_array(np.eye(2, dtype=np.float32), "w_outer"),
+            numpy_helper.from_array(np.zeros(2, np.float32), "unused"),
+        ],
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    _prune(model)
+    assert [t.name for t in model.graph.initializer] == ["w_outer"]

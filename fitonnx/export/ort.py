@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +55,7 @@ from fitonnx.export.common import (
     require_data,
     save_model,
 )
-from fitonnx.prepare.opset import opset_of
+from fitonnx.prepare.opset import MAX_IR_VERSION, MAX_OPSET, opset_of, runnable
 from fitonnx.recommendation import Recommendation
 from fitonnx.report import write_atomic
 from fitonnx.targets import Scheme
@@ -256,17 +256,30 @@ def restore_float_inputs(
     return out
 
 
+def _reads(nodes: Iterable[onnx.NodeProto]) -> set[str]:
+    """Every tensor name the nodes read, including from inside their If/Loop/Scan bodies (a body
+    may read an outer-scope tensor by name without listing it as a node input)."""
+    out: set[str] = set()
+    for n in nodes:
+        out.update(n.input)
+        for a in n.attribute:
+            bodies = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+            for body in bodies:
+                out |= _reads(body.node)
+    return out
+
+
 def _prune(model: onnx.ModelProto) -> None:
     """Remove Q/DQ nodes whose outputs nobody reads, then initializers nobody reads (in place)."""
     outputs = {o.name for o in model.graph.output}
     while True:
-        used = {i for n in model.graph.node for i in n.input} | outputs
+        used = _reads(model.graph.node) | outputs
         dead = [n for n in model.graph.node if n.op_type in QDQ_OPS and not any(o in used for o in n.output)]
         if not dead:
             break
         for node in dead:
             model.graph.node.remove(node)
-    used = {i for n in model.graph.node for i in n.input} | outputs | {v.name for v in model.graph.input}
+    used = _reads(model.graph.node) | outputs | {v.name for v in model.graph.input}
     keep = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
@@ -339,6 +352,13 @@ def quantize_qdq(
             f"expected the recommended tensors to feed ops onnxruntime quantizes ({sorted(set(QDQRegistry) & set(graph.WEIGHT_INPUTS))}); "
             "found none"
         )
+    # onnxruntime 1.19's quantizer sets the range of every Softmax output (adjust_tensor_ranges) and
+    # fails on one it did not calibrate, i.e. whenever Softmax is not an op type to quantize: any
+    # classifier ending in Softmax. Calibrating Softmax while excluding its nodes avoids that and
+    # puts no Q/DQ there.
+    softmax_nodes = {n.name for n in model.graph.node if n.op_type == "Softmax"}
+    if softmax_nodes:
+        op_types = sorted({*op_types, "Softmax"})
     extra_options: dict[str, Any] = {
         "TensorQuantOverrides": overrides,
         "OpTypesToExcludeOutputQuantization": op_types,
@@ -364,7 +384,7 @@ def quantize_qdq(
                     per_channel=per_channel,
                     activation_type=QuantType.QInt8 if settings.activation_symmetric else QuantType.QUInt8,
                     weight_type=QuantType.QInt8,
-                    nodes_to_exclude=sorted(candidates - quantized_nodes),
+                    nodes_to_exclude=sorted((candidates - quantized_nodes) | softmax_nodes),
                     extra_options=extra_options,
                 )
         except (DataError, FitonnxError):
@@ -421,6 +441,12 @@ def write_qdq(
         result = write_tensorrt(model, rec, out, data=data, per_channel=per_channel)
         return ExportResult("qdq", result.path, result.quantized, result.kept_float, result.notes)
     dataset = require_data(data, "qdq")
+    if not runnable(model):
+        raise UnsupportedError(
+            f"expected a model this onnxruntime loads (opset <= {MAX_OPSET}, IR version <= {MAX_IR_VERSION}) "
+            f"for the qdq export; found opset {opset_of(model)}, IR version {model.ir_version}",
+            hint="re-export at a lower opset; recommendation.json and the annotated model need no onnxruntime",
+        )
     p = plan_export(model, rec, ORT)
     qdq, bits, notes = quantize_qdq(p, dataset, ort_settings(p), per_channel=per_channel)
     check_runs(qdq, first_feed(dataset, graph.input_specs(qdq)))
