@@ -272,5 +272,11 @@ def recommend(
     alloc = allocate.allocate(
         report, tgt, budget, weight_bits=weight_bits, act_bits=act_bits, act_avg_bits=act_avg_bits, tolerance=tolerance
     )
-    written = None if out is None else write_outputs(alloc, s.loaded.proto, out, source=s.loaded.path, data=s.data)
+    written = (
+        None
+        if out is None
+        else write_outputs(
+            alloc, s.loaded.proto, out, source=s.loaded.path, data=s.data, origin_of=s.prepared.origin_of
+        )
+    )
     return RecommendResult(allocation=alloc, report=report, written=written)

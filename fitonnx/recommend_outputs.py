@@ -19,6 +19,7 @@ from fitonnx.allocate import Allocation
 from fitonnx.data import Dataset
 from fitonnx.errors import FitonnxError
 from fitonnx.export.annotate import annotated_path, write_annotated
+from fitonnx.rename import OriginFn, for_original
 
 RECOMMENDATION_JSON = "recommendation.json"
 PARETO_JSON = "pareto.json"
@@ -32,6 +33,7 @@ class Written:
 
     paths: tuple[Path, ...]
     notes: tuple[str, ...]
+    recommendation: rec_mod.Recommendation | None = None  # as written: in the original model's names
 
 
 def planned_paths(out_dir: Path, model_name: str) -> tuple[Path, ...]:
@@ -67,17 +69,22 @@ def write_outputs(
     source: Path | None = None,
     data: Dataset | None = None,
     formats: tuple[str, ...] | None = None,
+    origin_of: OriginFn | None = None,
 ) -> Written:
     """Write the recommendation, its front and its exports into ``out_dir`` (which must exist).
 
     ``model`` is the ORIGINAL model (the exports annotate and quantize it, not fitonnx's prepared
-    twin); ``data`` is the calibration data exporters calibrate on; ``formats`` defaults to the
-    target's.
+    twin); ``origin_of`` (``PreparedModel.origin_of``) maps the scored tensors back to its names
+    (``fitonnx.rename``); ``data`` is the calibration data exporters calibrate on; ``formats``
+    defaults to the target's.
     """
     out = Path(out_dir)
     rec = alloc.recommendation
     paths: list[Path] = []
     notes: list[str] = []
+    if origin_of is not None:
+        rec, renames = for_original(rec, model, origin_of)
+        notes += renames
     rec_mod.save(rec, out / RECOMMENDATION_JSON)
     paths.append(out / RECOMMENDATION_JSON)
     pareto.write_json(alloc, out / PARETO_JSON)
@@ -92,7 +99,7 @@ def write_outputs(
         paths_fmt, notes_fmt = _export(fmt, model, rec, out, source=source, data=data)
         paths += paths_fmt
         notes += notes_fmt
-    return Written(tuple(paths), tuple(notes))
+    return Written(tuple(paths), tuple(notes), rec)
 
 
 def _export(

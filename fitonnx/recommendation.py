@@ -49,6 +49,8 @@ class Recommendation:
     fit_per_tensor: Mapping[str, Mapping[int, float]] = field(default_factory=dict)
     pareto: tuple[ParetoPoint, ...] = ()
     noise_model: str = "uniform"  # fitonnx.noise.NoiseModel the FIT values were computed with
+    # Tensors named here as in the original model but scored under another name (fitonnx.rename).
+    scored_as: Mapping[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -63,6 +65,7 @@ class Recommendation:
             "ranges": {k: [float(lo), float(hi)] for k, (lo, hi) in self.ranges.items()},
             "fit_per_tensor": {k: {str(b): v for b, v in d.items()} for k, d in self.fit_per_tensor.items()},
             "noise_model": self.noise_model,
+            "scored_as": dict(self.scored_as),
             "pareto": [
                 {
                     "weight_bytes": p.weight_bytes,
@@ -99,6 +102,7 @@ class Recommendation:
                     for p in d.get("pareto", [])
                 ),
                 noise_model=str(d.get("noise_model", "uniform")),
+                scored_as={str(k): str(v) for k, v in d.get("scored_as", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise FitonnxError(

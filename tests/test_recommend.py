@@ -22,7 +22,7 @@ from fitonnx import api, simulate
 from fitonnx import recommendation as rec_mod
 from fitonnx.allocate import Budget, BudgetKind, allocate
 from fitonnx.cli.main import cli
-from fitonnx.data import load_npz
+from fitonnx.data import Dataset, load_npz
 from fitonnx.export.annotate import FINN_KEY, METADATA_KEY
 from fitonnx.graph import Kind
 from fitonnx.options import FisherOptions
@@ -379,3 +379,43 @@ def test_recommended_beats_uniform_and_random_configurations_on_held_out_data(cn
             # at 4 bits and the small tensors at ≥ 5).
             assert rec_kl < uni_kl
             assert rec_kl <= float(np.median(random_kl))
+
+
+def test_exports_name_the_original_models_tensors(tmp_path: Path) -> None:
+    # The scored twin folds BatchNormalization into its convolutions ('stem.weight+stem_bn');
+    # the files a toolchain reads must name the original model's tensors.
+    from tests.test_prepare import mobilenet_block
+
+    model = mobilenet_block()
+    rng = np.random.default_rng(0)
+    data = Dataset({"x": rng.normal(size=(16, 3, 8, 8)).astype(np.float32)}, rng.integers(0, 5, 16))
+    result = api.recommend(model, data, avg_bits=8, target="ort", out_dir=tmp_path / "out")
+    assert any("+" in name for name in result.allocation.recommendation.weight_bits)  # scored folded
+    written = rec_mod.load(tmp_path / "out" / "recommendation.json")
+    inits = {t.name for t in model.graph.initializer}
+    tensors = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    assert set(written.weight_bits) <= inits and set(written.activation_bits) <= tensors
+    assert written.scored_as["stem.weight"] == "stem.weight+stem_bn"
+    assert set(written.ranges) == set(written.weight_bits) | set(written.activation_bits)
+    assert any("named as in the original model" in note for note in result.written.notes)
+    qdq = onnx.load(tmp_path / "out" / f"{model.graph.name}.qdq.onnx")
+    assert any(n.op_type == "DequantizeLinear" for n in qdq.graph.node)
+
+
+def test_a_tied_table_is_exported_once_with_the_wider_width(tmp_path: Path) -> None:
+    # tiny_bert reads its word table by Gather ('word.weight') and, transposed, by MatMul ('t',
+    # folded to an initializer by prepare): one original tensor, two scored ones.
+    zoo = Path(__file__).resolve().parent.parent / "models" / "zoo"
+    opts = FisherOptions(fisher="mc", max_samples=4)
+    result = api.recommend(
+        zoo / "tiny_bert_dynamo.onnx",
+        zoo / "tiny_bert_dynamo.calib.npz",
+        avg_bits=4,
+        target="ort",
+        out_dir=tmp_path / "out",
+        options=opts,
+    )
+    scored = result.allocation.recommendation.weight_bits
+    written = rec_mod.load(tmp_path / "out" / "recommendation.json")
+    assert "t" in scored and "t" not in written.weight_bits
+    assert written.weight_bits["word.weight"] == max(scored["t"], scored["word.weight"])
