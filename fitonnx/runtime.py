@@ -8,12 +8,15 @@ import sys
 from collections.abc import Iterator
 
 
-def make_session(model_bytes: bytes, threads: int = 0):  # -> onnxruntime.InferenceSession
-    """An InferenceSession on the CPU with fitonnx's settings (shared by engine and benchmarks)."""
+def make_session(model_bytes: bytes, threads: int = 0, *, optimize: bool = True):  # -> onnxruntime.InferenceSession
+    """An InferenceSession on the CPU with fitonnx's settings (shared by engine and benchmarks);
+    ``optimize=False`` turns onnxruntime's graph optimizations off."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])

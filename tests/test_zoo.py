@@ -78,3 +78,37 @@ def test_zoo_model_scores_every_weight(name: str, tmp_path: Path) -> None:
     untaken = UNTAKEN_PREFIX.get(name)
     missing = {r for r in expected - reported if not (untaken and r.startswith(untaken))}
     assert not missing, f"weights not reported: {sorted(missing)}"
+
+
+# Each exercises an export failure found on the zoo: BatchNormalization folded in the scored twin
+# (names), an If body reading outer weights (pruning), a tied table and opset-21 QLinearMatMul
+# (TensorRT check), a classifier ending in Softmax (onnxruntime's quantizer).
+EXPORTS = [
+    ("mbv3_small_ts", "ort"),
+    ("silero_vad_16k_op15", "ort"),
+    ("tiny_bert_dynamo", "tensorrt"),
+    ("digits_skl2onnx", "ort"),
+    ("ppocrv4_det_dbnet", "qnn"),
+]
+
+
+@pytest.mark.parametrize(("name", "target"), EXPORTS)
+def test_zoo_model_recommends_and_exports(name: str, target: str, tmp_path: Path) -> None:
+    args = ["recommend", str(ZOO / f"{name}.onnx"), "--data", str(ZOO / f"{name}.calib.npz"), "--fisher", "mc"]
+    args += ["--max-samples", "4", "--avg-bits", "4", "--target", target, "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(cli, [*args, *EXTRA.get(name, ())])
+    assert result.exit_code == 0, result.output
+    rec = json.loads((tmp_path / "out" / "recommendation.json").read_text())
+    original = onnx.load(ZOO / f"{name}.onnx")
+    g = original.graph
+    names = {t.name for t in g.initializer} | {v.name for v in g.input} | {o for n in g.node for o in n.output}
+    assert set(rec["weight_bits"]) | set(rec["activation_bits"]) <= names
+
+
+def test_a_model_onnxruntime_cannot_load_is_refused_in_one_line(tmp_path: Path) -> None:
+    args = ["recommend", str(ZOO / "digits_cnn_jax2onnx.onnx"), "--data", str(ZOO / "digits_cnn_jax2onnx.calib.npz")]
+    result = CliRunner().invoke(
+        cli, [*args, "--max-samples", "4", "--avg-bits", "4", "--target", "ort", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "expected a model this onnxruntime loads (opset <= 21" in result.stderr and "found opset 23" in result.stderr

@@ -203,12 +203,14 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
     write_atomic(path, model.SerializeToString())
 
 
-def check_runs(model: onnx.ModelProto, feed: Mapping[str, np.ndarray] | None) -> None:
-    """Raise ``InternalError`` unless onnxruntime loads ``model`` (and runs ``feed`` when given)."""
+def check_runs(model: onnx.ModelProto, feed: Mapping[str, np.ndarray] | None, *, optimize: bool = True) -> None:
+    """Raise ``InternalError`` unless onnxruntime loads ``model`` (and runs ``feed`` when given);
+    ``optimize=False`` checks it with onnxruntime's graph optimizations off (for files another
+    runtime reads)."""
     from fitonnx.runtime import make_session
 
     try:
-        session = make_session(model.SerializeToString())
+        session = make_session(model.SerializeToString(), optimize=optimize)
         if feed is not None:
             session.run(None, dict(feed))
     except Exception as exc:

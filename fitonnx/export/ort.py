@@ -315,6 +315,12 @@ def quantize_qdq(
     notes: list[str] = []
     model = plan.model
     quantized = plan.quantized
+    if not runnable(model):
+        raise UnsupportedError(
+            f"expected a model this onnxruntime loads (opset <= {MAX_OPSET}, IR version <= {MAX_IR_VERSION}) "
+            f"for onnxruntime's quantizer; found opset {opset_of(model)}, IR version {model.ir_version}",
+            hint="re-export at a lower opset; recommendation.json and the annotated model need no onnxruntime",
+        )
     if not quantized:
         notes.append("the recommendation quantizes no tensor: the model is written unchanged (all float)")
         return model, {}, notes
@@ -441,12 +447,6 @@ def write_qdq(
         result = write_tensorrt(model, rec, out, data=data, per_channel=per_channel)
         return ExportResult("qdq", result.path, result.quantized, result.kept_float, result.notes)
     dataset = require_data(data, "qdq")
-    if not runnable(model):
-        raise UnsupportedError(
-            f"expected a model this onnxruntime loads (opset <= {MAX_OPSET}, IR version <= {MAX_IR_VERSION}) "
-            f"for the qdq export; found opset {opset_of(model)}, IR version {model.ir_version}",
-            hint="re-export at a lower opset; recommendation.json and the annotated model need no onnxruntime",
-        )
     p = plan_export(model, rec, ORT)
     qdq, bits, notes = quantize_qdq(p, dataset, ort_settings(p), per_channel=per_channel)
     check_runs(qdq, first_feed(dataset, graph.input_specs(qdq)))
