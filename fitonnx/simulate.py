@@ -359,11 +359,20 @@ class Simulator:
         self.scheme = scheme
         self.session = session(sim.model_bytes, threads)
         self.act_ranges = dict(act_ranges)
-        self.axes: dict[str, int | None] = {
-            t.name: channel_axis(model, t, sim.weights[t.name].ndim) if scheme.per_channel else None
-            for t in tensors
-            if t.kind is Kind.WEIGHT
-        }
+        # Per channel where a weight's channels are known; a weight that reaches its op through
+        # layout ops (an unrolled recurrent cell's R) or whose consumers disagree stays per tensor.
+        self.notes: list[str] = []
+        self.axes: dict[str, int | None] = {}
+        for t in tensors:
+            if t.kind is not Kind.WEIGHT:
+                continue
+            axis = None
+            if scheme.per_channel:
+                try:
+                    axis = channel_axis(model, t, sim.weights[t.name].ndim)
+                except UnsupportedError as exc:
+                    self.notes.append(f"quantized per tensor, not per channel: {exc.message}")
+            self.axes[t.name] = axis
         self._weights: dict[tuple[str, int], np.ndarray] = {}
         self.data = batches(data, specs, batch_size)
         if not self._batching_works():

@@ -125,6 +125,7 @@ class ValidationReport:
     configs: tuple[ConfigResult, ...]
     correlations: tuple[Correlation, ...]
     reliability: tuple[Reliability, ...] = ()
+    notes: tuple[str, ...] = ()  # what the simulation could not do as asked (e.g. per channel)
 
     def correlation(self, predictor: str, measure: str) -> Correlation:
         for c in self.correlations:
@@ -550,6 +551,7 @@ def validate(
         configs=tuple(results),
         correlations=_correlations(results, ref.accuracy, resamples, seed),
         reliability=reliability(per_sample_measures(ref, damages), seed=seed) if len(results) >= 3 else (),
+        notes=tuple(h.simulator.notes),
     )
 
 
@@ -616,6 +618,7 @@ def to_dict(report: ValidationReport) -> dict[str, Any]:
             for r in report.configs
         ],
         "correlation": corr,
+        "notes": list(report.notes),
         "reliability": {
             r.measure: {
                 "split_half": _finite(r.split_half),
@@ -661,6 +664,7 @@ def format_report(report: ValidationReport) -> str:
         floats.insert(0, f"KL from {kl.min():.3g} to {kl.max():.3g}")
     if floats:
         lines.append("; ".join(floats))
+    lines += [f"note: {note}" for note in report.notes]
     if report.configs and float(np.median([r.kl for r in report.configs])) > LARGE_KL:
         lines.append(
             f"note: the median configuration moves the outputs by KL "

@@ -112,3 +112,18 @@ def test_a_model_onnxruntime_cannot_load_is_refused_in_one_line(tmp_path: Path) 
     )
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "expected a model this onnxruntime loads (opset <= 21" in result.stderr and "found opset 23" in result.stderr
+
+
+def test_per_channel_validation_falls_back_per_tensor_where_channels_are_unknown() -> None:
+    # The unrolled GRU's recurrent weight reaches its MatMul through Slice/Transpose: its output
+    # channels are not known, so it is quantized per tensor (and the report says so), not refused.
+    from fitonnx.options import FisherOptions
+    from fitonnx.validate import validate
+
+    calib = ZOO / "gru_charlm_dynamo.calib.npz"
+    opts = FisherOptions(fisher="mc", max_samples=8)
+    report = validate(
+        ZOO / "gru_charlm_dynamo.onnx", calib, calib, configs=4, per_channel=True, options=opts, resamples=0
+    )
+    assert any("'gru.weight_hh_l0'" in note and "per tensor" in note for note in report.notes)
+    assert report.scheme.per_channel and len(report.configs) == 10
