@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fitonnx.errors import DataError, InternalError
-from fitonnx.losses import Likelihood, OutputTarget
+from fitonnx.losses import BERNOULLI_EPS, CATEGORICAL_EPS, Likelihood, OutputTarget
 from fitonnx.ranks import spearman
 
 MEASURES: dict[str, str] = {
@@ -111,21 +111,16 @@ def _loss_and_correct(
     return _per_sample(0.5 * np.square(z - labels.astype(np.float64))), None
 
 
-# The in-graph Bernoulli head on probabilities clips p to [EPS, 1 − EPS] (losses); so does the damage.
-PROBABILITY_EPS = 1e-6
-CATEGORICAL_EPS = 1e-12  # as the categorical head's clip of class probabilities (losses)
-
-
 def _logs(target: OutputTarget, z: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Log-probabilities: log-softmax (categorical); log p and log(1 − p) (Bernoulli, from logits,
     or from probabilities when the output is one, ``target.probabilities``)."""
     if target.likelihood is Likelihood.CATEGORICAL:
         if target.probabilities:
-            return _log_softmax(np.log(np.clip(z, CATEGORICAL_EPS, 1.0))), None
+            return _log_softmax(np.log(np.clip(z, CATEGORICAL_EPS, 1.0))), None  # as the loss head
         return _log_softmax(z), None
     if target.likelihood is Likelihood.BERNOULLI:
         if target.probabilities:
-            p = np.clip(z, PROBABILITY_EPS, 1.0 - PROBABILITY_EPS)
+            p = np.clip(z, BERNOULLI_EPS, 1.0 - BERNOULLI_EPS)  # as the loss head
             return np.log(p), np.log1p(-p)
         return -np.logaddexp(0.0, -z), -np.logaddexp(0.0, z)
     return None, None

@@ -9,6 +9,7 @@ the source constant that a toolchain quantizes, so that is the tensor reported.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -94,6 +95,28 @@ PREPARE_WEIGHTS_ONLY = "fitonnx:weights-only"  # an unrolled recurrent MatMul: R
 FLOAT_TYPES = frozenset(
     {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 )
+
+
+def bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The subgraphs a node holds (If branches, Loop/Scan bodies); empty for other ops."""
+    out: list[onnx.GraphProto] = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def body_reads(node: onnx.NodeProto) -> set[str]:
+    """Tensor names read inside ``node``'s subgraphs, nested ones included: a body reads an
+    outer-scope tensor by name without listing it among the node's inputs."""
+    return {name for body in bodies(node) for inner in body.node for name in (*inner.input, *body_reads(inner))}
+
+
+def reads(nodes: Iterable[onnx.NodeProto]) -> set[str]:
+    """Every tensor name ``nodes`` read, as inputs or from inside their subgraphs."""
+    return {name for n in nodes for name in (*n.input, *body_reads(n))}
 
 
 def node_name(node: onnx.NodeProto, index: int) -> str:

@@ -235,7 +235,9 @@ def _opset(model: onnx.ModelProto) -> int:
 # Rows of a categorical output that sum to 1 within this (float32 softmax rounding is far smaller)
 # and have no negative entry are probabilities, whatever computed them.
 PROBABILITY_SUM_TOL = 1e-4
-PROBABILITY_EPS = 1e-12
+# Clips keeping log p finite when an output is read as probabilities (``damage`` uses the same).
+CATEGORICAL_EPS = 1e-12
+BERNOULLI_EPS = 1e-6
 
 
 def check_probabilities(target: OutputTarget, tap_value: np.ndarray) -> OutputTarget:
@@ -283,7 +285,7 @@ def build_head(target: OutputTarget, mode: FisherMode, labels_dtype: np.dtype | 
         perm: tuple[int, ...] | None = None
         if target.probabilities:  # log p: its softmax is p (a clip keeps log 0 finite)
             inits += [
-                numpy_helper.from_array(np.array(PROBABILITY_EPS, np.float32), PREFIX + "p_eps"),
+                numpy_helper.from_array(np.array(CATEGORICAL_EPS, np.float32), PREFIX + "p_eps"),
                 numpy_helper.from_array(np.array(1.0, np.float32), PREFIX + "p_one"),
             ]
             nodes += [
@@ -367,8 +369,8 @@ def _bernoulli_on_probabilities(p: str, mode: FisherMode, target: OutputTarget) 
     n = helper.make_node
     inits = [
         numpy_helper.from_array(np.array(1.0, np.float32), PREFIX + "one"),
-        numpy_helper.from_array(np.array(1e-6, np.float32), PREFIX + "eps"),
-        numpy_helper.from_array(np.array(1 - 1e-6, np.float32), PREFIX + "one_minus_eps"),
+        numpy_helper.from_array(np.array(BERNOULLI_EPS, np.float32), PREFIX + "eps"),
+        numpy_helper.from_array(np.array(1 - BERNOULLI_EPS, np.float32), PREFIX + "one_minus_eps"),
     ]
     nodes = [n("Clip", [p, PREFIX + "eps", PREFIX + "one_minus_eps"], [PREFIX + "pc"])]
     if mode is FisherMode.EMPIRICAL:

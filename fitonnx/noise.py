@@ -92,6 +92,14 @@ def zero_point(lo: float | np.ndarray, step_: float | np.ndarray) -> float | np.
     return np.where(s == 0, 0.0, -np.round(lo64 / np.where(s == 0, 1.0, s)))
 
 
+def on_asymmetric_grid(value: float, lo: float, hi: float, bits: int) -> bool:
+    """Whether the zero-point min/max grid at ``bits`` over [lo, hi] holds ``value`` exactly."""
+    s = float(step(lo, hi, bits))
+    if s <= 0:
+        return value == 0.0
+    return represented(value, -float(zero_point(lo, s)) * s, s, 2**bits - 1)
+
+
 def noise_power(lo: float | np.ndarray, hi: float | np.ndarray, bits: int) -> float | np.ndarray:
     """E[δ²] = Δ(b)² / 12 for rounding error uniform over one step."""
     return step(lo, hi, bits) ** 2 / 12.0

@@ -135,17 +135,15 @@ def perturbed_traces(traces: FisherTraces, lo: np.ndarray, hi: np.ndarray, bits:
     if points is None:
         raise InternalError("the grid noise model needs the engine's point statistics (exact_points)")
     out = traces.per_sample.copy()
-    levels = 2**bits - 1
     for j in range(out.shape[1]):
-        step = float(noise.step(lo[j], hi[j], bits))
-        start = -float(noise.zero_point(lo[j], step)) * step
+        a, b = float(lo[j]), float(hi[j])
         out[:, j] -= noise.unperturbed(
             points.zero[:, j],
             points.at_min[:, j],
             points.at_max[:, j],
-            float(lo[j]),
-            float(hi[j]),
-            lambda v, start=start, step=step: noise.represented(v, start, step, levels),
+            a,
+            b,
+            lambda v, a=a, b=b: noise.on_asymmetric_grid(v, a, b, bits),
         )
     return out
 

@@ -78,7 +78,7 @@ class Target:
         if self.scheme(kind) is Scheme.SYMMETRIC:
             half = 2 ** (bits - 1) - 1
             return noise.represented(value, -half * step, step, 2 * half)
-        return noise.represented(value, -float(noise.zero_point(lo, step)) * step, step, 2**bits - 1)
+        return noise.on_asymmetric_grid(value, lo, hi, bits)
 
     def fit(
         self, kind: Kind, trace: float, lo: float, hi: float, bits: int, point_mass: PointMass | None = None

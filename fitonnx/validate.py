@@ -665,10 +665,10 @@ def format_report(report: ValidationReport) -> str:
     if floats:
         lines.append("; ".join(floats))
     lines += [f"note: {note}" for note in report.notes]
-    if report.configs and float(np.median([r.kl for r in report.configs])) > LARGE_KL:
+    median_kl = float(np.median([r.kl for r in report.configs])) if report.configs else 0.0
+    if median_kl > LARGE_KL:
         lines.append(
-            f"note: the median configuration moves the outputs by KL "
-            f"{float(np.median([r.kl for r in report.configs])):.3g} nats per sample, far beyond the small "
+            f"note: the median configuration moves the outputs by KL {median_kl:.3g} nats per sample, far beyond the small "
             "perturbations FIT's second-order model describes, so these correlations say little about FIT "
             "(try --per-channel or higher --bits)"
         )

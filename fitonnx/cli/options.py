@@ -8,7 +8,6 @@ from typing import Any, TypeVar
 
 import click
 
-from fitonnx.losses import FisherMode, Likelihood
 from fitonnx.noise import NOISE_MODELS, NoiseModel
 from fitonnx.options import FisherOptions
 
@@ -77,8 +76,8 @@ def fisher_options(f: F) -> F:
         **kwargs: Any,
     ) -> Any:
         options = FisherOptions(
-            fisher=None if fisher is None else FisherMode(fisher),
-            likelihood=None if likelihood is None else Likelihood(likelihood),
+            fisher=fisher,  # type: ignore[arg-type]  # FisherOptions coerces the strings
+            likelihood=likelihood,  # type: ignore[arg-type]
             output=output,
             class_axis=class_axis,
             max_samples=max_samples,

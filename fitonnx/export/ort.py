@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,30 +256,17 @@ def restore_float_inputs(
     return out
 
 
-def _reads(nodes: Iterable[onnx.NodeProto]) -> set[str]:
-    """Every tensor name the nodes read, including from inside their If/Loop/Scan bodies (a body
-    may read an outer-scope tensor by name without listing it as a node input)."""
-    out: set[str] = set()
-    for n in nodes:
-        out.update(n.input)
-        for a in n.attribute:
-            bodies = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-            for body in bodies:
-                out |= _reads(body.node)
-    return out
-
-
 def _prune(model: onnx.ModelProto) -> None:
     """Remove Q/DQ nodes whose outputs nobody reads, then initializers nobody reads (in place)."""
     outputs = {o.name for o in model.graph.output}
     while True:
-        used = _reads(model.graph.node) | outputs
+        used = graph.reads(model.graph.node) | outputs
         dead = [n for n in model.graph.node if n.op_type in QDQ_OPS and not any(o in used for o in n.output)]
         if not dead:
             break
         for node in dead:
             model.graph.node.remove(node)
-    used = _reads(model.graph.node) | outputs | {v.name for v in model.graph.input}
+    used = graph.reads(model.graph.node) | outputs | {v.name for v in model.graph.input}
     keep = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import onnx
 
 from fitonnx.errors import UnsupportedError
+from fitonnx.graph import bodies
 from fitonnx.prepare.pipeline import Change
 
 Dim = int | str | None  # a size, a symbolic name, or unknown
@@ -102,15 +103,9 @@ def fix_input_shapes(
         fixed.append(f"{value.name} {target}")
     if not fixed:
         return out, []
-    if _has_subgraphs(out):  # only a subgraph can hold shapes the new static inputs contradict
+    if any(bodies(n) for n in out.graph.node):  # only a subgraph can hold shapes the new static inputs contradict
         _check_loads(out)
     return out, [Change("shapes", "model", "inputs fixed to the data's shapes: " + ", ".join(fixed))]
-
-
-def _has_subgraphs(model: onnx.ModelProto) -> bool:
-    return any(
-        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node for a in n.attribute
-    )
 
 
 def _check_loads(model: onnx.ModelProto) -> None:

@@ -20,7 +20,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from fitonnx.errors import UnsupportedError
-from fitonnx.graph import FLOAT_TYPES, node_name
+from fitonnx.graph import FLOAT_TYPES, body_reads, node_name
 from fitonnx.prepare.shapes import TensorType, tensor_types
 from fitonnx.runtime import quiet_stderr
 
@@ -70,16 +70,6 @@ class Blocker:
         return f"{op} (node {self.node!r}): {self.reason}"
 
 
-def _subgraph_names(node: onnx.NodeProto) -> set[str]:
-    names: set[str] = set()
-    for a in node.attribute:
-        for g in [a.g] if a.HasField("g") else list(a.graphs):
-            for n in g.node:
-                names.update(n.input)
-                names |= _subgraph_names(n)
-    return names
-
-
 def _is_float(types: dict[str, TensorType], name: str) -> bool:
     t = types.get(name)
     return t is None or t.elem_type == 0 or t.elem_type in FLOAT_TYPES
@@ -94,7 +84,7 @@ def on_path(
     reached = {s for s in sources if _is_float(types, s)}
     forward: set[int] = set()
     for i, node in enumerate(nodes):
-        read = set(node.input) | _subgraph_names(node)
+        read = set(node.input) | body_reads(node)
         if read & reached:
             forward.add(i)
             reached |= {o for o in node.output if o and _is_float(types, o)}
@@ -104,7 +94,7 @@ def on_path(
         node = nodes[i]
         if any(o in needed for o in node.output):
             backward.add(i)
-            needed |= {n for n in set(node.input) | _subgraph_names(node) if n and _is_float(types, n)}
+            needed |= {n for n in set(node.input) | body_reads(node) if n and _is_float(types, n)}
     return [(i, nodes[i]) for i in sorted(forward & backward)]
 
 
