@@ -42,8 +42,10 @@ import onnxruntime
 from resnet18 import write_resnet18  # beside this script, which Python puts on sys.path
 
 import fitonnx
-from fitonnx import api, engine, graph, instrument, losses
-from fitonnx.runtime import make_session
+from fitonnx import api
+from fitonnx.fisher import engine, instrument, losses
+from fitonnx.model import graph
+from fitonnx.model.runtime import make_session
 
 NUM_CLASSES = 1000
 

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from fitonnx import api, simulate
-from fitonnx.data import load_npz
-from fitonnx.graph import Kind
-from fitonnx.options import FisherOptions
+from fitonnx import api
+from fitonnx.analysis import simulate
+from fitonnx.fisher.options import FisherOptions
+from fitonnx.model.data import load_npz
+from fitonnx.model.graph import Kind
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 

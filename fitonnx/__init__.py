@@ -1,16 +1,16 @@
 """fitonnx: Fisher Information Trace (FIT) quantization sensitivity for any ONNX model."""
 
+from fitonnx.analysis.compare import CompareReport, compare
+from fitonnx.analysis.inspection import Inspection, inspect_model
+from fitonnx.analysis.validate import ValidationReport, validate
 from fitonnx.api import RecommendResult, Session, fisher_traces, inspect_tensors, open_model, recommend, score
-from fitonnx.compare import CompareReport, compare
-from fitonnx.data import Dataset, load_data, load_npz
 from fitonnx.errors import FitonnxError, InternalError
 from fitonnx.export import export_recommendation
-from fitonnx.graph import Kind, QuantTensor, find_quantizable
-from fitonnx.inspect import Inspection, inspect_model
-from fitonnx.losses import FisherMode, Likelihood
-from fitonnx.options import FisherOptions
-from fitonnx.score import ScoreReport, TensorScore
-from fitonnx.validate import ValidationReport, validate
+from fitonnx.fisher.losses import FisherMode, Likelihood
+from fitonnx.fisher.options import FisherOptions
+from fitonnx.model.data import Dataset, load_data, load_npz
+from fitonnx.model.graph import Kind, QuantTensor, find_quantizable
+from fitonnx.score.fit import ScoreReport, TensorScore
 
 __version__ = "0.1.0"
 

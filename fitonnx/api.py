@@ -13,18 +13,21 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from fitonnx import allocate, engine, graph, instrument, losses, noise
-from fitonnx import data as data_mod
-from fitonnx import score as score_mod
-from fitonnx.data import Dataset
+from fitonnx.allocate import knapsack as allocate
 from fitonnx.errors import DataError
-from fitonnx.load import LoadedModel, load_model
-from fitonnx.options import FisherOptions
+from fitonnx.fisher import engine, instrument, losses
+from fitonnx.fisher.options import FisherOptions
+from fitonnx.model import data as data_mod
+from fitonnx.model import graph
+from fitonnx.model.data import Dataset
+from fitonnx.model.load import LoadedModel, load_model
 from fitonnx.prepare import PreparedModel, prepare, verify
 from fitonnx.prepare.support import check_differentiable
+from fitonnx.score import fit as score_mod
+from fitonnx.score import noise
 
 if TYPE_CHECKING:
-    from fitonnx.recommend_outputs import Written
+    from fitonnx.export.bundle import Written
 
 ModelSource = str | os.PathLike[str] | onnx.ModelProto | LoadedModel
 DataSource = str | os.PathLike[str] | Dataset | None
@@ -253,7 +256,7 @@ def recommend(
     ``options``: how the Fisher is estimated; ``noise_model``: as in ``score``, with the grid model
     judged on the target's own grids (``targets.Target.represents``)."""
     # Imported here: the exporters pull in onnxruntime.quantization, which scoring never needs.
-    from fitonnx.recommend_outputs import prepare_out_dir, write_outputs
+    from fitonnx.export.bundle import prepare_out_dir, write_outputs
 
     budget = allocate.budget_from(avg_bits=avg_bits, size_kb=size_kb, max_fit=max_fit)
     tgt = allocate.check_options(target, weight_bits=weight_bits, act_bits=act_bits, act_avg_bits=act_avg_bits)

@@ -28,11 +28,11 @@ from pathlib import Path
 import click
 import numpy as np
 
-from fitonnx.damage import damage
-from fitonnx.options import FisherOptions
-from fitonnx.ranks import spearman
-from fitonnx.simulate import Config
-from fitonnx.validate import PREDICTORS, harness, sample_configs, validate
+from fitonnx.analysis.damage import damage
+from fitonnx.analysis.simulate import Config
+from fitonnx.analysis.validate import PREDICTORS, harness, sample_configs, validate
+from fitonnx.fisher.options import FisherOptions
+from fitonnx.score.ranks import spearman
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from fitonnx.allocate import (
+from fitonnx.allocate.knapsack import (
     Budget,
     BudgetKind,
     Item,
@@ -17,9 +17,9 @@ from fitonnx.allocate import (
     pick,
     weight_bytes,
 )
+from fitonnx.allocate.targets import TARGETS, Scheme, get_target
 from fitonnx.errors import FitonnxError
-from fitonnx.graph import Kind
-from fitonnx.targets import TARGETS, Scheme, get_target
+from fitonnx.model.graph import Kind
 
 
 def random_items(rng: np.random.Generator, n: int, bits: tuple[int, ...], ties: bool = False) -> list[Item]:

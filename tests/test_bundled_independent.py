@@ -24,7 +24,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from onnx import numpy_helper
 
 import fitonnx
-from fitonnx.data import load_npz
+from fitonnx.model.data import load_npz
 from tests.models import softmax
 
 MODELS = Path(__file__).resolve().parent.parent / "models"

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from fitonnx.cli.main import cli
 from fitonnx.errors import FitonnxError
-from fitonnx.losses import FisherMode, Likelihood
-from fitonnx.options import FisherOptions
+from fitonnx.fisher.losses import FisherMode, Likelihood
+from fitonnx.fisher.options import FisherOptions
 
 
 def run(*args: str) -> tuple[int, str, str]:
@@ -209,7 +209,7 @@ def test_model_over_two_gib_is_refused_before_loading_its_data(tmp_path: Path, m
     """A >2 GiB model is refused with one line; the limit is lowered so the test needs no 2 GiB file."""
     import onnx
 
-    from fitonnx import load
+    from fitonnx.model import load
     from tests.conftest import tiny_classifier
 
     path = tmp_path / "big.onnx"

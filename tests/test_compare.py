@@ -13,16 +13,16 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from fitonnx.align import align
+from fitonnx.analysis.align import align
+from fitonnx.analysis.compare import CompareReport, compare, format_table, open_models, to_dict
 from fitonnx.api import Session, open_model
 from fitonnx.cli.main import cli
-from fitonnx.compare import CompareReport, compare, format_table, open_models, to_dict
-from fitonnx.data import Dataset
 from fitonnx.errors import FitonnxError
-from fitonnx.graph import Kind, find_quantizable
-from fitonnx.prepare.autopad import explicit_conv_pads
-from fitonnx.ranks import spearman
-from fitonnx.runtime import make_session
+from fitonnx.model.data import Dataset
+from fitonnx.model.graph import Kind, find_quantizable
+from fitonnx.model.runtime import make_session
+from fitonnx.prepare.passes.autopad import explicit_conv_pads
+from fitonnx.score.ranks import spearman
 
 PAIR = Path(__file__).resolve().parent.parent / "models" / "pair"
 TORCH, JAX = PAIR / "cnn_torch.onnx", PAIR / "cnn_jax.onnx"

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from fitonnx import api
-from fitonnx.data import Dataset
+from fitonnx.model.data import Dataset
 
 
 def _sequence_model(time: int = 5) -> onnx.ModelProto:

@@ -22,13 +22,13 @@ from onnxruntime.quantization import QuantType
 from onnxruntime.quantization.tensor_quant_overrides import TensorQuantOverridesHelper
 
 import fitonnx
+from fitonnx.allocate.recommendation import Recommendation
+from fitonnx.allocate.recommendation import save as save_rec
 from fitonnx.cli.main import cli
-from fitonnx.data import load_npz
 from fitonnx.errors import FitonnxError
 from fitonnx.export import EXPORTERS, export_recommendation, get_exporter
 from fitonnx.export.qnn import encoding_from_range
-from fitonnx.recommendation import Recommendation
-from fitonnx.recommendation import save as save_rec
+from fitonnx.model.data import load_npz
 
 from .conftest import MODELS, tiny_classifier
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fitonnx import api, report
-from fitonnx.data import Dataset
+from fitonnx import api
+from fitonnx.model.data import Dataset
+from fitonnx.render import report
 from tests.conftest import tiny_classifier
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -27,8 +27,8 @@ import pytest
 from onnx import TensorProto
 
 import fitonnx
-from fitonnx.data import Dataset
-from fitonnx.options import FisherOptions
+from fitonnx.fisher.options import FisherOptions
+from fitonnx.model.data import Dataset
 from tests.models import (
     SmallModel,
     Tap,

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import fitonnx
+from fitonnx.analysis.inspection import format_inspection, inspect_model, to_dict
 from fitonnx.cli.main import cli
-from fitonnx.graph import Kind
-from fitonnx.inspect import format_inspection, inspect_model, to_dict
+from fitonnx.model.graph import Kind
 from tests.test_output_kinds import _softmax_model
 from tests.test_prepare import grid_sample_model, mobilenet_block, paddle_style
 

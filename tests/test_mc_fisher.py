@@ -26,9 +26,9 @@ from click.testing import CliRunner
 
 import fitonnx
 from fitonnx.cli.main import cli
-from fitonnx.data import Dataset
-from fitonnx.engine import FisherTraces
-from fitonnx.options import FisherOptions
+from fitonnx.fisher.engine import FisherTraces
+from fitonnx.fisher.options import FisherOptions
+from fitonnx.model.data import Dataset
 from tests.models import SmallModel, Tap, as64, embedding, finite_differences, mlp, regression, sigmoid, softmax
 
 EPS = 1e-5  # see test_gradients: central differences in float64 are good to ~1e-9 here

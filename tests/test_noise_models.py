@@ -19,12 +19,13 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import fitonnx
-from fitonnx import api, noise
+from fitonnx import api
+from fitonnx.analysis.validate import validate
 from fitonnx.cli.main import cli
-from fitonnx.data import Dataset
 from fitonnx.errors import UnsupportedError
-from fitonnx.options import FisherOptions
-from fitonnx.validate import validate
+from fitonnx.fisher.options import FisherOptions
+from fitonnx.model.data import Dataset
+from fitonnx.score import noise
 from tests.models import embedding, regression
 
 CLASSES = 3

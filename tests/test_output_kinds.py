@@ -8,10 +8,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from fitonnx import api, graph, losses
-from fitonnx.data import Dataset
+from fitonnx import api
 from fitonnx.errors import ModelError
-from fitonnx.options import FisherOptions
+from fitonnx.fisher import losses
+from fitonnx.fisher.options import FisherOptions
+from fitonnx.model import graph
+from fitonnx.model.data import Dataset
 
 
 def _model(tail: list[onnx.NodeProto], outputs: list[onnx.ValueInfoProto], w: np.ndarray) -> onnx.ModelProto:

@@ -9,8 +9,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from fitonnx import api
-from fitonnx.data import Dataset
-from fitonnx.runtime import make_session
+from fitonnx.model.data import Dataset
+from fitonnx.model.runtime import make_session
 
 
 def _model(w: np.ndarray, w2: np.ndarray) -> onnx.ModelProto:

@@ -19,13 +19,13 @@ from onnx import TensorProto, helper, numpy_helper
 from fitonnx import api
 from fitonnx.cli.main import cli
 from fitonnx.errors import ModelError, UnsupportedError
-from fitonnx.graph import Kind, find_quantizable
-from fitonnx.options import FisherOptions
+from fitonnx.fisher.options import FisherOptions
+from fitonnx.model.graph import Kind, find_quantizable
 from fitonnx.prepare import Change, prepare, verify
-from fitonnx.prepare.batchnorm import fold_batchnorm
-from fitonnx.prepare.constants import constants_to_initializers
 from fitonnx.prepare.opset import convert_opset, opset_of
-from fitonnx.prepare.ort_optimizer import ort_basic_optimize
+from fitonnx.prepare.passes.batchnorm import fold_batchnorm
+from fitonnx.prepare.passes.constants import constants_to_initializers
+from fitonnx.prepare.passes.ort_optimizer import ort_basic_optimize
 from fitonnx.prepare.rewrites import REWRITES, rewrite_ops
 from fitonnx.prepare.support import GRADIENT_OPS, NO_GRADIENT_OPS, find_blockers
 

@@ -18,14 +18,15 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from fitonnx import api, simulate
-from fitonnx import recommendation as rec_mod
-from fitonnx.allocate import Budget, BudgetKind, allocate
+from fitonnx import api
+from fitonnx.allocate import recommendation as rec_mod
+from fitonnx.allocate.knapsack import Budget, BudgetKind, allocate
+from fitonnx.analysis import simulate
 from fitonnx.cli.main import cli
-from fitonnx.data import Dataset, load_npz
 from fitonnx.export.annotate import FINN_KEY, METADATA_KEY
-from fitonnx.graph import Kind
-from fitonnx.options import FisherOptions
+from fitonnx.fisher.options import FisherOptions
+from fitonnx.model.data import Dataset, load_npz
+from fitonnx.model.graph import Kind
 from tests.conftest import tiny_classifier
 
 CNN_WEIGHTS = ("conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight")

@@ -12,11 +12,11 @@ from numpy.lib.stride_tricks import sliding_window_view
 from onnx import TensorProto, helper, numpy_helper
 
 from fitonnx import api
-from fitonnx.data import Dataset
+from fitonnx.analysis.simulate import Config, Scheme, Simulator, build, make_grid, quantize
 from fitonnx.errors import FitonnxError
 from fitonnx.export.qnn import encoding_from_range
-from fitonnx.graph import Kind
-from fitonnx.simulate import Config, Scheme, Simulator, build, make_grid, quantize
+from fitonnx.model.data import Dataset
+from fitonnx.model.graph import Kind
 
 
 def _make(nodes: list[onnx.NodeProto], x_shape: list, out: str, inits: Mapping[str, np.ndarray]) -> onnx.ModelProto:

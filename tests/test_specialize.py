@@ -8,10 +8,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from fitonnx import api
-from fitonnx.data import Dataset
 from fitonnx.errors import UnsupportedError
-from fitonnx.options import FisherOptions
-from fitonnx.prepare.specialize import specialize_if
+from fitonnx.fisher.options import FisherOptions
+from fitonnx.model.data import Dataset
+from fitonnx.prepare.passes.specialize import specialize_if
 
 
 def _branch(name: str, weight: np.ndarray) -> onnx.GraphProto:
@@ -73,7 +73,7 @@ def test_taken_branch_is_inlined_and_scored() -> None:
     assert np.all(np.isfinite(traces.per_sample)) and np.all(traces.trace() > 0) and traces.samples == 12
     # The inlined twin computes the taken branch, as numpy does:
     x = data.arrays["x"][:1]
-    from fitonnx.runtime import make_session
+    from fitonnx.model.runtime import make_session
 
     out = make_session(session.prepared.model.SerializeToString()).run(["logits"], {"x": x, "sr": np.array(16000)})[0]
     np.testing.assert_allclose(out, np.tanh(x @ w16) @ w_out, rtol=1e-5)
@@ -92,7 +92,7 @@ def test_mixed_conditions_are_an_error() -> None:
 
 
 def _specs(model: onnx.ModelProto):
-    from fitonnx.graph import input_specs
+    from fitonnx.model.graph import input_specs
 
     return input_specs(model)
 

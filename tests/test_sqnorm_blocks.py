@@ -12,8 +12,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fitonnx import engine, graph, instrument, losses
-from fitonnx.data import Dataset
+from fitonnx.fisher import engine, instrument, losses
+from fitonnx.model import graph
+from fitonnx.model.data import Dataset
 
 BLOCK_RTOL = 32 * 2.0**-24  # k·2⁻²⁴ with k <= MAX_BLOCK = 32
 EXACT_RTOL = 1e-12

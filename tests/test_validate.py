@@ -16,14 +16,9 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from fitonnx import api
-from fitonnx.cli.main import cli
-from fitonnx.damage import damage, reference, reliability
-from fitonnx.data import Dataset
-from fitonnx.losses import Likelihood, OutputTarget
-from fitonnx.options import FisherOptions
-from fitonnx.ranks import kendall, rank_correlations, spearman
-from fitonnx.simulate import Config
-from fitonnx.validate import (
+from fitonnx.analysis.damage import damage, reference, reliability
+from fitonnx.analysis.simulate import Config
+from fitonnx.analysis.validate import (
     PREDICTORS,
     Harness,
     ValidationReport,
@@ -33,6 +28,11 @@ from fitonnx.validate import (
     to_dict,
     validate,
 )
+from fitonnx.cli.main import cli
+from fitonnx.fisher.losses import Likelihood, OutputTarget
+from fitonnx.fisher.options import FisherOptions
+from fitonnx.model.data import Dataset
+from fitonnx.score.ranks import kendall, rank_correlations, spearman
 
 # ---------------------------------------------------------------------------------------------
 # Rank statistics

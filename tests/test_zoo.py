@@ -117,8 +117,8 @@ def test_a_model_onnxruntime_cannot_load_is_refused_in_one_line(tmp_path: Path) 
 def test_per_channel_validation_falls_back_per_tensor_where_channels_are_unknown() -> None:
     # The unrolled GRU's recurrent weight reaches its MatMul through Slice/Transpose: its output
     # channels are not known, so it is quantized per tensor (and the report says so), not refused.
-    from fitonnx.options import FisherOptions
-    from fitonnx.validate import validate
+    from fitonnx.analysis.validate import validate
+    from fitonnx.fisher.options import FisherOptions
 
     calib = ZOO / "gru_charlm_dynamo.calib.npz"
     opts = FisherOptions(fisher="mc", max_samples=8)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
+from fitonnx.analysis.compare import DEFAULT_AGREE_TOL, compare, format_table, open_models, write_json, write_plot
 from fitonnx.cli.common import samples_to_use
 from fitonnx.cli.options import bits_options, fisher_options
 from fitonnx.cli.progress import progress_bar
-from fitonnx.compare import DEFAULT_AGREE_TOL, compare, format_table, open_models, write_json, write_plot
-from fitonnx.options import FisherOptions
+from fitonnx.fisher.options import FisherOptions
 
 
 @click.command("compare")

@@ -59,8 +59,8 @@ def export_command(
     eval_data: str | None,
 ) -> None:
     """Write MODEL's recommendation in one toolchain's format (calibrating on --data where needed)."""
-    from fitonnx.data import load_npz
     from fitonnx.export.evaluate import compare
+    from fitonnx.model.data import load_npz
 
     exporter = get_exporter(fmt)
     if eval_data is not None and not exporter.filename.endswith(".onnx"):

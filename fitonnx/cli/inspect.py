@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from fitonnx import inspect as inspect_mod
+from fitonnx.analysis import inspection as inspect_mod
 
 
 class InputShape(click.ParamType):

@@ -8,8 +8,8 @@ from typing import Any, TypeVar
 
 import click
 
-from fitonnx.noise import NOISE_MODELS, NoiseModel
-from fitonnx.options import FisherOptions
+from fitonnx.fisher.options import FisherOptions
+from fitonnx.score.noise import NOISE_MODELS, NoiseModel
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import click
 
 from fitonnx import api
-from fitonnx.allocate import BYTES_PER_KB, Allocation, budget_from, check_options
+from fitonnx.allocate.knapsack import BYTES_PER_KB, Allocation, budget_from, check_options
+from fitonnx.allocate.targets import TARGETS
 from fitonnx.cli.common import open_session, samples_to_use
 from fitonnx.cli.options import BitsList, data_options, fisher_options, noise_model_option
 from fitonnx.cli.progress import progress_bar
-from fitonnx.graph import Kind
-from fitonnx.options import FisherOptions
-from fitonnx.targets import TARGETS
+from fitonnx.fisher.options import FisherOptions
+from fitonnx.model.graph import Kind
 
 
 def _short(name: str, width: int) -> str:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import click
 
-from fitonnx import api, report
+from fitonnx import api
 from fitonnx.cli.common import open_session, samples_to_use
 from fitonnx.cli.options import bits_options, data_options, fisher_options, noise_model_option
 from fitonnx.cli.progress import progress_bar
-from fitonnx.options import FisherOptions
+from fitonnx.fisher.options import FisherOptions
+from fitonnx.render import report
 
 
 @click.command("score")

@@ -8,11 +8,11 @@ from contextlib import ExitStack
 
 import click
 
+from fitonnx.analysis.validate import DEFAULT_CONFIGS, DEFAULT_RESAMPLES, format_report, validate, write_json
 from fitonnx.cli.common import open_session, samples_to_use
 from fitonnx.cli.options import BitsList, data_options, fisher_options
 from fitonnx.cli.progress import progress_bar
-from fitonnx.options import FisherOptions
-from fitonnx.validate import DEFAULT_CONFIGS, DEFAULT_RESAMPLES, format_report, validate, write_json
+from fitonnx.fisher.options import FisherOptions
 
 
 @click.command("validate")
@@ -79,7 +79,7 @@ def validate_command(
     --seed also seeds the configuration sampling and the bootstrap.
     """
     if plot_path:
-        from fitonnx.plot import require_matplotlib
+        from fitonnx.render.plot import require_matplotlib
 
         require_matplotlib()  # fail before the work, not after it
     started = time.perf_counter()
@@ -120,7 +120,7 @@ def validate_command(
         write_json(result, json_path)
         click.echo(f"wrote {json_path}")
     if plot_path:
-        from fitonnx.plot import scatter
+        from fitonnx.render.plot import scatter
 
         scatter(result, plot_path)
         click.echo(f"wrote {plot_path}")

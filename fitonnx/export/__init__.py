@@ -25,10 +25,10 @@ from pathlib import Path
 
 import onnx
 
-from fitonnx.data import Dataset
+from fitonnx.allocate.recommendation import Recommendation
 from fitonnx.errors import FitonnxError
 from fitonnx.export.common import ExportResult, resolve_out
-from fitonnx.recommendation import Recommendation
+from fitonnx.model.data import Dataset
 
 ExportFn = Callable[..., ExportResult]
 
@@ -180,8 +180,8 @@ def export_recommendation(
     the formats that calibrate (qdq, tensorrt). ``out`` is a file, or a folder for the default name.
     """
     from fitonnx import api
-    from fitonnx import recommendation as rec_mod
-    from fitonnx.load import load_model
+    from fitonnx.allocate import recommendation as rec_mod
+    from fitonnx.model.load import load_model
 
     exporter = get_exporter(fmt)
     loaded = load_model(model)

@@ -23,12 +23,12 @@ from pathlib import Path
 import onnx
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
-from fitonnx import graph
+from fitonnx.allocate.recommendation import Recommendation
+from fitonnx.allocate.targets import get_target
 from fitonnx.errors import FitonnxError
-from fitonnx.graph import Kind
-from fitonnx.recommendation import Recommendation
-from fitonnx.report import write_atomic
-from fitonnx.targets import get_target
+from fitonnx.model import graph
+from fitonnx.model.graph import Kind
+from fitonnx.render.report import write_atomic
 
 METADATA_KEY = "fitonnx.recommendation"
 FINN_KEY = "finn_datatype"

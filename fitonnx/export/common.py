@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from fitonnx import graph
-from fitonnx.data import Dataset
+from fitonnx.allocate.recommendation import Recommendation
+from fitonnx.allocate.targets import Target, get_target
 from fitonnx.errors import DataError, FitonnxError, InternalError, ModelError
-from fitonnx.graph import Kind
-from fitonnx.prepare.constants import constants_to_initializers
-from fitonnx.recommendation import Recommendation
-from fitonnx.report import write_atomic
-from fitonnx.targets import Target, get_target
+from fitonnx.model import graph
+from fitonnx.model.data import Dataset
+from fitonnx.model.graph import Kind
+from fitonnx.prepare.passes.constants import constants_to_initializers
+from fitonnx.render.report import write_atomic
 
 MAX_LISTED = 5
 
@@ -207,7 +207,7 @@ def check_runs(model: onnx.ModelProto, feed: Mapping[str, np.ndarray] | None, *,
     """Raise ``InternalError`` unless onnxruntime loads ``model`` (and runs ``feed`` when given);
     ``optimize=False`` checks it with onnxruntime's graph optimizations off (for files another
     runtime reads)."""
-    from fitonnx.runtime import make_session
+    from fitonnx.model.runtime import make_session
 
     try:
         session = make_session(model.SerializeToString(), optimize=optimize)

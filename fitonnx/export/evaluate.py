@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from fitonnx import graph
-from fitonnx.data import Dataset
 from fitonnx.errors import DataError, FitonnxError
+from fitonnx.model import graph
+from fitonnx.model.data import Dataset
 
 BATCH = 256
 
@@ -56,8 +56,8 @@ def accuracy(
     ``class_axis`` counts the model output's axes (1 for ``[N, classes]``); an output without a
     batch axis is read along its last axis.
     """
-    from fitonnx.load import load_model
-    from fitonnx.runtime import make_session
+    from fitonnx.model.load import load_model
+    from fitonnx.model.runtime import make_session
 
     if data.labels is None or not np.issubdtype(data.labels.dtype, np.integer):
         raise DataError(f"expected integer 'labels' in {data.source} to measure accuracy; found none")

@@ -39,9 +39,8 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization.registry import QDQRegistry
 from onnxruntime.quantization.tensor_quant_overrides import TensorQuantOverridesHelper
 
-from fitonnx import data as data_mod
-from fitonnx import graph
-from fitonnx.data import Dataset
+from fitonnx.allocate.recommendation import Recommendation
+from fitonnx.allocate.targets import Scheme
 from fitonnx.errors import DataError, FitonnxError, InternalError, UnsupportedError
 from fitonnx.export.common import (
     ExportPlan,
@@ -55,10 +54,11 @@ from fitonnx.export.common import (
     require_data,
     save_model,
 )
+from fitonnx.model import data as data_mod
+from fitonnx.model import graph
+from fitonnx.model.data import Dataset
 from fitonnx.prepare.opset import MAX_IR_VERSION, MAX_OPSET, opset_of, runnable
-from fitonnx.recommendation import Recommendation
-from fitonnx.report import write_atomic
-from fitonnx.targets import Scheme
+from fitonnx.render.report import write_atomic
 
 ORT = Toolchain("ONNX Runtime", weight_bits=frozenset({4, 8, 16}), activation_bits=frozenset({4, 8, 16}))
 

@@ -36,12 +36,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from fitonnx.data import Dataset
+from fitonnx.allocate.recommendation import Recommendation
+from fitonnx.allocate.targets import Scheme
 from fitonnx.errors import FitonnxError, InternalError
 from fitonnx.export.common import ExportPlan, ExportResult, Toolchain, channel_axis, plan_export, tensor_range
-from fitonnx.recommendation import Recommendation
-from fitonnx.report import write_atomic
-from fitonnx.targets import Scheme
+from fitonnx.model.data import Dataset
+from fitonnx.render.report import write_atomic
 
 QNN = Toolchain("QNN", weight_bits=frozenset({4, 8, 16}), activation_bits=frozenset({8, 16}))
 VERSIONS = ("0.6.1", "1.0.0")

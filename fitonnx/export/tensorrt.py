@@ -18,8 +18,8 @@ from pathlib import Path
 
 import onnx
 
-from fitonnx import graph
-from fitonnx.data import Dataset
+from fitonnx.allocate.recommendation import Recommendation
+from fitonnx.allocate.targets import Scheme
 from fitonnx.export.common import (
     ExportResult,
     Toolchain,
@@ -30,8 +30,8 @@ from fitonnx.export.common import (
     save_model,
 )
 from fitonnx.export.ort import QdqSettings, quantize_qdq
-from fitonnx.recommendation import Recommendation
-from fitonnx.targets import Scheme
+from fitonnx.model import graph
+from fitonnx.model.data import Dataset
 
 TENSORRT_TARGET = "tensorrt"
 TENSORRT = Toolchain(

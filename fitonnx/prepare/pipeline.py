@@ -54,11 +54,11 @@ Pass = Callable[[onnx.ModelProto], tuple[onnx.ModelProto, list[Change]]]
 
 def default_passes() -> list[Pass]:
     """The passes ``prepare`` runs, in order (see README "Preparing a model")."""
-    from fitonnx.prepare.autopad import explicit_conv_pads
-    from fitonnx.prepare.batchnorm import fold_batchnorm
-    from fitonnx.prepare.constants import constants_to_initializers
     from fitonnx.prepare.opset import convert_opset
-    from fitonnx.prepare.ort_optimizer import ort_basic_optimize
+    from fitonnx.prepare.passes.autopad import explicit_conv_pads
+    from fitonnx.prepare.passes.batchnorm import fold_batchnorm
+    from fitonnx.prepare.passes.constants import constants_to_initializers
+    from fitonnx.prepare.passes.ort_optimizer import ort_basic_optimize
     from fitonnx.prepare.rewrites import rewrite_ops
     from fitonnx.prepare.shapes import infer_shapes
 
@@ -91,9 +91,9 @@ def prepare(
     right after opset conversion (see ``specialize``).
     """
     from fitonnx.prepare.opset import convert_opset
-    from fitonnx.prepare.ort_optimizer import ort_basic_optimize
+    from fitonnx.prepare.passes.ort_optimizer import ort_basic_optimize
+    from fitonnx.prepare.passes.specialize import specialize_if
     from fitonnx.prepare.shapes import fix_input_shapes
-    from fitonnx.prepare.specialize import specialize_if
 
     check_precision(model)
     steps: list[Pass] = list(passes if passes is not None else default_passes())
@@ -180,7 +180,7 @@ def verify(
     """
     if not prepared.changes:
         return
-    from fitonnx.runtime import make_session
+    from fitonnx.model.runtime import make_session
 
     reference = prepared.reference if prepared.reference is not None else prepared.original
     a = make_session(reference.SerializeToString())

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import onnx
 
 from fitonnx.errors import UnsupportedError
-from fitonnx.graph import bodies
+from fitonnx.model.graph import bodies
 from fitonnx.prepare.pipeline import Change
 
 Dim = int | str | None  # a size, a symbolic name, or unknown

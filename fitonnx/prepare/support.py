@@ -20,9 +20,9 @@ import onnx
 from onnx import TensorProto, helper
 
 from fitonnx.errors import UnsupportedError
-from fitonnx.graph import FLOAT_TYPES, body_reads, node_name
+from fitonnx.model.graph import FLOAT_TYPES, body_reads, node_name
+from fitonnx.model.runtime import quiet_stderr
 from fitonnx.prepare.shapes import TensorType, tensor_types
-from fitonnx.runtime import quiet_stderr
 
 if TYPE_CHECKING:
     from fitonnx.prepare.rewrites import RewriteContext

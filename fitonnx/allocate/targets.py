@@ -14,10 +14,10 @@ from enum import Enum
 
 import numpy as np
 
-from fitonnx import noise
 from fitonnx.errors import FitonnxError
-from fitonnx.graph import Kind
-from fitonnx.score import PointMass
+from fitonnx.model.graph import Kind
+from fitonnx.score import noise
+from fitonnx.score.fit import PointMass
 
 FLOAT16_MANTISSA_BITS = 10
 

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import networkx as nx
 import onnx
 
-from fitonnx import graph
 from fitonnx.errors import InternalError
-from fitonnx.graph import Kind, QuantTensor
+from fitonnx.model import graph
+from fitonnx.model.graph import Kind, QuantTensor
 
 # op type -> family; ops of one family compute the same kind of map and can be paired.
 FAMILIES: dict[str, str] = {

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from fitonnx.allocate import Allocation, BudgetKind, weight_bytes
-from fitonnx.report import write_atomic
+from fitonnx.allocate.knapsack import Allocation, BudgetKind, weight_bytes
+from fitonnx.render.report import write_atomic
 
 
 def _columns(alloc: Allocation) -> tuple[list[str], np.ndarray, list[int], np.ndarray, np.ndarray]:
@@ -69,7 +69,7 @@ def write_png(alloc: Allocation, path: str | os.PathLike[str]) -> bool:
 
     Returns False, writing nothing, when matplotlib (the optional ``plot`` extra) is not installed.
     """
-    from fitonnx.plot import pyplot_or_none, save_png
+    from fitonnx.render.plot import pyplot_or_none, save_png
 
     plt = pyplot_or_none()
     if plt is None:

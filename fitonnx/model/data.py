@@ -19,7 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from fitonnx.errors import DataError
-from fitonnx.graph import InputSpec
+from fitonnx.model.graph import InputSpec
 
 LABELS_KEY = "labels"
 SIDECAR_SUFFIXES = (".calib.npz",)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from fitonnx import engine
 from fitonnx.errors import FitonnxError
-from fitonnx.losses import FisherMode, Likelihood
+from fitonnx.fisher import engine
+from fitonnx.fisher.losses import FisherMode, Likelihood
 
 
 def _enum(kind: type[FisherMode] | type[Likelihood], value: object, flag: str) -> FisherMode | Likelihood | None:

@@ -20,9 +20,9 @@ import onnx
 from onnx import helper
 
 from fitonnx.errors import FitonnxError
-from fitonnx.graph import Kind, find_quantizable, output_ranks
-from fitonnx.load import LoadedModel, load_model
-from fitonnx.losses import OutputTarget, resolve_output
+from fitonnx.fisher.losses import OutputTarget, resolve_output
+from fitonnx.model.graph import Kind, find_quantizable, output_ranks
+from fitonnx.model.load import LoadedModel, load_model
 from fitonnx.prepare import Change, PreparedModel, prepare
 from fitonnx.prepare.opset import opset_of
 from fitonnx.prepare.shapes import Dim, TensorType, tensor_types
@@ -293,7 +293,7 @@ def to_dict(insp: Inspection) -> dict[str, Any]:
 
 
 def write_json(insp: Inspection, path: str | os.PathLike[str]) -> None:
-    from fitonnx.report import write_atomic
+    from fitonnx.render.report import write_atomic
 
     def write(f: io.TextIOBase) -> None:
         json.dump(to_dict(insp), f, indent=2)

@@ -23,9 +23,9 @@ import onnx
 from onnx import TensorProto, helper
 
 from fitonnx.errors import InternalError, UnsupportedError
-from fitonnx.graph import Kind, QuantTensor
-from fitonnx.losses import LABELS, LOSS, NOISE, PREFIX, LossHead
-from fitonnx.runtime import quiet_stderr
+from fitonnx.fisher.losses import LABELS, LOSS, NOISE, PREFIX, LossHead
+from fitonnx.model.graph import Kind, QuantTensor
+from fitonnx.model.runtime import quiet_stderr
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fitonnx.errors import DataError, InternalError
-from fitonnx.losses import BERNOULLI_EPS, CATEGORICAL_EPS, Likelihood, OutputTarget
-from fitonnx.ranks import spearman
+from fitonnx.fisher.losses import BERNOULLI_EPS, CATEGORICAL_EPS, Likelihood, OutputTarget
+from fitonnx.score.ranks import spearman
 
 MEASURES: dict[str, str] = {
     "kl": "KL(float ‖ quantized) of the outputs, mean per held-out sample",

@@ -112,7 +112,7 @@ class Recommendation:
 
 
 def save(rec: Recommendation, path: str | os.PathLike[str]) -> None:
-    from fitonnx.report import write_atomic
+    from fitonnx.render.report import write_atomic
 
     text = json.dumps(rec.to_dict(), indent=2) + "\n"
     write_atomic(path, lambda f: f.write(text))

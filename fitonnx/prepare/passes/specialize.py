@@ -52,7 +52,7 @@ def _evaluate(
     model: onnx.ModelProto, names: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]]
 ) -> list[list[np.ndarray]]:
     """The values of ``names`` on every feed (the model with those tensors exposed as outputs)."""
-    from fitonnx.runtime import make_session
+    from fitonnx.model.runtime import make_session
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import onnx
 
-from fitonnx import pareto
-from fitonnx import recommendation as rec_mod
-from fitonnx.allocate import Allocation
-from fitonnx.data import Dataset
+from fitonnx.allocate import recommendation as rec_mod
+from fitonnx.allocate.knapsack import Allocation
 from fitonnx.errors import FitonnxError
 from fitonnx.export.annotate import annotated_path, write_annotated
-from fitonnx.rename import OriginFn, for_original
+from fitonnx.export.rename import OriginFn, for_original
+from fitonnx.model.data import Dataset
+from fitonnx.render import pareto
 
 RECOMMENDATION_JSON = "recommendation.json"
 PARETO_JSON = "pareto.json"

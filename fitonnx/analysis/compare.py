@@ -21,15 +21,16 @@ from typing import Any
 
 import numpy as np
 
-from fitonnx import align as align_mod
-from fitonnx import api, engine
-from fitonnx.allocate import Item, pareto_front, weight_bytes
+from fitonnx import api
+from fitonnx.allocate.knapsack import Item, pareto_front, weight_bytes
+from fitonnx.analysis import align as align_mod
 from fitonnx.errors import FitonnxError
-from fitonnx.graph import Kind
-from fitonnx.options import FisherOptions
-from fitonnx.ranks import kendall, spearman
-from fitonnx.report import write_atomic
-from fitonnx.score import DEFAULT_ACTIVATION_BITS, DEFAULT_WEIGHT_BITS, ScoreReport, TensorScore
+from fitonnx.fisher import engine
+from fitonnx.fisher.options import FisherOptions
+from fitonnx.model.graph import Kind
+from fitonnx.render.report import write_atomic
+from fitonnx.score.fit import DEFAULT_ACTIVATION_BITS, DEFAULT_WEIGHT_BITS, ScoreReport, TensorScore
+from fitonnx.score.ranks import kendall, spearman
 
 DEFAULT_AGREE_TOL = 0.01  # same function, same weights, same samples: traces agree to float rounding
 TABLE_BITS = (4, 8)  # FIT columns of the terminal table (the JSON has every bit width)
@@ -522,7 +523,7 @@ def write_plot(report: CompareReport, path: str | os.PathLike[str]) -> bool:
 
     Returns False, writing nothing, when matplotlib (the optional ``plot`` extra) is not installed.
     """
-    from fitonnx.plot import pyplot_or_none, save_png
+    from fitonnx.render.plot import pyplot_or_none, save_png
 
     plt = pyplot_or_none()
     if plt is None:

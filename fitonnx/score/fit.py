@@ -9,12 +9,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from fitonnx import noise
-from fitonnx.engine import FisherTraces
 from fitonnx.errors import InternalError
-from fitonnx.graph import Kind, QuantTensor
-from fitonnx.noise import NoiseModel
-from fitonnx.ranks import kendall
+from fitonnx.fisher.engine import FisherTraces
+from fitonnx.model.graph import Kind, QuantTensor
+from fitonnx.score import noise
+from fitonnx.score.noise import NoiseModel
+from fitonnx.score.ranks import kendall
 
 DEFAULT_WEIGHT_BITS: tuple[int, ...] = (2, 3, 4, 8)
 DEFAULT_ACTIVATION_BITS: tuple[int, ...] = (8, 16)

@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from fitonnx.data import Dataset
 from fitonnx.errors import DataError, InternalError, ModelError, UnsupportedError
-from fitonnx.graph import InputSpec, QuantTensor
-from fitonnx.instrument import GradientModel
-from fitonnx.losses import LABELS, NOISE, Likelihood, draw_noise
-from fitonnx.runtime import make_session
+from fitonnx.fisher.instrument import GradientModel
+from fitonnx.fisher.losses import LABELS, NOISE, Likelihood, draw_noise
+from fitonnx.model.data import Dataset
+from fitonnx.model.graph import InputSpec, QuantTensor
+from fitonnx.model.runtime import make_session
 
 ProgressFn = Callable[[int], None]
 

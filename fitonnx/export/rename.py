@@ -22,8 +22,8 @@ from collections.abc import Callable, Mapping
 
 import onnx
 
+from fitonnx.allocate.recommendation import ParetoPoint, Recommendation
 from fitonnx.export.common import working_copy
-from fitonnx.recommendation import ParetoPoint, Recommendation
 
 OriginFn = Callable[[str], tuple[str, ...]]
 SHOWN = 3

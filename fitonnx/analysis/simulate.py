@@ -27,11 +27,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fitonnx import noise
-from fitonnx.data import Dataset
 from fitonnx.errors import FitonnxError, InternalError, ModelError, UnsupportedError
-from fitonnx.graph import InputSpec, Kind, QuantTensor
-from fitonnx.losses import PREFIX
+from fitonnx.fisher.losses import PREFIX
+from fitonnx.model.data import Dataset
+from fitonnx.model.graph import InputSpec, Kind, QuantTensor
+from fitonnx.score import noise
 
 MIN_BITS = 2
 # float32 holds every integer level exactly up to 2^24; 16 bits keeps round((x − lo)/step) exact.

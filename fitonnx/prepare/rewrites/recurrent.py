@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from fitonnx.errors import InternalError
-from fitonnx.graph import PREPARE_WEIGHTS_ONLY
+from fitonnx.model.graph import PREPARE_WEIGHTS_ONLY
 from fitonnx.prepare.rewrites import Builder, NoRewrite
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}

@@ -28,11 +28,11 @@ from fractions import Fraction
 
 import numpy as np
 
+from fitonnx.allocate.recommendation import ParetoPoint, Recommendation
+from fitonnx.allocate.targets import Target, get_target
 from fitonnx.errors import FitonnxError, InternalError
-from fitonnx.graph import Kind
-from fitonnx.recommendation import ParetoPoint, Recommendation
-from fitonnx.score import ScoreReport
-from fitonnx.targets import Target, get_target
+from fitonnx.model.graph import Kind
+from fitonnx.score.fit import ScoreReport
 
 BYTES_PER_KB = 1024
 MAX_POINTS = 500_000  # per front: merging holds k× as many candidates (~40 bytes each); 5 bytes kept per point

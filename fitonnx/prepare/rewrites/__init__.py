@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fitonnx.graph import PREPARE_INTERNAL, PREPARE_PASSTHROUGH
+from fitonnx.model.graph import PREPARE_INTERNAL, PREPARE_PASSTHROUGH
 from fitonnx.prepare.pipeline import Change
 from fitonnx.prepare.shapes import Dim, TensorType, tensor_types
 
@@ -714,7 +714,7 @@ def _channel_shape(rank: int, channels: int) -> tuple[int, ...]:
 
 @rewrite("BatchNormalization")
 def batch_norm(b: Builder) -> str:
-    from fitonnx.prepare.batchnorm import bn_affine, is_inference_bn
+    from fitonnx.prepare.passes.batchnorm import bn_affine, is_inference_bn
 
     if not is_inference_bn(b.node):
         raise NoRewrite("expected BatchNormalization in inference form (one output, training_mode 0)")
@@ -903,28 +903,28 @@ def space_to_depth(b: Builder) -> str:
 
 @rewrite("Einsum")
 def einsum(b: Builder) -> str:
-    from fitonnx.prepare.einsum import rewrite_einsum
+    from fitonnx.prepare.rewrites.einsum import rewrite_einsum
 
     return rewrite_einsum(b)
 
 
 @rewrite("ConvTranspose")
 def conv_transpose(b: Builder) -> str:
-    from fitonnx.prepare.conv_transpose import rewrite_conv_transpose
+    from fitonnx.prepare.rewrites.conv_transpose import rewrite_conv_transpose
 
     return rewrite_conv_transpose(b)
 
 
 @rewrite("LSTM", "GRU", "RNN")
 def recurrent(b: Builder) -> str:
-    from fitonnx.prepare.recurrent import rewrite_recurrent
+    from fitonnx.prepare.rewrites.recurrent import rewrite_recurrent
 
     return rewrite_recurrent(b)
 
 
 @rewrite("Resize", "Upsample")
 def resize(b: Builder) -> str:
-    from fitonnx.prepare.resize import rewrite_resize
+    from fitonnx.prepare.rewrites.resize import rewrite_resize
 
     return rewrite_resize(b)
 
@@ -1017,7 +1017,7 @@ def rewrite_ops(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Change]]:
         g.initializer.extend(kept.values())
     del g.node[:]
     g.node.extend(nodes)
-    from fitonnx.prepare.batchnorm import drop_unused_initializers
+    from fitonnx.prepare.passes.batchnorm import drop_unused_initializers
 
     drop_unused_initializers(g)
     return out, changes

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from fitonnx.errors import UnsupportedError
-from fitonnx.graph import FLOAT_TYPES, LAYOUT_OPS
+from fitonnx.model.graph import FLOAT_TYPES, LAYOUT_OPS
 from fitonnx.prepare.pipeline import Change
 
 DISABLED = (

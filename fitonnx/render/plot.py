@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fitonnx.errors import FitonnxError
-from fitonnx.report import write_atomic
+from fitonnx.render.report import write_atomic
 
 if TYPE_CHECKING:
-    from fitonnx.validate import ValidationReport
+    from fitonnx.analysis.validate import ValidationReport
 
 
 def require_matplotlib() -> ModuleType:

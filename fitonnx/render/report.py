@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fitonnx.errors import FitonnxError
-from fitonnx.score import ScoreReport
+from fitonnx.score.fit import ScoreReport
 
 
 def write_atomic(path: str | os.PathLike[str], write: Callable[[io.TextIOBase], None] | bytes) -> None:

@@ -41,9 +41,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fitonnx import api, engine, losses, noise, simulate
-from fitonnx import data as data_mod
-from fitonnx.damage import (
+from fitonnx import api
+from fitonnx.analysis import simulate
+from fitonnx.analysis.damage import (
     MEASURES,
     Damage,
     Reference,
@@ -53,17 +53,20 @@ from fitonnx.damage import (
     reference,
     reliability,
 )
-from fitonnx.data import Dataset
+from fitonnx.analysis.simulate import Config, Scheme
 from fitonnx.errors import DataError, FitonnxError, InternalError
-from fitonnx.graph import Kind
-from fitonnx.instrument import GradientModel
-from fitonnx.losses import PREFIX, OutputTarget
-from fitonnx.options import FisherOptions
-from fitonnx.ranks import Correlation, rank_correlations
-from fitonnx.report import write_atomic
-from fitonnx.score import ScoreReport
-from fitonnx.score import score as score_tensors
-from fitonnx.simulate import Config, Scheme
+from fitonnx.fisher import engine, losses
+from fitonnx.fisher.instrument import GradientModel
+from fitonnx.fisher.losses import PREFIX, OutputTarget
+from fitonnx.fisher.options import FisherOptions
+from fitonnx.model import data as data_mod
+from fitonnx.model.data import Dataset
+from fitonnx.model.graph import Kind
+from fitonnx.render.report import write_atomic
+from fitonnx.score import noise
+from fitonnx.score.fit import ScoreReport
+from fitonnx.score.fit import score as score_tensors
+from fitonnx.score.ranks import Correlation, rank_correlations
 
 DEFAULT_BITS: tuple[int, ...] = (3, 4, 5, 6, 7, 8)
 DEFAULT_CONFIGS = 100

@@ -1,0 +1,1 @@
+"""Beside the pipeline: validation against simulated quantization, comparison, inspection."""

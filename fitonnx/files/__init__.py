@@ -1,0 +1,1 @@
+"""Files fitonnx reads and writes, safely: atomic writes and bounded reads."""

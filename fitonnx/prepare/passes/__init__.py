@@ -1,0 +1,1 @@
+"""Passes of the prepare stage: each returns a new model and says what it changed."""

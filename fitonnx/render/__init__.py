@@ -1,0 +1,1 @@
+"""Views of every result: terminal tables, JSON, CSV and PNG."""
