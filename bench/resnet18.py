@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fitonnx.render.report import write_atomic
+from fitonnx.files.atomic import write_atomic
 
 OPSET = 17
 STAGES: tuple[tuple[int, int], ...] = ((64, 1), (128, 2), (256, 2), (512, 2))  # (channels, first stride)

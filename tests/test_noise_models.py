@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import fitonnx
 from fitonnx import api
+from fitonnx.allocate.knapsack import AllocationOptions, budget_from
 from fitonnx.analysis.validate import validate
 from fitonnx.cli.main import cli
 from fitonnx.errors import UnsupportedError
@@ -274,7 +275,9 @@ def test_recommend_grid_noise_uses_the_targets_own_grid(case: tuple, target: str
     # grids, where ±max|x| and 0 are levels but a min/max of smaller magnitude is not. Levels are
     # enumerated here, not tested by formula.
     model, p, data = case
-    rec = api.recommend(model, data, target=target, avg_bits=4, noise_model="grid").allocation.recommendation
+    rec = api.recommend(
+        model, data, budget=budget_from(avg_bits=4), choices=AllocationOptions(target=target), noise_model="grid"
+    ).allocation.recommendation
     assert rec.noise_model == "grid"
     grads = gradients(p, data.arrays["x"], data.labels)
     vals = values(p, data.arrays["x"])

@@ -778,7 +778,7 @@ def test_unsupported_op_is_named_before_the_gradient_build(tmp_path: Path) -> No
     path = tmp_path / "warp.onnx"
     onnx.save(model, path)
     with pytest.raises(UnsupportedError, match=r"GridSample \(node 'warp/grid_sample'\)"):
-        api.score(path, random_samples=2, options=FisherOptions(fisher="mc", likelihood="gaussian"))
+        api.score(path, api.RandomData(2), options=FisherOptions(fisher="mc", likelihood="gaussian"))
     result = CliRunner().invoke(cli, ["score", str(path), "--random-data", "2", "--likelihood", "gaussian"])
     assert result.exit_code == 2
     assert "GridSample (node 'warp/grid_sample')" in result.output and "Traceback" not in result.output

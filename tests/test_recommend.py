@@ -20,7 +20,7 @@ from onnx import numpy_helper
 
 from fitonnx import api
 from fitonnx.allocate import recommendation as rec_mod
-from fitonnx.allocate.knapsack import Budget, BudgetKind, allocate
+from fitonnx.allocate.knapsack import AllocationOptions, Budget, BudgetKind, allocate, budget_from
 from fitonnx.analysis import simulate
 from fitonnx.cli.main import cli
 from fitonnx.export.annotate import FINN_KEY, METADATA_KEY
@@ -168,7 +168,7 @@ def tiny(tmp_path: Path, ir_version: int) -> tuple[Path, Path]:
 
 def test_node_metadata_where_the_ir_version_has_it(tmp_path: Path) -> None:
     path, data = tiny(tmp_path, ir_version=10)
-    result = api.recommend(path, data, avg_bits=4, out_dir=tmp_path / "out")
+    result = api.recommend(path, data, budget=budget_from(avg_bits=4), out_dir=tmp_path / "out")
     rec = result.allocation.recommendation
     annotated = onnx.load(tmp_path / "out" / "tiny.annotated.onnx")
     meta = {n.name: {p.key: json.loads(p.value) for p in n.metadata_props} for n in annotated.graph.node}
@@ -184,7 +184,7 @@ def test_node_metadata_where_the_ir_version_has_it(tmp_path: Path) -> None:
 
 def test_activation_average_budget_is_optimal(tmp_path: Path) -> None:
     path, data = tiny(tmp_path, ir_version=9)
-    result = api.recommend(path, data, avg_bits=8, act_avg_bits=4.5)
+    result = api.recommend(path, data, budget=budget_from(avg_bits=8), choices=AllocationOptions(act_avg_bits=4.5))
     rec = result.allocation.recommendation
     acts = {t.name: t.numel for t in result.report.tensors if t.kind is Kind.ACTIVATION}
     assert set(acts) == {"x", "r"} and set(rec.activation_bits) == {"x", "r"}
@@ -201,7 +201,7 @@ def test_cli_grid_noise_model_is_recorded(tmp_path: Path) -> None:
     code, _, err = run(*args, "--out", str(tmp_path / "rec"))
     assert code == 0, err
     rec = rec_mod.load(tmp_path / "rec" / "recommendation.json")
-    uniform = api.recommend(path, data, avg_bits=4).allocation.recommendation
+    uniform = api.recommend(path, data, budget=budget_from(avg_bits=4)).allocation.recommendation
     assert rec.noise_model == "grid" and uniform.noise_model == "uniform"
     # r is a ReLU output: the grid model takes the Fisher mass of its zeros out of its trace.
     assert rec.fit_per_tensor["r"][8] < 0.95 * uniform.fit_per_tensor["r"][8]
@@ -209,10 +209,10 @@ def test_cli_grid_noise_model_is_recorded(tmp_path: Path) -> None:
 
 def test_max_fit_gives_the_smallest_weights_within_it(tmp_path: Path) -> None:
     path, data = tiny(tmp_path, ir_version=9)
-    first = api.recommend(path, data, avg_bits=4).allocation.recommendation
+    first = api.recommend(path, data, budget=budget_from(avg_bits=4)).allocation.recommendation
     act_fit = fit_of(first, dict(first.activation_bits))
     max_fit = act_fit + fit_of(first, {"w1": 5, "w2": 3}) * 1.0000001
-    rec = api.recommend(path, data, max_fit=max_fit).allocation.recommendation
+    rec = api.recommend(path, data, budget=budget_from(max_fit=max_fit)).allocation.recommendation
     assert rec.fit <= max_fit
     sizes = {"w1": 24, "w2": 18}
     smallest = min(
@@ -284,10 +284,9 @@ def test_qnn_and_tensorrt_targets_write_their_files(cnn_path: Path, tmp_path: Pa
     session = api.open_model(cnn_path)
     for target, name in (("qnn", "mnist_cnn.encodings"), ("tensorrt", "mnist_cnn.trt.qdq.onnx")):
         result = api.recommend(
-            cnn_path,
-            session=session,
-            size_kb=30,
-            target=target,
+            session,
+            budget=budget_from(size_kb=30),
+            choices=AllocationOptions(target=target),
             out_dir=tmp_path / target,
             options=FisherOptions(max_samples=32),
         )
@@ -390,7 +389,9 @@ def test_exports_name_the_original_models_tensors(tmp_path: Path) -> None:
     model = mobilenet_block()
     rng = np.random.default_rng(0)
     data = Dataset({"x": rng.normal(size=(16, 3, 8, 8)).astype(np.float32)}, rng.integers(0, 5, 16))
-    result = api.recommend(model, data, avg_bits=8, target="ort", out_dir=tmp_path / "out")
+    result = api.recommend(
+        model, data, budget=budget_from(avg_bits=8), choices=AllocationOptions(target="ort"), out_dir=tmp_path / "out"
+    )
     assert any("+" in name for name in result.allocation.recommendation.weight_bits)  # scored folded
     written = rec_mod.load(tmp_path / "out" / "recommendation.json")
     inits = {t.name for t in model.graph.initializer}
@@ -411,8 +412,8 @@ def test_a_tied_table_is_exported_once_with_the_wider_width(tmp_path: Path) -> N
     result = api.recommend(
         zoo / "tiny_bert_dynamo.onnx",
         zoo / "tiny_bert_dynamo.calib.npz",
-        avg_bits=4,
-        target="ort",
+        budget=budget_from(avg_bits=4),
+        choices=AllocationOptions(target="ort"),
         out_dir=tmp_path / "out",
         options=opts,
     )

@@ -192,6 +192,23 @@ def budget_from(*, avg_bits: float | None = None, size_kb: float | None = None, 
     return Budget(kind, float(value))
 
 
+@dataclass(frozen=True)
+class AllocationOptions:
+    """What ``allocate`` may choose from: the target, its weight bit widths, the activations' rule."""
+
+    target: str = "generic"
+    weight_bits: tuple[int, ...] | None = None  # None: the target's own
+    act_bits: int | None = None  # every activation at this width (default: the target's)
+    act_avg_bits: float | None = None  # or an exact allocation of activation bits under this average
+    tolerance: float = 0.0  # accept a front within (1 + tolerance) of the optimum
+
+    def check(self) -> Target:
+        """The target, once every option is known to be valid for it."""
+        return check_options(
+            self.target, weight_bits=self.weight_bits, act_bits=self.act_bits, act_avg_bits=self.act_avg_bits
+        )
+
+
 def check_options(
     target: Target | str,
     *,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fitonnx.errors import FitonnxError
+from fitonnx.files.atomic import write_atomic
 
 SCHEMA_VERSION = 1
 
@@ -112,7 +113,6 @@ class Recommendation:
 
 
 def save(rec: Recommendation, path: str | os.PathLike[str]) -> None:
-    from fitonnx.render.report import write_atomic
 
     text = json.dumps(rec.to_dict(), indent=2) + "\n"
     write_atomic(path, lambda f: f.write(text))

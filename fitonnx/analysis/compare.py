@@ -21,16 +21,18 @@ from typing import Any
 
 import numpy as np
 
-from fitonnx import api
 from fitonnx.allocate.knapsack import Item, pareto_front, weight_bytes
 from fitonnx.analysis import align as align_mod
 from fitonnx.errors import FitonnxError
-from fitonnx.fisher import engine
+from fitonnx.files.atomic import write_atomic
+from fitonnx.fisher import session as api
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.model.graph import Kind
-from fitonnx.render.report import write_atomic
+from fitonnx.model.source import DataSource, ModelSource
+from fitonnx.progress import Progress
 from fitonnx.score.fit import DEFAULT_ACTIVATION_BITS, DEFAULT_WEIGHT_BITS, ScoreReport, TensorScore
 from fitonnx.score.ranks import kendall, spearman
+from fitonnx.score.run import score_model
 
 DEFAULT_AGREE_TOL = 0.01  # same function, same weights, same samples: traces agree to float rounding
 TABLE_BITS = (4, 8)  # FIT columns of the terminal table (the JSON has every bit width)
@@ -141,9 +143,7 @@ def _ratio(num: float, den: float) -> float:
     return num / den
 
 
-def open_models(
-    models: Sequence[api.ModelSource], data: Sequence[api.DataSource] | None = None
-) -> tuple[api.Session, ...]:
+def open_models(models: Sequence[ModelSource], data: Sequence[DataSource] | None = None) -> tuple[api.Session, ...]:
     """Open every model with its data: one source for all, one per model, or none (bundled sidecars)."""
     if len(models) < 2:
         raise FitonnxError(f"expected at least 2 models to compare; found {len(models)}")
@@ -257,14 +257,14 @@ def compare_scored(
 
 
 def compare(
-    models: Sequence[api.ModelSource],
-    data: Sequence[api.DataSource] | None = None,
+    models: Sequence[ModelSource],
+    data: Sequence[DataSource] | None = None,
     *,
     options: FisherOptions | None = None,
     weight_bits: Sequence[int] = DEFAULT_WEIGHT_BITS,
     activation_bits: Sequence[int] = DEFAULT_ACTIVATION_BITS,
     agree_tol: float = DEFAULT_AGREE_TOL,
-    progress: engine.ProgressFn | None = None,
+    progress: Progress | None = None,
     sessions: Sequence[api.Session] | None = None,
 ) -> CompareReport:
     """Score every model (same ``options`` for all) and compare each with the first.
@@ -275,7 +275,7 @@ def compare(
     """
     opened = tuple(sessions) if sessions is not None else open_models(models, data)
     reports = [
-        api.score(
+        score_model(
             s.loaded,
             session=s,
             options=options,

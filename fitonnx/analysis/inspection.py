@@ -20,6 +20,7 @@ import onnx
 from onnx import helper
 
 from fitonnx.errors import FitonnxError
+from fitonnx.files.atomic import write_atomic
 from fitonnx.fisher.losses import OutputTarget, resolve_output
 from fitonnx.model.graph import Kind, find_quantizable, output_ranks
 from fitonnx.model.load import LoadedModel, load_model
@@ -293,7 +294,6 @@ def to_dict(insp: Inspection) -> dict[str, Any]:
 
 
 def write_json(insp: Inspection, path: str | os.PathLike[str]) -> None:
-    from fitonnx.render.report import write_atomic
 
     def write(f: io.TextIOBase) -> None:
         json.dump(to_dict(insp), f, indent=2)

@@ -41,7 +41,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fitonnx import api
 from fitonnx.analysis import simulate
 from fitonnx.analysis.damage import (
     MEASURES,
@@ -55,18 +54,21 @@ from fitonnx.analysis.damage import (
 )
 from fitonnx.analysis.simulate import Config, Scheme
 from fitonnx.errors import DataError, FitonnxError, InternalError
+from fitonnx.files.atomic import write_atomic
 from fitonnx.fisher import engine, losses
+from fitonnx.fisher import session as api
 from fitonnx.fisher.instrument import GradientModel
 from fitonnx.fisher.losses import PREFIX, OutputTarget
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.model import data as data_mod
 from fitonnx.model.data import Dataset
 from fitonnx.model.graph import Kind
-from fitonnx.render.report import write_atomic
+from fitonnx.model.source import DataSource, ModelSource
+from fitonnx.progress import Progress, as_progress
 from fitonnx.score import noise
-from fitonnx.score.fit import ScoreReport
-from fitonnx.score.fit import score as score_tensors
+from fitonnx.score.fit import ScoreReport, build_report
 from fitonnx.score.ranks import Correlation, rank_correlations
+from fitonnx.score.run import provenance
 
 DEFAULT_BITS: tuple[int, ...] = (3, 4, 5, 6, 7, 8)
 DEFAULT_CONFIGS = 100
@@ -393,8 +395,8 @@ class Harness:
 
 
 def harness(
-    model: api.ModelSource,
-    data: api.DataSource = None,
+    model: ModelSource,
+    data: DataSource = None,
     eval_data: str | os.PathLike[str] | Dataset | None = None,
     *,
     weight_bits: Sequence[int] = DEFAULT_BITS,
@@ -404,14 +406,14 @@ def harness(
     options: FisherOptions | None = None,
     random_samples: int | None = None,
     batch_size: int = 256,
-    fisher_progress: engine.ProgressFn | None = None,
+    progress: Progress | None = None,
     session: api.Session | None = None,
 ) -> Harness:
     """Run the calibration passes and build the simulator: the stage of ``validate`` before any
     configuration, for callers that measure configurations of their own.
 
     ``eval_data`` defaults to ``<model>.heldout.npz`` beside the model. The calibration pass runs
-    twice (``fisher_progress`` sees both): once for traces and ranges, once more for the measured
+    twice (``progress`` sees both): once for traces and ranges, once more for the measured
     rounding errors, which need those ranges.
     """
     opts = options or FisherOptions()
@@ -422,15 +424,11 @@ def harness(
 
     gm, target, mode = api.gradient_model(s, opts, keep_gradients=True, exact_points=True)
     run_options = opts.run_options()
-    traces = engine.run(gm, s.data, s.specs, run_options, fisher_progress)
-    report = score_tensors(
+    traces = engine.run(gm, s.data, s.specs, run_options, progress)
+    report = build_report(
         s.prepared.model,
         traces,
-        model_name=s.loaded.name,
-        fisher=mode.value,
-        likelihood=target.likelihood.value,
-        output=target.output,
-        data_source=s.data.source,
+        provenance(s, target, mode),
         weight_bits=weight_bits,
         activation_bits=activation_bits,
         resamples=0,
@@ -450,7 +448,7 @@ def harness(
     }
     gm2, outs = _error_model(gm, grids, dtypes, weight_errors)
     extra_names = [*outs.diagonal.values(), *outs.quadratic.values()]
-    second = engine.run(gm2, s.data, s.specs, run_options, fisher_progress, extra_outputs=extra_names)
+    second = engine.run(gm2, s.data, s.specs, run_options, progress, extra_outputs=extra_names)
     if second.extra is None:
         raise InternalError("engine returned no extra outputs")
     measured_acts = {key: float(second.extra[name].mean()) for key, name in outs.diagonal.items()}
@@ -475,8 +473,8 @@ def harness(
 
 
 def validate(
-    model: api.ModelSource,
-    data: api.DataSource = None,
+    model: ModelSource,
+    data: DataSource = None,
     eval_data: str | os.PathLike[str] | Dataset | None = None,
     *,
     configs: int = DEFAULT_CONFIGS,
@@ -489,8 +487,7 @@ def validate(
     random_samples: int | None = None,
     batch_size: int = 256,
     resamples: int = DEFAULT_RESAMPLES,
-    fisher_progress: engine.ProgressFn | None = None,
-    config_progress: engine.ProgressFn | None = None,
+    progress: Progress | None = None,
     session: api.Session | None = None,
 ) -> ValidationReport:
     """Simulate ``configs`` random mixed-precision configurations (plus uniform ones) on held-out
@@ -511,12 +508,14 @@ def validate(
         options=opts,
         random_samples=random_samples,
         batch_size=batch_size,
-        fisher_progress=fisher_progress,
+        progress=progress,
         session=session,
     )
     sampled = sample_configs(h.weights, h.activations, h.weight_bits, h.activation_bits, configs, seed, uniform)
     results: list[ConfigResult] = []
     damages = []
+    bar = as_progress(progress)
+    bar.start(len(sampled), "Configurations")
     for config, is_uniform in sampled:
         d = h.measure(config)
         damages.append(d)
@@ -531,8 +530,7 @@ def validate(
                 **h.predict(config),
             )
         )
-        if config_progress is not None:
-            config_progress(1)
+        bar.advance(1)
 
     s, ref = h.session, h.reference
     return ValidationReport(

@@ -1,4 +1,4 @@
-"""Steps every subcommand shares: opening a model with its data, warnings as lines, sample counts."""
+"""Steps every subcommand shares: warnings as lines, the data source from the data options."""
 
 from __future__ import annotations
 
@@ -21,13 +21,6 @@ def echo_warnings() -> Iterator[None]:
         click.secho(f"warning: {w.message}", fg="yellow", err=True)
 
 
-def open_session(model: str, data: str | None, random_samples: int | None, seed: int) -> api.Session:
-    """``api.open_model`` with its warnings shown."""
-    with echo_warnings():
-        return api.open_model(model, data, random_samples=random_samples, seed=seed)
-
-
-def samples_to_use(session: api.Session, max_samples: int | None) -> int:
-    """How many calibration samples a Fisher pass will process (the progress bar's length)."""
-    n = session.data.num_samples
-    return n if max_samples is None else min(max_samples, n)
+def data_source(data: str | None, random_samples: int | None, seed: int) -> api.DataSource:
+    """What ``--data`` / ``--random-data N`` ask for, as the API's data source."""
+    return api.RandomData(random_samples, seed) if random_samples is not None else data

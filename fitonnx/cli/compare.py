@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import click
 
-from fitonnx.analysis.compare import DEFAULT_AGREE_TOL, compare, format_table, open_models, write_json, write_plot
-from fitonnx.cli.common import samples_to_use
+from fitonnx.analysis.compare import DEFAULT_AGREE_TOL, compare, format_table, write_json, write_plot
 from fitonnx.cli.options import bits_options, fisher_options
-from fitonnx.cli.progress import progress_bar
+from fitonnx.cli.progress import progress_bars
 from fitonnx.fisher.options import FisherOptions
 
 
@@ -48,17 +47,15 @@ def compare_command(
     plot_path: str | None,
 ) -> None:
     """Compare MODELS (two or more; each against the first): paired Fisher traces, ranges and FIT."""
-    sessions = open_models(models, data)
-    total = sum(samples_to_use(s, options.max_samples) for s in sessions)
-    with progress_bar(total, "Fisher samples") as advance:
+    with progress_bars() as bars:
         result = compare(
             models,
-            sessions=sessions,
+            data or None,
             options=options,
             weight_bits=weight_bits,
             activation_bits=act_bits,
             agree_tol=agree_tol,
-            progress=advance,
+            progress=bars,
         )
     click.echo(format_table(result))
     if json_path:

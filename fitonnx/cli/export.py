@@ -10,6 +10,8 @@ from fitonnx.cli.common import echo_warnings
 from fitonnx.cli.options import data_options
 from fitonnx.errors import FitonnxError
 from fitonnx.export import EXPORTERS, export_recommendation, get_exporter
+from fitonnx.export.evaluate import compare
+from fitonnx.model.data import load_npz
 
 
 @click.command("export")
@@ -59,8 +61,6 @@ def export_command(
     eval_data: str | None,
 ) -> None:
     """Write MODEL's recommendation in one toolchain's format (calibrating on --data where needed)."""
-    from fitonnx.export.evaluate import compare
-    from fitonnx.model.data import load_npz
 
     exporter = get_exporter(fmt)
     if eval_data is not None and not exporter.filename.endswith(".onnx"):

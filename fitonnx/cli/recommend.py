@@ -5,11 +5,11 @@ from __future__ import annotations
 import click
 
 from fitonnx import api
-from fitonnx.allocate.knapsack import BYTES_PER_KB, Allocation, budget_from, check_options
+from fitonnx.allocate.knapsack import BYTES_PER_KB, Allocation, AllocationOptions, budget_from
 from fitonnx.allocate.targets import TARGETS
-from fitonnx.cli.common import open_session, samples_to_use
+from fitonnx.cli.common import data_source, echo_warnings
 from fitonnx.cli.options import BitsList, data_options, fisher_options, noise_model_option
-from fitonnx.cli.progress import progress_bar
+from fitonnx.cli.progress import progress_bars
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.model.graph import Kind
 
@@ -113,26 +113,20 @@ def recommend_command(
     top: int | None,
 ) -> None:
     """Choose per-tensor bit widths for MODEL under one budget (--avg-bits, --size-kb or --max-fit)."""
-    budget_from(avg_bits=avg_bits, size_kb=size_kb, max_fit=max_fit)  # fail before any work
-    check_options(target, weight_bits=weight_bits, act_bits=act_bits, act_avg_bits=act_avg_bits)
-    session = open_session(model, data, random_samples, options.seed)
-    total = samples_to_use(session, options.max_samples)
-    with progress_bar(total, "Fisher samples") as advance:
+    budget = budget_from(avg_bits=avg_bits, size_kb=size_kb, max_fit=max_fit)
+    choices = AllocationOptions(
+        target=target, weight_bits=weight_bits, act_bits=act_bits, act_avg_bits=act_avg_bits, tolerance=tolerance
+    )
+    with echo_warnings(), progress_bars() as bars:
         result = api.recommend(
             model,
-            session=session,
-            target=target,
-            avg_bits=avg_bits,
-            size_kb=size_kb,
-            max_fit=max_fit,
-            weight_bits=weight_bits,
-            act_bits=act_bits,
-            act_avg_bits=act_avg_bits,
-            tolerance=tolerance,
+            data_source(data, random_samples, options.seed),
+            budget=budget,
+            choices=choices,
             out_dir=out_dir,
             options=options,
             noise_model=noise_model,
-            progress=advance,
+            progress=bars,
         )
     click.echo(format_summary(result, limit=top))
     if result.written is not None:

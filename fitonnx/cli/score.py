@@ -5,9 +5,9 @@ from __future__ import annotations
 import click
 
 from fitonnx import api
-from fitonnx.cli.common import open_session, samples_to_use
+from fitonnx.cli.common import data_source, echo_warnings
 from fitonnx.cli.options import bits_options, data_options, fisher_options, noise_model_option
-from fitonnx.cli.progress import progress_bar
+from fitonnx.cli.progress import progress_bars
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.render import report
 
@@ -34,16 +34,14 @@ def score_command(
     top: int | None,
 ) -> None:
     """Rank MODEL's quantizable weights and activations by FIT (most sensitive first)."""
-    session = open_session(model, data, random_samples, options.seed)
-    total = samples_to_use(session, options.max_samples)
-    with progress_bar(total, "Fisher samples") as advance:
+    with echo_warnings(), progress_bars() as bars:
         result = api.score(
             model,
-            session=session,
+            data_source(data, random_samples, options.seed),
             options=options,
             weight_bits=weight_bits,
             activation_bits=act_bits,
-            progress=advance,
+            progress=bars,
             noise_model=noise_model,
         )
     click.echo(report.format_table(result, limit=top))

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
 
 import click
 
 from fitonnx.analysis.validate import DEFAULT_CONFIGS, DEFAULT_RESAMPLES, format_report, validate, write_json
-from fitonnx.cli.common import open_session, samples_to_use
+from fitonnx.cli.common import data_source, echo_warnings
 from fitonnx.cli.options import BitsList, data_options, fisher_options
-from fitonnx.cli.progress import progress_bar
+from fitonnx.cli.progress import progress_bars
 from fitonnx.fisher.options import FisherOptions
 
 
@@ -83,24 +81,10 @@ def validate_command(
 
         require_matplotlib()  # fail before the work, not after it
     started = time.perf_counter()
-    session = open_session(model, data, random_samples, options.seed)
-    samples = samples_to_use(session, options.max_samples)
-    uniform = 0 if no_uniform else len(set(weight_bits or bits) & set(act_bits or bits))
-    passes = 2  # traces and ranges, then the measured rounding errors
-    # Two bars, one after the other: the configurations' bar opens when the Fisher passes are done.
-    with ExitStack() as fisher_bar, ExitStack() as config_bar:
-        fisher_advance = fisher_bar.enter_context(progress_bar(passes * samples, f"Fisher samples ({passes} passes)"))
-        config_advance: list[Callable[[int], None]] = []
-
-        def advance_config(n: int) -> None:
-            if not config_advance:
-                fisher_bar.close()
-                config_advance.append(config_bar.enter_context(progress_bar(configs + uniform, "Configurations")))
-            config_advance[0](n)
-
+    with echo_warnings(), progress_bars() as bars:
         result = validate(
             model,
-            session=session,
+            data_source(data, random_samples, options.seed),
             eval_data=eval_data,
             configs=configs,
             weight_bits=weight_bits or bits,
@@ -111,8 +95,7 @@ def validate_command(
             options=options,
             batch_size=batch_size,
             resamples=resamples,
-            fisher_progress=fisher_advance,
-            config_progress=advance_config,
+            progress=bars,
         )
     click.echo(format_report(result))
     click.echo(f"\n{len(result.configs)} configurations validated in {time.perf_counter() - started:.1f} s")

@@ -26,9 +26,11 @@ from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from fitonnx.allocate.recommendation import Recommendation
 from fitonnx.allocate.targets import get_target
 from fitonnx.errors import FitonnxError
+from fitonnx.export.common import ExportResult, save_model
+from fitonnx.files.atomic import write_atomic
 from fitonnx.model import graph
+from fitonnx.model.data import Dataset
 from fitonnx.model.graph import Kind
-from fitonnx.render.report import write_atomic
 
 METADATA_KEY = "fitonnx.recommendation"
 FINN_KEY = "finn_datatype"
@@ -146,3 +148,12 @@ def write_annotated(
         )
     write_atomic(path, annotated.SerializeToString())
     return path
+
+
+def write_model(
+    model: onnx.ModelProto, rec: Recommendation, out: Path, *, data: Dataset | None = None, per_channel: bool = False
+) -> ExportResult:
+    """The ``annotated`` export format: the annotated model written atomically to ``out``."""
+    del data, per_channel
+    save_model(annotate(model, rec), out)
+    return ExportResult("annotated", out, {**rec.weight_bits, **rec.activation_bits}, ())

@@ -17,6 +17,7 @@ from fitonnx.allocate import recommendation as rec_mod
 from fitonnx.allocate.knapsack import Allocation
 from fitonnx.errors import FitonnxError
 from fitonnx.export.annotate import annotated_path, write_annotated
+from fitonnx.export.registry import get_exporter
 from fitonnx.export.rename import OriginFn, for_original
 from fitonnx.model.data import Dataset
 from fitonnx.render import pareto
@@ -112,7 +113,5 @@ def _export(
     data: Dataset | None,
 ) -> tuple[list[Path], list[str]]:
     """Run one exporter of ``fitonnx.export.EXPORTERS`` into ``out`` under its default file name."""
-    from fitonnx.export import get_exporter
-
     result = get_exporter(fmt)(model, rec, out, data=data, source=source)
     return [result.path], [f"{fmt}: {note}" for note in result.notes]

@@ -15,11 +15,12 @@ import onnx
 from fitonnx.allocate.recommendation import Recommendation
 from fitonnx.allocate.targets import Target, get_target
 from fitonnx.errors import DataError, FitonnxError, InternalError, ModelError
+from fitonnx.files.atomic import write_atomic
 from fitonnx.model import graph
 from fitonnx.model.data import Dataset
 from fitonnx.model.graph import Kind
+from fitonnx.model.runtime import make_session
 from fitonnx.prepare.passes.constants import constants_to_initializers
-from fitonnx.render.report import write_atomic
 
 MAX_LISTED = 5
 
@@ -207,7 +208,6 @@ def check_runs(model: onnx.ModelProto, feed: Mapping[str, np.ndarray] | None, *,
     """Raise ``InternalError`` unless onnxruntime loads ``model`` (and runs ``feed`` when given);
     ``optimize=False`` checks it with onnxruntime's graph optimizations off (for files another
     runtime reads)."""
-    from fitonnx.model.runtime import make_session
 
     try:
         session = make_session(model.SerializeToString(), optimize=optimize)

@@ -12,6 +12,8 @@ import onnx
 from fitonnx.errors import DataError, FitonnxError
 from fitonnx.model import graph
 from fitonnx.model.data import Dataset
+from fitonnx.model.load import load_model
+from fitonnx.model.runtime import make_session
 
 BATCH = 256
 
@@ -56,8 +58,6 @@ def accuracy(
     ``class_axis`` counts the model output's axes (1 for ``[N, classes]``); an output without a
     batch axis is read along its last axis.
     """
-    from fitonnx.model.load import load_model
-    from fitonnx.model.runtime import make_session
 
     if data.labels is None or not np.issubdtype(data.labels.dtype, np.integer):
         raise DataError(f"expected integer 'labels' in {data.source} to measure accuracy; found none")

@@ -47,18 +47,14 @@ from fitonnx.export.common import (
     ExportResult,
     Toolchain,
     channel_axis,
-    check_runs,
-    first_feed,
     plan_export,
     quantizable_sites,
-    require_data,
-    save_model,
 )
+from fitonnx.files.atomic import write_atomic
 from fitonnx.model import data as data_mod
 from fitonnx.model import graph
 from fitonnx.model.data import Dataset
 from fitonnx.prepare.opset import MAX_IR_VERSION, MAX_OPSET, opset_of, runnable
-from fitonnx.render.report import write_atomic
 
 ORT = Toolchain("ONNX Runtime", weight_bits=frozenset({4, 8, 16}), activation_bits=frozenset({4, 8, 16}))
 
@@ -422,20 +418,3 @@ def write_overrides(
             "exclude the nodes that read them (nodes_to_exclude) or restrict op_types_to_quantize"
         )
     return ExportResult("overrides", out, dict(p.quantized), p.float_tensors, tuple(notes))
-
-
-def write_qdq(
-    model: onnx.ModelProto, rec: Recommendation, out: Path, *, data: Dataset | None = None, per_channel: bool = False
-) -> ExportResult:
-    """A QDQ model for the recommendation's target: TensorRT's for tensorrt, ONNX Runtime's otherwise."""
-    from fitonnx.export.tensorrt import TENSORRT_TARGET, write_tensorrt
-
-    if rec.target == TENSORRT_TARGET:
-        result = write_tensorrt(model, rec, out, data=data, per_channel=per_channel)
-        return ExportResult("qdq", result.path, result.quantized, result.kept_float, result.notes)
-    dataset = require_data(data, "qdq")
-    p = plan_export(model, rec, ORT)
-    qdq, bits, notes = quantize_qdq(p, dataset, ort_settings(p), per_channel=per_channel)
-    check_runs(qdq, first_feed(dataset, graph.input_specs(qdq)))
-    save_model(qdq, out)
-    return ExportResult("qdq", out, bits, p.float_tensors, tuple(notes))

@@ -40,8 +40,8 @@ from fitonnx.allocate.recommendation import Recommendation
 from fitonnx.allocate.targets import Scheme
 from fitonnx.errors import FitonnxError, InternalError
 from fitonnx.export.common import ExportPlan, ExportResult, Toolchain, channel_axis, plan_export, tensor_range
+from fitonnx.files.atomic import write_atomic
 from fitonnx.model.data import Dataset
-from fitonnx.render.report import write_atomic
 
 QNN = Toolchain("QNN", weight_bits=frozenset({4, 8, 16}), activation_bits=frozenset({8, 16}))
 VERSIONS = ("0.6.1", "1.0.0")

@@ -7,7 +7,8 @@ from the same exact per-sample values: Tr(F_t) = (1/N)·Σ_i ‖∂ℓ_i/∂t‖
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import itertools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +20,7 @@ from fitonnx.fisher.losses import LABELS, NOISE, Likelihood, draw_noise
 from fitonnx.model.data import Dataset
 from fitonnx.model.graph import InputSpec, QuantTensor
 from fitonnx.model.runtime import make_session
-
-ProgressFn = Callable[[int], None]
+from fitonnx.progress import Progress, as_progress
 
 
 @dataclass(frozen=True)
@@ -119,12 +119,109 @@ class _Shapes:
         return self.cache[key]
 
 
+@dataclass(frozen=True)
+class FetchLayout:
+    """Which outputs of the gradient model one run fetches, and where each group sits in the result.
+
+    Order: squared norms (one per tensor), activation (min, max) pairs, full gradients, the caller's
+    extra outputs, then the grid model's point statistics (three per tensor)."""
+
+    names: tuple[str, ...]
+    sqnorms: slice
+    ranges: slice
+    grads: slice
+    extra: slice
+    points: slice
+
+    @classmethod
+    def of(cls, gm: GradientModel, extra_outputs: Sequence[str] = ()) -> FetchLayout:
+        groups = [
+            list(gm.sqnorm_outputs),
+            [name for pair in gm.range_outputs for name in pair],
+            list(gm.grad_outputs),
+            list(extra_outputs),
+            [name for triple in gm.point_outputs for name in triple],
+        ]
+        bounds = np.cumsum([0, *map(len, groups)]).tolist()
+        cuts = [slice(a, b) for a, b in itertools.pairwise(bounds)]
+        return cls(tuple(n for g in groups for n in g), *cuts)
+
+
+class _Accumulator:
+    """Per-sample rows of every fetched statistic, and the running sums the stop rule reads."""
+
+    def __init__(self, gm: GradientModel, layout: FetchLayout, total: int) -> None:
+        self.gm, self.layout = gm, layout
+        n_act = len(gm.activations)
+        self.per_sample = np.zeros((total, len(gm.tensors)), np.float64)
+        self.lo, self.hi = np.full(n_act, np.inf), np.full(n_act, -np.inf)
+        self.act_lo, self.act_hi = np.zeros((total, n_act)), np.zeros((total, n_act))
+        self.extra = np.zeros((total, layout.extra.stop - layout.extra.start))
+        self.points = np.zeros((total, layout.points.stop - layout.points.start))
+        self.diag: list[np.ndarray] = [np.zeros(0)] * len(gm.grad_outputs)
+        self.done, self.s1, self.s2 = 0, 0.0, 0.0
+
+    def add(self, i: int, values: Sequence[Any], squared: bool) -> None:
+        """Record sample ``i``; ``squared``: the full gradients arrive already squared (enumerated labels)."""
+        lay = self.layout
+        row = np.array(values[lay.sqnorms], dtype=np.float64)
+        if not np.all(np.isfinite(row)):
+            bad = self.gm.tensors[int(np.argmin(np.isfinite(row)))].name
+            raise ModelError(
+                f"expected finite gradients; sample {i} gives a non-finite gradient for {bad!r}",
+                hint="check the sample for extreme values or the model for overflow",
+            )
+        self.per_sample[i] = row
+        if self.gm.activations:
+            ranges = np.array(values[lay.ranges], dtype=np.float64).reshape(-1, 2)
+            np.minimum(self.lo, ranges[:, 0], out=self.lo)
+            np.maximum(self.hi, ranges[:, 1], out=self.hi)
+            self.act_lo[i], self.act_hi[i] = ranges[:, 0], ranges[:, 1]
+        self.extra[i] = np.array(values[lay.extra], dtype=np.float64)
+        self.points[i] = np.array(values[lay.points], dtype=np.float64)
+        for k, grad in enumerate(values[lay.grads]):
+            sq = np.asarray(grad, np.float64) if squared else np.square(np.asarray(grad, np.float64))
+            self.diag[k] = sq if i == 0 else self.diag[k] + sq
+        self.done = i + 1
+        total = row.sum()
+        self.s1 += total
+        self.s2 += total * total
+
+    def converged(self, options: RunOptions) -> bool:
+        """The relative standard error of the total trace is below ``options.tol``."""
+        n = self.done
+        if options.tol is None or n < max(options.min_samples, 2):
+            return False
+        mean = self.s1 / n
+        var = max(self.s2 / n - mean * mean, 0.0) * n / (n - 1)
+        return bool(mean > 0 and np.sqrt(var / n) / mean < options.tol)
+
+    def result(self, act_shapes: Mapping[str, tuple[int, ...]], stop_reason: str, extra_outputs: Sequence[str]):
+        gm, n = self.gm, self.done
+        names = [a.name for a in gm.activations]
+        return FisherTraces(
+            tensors=gm.tensors,
+            per_sample=self.per_sample[:n],
+            act_min=dict(zip(names, self.lo.tolist(), strict=True)),
+            act_max=dict(zip(names, self.hi.tolist(), strict=True)),
+            act_shapes=act_shapes,
+            stop_reason=stop_reason,
+            diag=({t.name: d / n for t, d in zip(gm.tensors, self.diag, strict=True)} if gm.grad_outputs else None),
+            extra=({name: self.extra[:n, k] for k, name in enumerate(extra_outputs)} if extra_outputs else None),
+            points=(
+                _point_traces(gm, self.points[:n], self.act_lo[:n], self.act_hi[:n], self.lo, self.hi)
+                if self.points.shape[1]
+                else None
+            ),
+        )
+
+
 def run(
     gm: GradientModel,
     data: Dataset,
     specs: Mapping[str, InputSpec],
     options: RunOptions,
-    progress: ProgressFn | None = None,
+    progress: Progress | None = None,
     extra_outputs: Sequence[str] = (),
 ) -> FisherTraces:
     """Forward+backward once per sample; stop at ``max_samples``, on ``tol``, or when data ends.
@@ -137,102 +234,81 @@ def run(
     and every per-sample statistic except the activation ranges is Σ_c p_c·(value for label c),
     p_c = exp(−ℓ_c) normalized to sum 1.
     """
+    bar = as_progress(progress)
     session = make_session(gm.model_bytes, options.threads)
     shapes = _Shapes(gm, list(specs), options.threads)
-    head = gm.head
     total = data.num_samples if options.max_samples is None else min(options.max_samples, data.num_samples)
-    n_t = len(gm.tensors)
-    per_sample = np.zeros((total, n_t), np.float64)
-    activations = gm.activations
-    lo = np.full(len(activations), np.inf)
-    hi = np.full(len(activations), -np.inf)
-    fetch = list(gm.sqnorm_outputs) + [name for pair in gm.range_outputs for name in pair] + list(gm.grad_outputs)
-    n_fixed = len(fetch)
-    fetch += list(extra_outputs)
-    n_points = 3 * len(gm.point_outputs)
-    fetch += [name for triple in gm.point_outputs for name in triple]
-    extra = np.zeros((total, len(extra_outputs)), np.float64)
-    points = np.zeros((total, n_points), np.float64)
-    act_lo = np.zeros((total, len(activations)), np.float64)
-    act_hi = np.zeros((total, len(activations)), np.float64)
-    ranges_at = slice(n_t, n_t + 2 * len(activations))
-    grads_at = slice(ranges_at.stop, n_fixed)
-    enumeration: tuple[tuple[int, ...], int] | None = None  # (label shape, classes) for an enumerating head
-    diag = [np.zeros(0)] * len(gm.grad_outputs)
+    layout = FetchLayout.of(gm, extra_outputs)
+    acc = _Accumulator(gm, layout, total)
     rng = np.random.default_rng(options.seed)
-    inputs = list(specs)
-    s1 = s2 = 0.0
-    stop_reason = (
-        "data exhausted" if options.max_samples is None or options.max_samples >= data.num_samples else "max-samples"
-    )
+    stop_reason = "max-samples" if total < data.num_samples else "data exhausted"
     act_shapes: dict[str, tuple[int, ...]] = {}
-    done = 0
+    enumeration: tuple[tuple[int, ...], int] | None = None  # (label shape, classes) for an enumerating head
+    bar.start(total, "Fisher samples")
     for i in range(total):
-        feed = {k: v for k, v in data.sample(i, specs).items() if k in inputs}
+        feed = {k: v for k, v in data.sample(i, specs).items() if k in specs}
         zeros, tap_shape = shapes.get(feed)
         if i == 0:
             act_shapes = {act: z.shape for act, z in zip((a for a, _ in gm.perturbations), zeros.values(), strict=True)}
-            if head.needs_labels:
-                _check_labels(data, data.sample_labels(0, specs), head.target.likelihood, tap_shape, head.perm)
-            if head.enumerate_labels:
-                enumeration = _enumeration(tap_shape, head.perm)
-                if gm.loss_output is None:
-                    raise InternalError("an enumerating head needs the loss as an output")
-        run_feed = {**feed, **zeros}
-        if head.needs_labels:
-            run_feed[LABELS] = data.sample_labels(i, specs)
-        if head.noise is not None:
-            run_feed[NOISE] = draw_noise(head.noise, head.noise_shape(tap_shape), rng)
-        try:
-            values = (
-                session.run(fetch, run_feed)
-                if enumeration is None or gm.loss_output is None
-                else _expected_over_labels(session, fetch, run_feed, enumeration, gm.loss_output, ranges_at, grads_at)
-            )
-        except Exception as exc:
-            raise ModelError(f"onnxruntime failed on sample {i}: {str(exc).splitlines()[0][:300]}") from None
-        row = np.array(values[:n_t], dtype=np.float64)
-        if not np.all(np.isfinite(row)):
-            bad = gm.tensors[int(np.argmin(np.isfinite(row)))].name
-            raise ModelError(
-                f"expected finite gradients; sample {i} gives a non-finite gradient for {bad!r}",
-                hint="check the sample for extreme values or the model for overflow",
-            )
-        per_sample[i] = row
-        if activations:
-            ranges = np.array(values[n_t : n_t + 2 * len(activations)], dtype=np.float64).reshape(-1, 2)
-            np.minimum(lo, ranges[:, 0], out=lo)
-            np.maximum(hi, ranges[:, 1], out=hi)
-            act_lo[i], act_hi[i] = ranges[:, 0], ranges[:, 1]
-        extra[i] = np.array(values[n_fixed : n_fixed + len(extra_outputs)], dtype=np.float64)
-        points[i] = np.array(values[n_fixed + len(extra_outputs) :], dtype=np.float64)
-        for k, grad in enumerate(values[grads_at]):
-            sq = np.square(np.asarray(grad, np.float64)) if enumeration is None else np.asarray(grad, np.float64)
-            diag[k] = sq if i == 0 else diag[k] + sq
-        done = i + 1
-        if progress is not None:
-            progress(1)
-        s = row.sum()
-        s1 += s
-        s2 += s * s
-        if options.tol is not None and done >= max(options.min_samples, 2):
-            mean = s1 / done
-            var = max(s2 / done - mean * mean, 0.0) * done / (done - 1)
-            if mean > 0 and np.sqrt(var / done) / mean < options.tol:
-                stop_reason = "tol"
-                break
-    names = [a.name for a in activations]
-    return FisherTraces(
-        tensors=gm.tensors,
-        per_sample=per_sample[:done],
-        act_min=dict(zip(names, lo.tolist(), strict=True)),
-        act_max=dict(zip(names, hi.tolist(), strict=True)),
-        act_shapes=act_shapes,
-        stop_reason=stop_reason,
-        diag=({t.name: d / done for t, d in zip(gm.tensors, diag, strict=True)} if gm.grad_outputs else None),
-        extra=({name: extra[:done, k] for k, name in enumerate(extra_outputs)} if extra_outputs else None),
-        points=_point_traces(gm, points[:done], act_lo[:done], act_hi[:done], lo, hi) if n_points else None,
-    )
+            enumeration = _first_sample_checks(gm, data, specs, tap_shape)
+        run_feed = {**feed, **zeros, **_head_feeds(gm, data, specs, i, tap_shape, rng)}
+        acc.add(i, _run_one(session, layout, run_feed, enumeration, gm, i), squared=enumeration is not None)
+        bar.advance(1)
+        if acc.converged(options):
+            stop_reason = "tol"
+            break
+    return acc.result(act_shapes, stop_reason, extra_outputs)
+
+
+def _first_sample_checks(
+    gm: GradientModel, data: Dataset, specs: Mapping[str, InputSpec], tap_shape: tuple[int, ...]
+) -> tuple[tuple[int, ...], int] | None:
+    """Check the labels against the output's real shape; the enumeration of an exact-Fisher head."""
+    head = gm.head
+    if head.needs_labels:
+        _check_labels(data, data.sample_labels(0, specs), head.target.likelihood, tap_shape, head.perm)
+    if not head.enumerate_labels:
+        return None
+    if gm.loss_output is None:
+        raise InternalError("an enumerating head needs the loss as an output")
+    return _enumeration(tap_shape, head.perm)
+
+
+def _head_feeds(
+    gm: GradientModel,
+    data: Dataset,
+    specs: Mapping[str, InputSpec],
+    i: int,
+    tap_shape: tuple[int, ...],
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """The loss head's own inputs for sample ``i``: its labels, or the noise an MC head samples from."""
+    head = gm.head
+    feeds: dict[str, np.ndarray] = {}
+    if head.needs_labels:
+        feeds[LABELS] = data.sample_labels(i, specs)
+    if head.noise is not None:
+        feeds[NOISE] = draw_noise(head.noise, head.noise_shape(tap_shape), rng)
+    return feeds
+
+
+def _run_one(
+    session: Any,
+    layout: FetchLayout,
+    feed: dict[str, np.ndarray],
+    enumeration: tuple[tuple[int, ...], int] | None,
+    gm: GradientModel,
+    i: int,
+) -> list[Any]:
+    """One sample's fetched values (expected over the labels for an enumerating head)."""
+    try:
+        if enumeration is None or gm.loss_output is None:
+            return session.run(list(layout.names), feed)
+        return _expected_over_labels(
+            session, list(layout.names), feed, enumeration, gm.loss_output, layout.ranges, layout.grads
+        )
+    except Exception as exc:
+        raise ModelError(f"onnxruntime failed on sample {i}: {str(exc).splitlines()[0][:300]}") from None
 
 
 def _enumeration(tap_shape: tuple[int, ...], perm: tuple[int, ...] | None) -> tuple[tuple[int, ...], int]:

@@ -5,6 +5,7 @@ never mutates its input. ``prepare`` runs them in order and ``verify`` checks th
 the original on real inputs before any gradient is trusted.
 """
 
-from fitonnx.prepare.pipeline import Change, PreparedModel, prepare, verify
+from fitonnx.prepare.pipeline import prepare, verify
+from fitonnx.prepare.types import Change, PreparedModel
 
 __all__ = ["Change", "PreparedModel", "prepare", "verify"]

@@ -10,7 +10,7 @@ import onnx
 from onnx import version_converter
 
 from fitonnx.errors import UnsupportedError
-from fitonnx.prepare.pipeline import Change
+from fitonnx.prepare.types import Change
 
 MIN_OPSET = 13  # SoftmaxCrossEntropyLoss and ReduceSum-with-axes-input forms used by the loss heads
 MAX_OPSET = 21  # the newest opset onnxruntime 1.19 loads

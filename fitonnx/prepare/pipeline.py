@@ -3,65 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
 
 from fitonnx.errors import FitonnxError, ModelError, UnsupportedError
-
-
-@dataclass(frozen=True)
-class Change:
-    """One thing a prepare pass changed (shown by ``fitonnx inspect``).
-
-    ``origins`` maps each tensor the pass created to the tensors of its input model it was made
-    from (first the one it replaces, then any folded into it); the pipeline chains them back to
-    the original model as ``PreparedModel.origins``.
-    """
-
-    kind: str  # "shapes", "opset", "optimizer", "constant", "fold", "rewrite"
-    where: str  # node or tensor name
-    detail: str
-    origins: tuple[tuple[str, tuple[str, ...]], ...] = field(default=(), compare=False)
-
-
-@dataclass(frozen=True)
-class PreparedModel:
-    """The differentiable twin and what was changed to get it.
-
-    ``reference`` is what ``verify`` compares the twin against: the original, or, when this
-    onnxruntime cannot run the original (IR version or opset too new), the original after the
-    opset conversion alone. ``origins`` maps every tensor of ``model`` that is not a tensor of
-    the original under the same name (folded, promoted or renamed weights) to the names in the
-    original it came from, the replaced tensor first.
-    """
-
-    original: onnx.ModelProto
-    model: onnx.ModelProto
-    changes: tuple[Change, ...]
-    reference: onnx.ModelProto | None = None
-    origins: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-
-    def origin_of(self, name: str) -> tuple[str, ...]:
-        """The original tensors a prepared tensor comes from (itself when unchanged)."""
-        return self.origins.get(name, (name,))
-
-
-Pass = Callable[[onnx.ModelProto], tuple[onnx.ModelProto, list[Change]]]
+from fitonnx.model.runtime import make_session
+from fitonnx.prepare.opset import convert_opset, runnable
+from fitonnx.prepare.passes.autopad import explicit_conv_pads
+from fitonnx.prepare.passes.batchnorm import fold_batchnorm
+from fitonnx.prepare.passes.constants import constants_to_initializers
+from fitonnx.prepare.passes.ort_optimizer import ort_basic_optimize
+from fitonnx.prepare.passes.specialize import specialize_if
+from fitonnx.prepare.rewrites import rewrite_ops
+from fitonnx.prepare.shapes import fix_input_shapes, infer_shapes
+from fitonnx.prepare.types import Change, Pass, PreparedModel
 
 
 def default_passes() -> list[Pass]:
     """The passes ``prepare`` runs, in order (see README "Preparing a model")."""
-    from fitonnx.prepare.opset import convert_opset
-    from fitonnx.prepare.passes.autopad import explicit_conv_pads
-    from fitonnx.prepare.passes.batchnorm import fold_batchnorm
-    from fitonnx.prepare.passes.constants import constants_to_initializers
-    from fitonnx.prepare.passes.ort_optimizer import ort_basic_optimize
-    from fitonnx.prepare.rewrites import rewrite_ops
-    from fitonnx.prepare.shapes import infer_shapes
-
     return [
         convert_opset,
         ort_basic_optimize,
@@ -90,11 +51,6 @@ def prepare(
     ``feeds`` (calibration samples) let If nodes be specialized to the branch every sample takes,
     right after opset conversion (see ``specialize``).
     """
-    from fitonnx.prepare.opset import convert_opset
-    from fitonnx.prepare.passes.ort_optimizer import ort_basic_optimize
-    from fitonnx.prepare.passes.specialize import specialize_if
-    from fitonnx.prepare.shapes import fix_input_shapes
-
     check_precision(model)
     steps: list[Pass] = list(passes if passes is not None else default_passes())
     if feeds and any(node.op_type == "If" for node in model.graph.node):
@@ -133,8 +89,6 @@ def check_precision(model: onnx.ModelProto) -> None:
 
 
 def _run(model: onnx.ModelProto, steps: Sequence[Pass]) -> PreparedModel:
-    from fitonnx.prepare.opset import convert_opset, runnable
-
     current = model
     changes: list[Change] = []
     origins: dict[str, tuple[str, ...]] = {}
@@ -180,8 +134,6 @@ def verify(
     """
     if not prepared.changes:
         return
-    from fitonnx.model.runtime import make_session
-
     reference = prepared.reference if prepared.reference is not None else prepared.original
     a = make_session(reference.SerializeToString())
     b = make_session(prepared.model.SerializeToString())

@@ -13,7 +13,7 @@ import onnx
 
 from fitonnx.errors import UnsupportedError
 from fitonnx.model.graph import bodies
-from fitonnx.prepare.pipeline import Change
+from fitonnx.prepare.types import Change
 
 Dim = int | str | None  # a size, a symbolic name, or unknown
 

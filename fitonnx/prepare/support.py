@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import onnx
 from onnx import TensorProto, helper
@@ -22,10 +21,8 @@ from onnx import TensorProto, helper
 from fitonnx.errors import UnsupportedError
 from fitonnx.model.graph import FLOAT_TYPES, body_reads, node_name
 from fitonnx.model.runtime import quiet_stderr
+from fitonnx.prepare.rewrites import REWRITES, RewriteContext, context, explain
 from fitonnx.prepare.shapes import TensorType, tensor_types
-
-if TYPE_CHECKING:
-    from fitonnx.prepare.rewrites import RewriteContext
 
 # Gradient builds, runs on the CPU and matches central differences (probe, opsets 17 and 21).
 GRADIENT_OPS = frozenset(
@@ -102,7 +99,6 @@ def _reason(
     model: onnx.ModelProto, index: int, node: onnx.NodeProto, types: dict[str, TensorType], ctx: RewriteContext
 ) -> str | None:
     """Why ``node`` blocks a gradient, or None if it does not."""
-    from fitonnx.prepare.rewrites import REWRITES, explain
 
     op = node.op_type
     default = node.domain in DEFAULT_DOMAINS
@@ -180,7 +176,6 @@ def find_blockers(
     model: onnx.ModelProto, sources: Sequence[str], targets: Sequence[str] | None = None
 ) -> list[Blocker]:
     """Nodes between ``sources`` and ``targets`` (default: every graph output) with no usable gradient."""
-    from fitonnx.prepare.rewrites import context
 
     ctx = context(model)
     types = ctx.types

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from fitonnx.allocate.knapsack import Allocation, BudgetKind, weight_bytes
-from fitonnx.render.report import write_atomic
+from fitonnx.files.atomic import write_atomic
+from fitonnx.render.plot import pyplot_or_none, save_png
 
 
 def _columns(alloc: Allocation) -> tuple[list[str], np.ndarray, list[int], np.ndarray, np.ndarray]:
@@ -69,7 +70,6 @@ def write_png(alloc: Allocation, path: str | os.PathLike[str]) -> bool:
 
     Returns False, writing nothing, when matplotlib (the optional ``plot`` extra) is not installed.
     """
-    from fitonnx.render.plot import pyplot_or_none, save_png
 
     plt = pyplot_or_none()
     if plt is None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fitonnx.errors import FitonnxError
-from fitonnx.render.report import write_atomic
+from fitonnx.files.atomic import write_atomic
 
 if TYPE_CHECKING:
     from fitonnx.analysis.validate import ValidationReport

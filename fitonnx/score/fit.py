@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -148,15 +149,22 @@ def perturbed_traces(traces: FisherTraces, lo: np.ndarray, hi: np.ndarray, bits:
     return out
 
 
-def score(
+@dataclass(frozen=True)
+class Provenance:
+    """Where a report came from: the model, how its Fisher was estimated, and on which data."""
+
+    model: str
+    fisher: str
+    likelihood: str
+    output: str
+    data_source: str
+
+
+def build_report(
     model: onnx.ModelProto,
     traces: FisherTraces,
+    provenance: Provenance,
     *,
-    model_name: str,
-    fisher: str,
-    likelihood: str,
-    output: str,
-    data_source: str,
     weight_bits: Sequence[int] = DEFAULT_WEIGHT_BITS,
     activation_bits: Sequence[int] = DEFAULT_ACTIVATION_BITS,
     resamples: int = 200,
@@ -211,13 +219,9 @@ def score(
         float(totals_ps.std(ddof=1) / np.sqrt(n) / totals_ps.mean()) if n > 1 and totals_ps.mean() > 0 else float("nan")
     )
     return ScoreReport(
-        model=model_name,
-        fisher=fisher,
-        likelihood=likelihood,
-        output=output,
+        **dataclasses.asdict(provenance),
         samples=n,
         stop_reason=traces.stop_reason,
-        data_source=data_source,
         weight_bits=tuple(weight_bits),
         activation_bits=tuple(activation_bits),
         tensors=tuple(rows[i] for i in order),

@@ -16,7 +16,7 @@ import onnx
 from onnx import helper
 
 from fitonnx.errors import UnsupportedError
-from fitonnx.prepare.pipeline import Change
+from fitonnx.prepare.types import Change
 
 SAME = frozenset({"SAME_UPPER", "SAME_LOWER"})
 

@@ -22,7 +22,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from fitonnx.prepare.pipeline import Change
+from fitonnx.prepare.shapes import tensor_types
+from fitonnx.prepare.types import Change
 
 FOLDABLE = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
@@ -196,7 +197,6 @@ def _unique(name: str, taken: set[str]) -> str:
 
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
-    from fitonnx.prepare.shapes import tensor_types
 
     return {name: len(t.shape) for name, t in tensor_types(model).items() if t.shape is not None}
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import onnx
 
-from fitonnx.prepare.pipeline import Change
+from fitonnx.prepare.types import Change
 
 
 def constants_to_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Change]]:

@@ -27,7 +27,7 @@ import onnx
 
 from fitonnx.errors import UnsupportedError
 from fitonnx.model.graph import FLOAT_TYPES, LAYOUT_OPS
-from fitonnx.prepare.pipeline import Change
+from fitonnx.prepare.types import Change
 
 DISABLED = (
     "ConvBNFusion",

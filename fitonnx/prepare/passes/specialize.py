@@ -18,7 +18,8 @@ import onnx
 from onnx import helper
 
 from fitonnx.errors import UnsupportedError
-from fitonnx.prepare.pipeline import Change
+from fitonnx.model.runtime import make_session
+from fitonnx.prepare.types import Change
 
 MAX_ROUNDS = 16  # nested Ifs are inlined one level per round
 
@@ -52,7 +53,6 @@ def _evaluate(
     model: onnx.ModelProto, names: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]]
 ) -> list[list[np.ndarray]]:
     """The values of ``names`` on every feed (the model with those tensors exposed as outputs)."""
-    from fitonnx.model.runtime import make_session
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)

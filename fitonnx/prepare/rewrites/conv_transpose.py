@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fitonnx.prepare.rewrites import Builder, NoRewrite
+from fitonnx.prepare.rewrites.base import Builder, NoRewrite, rewrite
 
 
 def _ints(b: Builder, name: str, default: list[int]) -> list[int]:
@@ -49,6 +49,7 @@ def _pads(
     return begin + end
 
 
+@rewrite("ConvTranspose")
 def rewrite_conv_transpose(b: Builder) -> str:
     x, w_name = b.input(0), b.input(1)
     w = b.require_constant(w_name, "ConvTranspose's weight")

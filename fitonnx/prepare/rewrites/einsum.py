@@ -12,7 +12,7 @@ from __future__ import annotations
 import string
 from collections.abc import Sequence
 
-from fitonnx.prepare.rewrites import Builder, NoRewrite
+from fitonnx.prepare.rewrites.base import Builder, NoRewrite, rewrite
 
 
 def parse(equation: str, ranks: Sequence[int | None]) -> tuple[list[str], str]:
@@ -89,6 +89,7 @@ def _pair(b: Builder, a: str, la: str, c: str, lc: str, keep: set[str]) -> tuple
     return y, kept
 
 
+@rewrite("Einsum")
 def rewrite_einsum(b: Builder) -> str:
     inputs = [i for i in b.node.input]
     if not all(b.is_float(i) for i in inputs):

@@ -17,7 +17,7 @@ import numpy as np
 
 from fitonnx.errors import InternalError
 from fitonnx.model.graph import PREPARE_WEIGHTS_ONLY
-from fitonnx.prepare.rewrites import Builder, NoRewrite
+from fitonnx.prepare.rewrites.base import Builder, NoRewrite, rewrite
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 DEFAULT_ACTIVATIONS = {"LSTM": ["sigmoid", "tanh", "tanh"], "GRU": ["sigmoid", "tanh"], "RNN": ["tanh"]}
@@ -47,6 +47,7 @@ def _check(b: Builder, op: str, steps: int) -> None:
         raise NoRewrite(f"expected 1 to {MAX_STEPS} time steps to unroll; found {steps}")
 
 
+@rewrite("LSTM", "GRU", "RNN")
 def rewrite_recurrent(b: Builder) -> str:
     op = b.node.op_type
     x = b.input(0)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from fitonnx.prepare.rewrites import Builder, NoRewrite
+from fitonnx.prepare.rewrites.base import Builder, NoRewrite, rewrite
 
 
 def _targets(b: Builder, sizes_in: list[int | None]) -> tuple[list[float] | None, list[int]]:
@@ -91,6 +91,7 @@ def _matrix(b: Builder, n_in: int, n_out: int, scale: float | None) -> np.ndarra
     return y[:, 0, :, 0].T.astype(np.float64)  # column i is the response to e_i
 
 
+@rewrite("Resize", "Upsample")
 def rewrite_resize(b: Builder) -> str:
     x = b.input(0)
     if b.node.op_type != "Resize" or len(b.node.input) < 2:

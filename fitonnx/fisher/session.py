@@ -1,0 +1,144 @@
+"""A model made ready for the Fisher stage, and the per-sample statistics of its gradient model.
+
+This is the pipeline's spine up to the traces: load → data → prepare → verify → quantizable
+tensors (``open_model``), then loss head → gradient model → engine (``fisher_traces``). Every
+command that needs traces (score, recommend, validate, compare) starts here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fitonnx.errors import DataError
+from fitonnx.fisher import engine, instrument, losses
+from fitonnx.fisher.options import FisherOptions
+from fitonnx.model import data as data_mod
+from fitonnx.model import graph
+from fitonnx.model.data import Dataset
+from fitonnx.model.load import LoadedModel
+from fitonnx.model.source import DataSource, ModelSource, load_source, resolve_data
+from fitonnx.prepare import PreparedModel, prepare, verify
+from fitonnx.prepare.support import check_differentiable
+
+VERIFY_SAMPLES = 8
+
+
+@dataclass(frozen=True)
+class Session:
+    """A model made ready for scoring: loaded, prepared, with its quantizable tensors and data."""
+
+    loaded: LoadedModel
+    prepared: PreparedModel
+    specs: dict[str, graph.InputSpec]
+    tensors: tuple[graph.QuantTensor, ...]
+    data: Dataset
+    ranks: dict[str, int]  # rank of every tensor of the prepared model that shape inference knows
+
+
+def open_model(
+    model: ModelSource, data: DataSource = None, *, random_samples: int | None = None, seed: int = 0
+) -> Session:
+    """Load, check the data against the model, prepare and verify the differentiable twin
+    (an already open ``Session`` is returned as it is)."""
+    if isinstance(model, Session):
+        return model
+    loaded = load_source(model)
+    specs = graph.input_specs(loaded.proto)
+    dataset = resolve_data(loaded, data, random_samples, seed)
+    data_mod.check_against(dataset, specs)
+    first = {name: value.shape for name, value in dataset.sample(0, specs).items() if name in specs}
+    feeds = [dataset.sample(i, specs) for i in range(dataset.num_samples)]
+    prepared = prepare(loaded.proto, input_shapes=first, feeds=feeds)
+    verify(prepared, [dataset.sample(i, specs) for i in range(min(VERIFY_SAMPLES, dataset.num_samples))])
+    types = graph.value_types(prepared.model)  # one shape inference serves both lookups
+    tensors = tuple(graph.find_quantizable(prepared.model, types))
+    return Session(
+        loaded=loaded,
+        prepared=prepared,
+        specs=specs,
+        tensors=tensors,
+        data=dataset,
+        ranks=graph.output_ranks(prepared.model, types),
+    )
+
+
+# Prepare changes that alter what is scored (other changes keep every tensor and its meaning).
+NOTE_KINDS = frozenset({"specialize"})
+
+
+def prepare_notes(prepared: PreparedModel) -> tuple[str, ...]:
+    """The prepare changes a score report must mention: a specialized If (its other branch is not scored)."""
+    return tuple(f"{c.where}: {c.detail}" for c in prepared.changes if c.kind in NOTE_KINDS)
+
+
+def fisher_traces(
+    s: Session,
+    options: FisherOptions | None = None,
+    *,
+    progress: engine.ProgressFn | None = None,
+    keep_gradients: bool = False,
+    threads: int = 0,
+    exact_points: bool = False,
+) -> tuple[engine.FisherTraces, losses.OutputTarget, losses.FisherMode]:
+    """The engine's raw per-sample statistics (for callers that need more than the report)."""
+    opts = options or FisherOptions()
+    gm, target, mode = gradient_model(
+        s, opts, keep_gradients=keep_gradients, threads=threads, exact_points=exact_points
+    )
+    traces = engine.run(gm, s.data, s.specs, opts.run_options(threads), progress)
+    return traces, target, mode
+
+
+def gradient_model(
+    s: Session,
+    options: FisherOptions | None = None,
+    *,
+    keep_gradients: bool = False,
+    threads: int = 0,
+    exact_points: bool = False,
+) -> tuple[instrument.GradientModel, losses.OutputTarget, losses.FisherMode]:
+    """The gradient model ``fisher_traces`` runs, for callers that add per-sample outputs of their own
+    (``options``: only the mode and the output matter here, not the sample budget).
+
+    ``exact_points`` adds the statistics of the grid noise model (``noise.NoiseModel.GRID``)."""
+    opts = options or FisherOptions()
+    mode = opts.fisher if opts.fisher is not None else losses.default_mode(s.data.labels)
+    labels = s.data.labels if mode is losses.FisherMode.EMPIRICAL else None
+    if mode is losses.FisherMode.EMPIRICAL and s.data.labels is None:
+        raise DataError(
+            f"expected 'labels' in {s.data.source} for --fisher empirical; found none", hint="use --fisher mc"
+        )
+    ranks = s.ranks
+    target = losses.resolve_output(
+        s.prepared.model, ranks, opts.output, opts.likelihood, s.data.labels, opts.class_axis
+    )
+    labels_dtype = np.dtype(np.int64) if mode is losses.FisherMode.EXACT else None if labels is None else labels.dtype
+    # Name any op without a usable gradient before onnxruntime's builder fails on it in C++.
+    check_differentiable(s.prepared.model, [t.name for t in s.tensors], [target.tap])
+    activations = [t for t in s.tensors if t.kind is graph.Kind.ACTIVATION]
+    probe, names = instrument.build_probe(s.prepared.model, activations, target.tap)
+    feed = s.data.sample(0, s.specs)
+    values = engine.probe_values(probe, names, feed, threads)
+    shapes = {name: value.shape for name, value in values.items()}
+    target = losses.check_probabilities(target, values[target.tap])
+    head = losses.build_head(target, mode, labels_dtype)
+    gm = instrument.build_gradient_model(
+        s.prepared.model,
+        s.tensors,
+        head,
+        labels_dtype,
+        ranks={name: len(shape) for name, shape in shapes.items()},
+        keep_gradients=keep_gradients,
+        exact_points=exact_points,
+        # Every sample has these shapes; pooling gradients need them concrete (see instrument).
+        shapes={**shapes, **{name: value.shape for name, value in feed.items() if name in s.specs}},
+    )
+    return gm, target, mode
+
+
+def inspect_tensors(model: ModelSource) -> tuple[graph.QuantTensor, ...]:
+    """The quantizable tensors of the prepared model (no data needed)."""
+    loaded = load_source(model)
+    return tuple(graph.find_quantizable(prepare(loaded.proto).model))

@@ -1,0 +1,48 @@
+"""What the prepare stage hands on: the prepared twin, the changes its passes made, the pass type."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import onnx
+
+
+@dataclass(frozen=True)
+class Change:
+    """One thing a prepare pass changed (shown by ``fitonnx inspect``).
+
+    ``origins`` maps each tensor the pass created to the tensors of its input model it was made
+    from (first the one it replaces, then any folded into it); the pipeline chains them back to
+    the original model as ``PreparedModel.origins``.
+    """
+
+    kind: str  # "shapes", "opset", "optimizer", "constant", "fold", "rewrite"
+    where: str  # node or tensor name
+    detail: str
+    origins: tuple[tuple[str, tuple[str, ...]], ...] = field(default=(), compare=False)
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """The differentiable twin and what was changed to get it.
+
+    ``reference`` is what ``verify`` compares the twin against: the original, or, when this
+    onnxruntime cannot run the original (IR version or opset too new), the original after the
+    opset conversion alone. ``origins`` maps every tensor of ``model`` that is not a tensor of
+    the original under the same name (folded, promoted or renamed weights) to the names in the
+    original it came from, the replaced tensor first.
+    """
+
+    original: onnx.ModelProto
+    model: onnx.ModelProto
+    changes: tuple[Change, ...]
+    reference: onnx.ModelProto | None = None
+    origins: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def origin_of(self, name: str) -> tuple[str, ...]:
+        """The original tensors a prepared tensor comes from (itself when unchanged)."""
+        return self.origins.get(name, (name,))
+
+
+Pass = Callable[[onnx.ModelProto], tuple[onnx.ModelProto, list[Change]]]
