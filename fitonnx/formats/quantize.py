@@ -134,7 +134,8 @@ def encode(x: np.ndarray, fmt: Format, axis: int | None, params: QParams) -> np.
     x = np.asarray(x, np.float32)
     _check_params(fmt, params, x.shape, axis)
     if fmt.scale is ScaleType.NONE:
-        return x.astype(fmt.dtype)
+        with np.errstate(over="ignore"):  # beyond the largest finite value Cast gives ±inf, so does numpy
+            return x.astype(fmt.dtype)
     gshape = groups.group_shape(fmt, x.shape, axis)
     scale = groups.expand(fmt, np.asarray(params.scale, np.float32).reshape(gshape), x.shape, axis)
     with np.errstate(over="ignore"):
