@@ -44,7 +44,7 @@ def _float_noise(fmt: Format, v: np.ndarray) -> np.ndarray:
     top, mant, emin = float(info.max), int(info.nmant), int(info.minexp)
     a = np.abs(v)
     _, e = np.frexp(a)
-    binade = np.maximum(e.astype(np.int64) - 1, emin)
+    binade = np.where(a == 0, emin, np.maximum(e.astype(np.int64) - 1, emin))  # frexp(0) has exponent 0
     spacing = np.ldexp(1.0, (binade - mant).astype(np.int32))
     power = spacing**2 / 12.0
     over = a > top
