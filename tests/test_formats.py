@@ -382,3 +382,23 @@ def test_two_level_scales_are_written_as_their_stored_types() -> None:
     mx = F.weight_qdq(F.get_format("mxfp8/32"), "w", w, 1)
     assert {t.name: t.data_type for t in mx.initializers}["w_scale_e8m0"] == TensorProto.FLOAT8E8M0
     assert [n.op_type for n in mx.nodes] == ["Cast", "DequantizeLinear"]
+
+
+def test_nan_and_infinite_ranges_fail() -> None:
+    with pytest.raises(FitonnxError, match="NaN"):
+        F.quantize_dequantize(
+            np.array([1.0, np.nan], np.float32),
+            F.get_format("int8"),
+            None,
+            F.params_from_range(F.get_format("int8"), -1, 1),
+        )
+    with pytest.raises(FitonnxError, match="finite range"):
+        F.quantize_dequantize(np.array([1.0, np.inf], np.float32), F.get_format("fp8e4m3"), None)
+
+
+def test_ties_round_to_even() -> None:
+    fmt = F.get_format("int8")
+    params = F.params_from_range(fmt, -31.75, 31.75)  # scale 31.75 / 127 = 0.25 exactly
+    x = np.array([0.125, 0.375, -0.375, 0.625, -0.125, 40.0, -40.0], np.float32)
+    y = F.quantize_dequantize(x, fmt, None, params)
+    assert y.tolist() == [0.0, 0.5, -0.5, 0.5, 0.0, 31.75, -32.0]  # saturates to the int8 range −128…127

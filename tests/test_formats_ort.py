@@ -114,7 +114,11 @@ def require_ort(fmt: F.Format) -> None:
         pytest.skip(f"onnxruntime lacks a kernel: {e}")
 
 
-AXES = [pytest.param(name, axis, id=f"{name}@{axis}") for name in sorted(F.FORMATS) for axis in (0, 1)]
+AXES = [
+    pytest.param(name, axis, id=f"{name}@{axis}")
+    for name in sorted(F.FORMATS)
+    for axis in ((0, 1) if F.FORMATS[name].granularity is not F.Granularity.TENSOR else (0,))
+]
 
 
 def axis_for(fmt: F.Format, axis: int) -> int | None:
@@ -171,12 +175,27 @@ def test_two_level_formats_match_onnx_reference(name: str) -> None:
         got = ReferenceEvaluator(activation_model(fmt, params, 1)).run(None, {"x": x})[0]
     except Exception as e:  # the reference evaluator of the installed onnx may lack the type
         pytest.skip(f"onnx {onnx.__version__} reference evaluator cannot run {name}: {type(e).__name__}: {e}")
-    want = F.quantize_dequantize(x, fmt, 1, params)
-    # onnx's reference float4 cast returns +0 for −0 (e2m1 has a signed zero; ml_dtypes keeps it):
-    # compare values there, bit patterns everywhere else.
+    same_up_to_zero_sign(got, F.quantize_dequantize(x, fmt, 1, params))
+    w = nasty(SHAPE, seed=4)
+    same_up_to_zero_sign(ReferenceEvaluator(weight_model(fmt, w, 1)).run(None, {})[0], F.quantize_dequantize(w, fmt, 1))
+
+
+def same_up_to_zero_sign(got: np.ndarray, want: np.ndarray) -> None:
+    """onnx's reference float4 cast returns +0 for −0 (e2m1 has a signed zero; ml_dtypes keeps it):
+    compare values at zeros, bit patterns everywhere else."""
     zero = want == 0
     assert np.array_equal(bits_of(got)[~zero], bits_of(want)[~zero])
     assert np.all(got[zero] == 0)
+
+
+def test_float4_cast_matches_onnx_reference() -> None:
+    """onnxruntime has no float4 Cast: onnx's reference evaluator judges the ml_dtypes cast instead."""
+    x = with_extremes(nasty(SHAPE, seed=6), seed=6)
+    to = [helper.make_node("Cast", ["x"], ["c"], to=TensorProto.FLOAT4E2M1, saturate=1)]
+    back = [helper.make_node("Cast", ["c"], ["y"], to=TensorProto.FLOAT)]
+    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(SHAPE))
+    got = ReferenceEvaluator(model(to + back, [], [inp], "y", 23, SHAPE)).run(None, {"x": x})[0]
+    same_up_to_zero_sign(got, saturated_cast(x, ml_dtypes.float4_e2m1fn))
 
 
 CASTS = [
@@ -237,3 +256,20 @@ def test_block_scale_layout_is_onnx_blocked() -> None:
     scale = next(t for t in pieces.initializers if t.name == "w_scale")
     assert tuple(scale.dims) == (6, 3)
     assert groups.group_shape(fmt, SHAPE, 1) == (6, 3)
+
+
+@pytest.mark.parametrize("name", ["int8", "uint8", "int4/b32", "int16/ch", "uint4/ch"])
+def test_exact_ties_round_half_to_even_like_onnxruntime(name: str) -> None:
+    """Values exactly halfway between levels (scales that are powers of two make them exact)."""
+    fmt = F.get_format(name)
+    require_ort(fmt)
+    ax = axis_for(fmt, 1)
+    levels = 2 ** (fmt.bits - 1) - 1 if not fmt.asymmetric else 2**fmt.bits - 1
+    params = F.params_from_range(fmt, np.float32(-0.25 * levels) if not fmt.asymmetric else 0.0, 0.25 * levels)
+    shape = F.group_shape(fmt, SHAPE, ax)
+    params = F.QParams(np.broadcast_to(params.scale, shape).copy(), np.broadcast_to(params.zero_point, shape).copy())
+    assert np.all(params.scale == 0.25)
+    k = np.random.default_rng(8).integers(-20, 20, size=SHAPE)
+    x = ((k + 0.5) * 0.25).astype(np.float32)
+    got = session(activation_model(fmt, params, ax)).run(None, {"x": x})[0]
+    assert np.array_equal(bits_of(got), bits_of(F.quantize_dequantize(x, fmt, ax, params)))

@@ -15,7 +15,9 @@ Scales per group (``groups.group_shape``):
   e4m3(max_block|x| / 6 / s); the effective scale is e4m3 · s (NVIDIA ModelOpt's two-level recipe).
 An all-zero group gets scale 1 (any scale maps it to itself); an NVFP4 block scale that rounds to 0
 in e4m3 becomes e4m3's smallest subnormal so that no division by zero reaches the kernel.
-Inputs must be finite (NaN-free); the result is float32.
+Inputs must be NaN-free and ranges finite; the result is float32. Beyond the range values saturate
+as the ONNX spec says, however far: onnxruntime 1.19.2's blocked and int4 kernels instead wrap around
+where |x/scale| ≥ 2^31 (1.32.0 saturates).
 """
 
 from __future__ import annotations
@@ -103,6 +105,8 @@ def params_from_range(fmt: Format, lo: np.ndarray | float, hi: np.ndarray | floa
     """Parameters for groups spanning [lo, hi] (arrays in the group shape, or scalars per tensor),
     e.g. an activation's calibrated range; values outside saturate as the format defines."""
     lo64, hi64 = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    if not (np.all(np.isfinite(lo64)) and np.all(np.isfinite(hi64))):
+        raise FitonnxError(f"{fmt.name}: expected a finite range to scale from; found non-finite values")
     if fmt.is_int:
         return _int_params(fmt, lo64, hi64)
     amax = np.maximum(np.abs(lo64), np.abs(hi64))
@@ -133,6 +137,8 @@ def encode(x: np.ndarray, fmt: Format, axis: int | None, params: QParams) -> np.
     """QuantizeLinear: the stored codes (int64 levels for integers, the element dtype for floats)."""
     x = np.asarray(x, np.float32)
     _check_params(fmt, params, x.shape, axis)
+    if np.isnan(x).any():
+        raise FitonnxError(f"{fmt.name}: cannot quantize NaN (a tensor of shape {x.shape} holds some)")
     if fmt.scale is ScaleType.NONE:
         with np.errstate(over="ignore"):  # beyond the largest finite value Cast gives ±inf, so does numpy
             return x.astype(fmt.dtype)
