@@ -402,3 +402,17 @@ def test_ties_round_to_even() -> None:
     x = np.array([0.125, 0.375, -0.375, 0.625, -0.125, 40.0, -40.0], np.float32)
     y = F.quantize_dequantize(x, fmt, None, params)
     assert y.tolist() == [0.0, 0.5, -0.5, 0.5, 0.0, 31.75, -32.0]  # saturates to the int8 range −128…127
+
+
+def test_the_package_imports_only_numpy_ml_dtypes_onnx_and_the_error_roots() -> None:
+    import ast
+    from pathlib import Path
+
+    allowed = {"__future__", "dataclasses", "enum", "math", "re", "numpy", "ml_dtypes", "onnx", "fitonnx.errors"}
+    for path in Path(F.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                ok = name.startswith("fitonnx.formats") or any(name == a or name.startswith(a + ".") for a in allowed)
+                assert ok, f"{path.name} imports {name}"
