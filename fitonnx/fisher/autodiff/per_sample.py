@@ -1,0 +1,3 @@
+"""Per-sample squared weight-gradient norms from one batched backward pass (filled in below)."""
+
+from __future__ import annotations
