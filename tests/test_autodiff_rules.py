@@ -377,6 +377,30 @@ CASES: dict[str, Callable[[], Case]] = {
     ),
 }
 
+LABELS = np.array([[1, 0, 3], [2, 2, 0]], np.int64)  # [N=2, d=3], classes C=4
+
+
+def sce(reduction: str, log_prob: bool = False, weights: bool = False, ignore: int | None = None) -> Case:
+    """SoftmaxCrossEntropyLoss on scores [2, 4, 3]; labels are a constant (no gradient)."""
+    inputs = ["x", "lab", "w"] if weights else ["x", "lab"]
+    outputs = ["y", "lp"] if log_prob else ["y"]
+    kw = {} if ignore is None else {"ignore_index": ignore}
+    node = n("SoftmaxCrossEntropyLoss", inputs, outputs, reduction=reduction, **kw)
+    inits = {"lab": LABELS, **({"w": np.array([0.5, 1.0, 2.0, 0.3])} if weights else {})}
+    return Case([node], {"x": r(2, 4, 3)}, ["x"], outputs, inits)
+
+
+CASES |= {
+    "SoftmaxCrossEntropyLoss-sum": lambda: sce("sum"),
+    "SoftmaxCrossEntropyLoss-mean": lambda: sce("mean"),
+    "SoftmaxCrossEntropyLoss-none": lambda: sce("none"),
+    "SoftmaxCrossEntropyLoss-log-prob-used": lambda: sce("sum", log_prob=True),
+    "SoftmaxCrossEntropyLoss-weights-mean": lambda: sce("mean", weights=True),
+    "SoftmaxCrossEntropyLoss-weights-none": lambda: sce("none", weights=True),
+    "SoftmaxCrossEntropyLoss-ignore-index-mean": lambda: sce("mean", ignore=2),
+    "SoftmaxCrossEntropyLoss-ignore-index-weights-sum": lambda: sce("sum", weights=True, ignore=0),
+}
+
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_rule_matches_finite_differences(name: str) -> None:

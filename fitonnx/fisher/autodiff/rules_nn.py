@@ -215,7 +215,7 @@ def softmax_cross_entropy(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
     p = b.op("Exp", log_prob)
     parts = []
     if g[0] is not None:
-        parts.append(b.op("Mul", b.op("Sub", p, _one_hot(b, node, p)), _loss_coefficient(b, node, g[0])))
+        parts.append(b.op("Mul", b.op("Sub", p, _one_hot(b, node, scores)), _loss_coefficient(b, node, g[0])))
     if len(g) > 1 and g[1] is not None:
         total = b.reduce("ReduceSum", g[1], [1], keepdims=1)
         parts.append(b.op("Sub", g[1], b.op("Mul", p, total)))
