@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from fitonnx.fisher.autodiff import rules_elementwise, rules_nn, rules_shape  # noqa: F401  (they register)
 from fitonnx.fisher.autodiff.engine import build_gradient_graph, find_unsupported, gradients
+from fitonnx.fisher.autodiff.per_sample import per_sample_sqnorms
 from fitonnx.fisher.autodiff.registry import supported_ops
 
-__all__ = ["build_gradient_graph", "find_unsupported", "gradients", "supported_ops"]
+__all__ = ["build_gradient_graph", "find_unsupported", "gradients", "per_sample_sqnorms", "supported_ops"]

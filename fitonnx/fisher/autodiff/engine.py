@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from fitonnx.errors import UnsupportedError
 from fitonnx.fisher.autodiff.builder import Builder, TensorInfo, describe
@@ -155,13 +154,13 @@ def build_gradient_graph(model: onnx.ModelProto, loss: str, wrt: Sequence[str]) 
         info = b.types.get(name)
         shape = None if info is None or info.shape is None else list(info.shape)
         g.output.append(helper.make_tensor_value_info(f"{name}_grad", b.dtype(name), shape))
-    nodes, inits = _prune(b.nodes, b.inits, {o.name for o in g.output})
+    nodes, inits = prune(b.nodes, b.inits, {o.name for o in g.output})
     g.node.extend(nodes)
     g.initializer.extend(inits)
     return work
 
 
-def _prune(
+def prune(
     nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], outputs: set[str]
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """The backward nodes (and constants) that some graph output depends on."""
@@ -172,11 +171,3 @@ def _prune(
             kept.append(node)
             live |= set(node.input)
     return kept[::-1], [t for t in inits if t.name in live]
-
-
-def constant_array(model: onnx.ModelProto, name: str) -> np.ndarray | None:
-    """The value of an initializer or Constant output ``name``, else None."""
-    for init in model.graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init)
-    return None
