@@ -22,7 +22,7 @@ def r(*shape: int, seed: int = 0) -> np.ndarray:
 
 
 def r32(*shape: int, seed: int = 0) -> np.ndarray:
-    """Float32 where onnxruntime has no double kernel (Softplus; MatMul after 1.19's fusion)."""
+    """Float32 where onnxruntime has no double kernel (Selu; MatMul after 1.19's fusion)."""
     return r(*shape, seed=seed).astype(np.float32)
 
 
@@ -32,21 +32,21 @@ def test_every_prepare_gradient_op_has_a_rule() -> None:
 
 
 def test_op_without_rule_is_named_before_any_session(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = make_model([n("Softplus", ["x"], ["h"], name="soft"), n("Relu", ["h"], ["y"])], {"x": r32(2, 3)}, ["y"])
+    model = make_model([n("Selu", ["x"], ["h"], name="selu"), n("Relu", ["h"], ["y"])], {"x": r32(2, 3)}, ["y"])
 
     def no_session(*args: object, **kwargs: object) -> None:
         raise AssertionError("a session was created")
 
     monkeypatch.setattr(ort, "InferenceSession", no_session)
-    with pytest.raises(UnsupportedError, match=r"Softplus \(node 'soft'\)") as info:
+    with pytest.raises(UnsupportedError, match=r"Selu \(node 'selu'\)") as info:
         build_gradient_graph(model, "loss", ["x"])
     assert "\n" not in str(info.value)
 
 
 def test_op_without_rule_off_the_path_is_fine() -> None:
-    """Softplus feeds only an output the loss does not read; ArgMax (integer) needs no rule either."""
+    """Selu feeds only an output the loss does not read; ArgMax (integer) needs no rule either."""
     nodes = [
-        n("Softplus", ["x"], ["unused"]),
+        n("Selu", ["x"], ["unused"]),
         n("ArgMax", ["x"], ["am"], axis=1, keepdims=0),
         n("Gather", ["x", "am"], ["y"], axis=1),
     ]

@@ -391,6 +391,51 @@ def sce(reduction: str, log_prob: bool = False, weights: bool = False, ignore: i
 
 
 CASES |= {
+    "Gather-axis0-embedding": lambda: Case(
+        [n("Gather", ["x", "i"], ["y"], axis=0)],
+        {"x": r(5, 3)},
+        ["x"],
+        inits={"i": np.array([[1, -1], [4, 1]], np.int64)},
+    ),
+    "Dropout": lambda: Case(
+        [n("Dropout", ["x", "p"], ["y"])], {"x": r(2, 3)}, ["x"], opset=13, inits={"p": np.array(0.3)}
+    ),
+    "Floor-no-gradient": lambda: Case(
+        [n("Floor", ["x"], ["f"]), n("Add", ["f", "x"], ["y"])], {"x": grid(2, 3) + 0.01}, ["x"]
+    ),
+    "Softplus": lambda: f32(unary("Softplus", r(2, 3, dtype=F32))),
+    "Softsign": lambda: f32(unary("Softsign", r(2, 3, dtype=F32))),
+    "Elu": lambda: f32(unary("Elu", grid(3, 4, dtype=F32), alpha=0.7)),
+    "ThresholdedRelu": lambda: f32(unary("ThresholdedRelu", grid(3, 4, dtype=F32) * 10, alpha=0.33)),
+    "HardSigmoid": lambda: f32(unary("HardSigmoid", grid(3, 4, dtype=F32) * 10 + 0.03, alpha=0.3)),
+    "HardSwish": lambda: f32(unary("HardSwish", grid(3, 5, dtype=F32) * 10 + 0.03, opset=14)),
+    "PRelu": lambda: f32(
+        Case(
+            [n("PRelu", ["x", "s"], ["y"])],
+            {"x": grid(2, 3, 2, dtype=F32)},
+            ["x", "s"],
+            inits={"s": r(3, 1, dtype=F32)},
+        )
+    ),
+    "Mean": lambda: f32(
+        Case([n("Mean", ["a", "c"], ["y"])], {"a": r(2, 3, dtype=F32), "c": r(3, dtype=F32)}, ["a", "c"]), linear=True
+    ),
+    "ReduceMax": lambda: unary("ReduceMax", grid(2, 3, 4), axes=[1], keepdims=0),
+    "ReduceMin-input-axes": lambda: Case(
+        [n("ReduceMin", ["x", "ax"], ["y"], keepdims=1)],
+        {"x": grid(2, 3, 4)},
+        ["x"],
+        opset=18,
+        inits={"ax": np.array([0, 2], np.int64)},
+    ),
+    "BatchNormalization": lambda: f32(
+        Case(
+            [n("BatchNormalization", ["x", "s", "b", "mu", "var"], ["y"], epsilon=1e-2)],
+            {"x": r(2, 3, 4, 2, dtype=F32)},
+            ["x", "s", "b", "mu", "var"],
+            inits={"s": r(3, dtype=F32), "b": r(3, dtype=F32), "mu": r(3, dtype=F32), "var": r(3, dtype=F32, low=0.5)},
+        )
+    ),
     "SoftmaxCrossEntropyLoss-sum": lambda: sce("sum"),
     "SoftmaxCrossEntropyLoss-mean": lambda: sce("mean"),
     "SoftmaxCrossEntropyLoss-none": lambda: sce("none"),

@@ -87,12 +87,15 @@ def _path(
     return on_path[::-1], reached & needed
 
 
-def find_unsupported(model: onnx.ModelProto, loss: str, wrt: Sequence[str]) -> list[str]:
-    """``describe`` of each node between ``wrt`` and ``loss`` that has no VJP rule."""
-    work = _lifted_copy(model)
-    nodes, _ = _path(work.graph.node, wrt, loss, infer_types(work))
+def _missing(nodes: Sequence[onnx.NodeProto]) -> list[str]:
     ops = supported_ops()
     return [describe(n) for n in nodes if n.domain not in DEFAULT_DOMAINS or n.op_type not in ops]
+
+
+def find_unsupported(model: onnx.ModelProto, loss: str, wrt: Sequence[str]) -> list[str]:
+    """``describe`` of each node between ``wrt`` and ``loss`` that has no VJP rule (no session needed)."""
+    work = _lifted_copy(model)
+    return _missing(_path(work.graph.node, wrt, loss, infer_types(work))[0])
 
 
 def _accumulate(b: Builder, parts: list[str] | None) -> str | None:
@@ -102,8 +105,7 @@ def _accumulate(b: Builder, parts: list[str] | None) -> str | None:
 
 
 def _check(nodes: Sequence[onnx.NodeProto]) -> None:
-    ops = supported_ops()
-    missing = [describe(n) for n in nodes if n.domain not in DEFAULT_DOMAINS or n.op_type not in ops]
+    missing = _missing(nodes)
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise UnsupportedError(

@@ -39,6 +39,71 @@ def leaky_relu(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
     return [b.op("Where", b.op("Greater", x, b.scalar(0, x)), g[0], slope)]
 
 
+@rule("Sign", "Floor", "Ceil", "Round")
+def piecewise_constant(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
+    return [None]  # zero almost everywhere: the input gets no contribution
+
+
+@rule("Dropout")
+def dropout(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
+    """Inference-mode Dropout is the identity; a training_mode input is refused."""
+    if len(node.input) > 2 and node.input[2]:
+        raise UnsupportedError(f"expected Dropout without a training_mode input at {describe(node)}")
+    return [g[0]]
+
+
+@rule("Softplus")
+def softplus(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
+    return [b.op("Mul", g[0], b.op("Sigmoid", node.input[0]))]
+
+
+@rule("Softsign")
+def softsign(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
+    x = node.input[0]
+    denom = b.op("Add", b.scalar(1, x), b.op("Abs", x))
+    return [b.op("Div", g[0], b.op("Mul", denom, denom))]
+
+
+@rule("Elu")
+def elu(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
+    x, y = node.input[0], node.output[0]
+    negative = b.op("Mul", g[0], b.op("Add", y, b.scalar(float(attr(node, "alpha", 1.0)), x)))
+    return [b.op("Where", b.op("Greater", x, b.scalar(0, x)), g[0], negative)]
+
+
+@rule("ThresholdedRelu")
+def thresholded_relu(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
+    x = node.input[0]
+    return [b.op("Where", b.op("Greater", x, b.scalar(float(attr(node, "alpha", 1.0)), x)), g[0], b.scalar(0, x))]
+
+
+@rule("HardSigmoid")
+def hard_sigmoid(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
+    x, y = node.input[0], node.output[0]
+    inside = b.op("And", b.op("Greater", y, b.scalar(0, x)), b.op("Less", y, b.scalar(1, x)))
+    slope = b.op("Mul", g[0], b.scalar(float(attr(node, "alpha", 0.2)), x))
+    return [b.op("Where", inside, slope, b.scalar(0, x))]
+
+
+@rule("HardSwish")
+def hard_swish(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
+    """y = x·clip(x/6 + 1/2, 0, 1): slope x/3 + 1/2 on (−3, 3), 1 above, 0 below."""
+    x = node.input[0]
+    middle = b.op("Add", b.op("Mul", x, b.scalar(1 / 3, x)), b.scalar(0.5, x))
+    low = b.op("Where", b.op("Less", x, b.scalar(-3, x)), b.scalar(0, x), middle)
+    return [b.op("Mul", g[0], b.op("Where", b.op("Greater", x, b.scalar(3, x)), b.scalar(1, x), low))]
+
+
+@rule("PRelu")
+def prelu(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
+    x, slope, y = node.input[0], node.input[1], node.output[0]
+    positive = b.op("Greater", x, b.scalar(0, x))
+    zero = b.scalar(0, x)
+    dx = b.op("Where", positive, g[0], b.op("Mul", g[0], slope))
+    dslope = b.op("Where", positive, zero, b.op("Mul", g[0], x))
+    return [b.unbroadcast(dx, x, y), b.unbroadcast(dslope, slope, y)]
+
+
 @rule("Exp")
 def exp(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
     return [b.op("Mul", g[0], node.output[0])]
@@ -140,6 +205,13 @@ def sum_(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
     return add(b, node, g)
 
 
+@rule("Mean")
+def mean(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
+    y = node.output[0]
+    share = b.op("Div", g[0], b.scalar(len(node.input), y))
+    return [b.unbroadcast(share, x, y) for x in node.input]
+
+
 @rule("Sub")
 def sub(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
     a, c, y = node.input[0], node.input[1], node.output[0]
@@ -196,7 +268,6 @@ def where(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
 
 @rule("Softmax")
 def softmax(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
-    _check_axis_opset(b, node)
     y, axis = node.output[0], int(attr(node, "axis", -1))
     inner = b.reduce("ReduceSum", b.op("Mul", g[0], y), [axis], keepdims=1)
     return [b.op("Mul", y, b.op("Sub", g[0], inner))]
@@ -204,12 +275,6 @@ def softmax(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
 
 @rule("LogSoftmax")
 def log_softmax(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
-    _check_axis_opset(b, node)
     y, axis = node.output[0], int(attr(node, "axis", -1))
     total = b.reduce("ReduceSum", g[0], [axis], keepdims=1)
     return [b.op("Sub", g[0], b.op("Mul", b.op("Exp", y), total))]
-
-
-def _check_axis_opset(b: Builder, node: onnx.NodeProto) -> None:
-    if b.opset < 13:  # the engine lifts models to 13, where Softmax is over one axis
-        raise UnsupportedError(f"expected opset ≥ 13 for {describe(node)}; found {b.opset}")

@@ -184,6 +184,24 @@ def global_average_pool(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
     return [b.op("Div", b.op("Expand", g[0], b.shape(x)), b.count_ratio(x, y, x))]
 
 
+@rule("BatchNormalization")
+def batch_norm(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
+    """Inference form y = (x − μ)·s·r + B with r = 1/√(σ² + ε) per channel (axis 1)."""
+    if int(attr(node, "training_mode", 0)) or any(gi is not None for gi in g[1:]):
+        raise UnsupportedError(f"expected an inference-mode BatchNormalization at {describe(node)}")
+    x, scale, _, mu, var = node.input[:5]
+    rank = b.rank(x, node)
+    axes = [0, *range(2, rank)]
+    per_channel = lambda t: b.unsqueeze(t, axes)  # noqa: E731  [C] → [1, C, 1, ...]
+    total = lambda t: b.reduce("ReduceSum", t, axes, keepdims=0)  # noqa: E731
+    r = b.op("Reciprocal", b.op("Sqrt", b.op("Add", var, b.scalar(float(attr(node, "epsilon", 1e-5)), x))))
+    sr = b.op("Mul", scale, r)
+    centered = b.op("Sub", x, per_channel(mu))
+    d_scale = total(b.op("Mul", b.op("Mul", g[0], centered), per_channel(r)))
+    d_var = b.op("Mul", b.op("Mul", d_scale, scale), b.op("Mul", b.scalar(-0.5, x), b.op("Mul", r, r)))
+    return [b.op("Mul", g[0], per_channel(sr)), d_scale, total(g[0]), b.op("Neg", b.op("Mul", total(g[0]), sr)), d_var]
+
+
 @rule("LayerNormalization")
 def layer_norm(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
     """x̂ = (x − μ)·r with r = 1/√(σ² + ε) over axes [axis, rank): dx = r·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂))."""

@@ -8,6 +8,7 @@ output gradient is summed into those positions (duplicates add up).
 from __future__ import annotations
 
 import onnx
+from onnx import TensorProto
 
 from fitonnx.errors import UnsupportedError
 from fitonnx.fisher.autodiff.builder import Builder, attr, describe
@@ -40,7 +41,19 @@ def trilu(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
     return [b.replay(node, [g[0], *node.input[1:]])[0]]
 
 
-@rule("Gather", "GatherElements", "GatherND", "Slice", "Tile")
+@rule("Gather")
+def gather(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
+    """Axis 0 (embeddings) scatters rows with ScatterND: no position tensor as large as the table."""
+    x, indices = node.input[0], node.input[1]
+    if int(attr(node, "axis", 0)) != 0 or b.opset < 16:
+        return select(b, node, g)
+    idx = b.op("Cast", indices, to=TensorProto.INT64)
+    rows = b.op("Gather", b.shape(x), b.int_scalar(0))
+    idx = b.op("Where", b.op("Less", idx, b.int_scalar(0)), b.op("Add", idx, rows), idx)
+    return [b.op("ScatterND", b.zeros_like(x), b.unsqueeze(idx, [-1]), g[0], reduction="add")]
+
+
+@rule("GatherElements", "GatherND", "Slice", "Tile")
 def select(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
     x = node.input[0]
     positions = b.replay(node, [b.iota(x), *node.input[1:]])[0]
@@ -123,6 +136,15 @@ def reduce_mean(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
     x, y = node.input[0], node.output[0]
     spread = b.op("Expand", _kept(b, node, g[0]), b.shape(x))
     return [b.op("Div", spread, b.count_ratio(x, y, x))]
+
+
+@rule("ReduceMax", "ReduceMin")
+def reduce_max_min(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
+    """The gradient goes to the elements equal to the extreme, shared equally among ties."""
+    x, y = node.input[0], node.output[0]
+    mask = b.op("Cast", b.op("Equal", x, _kept(b, node, y)), to=b.dtype(x))
+    count = b.reduce("ReduceSum", mask, _reduce_axes(b, node), keepdims=1)
+    return [b.op("Mul", mask, b.op("Div", _kept(b, node, g[0]), count))]
 
 
 @rule("ReduceL2")
