@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fitonnx.errors import UnsupportedError
 from fitonnx.fisher.autodiff import build_gradient_graph, supported_ops
+from fitonnx.fisher.autodiff.engine import infer_types
 from fitonnx.prepare.support import GRADIENT_OPS
 from tests.test_autodiff_harness import analytic, check, make_model, session
 
@@ -95,6 +96,31 @@ def test_old_opset_is_lifted_to_13() -> None:
     model = make_model([n("Squeeze", ["x"], ["y"], axes=[0])], {"x": r(1, 3)}, ["y"], opset=11)
     grad = build_gradient_graph(model, "loss", ["x"])
     assert [o.version for o in grad.opset_import if o.domain == ""] == [13]
+
+
+def test_scatter_path_lifts_to_16() -> None:
+    nodes = [n("Gather", ["x", "i"], ["y"], axis=0)]
+    model = make_model(nodes, {"x": r(3, 2)}, ["y"], inits={"i": np.array([0, 0], np.int64)}, opset=13)
+    grad = build_gradient_graph(model, "loss", ["x"])
+    assert [o.version for o in grad.opset_import if o.domain == ""] == [16]
+
+
+def test_matmul_of_unknown_ranks() -> None:
+    """Operands whose rank shape inference cannot tell (Reshape to a shape fed at run time)."""
+    nodes = [n("Reshape", ["a", "sa"], ["a2"]), n("Reshape", ["c", "sc"], ["c2"]), n("MatMul", ["a2", "c2"], ["y"])]
+    feed = {
+        "a": r(2, 3, 4).astype(np.float32),
+        "c": r(2, 4, 5).astype(np.float32),
+        "sa": np.array([2, 3, 4], np.int64),
+        "sc": np.array([-1, 4, 5], np.int64),
+    }
+    model = make_model(nodes, feed, ["y"])
+    for value in model.graph.input:
+        if value.name in ("sa", "sc"):
+            value.type.tensor_type.ClearField("shape")
+    types = infer_types(model)
+    assert types["a2"].shape is None and types["c2"].shape is None
+    check(model, feed, ["a", "c"], 0.5, 1e-4)
 
 
 def test_gradient_graph_is_batch_agnostic() -> None:

@@ -190,7 +190,7 @@ CASES: dict[str, Callable[[], Case]] = {
         ["x"],
         inits={"i": np.array([[0, 3], [3, 3]], np.int64)},
     ),
-    "Gather-opset13-scatter-onehot": lambda: Case(
+    "Gather-opset13-lifted": lambda: Case(
         [n("Gather", ["x", "i"], ["y"], axis=0)],
         {"x": r(4, 2)},
         ["x"],

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fitonnx.errors import UnsupportedError
+from fitonnx.errors import InternalError, UnsupportedError
 
 PREFIX = "fitonnx__ad_"
 
@@ -165,9 +165,16 @@ class Builder:
     def reshape_like(self, g: str, x: str) -> str:
         return self.op("Reshape", g, self.shape(x))
 
-    def transpose_last2(self, x: str, rank: int) -> str:
-        perm = [*range(rank - 2), rank - 1, rank - 2]
-        return self.op("Transpose", x, perm=perm)
+    def transpose_last2(self, x: str, rank: int | None) -> str:
+        """Swap the last two axes; of a tensor of unknown rank (≥ 2) through a 3-D reshape."""
+        if rank is not None:
+            return self.op("Transpose", x, perm=[*range(rank - 2), rank - 1, rank - 2])
+        last2 = self.dims(x, -2)
+        cube = self.op("Reshape", x, self.op("Concat", self.ints([-1]), last2, axis=0))
+        swapped = self.op("Transpose", cube, perm=[0, 2, 1])
+        lead = self.op("Slice", self.shape(x), self.ints([0]), self.ints([-2]), self.ints([0]))
+        back = self.op("Concat", lead, self.op("Gather", last2, self.ints([1, 0])), axis=0)
+        return self.op("Reshape", swapped, back)
 
     def unbroadcast(self, g: str, x: str, y: str | tuple[int | str | None, ...] | None) -> str:
         """Sum ``g`` (shaped like the forward tensor ``y``, or of static shape ``y``) down to the shape
@@ -214,12 +221,9 @@ class Builder:
         flat_pos, flat_g = self.op("Reshape", positions, self.ints([-1])), self.op("Reshape", g, self.ints([-1]))
         total = self.op("Add", self.size(x), self.int_scalar(extra)) if extra else self.size(x)
         zeros = self.filled(self.unsqueeze(total, [0]), 0.0, x)
-        if self.opset >= 16:
-            out = self.op("ScatterElements", zeros, flat_pos, flat_g, axis=0, reduction="add")
-        else:  # no scatter-add before opset 16: a one-hot matrix product sums the duplicates
-            hot = self.one_hot(flat_pos, total, x, axis=-1)
-            out = self.op("MatMul", self.unsqueeze(flat_g, [0]), hot)
-            out = self.op("Reshape", out, self.ints([-1]))
+        if self.opset < 16:
+            raise InternalError("scatter-add needs opset 16; the engine lifts models whose path needs it")
+        out = self.op("ScatterElements", zeros, flat_pos, flat_g, axis=0, reduction="add")
         if extra:
             out = self.op("Slice", out, self.ints([0]), self.unsqueeze(self.size(x), [0]), self.ints([0]))
         return self.reshape_like(out, x)

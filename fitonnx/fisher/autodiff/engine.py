@@ -1,8 +1,10 @@
 """Reverse-mode differentiation of an ONNX graph: path finding, gradient accumulation, pruning.
 
-Models below opset 13 are lifted to 13 with onnx's version converter: the rules reduce over axes
-computed at run time (broadcast shapes, Concat/Split sizes), which ReduceSum, Split, Squeeze and
-Unsqueeze take as inputs only from opset 13 on.
+The model's opset is kept, except that onnx's version converter lifts it where a rule needs a
+newer form: to 13, because the rules reduce over axes computed at run time (broadcast shapes,
+Concat/Split sizes), which ReduceSum, Split, Squeeze and Unsqueeze take as inputs only from
+opset 13 on; to 16 when the path holds a selection op (Gather*, Slice, Tile, Pad, MaxPool),
+whose gradient sums into positions that may repeat: ScatterElements/ScatterND add only from 16.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from fitonnx.fisher.autodiff.builder import Builder, TensorInfo, describe
 from fitonnx.fisher.autodiff.registry import RULES, supported_ops
 
 MIN_OPSET = 13
+SCATTER_OPSET = 16
+SCATTER_OPS = frozenset({"Gather", "GatherElements", "GatherND", "Slice", "Tile", "Pad", "MaxPool"})
 FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16})
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -25,12 +29,17 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 0)
 
 
-def _lifted_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` at opset ≥ 13 (see the module docstring); ``model`` is not touched."""
+def _lifted_copy(model: onnx.ModelProto, loss: str, wrt: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` at the opset its path needs (see the module docstring); ``model`` is not touched."""
     work = onnx.ModelProto()
     work.CopyFrom(model)
-    if _opset(work) < MIN_OPSET:
-        work = onnx.version_converter.convert_version(work, MIN_OPSET)
+    target = MIN_OPSET
+    if _opset(work) < SCATTER_OPSET:
+        nodes, _ = _path(work.graph.node, wrt, loss, infer_types(work))
+        if any(n.op_type in SCATTER_OPS for n in nodes):
+            target = SCATTER_OPSET
+    if _opset(work) < target:
+        work = onnx.version_converter.convert_version(work, target)
     return work
 
 
@@ -94,7 +103,7 @@ def _missing(nodes: Sequence[onnx.NodeProto]) -> list[str]:
 
 def find_unsupported(model: onnx.ModelProto, loss: str, wrt: Sequence[str]) -> list[str]:
     """``describe`` of each node between ``wrt`` and ``loss`` that has no VJP rule (no session needed)."""
-    work = _lifted_copy(model)
+    work = _lifted_copy(model, loss, wrt)
     return _missing(_path(work.graph.node, wrt, loss, infer_types(work))[0])
 
 
@@ -119,7 +128,7 @@ def gradients(
 ) -> tuple[onnx.ModelProto, dict[str, str | None], Builder]:
     """A copy of ``model`` with backward nodes appended, and the gradient tensor of each ``wrt``
     name (any float tensor; None where the loss does not depend on it). Graph outputs unchanged."""
-    work = _lifted_copy(model)
+    work = _lifted_copy(model, loss, wrt)
     types = infer_types(work)
     nodes, needed = _path(work.graph.node, wrt, loss, types)
     _check(nodes)

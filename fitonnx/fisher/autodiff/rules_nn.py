@@ -22,17 +22,35 @@ def _batch(ys: tuple[int | str | None, ...] | None, ra: int, rc: int) -> tuple[i
 def matmul(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
     """1-D operands become matrices ([1, k] and [k, 1]); batch dims broadcast as in numpy."""
     a, c = node.input
-    ra, rc = b.rank(a, node), b.rank(c, node)
+    if b.static_shape(c) is not None and len(b.static_shape(c) or ()) == 2 and _rank_or_none(b, a) != 1:
+        return _matmul_by_matrix(b, node, g)
+    ra, rc = _rank_or_none(b, a), _rank_or_none(b, c)  # None: unknown, taken as ≥ 2
     g1 = b.unsqueeze(g[0], [-1]) if rc == 1 else g[0]
     g1 = b.unsqueeze(g1, [-2]) if ra == 1 else g1
     a2 = b.unsqueeze(a, [0]) if ra == 1 else a
     c2 = b.unsqueeze(c, [-1]) if rc == 1 else c
-    batch = _batch(b.static_shape(node.output[0]), ra, rc)
-    da = b.op("MatMul", g1, b.transpose_last2(c2, max(rc, 2)))
+    batch = None if ra is None or rc is None else _batch(b.static_shape(node.output[0]), ra, rc)
+    da = b.op("MatMul", g1, b.transpose_last2(c2, None if rc is None else max(rc, 2)))
     da = b.squeeze(da, [-2]) if ra == 1 else da
-    dc = b.op("MatMul", b.transpose_last2(a2, max(ra, 2)), g1)
+    dc = b.op("MatMul", b.transpose_last2(a2, None if ra is None else max(ra, 2)), g1)
     dc = b.squeeze(dc, [-1]) if rc == 1 else dc
-    return [_unbatch(b, da, a, batch, min(ra, 2)), _unbatch(b, dc, c, batch, min(rc, 2))]
+    return [_unbatch(b, da, a, batch, min(ra or 2, 2)), _unbatch(b, dc, c, batch, min(rc or 2, 2))]
+
+
+def _rank_or_none(b: Builder, x: str) -> int | None:
+    shape = b.static_shape(x)
+    return None if shape is None else len(shape)
+
+
+def _matmul_by_matrix(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
+    """A [..., K] @ W [K, M] (A of rank ≥ 2, or unknown rank taken as ≥ 2): dA = G·Wᵀ, and
+    dW = Aᵀ·G with A and G flattened to rows, one Gemm over every batch and sequence position."""
+    a, c = node.input
+    k = b.op("Gather", b.shape(c), b.ints([0]))
+    m = b.op("Gather", b.shape(c), b.ints([1]))
+    rows_a = b.op("Reshape", a, b.op("Concat", b.ints([-1]), k, axis=0))
+    rows_g = b.op("Reshape", g[0], b.op("Concat", b.ints([-1]), m, axis=0))
+    return [b.op("MatMul", g[0], b.op("Transpose", c, perm=[1, 0])), b.op("Gemm", rows_a, rows_g, transA=1)]
 
 
 def _unbatch(b: Builder, grad: str, x: str, batch: tuple[int | str | None, ...] | None, core: int) -> str:
