@@ -101,6 +101,7 @@ class Builder:
         if key not in self._consts:
             name = self.fresh(hint)
             self.inits.append(numpy_helper.from_array(array, name))
+            self.types[name] = TensorInfo(helper.np_dtype_to_tensor_dtype(array.dtype), tuple(array.shape))
             self._consts[key] = name
         return self._consts[key]
 

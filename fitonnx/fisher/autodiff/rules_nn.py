@@ -104,10 +104,27 @@ def _crop_to_input(b: Builder, full: str, x: str, pads: list[int], nsp: int) -> 
 
 
 def conv_input_grad(b: Builder, g: str, w: str, x: str, node: onnx.NodeProto, nsp: int, group: int) -> str:
-    """dL/dx of Conv(x, w): ConvTranspose of the output gradient, sized back to x."""
+    """dL/dx of Conv(x, w) (or of a pool over [N·C, 1, ...]): a ConvTranspose of the output
+    gradient, sized back to x; by its pads and output_padding where the spatial sizes are static."""
     strides, dilations, pads = _conv_attrs(b, node, nsp)
-    full = b.op("ConvTranspose", g, w, strides=strides, dilations=dilations, group=group)
-    return _crop_to_input(b, full, x, pads, nsp)
+    kw = {"strides": strides, "dilations": dilations, "group": group}
+    sizes = _static_spatial(b, x, nsp), _static_spatial(b, node.output[0], nsp)
+    kernel = _static_spatial(b, w, nsp)
+    if sizes[0] is not None and sizes[1] is not None and kernel is not None:
+        extent = [
+            s * (o - 1) + (k - 1) * d + 1 for s, o, k, d in zip(strides, sizes[1], kernel, dilations, strict=True)
+        ]
+        rest = [h + pads[i] + pads[nsp + i] - e for i, (h, e) in enumerate(zip(sizes[0], extent, strict=True))]
+        if all(0 <= r < max(s, d) for r, s, d in zip(rest, strides, dilations, strict=True)):
+            return b.op("ConvTranspose", g, w, pads=pads, output_padding=rest, **kw)
+    return _crop_to_input(b, b.op("ConvTranspose", g, w, **kw), x, pads, nsp)
+
+
+def _static_spatial(b: Builder, t: str, nsp: int) -> list[int] | None:
+    shape = b.static_shape(t)
+    if shape is None or len(shape) != nsp + 2 or not all(isinstance(d, int) for d in shape[2:]):
+        return None
+    return [int(d) for d in shape[2:]]
 
 
 def _channels_to_groups(b: Builder, t: str, group: int, perm: list[int], nsp: int) -> str:
