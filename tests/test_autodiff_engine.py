@@ -44,6 +44,19 @@ def test_op_without_rule_is_named_before_any_session(monkeypatch: pytest.MonkeyP
     assert "\n" not in str(info.value)
 
 
+def test_subgraph_reading_the_tensor_is_a_blocker() -> None:
+    """x is read only inside the If's branch: the If is on the path, and has no rule."""
+
+    def branch(name: str) -> onnx.GraphProto:
+        out = helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, None)
+        return helper.make_graph([n("Neg", ["x"], [f"{name}_y"])], name, [], [out])
+
+    nodes = [n("If", ["flag"], ["y"], name="switch", then_branch=branch("then"), else_branch=branch("else"))]
+    model = make_model(nodes, {"x": r32(2, 3)}, ["y"], inits={"flag": np.array(True)})
+    with pytest.raises(UnsupportedError, match=r"If \(node 'switch'\)"):
+        build_gradient_graph(model, "loss", ["x"])
+
+
 def test_op_without_rule_off_the_path_is_fine() -> None:
     """Selu feeds only an output the loss does not read; ArgMax (integer) needs no rule either."""
     nodes = [

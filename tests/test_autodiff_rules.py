@@ -149,6 +149,15 @@ CASES: dict[str, Callable[[], Case]] = {
     "Squeeze-opset11-attribute": lambda: Case(
         [n("Squeeze", ["x"], ["y"], axes=[1])], {"x": r(2, 1, 3)}, ["x"], opset=11
     ),
+    "Unsqueeze-opset11-attribute": lambda: Case(
+        [n("Unsqueeze", ["x"], ["y"], axes=[0, 3])], {"x": r(2, 3)}, ["x"], opset=11
+    ),
+    "Split-opset11-attribute": lambda: Case(
+        [n("Split", ["x"], ["y", "z"], axis=1, split=[1, 3])], {"x": r(2, 4)}, ["x"], ["y", "z"], opset=11
+    ),
+    "Slice-opset9-attribute": lambda: Case(
+        [n("Slice", ["x"], ["y"], starts=[1], ends=[3], axes=[1])], {"x": r(2, 4)}, ["x"], opset=9
+    ),
     "Unsqueeze": lambda: Case(
         [n("Unsqueeze", ["x", "ax"], ["y"])], {"x": r(2, 3)}, ["x"], inits={"ax": np.array([0, 3], np.int64)}
     ),

@@ -131,11 +131,8 @@ class Builder:
         dtype = helper.tensor_dtype_to_np_dtype(self.dtype(like))
         return self.op("ConstantOfShape", shape, value=numpy_helper.from_array(np.asarray([value], dtype)))
 
-    def zeros_like(self, x: str, dtype_of: str | None = None) -> str:
-        return self.filled(self.shape(x), 0.0, dtype_of or x)
-
-    def ones_like(self, x: str) -> str:
-        return self.filled(self.shape(x), 1.0, x)
+    def zeros_like(self, x: str) -> str:
+        return self.filled(self.shape(x), 0.0, x)
 
     def count_ratio(self, x: str, y: str, like: str) -> str:
         """Size(x) / Size(y) as a scalar of ``like``'s type (the element count a mean divides by)."""

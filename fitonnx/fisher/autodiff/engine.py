@@ -77,6 +77,16 @@ def _is_float(types: dict[str, TensorInfo], name: str) -> bool:
     return bool(name) and (info is None or info.elem_type == 0 or info.elem_type in FLOAT_TYPES)
 
 
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """The inputs of ``node``, and the outer tensors its subgraphs (If/Loop/Scan bodies) read."""
+    names = set(node.input)
+    for a in node.attribute:
+        for body in [a.g] if a.HasField("g") else list(a.graphs):
+            for inner in body.node:
+                names |= _reads(inner)
+    return names
+
+
 def _path(
     nodes: Sequence[onnx.NodeProto], sources: Sequence[str], loss: str, types: dict[str, TensorInfo]
 ) -> tuple[list[onnx.NodeProto], set[str]]:
@@ -84,7 +94,7 @@ def _path(
     reached = {s for s in sources if _is_float(types, s)}
     forward = []
     for node in nodes:
-        if reached & set(node.input):
+        if reached & _reads(node):
             forward.append(node)
             reached |= {o for o in node.output if _is_float(types, o)}
     needed = {loss}
@@ -92,7 +102,7 @@ def _path(
     for node in reversed(forward):
         if needed & set(node.output):
             on_path.append(node)
-            needed |= {i for i in node.input if _is_float(types, i)}
+            needed |= {i for i in _reads(node) if _is_float(types, i)}
     return on_path[::-1], reached & needed
 
 

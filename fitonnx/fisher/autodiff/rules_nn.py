@@ -234,7 +234,8 @@ def batch_norm(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
     centered = b.op("Sub", x, per_channel(mu))
     d_scale = total(b.op("Mul", b.op("Mul", g[0], centered), per_channel(r)))
     d_var = b.op("Mul", b.op("Mul", d_scale, scale), b.op("Mul", b.scalar(-0.5, x), b.op("Mul", r, r)))
-    return [b.op("Mul", g[0], per_channel(sr)), d_scale, total(g[0]), b.op("Neg", b.op("Mul", total(g[0]), sr)), d_var]
+    d_bias = total(g[0])
+    return [b.op("Mul", g[0], per_channel(sr)), d_scale, d_bias, b.op("Neg", b.op("Mul", d_bias, sr)), d_var]
 
 
 @rule("LayerNormalization")
