@@ -48,6 +48,7 @@ class Builder:
         self._needed = needed
         self._count = 0
         self._consts: dict[tuple, str] = {}
+        self._shapes: dict[str, str] = {}
 
     # -- names and emission -------------------------------------------------------------------------
     def fresh(self, hint: str = "t") -> str:
@@ -117,7 +118,9 @@ class Builder:
 
     # -- shapes -------------------------------------------------------------------------------------
     def shape(self, x: str) -> str:
-        return self.op("Shape", x)
+        if x not in self._shapes:
+            self._shapes[x] = self.op("Shape", x)
+        return self._shapes[x]
 
     def dims(self, x: str, start: int, end: int | None = None) -> str:
         """Shape(x)[start:end] (Shape's own start/end need opset 15)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
@@ -43,9 +44,33 @@ def _lifted_copy(model: onnx.ModelProto, loss: str, wrt: Sequence[str]) -> onnx.
     return work
 
 
+# Initializers up to this many elements stay constants during shape inference (Reshape targets,
+# axes, pads); larger ones are declared as inputs of their shape, so no weight is copied.
+SMALL_CONSTANT = 64
+
+
+def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with each large initializer replaced by a graph input of the same type and shape."""
+    light = onnx.ModelProto()
+    light.ir_version, light.producer_name = model.ir_version, model.producer_name
+    light.opset_import.extend(model.opset_import)
+    g = light.graph
+    g.node.extend(model.graph.node)
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    g.value_info.extend(model.graph.value_info)
+    declared = {v.name for v in g.input}
+    for init in model.graph.initializer:
+        if int(np.prod(init.dims, dtype=np.int64)) <= SMALL_CONSTANT:
+            g.initializer.append(init)
+        elif init.name not in declared:
+            g.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return light
+
+
 def infer_types(model: onnx.ModelProto) -> dict[str, TensorInfo]:
     """Element type and static shape of every tensor shape inference can name."""
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    inferred = onnx.shape_inference.infer_shapes(_without_weights(model), strict_mode=False, data_prop=True)
     types: dict[str, TensorInfo] = {}
     g = inferred.graph
     for value in [*g.input, *g.output, *g.value_info]:
@@ -56,7 +81,7 @@ def infer_types(model: onnx.ModelProto) -> dict[str, TensorInfo]:
         if tt.HasField("shape"):
             shape = tuple(_dim(d) for d in tt.shape.dim)
         types[value.name] = TensorInfo(tt.elem_type, shape)
-    for init in g.initializer:
+    for init in model.graph.initializer:
         types[init.name] = TensorInfo(init.data_type, tuple(init.dims))
     for node in g.node:
         if node.op_type == "Constant":
