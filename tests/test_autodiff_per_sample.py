@@ -80,6 +80,30 @@ def test_grouped_strided_dilated_conv() -> None:
     _check(grouped_conv_model(), ["w", "b"], feed)
 
 
+def test_embedding_with_repeated_tokens() -> None:
+    """Gather rows of a [7, 3] table by token ids [N, 5] (repeats within a sample), then Tanh · c."""
+    rng = np.random.default_rng(4)
+    nodes = [
+        n("Gather", ["table", "x"], ["e"], axis=0),
+        n("Tanh", ["e"], ["a"]),
+        n("Mul", ["a", "c"], ["ac"]),
+        n("ReduceSum", ["ac"], ["loss"], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "emb",
+        [helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 5])],
+        [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])],
+        [
+            numpy_helper.from_array(rng.normal(size=s).astype(np.float32), k)
+            for k, s in (("table", (7, 3)), ("c", (5, 3)))
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    tokens = np.array([[1, 1, 3, 6, 1], [0, 2, 2, 5, 4], [6, 6, 6, 6, 6], [3, 4, 5, 0, 1]], np.int64)
+    _check(model, ["table"], {"x": tokens})
+
+
 def test_other_readers_are_refused() -> None:
     with pytest.raises(UnsupportedError, match="MatMul/Gemm/Conv"):
         per_sample_sqnorms(sequence_model(3, 4, 5), "loss", ["c"])

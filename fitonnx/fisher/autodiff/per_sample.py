@@ -8,6 +8,8 @@ input and output gradient alone — never from the batch gradient:
   as the ghost norm Σ_ts (X_n X_nᵀ)_ts (G_n G_nᵀ)_ts when T² < K·M.
 - Conv: the unfolded input U_n (a Conv with an identity kernel gives every patch) against G_n:
   ‖U_n G_nᵀ‖² per group. Biases: the output gradient summed over everything but the channel.
+- Gather (an embedding table, axis 0, indices [N, T...]): rows t and s of G_n add up where their
+  indices are equal, so ‖·‖² = Σ_ts [i_t = i_s]·(G_n G_nᵀ)_ts, with no table-sized tensor.
 """
 
 from __future__ import annotations
@@ -67,6 +69,16 @@ def _conv_norm(b: Builder, node: onnx.NodeProto, g: str) -> str:
     return _sumsq(b, per_sample, 4)
 
 
+def _embedding_norm(b: Builder, node: onnx.NodeProto, g: str) -> str:
+    """Σ_ts [i_t = i_s]·g_t·g_s per sample for an axis-0 Gather with batched indices."""
+    indices = b.op("Reshape", node.input[1], b.ints([0, -1]))
+    same = b.op("Equal", b.unsqueeze(indices, [2]), b.unsqueeze(indices, [1]))
+    rows = b.op("Reshape", g, b.op("Concat", b.dims(indices, 0, 2), b.ints([-1]), axis=0))
+    gram = b.op("MatMul", rows, b.op("Transpose", rows, perm=[0, 2, 1]))
+    masked = b.op("Mul", gram, b.op("Cast", same, to=b.dtype(node.input[0])))
+    return b.reduce("ReduceSum", masked, [1, 2], keepdims=0)
+
+
 def _weight_norm(b: Builder, node: onnx.NodeProto, slot: int, g: str) -> str:
     """The per-sample squared gradient norm [N] of ``node``'s input ``slot`` (a weight)."""
     op, w = node.op_type, node.input[slot]
@@ -82,17 +94,20 @@ def _weight_norm(b: Builder, node: onnx.NodeProto, slot: int, g: str) -> str:
     if op == "Gemm" and slot == 2:
         beta = float(attr(node, "beta", 1.0))
         return b.op("Mul", _sumsq(b, g, 2), b.scalar(beta * beta, node.output[0]))
+    if op == "Gather" and slot == 0 and int(attr(node, "axis", 0)) == 0:
+        return _embedding_norm(b, node, g)
     if op == "MatMul" and slot == 1 and ws is not None and len(ws) == 2 and all(isinstance(d, int) for d in ws):
         return _matmul_norm(b, node.input[0], g, int(ws[0]), int(ws[1]))
     raise UnsupportedError(
-        f"expected a MatMul/Gemm/Conv weight for per-sample norms; {w!r} is input {slot} of {describe(node)}"
+        f"expected a MatMul/Gemm/Conv/Gather weight for per-sample norms; {w!r} is input {slot} of {describe(node)}"
     )
 
 
 def per_sample_sqnorms(model: onnx.ModelProto, loss: str, weights: Sequence[str]) -> onnx.ModelProto:
     """A new model with an output ``<w>_sqnorm`` of shape [N] per weight: ‖∂ℓ_n/∂w‖² for every
     sample n of the batch, where ``loss`` = Σ_n ℓ_n (e.g. SoftmaxCrossEntropyLoss with reduction
-    sum). Each weight must be read by exactly one MatMul (right operand), Gemm (B or C) or Conv."""
+    sum). Each weight must be read by exactly one MatMul (right operand), Gemm (B or C), Conv, or
+    Gather (axis 0, indices with the batch axis first)."""
     readers = {w: [(node, k) for node in model.graph.node for k, i in enumerate(node.input) if i == w] for w in weights}
     for w, found in readers.items():
         if len(found) != 1:
