@@ -15,8 +15,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from fitonnx import graph, instrument, losses
+from fitonnx.fisher import instrument, losses
 from fitonnx.fisher.autodiff import build_gradient_graph
+from fitonnx.model import graph
 from tests.test_autodiff_harness import relative_error, session
 
 MODELS = Path(__file__).resolve().parent.parent / "models"

@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fitonnx import api, engine, graph, instrument, losses
+from fitonnx import api
+from fitonnx.fisher import engine, instrument, losses
 from fitonnx.fisher.autodiff import build_gradient_graph
+from fitonnx.model import graph
 from tests.test_autodiff_harness import relative_error, session
 from tests.test_autodiff_models import needs_training
 

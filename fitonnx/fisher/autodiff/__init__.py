@@ -6,7 +6,8 @@ forward model plus ``<name>_grad`` outputs, runnable by any plain ``onnxruntime.
 
 from __future__ import annotations
 
-from fitonnx.fisher.autodiff import rules_elementwise, rules_nn, rules_shape  # noqa: F401  (they register)
+# Importing the rule modules registers their rules.
+from fitonnx.fisher.autodiff import rules_elementwise, rules_nn, rules_shape  # noqa: F401
 from fitonnx.fisher.autodiff.engine import build_gradient_graph, find_unsupported, gradients
 from fitonnx.fisher.autodiff.per_sample import per_sample_sqnorms
 from fitonnx.fisher.autodiff.registry import supported_ops

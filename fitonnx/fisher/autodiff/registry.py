@@ -32,7 +32,5 @@ def rule(*op_types: str) -> Callable[[Rule], Rule]:
 
 
 def supported_ops() -> frozenset[str]:
-    """The op types (default ONNX domain) that have a VJP rule."""
-    from fitonnx.fisher.autodiff import rules_elementwise, rules_nn, rules_shape  # noqa: F401  (they register)
-
+    """The op types (default ONNX domain) that have a VJP rule (the package's import registers them all)."""
     return frozenset(RULES)
