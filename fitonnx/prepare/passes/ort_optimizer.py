@@ -24,9 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from fitonnx.errors import UnsupportedError
 from fitonnx.model.graph import FLOAT_TYPES, LAYOUT_OPS
+from fitonnx.model.runtime import CPU_PROVIDERS, session_options
 from fitonnx.prepare.types import Change
 
 DISABLED = (
@@ -51,17 +53,13 @@ def ort_basic_optimize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Ch
 
 
 def _run_optimizer(model: onnx.ModelProto) -> onnx.ModelProto:
-    import onnxruntime as ort
-
     with tempfile.TemporaryDirectory(prefix="fitonnx-ort-") as tmp:
         path = os.path.join(tmp, "optimized.onnx")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options = session_options(level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
         options.optimized_model_filepath = path
         try:
             ort.InferenceSession(
-                model.SerializeToString(), options, providers=["CPUExecutionProvider"], disabled_optimizers=DISABLED
+                model.SerializeToString(), options, providers=list(CPU_PROVIDERS), disabled_optimizers=DISABLED
             )
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
