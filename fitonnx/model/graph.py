@@ -119,6 +119,11 @@ def reads(nodes: Iterable[onnx.NodeProto]) -> set[str]:
     return {name for n in nodes for name in (*n.input, *body_reads(n))}
 
 
+def producers(nodes: Iterable[onnx.NodeProto]) -> dict[str, onnx.NodeProto]:
+    """The node that writes each tensor name (the last one, should two claim it)."""
+    return {name: node for node in nodes for name in node.output}
+
+
 def node_name(node: onnx.NodeProto, index: int) -> str:
     """A node's name, or a stable stand-in for unnamed nodes."""
     return node.name or f"{node.op_type}_{index}"
@@ -195,12 +200,12 @@ def find_quantizable(model: onnx.ModelProto, types: ValueTypes | None = None) ->
     g = to_networkx(model)
     consts = _constants(model)
     types = _value_types(model) if types is None else types
-    producers = {name: node for node in model.graph.node for name in node.output}
+    producer = producers(model.graph.node)
 
     def source_constant(name: str) -> str | None:
         seen = 0
         while name not in consts:
-            node = producers.get(name)
+            node = producer.get(name)
             if node is None or node.op_type not in LAYOUT_OPS or seen > 16:
                 return None
             name = node.input[0]
@@ -209,7 +214,7 @@ def find_quantizable(model: onnx.ModelProto, types: ValueTypes | None = None) ->
 
     def source_activation(name: str) -> str:
         for _ in range(16):
-            node = producers.get(name)
+            node = producer.get(name)
             if node is None or node.doc_string != PREPARE_PASSTHROUGH:
                 break
             name = node.input[0]
