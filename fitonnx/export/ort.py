@@ -270,7 +270,7 @@ def realized_bits(
     quantized: onnx.ModelProto, sites: list[tuple[str, int, str]]
 ) -> tuple[dict[str, int], dict[str, str]]:
     """For each tensor read at ``sites``, the bits of the DequantizeLinear feeding it (and the domain seen)."""
-    producers = {o: n for n in quantized.graph.node for o in n.output}
+    producers = graph.producers(quantized.graph.node)
     inits = {t.name: t for t in quantized.graph.initializer}
     nodes = {n.name: n for n in quantized.graph.node}
     bits: dict[str, int] = {}

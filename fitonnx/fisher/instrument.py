@@ -24,7 +24,7 @@ from onnx import TensorProto, helper
 
 from fitonnx.errors import InternalError, UnsupportedError
 from fitonnx.fisher.losses import LABELS, LOSS, NOISE, PREFIX, LossHead
-from fitonnx.model.graph import Kind, QuantTensor
+from fitonnx.model.graph import Kind, QuantTensor, default_opset
 from fitonnx.model.runtime import quiet_stderr
 
 
@@ -236,7 +236,7 @@ def build_gradient_model(
     g = grad_model.graph
     produced = {o for n in g.node for o in n.output}
     sizes = {init.name: int(np.prod(init.dims, dtype=np.int64)) for init in model.graph.initializer}
-    opset = next((o.version for o in grad_model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = default_opset(grad_model)
     sq_outputs: list[str] = []
     grad_outputs: list[str] = []
     by_tensor = {w.name: w.name for w in weights} | {a: zero for a, zero in pairs}

@@ -97,6 +97,11 @@ FLOAT_TYPES = frozenset(
 )
 
 
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's opset of the default ONNX domain (0 when it imports none)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 def bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
     """The subgraphs a node holds (If branches, Loop/Scan bodies); empty for other ops."""
     out: list[onnx.GraphProto] = []

@@ -10,6 +10,7 @@ import onnx
 from onnx import version_converter
 
 from fitonnx.errors import UnsupportedError
+from fitonnx.model.graph import default_opset
 from fitonnx.prepare.types import Change
 
 MIN_OPSET = 13  # SoftmaxCrossEntropyLoss and ReduceSum-with-axes-input forms used by the loss heads
@@ -17,8 +18,7 @@ MAX_OPSET = 21  # the newest opset onnxruntime 1.19 loads
 MAX_IR_VERSION = 10  # the newest IR version onnxruntime 1.19 loads (onnx 1.16)
 
 
-def opset_of(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+opset_of = default_opset  # the name the passes and exporters know it by
 
 
 def runnable(model: onnx.ModelProto) -> bool:

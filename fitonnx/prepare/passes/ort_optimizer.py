@@ -28,6 +28,7 @@ import onnxruntime as ort
 
 from fitonnx.errors import UnsupportedError
 from fitonnx.model.graph import FLOAT_TYPES, LAYOUT_OPS
+from fitonnx.model.graph import producers as graph_producers
 from fitonnx.model.runtime import CPU_PROVIDERS, session_options
 from fitonnx.prepare.types import Change
 
@@ -88,7 +89,7 @@ def _drop_unused_domains(optimized: onnx.ModelProto, model: onnx.ModelProto) -> 
 
 def _const_sources(model: onnx.ModelProto, name: str) -> tuple[tuple[str, ...], set[str]]:
     """The initializers/Constant outputs ``name`` is computed from in ``model``, and the op types on the way."""
-    producers = {o: n for n in model.graph.node for o in n.output}
+    producers = graph_producers(model.graph.node)
     inits = {t.name for t in model.graph.initializer}
     sources: list[str] = []
     ops: set[str] = set()
