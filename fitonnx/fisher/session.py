@@ -124,7 +124,7 @@ def gradient_model(
     shapes = {name: value.shape for name, value in values.items()}
     target = losses.check_probabilities(target, values[target.tap])
     head = losses.build_head(target, mode, labels_dtype)
-    gm = instrument.build_gradient_model(
+    request = instrument.GradientRequest(
         s.prepared.model,
         s.tensors,
         head,
@@ -134,7 +134,9 @@ def gradient_model(
         exact_points=exact_points,
         # Every sample has these shapes; pooling gradients need them concrete (see instrument).
         shapes={**shapes, **{name: value.shape for name, value in feed.items() if name in s.specs}},
+        engine=opts.engine,
     )
+    gm = instrument.build_gradient_model(request)
     return gm, target, mode
 
 
