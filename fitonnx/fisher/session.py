@@ -21,6 +21,7 @@ from fitonnx.model.load import LoadedModel
 from fitonnx.model.source import DataSource, ModelSource, load_source, resolve_data
 from fitonnx.prepare import PreparedModel, prepare, verify
 from fitonnx.prepare.support import check_differentiable
+from fitonnx.prepare.types import ChangeKind
 
 VERIFY_SAMPLES = 8
 
@@ -65,7 +66,7 @@ def open_model(
 
 
 # Prepare changes that alter what is scored (other changes keep every tensor and its meaning).
-NOTE_KINDS = frozenset({"specialize"})
+NOTE_KINDS = frozenset({ChangeKind.SPECIALIZE})
 
 
 def prepare_notes(prepared: PreparedModel) -> tuple[str, ...]:

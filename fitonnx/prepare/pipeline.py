@@ -18,7 +18,7 @@ from fitonnx.prepare.passes.ort_optimizer import ort_basic_optimize
 from fitonnx.prepare.passes.specialize import specialize_if
 from fitonnx.prepare.rewrites import rewrite_ops
 from fitonnx.prepare.shapes import fix_input_shapes, infer_shapes
-from fitonnx.prepare.types import Change, Pass, PreparedModel
+from fitonnx.prepare.types import Change, ChangeKind, Pass, PreparedModel
 
 
 def default_passes() -> list[Pass]:
@@ -66,7 +66,9 @@ def prepare(
         return _run(model, fixed)
     except FitonnxError as exc:
         first = _run(model, steps)
-        note = Change("shapes", "model", f"inputs left as declared: with the data's static shapes, {exc.message}")
+        note = Change(
+            ChangeKind.SHAPES, "model", f"inputs left as declared: with the data's static shapes, {exc.message}"
+        )
         return dataclasses.replace(first, changes=(note, *first.changes))
 
 

@@ -14,7 +14,7 @@ import onnx
 from fitonnx.errors import UnsupportedError
 from fitonnx.model.graph import bodies
 from fitonnx.model.runtime import make_session
-from fitonnx.prepare.types import Change
+from fitonnx.prepare.types import Change, ChangeKind
 
 Dim = int | str | None  # a size, a symbolic name, or unknown
 
@@ -106,7 +106,7 @@ def fix_input_shapes(
         return out, []
     if any(bodies(n) for n in out.graph.node):  # only a subgraph can hold shapes the new static inputs contradict
         _check_loads(out)
-    return out, [Change("shapes", "model", "inputs fixed to the data's shapes: " + ", ".join(fixed))]
+    return out, [Change(ChangeKind.SHAPES, "model", "inputs fixed to the data's shapes: " + ", ".join(fixed))]
 
 
 def _check_loads(model: onnx.ModelProto) -> None:

@@ -27,7 +27,7 @@ from onnx import helper, numpy_helper
 
 from fitonnx.model import graph
 from fitonnx.prepare.shapes import tensor_types
-from fitonnx.prepare.types import Change
+from fitonnx.prepare.types import Change, ChangeKind
 
 FOLDABLE = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
@@ -223,7 +223,7 @@ def _apply(state: _Folding, fold: _Fold) -> Change:
     state.folded_bns.add(id(bn))
     params = tuple(n for n in bn.input[1:5] if n)
     return Change(
-        "fold",
+        ChangeKind.FOLD,
         op.name or op.output[0],
         f"BatchNormalization {bn.name or bn.output[0]!r} folded into {op.op_type} weight {w_src!r} -> {w_name!r}",
         origins=((w_name, (w_src, *params)), (b_name, (*((b_src,) if b_src else ()), *params))),

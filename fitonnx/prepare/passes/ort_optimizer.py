@@ -30,7 +30,7 @@ from fitonnx.errors import UnsupportedError
 from fitonnx.model.graph import FLOAT_TYPES, LAYOUT_OPS
 from fitonnx.model.graph import producers as graph_producers
 from fitonnx.model.runtime import CPU_PROVIDERS, session_options
-from fitonnx.prepare.types import Change
+from fitonnx.prepare.types import Change, ChangeKind
 
 DISABLED = (
     "ConvBNFusion",
@@ -46,7 +46,7 @@ def ort_basic_optimize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Ch
     if model.ByteSize() >= MAX_BYTES:
         out = onnx.ModelProto()
         out.CopyFrom(model)
-        return out, [Change("optimizer", "model", "skipped: the model is over 2 GB")]
+        return out, [Change(ChangeKind.OPTIMIZER, "model", "skipped: the model is over 2 GB")]
     optimized = _run_optimizer(model)
     optimized = _drop_unused_domains(optimized, model)
     renames = _restore_layout_names(optimized, model)
@@ -177,15 +177,17 @@ def _describe(model: onnx.ModelProto, optimized: onnx.ModelProto, renames: dict[
         else:
             named = ", ".join(sources[:3]) + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
             detail = f"constant-folded {'/'.join(sorted(ops))} of {named or 'nothing'}"
-        changes.append(Change("optimizer", tensor.name, detail, origins=((tensor.name, sources or (folded,)),)))
+        changes.append(
+            Change(ChangeKind.OPTIMIZER, tensor.name, detail, origins=((tensor.name, sources or (folded,)),))
+        )
     if promoted:
         shown = ", ".join(promoted[:4]) + (f", ... ({len(promoted)} in all)" if len(promoted) > 4 else "")
-        changes.append(Change("constant", "model", f"Constant nodes -> initializers: {shown}"))
+        changes.append(Change(ChangeKind.CONSTANT, "model", f"Constant nodes -> initializers: {shown}"))
     removed = Counter(n.op_type for n in model.graph.node) - Counter(n.op_type for n in optimized.graph.node)
     added = Counter(n.op_type for n in optimized.graph.node) - Counter(n.op_type for n in model.graph.node)
     if promoted:
         removed -= Counter({"Constant": len(promoted)})
     if removed or added:
         parts = [f"-{k} {op}" for op, k in sorted(removed.items())] + [f"+{k} {op}" for op, k in sorted(added.items())]
-        changes.append(Change("optimizer", "model", "onnxruntime basic optimizer: " + ", ".join(parts)))
+        changes.append(Change(ChangeKind.OPTIMIZER, "model", "onnxruntime basic optimizer: " + ", ".join(parts)))
     return changes

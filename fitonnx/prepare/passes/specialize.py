@@ -20,7 +20,7 @@ from onnx import helper
 from fitonnx.errors import UnsupportedError
 from fitonnx.model.graph import FLOAT_TYPES
 from fitonnx.model.runtime import make_session
-from fitonnx.prepare.types import Change
+from fitonnx.prepare.types import Change, ChangeKind
 
 MAX_ROUNDS = 16  # nested Ifs are inlined one level per round
 
@@ -113,7 +113,7 @@ def _inline(
         lost = _count_weights(dropped)
         changes.append(
             Change(
-                "specialize",
+                ChangeKind.SPECIALIZE,
                 node.name or node.output[0],
                 f"If on {node.input[0]!r} is {cond} on all {samples} calibration samples: "
                 f"{'then' if cond else 'else'} branch inlined"
