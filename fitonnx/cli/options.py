@@ -8,7 +8,9 @@ from typing import Any, TypeVar
 
 import click
 
+from fitonnx.fisher.losses import FisherMode, Likelihood
 from fitonnx.fisher.options import FisherOptions
+from fitonnx.score.fit import DEFAULT_ACTIVATION_BITS, DEFAULT_WEIGHT_BITS
 from fitonnx.score.noise import NOISE_MODELS, NoiseModel
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -89,14 +91,14 @@ def fisher_options(f: F) -> F:
     return _compose(
         click.option(
             "--fisher",
-            type=click.Choice(["empirical", "mc", "exact"]),
+            type=click.Choice([m.value for m in FisherMode]),
             help="empirical: cross-entropy against the data's labels; mc: labels sampled from the model; "
             "exact: the true Fisher summed over every class (categorical outputs, one pass per class). "
             "Default: empirical when the data has labels, else mc.",
         ),
         click.option(
             "--likelihood",
-            type=click.Choice(["categorical", "bernoulli", "gaussian"]),
+            type=click.Choice([m.value for m in Likelihood]),
             help="How to read the output. Default: from the output's producer (Softmax/Sigmoid) and the labels.",
         ),
         click.option("--output", help="The model output that defines the loss. Default: the first float output."),
@@ -122,13 +124,26 @@ def noise_model_option(f: F) -> F:
     )(f)
 
 
+def _bits_text(bits: tuple[int, ...]) -> str:
+    """Bit widths as the comma-separated text ``BitsList`` reads (``2,3,4,8``)."""
+    return ",".join(str(b) for b in bits)
+
+
 def bits_options(f: F) -> F:
     """Candidate bit widths for weights and activations."""
     return _compose(
         click.option(
-            "--weight-bits", type=BitsList(), default="2,3,4,8", show_default=True, help="Candidate weight bit widths."
+            "--weight-bits",
+            type=BitsList(),
+            default=_bits_text(DEFAULT_WEIGHT_BITS),
+            show_default=True,
+            help="Candidate weight bit widths.",
         ),
         click.option(
-            "--act-bits", type=BitsList(), default="8,16", show_default=True, help="Candidate activation bit widths."
+            "--act-bits",
+            type=BitsList(),
+            default=_bits_text(DEFAULT_ACTIVATION_BITS),
+            show_default=True,
+            help="Candidate activation bit widths.",
         ),
     )(f)

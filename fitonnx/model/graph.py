@@ -9,7 +9,7 @@ the source constant that a toolchain quantizes, so that is the tensor reported.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -95,6 +95,53 @@ PREPARE_WEIGHTS_ONLY = "fitonnx:weights-only"  # an unrolled recurrent MatMul: R
 FLOAT_TYPES = frozenset(
     {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 )
+
+
+def _int_attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
+# (node, input slot, weight rank) -> the weight's output-channel axis as that node reads it.
+ChannelRule = Callable[[onnx.NodeProto, int, int], int]
+
+# The one rule for output-channel axes, per op reading the weight (used by the exporters and by
+# ``analysis.simulate``): Conv 0, ConvTranspose 1, Gemm B 0 with transB else 1 (A as weight: its
+# M rows), MatMul B the last axis (A: its rows), Gather 0, the recurrent ops' W/R 1.
+CHANNEL_AXIS: dict[str, ChannelRule] = {
+    "Conv": lambda node, slot, rank: 0,
+    "ConvTranspose": lambda node, slot, rank: 1,
+    "Gemm": lambda node, slot, rank: (
+        (0 if _int_attr(node, "transB", 0) else 1) if slot == 1 else (1 if _int_attr(node, "transA", 0) else 0)
+    ),
+    "MatMul": lambda node, slot, rank: rank - 1 if slot == 1 else max(rank - 2, 0),
+    "Gather": lambda node, slot, rank: 0,
+    "LSTM": lambda node, slot, rank: 1,
+    "GRU": lambda node, slot, rank: 1,
+    "RNN": lambda node, slot, rank: 1,
+}
+# The (op, input slot) pairs onnxruntime's QDQ quantizer quantizes per channel.
+QDQ_PER_CHANNEL = frozenset({("Conv", 1), ("ConvTranspose", 1), ("Gemm", 1), ("MatMul", 1)})
+
+
+def channel_axis(
+    model: onnx.ModelProto, weight: str, readers: Collection[tuple[str, int]] = QDQ_PER_CHANNEL
+) -> int | None:
+    """The output-channel axis of initializer ``weight`` (``CHANNEL_AXIS``), or None when it is not a
+    per-channel candidate: not an initializer of rank 2 or more, read by an (op, slot) outside
+    ``readers``, or read by ops whose axes disagree. The default ``readers`` mirror onnxruntime's QDQ
+    operators."""
+    init = next((t for t in model.graph.initializer if t.name == weight), None)
+    if init is None or len(init.dims) < 2:
+        return None
+    axes: set[int] = set()
+    for node in model.graph.node:
+        for slot, name in enumerate(node.input):
+            if name != weight:
+                continue
+            if (node.op_type, slot) not in readers or node.op_type not in CHANNEL_AXIS:
+                return None
+            axes.add(CHANNEL_AXIS[node.op_type](node, slot, len(init.dims)))
+    return axes.pop() if len(axes) == 1 else None
 
 
 def default_opset(model: onnx.ModelProto) -> int:
