@@ -24,7 +24,7 @@ from onnx import TensorProto, helper
 from fitonnx.errors import FitonnxError, InternalError, UnsupportedError
 from fitonnx.fisher.engines import AUTO, get_engine
 from fitonnx.fisher.losses import LABELS, LOSS, NOISE, PREFIX, LossHead
-from fitonnx.model.graph import Kind, QuantTensor, default_opset
+from fitonnx.model.graph import Kind, QuantTensor, default_opset, producer_positions
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def _tap_activations(
             if name in renames:
                 node.input[slot] = renames[name]
     # Topological order: put each tap right after the producer of its activation.
-    position = {o: i for i, n in enumerate(graph.node) for o in n.output}
+    position = producer_positions(graph.node)
     nodes = list(graph.node)
     for tap in sorted(tap_nodes, key=lambda t: position.get(t.input[0], -1), reverse=True):
         nodes.insert(position.get(tap.input[0], -1) + 1, tap)

@@ -176,6 +176,16 @@ def producers(nodes: Iterable[onnx.NodeProto]) -> dict[str, onnx.NodeProto]:
     return {name: node for node in nodes for name in node.output}
 
 
+def producer_positions(nodes: Iterable[onnx.NodeProto]) -> dict[str, int]:
+    """The index of the node that writes each tensor name (the last one, should two claim it)."""
+    return {name: i for i, node in enumerate(nodes) for name in node.output}
+
+
+def tensor_names(g: onnx.GraphProto) -> set[str]:
+    """Every tensor name the graph defines: initializers, node outputs and graph inputs."""
+    return {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | {i.name for i in g.input}
+
+
 def node_name(node: onnx.NodeProto, index: int) -> str:
     """A node's name, or a stable stand-in for unnamed nodes."""
     return node.name or f"{node.op_type}_{index}"

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 
 from fitonnx.errors import FitonnxError, ModelError, UnsupportedError
+from fitonnx.model.graph import tensor_names
 from fitonnx.model.runtime import make_session
 from fitonnx.prepare.opset import convert_opset, runnable
 from fitonnx.prepare.passes.autopad import explicit_conv_pads
@@ -106,8 +107,8 @@ def _run(model: onnx.ModelProto, steps: Sequence[Pass]) -> PreparedModel:
                 origins[new] = tuple(chained)
         if reference is None and step is convert_opset:
             reference = current
-    existing = _tensor_names(model)
-    kept = _tensor_names(current)
+    existing = tensor_names(model.graph)
+    kept = tensor_names(current.graph)
     final = {name: src for name, src in origins.items() if name in kept and (name not in existing or src != (name,))}
     return PreparedModel(
         original=model,
@@ -116,11 +117,6 @@ def _run(model: onnx.ModelProto, steps: Sequence[Pass]) -> PreparedModel:
         reference=reference if reference is not None else model,
         origins=final,
     )
-
-
-def _tensor_names(model: onnx.ModelProto) -> set[str]:
-    g = model.graph
-    return {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | {i.name for i in g.input}
 
 
 def verify(

@@ -127,7 +127,7 @@ class _Folding:
             producers=graph.producers(g.node),
             readers=Counter(name for node in g.node for name in node.input),
             outputs={o.name for o in g.output},
-            taken=set(inits) | {o for n in g.node for o in n.output} | {i.name for i in g.input},
+            taken=graph.tensor_names(g),
         )
 
 
