@@ -3,7 +3,20 @@
 from fitonnx.analysis.compare import CompareReport, compare
 from fitonnx.analysis.inspection import Inspection, inspect_model
 from fitonnx.analysis.validate import ValidationReport, validate
-from fitonnx.api import RecommendResult, Session, fisher_traces, inspect_tensors, open_model, recommend, score
+from fitonnx.api import (
+    AllocationOptions,
+    Budget,
+    BudgetKind,
+    RandomData,
+    RecommendResult,
+    Session,
+    budget_from,
+    fisher_traces,
+    inspect_tensors,
+    open_model,
+    recommend,
+    score,
+)
 from fitonnx.errors import FitonnxError, InternalError
 from fitonnx.export import export_recommendation
 from fitonnx.fisher.losses import FisherMode, Likelihood
@@ -15,6 +28,9 @@ from fitonnx.score.fit import ScoreReport, TensorScore
 __version__ = "0.1.0"
 
 __all__ = [
+    "AllocationOptions",
+    "Budget",
+    "BudgetKind",
     "CompareReport",
     "Dataset",
     "FisherMode",
@@ -25,11 +41,13 @@ __all__ = [
     "Kind",
     "Likelihood",
     "QuantTensor",
+    "RandomData",
     "RecommendResult",
     "ScoreReport",
     "Session",
     "TensorScore",
     "ValidationReport",
+    "budget_from",
     "compare",
     "export_recommendation",
     "find_quantizable",
