@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
+import pytest
+from click.testing import CliRunner
+
+from fitonnx.cli.main import cli
 from fitonnx.errors import FitonnxError
 from fitonnx.fisher import engines
 from fitonnx.fisher.options import FisherOptions
@@ -23,3 +27,11 @@ def test_unknown_engine_fails_with_the_known_names() -> None:
 
 def test_fisher_options_default_to_auto() -> None:
     assert FisherOptions().engine == engines.AUTO
+
+
+def test_cli_engine_option(mlp_path: Path) -> None:
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["score", str(mlp_path), "--engine", "ort-training", "--max-samples", "4"])
+    assert ok.exit_code == 0, ok.output
+    bad = runner.invoke(cli, ["score", str(mlp_path), "--engine", "nope"])
+    assert bad.exit_code == 2 and "ort-training" in bad.output

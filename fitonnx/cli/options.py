@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 import click
 
+from fitonnx.fisher import engines
 from fitonnx.fisher.losses import FisherMode, Likelihood
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.score.fit import DEFAULT_ACTIVATION_BITS, DEFAULT_WEIGHT_BITS
@@ -62,7 +63,7 @@ def data_options(f: F) -> F:
 
 
 def fisher_options(f: F) -> F:
-    """Fisher mode, loss output, sample budget and seed, handed to the command as one
+    """Fisher mode, loss output, sample budget, seed and gradient engine, handed to the command as one
     ``options: FisherOptions`` argument."""
 
     @functools.wraps(f)
@@ -75,6 +76,7 @@ def fisher_options(f: F) -> F:
         max_samples: int | None,
         tol: float | None,
         seed: int,
+        engine: str,
         **kwargs: Any,
     ) -> Any:
         options = FisherOptions(
@@ -85,6 +87,7 @@ def fisher_options(f: F) -> F:
             max_samples=max_samples,
             tol=tol,
             seed=seed,
+            engine=engine,
         )
         return f(*args, options=options, **kwargs)
 
@@ -110,6 +113,13 @@ def fisher_options(f: F) -> F:
             help="Stop once the relative standard error of the total trace is below TOL (e.g. 0.05).",
         ),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for --fisher mc and --random-data."),
+        click.option(
+            "--engine",
+            type=click.Choice(list(engines.ENGINE_CHOICES)),
+            default=engines.AUTO,
+            show_default=True,
+            help="What builds the gradient graph. auto: the first installed of " + ", ".join(engines.PREFERENCE) + ".",
+        ),
     )(collect)  # type: ignore[arg-type]
 
 
