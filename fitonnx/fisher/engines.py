@@ -4,7 +4,8 @@ An engine takes the augmented model (its only output the scalar loss), the loss 
 names to differentiate, and returns an ONNX model whose outputs include ``<name>_grad`` for each
 of them; ``instrument`` adds the reductions and the engine stage runs it with onnxruntime.
 
-Today there is one, ``ort-training`` (onnxruntime-training's GradientGraphBuilder). To add one:
+Two are registered: ``ort-training`` (onnxruntime-training's GradientGraphBuilder, the reference)
+and ``onnx`` (fitonnx's own reverse mode in standard ONNX, ``fisher.autodiff``). To add one:
 write its ``build`` (and ``available``), register ``GradientEngine(name, available, build)`` in
 ``ENGINES``, and put its name in ``PREFERENCE`` where ``auto`` should try it.
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import onnx
 
 from fitonnx.errors import FitonnxError, UnsupportedError
+from fitonnx.fisher import autodiff
 from fitonnx.model.runtime import quiet_stderr
 
 AUTO = "auto"
@@ -93,10 +95,17 @@ def _ort_training_explain(exc: Exception, model: onnx.ModelProto) -> FitonnxErro
     return UnsupportedError(f"could not build the gradient graph: {message.splitlines()[0][:300]}")
 
 
+def _onnx_build(model: onnx.ModelProto, loss_name: str, wrt_names: Sequence[str]) -> onnx.ModelProto:
+    """fitonnx's own backward graph in standard ONNX ops, run by any onnxruntime (fisher.autodiff)."""
+    return autodiff.build_gradient_graph(model, loss_name, wrt_names)
+
+
 ENGINES: dict[str, GradientEngine] = {
     "ort-training": GradientEngine("ort-training", _ort_training_available, _ort_training_build, _ort_training_explain),
+    "onnx": GradientEngine("onnx", lambda: True, _onnx_build),
 }
-PREFERENCE: tuple[str, ...] = ("ort-training",)  # what ``auto`` tries, first available wins
+# What ``auto`` tries, first available wins: the reference engine where its build is installed.
+PREFERENCE: tuple[str, ...] = ("ort-training", "onnx")
 ENGINE_CHOICES: tuple[str, ...] = (AUTO, *ENGINES)
 
 
