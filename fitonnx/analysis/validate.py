@@ -52,7 +52,7 @@ from fitonnx.analysis.damage import (
     reference,
     reliability,
 )
-from fitonnx.analysis.simulate import Config, Scheme
+from fitonnx.analysis.simulate import Config, GridScheme
 from fitonnx.errors import DataError, FitonnxError, InternalError
 from fitonnx.files.atomic import write_atomic
 from fitonnx.fisher import engine, losses
@@ -120,7 +120,7 @@ class ValidationReport:
     samples: int
     eval_source: str
     eval_samples: int
-    scheme: Scheme
+    scheme: GridScheme
     weight_bits: tuple[int, ...]
     activation_bits: tuple[int, ...]
     seed: int
@@ -376,7 +376,7 @@ class Harness:
     fisher: losses.FisherMode
     samples: int
     held_out: Dataset
-    scheme: Scheme
+    scheme: GridScheme
     weight_bits: tuple[int, ...]
     activation_bits: tuple[int, ...]
     weights: tuple[str, ...]
@@ -418,7 +418,7 @@ def harness(
     """
     opts = options or FisherOptions()
     weight_bits, activation_bits = simulate.check_bits(weight_bits), simulate.check_bits(activation_bits)
-    scheme = Scheme(per_channel=per_channel, symmetric=symmetric)
+    scheme = GridScheme(per_channel=per_channel, symmetric=symmetric)
     s = session if session is not None else api.open_model(model, data, random_samples=random_samples, seed=opts.seed)
     held_out = _eval_dataset(s, eval_data)
 
