@@ -3,24 +3,21 @@
 Lists the quantizable weights and activations of the prepared model (shapes from
 onnx.shape_inference, symbolic sizes by name), what the prepare stage changes (opset conversion,
 optimizer folds, Constant promotion, BatchNormalization folds, op rewrites) and every node that
-would block a gradient, with the outputs whose loss it blocks.
+would block a gradient, with the outputs whose loss it blocks. The views are in
+``fitonnx.render.inspection``.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper
 
 from fitonnx.errors import FitonnxError
-from fitonnx.files.atomic import write_atomic
 from fitonnx.fisher.losses import OutputTarget, resolve_output
 from fitonnx.model.graph import Kind, find_quantizable, output_ranks
 from fitonnx.model.load import LoadedModel, load_model
@@ -167,136 +164,3 @@ def inspect_model(model: InspectSource, *, input_shapes: Mapping[str, tuple[int,
 
 def _shape(t: TensorType | None) -> tuple[Dim, ...] | None:
     return None if t is None else t.shape
-
-
-# ---------------------------------------------------------------------------------------------
-# Rendering
-# ---------------------------------------------------------------------------------------------
-
-
-def format_shape(shape: tuple[Dim, ...] | None) -> str:
-    if shape is None:
-        return "?"
-    if not shape:
-        return "scalar"
-    return "x".join("?" if d is None else str(d) for d in shape)
-
-
-def _consumers(t: InspectedTensor, limit: int = 3) -> str:
-    pairs = [f"{op} {node}" for op, node in zip(t.op_types, t.nodes, strict=True)]
-    more = f", +{len(pairs) - limit} more" if len(pairs) > limit else ""
-    return ", ".join(pairs[:limit]) + more
-
-
-def format_inspection(insp: Inspection) -> str:
-    """The terminal report of ``fitonnx inspect``."""
-    opset = f"opset {insp.opset}" + (f" -> {insp.prepared_opset}" if insp.prepared_opset != insp.opset else "")
-    lines = [f"{insp.model}: {opset}, IR version {insp.ir_version}"]
-    for label, items in (("inputs", insp.inputs), ("outputs", insp.outputs)):
-        lines.append(f"{label}: " + ", ".join(f"{t.name} {t.dtype}[{format_shape(t.shape)}]" for t in items))
-    loss = describe_loss(insp.loss) if insp.loss else insp.loss_problem
-    if insp.has_if:
-        loss += " (with If branches still in: scoring inlines the branch the data takes, which can change this)"
-    lines.append(f"loss (default, no labels): {loss}")
-    name_w = min(48, max([len("name")] + [len(t.name) for t in (*insp.weights, *insp.activations)]))
-
-    lines += ["", f"quantizable weights: {len(insp.weights)}, {insp.parameters:,} parameters"]
-    if insp.weights:
-        lines.append(f"  {'name':<{name_w}} {'shape':<16} {'params':>10}  read by")
-        for t in insp.weights:
-            numel = f"{t.numel:,}" if t.numel is not None else "?"
-            origin = f"  (from {', '.join(t.origins)})" if t.origins != (t.name,) else ""
-            lines.append(f"  {t.name:<{name_w}} {format_shape(t.shape):<16} {numel:>10}  {_consumers(t)}{origin}")
-    lines += ["", f"quantizable activations: {len(insp.activations)}"]
-    if insp.activations:
-        lines.append(f"  {'name':<{name_w}} {'shape':<16} {'elements':>10}  read by")
-        for t in insp.activations:
-            numel = f"{t.numel:,}" if t.numel is not None else "?"
-            lines.append(f"  {t.name:<{name_w}} {format_shape(t.shape):<16} {numel:>10}  {_consumers(t)}")
-
-    lines += ["", f"prepare changes: {len(insp.changes)}" + ("" if insp.changes else " (the model is used as it is)")]
-    for c in insp.changes:
-        lines.append(f"  {c.kind:<9} {c.where}: {c.detail}")
-
-    lines += [
-        "",
-        f"unsupported: {len(insp.unsupported) + len(insp.problems)}"
-        + ("" if insp.unsupported or insp.problems else " (none)"),
-    ]
-    for problem in insp.problems:
-        lines.append(f"  prepare failed: {problem}")
-    for b in insp.unsupported:
-        outputs = f" [blocks output {', '.join(repr(o) for o in b.outputs)}]" if b.outputs else ""
-        lines.append(f"  {b.describe()}{outputs}")
-    symbolic = insp.symbolic_inputs
-    if symbolic:
-        lines += [
-            "",
-            "note: inputs with symbolic sizes ("
-            + ", ".join(f"{t.name} [{format_shape(t.shape)}]" for t in symbolic)
-            + "); `fitonnx score` fixes them from the data, which rewrites needing sizes use; preview with --input-shape",
-        ]
-    return "\n".join(lines)
-
-
-def describe_loss(t: OutputTarget) -> str:
-    """One line: which output the loss reads, as what, and from which tensor."""
-    what = t.likelihood.value + (f" over axis {t.class_axis}" if t.class_axis is not None else "")
-    source = "" if t.tap == t.output else f", from {t.tap!r} (the values before its Softmax/Sigmoid)"
-    if t.probabilities:
-        source = ", read as probabilities"
-    return f"{what} on {t.output!r}{source}"
-
-
-def to_dict(insp: Inspection) -> dict[str, Any]:
-    """The JSON form of an inspection (schema in README.md, "Inspecting a model")."""
-
-    def tensor(t: InspectedTensor) -> dict[str, Any]:
-        return {
-            "name": t.name,
-            "dtype": t.dtype,
-            "shape": None if t.shape is None else list(t.shape),
-            "numel": t.numel,
-            "op_types": list(t.op_types),
-            "nodes": list(t.nodes),
-            "origins": list(t.origins),
-        }
-
-    def info(t: TensorInfo) -> dict[str, Any]:
-        return {"name": t.name, "dtype": t.dtype, "shape": None if t.shape is None else list(t.shape)}
-
-    return {
-        "model": insp.model,
-        "opset": insp.opset,
-        "prepared_opset": insp.prepared_opset,
-        "ir_version": insp.ir_version,
-        "inputs": [info(t) for t in insp.inputs],
-        "outputs": [info(t) for t in insp.outputs],
-        "weights": [tensor(t) for t in insp.weights],
-        "activations": [tensor(t) for t in insp.activations],
-        "totals": {"weights": len(insp.weights), "activations": len(insp.activations), "parameters": insp.parameters},
-        "changes": [{"kind": c.kind, "where": c.where, "detail": c.detail} for c in insp.changes],
-        "unsupported": [
-            {"op_type": b.op_type, "domain": b.domain, "node": b.node, "reason": b.reason, "outputs": list(b.outputs)}
-            for b in insp.unsupported
-        ],
-        "problems": list(insp.problems),
-        "loss": None
-        if insp.loss is None
-        else {
-            "output": insp.loss.output,
-            "tap": insp.loss.tap,
-            "likelihood": insp.loss.likelihood.value,
-            "class_axis": insp.loss.class_axis,
-            "probabilities": insp.loss.probabilities,
-        },
-    }
-
-
-def write_json(insp: Inspection, path: str | os.PathLike[str]) -> None:
-
-    def write(f: io.TextIOBase) -> None:
-        json.dump(to_dict(insp), f, indent=2)
-        f.write("\n")
-
-    write_atomic(path, write)
