@@ -10,7 +10,7 @@ from typing import Any
 from fitonnx.analysis.compare import CompareReport, Leftover, ModelComparison, ModelResult, PairScore, ratio
 from fitonnx.files.atomic import write_atomic
 from fitonnx.model.graph import Kind
-from fitonnx.render.plot import pyplot_or_none, save_png
+from fitonnx.render.plot import label_fit_against_size, pyplot_or_none, save_png
 from fitonnx.render.text import json_safe, short
 from fitonnx.score.fit import TensorScore
 
@@ -293,11 +293,7 @@ def write_plot(report: CompareReport, path: str | os.PathLike[str]) -> bool:
                 ax.annotate(f"W{w}", (x, y), textcoords="offset points", xytext=(4, 4), color=color)
         if all(f > 0 for m in report.models for _, f in m.front):
             ax.set_yscale("log")
-        ax.set_xlabel("weight size (KB)")
-        ax.set_ylabel("FIT (weights + activations)")
-        ax.set_title("FIT against size; squares: uniform bit widths")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        label_fit_against_size(ax, "FIT against size; squares: uniform bit widths")
         save_png(fig, path)
     finally:
         plt.close(fig)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 from types import ModuleType
+from typing import Any
 
 from fitonnx.errors import FitonnxError
 from fitonnx.files.atomic import write_atomic
@@ -39,3 +40,12 @@ def save_png(fig: object, path: str | os.PathLike[str]) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")  # type: ignore[attr-defined]
     write_atomic(path, buffer.getvalue())
+
+
+def label_fit_against_size(ax: Any, title: str) -> None:
+    """Axis labels, title, grid and legend of a FIT-against-weight-size plot (the Pareto views)."""
+    ax.set_xlabel("weight size (KB)")
+    ax.set_ylabel("FIT (weights + activations)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()

@@ -9,19 +9,14 @@ import os
 from typing import Any
 
 from fitonnx.files.atomic import write_atomic
-from fitonnx.render.text import short
+from fitonnx.render.text import provenance_dict, short
 from fitonnx.score.fit import ScoreReport
 
 
 def to_dict(report: ScoreReport) -> dict[str, Any]:
     """The JSON report (schema in README.md)."""
     return {
-        "model": report.model,
-        "fisher": report.fisher,
-        "likelihood": report.likelihood,
-        "output": report.output,
-        "data": report.data_source,
-        "samples": report.samples,
+        **provenance_dict(report),
         "stop_reason": report.stop_reason,
         "weight_bits": list(report.weight_bits),
         "activation_bits": list(report.activation_bits),

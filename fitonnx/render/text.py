@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Protocol
 
 
 def short(text: str, width: int) -> str:
@@ -26,3 +26,32 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, list):
         return [json_safe(v) for v in value]
     return value
+
+
+class Provenanced(Protocol):
+    """A report that says where it came from (``ScoreReport``, ``ValidationReport``)."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def fisher(self) -> str: ...
+    @property
+    def likelihood(self) -> str: ...
+    @property
+    def output(self) -> str: ...
+    @property
+    def data_source(self) -> str: ...
+    @property
+    def samples(self) -> int: ...
+
+
+def provenance_dict(report: Provenanced) -> dict[str, Any]:
+    """How a JSON report opens: the model, how its Fisher was estimated, on which data and how much."""
+    return {
+        "model": report.model,
+        "fisher": report.fisher,
+        "likelihood": report.likelihood,
+        "output": report.output,
+        "data": report.data_source,
+        "samples": report.samples,
+    }

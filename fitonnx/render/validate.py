@@ -15,7 +15,7 @@ from fitonnx.analysis.predictors import PREDICTORS, Predictor
 from fitonnx.analysis.validate import ConfigResult, ValidationReport, measures_of
 from fitonnx.files.atomic import write_atomic
 from fitonnx.render.plot import require_matplotlib, save_png
-from fitonnx.render.text import finite
+from fitonnx.render.text import finite, provenance_dict
 from fitonnx.score.ranks import Correlation
 
 # Above this median KL (nats per held-out sample) the report says the configurations are outside
@@ -60,12 +60,7 @@ def _correlation_dict(report: ValidationReport) -> dict[str, dict[str, dict[str,
 def to_dict(report: ValidationReport) -> dict[str, Any]:
     """The JSON report (schema in README.md); NaN (undefined correlation) is written as null."""
     return {
-        "model": report.model,
-        "fisher": report.fisher,
-        "likelihood": report.likelihood,
-        "output": report.output,
-        "data": report.data_source,
-        "samples": report.samples,
+        **provenance_dict(report),
         "eval_data": report.eval_source,
         "eval_samples": report.eval_samples,
         "scheme": {"per_channel": report.scheme.per_channel, "symmetric": report.scheme.symmetric},
