@@ -195,6 +195,35 @@ def _notes(a: TensorScore, b: TensorScore, tol: float) -> tuple[str, ...]:
     return tuple(notes)
 
 
+def _compare_pair(
+    base: api.Session, base_report: ScoreReport, s: api.Session, r: ScoreReport, k: int, agree_tol: float
+) -> ModelComparison:
+    """Model ``k`` against the first: its aligned pairs, leftovers and the rank agreement of FIT."""
+    al = align_mod.align(base.prepared.model, base.tensors, s.prepared.model, s.tensors)
+    pairs = tuple(
+        PairScore(
+            kind=m.kind,
+            a=base_report.tensor(m.a),
+            b=r.tensor(m.b),
+            op_a=m.op_a,
+            op_b=m.op_b,
+            notes=_notes(base_report.tensor(m.a), r.tensor(m.b), agree_tol),
+        )
+        for m in al.pairs
+    )
+    bit = base_report.bits[0]
+    fa = np.array([p.a.fit[bit] for p in pairs])
+    fb = np.array([p.b.fit[bit] for p in pairs])
+    return ModelComparison(
+        a=0,
+        b=k,
+        pairs=pairs,
+        unmatched_a=tuple(Leftover(base_report.tensor(u.name), u.reason) for u in al.unpaired_a),
+        unmatched_b=tuple(Leftover(r.tensor(u.name), u.reason) for u in al.unpaired_b),
+        rank=RankAgreement(pairs=len(pairs), spearman=spearman(fa, fb), kendall=kendall(fa, fb)),
+    )
+
+
 def compare_scored(
     sessions: Sequence[api.Session], reports: Sequence[ScoreReport], *, agree_tol: float = DEFAULT_AGREE_TOL
 ) -> CompareReport:
@@ -206,44 +235,14 @@ def compare_scored(
         raise FitonnxError(f"expected every model scored with the same bit widths; found {sorted(bits)}")
     labels = _labels(sessions)
     models = tuple(_model_result(label, r) for label, r in zip(labels, reports, strict=True))
-    base, base_report = sessions[0], reports[0]
-    comparisons: list[ModelComparison] = []
-    for k in range(1, len(sessions)):
-        s, r = sessions[k], reports[k]
-        al = align_mod.align(base.prepared.model, base.tensors, s.prepared.model, s.tensors)
-        pairs = tuple(
-            PairScore(
-                kind=m.kind,
-                a=base_report.tensor(m.a),
-                b=r.tensor(m.b),
-                op_a=m.op_a,
-                op_b=m.op_b,
-                notes=_notes(base_report.tensor(m.a), r.tensor(m.b), agree_tol),
-            )
-            for m in al.pairs
-        )
-        bit = base_report.bits[0]
-        fa = np.array([p.a.fit[bit] for p in pairs])
-        fb = np.array([p.b.fit[bit] for p in pairs])
-        comparisons.append(
-            ModelComparison(
-                a=0,
-                b=k,
-                pairs=pairs,
-                unmatched_a=tuple(Leftover(base_report.tensor(u.name), u.reason) for u in al.unpaired_a),
-                unmatched_b=tuple(Leftover(r.tensor(u.name), u.reason) for u in al.unpaired_b),
-                rank=RankAgreement(
-                    pairs=len(pairs),
-                    spearman=spearman(fa, fb),
-                    kendall=kendall(fa, fb),
-                ),
-            )
-        )
+    comparisons = tuple(
+        _compare_pair(sessions[0], reports[0], sessions[k], reports[k], k, agree_tol) for k in range(1, len(sessions))
+    )
     return CompareReport(
         models=models,
-        comparisons=tuple(comparisons),
-        weight_bits=base_report.weight_bits,
-        activation_bits=base_report.activation_bits,
+        comparisons=comparisons,
+        weight_bits=reports[0].weight_bits,
+        activation_bits=reports[0].activation_bits,
         agree_tol=agree_tol,
     )
 

@@ -135,6 +135,22 @@ def _calibrate(s: api.Session, opts: FisherOptions, sim: SimulationOptions, prog
     return _Calibration(gm, target, mode, traces, report)
 
 
+def _simulator(s: api.Session, cal: _Calibration, sim: SimulationOptions, held_out: Dataset) -> simulate.Simulator:
+    """The simulator of the loss's tap on the held-out data, activation grids from the calibration ranges."""
+    traces = cal.traces
+    act_ranges = {name: (traces.act_min[name], traces.act_max[name]) for name in traces.act_min}
+    return simulate.Simulator(
+        simulate.build(s.prepared.model, s.tensors, cal.target.tap, s.specs),
+        s.prepared.model,
+        s.tensors,
+        act_ranges,
+        sim.scheme,
+        held_out,
+        s.specs,
+        sim.batch_size,
+    )
+
+
 def harness(
     model: ModelSource,
     data: DataSource = None,
@@ -157,17 +173,7 @@ def harness(
     held_out = _eval_dataset(s, eval_data)
     cal = _calibrate(s, opts, sim, progress)
     traces = cal.traces
-    act_ranges = {name: (traces.act_min[name], traces.act_max[name]) for name in traces.act_min}
-    simulator = simulate.Simulator(
-        simulate.build(s.prepared.model, s.tensors, cal.target.tap, s.specs),
-        s.prepared.model,
-        s.tensors,
-        act_ranges,
-        sim.scheme,
-        held_out,
-        s.specs,
-        sim.batch_size,
-    )
+    simulator = _simulator(s, cal, sim, held_out)
 
     def second_pass(gm: GradientModel, extra: Sequence[str]) -> engine.FisherTraces:
         return engine.run(gm, s.data, s.specs, opts.run_options(), progress, extra_outputs=extra)

@@ -10,7 +10,7 @@ would block a gradient, with the outputs whose loss it blocks. The views are in
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +19,7 @@ from onnx import helper
 
 from fitonnx.errors import FitonnxError
 from fitonnx.fisher.losses import OutputTarget, resolve_output
-from fitonnx.model.graph import Kind, find_quantizable, output_ranks
+from fitonnx.model.graph import Kind, QuantTensor, find_quantizable, output_ranks
 from fitonnx.model.load import LoadedModel, load_model
 from fitonnx.prepare import Change, PreparedModel, prepare
 from fitonnx.prepare.opset import opset_of
@@ -95,6 +95,31 @@ def _dtype(t: TensorType | None) -> str:
     return str(np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)))
 
 
+def _inspected(t: QuantTensor, types: Mapping[str, TensorType], prepared: PreparedModel) -> InspectedTensor:
+    """A quantizable tensor with its inferred type and the original tensors it comes from."""
+    return InspectedTensor(
+        name=t.name,
+        kind=t.kind,
+        dtype=_dtype(types.get(t.name)),
+        shape=types[t.name].shape if t.name in types else t.shape,
+        op_types=t.op_types,
+        nodes=t.nodes,
+        origins=prepared.origin_of(t.name),
+    )
+
+
+def _infos(names: Sequence[str], types: Mapping[str, TensorType]) -> tuple[TensorInfo, ...]:
+    return tuple(TensorInfo(name, _dtype(types.get(name)), _shape(types.get(name))) for name in names)
+
+
+def _default_loss(model: onnx.ModelProto) -> tuple[OutputTarget | None, str | None]:
+    """How score reads the outputs without labels, or why no default could be chosen."""
+    try:
+        return resolve_output(model, output_ranks(model), None, None, None), None
+    except FitonnxError as exc:
+        return None, str(exc)
+
+
 def inspect_model(model: InspectSource, *, input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> Inspection:
     """Prepare ``model`` (no data) and describe what fitonnx would score and change.
 
@@ -112,45 +137,21 @@ def inspect_model(model: InspectSource, *, input_shapes: Mapping[str, tuple[int,
         prepared = PreparedModel(original=proto, model=proto, changes=(), reference=proto)
     types = tensor_types(prepared.model)
     tensors = find_quantizable(prepared.model)
-    inspected = [
-        InspectedTensor(
-            name=t.name,
-            kind=t.kind,
-            dtype=_dtype(types.get(t.name)),
-            shape=types[t.name].shape if t.name in types else t.shape,
-            op_types=t.op_types,
-            nodes=t.nodes,
-            origins=prepared.origin_of(t.name),
-        )
-        for t in tensors
-    ]
+    inspected = [_inspected(t, types, prepared) for t in tensors]
     try:
         blockers = find_blockers(prepared.model, [t.name for t in tensors])
     except FitonnxError as exc:
         problems.append(str(exc))
         blockers = []
     inits = {t.name for t in proto.graph.initializer}
-    original_types = tensor_types(proto)
-    loss: OutputTarget | None = None
-    loss_problem = None
-    try:
-        loss = resolve_output(prepared.model, output_ranks(prepared.model), None, None, None)
-    except FitonnxError as exc:
-        loss_problem = str(exc)
+    loss, loss_problem = _default_loss(prepared.model)
     return Inspection(
         model=loaded.name,
         opset=opset_of(proto),
         prepared_opset=opset_of(prepared.model),
         ir_version=proto.ir_version,
-        inputs=tuple(
-            TensorInfo(v.name, _dtype(original_types.get(v.name)), _shape(original_types.get(v.name)))
-            for v in proto.graph.input
-            if v.name not in inits
-        ),
-        outputs=tuple(
-            TensorInfo(v.name, _dtype(types.get(v.name)), _shape(types.get(v.name)))
-            for v in prepared.model.graph.output
-        ),
+        inputs=_infos([v.name for v in proto.graph.input if v.name not in inits], tensor_types(proto)),
+        outputs=_infos([v.name for v in prepared.model.graph.output], types),
         weights=tuple(t for t in inspected if t.kind is Kind.WEIGHT),
         activations=tuple(t for t in inspected if t.kind is Kind.ACTIVATION),
         changes=prepared.changes,
