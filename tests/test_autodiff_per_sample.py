@@ -1,0 +1,109 @@
+"""Per-sample squared weight-gradient norms from one batch-4 pass against ‖gradient‖² of each sample
+run alone (batch 1) through ``build_gradient_graph``: float32 both ways, different summation
+orders, so equal to float32 rounding (RTOL = 1e-4 relative per sample)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from fitonnx.errors import UnsupportedError
+from fitonnx.fisher.autodiff import build_gradient_graph, per_sample_sqnorms
+from tests.test_autodiff_harness import session
+from tests.test_autodiff_models import small_classifier
+
+RTOL = 1e-4
+n = helper.make_node
+
+
+def _model(nodes: list[onnx.NodeProto], x_dims: list, inits: dict[str, np.ndarray]) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "m",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *x_dims])],
+        [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def sequence_model(t: int, k: int, m: int) -> onnx.ModelProto:
+    """x[N, t, k] @ w[k, m] → Tanh → Σ(· ⊙ c) with c [t, m] fixed: a loss summed over samples."""
+    rng = np.random.default_rng(t)
+    nodes = [
+        n("MatMul", ["x", "w"], ["h"]),
+        n("Tanh", ["h"], ["a"]),
+        n("Mul", ["a", "c"], ["ac"]),
+        n("ReduceSum", ["ac"], ["loss"], keepdims=0),
+    ]
+    return _model(nodes, [t, k], {"w": rng.normal(size=(k, m)), "c": rng.normal(size=(t, m))})
+
+
+def grouped_conv_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(3)
+    nodes = [
+        n("Conv", ["x", "w", "b"], ["y"], group=2, strides=[2, 1], pads=[1, 0, 1, 1], dilations=[1, 2]),
+        n("Tanh", ["y"], ["a"]),
+        n("ReduceSum", ["a"], ["loss"], keepdims=0),
+    ]
+    return _model(nodes, [4, 7, 6], {"w": rng.normal(size=(6, 2, 3, 2)), "b": rng.normal(size=6)})
+
+
+def _check(model: onnx.ModelProto, weights: list[str], feed: dict[str, np.ndarray]) -> None:
+    norms = session(per_sample_sqnorms(model, "loss", weights)).run([f"{w}_sqnorm" for w in weights], feed)
+    single = session(build_gradient_graph(model, "loss", weights))
+    batch = len(next(iter(feed.values())))
+    for i in range(batch):
+        grads = single.run([f"{w}_grad" for w in weights], {k: v[i : i + 1] for k, v in feed.items()})
+        for w, norm, grad in zip(weights, norms, grads, strict=True):
+            want = float(np.sum(np.asarray(grad, np.float64) ** 2))
+            assert norm.shape == (batch,)
+            assert abs(norm[i] - want) <= RTOL * want, (w, i, norm[i], want)
+
+
+def test_conv_and_gemm_weights_of_a_classifier() -> None:
+    rng = np.random.default_rng(0)
+    feed = {"x": rng.normal(size=(4, 2, 9, 9)).astype(np.float32), "labels": rng.integers(0, 3, 4)}
+    _check(small_classifier(), ["cw", "cb", "fw", "fb"], feed)
+
+
+@pytest.mark.parametrize(("t", "k", "m"), [(3, 4, 5), (6, 2, 3)], ids=["ghost", "direct"])
+def test_matmul_on_sequences(t: int, k: int, m: int) -> None:
+    feed = {"x": np.random.default_rng(1).normal(size=(4, t, k)).astype(np.float32)}
+    _check(sequence_model(t, k, m), ["w"], feed)
+
+
+def test_grouped_strided_dilated_conv() -> None:
+    feed = {"x": np.random.default_rng(2).normal(size=(4, 4, 7, 6)).astype(np.float32)}
+    _check(grouped_conv_model(), ["w", "b"], feed)
+
+
+def test_embedding_with_repeated_tokens() -> None:
+    """Gather rows of a [7, 3] table by token ids [N, 5] (repeats within a sample), then Tanh · c."""
+    rng = np.random.default_rng(4)
+    nodes = [
+        n("Gather", ["table", "x"], ["e"], axis=0),
+        n("Tanh", ["e"], ["a"]),
+        n("Mul", ["a", "c"], ["ac"]),
+        n("ReduceSum", ["ac"], ["loss"], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "emb",
+        [helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 5])],
+        [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])],
+        [
+            numpy_helper.from_array(rng.normal(size=s).astype(np.float32), k)
+            for k, s in (("table", (7, 3)), ("c", (5, 3)))
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    tokens = np.array([[1, 1, 3, 6, 1], [0, 2, 2, 5, 4], [6, 6, 6, 6, 6], [3, 4, 5, 0, 1]], np.int64)
+    _check(model, ["table"], {"x": tokens})
+
+
+def test_other_readers_are_refused() -> None:
+    with pytest.raises(UnsupportedError, match="MatMul/Gemm/Conv"):
+        per_sample_sqnorms(sequence_model(3, 4, 5), "loss", ["c"])
