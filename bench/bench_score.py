@@ -139,13 +139,15 @@ def time_score(model_path: Path, data: fitonnx.Dataset) -> Run:
 def build_engine_model(setup: Setup, exact_norms: bool = False) -> instrument.GradientModel:
     s = setup.session
     return instrument.build_gradient_model(
-        s.prepared.model,
-        s.tensors,
-        setup.head,
-        s.data.labels.dtype,
-        setup.ranks,
-        shapes=setup.shapes,
-        exact_norms=exact_norms,
+        instrument.GradientRequest(
+            s.prepared.model,
+            s.tensors,
+            setup.head,
+            s.data.labels.dtype,
+            setup.ranks,
+            shapes=setup.shapes,
+            exact_norms=exact_norms,
+        )
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from fitonnx.allocate import knapsack as allocate
 from fitonnx.allocate.knapsack import AllocationOptions, Budget, BudgetKind, budget_from
@@ -15,11 +16,12 @@ from fitonnx.analysis.compare import CompareReport, compare
 from fitonnx.analysis.inspection import Inspection, inspect_model
 from fitonnx.analysis.validate import ValidationReport, validate
 from fitonnx.export import export_recommendation
-from fitonnx.export.bundle import Written, prepare_out_dir, write_outputs
+from fitonnx.export.bundle import PARETO_CSV, PARETO_JSON, PARETO_PNG, Written, prepare_out_dir, write_outputs
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.fisher.session import Session, fisher_traces, gradient_model, inspect_tensors, open_model
 from fitonnx.model.source import DataSource, ModelSource, RandomData, RandomDataWarning, resolve_data
 from fitonnx.progress import Progress
+from fitonnx.render import pareto
 from fitonnx.score import noise
 from fitonnx.score.fit import ScoreReport
 from fitonnx.score.run import score_model
@@ -110,7 +112,23 @@ def recommend(
         None
         if out is None
         else write_outputs(
-            alloc, s.loaded.proto, out, source=s.loaded.path, data=s.data, origin_of=s.prepared.origin_of
+            alloc,
+            s.loaded.proto,
+            out,
+            source=s.loaded.path,
+            data=s.data,
+            origin_of=s.prepared.origin_of,
+            front=_write_front,
         )
     )
     return RecommendResult(allocation=alloc, report=report, written=written)
+
+
+def _write_front(alloc: allocate.Allocation, out: Path) -> tuple[list[Path], list[str]]:
+    """pareto.json, pareto.csv and (with matplotlib) pareto.png in ``out``: the files and a note for a missing one."""
+    pareto.write_json(alloc, out / PARETO_JSON)
+    pareto.write_csv(alloc, out / PARETO_CSV)
+    paths = [out / PARETO_JSON, out / PARETO_CSV]
+    if pareto.write_png(alloc, out / PARETO_PNG):
+        return [*paths, out / PARETO_PNG], []
+    return paths, ["no pareto.png: matplotlib is not installed (pip install 'fitonnx[plot]')"]

@@ -10,8 +10,8 @@ import pytest
 from onnx import TensorProto, helper
 
 import fitonnx.formats as F
-from fitonnx import noise
 from fitonnx.errors import FitonnxError, UnsupportedError
+from fitonnx.score import noise
 
 BRIEF_NAMES = [
     "int8",

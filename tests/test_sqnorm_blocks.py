@@ -55,14 +55,16 @@ def _sqnorms_and_grads(exact_norms: bool) -> tuple[instrument.GradientModel, lis
     feed = data.sample(0, specs)
     shapes = engine.probe_shapes(probe, names, feed)
     gm = instrument.build_gradient_model(
-        model,
-        tensors,
-        head,
-        data.labels.dtype,
-        {n: len(s) for n, s in shapes.items()},
-        keep_gradients=True,
-        shapes={**shapes, "x": feed["x"].shape},
-        exact_norms=exact_norms,
+        instrument.GradientRequest(
+            model,
+            tensors,
+            head,
+            data.labels.dtype,
+            {n: len(s) for n, s in shapes.items()},
+            keep_gradients=True,
+            shapes={**shapes, "x": feed["x"].shape},
+            exact_norms=exact_norms,
+        )
     )
     session = engine.make_session(gm.model_bytes)
     zeros = {zero: np.zeros(shapes[act], np.float32) for act, zero in gm.perturbations}

@@ -29,7 +29,7 @@ from fractions import Fraction
 import numpy as np
 
 from fitonnx.allocate.recommendation import ParetoPoint, Recommendation
-from fitonnx.allocate.targets import Target, get_target
+from fitonnx.allocate.targets import DEFAULT_TARGET, Target, get_target
 from fitonnx.errors import FitonnxError, InternalError
 from fitonnx.model.graph import Kind
 from fitonnx.score.fit import ScoreReport
@@ -196,7 +196,7 @@ def budget_from(*, avg_bits: float | None = None, size_kb: float | None = None, 
 class AllocationOptions:
     """What ``allocate`` may choose from: the target, its weight bit widths, the activations' rule."""
 
-    target: str = "generic"
+    target: str = DEFAULT_TARGET
     weight_bits: tuple[int, ...] | None = None  # None: the target's own
     act_bits: int | None = None  # every activation at this width (default: the target's)
     act_avg_bits: float | None = None  # or an exact allocation of activation bits under this average

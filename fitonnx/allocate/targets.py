@@ -154,6 +154,8 @@ TARGETS: dict[str, Target] = {
     )
 }
 
+DEFAULT_TARGET = "generic"  # the target when none is named (``recommend --target``)
+
 
 def get_target(name: str) -> Target:
     """The registered target ``name``; unknown names fail with the list of known ones."""

@@ -8,7 +8,10 @@ from typing import Any, TypeVar
 
 import click
 
+from fitonnx.fisher import engines
+from fitonnx.fisher.losses import FisherMode, Likelihood
 from fitonnx.fisher.options import FisherOptions
+from fitonnx.score.fit import DEFAULT_ACTIVATION_BITS, DEFAULT_WEIGHT_BITS
 from fitonnx.score.noise import NOISE_MODELS, NoiseModel
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -60,7 +63,7 @@ def data_options(f: F) -> F:
 
 
 def fisher_options(f: F) -> F:
-    """Fisher mode, loss output, sample budget and seed, handed to the command as one
+    """Fisher mode, loss output, sample budget, seed and gradient engine, handed to the command as one
     ``options: FisherOptions`` argument."""
 
     @functools.wraps(f)
@@ -73,6 +76,7 @@ def fisher_options(f: F) -> F:
         max_samples: int | None,
         tol: float | None,
         seed: int,
+        engine: str,
         **kwargs: Any,
     ) -> Any:
         options = FisherOptions(
@@ -83,20 +87,21 @@ def fisher_options(f: F) -> F:
             max_samples=max_samples,
             tol=tol,
             seed=seed,
+            engine=engine,
         )
         return f(*args, options=options, **kwargs)
 
     return _compose(
         click.option(
             "--fisher",
-            type=click.Choice(["empirical", "mc", "exact"]),
+            type=click.Choice([m.value for m in FisherMode]),
             help="empirical: cross-entropy against the data's labels; mc: labels sampled from the model; "
             "exact: the true Fisher summed over every class (categorical outputs, one pass per class). "
             "Default: empirical when the data has labels, else mc.",
         ),
         click.option(
             "--likelihood",
-            type=click.Choice(["categorical", "bernoulli", "gaussian"]),
+            type=click.Choice([m.value for m in Likelihood]),
             help="How to read the output. Default: from the output's producer (Softmax/Sigmoid) and the labels.",
         ),
         click.option("--output", help="The model output that defines the loss. Default: the first float output."),
@@ -108,6 +113,13 @@ def fisher_options(f: F) -> F:
             help="Stop once the relative standard error of the total trace is below TOL (e.g. 0.05).",
         ),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for --fisher mc and --random-data."),
+        click.option(
+            "--engine",
+            type=click.Choice(list(engines.ENGINE_CHOICES)),
+            default=engines.AUTO,
+            show_default=True,
+            help="What builds the gradient graph. auto: the first installed of " + ", ".join(engines.PREFERENCE) + ".",
+        ),
     )(collect)  # type: ignore[arg-type]
 
 
@@ -122,13 +134,26 @@ def noise_model_option(f: F) -> F:
     )(f)
 
 
+def _bits_text(bits: tuple[int, ...]) -> str:
+    """Bit widths as the comma-separated text ``BitsList`` reads (``2,3,4,8``)."""
+    return ",".join(str(b) for b in bits)
+
+
 def bits_options(f: F) -> F:
     """Candidate bit widths for weights and activations."""
     return _compose(
         click.option(
-            "--weight-bits", type=BitsList(), default="2,3,4,8", show_default=True, help="Candidate weight bit widths."
+            "--weight-bits",
+            type=BitsList(),
+            default=_bits_text(DEFAULT_WEIGHT_BITS),
+            show_default=True,
+            help="Candidate weight bit widths.",
         ),
         click.option(
-            "--act-bits", type=BitsList(), default="8,16", show_default=True, help="Candidate activation bit widths."
+            "--act-bits",
+            type=BitsList(),
+            default=_bits_text(DEFAULT_ACTIVATION_BITS),
+            show_default=True,
+            help="Candidate activation bit widths.",
         ),
     )(f)

@@ -6,7 +6,7 @@ import click
 
 from fitonnx import api
 from fitonnx.allocate.knapsack import BYTES_PER_KB, Allocation, AllocationOptions, budget_from
-from fitonnx.allocate.targets import TARGETS
+from fitonnx.allocate.targets import DEFAULT_TARGET, TARGETS
 from fitonnx.cli.common import data_source, echo_warnings
 from fitonnx.cli.options import BitsList, data_options, fisher_options, noise_model_option
 from fitonnx.cli.progress import progress_bars
@@ -67,13 +67,17 @@ def format_summary(result: api.RecommendResult, limit: int | None = None) -> str
 @click.option(
     "--target",
     type=click.Choice(sorted(TARGETS)),
-    default="generic",
+    default=DEFAULT_TARGET,
     show_default=True,
     help="Deployment toolchain: its bit widths, grid and export files. "
     + "; ".join(f"{t.name}: {t.summary}" for t in TARGETS.values()),
 )
 @click.option("--weight-bits", type=BitsList(), help="Restrict the target's weight bit widths, e.g. 4,8.")
-@click.option("--act-bits", type=int, help="Bits of every activation. Default: the target's (8).")
+@click.option(
+    "--act-bits",
+    type=int,
+    help=f"Bits of every activation. Default: the target's ({TARGETS[DEFAULT_TARGET].default_activation_bits}).",
+)
 @click.option(
     "--act-avg-bits", type=float, help="Instead of --act-bits: choose activation bits under this average (exact)."
 )

@@ -8,6 +8,7 @@ looked up in ``fitonnx.export.EXPORTERS``).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +21,15 @@ from fitonnx.export.annotate import annotated_path, write_annotated
 from fitonnx.export.registry import get_exporter
 from fitonnx.export.rename import OriginFn, for_original
 from fitonnx.model.data import Dataset
-from fitonnx.render import pareto
 
 RECOMMENDATION_JSON = "recommendation.json"
 PARETO_JSON = "pareto.json"
 PARETO_CSV = "pareto.csv"
 PARETO_PNG = "pareto.png"
+
+# Writes the front's views (pareto.json, .csv, .png) into the folder: the files written and notes.
+# The render stage has them; ``api`` passes its writer in, since export sits below render.
+FrontWriter = Callable[[Allocation, Path], tuple[list[Path], list[str]]]
 
 
 @dataclass(frozen=True)
@@ -71,13 +75,14 @@ def write_outputs(
     data: Dataset | None = None,
     formats: tuple[str, ...] | None = None,
     origin_of: OriginFn | None = None,
+    front: FrontWriter | None = None,
 ) -> Written:
     """Write the recommendation, its front and its exports into ``out_dir`` (which must exist).
 
     ``model`` is the ORIGINAL model (the exports annotate and quantize it, not fitonnx's prepared
     twin); ``origin_of`` (``PreparedModel.origin_of``) maps the scored tensors back to its names
     (``fitonnx.rename``); ``data`` is the calibration data exporters calibrate on; ``formats``
-    defaults to the target's.
+    defaults to the target's; ``front`` writes the Pareto front's files (none without it).
     """
     out = Path(out_dir)
     rec = alloc.recommendation
@@ -88,13 +93,10 @@ def write_outputs(
         notes += renames
     rec_mod.save(rec, out / RECOMMENDATION_JSON)
     paths.append(out / RECOMMENDATION_JSON)
-    pareto.write_json(alloc, out / PARETO_JSON)
-    pareto.write_csv(alloc, out / PARETO_CSV)
-    paths += [out / PARETO_JSON, out / PARETO_CSV]
-    if pareto.write_png(alloc, out / PARETO_PNG):
-        paths.append(out / PARETO_PNG)
-    else:
-        notes.append("no pareto.png: matplotlib is not installed (pip install 'fitonnx[plot]')")
+    if front is not None:
+        paths_front, notes_front = front(alloc, out)
+        paths += paths_front
+        notes += notes_front
     paths.append(write_annotated(model, rec, out, source=source))
     for fmt in alloc.target.formats if formats is None else formats:
         paths_fmt, notes_fmt = _export(fmt, model, rec, out, source=source, data=data)

@@ -19,6 +19,7 @@ from fitonnx.files.atomic import write_atomic
 from fitonnx.model import graph
 from fitonnx.model.data import Dataset
 from fitonnx.model.graph import Kind
+from fitonnx.model.graph import channel_axis as channel_axis  # the one rule; exporters import it from here
 from fitonnx.model.runtime import make_session
 from fitonnx.prepare.passes.constants import constants_to_initializers
 
@@ -241,31 +242,3 @@ def require_data(data: Dataset | None, fmt: str) -> Dataset:
             hint="pass --data calib.npz",
         )
     return data
-
-
-def channel_axis(model: onnx.ModelProto, weight: str) -> int | None:
-    """The output-channel axis onnxruntime uses for ``weight`` (None: not a per-channel candidate).
-
-    Mirrors onnxruntime's QDQ operators: Conv 0, ConvTranspose 1, Gemm 0 with transB else 1,
-    MatMul the last axis. A weight read by ops that disagree (or other ops) stays per-tensor.
-    """
-    init = next((t for t in model.graph.initializer if t.name == weight), None)
-    if init is None:
-        return None
-    axes: set[int] = set()
-    for node in model.graph.node:
-        for slot, name in enumerate(node.input):
-            if name != weight:
-                continue
-            if node.op_type == "Conv" and slot == 1:
-                axes.add(0)
-            elif node.op_type == "ConvTranspose" and slot == 1:
-                axes.add(1)
-            elif node.op_type == "Gemm" and slot == 1:
-                trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-                axes.add(0 if trans_b else 1)
-            elif node.op_type == "MatMul" and slot == 1 and len(init.dims) >= 2:
-                axes.add(len(init.dims) - 1)
-            else:
-                return None
-    return axes.pop() if len(axes) == 1 else None

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, version_converter
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_utils, quantize_static
 from onnxruntime.quantization.registry import QDQRegistry
 from onnxruntime.quantization.tensor_quant_overrides import TensorQuantOverridesHelper
 
@@ -187,8 +187,6 @@ def _int4_numpy_types() -> Iterator[None]:
     "must be 8-bit before packing". Its own comments say those types are int8/uint8 underneath;
     the table entries are set for the call and restored after.
     """
-    from onnxruntime.quantization import quant_utils
-
     table = quant_utils.ONNX_TYPE_TO_NP_TYPE
     saved = {t: table.get(t) for t in (TensorProto.INT4, TensorProto.UINT4)}
     if saved[TensorProto.INT4] is None:
@@ -272,7 +270,7 @@ def realized_bits(
     quantized: onnx.ModelProto, sites: list[tuple[str, int, str]]
 ) -> tuple[dict[str, int], dict[str, str]]:
     """For each tensor read at ``sites``, the bits of the DequantizeLinear feeding it (and the domain seen)."""
-    producers = {o: n for n in quantized.graph.node for o in n.output}
+    producers = graph.producers(quantized.graph.node)
     inits = {t.name: t for t in quantized.graph.initializer}
     nodes = {n.name: n for n in quantized.graph.node}
     bits: dict[str, int] = {}
@@ -307,6 +305,28 @@ def quantize_qdq(
     if not quantized:
         notes.append("the recommendation quantizes no tensor: the model is written unchanged (all float)")
         return model, {}, notes
+    model, use_contrib = _lift_opset(model, quantized, settings, per_channel=per_channel, notes=notes)
+    specs = graph.input_specs(model)
+    data_mod.check_against(data, specs)
+    call = _quantizer_call(plan, model, settings, per_channel=per_channel, use_contrib=use_contrib)
+    with tempfile.TemporaryDirectory(prefix="fitonnx-export-") as tmp:
+        # quantize_static is given a path: with a ModelProto, onnxruntime 1.19 re-saves it as
+        # external data that this onnx refuses to load back.
+        src, dst = Path(tmp) / "model.onnx", Path(tmp) / "model.qdq.onnx"
+        onnx.save_model(model, str(src))
+        _run_quantize_static(src, dst, DatasetReader(data, specs), call)
+        qdq = onnx.load_model(str(dst))
+    float_sites = [s for s in call.sites if s[0] in call.quantized_nodes and s[2] not in quantized]
+    qdq = restore_float_inputs(qdq, model, float_sites)
+    bits, domains = realized_bits(qdq, [s for s in call.sites if s[2] in quantized])
+    notes += _check_realized(quantized, bits, domains, settings)
+    return qdq, bits, notes
+
+
+def _lift_opset(
+    model: onnx.ModelProto, quantized: Mapping[str, int], settings: QdqSettings, *, per_channel: bool, notes: list[str]
+) -> tuple[onnx.ModelProto, bool]:
+    """Convert the model to the opset its Q/DQ needs (noting it); whether com.microsoft Q/DQ must stand in."""
     wide = sorted({b for b in quantized.values() if b in (4, 16)})
     if wide and settings.standard_domain_only and opset_of(model) < OPSET_WITH_INT4_INT16:
         notes.append(
@@ -322,9 +342,27 @@ def quantize_qdq(
             f"{wide}-bit Q/DQ at opset {opset_of(model)} use onnxruntime's com.microsoft QuantizeLinear/"
             "DequantizeLinear (UseQDQContribOps)"
         )
-    specs = graph.input_specs(model)
-    data_mod.check_against(data, specs)
+    return model, use_contrib
 
+
+@dataclass(frozen=True)
+class _QuantizerCall:
+    """What ``quantize_static`` is told: which ops and nodes to quantize, and its extra options."""
+
+    sites: list[tuple[str, int, str]]
+    quantized_nodes: frozenset[str]
+    op_types: list[str]
+    nodes_to_exclude: list[str]
+    extra_options: dict[str, Any]
+    per_channel: bool
+    activation_symmetric: bool
+
+
+def _quantizer_call(
+    plan: ExportPlan, model: onnx.ModelProto, settings: QdqSettings, *, per_channel: bool, use_contrib: bool
+) -> _QuantizerCall:
+    """Limit ``quantize_static`` to the nodes that read a recommended tensor, with the plan's overrides."""
+    quantized = plan.quantized
     overrides_json = build_overrides(
         plan,
         weight_symmetric=settings.weight_symmetric,
@@ -357,37 +395,47 @@ def quantize_qdq(
         "QuantizeBias": settings.quantize_bias,
         "UseQDQContribOps": use_contrib,
     }
-    with tempfile.TemporaryDirectory(prefix="fitonnx-export-") as tmp:
-        # quantize_static is given a path: with a ModelProto, onnxruntime 1.19 re-saves it as
-        # external data that this onnx refuses to load back.
-        src, dst = Path(tmp) / "model.onnx", Path(tmp) / "model.qdq.onnx"
-        onnx.save_model(model, str(src))
-        try:
-            with _int4_numpy_types(), _quiet_root_logger():
-                quantize_static(
-                    str(src),
-                    str(dst),
-                    DatasetReader(data, specs),
-                    quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=op_types,
-                    per_channel=per_channel,
-                    activation_type=QuantType.QInt8 if settings.activation_symmetric else QuantType.QUInt8,
-                    weight_type=QuantType.QInt8,
-                    nodes_to_exclude=sorted((candidates - quantized_nodes) | softmax_nodes),
-                    extra_options=extra_options,
-                )
-        except (DataError, FitonnxError):
-            raise
-        except Exception as exc:
-            raise UnsupportedError(
-                f"onnxruntime.quantization.quantize_static failed on this model: {type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:300] if str(exc) else ''}"
-            ) from exc
-        qdq = onnx.load_model(str(dst))
-    float_sites = [s for s in sites if s[0] in quantized_nodes and s[2] not in quantized]
-    qdq = restore_float_inputs(qdq, model, float_sites)
-    quant_sites = [s for s in sites if s[2] in quantized]
-    bits, domains = realized_bits(qdq, quant_sites)
+    return _QuantizerCall(
+        sites=sites,
+        quantized_nodes=frozenset(quantized_nodes),
+        op_types=op_types,
+        nodes_to_exclude=sorted((candidates - quantized_nodes) | softmax_nodes),
+        extra_options=extra_options,
+        per_channel=per_channel,
+        activation_symmetric=settings.activation_symmetric,
+    )
+
+
+def _run_quantize_static(src: Path, dst: Path, reader: CalibrationDataReader, call: _QuantizerCall) -> None:
+    """``quantize_static`` from ``src`` to ``dst``; its failures become fitonnx errors."""
+    try:
+        with _int4_numpy_types(), _quiet_root_logger():
+            quantize_static(
+                str(src),
+                str(dst),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=call.op_types,
+                per_channel=call.per_channel,
+                activation_type=QuantType.QInt8 if call.activation_symmetric else QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=call.nodes_to_exclude,
+                extra_options=call.extra_options,
+            )
+    except (DataError, FitonnxError):
+        raise
+    except Exception as exc:
+        raise UnsupportedError(
+            f"onnxruntime.quantization.quantize_static failed on this model: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        ) from exc
+
+
+def _check_realized(
+    quantized: Mapping[str, int], bits: Mapping[str, int], domains: Mapping[str, str], settings: QdqSettings
+) -> list[str]:
+    """Notes for tensors onnxruntime left in float; an error where it chose other bits or the wrong domain."""
+    notes = []
     for name, want in quantized.items():
         if name not in bits:
             notes.append(f"{name!r} was not quantized by onnxruntime (it reaches its op through another op)")
@@ -395,7 +443,7 @@ def quantize_qdq(
             raise InternalError(f"onnxruntime quantized {name!r} to {bits[name]} bits; the plan said {want}")
     if settings.standard_domain_only and any(d not in ("", "ai.onnx") for d in domains.values()):
         raise InternalError("the QDQ model for a standard-domain toolchain has com.microsoft Q/DQ nodes")
-    return qdq, bits, notes
+    return notes
 
 
 def write_overrides(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,20 @@ from fitonnx.model.data import Dataset
 from fitonnx.model.graph import InputSpec, QuantTensor
 from fitonnx.model.runtime import make_session
 from fitonnx.progress import Progress, as_progress
+
+
+class StopReason(str, Enum):
+    """Why the engine stopped reading samples; a str, so the report's JSON keeps these values."""
+
+    DATA_EXHAUSTED = "data exhausted"
+    MAX_SAMPLES = "max-samples"
+    TOL = "tol"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
 @dataclass(frozen=True)
@@ -57,7 +72,7 @@ class FisherTraces:
     act_min: Mapping[str, float]
     act_max: Mapping[str, float]
     act_shapes: Mapping[str, tuple[int, ...]]  # per-sample activation shape seen on the first sample
-    stop_reason: str
+    stop_reason: StopReason
     diag: Mapping[str, np.ndarray] | None = None  # Σ_i (∂ℓ_i/∂t)² / N, if requested
     extra: Mapping[str, np.ndarray] | None = None  # per-sample values of ``extra_outputs``, if requested
     points: PointTraces | None = None  # if the gradient model has ``point_outputs``
@@ -196,7 +211,7 @@ class _Accumulator:
         var = max(self.s2 / n - mean * mean, 0.0) * n / (n - 1)
         return bool(mean > 0 and np.sqrt(var / n) / mean < options.tol)
 
-    def result(self, act_shapes: Mapping[str, tuple[int, ...]], stop_reason: str, extra_outputs: Sequence[str]):
+    def result(self, act_shapes: Mapping[str, tuple[int, ...]], stop_reason: StopReason, extra_outputs: Sequence[str]):
         gm, n = self.gm, self.done
         names = [a.name for a in gm.activations]
         return FisherTraces(
@@ -241,7 +256,7 @@ def run(
     layout = FetchLayout.of(gm, extra_outputs)
     acc = _Accumulator(gm, layout, total)
     rng = np.random.default_rng(options.seed)
-    stop_reason = "max-samples" if total < data.num_samples else "data exhausted"
+    stop_reason = StopReason.MAX_SAMPLES if total < data.num_samples else StopReason.DATA_EXHAUSTED
     act_shapes: dict[str, tuple[int, ...]] = {}
     enumeration: tuple[tuple[int, ...], int] | None = None  # (label shape, classes) for an enumerating head
     bar.start(total, "Fisher samples")
@@ -255,7 +270,7 @@ def run(
         acc.add(i, _run_one(session, layout, run_feed, enumeration, gm, i), squared=enumeration is not None)
         bar.advance(1)
         if acc.converged(options):
-            stop_reason = "tol"
+            stop_reason = StopReason.TOL
             break
     return acc.result(act_shapes, stop_reason, extra_outputs)
 

@@ -14,7 +14,6 @@ Like ONNX Runtime's calibrator, this stage only builds models; ``engine`` runs t
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -22,10 +21,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from fitonnx.errors import InternalError, UnsupportedError
+from fitonnx.errors import FitonnxError, InternalError, UnsupportedError
+from fitonnx.fisher.engines import AUTO, get_engine
 from fitonnx.fisher.losses import LABELS, LOSS, NOISE, PREFIX, LossHead
-from fitonnx.model.graph import Kind, QuantTensor
-from fitonnx.model.runtime import quiet_stderr
+from fitonnx.model.graph import Kind, QuantTensor, default_opset, producer_positions
 
 
 @dataclass(frozen=True)
@@ -111,7 +110,7 @@ def _tap_activations(
             if name in renames:
                 node.input[slot] = renames[name]
     # Topological order: put each tap right after the producer of its activation.
-    position = {o: i for i, n in enumerate(graph.node) for o in n.output}
+    position = producer_positions(graph.node)
     nodes = list(graph.node)
     for tap in sorted(tap_nodes, key=lambda t: position.get(t.input[0], -1), reverse=True):
         nodes.insert(position.get(tap.input[0], -1) + 1, tap)
@@ -191,56 +190,84 @@ def augment(
     return AugmentedModel(model=work, perturbations=tuple(pairs), differentiate=tuple(differentiate))
 
 
-def gradient_graph(aug: AugmentedModel, source: onnx.ModelProto) -> onnx.ModelProto:
-    """GradientGraphBuilder's output for ``aug``: outputs ``<name>_grad`` per differentiated name.
+def gradient_graph(aug: AugmentedModel, source: onnx.ModelProto, engine: str = AUTO) -> onnx.ModelProto:
+    """The gradient ``engine``'s output for ``aug``: outputs ``<name>_grad`` per differentiated name.
 
     ``source`` is the model before augmentation, whose ops name the culprit if the build fails.
     """
-    # Deferred: importing the training binding is slow and only this stage needs it.
-    from onnxruntime.capi._pybind_state import GradientGraphBuilder
-
+    builder = get_engine(engine)
     try:
-        with quiet_stderr():
-            builder = GradientGraphBuilder(aug.model.SerializeToString(), {LOSS}, set(aug.differentiate), LOSS)
-            builder.build()
-        return onnx.load_from_string(builder.get_model())
-    except Exception as exc:  # the binding raises RuntimeError/Fail with a C++ message
-        raise _explain_build_failure(exc, source) from None
+        return builder.build(aug.model, LOSS, aug.differentiate)
+    except FitonnxError:
+        raise
+    except Exception as exc:  # a binding raises RuntimeError/Fail with a C++ message
+        raise builder.explain(exc, source) from None
 
 
-def build_gradient_model(
-    model: onnx.ModelProto,
-    tensors: Sequence[QuantTensor],
-    head: LossHead,
-    labels_dtype: np.dtype | None,
-    ranks: Mapping[str, int],
-    keep_gradients: bool = False,
-    shapes: Mapping[str, tuple[int, ...]] | None = None,
-    exact_norms: bool = False,
-    exact_points: bool = False,
-) -> GradientModel:
-    """Attach the loss head and activation taps, build the gradient graph, add reductions.
+@dataclass(frozen=True)
+class GradientRequest:
+    """What ``build_gradient_model`` builds: the prepared model, the tensors to score, the loss head.
 
     ``ranks`` gives the rank of every activation (from ``engine.probe_shapes``); ``shapes``, the
     concrete per-sample shapes of the inputs and activations, makes pooling gradients correct.
-    ``exact_norms`` casts every gradient to float64 before squaring (slower; see MIN_BLOCK).
-    ``exact_points`` adds ``point_outputs`` (see GradientModel) for the grid noise model.
+    ``keep_gradients`` also outputs the full gradients; ``exact_norms`` casts every gradient to
+    float64 before squaring (slower; see MIN_BLOCK); ``exact_points`` adds ``point_outputs`` (see
+    GradientModel) for the grid noise model. ``engine``: the gradient engine (``fisher.engines``).
     """
-    aug = augment(model, tensors, head, labels_dtype, ranks, shapes)
-    activations = [t for t in tensors if t.kind is Kind.ACTIVATION]
-    weights = [t for t in tensors if t.kind is Kind.WEIGHT]
-    probe_bytes, probe_outputs = build_probe(model, activations, head.target.tap)
-    pairs = list(aug.perturbations)
-    grad_model = gradient_graph(aug, model)
 
+    model: onnx.ModelProto
+    tensors: Sequence[QuantTensor]
+    head: LossHead
+    labels_dtype: np.dtype | None
+    ranks: Mapping[str, int]
+    shapes: Mapping[str, tuple[int, ...]] | None = None
+    keep_gradients: bool = False
+    exact_norms: bool = False
+    exact_points: bool = False
+    engine: str = AUTO
+
+    @property
+    def activations(self) -> list[QuantTensor]:
+        return [t for t in self.tensors if t.kind is Kind.ACTIVATION]
+
+
+def build_gradient_model(request: GradientRequest) -> GradientModel:
+    """Attach the loss head and activation taps, build the gradient graph, add reductions."""
+    r = request
+    aug = augment(r.model, r.tensors, r.head, r.labels_dtype, r.ranks, r.shapes)
+    activations = r.activations
+    probe_bytes, probe_outputs = build_probe(r.model, activations, r.head.target.tap)
+    grad_model = gradient_graph(aug, r.model, r.engine)
     g = grad_model.graph
+    weights = [t.name for t in r.tensors if t.kind is Kind.WEIGHT]
+    by_tensor = {w: w for w in weights} | {a: zero for a, zero in aug.perturbations}
+    grad_outputs = _gradient_names(g, r.tensors, by_tensor)
+    sq_outputs = _add_sqnorms(g, r, grad_outputs, default_opset(grad_model))
+    ranges = [_add_range(g, act.name, _safe(i, "min"), _safe(i, "max")) for i, act in enumerate(activations)]
+    points = _add_points(g, r, ranges, by_tensor) if r.exact_points else []
+    loss_output = LOSS if r.head.enumerate_labels else None
+    _set_outputs(g, sq_outputs, ranges, grad_outputs if r.keep_gradients else [], points, loss_output)
+    return GradientModel(
+        model_bytes=grad_model.SerializeToString(),
+        probe_bytes=probe_bytes,
+        tensors=tuple(r.tensors),
+        perturbations=aug.perturbations,
+        sqnorm_outputs=tuple(sq_outputs),
+        grad_outputs=tuple(grad_outputs) if r.keep_gradients else (),
+        range_outputs=tuple(ranges),
+        head=r.head,
+        probe_outputs=probe_outputs,
+        point_outputs=tuple(points),
+        loss_output=loss_output,
+        sample_shapes=dict(r.shapes or {}),
+    )
+
+
+def _gradient_names(g: onnx.GraphProto, tensors: Sequence[QuantTensor], by_tensor: Mapping[str, str]) -> list[str]:
+    """The gradient output of each tensor (order of ``tensors``), checked to be in the graph."""
     produced = {o for n in g.node for o in n.output}
-    sizes = {init.name: int(np.prod(init.dims, dtype=np.int64)) for init in model.graph.initializer}
-    opset = next((o.version for o in grad_model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    sq_outputs: list[str] = []
-    grad_outputs: list[str] = []
-    by_tensor = {w.name: w.name for w in weights} | {a: zero for a, zero in pairs}
-    for i, t in enumerate(tensors):
+    names = []
+    for t in tensors:
         grad = by_tensor[t.name] + "_grad"
         if grad not in produced:
             raise UnsupportedError(
@@ -248,60 +275,69 @@ def build_gradient_model(
                 "to reach the chosen output",
                 hint="pick the output that depends on it with --output",
             )
+        names.append(grad)
+    return names
+
+
+def _add_sqnorms(g: onnx.GraphProto, r: GradientRequest, grads: Sequence[str], opset: int) -> list[str]:
+    """Append the per-sample squared norm of each gradient; return their names."""
+    sizes = {init.name: int(np.prod(init.dims, dtype=np.int64)) for init in r.model.graph.initializer}
+    outputs = []
+    for i, (t, grad) in enumerate(zip(r.tensors, grads, strict=True)):
         sq = _safe(i, "sq")
-        numel = sizes[t.name] if t.kind is Kind.WEIGHT else _numel((shapes or {}).get(t.name))
-        nodes, inits = _sqnorm_nodes(grad, sq, None if exact_norms else numel, opset)
+        numel = sizes[t.name] if t.kind is Kind.WEIGHT else _numel((r.shapes or {}).get(t.name))
+        nodes, inits = _sqnorm_nodes(grad, sq, None if r.exact_norms else numel, opset)
         g.node.extend(nodes)
         g.initializer.extend(inits)
-        sq_outputs.append(sq)
-        grad_outputs.append(grad)
-    ranges: list[tuple[str, str]] = []
-    for i, act in enumerate(activations):
-        lo, hi = _safe(i, "min"), _safe(i, "max")
-        g.node.append(helper.make_node("ReduceMin", [act.name], [lo], keepdims=0))
-        g.node.append(helper.make_node("ReduceMax", [act.name], [hi], keepdims=0))
-        ranges.append((lo, hi))
-    points: list[tuple[str, str, str]] = []
-    if exact_points:
-        act_ranges = dict(zip((a.name for a in activations), ranges, strict=True))
-        for i, t in enumerate(tensors):
-            lo_hi = act_ranges.get(t.name)
-            if lo_hi is None:  # a weight: its own min and max
-                lo_hi = (_safe(i, "wmin"), _safe(i, "wmax"))
-                g.node.append(helper.make_node("ReduceMin", [t.name], [lo_hi[0]], keepdims=0))
-                g.node.append(helper.make_node("ReduceMax", [t.name], [lo_hi[1]], keepdims=0))
-            nodes, inits, names = _point_nodes(t.name, by_tensor[t.name] + "_grad", lo_hi, _safe(i, "pt"))
-            g.node.extend(nodes)
-            g.initializer.extend(inits)
-            points.append(names)
-    loss_output = LOSS if head.enumerate_labels else None
+        outputs.append(sq)
+    return outputs
+
+
+def _add_range(g: onnx.GraphProto, tensor: str, lo: str, hi: str) -> tuple[str, str]:
+    """Append the min and max of ``tensor`` as scalars ``lo`` and ``hi``."""
+    g.node.append(helper.make_node("ReduceMin", [tensor], [lo], keepdims=0))
+    g.node.append(helper.make_node("ReduceMax", [tensor], [hi], keepdims=0))
+    return lo, hi
+
+
+def _add_points(
+    g: onnx.GraphProto, r: GradientRequest, ranges: Sequence[tuple[str, str]], by_tensor: Mapping[str, str]
+) -> list[tuple[str, str, str]]:
+    """Append the grid noise model's exactly-represented traces (see ``GradientModel.point_outputs``)."""
+    act_ranges = dict(zip((a.name for a in r.activations), ranges, strict=True))
+    points = []
+    for i, t in enumerate(r.tensors):
+        lo_hi = act_ranges.get(t.name)
+        if lo_hi is None:  # a weight: its own min and max
+            lo_hi = _add_range(g, t.name, _safe(i, "wmin"), _safe(i, "wmax"))
+        nodes, inits, names = _point_nodes(t.name, by_tensor[t.name] + "_grad", lo_hi, _safe(i, "pt"))
+        g.node.extend(nodes)
+        g.initializer.extend(inits)
+        points.append(names)
+    return points
+
+
+def _set_outputs(
+    g: onnx.GraphProto,
+    sq_outputs: Sequence[str],
+    ranges: Sequence[tuple[str, str]],
+    grads: Sequence[str],
+    points: Sequence[tuple[str, str, str]],
+    loss_output: str | None,
+) -> None:
+    """Replace the graph outputs by what the engine fetches, in the order it reads them."""
     del g.output[:]
     for name in sq_outputs:
         g.output.append(helper.make_tensor_value_info(name, TensorProto.DOUBLE, []))
     for lo, hi in ranges:
         g.output.append(helper.make_tensor_value_info(lo, TensorProto.FLOAT, []))
         g.output.append(helper.make_tensor_value_info(hi, TensorProto.FLOAT, []))
-    if keep_gradients:
-        for name in grad_outputs:
-            g.output.append(helper.make_empty_tensor_value_info(name))
+    for name in grads:
+        g.output.append(helper.make_empty_tensor_value_info(name))
     for name in (n for triple in points for n in triple):
         g.output.append(helper.make_tensor_value_info(name, TensorProto.DOUBLE, []))
     if loss_output is not None:
         g.output.append(helper.make_tensor_value_info(loss_output, TensorProto.FLOAT, []))
-    return GradientModel(
-        model_bytes=grad_model.SerializeToString(),
-        probe_bytes=probe_bytes,
-        tensors=tuple(tensors),
-        perturbations=tuple(pairs),
-        sqnorm_outputs=tuple(sq_outputs),
-        grad_outputs=tuple(grad_outputs) if keep_gradients else (),
-        range_outputs=tuple(ranges),
-        head=head,
-        probe_outputs=probe_outputs,
-        point_outputs=tuple(points),
-        loss_output=loss_output,
-        sample_shapes=dict(shapes or {}),
-    )
 
 
 def _point_nodes(
@@ -371,24 +407,3 @@ def _sqnorm_nodes(
     nodes.append(helper.make_node("Cast", [out + "_f32"], [out + "_f64"], to=TensorProto.DOUBLE))
     nodes.append(helper.make_node("ReduceSum", [out + "_f64"], [out], keepdims=0))
     return nodes, inits
-
-
-def _explain_build_failure(exc: Exception, model: onnx.ModelProto) -> UnsupportedError:
-    text = str(exc)
-    named = re.search(r"has not been registered: (\S+) for node (\S*)", text)
-    if named:
-        return UnsupportedError(
-            f"onnxruntime-training cannot differentiate op {named.group(1)} (node {named.group(2) or '?'}); "
-            "expected only ops with registered gradients",
-            hint="run `fitonnx inspect` to see which ops need a rewrite",
-        )
-    for node in model.graph.node:
-        if f"op_type {node.op_type}" in text or f"'{node.op_type}'" in text or f" {node.op_type} " in text:
-            return UnsupportedError(
-                f"onnxruntime-training cannot differentiate op {node.op_type} (node {node.name or '?'}); "
-                "expected only ops with registered gradients",
-                hint="run `fitonnx inspect` to see which ops need a rewrite",
-            )
-    # The binding's first line is a C++ source location; the message follows the last "] : ".
-    message = text.rsplit("] : ", 1)[-1].strip() if text.strip() else type(exc).__name__
-    return UnsupportedError(f"could not build the gradient graph: {message.splitlines()[0][:300]}")

@@ -23,6 +23,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from fitonnx.errors import DataError, InternalError, ModelError, UnsupportedError
+from fitonnx.model.graph import FLOAT_TYPES, default_opset
+from fitonnx.model.graph import producers as producer_map
 
 PREFIX = "fitonnx__"
 LOSS = PREFIX + "loss"
@@ -77,10 +79,6 @@ class LossHead:
         return tap_shape if self.perm is None else tuple(tap_shape[i] for i in self.perm)
 
 
-def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
-    return {o: n for n in model.graph.node for o in n.output}
-
-
 def resolve_output(
     model: onnx.ModelProto,
     ranks: dict[str, int],
@@ -89,63 +87,22 @@ def resolve_output(
     labels: np.ndarray | None,
     class_axis: int | None = None,
 ) -> OutputTarget:
-    """Pick the output the loss reads and how to interpret it (see README: "Which loss")."""
-    names = [o.name for o in model.graph.output]
-    if output is None:
-        # The first float output: converters such as skl2onnx put an integer label output first.
-        floats = [o.name for o in model.graph.output if o.type.tensor_type.elem_type in _FLOATS]
-        if not floats:
-            raise ModelError(f"expected a float output to define the loss; the outputs {names} are not float")
-        output = floats[0]
-    elif output not in names:
-        raise ModelError(f"expected --output to be one of the model outputs {names}; found {output!r}")
-    producer = _through_layout(model, output)
-    tap = output
-    axis = class_axis
+    """Pick the output the loss reads and how to interpret it (see README: "Which loss").
+
+    In steps: the output; the tensor in front of it to tap (a Softmax's or Sigmoid's input); else a
+    likelihood guessed from the labels and the output's rank; last, the class axis checked."""
+    output = _pick_output(model, output)
     rank = ranks.get(output)
-    restored = _converted_softmax(model, output, rank)
-    if restored is not None and likelihood in (None, Likelihood.CATEGORICAL) and axis in (None, restored[1]):
-        tap, axis = restored
-        likelihood = Likelihood.CATEGORICAL
-    elif (
-        producer is not None
-        and producer.op_type in ("Softmax", "LogSoftmax")
-        and likelihood in (None, Likelihood.CATEGORICAL)
-    ):
-        tap = producer.input[0]
-        default = -1 if _opset(model) >= 13 else 1
-        axis = next((a.i for a in producer.attribute if a.name == "axis"), default) if axis is None else axis
-        likelihood = Likelihood.CATEGORICAL
-    elif producer is not None and producer.op_type == "Sigmoid" and likelihood in (None, Likelihood.BERNOULLI):
-        tap = producer.input[0]
-        likelihood = Likelihood.BERNOULLI
-    elif likelihood is Likelihood.BERNOULLI or (likelihood is None and _mean_of_sigmoids(model, output)):
-        return OutputTarget(output, output, Likelihood.BERNOULLI, None, rank, probabilities=True)
-    elif likelihood is None:
-        if labels is not None:
-            likelihood = Likelihood.CATEGORICAL if np.issubdtype(labels.dtype, np.integer) else Likelihood.GAUSSIAN
-        else:
-            likelihood = Likelihood.CATEGORICAL if rank is not None and rank >= 2 else Likelihood.GAUSSIAN
-            if likelihood is Likelihood.CATEGORICAL and _static_dim(model, output, 1 if axis is None else axis) == 1:
-                likelihood = Likelihood.GAUSSIAN  # one "class": a softmax over it is constant, its Fisher 0
+    read = _read_producer(model, output, rank, likelihood, class_axis)
+    if read is None:
+        if likelihood is Likelihood.BERNOULLI or (likelihood is None and _mean_of_sigmoids(model, output)):
+            return OutputTarget(output, output, Likelihood.BERNOULLI, None, rank, probabilities=True)
+        if likelihood is None:
+            likelihood = _guess_likelihood(model, output, rank, labels, class_axis)
+        read = (output, class_axis, likelihood)
+    tap, axis, likelihood = read
     if likelihood is Likelihood.CATEGORICAL:
-        rank = rank if rank is not None else 2
-        if axis is None:
-            axis = -1 if rank == 3 else 1
-        if not -rank <= axis < rank:
-            raise ModelError(f"expected a class axis within the output's {rank} axes; found {axis}")
-        axis %= rank
-        if rank < 2:
-            raise ModelError(
-                f"expected a categorical output with a batch and a class axis; {output!r} has rank {rank}",
-                hint="use --likelihood gaussian for real-valued outputs",
-            )
-        if _static_dim(model, output, axis) == 1:
-            raise ModelError(
-                f"expected at least 2 classes on axis {axis} of {output!r}; found 1 (a softmax over one class "
-                "is constant, so every Fisher trace would be 0)",
-                hint="use --likelihood bernoulli for a probability, gaussian for a real value, or --class-axis",
-            )
+        rank, axis = _class_axis(model, output, rank, axis)
     return OutputTarget(
         output=output,
         tap=tap,
@@ -155,7 +112,75 @@ def resolve_output(
     )
 
 
-_FLOATS = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+def _pick_output(model: onnx.ModelProto, output: str | None) -> str:
+    """The output named by ``--output``, else the first float output."""
+    names = [o.name for o in model.graph.output]
+    if output is None:
+        # The first float output: converters such as skl2onnx put an integer label output first.
+        floats = [o.name for o in model.graph.output if o.type.tensor_type.elem_type in FLOAT_TYPES]
+        if not floats:
+            raise ModelError(f"expected a float output to define the loss; the outputs {names} are not float")
+        return floats[0]
+    if output not in names:
+        raise ModelError(f"expected --output to be one of the model outputs {names}; found {output!r}")
+    return output
+
+
+def _read_producer(
+    model: onnx.ModelProto, output: str, rank: int | None, likelihood: Likelihood | None, axis: int | None
+) -> tuple[str, int | None, Likelihood] | None:
+    """(tap, class axis, likelihood) when a (converted) Softmax or a Sigmoid produces ``output`` and the
+    requested likelihood allows reading its input; else None."""
+    restored = _converted_softmax(model, output, rank)
+    if restored is not None and likelihood in (None, Likelihood.CATEGORICAL) and axis in (None, restored[1]):
+        return restored[0], restored[1], Likelihood.CATEGORICAL
+    producer = _through_layout(model, output)
+    if producer is None:
+        return None
+    if producer.op_type in ("Softmax", "LogSoftmax") and likelihood in (None, Likelihood.CATEGORICAL):
+        default = -1 if default_opset(model) >= 13 else 1
+        axis = next((a.i for a in producer.attribute if a.name == "axis"), default) if axis is None else axis
+        return producer.input[0], axis, Likelihood.CATEGORICAL
+    if producer.op_type == "Sigmoid" and likelihood in (None, Likelihood.BERNOULLI):
+        return producer.input[0], axis, Likelihood.BERNOULLI
+    return None
+
+
+def _guess_likelihood(
+    model: onnx.ModelProto, output: str, rank: int | None, labels: np.ndarray | None, axis: int | None
+) -> Likelihood:
+    """Categorical for integer labels (or, without labels, an output of rank >= 2 with classes), else Gaussian."""
+    if labels is not None:
+        return Likelihood.CATEGORICAL if np.issubdtype(labels.dtype, np.integer) else Likelihood.GAUSSIAN
+    if rank is None or rank < 2:
+        return Likelihood.GAUSSIAN
+    if _static_dim(model, output, 1 if axis is None else axis) == 1:
+        return Likelihood.GAUSSIAN  # one "class": a softmax over it is constant, its Fisher 0
+    return Likelihood.CATEGORICAL
+
+
+def _class_axis(model: onnx.ModelProto, output: str, rank: int | None, axis: int | None) -> tuple[int, int]:
+    """The rank and the non-negative class axis of a categorical output, checked to hold 2 or more classes."""
+    rank = rank if rank is not None else 2
+    if axis is None:
+        axis = -1 if rank == 3 else 1
+    if not -rank <= axis < rank:
+        raise ModelError(f"expected a class axis within the output's {rank} axes; found {axis}")
+    axis %= rank
+    if rank < 2:
+        raise ModelError(
+            f"expected a categorical output with a batch and a class axis; {output!r} has rank {rank}",
+            hint="use --likelihood gaussian for real-valued outputs",
+        )
+    if _static_dim(model, output, axis) == 1:
+        raise ModelError(
+            f"expected at least 2 classes on axis {axis} of {output!r}; found 1 (a softmax over one class "
+            "is constant, so every Fisher trace would be 0)",
+            hint="use --likelihood bernoulli for a probability, gaussian for a real value, or --class-axis",
+        )
+    return rank, axis
+
+
 _LAYOUT = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
 
 
@@ -163,7 +188,7 @@ def _through_layout(model: onnx.ModelProto, name: str) -> onnx.NodeProto | None:
     """The producer of ``name``, looking through reshapes (a Sigmoid whose output is reshaped is
     still a Sigmoid output). Softmax is seen through Identity only (skl2onnx ends in one): a
     reshape may move its class axis."""
-    producers = _producers(model)
+    producers = producer_map(model.graph.node)
     node = producers.get(name)
     while node is not None and node.op_type == "Identity":  # moves no axis: see through it for any op
         node = producers.get(node.input[0])
@@ -185,7 +210,7 @@ def _converted_softmax(model: onnx.ModelProto, name: str, rank: int | None) -> t
     Reshape(Softmax(Flatten(x, axis=k), axis=-1), Shape(x)). That is a softmax over x's last axis
     exactly when k = rank − 1 (x has the output's rank, restored by the Reshape); a smaller k
     normalizes over several axes at once, which no categorical likelihood here reads."""
-    producers = _producers(model)
+    producers = producer_map(model.graph.node)
     reshape = producers.get(name)
     if rank is None or reshape is None or reshape.op_type != "Reshape":
         return None
@@ -207,7 +232,7 @@ def _converted_softmax(model: onnx.ModelProto, name: str, rank: int | None) -> t
 def _mean_of_sigmoids(model: onnx.ModelProto, name: str) -> bool:
     """Whether ``name`` is a Sigmoid output seen through reshapes and means (silero-vad's speech
     probability is the time-mean of per-frame sigmoids): probabilities with no Sigmoid to tap."""
-    producers = _producers(model)
+    producers = producer_map(model.graph.node)
     node, through_mean = producers.get(name), False
     while node is not None and node.op_type in _LAYOUT | _MEANS:
         through_mean = through_mean or node.op_type in _MEANS
@@ -226,10 +251,6 @@ def _static_dim(model: onnx.ModelProto, name: str, axis: int) -> int | None:
         return None
     d = dims[axis]
     return d.dim_value if d.HasField("dim_value") else None
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 # Rows of a categorical output that sum to 1 within this (float32 softmax rounding is far smaller)
@@ -271,83 +292,105 @@ def build_head(target: OutputTarget, mode: FisherMode, labels_dtype: np.dtype | 
         return dataclasses.replace(head, mode=FisherMode.EXACT, needs_labels=False, enumerate_labels=True)
     if mode is FisherMode.EMPIRICAL and labels_dtype is None:
         raise DataError("expected 'labels' in the data for --fisher empirical; found none", hint="use --fisher mc")
+    if target.likelihood is Likelihood.CATEGORICAL:
+        return _categorical_head(target, mode, labels_dtype)
+    if target.likelihood is Likelihood.BERNOULLI:
+        if target.probabilities:
+            return _bernoulli_on_probabilities(target.tap, mode, target)
+        return _bernoulli_head(target, mode)
+    return _gaussian_head(target, mode)
+
+
+def _categorical_head(target: OutputTarget, mode: FisherMode, labels_dtype: np.dtype | None) -> LossHead:
+    """Cross-entropy over the class axis (moved to 1) against the labels or Gumbel-max samples."""
     n = helper.make_node
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
     x = target.tap
     noise: Noise | None = None
-    if target.likelihood is Likelihood.CATEGORICAL:
-        if mode is FisherMode.EMPIRICAL and not np.issubdtype(labels_dtype, np.integer):
-            raise DataError(f"expected integer class labels for a categorical output; found {labels_dtype}")
-        axis = target.class_axis
-        if axis is None or target.rank is None:
-            raise InternalError("categorical target without class axis")
-        perm: tuple[int, ...] | None = None
-        if target.probabilities:  # log p: its softmax is p (a clip keeps log 0 finite)
-            inits += [
-                numpy_helper.from_array(np.array(CATEGORICAL_EPS, np.float32), PREFIX + "p_eps"),
-                numpy_helper.from_array(np.array(1.0, np.float32), PREFIX + "p_one"),
-            ]
-            nodes += [
-                n("Clip", [x, PREFIX + "p_eps", PREFIX + "p_one"], [PREFIX + "p_clipped"]),
-                n("Log", [PREFIX + "p_clipped"], [PREFIX + "log_p"]),
-            ]
-            x = PREFIX + "log_p"
-        if axis != 1:
-            perm = (0, axis, *[i for i in range(1, target.rank) if i != axis])
-            nodes.append(n("Transpose", [x], [PREFIX + "logits"], perm=list(perm)))
-            x = PREFIX + "logits"
-        label = LABELS
-        if mode is FisherMode.EMPIRICAL:
-            nodes.append(n("Cast", [LABELS], [PREFIX + "labels64"], to=TensorProto.INT64))
-            label = PREFIX + "labels64"
-        else:
-            noise = Noise.GUMBEL
-            nodes.append(n("Add", [x, NOISE], [PREFIX + "perturbed"]))
-            nodes.append(n("ArgMax", [PREFIX + "perturbed"], [PREFIX + "sampled"], axis=1, keepdims=0))
-            label = PREFIX + "sampled"
-        # log_prob must be an output of the node for ORT to build its gradient.
-        nodes.append(n("SoftmaxCrossEntropyLoss", [x, label], [LOSS, PREFIX + "log_prob"], reduction="sum"))
-        return LossHead(tuple(nodes), tuple(inits), target, mode, noise, perm, mode is FisherMode.EMPIRICAL)
-    if target.likelihood is Likelihood.BERNOULLI:
-        # loss = softplus(z) - y*z, with softplus(z) = relu(z) + log(1 + exp(-|z|)) for stability;
-        # built from ops that have gradients (Softplus has none in this ORT).
-        inits.append(numpy_helper.from_array(np.array(1.0, np.float32), PREFIX + "one"))
-        if target.probabilities:
-            return _bernoulli_on_probabilities(x, mode, target)
-        if mode is FisherMode.EMPIRICAL:
-            # Labels are shaped like the output, which may be a reshape of the tapped logits.
-            nodes += [
-                n("Cast", [LABELS], [PREFIX + "y_flat"], to=TensorProto.FLOAT),
-                n("Shape", [x], [PREFIX + "tap_shape"]),
-                n("Reshape", [PREFIX + "y_flat", PREFIX + "tap_shape"], [PREFIX + "y"]),
-            ]
-        else:
-            noise = Noise.UNIFORM
-            nodes += [
-                n("Sigmoid", [x], [PREFIX + "p"]),
-                n("Less", [NOISE, PREFIX + "p"], [PREFIX + "yb"]),
-                n("Cast", [PREFIX + "yb"], [PREFIX + "y"], to=TensorProto.FLOAT),
-            ]
-        nodes += [
-            n("Relu", [x], [PREFIX + "relu"]),
-            n("Abs", [x], [PREFIX + "abs"]),
-            n("Neg", [PREFIX + "abs"], [PREFIX + "nabs"]),
-            n("Exp", [PREFIX + "nabs"], [PREFIX + "exp"]),
-            n("Add", [PREFIX + "exp", PREFIX + "one"], [PREFIX + "exp1"]),
-            n("Log", [PREFIX + "exp1"], [PREFIX + "log1p"]),
-            n("Add", [PREFIX + "relu", PREFIX + "log1p"], [PREFIX + "softplus"]),
-            n("Mul", [PREFIX + "y", x], [PREFIX + "yz"]),
-            n("Sub", [PREFIX + "softplus", PREFIX + "yz"], [PREFIX + "elementwise"]),
-            n("ReduceSum", [PREFIX + "elementwise"], [LOSS], keepdims=0),
+    if mode is FisherMode.EMPIRICAL and not np.issubdtype(labels_dtype, np.integer):
+        raise DataError(f"expected integer class labels for a categorical output; found {labels_dtype}")
+    axis = target.class_axis
+    if axis is None or target.rank is None:
+        raise InternalError("categorical target without class axis")
+    perm: tuple[int, ...] | None = None
+    if target.probabilities:  # log p: its softmax is p (a clip keeps log 0 finite)
+        inits += [
+            numpy_helper.from_array(np.array(CATEGORICAL_EPS, np.float32), PREFIX + "p_eps"),
+            numpy_helper.from_array(np.array(1.0, np.float32), PREFIX + "p_one"),
         ]
-        return LossHead(tuple(nodes), tuple(inits), target, mode, noise, None, mode is FisherMode.EMPIRICAL)
-    # Gaussian with unit variance: loss = ½‖f − y‖². For the MC Fisher, y = f + ε with f held
-    # constant, whose gradient −εᵀ∂f/∂θ equals that of the surrogate −Σ ε⊙f; the surrogate needs
-    # no stop-gradient op, and only the gradient (never the loss value) is used.
+        nodes += [
+            n("Clip", [x, PREFIX + "p_eps", PREFIX + "p_one"], [PREFIX + "p_clipped"]),
+            n("Log", [PREFIX + "p_clipped"], [PREFIX + "log_p"]),
+        ]
+        x = PREFIX + "log_p"
+    if axis != 1:
+        perm = (0, axis, *[i for i in range(1, target.rank) if i != axis])
+        nodes.append(n("Transpose", [x], [PREFIX + "logits"], perm=list(perm)))
+        x = PREFIX + "logits"
+    label = LABELS
+    if mode is FisherMode.EMPIRICAL:
+        nodes.append(n("Cast", [LABELS], [PREFIX + "labels64"], to=TensorProto.INT64))
+        label = PREFIX + "labels64"
+    else:
+        noise = Noise.GUMBEL
+        nodes.append(n("Add", [x, NOISE], [PREFIX + "perturbed"]))
+        nodes.append(n("ArgMax", [PREFIX + "perturbed"], [PREFIX + "sampled"], axis=1, keepdims=0))
+        label = PREFIX + "sampled"
+    # log_prob must be an output of the node for ORT to build its gradient.
+    nodes.append(n("SoftmaxCrossEntropyLoss", [x, label], [LOSS, PREFIX + "log_prob"], reduction="sum"))
+    return LossHead(tuple(nodes), tuple(inits), target, mode, noise, perm, mode is FisherMode.EMPIRICAL)
+
+
+def _bernoulli_head(target: OutputTarget, mode: FisherMode) -> LossHead:
+    """Binary cross-entropy on logits (a Sigmoid's input) against the labels or uniform-draw samples."""
+    # loss = softplus(z) - y*z, with softplus(z) = relu(z) + log(1 + exp(-|z|)) for stability;
+    # built from ops that have gradients (Softplus has none in this ORT).
+    n = helper.make_node
+    x = target.tap
+    inits = [numpy_helper.from_array(np.array(1.0, np.float32), PREFIX + "one")]
+    noise: Noise | None = None
+    if mode is FisherMode.EMPIRICAL:
+        # Labels are shaped like the output, which may be a reshape of the tapped logits.
+        nodes = [
+            n("Cast", [LABELS], [PREFIX + "y_flat"], to=TensorProto.FLOAT),
+            n("Shape", [x], [PREFIX + "tap_shape"]),
+            n("Reshape", [PREFIX + "y_flat", PREFIX + "tap_shape"], [PREFIX + "y"]),
+        ]
+    else:
+        noise = Noise.UNIFORM
+        nodes = [
+            n("Sigmoid", [x], [PREFIX + "p"]),
+            n("Less", [NOISE, PREFIX + "p"], [PREFIX + "yb"]),
+            n("Cast", [PREFIX + "yb"], [PREFIX + "y"], to=TensorProto.FLOAT),
+        ]
+    nodes += [
+        n("Relu", [x], [PREFIX + "relu"]),
+        n("Abs", [x], [PREFIX + "abs"]),
+        n("Neg", [PREFIX + "abs"], [PREFIX + "nabs"]),
+        n("Exp", [PREFIX + "nabs"], [PREFIX + "exp"]),
+        n("Add", [PREFIX + "exp", PREFIX + "one"], [PREFIX + "exp1"]),
+        n("Log", [PREFIX + "exp1"], [PREFIX + "log1p"]),
+        n("Add", [PREFIX + "relu", PREFIX + "log1p"], [PREFIX + "softplus"]),
+        n("Mul", [PREFIX + "y", x], [PREFIX + "yz"]),
+        n("Sub", [PREFIX + "softplus", PREFIX + "yz"], [PREFIX + "elementwise"]),
+        n("ReduceSum", [PREFIX + "elementwise"], [LOSS], keepdims=0),
+    ]
+    return LossHead(tuple(nodes), tuple(inits), target, mode, noise, None, mode is FisherMode.EMPIRICAL)
+
+
+def _gaussian_head(target: OutputTarget, mode: FisherMode) -> LossHead:
+    """Unit-variance Gaussian: ½‖f − y‖² against the labels, or the MC surrogate −Σ ε⊙f."""
+    # For the MC Fisher, y = f + ε with f held constant, whose gradient −εᵀ∂f/∂θ equals that of the
+    # surrogate −Σ ε⊙f; the surrogate needs no stop-gradient op, and only the gradient (never the
+    # loss value) is used.
+    n = helper.make_node
+    x = target.tap
+    inits: list[onnx.TensorProto] = []
+    noise: Noise | None = None
     if mode is FisherMode.EMPIRICAL:
         inits.append(numpy_helper.from_array(np.array(0.5, np.float32), PREFIX + "half"))
-        nodes += [
+        nodes = [
             n("Cast", [LABELS], [PREFIX + "y"], to=TensorProto.FLOAT),
             n("Sub", [x, PREFIX + "y"], [PREFIX + "residual"]),
             n("Mul", [PREFIX + "residual", PREFIX + "residual"], [PREFIX + "sq"]),
@@ -356,7 +399,7 @@ def build_head(target: OutputTarget, mode: FisherMode, labels_dtype: np.dtype | 
         ]
     else:
         noise = Noise.NORMAL
-        nodes += [
+        nodes = [
             n("Mul", [x, NOISE], [PREFIX + "weighted"]),
             n("ReduceSum", [PREFIX + "weighted"], [LOSS], keepdims=0),
         ]

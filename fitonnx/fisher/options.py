@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from fitonnx.errors import FitonnxError
-from fitonnx.fisher import engine
+from fitonnx.fisher import engine, engines
 from fitonnx.fisher.losses import FisherMode, Likelihood
 
 
@@ -36,6 +36,8 @@ class FisherOptions:
     - ``max_samples``/``tol``: at most that many calibration samples; stop once the total trace's
       relative standard error is below ``tol``.
     - ``seed``: MC labels, random data, and (in ``validate``) configurations and bootstrap.
+    - ``engine``: the gradient engine (``fisher.engines.ENGINES``); ``auto`` takes the first
+      available one in ``engines.PREFERENCE``.
 
     Strings are accepted for the enums (``FisherOptions(fisher="mc")``).
     """
@@ -47,6 +49,7 @@ class FisherOptions:
     max_samples: int | None = None
     tol: float | None = None
     seed: int = 0
+    engine: str = engines.AUTO
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fisher", _enum(FisherMode, self.fisher, "fisher"))
@@ -55,6 +58,7 @@ class FisherOptions:
             raise FitonnxError(f"expected max_samples of at least 1; found {self.max_samples}")
         if self.tol is not None and not self.tol > 0:
             raise FitonnxError(f"expected a positive tol; found {self.tol}")
+        engines.check_name(self.engine)
 
     def replace(self, **changes: object) -> FisherOptions:
         """A copy with some fields changed (checked like a new value)."""

@@ -21,6 +21,7 @@ from fitonnx.model.load import LoadedModel
 from fitonnx.model.source import DataSource, ModelSource, load_source, resolve_data
 from fitonnx.prepare import PreparedModel, prepare, verify
 from fitonnx.prepare.support import check_differentiable
+from fitonnx.prepare.types import ChangeKind
 
 VERIFY_SAMPLES = 8
 
@@ -65,7 +66,7 @@ def open_model(
 
 
 # Prepare changes that alter what is scored (other changes keep every tensor and its meaning).
-NOTE_KINDS = frozenset({"specialize"})
+NOTE_KINDS = frozenset({ChangeKind.SPECIALIZE})
 
 
 def prepare_notes(prepared: PreparedModel) -> tuple[str, ...]:
@@ -124,7 +125,7 @@ def gradient_model(
     shapes = {name: value.shape for name, value in values.items()}
     target = losses.check_probabilities(target, values[target.tap])
     head = losses.build_head(target, mode, labels_dtype)
-    gm = instrument.build_gradient_model(
+    request = instrument.GradientRequest(
         s.prepared.model,
         s.tensors,
         head,
@@ -134,7 +135,9 @@ def gradient_model(
         exact_points=exact_points,
         # Every sample has these shapes; pooling gradients need them concrete (see instrument).
         shapes={**shapes, **{name: value.shape for name, value in feed.items() if name in s.specs}},
+        engine=opts.engine,
     )
+    gm = instrument.build_gradient_model(request)
     return gm, target, mode
 
 

@@ -9,7 +9,7 @@ the source constant that a toolchain quantizes, so that is the tensor reported.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -97,6 +97,58 @@ FLOAT_TYPES = frozenset(
 )
 
 
+def _int_attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
+# (node, input slot, weight rank) -> the weight's output-channel axis as that node reads it.
+ChannelRule = Callable[[onnx.NodeProto, int, int], int]
+
+# The one rule for output-channel axes, per op reading the weight (used by the exporters and by
+# ``analysis.simulate``): Conv 0, ConvTranspose 1, Gemm B 0 with transB else 1 (A as weight: its
+# M rows), MatMul B the last axis (A: its rows), Gather 0, the recurrent ops' W/R 1.
+CHANNEL_AXIS: dict[str, ChannelRule] = {
+    "Conv": lambda node, slot, rank: 0,
+    "ConvTranspose": lambda node, slot, rank: 1,
+    "Gemm": lambda node, slot, rank: (
+        (0 if _int_attr(node, "transB", 0) else 1) if slot == 1 else (1 if _int_attr(node, "transA", 0) else 0)
+    ),
+    "MatMul": lambda node, slot, rank: rank - 1 if slot == 1 else max(rank - 2, 0),
+    "Gather": lambda node, slot, rank: 0,
+    "LSTM": lambda node, slot, rank: 1,
+    "GRU": lambda node, slot, rank: 1,
+    "RNN": lambda node, slot, rank: 1,
+}
+# The (op, input slot) pairs onnxruntime's QDQ quantizer quantizes per channel.
+QDQ_PER_CHANNEL = frozenset({("Conv", 1), ("ConvTranspose", 1), ("Gemm", 1), ("MatMul", 1)})
+
+
+def channel_axis(
+    model: onnx.ModelProto, weight: str, readers: Collection[tuple[str, int]] = QDQ_PER_CHANNEL
+) -> int | None:
+    """The output-channel axis of initializer ``weight`` (``CHANNEL_AXIS``), or None when it is not a
+    per-channel candidate: not an initializer of rank 2 or more, read by an (op, slot) outside
+    ``readers``, or read by ops whose axes disagree. The default ``readers`` mirror onnxruntime's QDQ
+    operators."""
+    init = next((t for t in model.graph.initializer if t.name == weight), None)
+    if init is None or len(init.dims) < 2:
+        return None
+    axes: set[int] = set()
+    for node in model.graph.node:
+        for slot, name in enumerate(node.input):
+            if name != weight:
+                continue
+            if (node.op_type, slot) not in readers or node.op_type not in CHANNEL_AXIS:
+                return None
+            axes.add(CHANNEL_AXIS[node.op_type](node, slot, len(init.dims)))
+    return axes.pop() if len(axes) == 1 else None
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's opset of the default ONNX domain (0 when it imports none)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 def bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
     """The subgraphs a node holds (If branches, Loop/Scan bodies); empty for other ops."""
     out: list[onnx.GraphProto] = []
@@ -117,6 +169,21 @@ def body_reads(node: onnx.NodeProto) -> set[str]:
 def reads(nodes: Iterable[onnx.NodeProto]) -> set[str]:
     """Every tensor name ``nodes`` read, as inputs or from inside their subgraphs."""
     return {name for n in nodes for name in (*n.input, *body_reads(n))}
+
+
+def producers(nodes: Iterable[onnx.NodeProto]) -> dict[str, onnx.NodeProto]:
+    """The node that writes each tensor name (the last one, should two claim it)."""
+    return {name: node for node in nodes for name in node.output}
+
+
+def producer_positions(nodes: Iterable[onnx.NodeProto]) -> dict[str, int]:
+    """The index of the node that writes each tensor name (the last one, should two claim it)."""
+    return {name: i for i, node in enumerate(nodes) for name in node.output}
+
+
+def tensor_names(g: onnx.GraphProto) -> set[str]:
+    """Every tensor name the graph defines: initializers, node outputs and graph inputs."""
+    return {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | {i.name for i in g.input}
 
 
 def node_name(node: onnx.NodeProto, index: int) -> str:
@@ -195,12 +262,12 @@ def find_quantizable(model: onnx.ModelProto, types: ValueTypes | None = None) ->
     g = to_networkx(model)
     consts = _constants(model)
     types = _value_types(model) if types is None else types
-    producers = {name: node for node in model.graph.node for name in node.output}
+    producer = producers(model.graph.node)
 
     def source_constant(name: str) -> str | None:
         seen = 0
         while name not in consts:
-            node = producers.get(name)
+            node = producer.get(name)
             if node is None or node.op_type not in LAYOUT_OPS or seen > 16:
                 return None
             name = node.input[0]
@@ -209,7 +276,7 @@ def find_quantizable(model: onnx.ModelProto, types: ValueTypes | None = None) ->
 
     def source_activation(name: str) -> str:
         for _ in range(16):
-            node = producers.get(name)
+            node = producer.get(name)
             if node is None or node.doc_string != PREPARE_PASSTHROUGH:
                 break
             name = node.input[0]

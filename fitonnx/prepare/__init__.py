@@ -6,6 +6,6 @@ the original on real inputs before any gradient is trusted.
 """
 
 from fitonnx.prepare.pipeline import prepare, verify
-from fitonnx.prepare.types import Change, PreparedModel
+from fitonnx.prepare.types import Change, ChangeKind, PreparedModel
 
-__all__ = ["Change", "PreparedModel", "prepare", "verify"]
+__all__ = ["Change", "ChangeKind", "PreparedModel", "prepare", "verify"]

@@ -10,15 +10,15 @@ import onnx
 from onnx import version_converter
 
 from fitonnx.errors import UnsupportedError
-from fitonnx.prepare.types import Change
+from fitonnx.model.graph import default_opset
+from fitonnx.prepare.types import Change, ChangeKind
 
 MIN_OPSET = 13  # SoftmaxCrossEntropyLoss and ReduceSum-with-axes-input forms used by the loss heads
 MAX_OPSET = 21  # the newest opset onnxruntime 1.19 loads
 MAX_IR_VERSION = 10  # the newest IR version onnxruntime 1.19 loads (onnx 1.16)
 
 
-def opset_of(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+opset_of = default_opset  # the name the passes and exporters know it by
 
 
 def runnable(model: onnx.ModelProto) -> bool:
@@ -42,10 +42,10 @@ def convert_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Change]
                 f"converting opset {version} to {target} failed: {str(exc).strip().splitlines()[0][:200]}",
                 hint=f"re-export the model with an opset between {MIN_OPSET} and {MAX_OPSET}",
             ) from None
-        changes.append(Change("opset", "model", f"opset {version} -> {target} (onnx.version_converter)"))
+        changes.append(Change(ChangeKind.OPSET, "model", f"opset {version} -> {target} (onnx.version_converter)"))
     if out.ir_version > MAX_IR_VERSION:
         # Metadata only: the IR versions after 10 add types and fields onnxruntime 1.19 cannot read,
         # which a model using them would fail on at load time anyway.
-        changes.append(Change("opset", "model", f"IR version {out.ir_version} -> {MAX_IR_VERSION}"))
+        changes.append(Change(ChangeKind.OPSET, "model", f"IR version {out.ir_version} -> {MAX_IR_VERSION}"))
         out.ir_version = MAX_IR_VERSION
     return out, changes

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 
 from fitonnx.errors import FitonnxError, ModelError, UnsupportedError
+from fitonnx.model.graph import tensor_names
 from fitonnx.model.runtime import make_session
 from fitonnx.prepare.opset import convert_opset, runnable
 from fitonnx.prepare.passes.autopad import explicit_conv_pads
@@ -18,7 +19,7 @@ from fitonnx.prepare.passes.ort_optimizer import ort_basic_optimize
 from fitonnx.prepare.passes.specialize import specialize_if
 from fitonnx.prepare.rewrites import rewrite_ops
 from fitonnx.prepare.shapes import fix_input_shapes, infer_shapes
-from fitonnx.prepare.types import Change, Pass, PreparedModel
+from fitonnx.prepare.types import Change, ChangeKind, Pass, PreparedModel
 
 
 def default_passes() -> list[Pass]:
@@ -66,7 +67,9 @@ def prepare(
         return _run(model, fixed)
     except FitonnxError as exc:
         first = _run(model, steps)
-        note = Change("shapes", "model", f"inputs left as declared: with the data's static shapes, {exc.message}")
+        note = Change(
+            ChangeKind.SHAPES, "model", f"inputs left as declared: with the data's static shapes, {exc.message}"
+        )
         return dataclasses.replace(first, changes=(note, *first.changes))
 
 
@@ -104,8 +107,8 @@ def _run(model: onnx.ModelProto, steps: Sequence[Pass]) -> PreparedModel:
                 origins[new] = tuple(chained)
         if reference is None and step is convert_opset:
             reference = current
-    existing = _tensor_names(model)
-    kept = _tensor_names(current)
+    existing = tensor_names(model.graph)
+    kept = tensor_names(current.graph)
     final = {name: src for name, src in origins.items() if name in kept and (name not in existing or src != (name,))}
     return PreparedModel(
         original=model,
@@ -114,11 +117,6 @@ def _run(model: onnx.ModelProto, steps: Sequence[Pass]) -> PreparedModel:
         reference=reference if reference is not None else model,
         origins=final,
     )
-
-
-def _tensor_names(model: onnx.ModelProto) -> set[str]:
-    g = model.graph
-    return {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | {i.name for i in g.input}
 
 
 def verify(

@@ -13,7 +13,8 @@ import onnx
 
 from fitonnx.errors import UnsupportedError
 from fitonnx.model.graph import bodies
-from fitonnx.prepare.types import Change
+from fitonnx.model.runtime import make_session
+from fitonnx.prepare.types import Change, ChangeKind
 
 Dim = int | str | None  # a size, a symbolic name, or unknown
 
@@ -105,20 +106,15 @@ def fix_input_shapes(
         return out, []
     if any(bodies(n) for n in out.graph.node):  # only a subgraph can hold shapes the new static inputs contradict
         _check_loads(out)
-    return out, [Change("shapes", "model", "inputs fixed to the data's shapes: " + ", ".join(fixed))]
+    return out, [Change(ChangeKind.SHAPES, "model", "inputs fixed to the data's shapes: " + ", ".join(fixed))]
 
 
 def _check_loads(model: onnx.ModelProto) -> None:
     """Raise if onnxruntime rejects the model with static inputs (stale shapes declared in subgraphs do that)."""
-    import onnxruntime as ort
-
     if model.ByteSize() >= 1 << 31:  # cannot be passed as bytes; scoring such a model fails earlier anyway
         return
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        make_session(model.SerializeToString(), optimize=False)
     except Exception as exc:
         first = str(exc).rsplit("] : ", 1)[-1].strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsupportedError(f"onnxruntime rejects the model: {first[:200]}") from None

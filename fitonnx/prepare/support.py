@@ -20,7 +20,7 @@ from onnx import TensorProto, helper
 
 from fitonnx.errors import UnsupportedError
 from fitonnx.model.graph import FLOAT_TYPES, body_reads, node_name
-from fitonnx.model.runtime import quiet_stderr
+from fitonnx.model.runtime import make_session, quiet_stderr
 from fitonnx.prepare.rewrites import REWRITES, RewriteContext, context, explain
 from fitonnx.prepare.shapes import TensorType, tensor_types
 
@@ -120,7 +120,7 @@ def _reason(
 
 def _probe(model: onnx.ModelProto, node: onnx.NodeProto, types: dict[str, TensorType]) -> str | None:
     """Build (and load) the gradient of ``node`` alone, with its attributes and input types."""
-    import onnxruntime as ort
+    # deferred: the onnxruntime-training binding is optional (only the training wheel has it)
     from onnxruntime.capi._pybind_state import GradientGraphBuilder
 
     inits = {t.name: t for t in model.graph.initializer}
@@ -160,9 +160,7 @@ def _probe(model: onnx.ModelProto, node: onnx.NodeProto, types: dict[str, Tensor
         with quiet_stderr():
             builder = GradientGraphBuilder(probe.SerializeToString(), {loss}, wrt, loss)
             builder.build()
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            ort.InferenceSession(builder.get_model(), options, providers=["CPUExecutionProvider"])
+            make_session(builder.get_model())
     except Exception as exc:
         text = str(exc)
         if "has not been registered" in text:

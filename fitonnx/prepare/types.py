@@ -4,8 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 
 import onnx
+
+
+class ChangeKind(str, Enum):
+    """What sort of change a prepare pass made; a str, so comparisons with "fold" and JSON keep working."""
+
+    SHAPES = "shapes"
+    OPSET = "opset"
+    OPTIMIZER = "optimizer"
+    CONSTANT = "constant"
+    FOLD = "fold"
+    REWRITE = "rewrite"
+    SPECIALIZE = "specialize"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
 @dataclass(frozen=True)
@@ -17,10 +36,13 @@ class Change:
     the original model as ``PreparedModel.origins``.
     """
 
-    kind: str  # "shapes", "opset", "optimizer", "constant", "fold", "rewrite"
+    kind: ChangeKind  # a plain string is taken if it names a kind
     where: str  # node or tensor name
     detail: str
     origins: tuple[tuple[str, tuple[str, ...]], ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", ChangeKind(self.kind))
 
 
 @dataclass(frozen=True)

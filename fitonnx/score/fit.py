@@ -11,7 +11,7 @@ import onnx
 from onnx import numpy_helper
 
 from fitonnx.errors import InternalError
-from fitonnx.fisher.engine import FisherTraces
+from fitonnx.fisher.engine import FisherTraces, StopReason
 from fitonnx.model.graph import Kind, QuantTensor
 from fitonnx.score import noise
 from fitonnx.score.noise import NoiseModel
@@ -71,7 +71,7 @@ class ScoreReport:
     likelihood: str
     output: str
     samples: int
-    stop_reason: str
+    stop_reason: StopReason
     data_source: str
     weight_bits: tuple[int, ...]
     activation_bits: tuple[int, ...]

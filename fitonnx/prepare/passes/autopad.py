@@ -16,7 +16,7 @@ import onnx
 from onnx import helper
 
 from fitonnx.errors import UnsupportedError
-from fitonnx.prepare.types import Change
+from fitonnx.prepare.types import Change, ChangeKind
 
 SAME = frozenset({"SAME_UPPER", "SAME_LOWER"})
 
@@ -82,5 +82,5 @@ def explicit_conv_pads(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Ch
         kept = [a for a in node.attribute if a.name not in ("auto_pad", "pads")]
         del node.attribute[:]
         node.attribute.extend([*kept, helper.make_attribute("pads", pads)])
-        changes.append(Change("rewrite", node.name or node.output[0], f"auto_pad={mode} -> pads={pads}"))
+        changes.append(Change(ChangeKind.REWRITE, node.name or node.output[0], f"auto_pad={mode} -> pads={pads}"))
     return out, changes

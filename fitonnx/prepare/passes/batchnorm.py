@@ -18,12 +18,16 @@ into Mul+Add by the rewrite registry (``rewrites.py``).
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass, field
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from fitonnx.model import graph
 from fitonnx.prepare.shapes import tensor_types
-from fitonnx.prepare.types import Change
+from fitonnx.prepare.types import Change, ChangeKind
 
 FOLDABLE = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
@@ -98,93 +102,132 @@ def _folded(
     return w2, bias
 
 
+@dataclass
+class _Folding:
+    """What ``fold_batchnorm`` reads of the graph and what it has changed so far."""
+
+    out: onnx.ModelProto
+    inits: dict[str, np.ndarray]
+    producers: dict[str, onnx.NodeProto]
+    readers: Counter[str]
+    outputs: set[str]
+    taken: set[str]
+    ranks: dict[str, int] | None = None
+    folded_bns: set[int] = field(default_factory=set)
+    after: dict[int, onnx.NodeProto] = field(default_factory=dict)  # id(op) -> node to insert after it
+    new_inits: list[onnx.TensorProto] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, out: onnx.ModelProto) -> _Folding:
+        g = out.graph
+        inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        return cls(
+            out=out,
+            inits=inits,
+            producers=graph.producers(g.node),
+            readers=Counter(name for node in g.node for name in node.input),
+            outputs={o.name for o in g.output},
+            taken=graph.tensor_names(g),
+        )
+
+
+@dataclass(frozen=True)
+class _Fold:
+    """One BN to fold: the op before it, that op's weight and bias names, and the folded values."""
+
+    bn: onnx.NodeProto
+    op: onnx.NodeProto
+    w_src: str
+    b_src: str | None
+    weight: np.ndarray
+    bias: np.ndarray
+
+
 def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Change]]:
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    g = out.graph
-    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-    producers = {o: n for n in g.node for o in n.output}
-    readers: dict[str, int] = {}
-    for node in g.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
-    outputs = {o.name for o in g.output}
-    ranks: dict[str, int] | None = None
-    taken = set(inits) | {o for n in g.node for o in n.output} | {i.name for i in g.input}
-    folded_bns: set[int] = set()
-    after: dict[int, onnx.NodeProto] = {}  # id(op) -> node to insert after it (MatMul's bias Add)
-    new_inits: list[onnx.TensorProto] = []
+    state = _Folding.of(out)
     changes: list[Change] = []
-    for bn in g.node:
-        if not is_inference_bn(bn):
-            continue
-        op = producers.get(bn.input[0])
-        affine = bn_affine(bn, inits)
-        if op is None or affine is None or op.op_type not in FOLDABLE or op.domain not in ("", "ai.onnx"):
-            continue
-        if readers.get(bn.input[0], 0) != 1 or bn.input[0] in outputs or len(op.input) < 2:
-            continue
-        w_src = op.input[1]
-        b_src = op.input[2] if op.op_type != "MatMul" and len(op.input) > 2 and op.input[2] else None
-        if w_src not in inits or (b_src is not None and b_src not in inits):
-            continue
-        if op.op_type == "MatMul":
-            ranks = _ranks(out) if ranks is None else ranks
-            if ranks.get(bn.input[0]) != 2:
-                continue
-        w = inits[w_src].astype(np.float64)
-        b = inits[b_src].astype(np.float64) if b_src is not None else None
-        if b is not None and op.op_type != "Gemm" and b.shape != affine[0].shape:
-            continue
-        result = _folded(op, w, b, *affine)
-        if result is None:
-            continue
-        tag = bn_tag(bn)
-        w_name = _unique(f"{w_src}+{tag}", taken)
-        b_base = b_src if b_src is not None else f"{w_src.removesuffix('.weight')}.bias"
-        b_name = _unique(f"{b_base}+{tag}", taken)
-        dtype = inits[w_src].dtype
-        new_inits.append(numpy_helper.from_array(result[0].astype(dtype), w_name))
-        new_inits.append(numpy_helper.from_array(result[1].astype(dtype), b_name))
-        op.input[1] = w_name
-        if op.op_type == "MatMul":
-            op.output[0] = _unique(f"{bn.output[0]}__matmul", taken)
-            after[id(op)] = helper.make_node(
-                "Add", [op.output[0], b_name], [bn.output[0]], name=_unique(f"{bn.name or tag}/bias", taken)
-            )
-        else:
-            while len(op.input) < 3:
-                op.input.append("")
-            op.input[2] = b_name
-            op.output[0] = bn.output[0]
-            if op.op_type == "Gemm":
-                kept = [a for a in op.attribute if a.name != "beta"]
-                del op.attribute[:]
-                op.attribute.extend([*kept, helper.make_attribute("beta", 1.0)])
-        folded_bns.add(id(bn))
-        params = tuple(n for n in bn.input[1:5] if n)
-        changes.append(
-            Change(
-                "fold",
-                op.name or op.output[0],
-                f"BatchNormalization {bn.name or bn.output[0]!r} folded into {op.op_type} weight {w_src!r} -> {w_name!r}",
-                origins=((w_name, (w_src, *params)), (b_name, (*((b_src,) if b_src else ()), *params))),
-            )
-        )
+    for bn in out.graph.node:
+        fold = _foldable(state, bn)
+        if fold is not None:
+            changes.append(_apply(state, fold))
     if not changes:
         return out, []
+    g = out.graph
     nodes: list[onnx.NodeProto] = []
     for node in g.node:
-        if id(node) in folded_bns:
+        if id(node) in state.folded_bns:
             continue
         nodes.append(node)
-        if id(node) in after:
-            nodes.append(after[id(node)])
+        if id(node) in state.after:
+            nodes.append(state.after[id(node)])
     del g.node[:]
     g.node.extend(nodes)
-    g.initializer.extend(new_inits)
+    g.initializer.extend(state.new_inits)
     drop_unused_initializers(g)
     return out, changes
+
+
+def _foldable(state: _Folding, bn: onnx.NodeProto) -> _Fold | None:
+    """The fold of ``bn`` into the op before it, or None when it is not an inference BN after such an op."""
+    if not is_inference_bn(bn):
+        return None
+    op = state.producers.get(bn.input[0])
+    affine = bn_affine(bn, state.inits)
+    if op is None or affine is None or op.op_type not in FOLDABLE or op.domain not in ("", "ai.onnx"):
+        return None
+    if state.readers.get(bn.input[0], 0) != 1 or bn.input[0] in state.outputs or len(op.input) < 2:
+        return None
+    w_src = op.input[1]
+    b_src = op.input[2] if op.op_type != "MatMul" and len(op.input) > 2 and op.input[2] else None
+    if w_src not in state.inits or (b_src is not None and b_src not in state.inits):
+        return None
+    if op.op_type == "MatMul":
+        state.ranks = _ranks(state.out) if state.ranks is None else state.ranks
+        if state.ranks.get(bn.input[0]) != 2:
+            return None
+    w = state.inits[w_src].astype(np.float64)
+    b = state.inits[b_src].astype(np.float64) if b_src is not None else None
+    if b is not None and op.op_type != "Gemm" and b.shape != affine[0].shape:
+        return None
+    result = _folded(op, w, b, *affine)
+    return None if result is None else _Fold(bn, op, w_src, b_src, *result)
+
+
+def _apply(state: _Folding, fold: _Fold) -> Change:
+    """Write the folded weight and bias into ``fold.op`` (MatMul: a bias Add after it) and drop the BN."""
+    bn, op, w_src, b_src, taken = fold.bn, fold.op, fold.w_src, fold.b_src, state.taken
+    tag = bn_tag(bn)
+    w_name = _unique(f"{w_src}+{tag}", taken)
+    b_base = b_src if b_src is not None else f"{w_src.removesuffix('.weight')}.bias"
+    b_name = _unique(f"{b_base}+{tag}", taken)
+    dtype = state.inits[w_src].dtype
+    state.new_inits.append(numpy_helper.from_array(fold.weight.astype(dtype), w_name))
+    state.new_inits.append(numpy_helper.from_array(fold.bias.astype(dtype), b_name))
+    op.input[1] = w_name
+    if op.op_type == "MatMul":
+        op.output[0] = _unique(f"{bn.output[0]}__matmul", taken)
+        state.after[id(op)] = helper.make_node(
+            "Add", [op.output[0], b_name], [bn.output[0]], name=_unique(f"{bn.name or tag}/bias", taken)
+        )
+    else:
+        while len(op.input) < 3:
+            op.input.append("")
+        op.input[2] = b_name
+        op.output[0] = bn.output[0]
+        if op.op_type == "Gemm":
+            kept = [a for a in op.attribute if a.name != "beta"]
+            del op.attribute[:]
+            op.attribute.extend([*kept, helper.make_attribute("beta", 1.0)])
+    state.folded_bns.add(id(bn))
+    params = tuple(n for n in bn.input[1:5] if n)
+    return Change(
+        ChangeKind.FOLD,
+        op.name or op.output[0],
+        f"BatchNormalization {bn.name or bn.output[0]!r} folded into {op.op_type} weight {w_src!r} -> {w_name!r}",
+        origins=((w_name, (w_src, *params)), (b_name, (*((b_src,) if b_src else ()), *params))),
+    )
 
 
 def _unique(name: str, taken: set[str]) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import onnx
 
-from fitonnx.prepare.types import Change
+from fitonnx.prepare.types import Change, ChangeKind
 
 
 def constants_to_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Change]]:
@@ -29,7 +29,7 @@ def constants_to_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, 
             tensor.name = node.output[0]
             out.graph.initializer.append(tensor)
             changes.append(
-                Change("constant", node.name or node.output[0], f"Constant {node.output[0]!r} -> initializer")
+                Change(ChangeKind.CONSTANT, node.name or node.output[0], f"Constant {node.output[0]!r} -> initializer")
             )
         else:
             kept.append(node)

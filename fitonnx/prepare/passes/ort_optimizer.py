@@ -24,10 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from fitonnx.errors import UnsupportedError
 from fitonnx.model.graph import FLOAT_TYPES, LAYOUT_OPS
-from fitonnx.prepare.types import Change
+from fitonnx.model.graph import producers as graph_producers
+from fitonnx.model.runtime import CPU_PROVIDERS, session_options
+from fitonnx.prepare.types import Change, ChangeKind
 
 DISABLED = (
     "ConvBNFusion",
@@ -43,7 +46,7 @@ def ort_basic_optimize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Ch
     if model.ByteSize() >= MAX_BYTES:
         out = onnx.ModelProto()
         out.CopyFrom(model)
-        return out, [Change("optimizer", "model", "skipped: the model is over 2 GB")]
+        return out, [Change(ChangeKind.OPTIMIZER, "model", "skipped: the model is over 2 GB")]
     optimized = _run_optimizer(model)
     optimized = _drop_unused_domains(optimized, model)
     renames = _restore_layout_names(optimized, model)
@@ -51,17 +54,13 @@ def ort_basic_optimize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Ch
 
 
 def _run_optimizer(model: onnx.ModelProto) -> onnx.ModelProto:
-    import onnxruntime as ort
-
     with tempfile.TemporaryDirectory(prefix="fitonnx-ort-") as tmp:
         path = os.path.join(tmp, "optimized.onnx")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options = session_options(level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
         options.optimized_model_filepath = path
         try:
             ort.InferenceSession(
-                model.SerializeToString(), options, providers=["CPUExecutionProvider"], disabled_optimizers=DISABLED
+                model.SerializeToString(), options, providers=list(CPU_PROVIDERS), disabled_optimizers=DISABLED
             )
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -90,7 +89,7 @@ def _drop_unused_domains(optimized: onnx.ModelProto, model: onnx.ModelProto) -> 
 
 def _const_sources(model: onnx.ModelProto, name: str) -> tuple[tuple[str, ...], set[str]]:
     """The initializers/Constant outputs ``name`` is computed from in ``model``, and the op types on the way."""
-    producers = {o: n for n in model.graph.node for o in n.output}
+    producers = graph_producers(model.graph.node)
     inits = {t.name for t in model.graph.initializer}
     sources: list[str] = []
     ops: set[str] = set()
@@ -178,15 +177,17 @@ def _describe(model: onnx.ModelProto, optimized: onnx.ModelProto, renames: dict[
         else:
             named = ", ".join(sources[:3]) + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
             detail = f"constant-folded {'/'.join(sorted(ops))} of {named or 'nothing'}"
-        changes.append(Change("optimizer", tensor.name, detail, origins=((tensor.name, sources or (folded,)),)))
+        changes.append(
+            Change(ChangeKind.OPTIMIZER, tensor.name, detail, origins=((tensor.name, sources or (folded,)),))
+        )
     if promoted:
         shown = ", ".join(promoted[:4]) + (f", ... ({len(promoted)} in all)" if len(promoted) > 4 else "")
-        changes.append(Change("constant", "model", f"Constant nodes -> initializers: {shown}"))
+        changes.append(Change(ChangeKind.CONSTANT, "model", f"Constant nodes -> initializers: {shown}"))
     removed = Counter(n.op_type for n in model.graph.node) - Counter(n.op_type for n in optimized.graph.node)
     added = Counter(n.op_type for n in optimized.graph.node) - Counter(n.op_type for n in model.graph.node)
     if promoted:
         removed -= Counter({"Constant": len(promoted)})
     if removed or added:
         parts = [f"-{k} {op}" for op, k in sorted(removed.items())] + [f"+{k} {op}" for op, k in sorted(added.items())]
-        changes.append(Change("optimizer", "model", "onnxruntime basic optimizer: " + ", ".join(parts)))
+        changes.append(Change(ChangeKind.OPTIMIZER, "model", "onnxruntime basic optimizer: " + ", ".join(parts)))
     return changes

@@ -18,8 +18,9 @@ import onnx
 from onnx import helper
 
 from fitonnx.errors import UnsupportedError
+from fitonnx.model.graph import FLOAT_TYPES
 from fitonnx.model.runtime import make_session
-from fitonnx.prepare.types import Change
+from fitonnx.prepare.types import Change, ChangeKind
 
 MAX_ROUNDS = 16  # nested Ifs are inlined one level per round
 
@@ -112,7 +113,7 @@ def _inline(
         lost = _count_weights(dropped)
         changes.append(
             Change(
-                "specialize",
+                ChangeKind.SPECIALIZE,
                 node.name or node.output[0],
                 f"If on {node.input[0]!r} is {cond} on all {samples} calibration samples: "
                 f"{'then' if cond else 'else'} branch inlined"
@@ -155,12 +156,9 @@ def _count_weights(graph: onnx.GraphProto) -> int:
     tensors = list(graph.initializer) + [
         a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"
     ]
-    count = sum(1 for t in tensors if t.data_type in _FLOATS and len(t.dims) >= 2)
+    count = sum(1 for t in tensors if t.data_type in FLOAT_TYPES and len(t.dims) >= 2)
     for node in graph.node:
         for attr in node.attribute:
             for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
                 count += _count_weights(sub)
     return count
-
-
-_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)

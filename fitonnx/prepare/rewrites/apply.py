@@ -8,7 +8,7 @@ from fitonnx.prepare.opset import opset_of
 from fitonnx.prepare.passes.batchnorm import drop_unused_initializers
 from fitonnx.prepare.rewrites.base import DEFAULT_DOMAINS, REWRITES, Builder, NoRewrite, RewriteContext
 from fitonnx.prepare.shapes import tensor_types
-from fitonnx.prepare.types import Change
+from fitonnx.prepare.types import Change, ChangeKind
 
 
 def context(model: onnx.ModelProto) -> RewriteContext:
@@ -78,7 +78,7 @@ def rewrite_ops(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Change]]:
             g.initializer.append(tensor)
         changes.append(
             Change(
-                "rewrite",
+                ChangeKind.REWRITE,
                 builder.base,
                 f"{node.op_type} -> {description}",
                 origins=tuple(builder.origins),

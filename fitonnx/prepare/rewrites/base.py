@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
-from fitonnx.model.graph import PREPARE_INTERNAL, PREPARE_PASSTHROUGH
+from fitonnx.model.graph import FLOAT_TYPES, PREPARE_INTERNAL, PREPARE_PASSTHROUGH
 from fitonnx.prepare.shapes import Dim, TensorType
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -74,12 +74,7 @@ class Builder:
 
     def is_float(self, name: str) -> bool:
         t = self.ctx.types.get(name)
-        return t is None or t.elem_type in (
-            TensorProto.FLOAT,
-            TensorProto.DOUBLE,
-            TensorProto.FLOAT16,
-            TensorProto.BFLOAT16,
-        )
+        return t is None or t.elem_type in FLOAT_TYPES
 
     def const(self, value: np.ndarray | float | Sequence[int], hint: str = "c", dtype: np.dtype | None = None) -> str:
         array = np.asarray(value, dtype=dtype if dtype is not None else self.dtype())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
+from fitonnx.model.runtime import make_session
 from fitonnx.prepare.rewrites.base import Builder, NoRewrite, rewrite
 
 
@@ -54,8 +55,6 @@ def _targets(b: Builder, sizes_in: list[int | None]) -> tuple[list[float] | None
 
 def _matrix(b: Builder, n_in: int, n_out: int, scale: float | None) -> np.ndarray:
     """The [n_out, n_in] matrix of this Resize along one axis, measured on an identity basis."""
-    import onnxruntime as ort
-
     attrs = {
         a.name: helper.get_attribute_value(a)
         for a in b.node.attribute
@@ -77,10 +76,8 @@ def _matrix(b: Builder, n_in: int, n_out: int, scale: float | None) -> np.ndarra
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", max(b.ctx.opset, 13))], ir_version=8)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = make_session(model.SerializeToString())
         y = session.run(["y"], {"x": basis})[0]
     except Exception as exc:
         raise NoRewrite(
