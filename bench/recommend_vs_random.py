@@ -66,7 +66,7 @@ def run(
         session.prepared.model,
         session.tensors,
         acts,
-        simulate.Scheme(),
+        simulate.GridScheme(),
         held,
         session.specs,
         batch_size=250,

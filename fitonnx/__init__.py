@@ -1,8 +1,9 @@
 """fitonnx: Fisher Information Trace (FIT) quantization sensitivity for any ONNX model."""
 
 from fitonnx.analysis.compare import CompareReport, compare
+from fitonnx.analysis.harness import SimulationOptions
 from fitonnx.analysis.inspection import Inspection, inspect_model
-from fitonnx.analysis.validate import ValidationReport, validate
+from fitonnx.analysis.validate import SamplingOptions, ValidationReport, validate
 from fitonnx.api import (
     AllocationOptions,
     Budget,
@@ -43,8 +44,10 @@ __all__ = [
     "QuantTensor",
     "RandomData",
     "RecommendResult",
+    "SamplingOptions",
     "ScoreReport",
     "Session",
+    "SimulationOptions",
     "TensorScore",
     "ValidationReport",
     "budget_from",

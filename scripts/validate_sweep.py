@@ -29,8 +29,10 @@ import click
 import numpy as np
 
 from fitonnx.analysis.damage import damage
+from fitonnx.analysis.harness import SimulationOptions, harness
+from fitonnx.analysis.predictors import Predictor
 from fitonnx.analysis.simulate import Config
-from fitonnx.analysis.validate import PREDICTORS, harness, sample_configs, validate
+from fitonnx.analysis.validate import SamplingOptions, sample_configs, validate
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.score.ranks import spearman
 
@@ -70,10 +72,8 @@ def main(
                 for seed in range(seeds):
                     r = validate(
                         path,
-                        configs=configs,
-                        weight_bits=bits,
-                        activation_bits=bits,
-                        resamples=0,
+                        simulation=SimulationOptions(weight_bits=bits, activation_bits=bits),
+                        sampling=SamplingOptions(configs=configs, resamples=0),
                         options=FisherOptions(fisher=fisher, seed=seed),
                     )
                     per_seed.append(r)
@@ -83,7 +83,7 @@ def main(
                     f"\n{path.name}, bits {bit_text}, {fisher} Fisher, {configs} configs + uniform, seeds 0-{seeds - 1} ({elapsed:.0f} s)"
                 )
                 print(f"  {'predictor':<14}" + "".join(f"{m:>28}" for m in measures))
-                for p in PREDICTORS:
+                for p in Predictor:
                     cells = []
                     for m in measures:
                         v = np.array([r.correlation(p, m).spearman for r in per_seed])
@@ -115,8 +115,10 @@ def main(
 
 
 def _oracle(path: Path, bits: tuple[int, ...], fisher: str, configs: int, seeds: int) -> None:
-    h = harness(path, weight_bits=bits, activation_bits=bits, options=FisherOptions(fisher=fisher))
-    names, fit = h.tables.names, h.tables.values["fit"]
+    h = harness(
+        path, simulation=SimulationOptions(weight_bits=bits, activation_bits=bits), options=FisherOptions(fisher=fisher)
+    )
+    names, fit = h.tables.names, h.tables.values[Predictor.FIT]
     single = np.full_like(fit, np.nan)
     for row, name in enumerate(names):
         for col, b in enumerate(h.tables.bits):

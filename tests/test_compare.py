@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from fitonnx.analysis.align import align
-from fitonnx.analysis.compare import CompareReport, compare, format_table, open_models, to_dict
+from fitonnx.analysis.compare import CompareReport, compare, open_models
 from fitonnx.api import Session, open_model
 from fitonnx.cli.main import cli
 from fitonnx.errors import FitonnxError
@@ -22,6 +22,7 @@ from fitonnx.model.data import Dataset
 from fitonnx.model.graph import Kind, find_quantizable
 from fitonnx.model.runtime import make_session
 from fitonnx.prepare.passes.autopad import explicit_conv_pads
+from fitonnx.render.compare import format_table, to_dict
 from fitonnx.score.ranks import spearman
 
 PAIR = Path(__file__).resolve().parent.parent / "models" / "pair"

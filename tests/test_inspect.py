@@ -12,9 +12,10 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import fitonnx
-from fitonnx.analysis.inspection import format_inspection, inspect_model, to_dict
+from fitonnx.analysis.inspection import inspect_model
 from fitonnx.cli.main import cli
 from fitonnx.model.graph import Kind
+from fitonnx.render.inspection import format_inspection, to_dict
 from tests.test_output_kinds import _softmax_model
 from tests.test_prepare import grid_sample_model, mobilenet_block, paddle_style
 

@@ -21,7 +21,9 @@ from onnx import TensorProto, helper, numpy_helper
 import fitonnx
 from fitonnx import api
 from fitonnx.allocate.knapsack import AllocationOptions, budget_from
-from fitonnx.analysis.validate import validate
+from fitonnx.analysis.harness import SimulationOptions
+from fitonnx.analysis.predictors import Predictor
+from fitonnx.analysis.validate import SamplingOptions, validate
 from fitonnx.cli.main import cli
 from fitonnx.errors import UnsupportedError
 from fitonnx.fisher.options import FisherOptions
@@ -178,7 +180,13 @@ def test_validate_fit_grid_matches_numpy(case: tuple, symmetric: bool) -> None:
     model, p, data = case
     calib = Dataset({"x": data.arrays["x"][:32]}, data.labels[:32], "calib")
     held = Dataset({"x": data.arrays["x"][32:]}, data.labels[32:], "held")
-    report = validate(model, calib, held, configs=4, weight_bits=(3, 4), activation_bits=(3, 4), symmetric=symmetric)
+    report = validate(
+        model,
+        calib,
+        held,
+        simulation=SimulationOptions(weight_bits=(3, 4), activation_bits=(3, 4), symmetric=symmetric),
+        sampling=SamplingOptions(configs=4),
+    )
     grads = gradients(p, calib.arrays["x"], calib.labels)
     vals = values(p, calib.arrays["x"])
     masses = point_masses(grads, vals)
@@ -191,8 +199,8 @@ def test_validate_fit_grid_matches_numpy(case: tuple, symmetric: bool) -> None:
             table[(name, b)] = _grid_fit(trace, mean_masses, lo, hi, b, symmetric)
     for c in report.configs:
         want = sum(table[(k, b)] for k, b in {**c.weight_bits, **c.activation_bits}.items())
-        assert c.fit_grid == pytest.approx(want, rel=1e-4)
-        assert c.fit_grid < c.fit
+        assert c.predicted[Predictor.FIT_GRID] == pytest.approx(want, rel=1e-4)
+        assert c.predicted[Predictor.FIT_GRID] < c.predicted[Predictor.FIT]
 
 
 def test_represented_and_unperturbed() -> None:

@@ -336,7 +336,7 @@ def test_recommended_beats_uniform_and_random_configurations_on_held_out_data(cn
         session.prepared.model,
         session.tensors,
         acts,
-        simulate.Scheme(),
+        simulate.GridScheme(),
         held,
         session.specs,
         batch_size=500,

@@ -12,7 +12,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from onnx import TensorProto, helper, numpy_helper
 
 from fitonnx import api
-from fitonnx.analysis.simulate import Config, Scheme, Simulator, build, make_grid, quantize
+from fitonnx.analysis.simulate import Config, GridScheme, Simulator, build, make_grid, quantize
 from fitonnx.errors import FitonnxError
 from fitonnx.export.qnn import encoding_from_range
 from fitonnx.model.data import Dataset
@@ -109,7 +109,9 @@ def np_mlp(p: Mapping[str, np.ndarray], x: np.ndarray, act: QuantFn) -> np.ndarr
     return act("r", np.maximum(h, 0)) @ p["w2"] + p["b2"]
 
 
-def _setup(model: onnx.ModelProto, x: np.ndarray, ranges: dict[str, tuple[float, float]], scheme: Scheme) -> Simulator:
+def _setup(
+    model: onnx.ModelProto, x: np.ndarray, ranges: dict[str, tuple[float, float]], scheme: GridScheme
+) -> Simulator:
     s = api.open_model(model, Dataset({"x": x}))
     sim = build(s.prepared.model, s.tensors, "logits", s.specs)
     return Simulator(sim, s.prepared.model, s.tensors, ranges, scheme, Dataset({"x": x}), s.specs, 7)
@@ -135,7 +137,7 @@ def test_simulation_matches_numpy_fake_quantization(case: tuple, per_channel: bo
     seen: dict[str, list[np.ndarray]] = {}
     twin(p64, x[:12], lambda name, a: seen.setdefault(name, []).append(a) or a)
     ranges = {name: (float(seen[name][0].min()), float(seen[name][0].max())) for name in act_names}
-    simulator = _setup(model, x, ranges, Scheme(per_channel=per_channel, symmetric=symmetric))
+    simulator = _setup(model, x, ranges, GridScheme(per_channel=per_channel, symmetric=symmetric))
     float_out = twin(p64, x, lambda name, a: a)
     clipped = 0
     for wb, ab in [({"w1": 3, "w2": 5}, {act_names[0]: 4, act_names[1]: 2}), ({"w1": 8, "w2": 2}, {act_names[1]: 6})]:
@@ -168,7 +170,7 @@ def test_float_configuration_reproduces_the_model_bit_for_bit(build_model: Calla
         size=(9, *[d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]])
     )
     x = x.astype(np.float32)
-    simulator = _setup(model, x, {"x": (-1.0, 1.0), "f": (0.0, 1.0), "r": (0.0, 1.0)}, Scheme())
+    simulator = _setup(model, x, {"x": (-1.0, 1.0), "f": (0.0, 1.0), "r": (0.0, 1.0)}, GridScheme())
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     want = ort.InferenceSession(model.SerializeToString(), options).run(["logits"], {"x": x})[0]
@@ -184,7 +186,7 @@ def test_build_leaves_the_model_alone_and_feeds_every_width() -> None:
     x = np.random.default_rng(1).normal(size=(4, 2, 5, 5)).astype(np.float32)
     seen: dict[str, np.ndarray] = {}
     np_cnn({k: v.astype(np.float64) for k, v in params.items()}, x, lambda name, a: seen.setdefault(name, a))
-    simulator = _setup(model, x, {k: (float(v.min()), float(v.max())) for k, v in seen.items()}, Scheme())
+    simulator = _setup(model, x, {k: (float(v.min()), float(v.max())) for k, v in seen.items()}, GridScheme())
     assert model.SerializeToString() == before
     names = {i.name for i in onnx.load_from_string(simulator.sim.model_bytes).graph.input}
     assert {"w1", "w2"} <= names  # weights became inputs
@@ -237,7 +239,7 @@ def test_channel_axes_follow_the_consuming_op() -> None:
         s = api.open_model(model, data)
         sim = build(s.prepared.model, s.tensors, "logits", s.specs)
         acts = {t.name: (0.0, 1.0) for t in s.tensors if t.kind is Kind.ACTIVATION}
-        simulator = Simulator(sim, s.prepared.model, s.tensors, acts, Scheme(per_channel=True), data, s.specs)
+        simulator = Simulator(sim, s.prepared.model, s.tensors, acts, GridScheme(per_channel=True), data, s.specs)
         assert simulator.axes == axes
 
 
@@ -254,7 +256,9 @@ def test_a_model_that_cannot_batch_runs_one_sample_at_a_time() -> None:
     x = rng.normal(size=(10, 2, 3)).astype(np.float32)
     s = api.open_model(model, Dataset({"x": x}))
     sim = build(s.prepared.model, s.tensors, "logits", s.specs)
-    simulator = Simulator(sim, s.prepared.model, s.tensors, {"flat": (-3.0, 3.0)}, Scheme(), Dataset({"x": x}), s.specs)
+    simulator = Simulator(
+        sim, s.prepared.model, s.tensors, {"flat": (-3.0, 3.0)}, GridScheme(), Dataset({"x": x}), s.specs
+    )
     assert len(simulator.data.feeds) == 10
     got = simulator.run(Config({"w": 4}, {"flat": 5}))
     wq = np_fake_quant(w.astype(np.float64), np.array(w.min()), np.array(w.max()), 4, False)
@@ -266,7 +270,7 @@ def test_replacement_weights_are_fed_as_given() -> None:
     model, params = mlp()
     rng = np.random.default_rng(5)
     x = rng.normal(size=(7, *_sample_shape(model))).astype(np.float32)
-    simulator = _setup(model, x, {}, Scheme())
+    simulator = _setup(model, x, {}, GridScheme())
     quantized = simulator.run(Config({"w1": 3}, {}))
     # Feeding the quantized values by hand is the same run; a perturbation of our own changes it.
     same = simulator.run(Config.floating(), {"w1": simulator.quantized_weight("w1", 3)})

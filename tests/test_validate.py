@@ -17,21 +17,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fitonnx import api
 from fitonnx.analysis.damage import damage, reference, reliability
+from fitonnx.analysis.harness import Harness, SimulationOptions, harness
+from fitonnx.analysis.predictors import PREDICTORS, Predictor
 from fitonnx.analysis.simulate import Config
-from fitonnx.analysis.validate import (
-    PREDICTORS,
-    Harness,
-    ValidationReport,
-    format_report,
-    harness,
-    sample_configs,
-    to_dict,
-    validate,
-)
+from fitonnx.analysis.validate import SamplingOptions, ValidationReport, sample_configs, validate
 from fitonnx.cli.main import cli
 from fitonnx.fisher.losses import Likelihood, OutputTarget
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.model.data import Dataset
+from fitonnx.render.validate import format_report, to_dict
 from fitonnx.score.ranks import kendall, rank_correlations, spearman
 
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +226,13 @@ def mlp_case() -> tuple[onnx.ModelProto, dict[str, np.ndarray], Dataset, Dataset
 @pytest.fixture(scope="module")
 def mlp_report(mlp_case: tuple) -> ValidationReport:
     model, _, calib, held = mlp_case
-    return validate(model, calib, held, configs=12, weight_bits=(2, 3, 5), activation_bits=(3, 4, 5), resamples=50)
+    return validate(
+        model,
+        calib,
+        held,
+        simulation=SimulationOptions(weight_bits=(2, 3, 5), activation_bits=(3, 4, 5)),
+        sampling=SamplingOptions(configs=12, resamples=50),
+    )
 
 
 def _ranges(p64: dict[str, np.ndarray], calib: Dataset) -> dict[str, tuple[float, float]]:
@@ -276,10 +276,12 @@ def test_predictors_match_numpy(mlp_case: tuple, mlp_report: ValidationReport) -
     for c in mlp_report.configs:
         bits = {**c.weight_bits, **c.activation_bits}
         step = {k: (max(ranges[k][1], 0) - min(ranges[k][0], 0)) / (2 ** bits[k] - 1) for k in bits}
-        assert c.fit == pytest.approx(sum(trace[k] * step[k] ** 2 / 12 for k in bits), rel=1e-4)
-        assert c.noise_only == pytest.approx(sum(numel[k] * step[k] ** 2 for k in bits), rel=1e-6)
-        assert c.trace_only == pytest.approx(sum(trace[k] / (2 ** bits[k] - 1) ** 2 for k in bits), rel=1e-4)
-        assert c.size_only == pytest.approx(sum(numel[k] / (2 ** bits[k] - 1) ** 2 for k in bits))
+        assert c.predicted[Predictor.FIT] == pytest.approx(sum(trace[k] * step[k] ** 2 / 12 for k in bits), rel=1e-4)
+        assert c.predicted[Predictor.NOISE_ONLY] == pytest.approx(sum(numel[k] * step[k] ** 2 for k in bits), rel=1e-6)
+        assert c.predicted[Predictor.TRACE_ONLY] == pytest.approx(
+            sum(trace[k] / (2 ** bits[k] - 1) ** 2 for k in bits), rel=1e-4
+        )
+        assert c.predicted[Predictor.SIZE_ONLY] == pytest.approx(sum(numel[k] / (2 ** bits[k] - 1) ** 2 for k in bits))
         measured = quadratic = 0.0
         for w in ("w1", "w2"):  # Σ_j F_jj·e_j² with the diagonal Fisher F_jj = mean_i g_ij²
             err = np_quant(p64[w], *ranges[w], bits[w]) - p64[w]
@@ -289,8 +291,8 @@ def test_predictors_match_numpy(mlp_case: tuple, mlp_report: ValidationReport) -
             err = np_quant(calib_f[a], *ranges[a], bits[a]) - calib_f[a]
             measured += float(np.mean(np.sum(sq[a] * err**2, axis=1)))
             quadratic += float(np.mean(np.sum(grads[a] * err, axis=1) ** 2))
-        assert c.fit_measured == pytest.approx(measured, rel=1e-3)
-        assert c.quadratic == pytest.approx(quadratic, rel=1e-3)
+        assert c.predicted[Predictor.FIT_MEASURED] == pytest.approx(measured, rel=1e-3)
+        assert c.predicted[Predictor.QUADRATIC] == pytest.approx(quadratic, rel=1e-3)
 
 
 def test_uniform_fit_equals_the_score_report(mlp_case: tuple, mlp_report: ValidationReport) -> None:
@@ -299,7 +301,7 @@ def test_uniform_fit_equals_the_score_report(mlp_case: tuple, mlp_report: Valida
     uniform = [c for c in mlp_report.configs if c.uniform]
     assert [next(iter(c.weight_bits.values())) for c in uniform] == [3, 5]
     for c, b in zip(uniform, (3, 5), strict=True):
-        assert c.fit == pytest.approx(scored.total_fit[b], rel=1e-9)
+        assert c.predicted[Predictor.FIT] == pytest.approx(scored.total_fit[b], rel=1e-9)
 
 
 def test_report_says_when_the_damage_is_beyond_second_order(mlp_report: ValidationReport) -> None:
@@ -309,7 +311,7 @@ def test_report_says_when_the_damage_is_beyond_second_order(mlp_report: Validati
 
 
 def test_report_correlations_are_those_of_its_columns(mlp_report: ValidationReport) -> None:
-    cols = {p: [getattr(c, p) for c in mlp_report.configs] for p in PREDICTORS}
+    cols = {p: [c.predicted[p] for c in mlp_report.configs] for p in PREDICTORS}
     kl = [c.kl for c in mlp_report.configs]
     drop = [mlp_report.float_accuracy - c.accuracy for c in mlp_report.configs]
     assert set(mlp_report.measures) == {"kl", "dloss", "accuracy_drop"}
@@ -324,7 +326,13 @@ def test_report_correlations_are_those_of_its_columns(mlp_report: ValidationRepo
 
 def test_per_channel_fit_uses_channel_traces(mlp_case: tuple) -> None:
     model, p64, calib, held = mlp_case
-    report = validate(model, calib, held, configs=3, weight_bits=(3,), activation_bits=(4,), per_channel=True)
+    report = validate(
+        model,
+        calib,
+        held,
+        simulation=SimulationOptions(weight_bits=(3,), activation_bits=(4,), per_channel=True),
+        sampling=SamplingOptions(configs=3),
+    )
     grads = np_gradients(p64, calib.arrays["x"], calib.labels)
     diag = {k: (g**2).mean(0) for k, g in grads.items()}
     ranges = _ranges(p64, calib)
@@ -336,12 +344,18 @@ def test_per_channel_fit_uses_channel_traces(mlp_case: tuple) -> None:
         want += float(np.sum(tr_c * ((hi - lo) / 7) ** 2 / 12))
     for a in ("x", "r"):
         want += float(diag[a].sum()) * ((ranges[a][1] - ranges[a][0]) / 15) ** 2 / 12
-    assert report.configs[0].fit == pytest.approx(want, rel=1e-4)
+    assert report.configs[0].predicted[Predictor.FIT] == pytest.approx(want, rel=1e-4)
 
 
 def test_symmetric_fit_uses_the_symmetric_step(mlp_case: tuple) -> None:
     model, p64, calib, held = mlp_case
-    report = validate(model, calib, held, configs=0, weight_bits=(4,), activation_bits=(4,), symmetric=True)
+    report = validate(
+        model,
+        calib,
+        held,
+        simulation=SimulationOptions(weight_bits=(4,), activation_bits=(4,), symmetric=True),
+        sampling=SamplingOptions(configs=0),
+    )
     (c,) = report.configs
     grads = np_gradients(p64, calib.arrays["x"], calib.labels)
     ranges = _ranges(p64, calib)
@@ -349,7 +363,7 @@ def test_symmetric_fit_uses_the_symmetric_step(mlp_case: tuple) -> None:
     for name, g in grads.items():  # Δ = max|t| / (2^(b−1) − 1)
         m = max(abs(ranges[name][0]), abs(ranges[name][1]))
         want += float((g**2).reshape(len(g), -1).sum(1).mean()) * (m / 7) ** 2 / 12
-    assert c.uniform and c.fit == pytest.approx(want, rel=1e-4)
+    assert c.uniform and c.predicted[Predictor.FIT] == pytest.approx(want, rel=1e-4)
     assert report.correlations == ()  # one configuration: nothing to rank
 
 
@@ -365,7 +379,7 @@ SEEDS = range(5)
 @dataclass(frozen=True)
 class _Runs:
     """100 random + 6 uniform configurations per seed in SEEDS and their measured KL (what
-    ``validate(configs=100, options=FisherOptions(seed=s))`` ranks), from one calibration pass for all seeds."""
+    ``validate(sampling=SamplingOptions(configs=100), options=FisherOptions(seed=s))`` ranks), from one calibration pass for all seeds."""
 
     configs: tuple[tuple[Config, ...], ...]
     kl: tuple[tuple[float, ...], ...]

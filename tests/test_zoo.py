@@ -117,13 +117,19 @@ def test_a_model_onnxruntime_cannot_load_is_refused_in_one_line(tmp_path: Path) 
 def test_per_channel_validation_falls_back_per_tensor_where_channels_are_unknown() -> None:
     # The unrolled GRU's recurrent weight reaches its MatMul through Slice/Transpose: its output
     # channels are not known, so it is quantized per tensor (and the report says so), not refused.
-    from fitonnx.analysis.validate import validate
+    from fitonnx.analysis.harness import SimulationOptions
+    from fitonnx.analysis.validate import SamplingOptions, validate
     from fitonnx.fisher.options import FisherOptions
 
     calib = ZOO / "gru_charlm_dynamo.calib.npz"
     opts = FisherOptions(fisher="mc", max_samples=8)
     report = validate(
-        ZOO / "gru_charlm_dynamo.onnx", calib, calib, configs=4, per_channel=True, options=opts, resamples=0
+        ZOO / "gru_charlm_dynamo.onnx",
+        calib,
+        calib,
+        simulation=SimulationOptions(per_channel=True),
+        sampling=SamplingOptions(configs=4, resamples=0),
+        options=opts,
     )
     assert any("'gru.weight_hh_l0'" in note and "per tensor" in note for note in report.notes)
     assert report.scheme.per_channel and len(report.configs) == 10

@@ -21,7 +21,7 @@ has the same Fisher trace and range).
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 
 import networkx as nx
@@ -130,6 +130,29 @@ def _numel(shape: tuple[int | None, ...] | None) -> int | None:
     return n
 
 
+def _resolve(
+    name: str, wanted: Mapping[str, QuantTensor], producers: Mapping[str, onnx.NodeProto]
+) -> QuantTensor | None:
+    """The quantizable tensor an input slot reads, through layout-only ops (as graph.py does)."""
+    for _ in range(17):
+        if name in wanted:
+            return wanted[name]
+        node = producers.get(name)
+        if node is None or node.op_type not in graph.LAYOUT_OPS:
+            return None
+        name = node.input[0]
+    return None
+
+
+def _depths(g: nx.MultiDiGraph, order: Sequence[tuple[str, str]], units: Container[str]) -> dict[tuple[str, str], int]:
+    """Per graph key, how many quantizable ops (``units``) lie on the longest path up to it."""
+    depth: dict[tuple[str, str], int] = {}
+    for key in order:
+        base = max((depth[p] for p in g.predecessors(key)), default=0)
+        depth[key] = base + 1 if key[0] == "n" and key[1] in units else base
+    return depth
+
+
 def quant_ops(model: onnx.ModelProto, tensors: Sequence[QuantTensor]) -> tuple[QuantOp, ...]:
     """The quantizable ops of ``model`` (prepared, as scored) in canonical data-flow order."""
     g = graph.to_networkx(model)
@@ -138,24 +161,8 @@ def quant_ops(model: onnx.ModelProto, tensors: Sequence[QuantTensor]) -> tuple[Q
     for t in tensors:
         for node in t.nodes:
             by_node.setdefault(node, []).append(t)
-
-    def resolve(name: str, wanted: dict[str, QuantTensor]) -> QuantTensor | None:
-        """The quantizable tensor an input slot reads, through layout-only ops (as graph.py does)."""
-        for _ in range(17):
-            if name in wanted:
-                return wanted[name]
-            node = producers.get(name)
-            if node is None or node.op_type not in graph.LAYOUT_OPS:
-                return None
-            name = node.input[0]
-        return None
-
     order = list(nx.topological_sort(g))
-    depth: dict[tuple[str, str], int] = {}
-    for key in order:
-        preds = [depth[p] for p in g.predecessors(key)]
-        base = max(preds, default=0)
-        depth[key] = base + 1 if key[0] == "n" and key[1] in by_node else base
+    depth = _depths(g, order, by_node)
     position = {key[1]: i for i, key in enumerate(k for k in order if k[0] == "n")}
     outputs = {o.name for o in model.graph.output}
 
@@ -165,7 +172,7 @@ def quant_ops(model: onnx.ModelProto, tensors: Sequence[QuantTensor]) -> tuple[Q
         wanted = {t.name: t for t in owned}
         slots: list[QuantTensor] = []
         for slot_name in node.input:
-            t = resolve(slot_name, wanted) if slot_name else None
+            t = _resolve(slot_name, wanted, producers) if slot_name else None
             if t is not None and t not in slots:
                 slots.append(t)
         weights = [t for t in slots if t.kind is Kind.WEIGHT]

@@ -6,7 +6,7 @@ configurations. That split-half agreement is a ceiling on what any predictor can
 measurement; without it, a ρ of 0.93 cannot be told apart from a measurement that only
 reproduces itself to 0.93.
 
-Measures (``MEASURES``): KL(float ‖ quantized) of the output distribution, what FIT models; the
+Measures (``Measure``, described in ``MEASURES``): KL(float ‖ quantized) of the output distribution, what FIT models; the
 change of loss when labels are present; the accuracy drop of classifiers.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 
@@ -21,13 +22,26 @@ from fitonnx.errors import DataError, InternalError
 from fitonnx.fisher.losses import BERNOULLI_EPS, CATEGORICAL_EPS, Likelihood, OutputTarget
 from fitonnx.score.ranks import spearman
 
-MEASURES: dict[str, str] = {
-    "kl": "KL(float ‖ quantized) of the outputs, mean per held-out sample",
-    "dloss": "change of the mean held-out loss",
-    "accuracy_drop": "float accuracy − quantized accuracy",
+
+class Measure(StrEnum):
+    """A measured damage, by the name the reports use."""
+
+    KL = "kl"
+    DLOSS = "dloss"
+    ACCURACY_DROP = "accuracy_drop"
+
+    @property
+    def description(self) -> str:
+        return MEASURES[self]
+
+
+MEASURES: dict[Measure, str] = {
+    Measure.KL: "KL(float ‖ quantized) of the outputs, mean per held-out sample",
+    Measure.DLOSS: "change of the mean held-out loss",
+    Measure.ACCURACY_DROP: "float accuracy − quantized accuracy",
 }
 DEFAULT_SPLITS = 50
-CONTINUOUS = ("kl", "dloss")
+CONTINUOUS = (Measure.KL, Measure.DLOSS)
 
 
 @dataclass(frozen=True)
@@ -170,17 +184,33 @@ def damage(ref: Reference, z_quant: np.ndarray) -> Damage:
     return Damage(kl, dloss, correct)
 
 
-def per_sample_measures(ref: Reference, damages: Sequence[Damage]) -> dict[str, np.ndarray]:
+def measure_table(
+    kl: Sequence[float | np.ndarray],
+    dloss: Sequence[float | np.ndarray | None],
+    correct: Sequence[float | np.ndarray | None],
+    float_correct: float | np.ndarray | None,
+) -> dict[Measure, np.ndarray]:
+    """Every measure defined for all configurations, rows in configuration order: KL always, Δloss
+    where every configuration has one, the accuracy drop (float correct − quantized correct) where
+    the float model and every configuration have an accuracy. Scalars per configuration give
+    vectors; per-sample arrays give matrices [configuration, held-out sample]."""
+    out = {Measure.KL: np.asarray(kl, np.float64)}
+    if all(x is not None for x in dloss):
+        out[Measure.DLOSS] = np.asarray(dloss, np.float64)
+    if float_correct is not None and all(x is not None for x in correct):
+        out[Measure.ACCURACY_DROP] = np.asarray(float_correct, np.float64) - np.asarray(correct, np.float64)
+    return out
+
+
+def per_sample_measures(ref: Reference, damages: Sequence[Damage]) -> dict[Measure, np.ndarray]:
     """Each measure defined for every configuration as a matrix [configuration, held-out sample]
     whose row means are the measure (accuracy drop: float correct − quantized correct)."""
-    out = {"kl": np.stack([d.sample_kl for d in damages])}
-    dloss = [d.sample_dloss for d in damages]
-    if dloss and all(x is not None for x in dloss):
-        out["dloss"] = np.stack(dloss)  # type: ignore[arg-type]
-    correct = [d.sample_correct for d in damages]
-    if ref.sample_correct is not None and correct and all(x is not None for x in correct):
-        out["accuracy_drop"] = ref.sample_correct[None, :] - np.stack(correct)  # type: ignore[arg-type]
-    return out
+    return measure_table(
+        [d.sample_kl for d in damages],
+        [d.sample_dloss for d in damages],
+        [d.sample_correct for d in damages],
+        ref.sample_correct,
+    )
 
 
 @dataclass(frozen=True)
@@ -189,7 +219,7 @@ class Reliability:
     random halves of the held-out samples (mean over ``splits`` splits), and that agreement
     carried to the whole set by the Spearman–Brown formula 2ρ/(1 + ρ)."""
 
-    measure: str
+    measure: Measure
     split_half: float
     full: float
     splits: int
@@ -202,7 +232,7 @@ class Reliability:
 
 
 def reliability(
-    per_sample: Mapping[str, np.ndarray], splits: int = DEFAULT_SPLITS, seed: int = 0
+    per_sample: Mapping[Measure, np.ndarray], splits: int = DEFAULT_SPLITS, seed: int = 0
 ) -> tuple[Reliability, ...]:
     """Split-half reliability of each continuous measure (matrices [configuration, sample]).
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from fitonnx.errors import FitonnxError, InternalError, ModelError, UnsupportedError
@@ -39,7 +40,7 @@ MAX_BITS = 16
 
 
 @dataclass(frozen=True)
-class Scheme:
+class GridScheme:
     """How tensors are quantized: per-tensor or per-channel weights, asymmetric or symmetric grids.
 
     Activations are always per tensor (what deployment toolchains do); ``symmetric`` applies to
@@ -151,7 +152,7 @@ def channel_axis(model: onnx.ModelProto, tensor: QuantTensor, rank: int) -> int:
     return axes.pop()
 
 
-def weight_grid(w: np.ndarray, bits: int, scheme: Scheme, axis: int | None) -> Grid:
+def weight_grid(w: np.ndarray, bits: int, scheme: GridScheme, axis: int | None) -> Grid:
     """Min/max grid of a weight, per tensor (``axis`` None) or per slice along ``axis``."""
     if axis is None:
         return make_grid(float(w.min()), float(w.max()), bits, scheme.symmetric)
@@ -206,6 +207,95 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     }
 
 
+def _free_batch_axes(g: onnx.GraphProto, inputs: Mapping[str, InputSpec]) -> None:
+    """Declare the graph inputs as the original model does (symbolic sizes by name) and drop the
+    stored intermediate shapes, which may be fixed to one sample's shape."""
+    for value in g.input:
+        spec = inputs.get(value.name)
+        if spec is not None and value.type.HasField("tensor_type"):
+            tt = value.type.tensor_type
+            tt.ClearField("shape")
+            for k, d in enumerate(spec.shape):
+                if d is None:
+                    tt.shape.dim.add().dim_param = f"{value.name}_dim{k}"
+                else:
+                    tt.shape.dim.add().dim_value = d
+    del g.value_info[:]
+
+
+def _weights_as_inputs(g: onnx.GraphProto, weights: Sequence[QuantTensor]) -> dict[str, np.ndarray]:
+    """Turn each quantizable weight's initializer into a graph input; returns its float values."""
+    inits = {t.name: t for t in g.initializer}
+    missing = [w.name for w in weights if w.name not in inits]
+    if missing:
+        raise InternalError(f"weights must be initializers after prepare; not found: {missing[:3]}")
+    declared = {v.name for v in g.input}
+    values: dict[str, np.ndarray] = {}
+    for w in weights:
+        init = inits[w.name]
+        values[w.name] = numpy_helper.to_array(init)
+        if w.name not in declared:
+            g.input.append(helper.make_tensor_value_info(w.name, init.data_type, list(init.dims)))
+    kept = [t for t in g.initializer if t.name not in values]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    return values
+
+
+def _fake_quantizer(
+    g: onnx.GraphProto, i: int, act: QuantTensor, elem: int
+) -> tuple[ActivationInputs, list[onnx.NodeProto]]:
+    """The inputs (declared in ``g``) and nodes of activation ``act``'s fake quantizer, output ``<p>out``."""
+    p = f"{PREFIX}sim{i}_"
+    ai = ActivationInputs(
+        act.name, p + "zp", p + "step", p + "levels", p + "on", np.dtype(helper.tensor_dtype_to_np_dtype(elem))
+    )
+    for name in (ai.zero_point, ai.step, ai.levels):
+        g.input.append(helper.make_tensor_value_info(name, elem, []))
+    g.input.append(helper.make_tensor_value_info(ai.on, TensorProto.BOOL, []))
+    g.initializer.append(numpy_helper.from_array(np.zeros((), ai.dtype), p + "zero"))
+    n = helper.make_node
+    nodes = [
+        n("Div", [act.name, ai.step], [p + "scaled"], name=p + "div"),
+        n("Round", [p + "scaled"], [p + "rounded"], name=p + "round"),
+        n("Add", [p + "rounded", ai.zero_point], [p + "shifted"], name=p + "add"),
+        n("Clip", [p + "shifted", p + "zero", ai.levels], [p + "q"], name=p + "clip"),
+        n("Sub", [p + "q", ai.zero_point], [p + "centred"], name=p + "sub"),
+        n("Mul", [p + "centred", ai.step], [p + "fq"], name=p + "mul"),
+        n("Where", [ai.on, p + "fq", act.name], [p + "out"], name=p + "where"),
+    ]
+    return ai, nodes
+
+
+def _insert_fake_quantizers(
+    g: onnx.GraphProto, activations: Sequence[QuantTensor], types: Mapping[str, int]
+) -> tuple[ActivationInputs, ...]:
+    """Route every consumer of each activation through its fake quantizer, placed right after the
+    activation's producer so that the graph stays in topological order."""
+    renames: dict[str, str] = {}
+    groups: list[list[onnx.NodeProto]] = []
+    act_inputs: list[ActivationInputs] = []
+    for i, act in enumerate(activations):
+        ai, nodes = _fake_quantizer(g, i, act, types.get(act.name, TensorProto.FLOAT))
+        renames[act.name] = nodes[-1].output[0]
+        groups.append(nodes)
+        act_inputs.append(ai)
+    for node in g.node:
+        for slot, name in enumerate(node.input):
+            if name in renames:
+                node.input[slot] = renames[name]
+    position = _producer_positions(g)
+    nodes = list(g.node)
+    for act, group in sorted(
+        zip(activations, groups, strict=True), key=lambda pair: position.get(pair[0].name, -1), reverse=True
+    ):
+        at = position.get(act.name, -1) + 1
+        nodes[at:at] = group
+    del g.node[:]
+    g.node.extend(nodes)
+    return tuple(act_inputs)
+
+
 def build(
     model: onnx.ModelProto,
     tensors: Sequence[QuantTensor],
@@ -222,83 +312,15 @@ def build(
     work.CopyFrom(model)
     g = work.graph
     if inputs is not None:
-        for value in g.input:
-            spec = inputs.get(value.name)
-            if spec is not None and value.type.HasField("tensor_type"):
-                tt = value.type.tensor_type
-                tt.ClearField("shape")
-                for k, d in enumerate(spec.shape):
-                    if d is None:
-                        tt.shape.dim.add().dim_param = f"{value.name}_dim{k}"
-                    else:
-                        tt.shape.dim.add().dim_value = d
-        del g.value_info[:]
-    weights = [t for t in tensors if t.kind is Kind.WEIGHT]
+        _free_batch_axes(g, inputs)
+    values = _weights_as_inputs(g, [t for t in tensors if t.kind is Kind.WEIGHT])
     activations = [t for t in tensors if t.kind is Kind.ACTIVATION]
-    inits = {t.name: t for t in g.initializer}
-    missing = [w.name for w in weights if w.name not in inits]
-    if missing:
-        raise InternalError(f"weights must be initializers after prepare; not found: {missing[:3]}")
-    declared = {v.name for v in g.input}
-    values: dict[str, np.ndarray] = {}
-    for w in weights:
-        init = inits[w.name]
-        values[w.name] = numpy_helper.to_array(init)
-        if w.name not in declared:
-            g.input.append(helper.make_tensor_value_info(w.name, init.data_type, list(init.dims)))
-    kept = [t for t in g.initializer if t.name not in values]
-    del g.initializer[:]
-    g.initializer.extend(kept)
-
-    types = _elem_types(model)
-    renames: dict[str, str] = {}
-    fq_nodes: list[list[onnx.NodeProto]] = []
-    act_inputs: list[ActivationInputs] = []
-    for i, act in enumerate(activations):
-        p = f"{PREFIX}sim{i}_"
-        elem = types.get(act.name, TensorProto.FLOAT)
-        ai = ActivationInputs(
-            act.name, p + "zp", p + "step", p + "levels", p + "on", np.dtype(helper.tensor_dtype_to_np_dtype(elem))
-        )
-        for name in (ai.zero_point, ai.step, ai.levels):
-            g.input.append(helper.make_tensor_value_info(name, elem, []))
-        g.input.append(helper.make_tensor_value_info(ai.on, TensorProto.BOOL, []))
-        g.initializer.append(numpy_helper.from_array(np.zeros((), ai.dtype), p + "zero"))
-        n = helper.make_node
-        fq_nodes.append(
-            [
-                n("Div", [act.name, ai.step], [p + "scaled"], name=p + "div"),
-                n("Round", [p + "scaled"], [p + "rounded"], name=p + "round"),
-                n("Add", [p + "rounded", ai.zero_point], [p + "shifted"], name=p + "add"),
-                n("Clip", [p + "shifted", p + "zero", ai.levels], [p + "q"], name=p + "clip"),
-                n("Sub", [p + "q", ai.zero_point], [p + "centred"], name=p + "sub"),
-                n("Mul", [p + "centred", ai.step], [p + "fq"], name=p + "mul"),
-                n("Where", [ai.on, p + "fq", act.name], [p + "out"], name=p + "where"),
-            ]
-        )
-        renames[act.name] = p + "out"
-        act_inputs.append(ai)
-    for node in g.node:
-        for slot, name in enumerate(node.input):
-            if name in renames:
-                node.input[slot] = renames[name]
-    # Topological order: each fake quantizer right after the producer of its activation.
-    position = _producer_positions(g)
-    nodes = list(g.node)
-    for act, group in sorted(
-        zip(activations, fq_nodes, strict=True), key=lambda pair: position.get(pair[0].name, -1), reverse=True
-    ):
-        at = position.get(act.name, -1) + 1
-        nodes[at:at] = group
-    del g.node[:]
-    g.node.extend(nodes)
-    if output not in {o.name for o in g.output} and output not in position:
+    act_inputs = _insert_fake_quantizers(g, activations, _elem_types(model))
+    if output not in {o.name for o in g.output} and output not in _producer_positions(g):
         raise ModelError(f"expected {output!r} to be a tensor of the model; found no producer")
     del g.output[:]
     g.output.append(helper.make_empty_tensor_value_info(output))
-    return SimulationModel(
-        model_bytes=work.SerializeToString(), weights=values, activations=tuple(act_inputs), output=output
-    )
+    return SimulationModel(model_bytes=work.SerializeToString(), weights=values, activations=act_inputs, output=output)
 
 
 @dataclass(frozen=True)
@@ -322,7 +344,7 @@ def batches(data: Dataset, specs: Mapping[str, InputSpec], batch_size: int) -> B
     return Batches(feeds, False, n)
 
 
-def session(model_bytes: bytes, threads: int = 0):  # -> onnxruntime.InferenceSession
+def session(model_bytes: bytes, threads: int = 0) -> ort.InferenceSession:
     """A CPU session at the EXTENDED optimization level.
 
     ORT_ENABLE_ALL adds layout transforms (NCHWc) for Conv only when weights are constants; the
@@ -330,8 +352,6 @@ def session(model_bytes: bytes, threads: int = 0):  # -> onnxruntime.InferenceSe
     ~1e-6. At EXTENDED both take the same kernels and the float configuration reproduces the
     model's outputs bit for bit (tested).
     """
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -349,15 +369,14 @@ class Simulator:
         model: onnx.ModelProto,
         tensors: Sequence[QuantTensor],
         act_ranges: Mapping[str, tuple[float, float]],
-        scheme: Scheme,
+        scheme: GridScheme,
         data: Dataset,
         specs: Mapping[str, InputSpec],
         batch_size: int = 256,
-        threads: int = 0,
     ) -> None:
         self.sim = sim
         self.scheme = scheme
-        self.session = session(sim.model_bytes, threads)
+        self.session = session(sim.model_bytes)
         self.act_ranges = dict(act_ranges)
         # Per channel where a weight's channels are known; a weight that reaches its op through
         # layout ops (an unrolled recurrent cell's R) or whose consumers disagree stays per tensor.

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import click
 
-from fitonnx.analysis.compare import DEFAULT_AGREE_TOL, compare, format_table, write_json, write_plot
+from fitonnx.analysis.compare import DEFAULT_AGREE_TOL, compare
 from fitonnx.cli.options import bits_options, fisher_options
 from fitonnx.cli.progress import progress_bars
 from fitonnx.fisher.options import FisherOptions
+from fitonnx.render import compare as view
 
 
 @click.command("compare")
@@ -57,12 +58,12 @@ def compare_command(
             agree_tol=agree_tol,
             progress=bars,
         )
-    click.echo(format_table(result))
+    click.echo(view.format_table(result))
     if json_path:
-        write_json(result, json_path)
+        view.write_json(result, json_path)
         click.echo(f"wrote {json_path}")
     if plot_path:
-        if write_plot(result, plot_path):
+        if view.write_plot(result, plot_path):
             click.echo(f"wrote {plot_path}")
         else:
             click.secho(

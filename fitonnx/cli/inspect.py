@@ -6,7 +6,8 @@ from typing import Any
 
 import click
 
-from fitonnx.analysis import inspection as inspect_mod
+from fitonnx.analysis.inspection import inspect_model
+from fitonnx.render import inspection as view
 
 
 class InputShape(click.ParamType):
@@ -43,8 +44,8 @@ class InputShape(click.ParamType):
 )
 def inspect_command(model: str, json_path: str | None, input_shapes: tuple[tuple[str, tuple[int, ...]], ...]) -> None:
     """List MODEL's quantizable weights and activations, what fitonnx changes to differentiate it, and what it cannot."""
-    result = inspect_mod.inspect_model(model, input_shapes=dict(input_shapes) or None)
-    click.echo(inspect_mod.format_inspection(result))
+    result = inspect_model(model, input_shapes=dict(input_shapes) or None)
+    click.echo(view.format_inspection(result))
     if json_path:
-        inspect_mod.write_json(result, json_path)
+        view.write_json(result, json_path)
         click.echo(f"wrote {json_path}")

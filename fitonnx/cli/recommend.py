@@ -12,10 +12,7 @@ from fitonnx.cli.options import BitsList, data_options, fisher_options, noise_mo
 from fitonnx.cli.progress import progress_bars
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.model.graph import Kind
-
-
-def _short(name: str, width: int) -> str:
-    return name if len(name) <= width else "…" + name[-(width - 1) :]
+from fitonnx.render.text import short
 
 
 def _kb(n_bytes: int) -> str:
@@ -40,7 +37,7 @@ def format_summary(result: api.RecommendResult, limit: int | None = None) -> str
         bits = rec.weight_bits.get(t.name) if t.kind is Kind.WEIGHT else rec.activation_bits.get(t.name)
         fit = rec.fit_per_tensor.get(t.name, {}).get(bits, float("nan"))
         lines.append(
-            f"{_short(t.name, name_w):<{name_w}} {'W' if t.kind is Kind.WEIGHT else 'A':<4} {t.numel:>9} {bits:>4} "
+            f"{short(t.name, name_w):<{name_w}} {'W' if t.kind is Kind.WEIGHT else 'A':<4} {t.numel:>9} {bits:>4} "
             f"{fit:>10.3g}"
         )
     if len(shown) < len(rows):

@@ -6,11 +6,15 @@ import time
 
 import click
 
-from fitonnx.analysis.validate import DEFAULT_CONFIGS, DEFAULT_RESAMPLES, format_report, validate, write_json
+from fitonnx.analysis import simulate
+from fitonnx.analysis.harness import DEFAULT_BATCH_SIZE, DEFAULT_BITS, SimulationOptions
+from fitonnx.analysis.validate import DEFAULT_CONFIGS, DEFAULT_RESAMPLES, SamplingOptions, validate
 from fitonnx.cli.common import data_source, echo_warnings
 from fitonnx.cli.options import BitsList, data_options, fisher_options
 from fitonnx.cli.progress import progress_bars
 from fitonnx.fisher.options import FisherOptions
+from fitonnx.render import plot
+from fitonnx.render import validate as view
 
 
 @click.command("validate")
@@ -33,9 +37,9 @@ from fitonnx.fisher.options import FisherOptions
 @click.option(
     "--bits",
     type=BitsList(),
-    default="3,4,5,6,7,8",
+    default=",".join(map(str, DEFAULT_BITS)),
     show_default=True,
-    help="Candidate bit widths (2-16) per tensor, weights and activations.",
+    help=f"Candidate bit widths ({simulate.MIN_BITS}-{simulate.MAX_BITS}) per tensor, weights and activations.",
 )
 @click.option("--weight-bits", type=BitsList(), help="Candidate weight bit widths (overrides --bits for weights).")
 @click.option("--act-bits", type=BitsList(), help="Candidate activation bit widths (overrides --bits for activations).")
@@ -43,7 +47,11 @@ from fitonnx.fisher.options import FisherOptions
 @click.option("--per-channel", is_flag=True, help="Quantize weights per output channel (default: per tensor).")
 @click.option("--symmetric", is_flag=True, help="Symmetric max|x| grids (default: asymmetric min/max, FIT's model).")
 @click.option(
-    "--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Held-out samples per run."
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=DEFAULT_BATCH_SIZE,
+    show_default=True,
+    help="Held-out samples per run.",
 )
 @click.option(
     "--resamples",
@@ -77,33 +85,29 @@ def validate_command(
     --seed also seeds the configuration sampling and the bootstrap.
     """
     if plot_path:
-        from fitonnx.render.plot import require_matplotlib
-
-        require_matplotlib()  # fail before the work, not after it
+        plot.require_matplotlib()  # fail before the work, not after it
     started = time.perf_counter()
     with echo_warnings(), progress_bars() as bars:
         result = validate(
             model,
             data_source(data, random_samples, options.seed),
             eval_data=eval_data,
-            configs=configs,
-            weight_bits=weight_bits or bits,
-            activation_bits=act_bits or bits,
-            uniform=not no_uniform,
-            per_channel=per_channel,
-            symmetric=symmetric,
+            simulation=SimulationOptions(
+                weight_bits=weight_bits or bits,
+                activation_bits=act_bits or bits,
+                per_channel=per_channel,
+                symmetric=symmetric,
+                batch_size=batch_size,
+            ),
+            sampling=SamplingOptions(configs=configs, uniform=not no_uniform, resamples=resamples),
             options=options,
-            batch_size=batch_size,
-            resamples=resamples,
             progress=bars,
         )
-    click.echo(format_report(result))
+    click.echo(view.format_report(result))
     click.echo(f"\n{len(result.configs)} configurations validated in {time.perf_counter() - started:.1f} s")
     if json_path:
-        write_json(result, json_path)
+        view.write_json(result, json_path)
         click.echo(f"wrote {json_path}")
     if plot_path:
-        from fitonnx.render.plot import scatter
-
-        scatter(result, plot_path)
+        view.scatter(result, plot_path)
         click.echo(f"wrote {plot_path}")

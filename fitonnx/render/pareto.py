@@ -16,7 +16,7 @@ import numpy as np
 
 from fitonnx.allocate.knapsack import Allocation, BudgetKind, weight_bytes
 from fitonnx.files.atomic import write_atomic
-from fitonnx.render.plot import pyplot_or_none, save_png
+from fitonnx.render.plot import label_fit_against_size, pyplot_or_none, save_png
 
 
 def _columns(alloc: Allocation) -> tuple[list[str], np.ndarray, list[int], np.ndarray, np.ndarray]:
@@ -98,11 +98,9 @@ def write_png(alloc: Allocation, path: str | os.PathLike[str]) -> bool:
         ax.scatter([kb[i]], [fits[i]], color="tab:red", marker="*", s=160, zorder=4, label="recommended")
         if (fits > 0).all():
             ax.set_yscale("log")
-        ax.set_xlabel("weight size (KB)")
-        ax.set_ylabel("FIT (weights + activations)")
-        ax.set_title(f"{alloc.recommendation.model}, target {alloc.target.name}: {alloc.budget.describe()}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        label_fit_against_size(
+            ax, f"{alloc.recommendation.model}, target {alloc.target.name}: {alloc.budget.describe()}"
+        )
         save_png(fig, path)
     finally:
         plt.close(fig)

@@ -9,18 +9,14 @@ import os
 from typing import Any
 
 from fitonnx.files.atomic import write_atomic
+from fitonnx.render.text import provenance_dict, short
 from fitonnx.score.fit import ScoreReport
 
 
 def to_dict(report: ScoreReport) -> dict[str, Any]:
     """The JSON report (schema in README.md)."""
     return {
-        "model": report.model,
-        "fisher": report.fisher,
-        "likelihood": report.likelihood,
-        "output": report.output,
-        "data": report.data_source,
-        "samples": report.samples,
+        **provenance_dict(report),
         "stop_reason": report.stop_reason,
         "weight_bits": list(report.weight_bits),
         "activation_bits": list(report.activation_bits),
@@ -81,10 +77,6 @@ def write_csv(report: ScoreReport, path: str | os.PathLike[str]) -> None:
     write_atomic(path, write)
 
 
-def _short(name: str, width: int) -> str:
-    return name if len(name) <= width else "…" + name[-(width - 1) :]
-
-
 def format_table(report: ScoreReport, limit: int | None = None) -> str:
     """The terminal table: most sensitive first, FIT per bit width and its share of the total."""
     bits = report.bits
@@ -104,8 +96,8 @@ def format_table(report: ScoreReport, limit: int | None = None) -> str:
     for t in rows:
         shape = "x".join(map(str, t.shape))
         lines.append(
-            f"{_short(t.name, name_w):<{name_w}} {'W' if t.kind.value == 'weight' else 'A':<4} "
-            f"{_short(','.join(sorted(set(t.op_types))), 10):<10} {_short(shape, 16):<16} "
+            f"{short(t.name, name_w):<{name_w}} {'W' if t.kind.value == 'weight' else 'A':<4} "
+            f"{short(','.join(sorted(set(t.op_types))), 10):<10} {short(shape, 16):<16} "
             f"{t.ef_trace:>9.3g} {t.ef_trace_se:>8.2g} {t.min:>8.3g} {t.max:>8.3g} {100 * t.share:>5.1f}% "
             + " ".join(f"{t.fit[b]:>9.3g}" for b in bits)
         )

@@ -1,0 +1,197 @@
+"""The stage of ``validate`` before any configuration: calibration passes, simulator, predictor
+tables and the float reference on held-out data, for callers that measure configurations of their own.
+
+The calibration pass runs twice: once for traces and ranges, once more for the measured rounding
+errors (``error_model``), which need those ranges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fitonnx.analysis import simulate
+from fitonnx.analysis.damage import Damage, Reference, damage, reference
+from fitonnx.analysis.error_model import measure_errors
+from fitonnx.analysis.predictors import Predictor, PredictorTables, predictor_tables
+from fitonnx.analysis.simulate import Config, GridScheme
+from fitonnx.errors import DataError
+from fitonnx.fisher import engine, losses
+from fitonnx.fisher import session as api
+from fitonnx.fisher.instrument import GradientModel
+from fitonnx.fisher.losses import OutputTarget
+from fitonnx.fisher.options import FisherOptions
+from fitonnx.model import data as data_mod
+from fitonnx.model.data import Dataset
+from fitonnx.model.graph import Kind
+from fitonnx.model.source import DataSource, ModelSource
+from fitonnx.progress import Progress
+from fitonnx.score.fit import ScoreReport, build_report
+from fitonnx.score.run import provenance
+
+DEFAULT_BITS: tuple[int, ...] = (3, 4, 5, 6, 7, 8)
+DEFAULT_BATCH_SIZE = 256
+EVAL_SUFFIX = ".heldout.npz"
+EvalSource = str | os.PathLike[str] | Dataset | None
+
+
+@dataclass(frozen=True)
+class SimulationOptions:
+    """How configurations are simulated: candidate widths, the grids, held-out samples per run."""
+
+    weight_bits: Sequence[int] = DEFAULT_BITS
+    activation_bits: Sequence[int] = DEFAULT_BITS
+    per_channel: bool = False  # weights per output channel (activations are always per tensor)
+    symmetric: bool = False  # max|x| grids for weights and activations (default: min/max)
+    batch_size: int = DEFAULT_BATCH_SIZE
+
+    @property
+    def scheme(self) -> GridScheme:
+        return GridScheme(per_channel=self.per_channel, symmetric=self.symmetric)
+
+    def checked(self) -> SimulationOptions:
+        """These options with the bit widths checked, sorted and deduplicated."""
+        return dataclasses.replace(
+            self,
+            weight_bits=simulate.check_bits(self.weight_bits),
+            activation_bits=simulate.check_bits(self.activation_bits),
+        )
+
+
+@dataclass(frozen=True)
+class Harness:
+    """Everything configurations are predicted and measured with: the Fisher pass's predictor
+    tables, the simulator on the held-out data and the float reference (``harness``)."""
+
+    session: api.Session
+    target: OutputTarget
+    fisher: losses.FisherMode
+    samples: int
+    held_out: Dataset
+    scheme: GridScheme
+    weight_bits: tuple[int, ...]
+    activation_bits: tuple[int, ...]
+    weights: tuple[str, ...]
+    activations: tuple[str, ...]
+    simulator: simulate.Simulator
+    tables: PredictorTables
+    reference: Reference
+
+    def measure(self, config: Config) -> Damage:
+        """The damage ``config`` does on the held-out data."""
+        return damage(self.reference, self.simulator.run(config))
+
+    def predict(self, config: Config) -> dict[Predictor, float]:
+        """What every predictor says of ``config``."""
+        return self.tables.predict(config)
+
+
+def _eval_dataset(s: api.Session, eval_data: EvalSource) -> Dataset:
+    """The held-out data: given, loaded from a path, or ``<model>.heldout.npz`` beside the model."""
+    if isinstance(eval_data, Dataset):
+        dataset = eval_data
+    elif eval_data is not None:
+        dataset = data_mod.load_data(eval_data, list(s.specs))
+    else:
+        path = s.loaded.path
+        candidate = None if path is None else path.with_name(path.stem + EVAL_SUFFIX)
+        if candidate is None or not candidate.is_file():
+            raise DataError(
+                f"expected held-out data for {s.loaded.name}; found no --eval-data and no "
+                f"{Path(s.loaded.name).stem}{EVAL_SUFFIX} beside it",
+                hint="pass --eval-data heldout.npz (samples not used for calibration)",
+            )
+        dataset = data_mod.load_npz(candidate)
+    data_mod.check_against(dataset, s.specs)
+    return dataset
+
+
+@dataclass(frozen=True)
+class _Calibration:
+    """The first calibration pass: the gradient model, its target and Fisher mode, the traces, FIT."""
+
+    gm: GradientModel
+    target: OutputTarget
+    mode: losses.FisherMode
+    traces: engine.FisherTraces
+    report: ScoreReport
+
+
+def _calibrate(s: api.Session, opts: FisherOptions, sim: SimulationOptions, progress: Progress | None) -> _Calibration:
+    """Traces with the diagonal Fisher and point statistics, and the FIT report of the candidates."""
+    gm, target, mode = api.gradient_model(s, opts, keep_gradients=True, exact_points=True)
+    traces = engine.run(gm, s.data, s.specs, opts.run_options(), progress)
+    report = build_report(
+        s.prepared.model,
+        traces,
+        provenance(s, target, mode),
+        weight_bits=sim.weight_bits,
+        activation_bits=sim.activation_bits,
+        resamples=0,
+    )
+    return _Calibration(gm, target, mode, traces, report)
+
+
+def _simulator(s: api.Session, cal: _Calibration, sim: SimulationOptions, held_out: Dataset) -> simulate.Simulator:
+    """The simulator of the loss's tap on the held-out data, activation grids from the calibration ranges."""
+    traces = cal.traces
+    act_ranges = {name: (traces.act_min[name], traces.act_max[name]) for name in traces.act_min}
+    return simulate.Simulator(
+        simulate.build(s.prepared.model, s.tensors, cal.target.tap, s.specs),
+        s.prepared.model,
+        s.tensors,
+        act_ranges,
+        sim.scheme,
+        held_out,
+        s.specs,
+        sim.batch_size,
+    )
+
+
+def harness(
+    model: ModelSource,
+    data: DataSource = None,
+    eval_data: EvalSource = None,
+    *,
+    simulation: SimulationOptions | None = None,
+    options: FisherOptions | None = None,
+    progress: Progress | None = None,
+    session: api.Session | None = None,
+) -> Harness:
+    """Run the calibration passes and build the simulator: the stage of ``validate`` before any
+    configuration, for callers that measure configurations of their own.
+
+    ``data`` is the calibration data (``RandomData(n)`` for a smoke test); ``eval_data`` defaults
+    to ``<model>.heldout.npz`` beside the model. ``progress`` sees both calibration passes.
+    """
+    opts = options or FisherOptions()
+    sim = (simulation or SimulationOptions()).checked()
+    s = session if session is not None else api.open_model(model, data, seed=opts.seed)
+    held_out = _eval_dataset(s, eval_data)
+    cal = _calibrate(s, opts, sim, progress)
+    traces = cal.traces
+    simulator = _simulator(s, cal, sim, held_out)
+
+    def second_pass(gm: GradientModel, extra: Sequence[str]) -> engine.FisherTraces:
+        return engine.run(gm, s.data, s.specs, opts.run_options(), progress, extra_outputs=extra)
+
+    errors = measure_errors(cal.gm, simulator, sim.weight_bits, sim.activation_bits, second_pass)
+    tables = predictor_tables(cal.report, traces, simulator, errors, sim.weight_bits, sim.activation_bits)
+    return Harness(
+        session=s,
+        target=cal.target,
+        fisher=cal.mode,
+        samples=traces.samples,
+        held_out=held_out,
+        scheme=sim.scheme,
+        weight_bits=tuple(sim.weight_bits),
+        activation_bits=tuple(sim.activation_bits),
+        weights=tuple(t.name for t in s.tensors if t.kind is Kind.WEIGHT),
+        activations=tuple(t.name for t in s.tensors if t.kind is Kind.ACTIVATION),
+        simulator=simulator,
+        tables=tables,
+        reference=reference(cal.target, simulator.run(Config.floating()), held_out.labels, held_out.source),
+    )
