@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fitonnx.errors import DataError
-from fitonnx.fisher import engine, instrument, losses
+from fitonnx.fisher import engine, engines, instrument, losses
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.model import data as data_mod
 from fitonnx.model import graph
@@ -22,6 +22,7 @@ from fitonnx.model.source import DataSource, ModelSource, load_source, resolve_d
 from fitonnx.prepare import PreparedModel, prepare, verify
 from fitonnx.prepare.support import check_differentiable
 from fitonnx.prepare.types import ChangeKind
+from fitonnx.progress import Progress
 
 VERIFY_SAMPLES = 8
 
@@ -78,7 +79,7 @@ def fisher_traces(
     s: Session,
     options: FisherOptions | None = None,
     *,
-    progress: engine.ProgressFn | None = None,
+    progress: Progress | None = None,
     keep_gradients: bool = False,
     threads: int = 0,
     exact_points: bool = False,
@@ -116,8 +117,9 @@ def gradient_model(
         s.prepared.model, ranks, opts.output, opts.likelihood, s.data.labels, opts.class_axis
     )
     labels_dtype = np.dtype(np.int64) if mode is losses.FisherMode.EXACT else None if labels is None else labels.dtype
-    # Name any op without a usable gradient before onnxruntime's builder fails on it in C++.
-    check_differentiable(s.prepared.model, [t.name for t in s.tensors], [target.tap])
+    # Name any op without a usable gradient before the engine's builder fails on it.
+    grad_engine = engines.get_engine(opts.engine)
+    check_differentiable(s.prepared.model, [t.name for t in s.tensors], [target.tap], grad_engine.gradient_ops)
     activations = [t for t in s.tensors if t.kind is graph.Kind.ACTIVATION]
     probe, names = instrument.build_probe(s.prepared.model, activations, target.tap)
     feed = s.data.sample(0, s.specs)
@@ -135,7 +137,7 @@ def gradient_model(
         exact_points=exact_points,
         # Every sample has these shapes; pooling gradients need them concrete (see instrument).
         shapes={**shapes, **{name: value.shape for name, value in feed.items() if name in s.specs}},
-        engine=opts.engine,
+        engine=grad_engine.name,
     )
     gm = instrument.build_gradient_model(request)
     return gm, target, mode
