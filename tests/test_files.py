@@ -245,7 +245,7 @@ def test_failed_write_removes_the_temporary_file_and_keeps_the_old(tmp_path: Pat
     (tmp_path / "r.json").write_text("old")
 
     with pytest.raises(TypeError):
-        write_atomic(tmp_path / "r.json", 42)  # type: ignore[arg-type]
+        write_atomic(tmp_path / "r.json", lambda f: f.write(42))  # type: ignore[arg-type]
     assert listing(tmp_path) == ["r.json"] and (tmp_path / "r.json").read_text() == "old"
 
 
@@ -560,13 +560,14 @@ def test_lazy_npz_peak_memory_is_independent_of_the_member_size(tmp_path: Path) 
         f"""
         import resource
         from fitonnx.files import LazyNpz
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         with LazyNpz({str(path)!r}) as npz:
             assert npz.read_rows("input", 0, 4).shape == (4, 1024, 1024)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
         """
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True, timeout=120
     )
-    assert int(out.stdout.strip()) < 200  # MiB: 16 MiB of rows plus the interpreter, numpy and onnx
+    assert int(out.stdout.strip()) < 64  # MiB grown while reading: the 16 MiB of rows, not the 512 MiB member

@@ -12,6 +12,7 @@ is cleaned up and the CLI exits 128 + signal number (130/143).
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import stat
 import sys
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,13 +103,39 @@ def _fsync_folder(folder: Path) -> None:
             os.close(fd)
 
 
-def write_atomic(path: PathLike, content: bytes | str) -> None:
-    """Write ``content`` to a temporary file beside ``path``, fsync, rename: never a half-written file.
+def _content_bytes(content: bytes | str | Callable[[io.TextIOBase], None]) -> bytes:
+    if isinstance(content, bytes):
+        return content
+    if isinstance(content, str):
+        return content.encode("utf-8")
+    buffer = io.StringIO(newline="")
+    content(buffer)
+    return buffer.getvalue().encode("utf-8")
 
-    The file gets mode ``0o666 & ~umask`` like any file the user creates (mkstemp alone gives 0600).
+
+def _destination(path: Path) -> Path:
+    """Where a write to ``path`` lands: through a symlink to its target; special files refused."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return path
+    if stat.S_ISLNK(st.st_mode):
+        return _destination(Path(os.path.realpath(path)))
+    if not stat.S_ISREG(st.st_mode):
+        raise FitonnxError(f"{path}: expected a regular file to write; found {_describe_mode(st.st_mode)}")
+    return path
+
+
+def write_atomic(path: PathLike, content: bytes | str | Callable[[io.TextIOBase], None]) -> None:
+    """Write ``content`` (bytes, text, or a function writing text) to a temporary file beside
+    ``path``, fsync, rename: never a half-written file, and never a FIFO or device replaced.
+
+    The file gets mode ``0o666 & ~umask`` like any file the user creates (mkstemp alone gives
+    0600). An existing symlink is written through to its target (``OutputPlan`` refuses one unless
+    ``force``).
     """
-    path = Path(path)
-    data = content.encode("utf-8") if isinstance(content, str) else content
+    path = _destination(Path(path))
+    data = _content_bytes(content)
     with interrupts_raise():
         try:
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
