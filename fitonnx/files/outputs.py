@@ -129,13 +129,18 @@ def _destination(path: Path) -> Path:
 def write_atomic(path: PathLike, content: bytes | str | Callable[[io.TextIOBase], None]) -> None:
     """Write ``content`` (bytes, text, or a function writing text) to a temporary file beside
     ``path``, fsync, rename: never a half-written file, and never a FIFO or device replaced.
+    ``path`` ``-`` is standard output (``OutputPlan`` allows it only for JSON and CSV).
 
     The file gets mode ``0o666 & ~umask`` like any file the user creates (mkstemp alone gives
     0600). An existing symlink is written through to its target (``OutputPlan`` refuses one unless
     ``force``).
     """
-    path = _destination(Path(path))
     data = _content_bytes(content)
+    if str(path) == STDOUT:
+        sys.stdout.write(data.decode("utf-8"))
+        sys.stdout.flush()
+        return
+    path = _destination(Path(path))
     with interrupts_raise():
         try:
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -182,8 +187,9 @@ def model_inputs(model: PathLike) -> list[tuple[str, Path]]:
     seen: set[str] = set()
     for tensor in tensors:
         if external_data_helper.uses_external_data(tensor):
-            location = external_data_helper.ExternalDataInfo(tensor).location
-            if location and location not in seen:
+            # the raw entries: ExternalDataInfo would raise on a malformed offset/length (the loader refuses those)
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            if isinstance(location, str) and location and location not in seen:
                 seen.add(location)
                 found.append((f"the model's external data {location!r}", path.parent / location))
     return found
@@ -354,7 +360,7 @@ class OutputPlan:
         if raw in ("", STDOUT):
             raise self._refuse(option, repr(raw) if raw == "" else raw, f"expected a folder path; found {raw!r}")
         path = self._follow(option, raw, Path(raw.rstrip("/" + os.sep) or "/"), "a folder")
-        self._check_parent(option, raw, path.parent)
+        self._check_parent(option, raw, _existing_ancestor(path.parent))
         real = path.resolve()
         self._check_not_input(option, raw, real)
         for input_real, role in self._real.items():
@@ -375,6 +381,13 @@ class OutputPlan:
         return target
 
 
+def _existing_ancestor(folder: Path) -> Path:
+    """``folder`` or its nearest ancestor that exists (missing ones are created when writing)."""
+    while not folder.exists() and folder != folder.parent and not folder.is_symlink():
+        folder = folder.parent
+    return folder
+
+
 class StagedFolder:
     """Build an output folder beside its destination; rename it into place only when complete.
 
@@ -387,27 +400,43 @@ class StagedFolder:
         self.path = Path(path)
         self.staging: Path | None = None
         self._interrupts: contextlib.ExitStack | None = None
+        self._made: list[Path] = []  # missing parent folders created for the output, deepest last
 
     def __enter__(self) -> Path:
         self._interrupts = contextlib.ExitStack()
         self._interrupts.enter_context(interrupts_raise())
         try:
+            top = _existing_ancestor(self.path.parent)
+            self._made = [p for p in reversed(self.path.parent.parents) if p.is_relative_to(top) and p != top]
+            self._made += [] if self.path.parent == top else [self.path.parent]
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self.staging = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".staging"))
             os.chmod(self.staging, 0o777 & ~current_umask())
             (self.staging / MARKER).write_text("written by fitonnx; the folder is replaced whole on the next run\n")
         except BaseException as exc:
             self._cleanup()
+            self._unmake()
             if isinstance(exc, OSError):
                 raise FitonnxError(f"{self.path}: could not create a folder beside it ({exc.strerror})") from None
             raise
         return self.staging
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        committed = False
         try:
             if kind is None:
                 self._commit()
+                committed = True
         finally:
             self._cleanup()
+            if not committed:
+                self._unmake()
+
+    def _unmake(self) -> None:
+        """Remove the parent folders made for a failed output (only if still empty)."""
+        for folder in reversed(self._made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
     def _commit(self) -> None:
         assert self.staging is not None
@@ -447,6 +476,8 @@ def json_safe(value: Any) -> Any:
     numpy scalars and arrays become Python values, strings with lone surrogates are escaped."""
     if isinstance(value, str):
         return safe_text(value)
+    if isinstance(value, bytes):  # a protobuf string field that is not valid UTF-8
+        return value.decode("utf-8", "backslashreplace")
     if isinstance(value, bool | np.bool_):
         return bool(value)
     if isinstance(value, int | np.integer):
@@ -474,8 +505,8 @@ def safe_text(text: str) -> str:
 
 
 def json_text(value: Any, indent: int | None = 2) -> str:
-    """Always-valid JSON (RFC 8259: no NaN, valid UTF-8) for ``value``, with a final newline."""
-    return json.dumps(json_safe(value), indent=indent, allow_nan=False, ensure_ascii=False) + "\n"
+    """Always-valid JSON (RFC 8259: no NaN; ASCII, non-ASCII escaped) for ``value``, with a final newline."""
+    return json.dumps(json_safe(value), indent=indent, allow_nan=False) + "\n"
 
 
 def nonfinite_paths(value: Any, where: str = "$") -> list[str]:

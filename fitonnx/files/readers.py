@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import os
 import stat
@@ -43,6 +44,9 @@ MAX_HEADER = 10_000  # numpy's own default bound on an .npy header
 PathLike = str | os.PathLike[str]
 
 
+_CURRENT: contextvars.ContextVar[Limit | None] = contextvars.ContextVar("fitonnx_read_limit", default=None)
+
+
 @dataclass(frozen=True)
 class Limit:
     """How many bytes a reader may take in, and the option that raises the bound (for the message)."""
@@ -53,6 +57,15 @@ class Limit:
     @classmethod
     def megabytes(cls, mb: float, option: str = LIMIT_OPTION) -> Limit:
         return cls(int(mb * MiB), option)
+
+    @classmethod
+    def current(cls) -> Limit:
+        """The limit set by ``use`` (the CLI's ``--max-data-mb``), else the default."""
+        return _CURRENT.get() or cls()
+
+    def use(self) -> contextvars.Token[Limit | None]:
+        """Make this the limit of every reader that is not given one (undo with ``_CURRENT.reset``)."""
+        return _CURRENT.set(self)
 
     def check(self, n_bytes: int, what: str) -> None:
         """Raise ``DataError`` when ``n_bytes`` exceed the limit, naming the option to raise it."""
@@ -148,8 +161,8 @@ class LazyNpz:
 
     def __init__(self, path: PathLike, limit: Limit | None = None) -> None:
         self.path = Path(path)
-        self.limit = limit or Limit()
-        self._file = open_regular(self.path, "a calibration .npz")
+        self.limit = limit or Limit.current()
+        self._file = open_regular(self.path, "a calibration file")
         try:
             head = self._file.read(8)
             if not head.startswith(ZIP_MAGICS):
@@ -297,7 +310,7 @@ def _has_values(tensor: onnx.TensorProto) -> bool:
 
 def read_tensor_pb(path: PathLike, limit: Limit | None = None, *, min_rank: int = 0) -> np.ndarray:
     """One serialized ``TensorProto`` as an array: size-bounded, malformed files refused in one line."""
-    pb, limit = Path(path), limit or Limit()
+    pb, limit = Path(path), limit or Limit.current()
     raw = read_regular_file(pb, limit, "a TensorProto file")
     if not raw:
         raise DataError(f"{str(pb)!r}: expected a serialized TensorProto; the file is empty")
