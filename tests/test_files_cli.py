@@ -25,8 +25,8 @@ from onnx import TensorProto, helper, numpy_helper
 from fitonnx import api
 from fitonnx.cli import score as score_cli
 from fitonnx.cli.main import cli
-from fitonnx.errors import FitonnxError, ModelError
-from fitonnx.files import MARKER
+from fitonnx.errors import FitonnxError, InternalError, ModelError
+from fitonnx.files import MARKER, Limit
 from fitonnx.fisher.losses import Likelihood, OutputTarget
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.model.load import load_model
@@ -168,10 +168,15 @@ def test_negative_seed_is_refused_by_click(tiny: tuple[Path, Path]) -> None:
     assert code == 2 and "Invalid value for '--seed'" in err and "Traceback" not in err
 
 
-def test_read_limit_names_its_option(tiny: tuple[Path, Path]) -> None:
+def test_read_limit_names_its_option_and_lasts_one_command(tiny: tuple[Path, Path]) -> None:
     model, data = tiny
     code, _, err = run("score", str(model), "--data", str(data), "--max-data-mb", "0.0001")
     assert code == 2 and "exceeds the" in err and "--max-data-mb" in err
+    assert Limit.current() == Limit()  # the next caller (the Python API here) gets the default again
+
+
+def test_bug_messages_say_how_to_report_them() -> None:
+    assert "please report it" in str(InternalError("an assumption failed"))
 
 
 def _recommend(model: Path, data: Path, out: Path, *extra: str) -> tuple[int, str, str]:

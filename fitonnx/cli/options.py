@@ -65,7 +65,8 @@ def data_options(f: F) -> F:
 
 
 def _use_limit(ctx: click.Context, param: click.Parameter, value: float) -> float:
-    Limit.megabytes(value).use()
+    """Set the readers' limit for this command only (undone when its context closes)."""
+    ctx.call_on_close(Limit.megabytes(value).use())
     return value
 
 

@@ -22,7 +22,7 @@ import os
 import stat
 import zipfile
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -63,9 +63,10 @@ class Limit:
         """The limit set by ``use`` (the CLI's ``--max-data-mb``), else the default."""
         return _CURRENT.get() or cls()
 
-    def use(self) -> contextvars.Token[Limit | None]:
-        """Make this the limit of every reader that is not given one (undo with ``_CURRENT.reset``)."""
-        return _CURRENT.set(self)
+    def use(self) -> Callable[[], None]:
+        """Make this the limit of every reader that is not given one; returns the function that undoes it."""
+        token = _CURRENT.set(self)
+        return lambda: _CURRENT.reset(token)
 
     def check(self, n_bytes: int, what: str) -> None:
         """Raise ``DataError`` when ``n_bytes`` exceed the limit, naming the option to raise it."""
