@@ -171,8 +171,11 @@ def test_empty_path_and_dash(model: Path) -> None:
         plan_for(model).file("--json", "")
     with pytest.raises(FitonnxError, match="standard output is only for JSON and CSV"):
         plan_for(model).file("--plot", "-")
-    target = plan_for(model).file("--json", "-", stdout_ok=True)
+    plan = plan_for(model)
+    target = plan.file("--json", "-", stdout_ok=True)
     assert target is not None and target.stdout
+    with pytest.raises(FitonnxError, match="standard output is already the output of --json"):
+        plan.file("--csv", "-", stdout_ok=True)
     with pytest.raises(FitonnxError, match="expected a folder path"):
         plan_for(model).folder("--out", "")
 

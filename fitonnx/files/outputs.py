@@ -330,6 +330,9 @@ class OutputPlan:
         if raw == STDOUT:
             if not stdout_ok:
                 raise self._refuse(option, raw, "expected a file path; standard output is only for JSON and CSV")
+            taken = next((t.option for t in self.targets if t.stdout), None)
+            if taken is not None:
+                raise self._refuse(option, raw, f"standard output is already the output of {taken}; choose a file")
             target = Target(option, raw, None)
             self.targets.append(target)
             return target
