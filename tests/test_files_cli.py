@@ -403,3 +403,15 @@ def test_peak_memory_does_not_grow_with_the_data(tmp_path: Path) -> None:
     big = _peak_rss_mb(tmp_path, *score, "--data", "big.npz")
     random = _peak_rss_mb(tmp_path, *score, "--random-data", "5000000")
     assert big - small < 100 and random - small < 100, (small, big, random)
+
+
+def test_export_eval_refuses_labels_out_of_range(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    model, data = tiny
+    code, _, err = _recommend(model, data, tmp_path / "rec")
+    assert code == 0, err
+    held = tmp_path / "held.npz"
+    np.savez(held, x=np.zeros((4, 4), np.float32), labels=np.array([0, 1, 7, 2]))
+    args = ["export", str(model), "--recommendation", str(tmp_path / "rec" / "recommendation.json")]
+    code, out, err = run(*args, "--format", "annotated", "--out", str(tmp_path / "a.onnx"), "--eval", str(held))
+    assert code == 2 and "expected labels in [0, 3)" in err and "0.00%" not in out
+    assert not (tmp_path / "a.onnx").exists()  # refused before anything was written

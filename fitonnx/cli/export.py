@@ -11,7 +11,7 @@ from fitonnx.cli.common import echo_warnings, output_plan, parent_made
 from fitonnx.cli.options import data_options, force_option
 from fitonnx.errors import FitonnxError
 from fitonnx.export import EXPORTERS, export_recommendation, get_exporter
-from fitonnx.export.evaluate import compare
+from fitonnx.export.evaluate import accuracy
 from fitonnx.model.data import load_npz
 
 
@@ -76,6 +76,7 @@ def export_command(
     target = plan.file("--out", out, default_name=exporter.default_path(".", Path(model).name).name)
     assert target is not None and target.path is not None  # --out is required and never stdout
     held_out = load_npz(eval_data) if eval_data is not None else None
+    reference = None if held_out is None else accuracy(model, held_out)  # bad labels refused before writing
     with echo_warnings(), parent_made(target) as path:
         result = export_recommendation(
             model, recommendation, fmt, path, data=data, random_samples=random_samples, per_channel=per_channel
@@ -85,9 +86,9 @@ def export_command(
     click.echo(f"wrote {result.path} ({fmt}): {summary}; {len(result.kept_float)} left in float")
     for note in result.notes:
         click.echo(f"note: {note}")
-    if held_out is not None:
-        c = compare(model, result.path, held_out)
+    if held_out is not None and reference is not None:
+        exported = accuracy(result.path, held_out)
         click.echo(
-            f"held-out top-1 accuracy on {c.reference.total} labels from {c.source}: "
-            f"float {100 * c.reference.value:.2f}%, exported {100 * c.exported.value:.2f}%"
+            f"held-out top-1 accuracy on {reference.total} labels from {held_out.source}: "
+            f"float {100 * reference.value:.2f}%, exported {100 * exported.value:.2f}%"
         )
