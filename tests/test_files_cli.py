@@ -415,3 +415,53 @@ def test_export_eval_refuses_labels_out_of_range(tiny: tuple[Path, Path], tmp_pa
     code, out, err = run(*args, "--format", "annotated", "--out", str(tmp_path / "a.onnx"), "--eval", str(held))
     assert code == 2 and "expected labels in [0, 3)" in err and "0.00%" not in out
     assert not (tmp_path / "a.onnx").exists()  # refused before anything was written
+
+
+def _with_loop_and_sparse() -> onnx.ModelProto:
+    """The tiny classifier plus an off-path Loop whose body adds a weight, and a sparse initializer."""
+    m = tiny_classifier()
+    scalar = [
+        helper.make_tensor_value_info("i", TensorProto.INT64, []),
+        helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+    ]
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["c"], ["c_out"]), helper.make_node("Add", ["v", "w_body"], ["v_out"])],
+        "body",
+        [*scalar, helper.make_tensor_value_info("v", TensorProto.FLOAT, [2])],
+        [
+            helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [2]),
+        ],
+        [numpy_helper.from_array(np.ones(2, np.float32), "w_body")],
+    )
+    consts = [np.array(3, np.int64), np.array(True), np.zeros(2, np.float32)]
+    m.graph.initializer.extend(
+        numpy_helper.from_array(v, n) for v, n in zip(consts, ["trip", "cond0", "v0"], strict=True)
+    )
+    m.graph.node.append(helper.make_node("Loop", ["trip", "cond0", "v0"], ["v_final"], body=body, name="loop"))
+    m.graph.output.append(helper.make_tensor_value_info("v_final", TensorProto.FLOAT, [2]))
+    values = numpy_helper.from_array(np.array([1.5], np.float32), "sp")
+    m.graph.sparse_initializer.append(
+        helper.make_sparse_tensor(values, numpy_helper.from_array(np.array([3], np.int64)), [8])
+    )
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_weights_left_out_are_noted(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    _, data = tiny
+    onnx.save(_with_loop_and_sparse(), tmp_path / "loop.onnx")
+    code, _, err = run(
+        "score",
+        str(tmp_path / "loop.onnx"),
+        "--data",
+        str(data),
+        "--max-samples",
+        "4",
+        "--json",
+        str(tmp_path / "r.json"),
+    )
+    assert code == 0, err
+    notes = json.loads((tmp_path / "r.json").read_text())["notes"]
+    assert any("inside Loop/Scan bodies are not scored" in n and "'w_body'" in n for n in notes)
+    assert any("1 sparse initializer(s) are not scored, e.g. 'sp'" in n for n in notes)

@@ -7,6 +7,8 @@ import math
 import warnings
 from collections.abc import Sequence
 
+import onnx
+
 from fitonnx.errors import FitonnxError
 from fitonnx.fisher import engine, losses
 from fitonnx.fisher.options import FisherOptions
@@ -39,6 +41,35 @@ def check_traces(report: ScoreReport, target: losses.OutputTarget) -> tuple[str,
         warnings.warn(note, DegenerateTraceWarning, stacklevel=3)
         return (note,)
     return ()
+
+
+def _body_weights(graph: onnx.GraphProto) -> list[str]:
+    """Initializers and Constant outputs inside the bodies of ``graph``'s Loop/Scan nodes (recursively)."""
+    found: list[str] = []
+    for node in graph.node:
+        for attr in node.attribute:
+            bodies = [attr.g] if attr.HasField("g") else list(attr.graphs)
+            for body in bodies:
+                if node.op_type in ("Loop", "Scan"):
+                    found += [t.name for t in body.initializer]
+                    found += [o for n in body.node if n.op_type == "Constant" for o in n.output]
+                found += _body_weights(body)
+    return found
+
+
+def unscored_notes(model: onnx.ModelProto) -> tuple[str, ...]:
+    """Weights a report leaves out, said out loud: Loop/Scan body weights and sparse initializers."""
+    notes = []
+    body = _body_weights(model.graph)
+    if body:
+        notes.append(
+            f"{len(body)} weight(s) inside Loop/Scan bodies are not scored (fitonnx scores the main graph), "
+            f"e.g. {body[0]!r}"
+        )
+    sparse = [t.values.name for t in model.graph.sparse_initializer]
+    if sparse:
+        notes.append(f"{len(sparse)} sparse initializer(s) are not scored, e.g. {sparse[0]!r}")
+    return tuple(notes)
 
 
 def provenance(s: Session, target: losses.OutputTarget, mode: losses.FisherMode) -> Provenance:
@@ -80,7 +111,7 @@ def score_model(
         activation_bits=tuple(activation_bits),
         noise_model=kind,
     )
-    notes = prepare_notes(s.prepared) + check_traces(report, target)
+    notes = prepare_notes(s.prepared) + unscored_notes(s.loaded.proto) + check_traces(report, target)
     if target.probabilities and target.likelihood is losses.Likelihood.CATEGORICAL:
         notes += (
             f"{target.output!r} is read as class probabilities (non-negative, summing to 1 over axis "
