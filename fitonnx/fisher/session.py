@@ -40,21 +40,28 @@ class Session:
 
 
 def open_model(
-    model: ModelSource, data: DataSource = None, *, random_samples: int | None = None, seed: int = 0
+    model: ModelSource,
+    data: DataSource = None,
+    *,
+    random_samples: int | None = None,
+    seed: int = 0,
+    max_samples: int | None = None,
 ) -> Session:
     """Load, check the data against the model, prepare and verify the differentiable twin
-    (an already open ``Session`` is returned as it is)."""
+    (an already open ``Session`` is returned as it is). ``max_samples`` bounds what is read of
+    the data (``resolve_data``)."""
     if isinstance(model, Session):
         return model
     loaded = load_source(model)
     specs = graph.input_specs(loaded.proto)
-    dataset = resolve_data(loaded, data, random_samples, seed)
+    dataset = resolve_data(loaded, data, random_samples, seed, max_samples)
     data_mod.check_against(dataset, specs)
     first = {name: value.shape for name, value in dataset.sample(0, specs).items() if name in specs}
     feeds = [dataset.sample(i, specs) for i in range(dataset.num_samples)]
     prepared = prepare(loaded.proto, input_shapes=first, feeds=feeds)
+    types = graph.value_types(prepared.model)  # one shape inference serves every lookup
+    graph.check_window_outputs(prepared.model, types)  # before onnxruntime runs it (it would crash)
     verify(prepared, [dataset.sample(i, specs) for i in range(min(VERIFY_SAMPLES, dataset.num_samples))])
-    types = graph.value_types(prepared.model)  # one shape inference serves both lookups
     tensors = tuple(graph.find_quantizable(prepared.model, types))
     return Session(
         loaded=loaded,
