@@ -58,6 +58,8 @@ def open_model(
     data_mod.check_against(dataset, specs)
     first = {name: value.shape for name, value in dataset.sample(0, specs).items() if name in specs}
     feeds = [dataset.sample(i, specs) for i in range(dataset.num_samples)]
+    # Also before prepare: its optimizer pass loads the model in onnxruntime, which may crash on it.
+    graph.check_window_outputs(loaded.proto, graph.value_types(loaded.proto))
     prepared = prepare(loaded.proto, input_shapes=first, feeds=feeds)
     types = graph.value_types(prepared.model)  # one shape inference serves every lookup
     graph.check_window_outputs(prepared.model, types)  # before onnxruntime runs it (it would crash)
