@@ -4,9 +4,10 @@ Three networks, the same weights in PyTorch and in ONNX (checked: max |logit dif
 
 - ``resnet18``: ResNet-18 at 224x224 (BatchNorm folded), the ONNX graph of ``resnet18.py`` with its
   initializers loaded into a torch twin;
-- ``bert``: a BERT-base-sized encoder (12 layers, hidden 768, 12 heads, FFN 3072, vocabulary 30522,
-  learned positions, sequence 128, CLS pooler, 2 classes) built in torch with random weights and
-  exported with ``torch.onnx.export(..., dynamo=False)`` (opset 17);
+- ``bert``: a BERT-sized encoder: BERT-base's layer (hidden 768, 12 heads, FFN 3072) and
+  vocabulary (30522), 4 layers instead of 12 to keep the run short (``--bert-layers``), learned
+  positions, sequence 128, CLS pooler, 2 classes; built in torch with random weights and exported
+  with ``torch.onnx.export(..., dynamo=False)`` (opset 17);
 - ``cnn``: the bundled ``models/mnist_cnn.onnx`` with its initializers loaded into a torch twin.
 
 Random inputs (the CNN: its calibration images, cycled) and random labels, so the empirical Fisher.
@@ -22,7 +23,7 @@ Every variant runs with 2 threads (onnxruntime ``intra_op_num_threads=2``, ``tor
   activation gradients) from one batched pass. The scoring loop does not use it yet. Session made
   once and warmed up with one batch; each round times ceil(N / B) batches.
 - ``torch b1``: PyTorch per sample, batch 1: forward, summed cross-entropy, ``autograd.grad`` of
-  every parameter, squared norms; samples 2..N timed after one warm-up sample.
+  every parameter, squared norms; samples 2..min(N, 64) timed after one warm-up sample.
 - ``torch batched 32``: PyTorch forward+backward of batch 32 (one gradient of the summed loss, NOT
   per-sample): a speed reference only. ceil(N / 32) batches after one warm-up batch.
 
@@ -30,7 +31,7 @@ Variants are interleaved in rounds (order reversed every other round); the table
 each median's ratio to ``ort-training``. Once per network the script checks the two engines' per-sample
 traces against each other, and the batched norms against the loop's weight traces.
 
-    python bench/engines.py [--rounds 3] [--nets resnet18,bert,cnn] [--samples resnet18=24,bert=16,cnn=512]
+    python bench/engines.py [--rounds 3] [--nets resnet18,bert,cnn] [--samples resnet18=12,bert=8,cnn=512] [--bert-layers 4]
 
 Needs torch (a bench-only dependency, not one of fitonnx's) and onnxruntime-training for ``ort-training``.
 """
@@ -79,7 +80,9 @@ THREADS = 2
 ROOT = Path(__file__).resolve().parent.parent
 TORCH_BATCH = 32
 ONNX_BATCHES = (8, 32)
-DEFAULT_SAMPLES = {"resnet18": 24, "bert": 16, "cnn": 512}
+DEFAULT_SAMPLES = {"resnet18": 12, "bert": 8, "cnn": 512}
+TORCH_B1_MAX = 64  # torch per-sample samples per round (at 2 threads on a busy machine it is slow on small nets)
+BERT_LAYERS = 4
 
 
 # --------------------------------------------------------------------------- networks in torch
@@ -210,7 +213,7 @@ def _export(module: nn.Module, example: torch.Tensor, input_name: str) -> onnx.M
     return onnx.load_from_string(buf.getvalue())
 
 
-def build_net(name: str, n: int, seed: int) -> Net:
+def build_net(name: str, n: int, seed: int, bert_layers: int = BERT_LAYERS) -> Net:
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     if name == "resnet18":
@@ -229,12 +232,12 @@ def build_net(name: str, n: int, seed: int) -> Net:
         labels = rng.integers(0, 10, n)
         net = Net(name, "bundled CNN (mnist_cnn.onnx)", module, model, "input", fitonnx.Dataset({"input": x}, labels))
     elif name == "bert":
-        module = Bert().eval()
+        module = Bert(layers=bert_layers).eval()
         ids = rng.integers(0, 30522, (n, 128))
         model = _export(module, torch.from_numpy(ids[:2]), "input_ids")
         labels = rng.integers(0, 2, n)
         data = fitonnx.Dataset({"input_ids": ids}, labels, "random")
-        net = Net(name, "BERT-base-sized encoder, seq 128", module, model, "input_ids", data)
+        net = Net(name, f"BERT-sized encoder ({bert_layers} x 768), seq 128", module, model, "input_ids", data)
     else:
         raise SystemExit(f"unknown network {name!r}; expected resnet18, bert or cnn")
     x = net.data.arrays[net.input_name][:2]
@@ -277,6 +280,10 @@ def loss_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return work
 
 
+def _log(text: str) -> None:
+    print(f"  [{text}]", flush=True)
+
+
 class Bench:
     """One network's prepared variants: each ``run_*`` is one timed measurement."""
 
@@ -285,6 +292,7 @@ class Bench:
         t0 = time.perf_counter()
         self.session = api.open_model(net.onnx_model, net.data, max_samples=n)
         self.open_s = time.perf_counter() - t0
+        _log(f"open_model {self.open_s:.1f} s")
         self.weights = [t.name for t in self.session.tensors if t.kind is graph.Kind.WEIGHT]
         self.gms: dict[str, object] = {}
         self.build_s: dict[str, float] = {}
@@ -292,10 +300,12 @@ class Bench:
             t0 = time.perf_counter()
             self.gms[name] = api.gradient_model(self.session, FisherOptions(engine=name), threads=THREADS)[0]
             self.build_s[name] = time.perf_counter() - t0
+            _log(f"gradient model, {name}: {self.build_s[name]:.1f} s")
         t0 = time.perf_counter()
         norms = per_sample_sqnorms(loss_model(net.onnx_model), "loss", self.weights)
         self.batched = make_session(norms.SerializeToString(), THREADS)
         self.batched_build_s = time.perf_counter() - t0
+        _log(f"batched norms model and session {self.batched_build_s:.1f} s")
         self.fetch = [f"{w}_sqnorm" for w in self.weights]
         self.module = net.module
         self.params = [p for p in self.module.parameters()]
@@ -332,7 +342,7 @@ class Bench:
     def run_torch_b1(self, warm: bool = False) -> Timed:
         x, y = self.net.data.arrays[self.net.input_name], self.net.data.labels
         clock = _Clock()
-        for i in range(2 if warm else self.n):
+        for i in range(2 if warm else min(self.n, TORCH_B1_MAX)):
             grads = self._torch_step(x[i : i + 1], y[i : i + 1])
             _ = [float(torch.sum(g * g)) for g in grads]  # per-sample squared norms, as the engines give
             clock.tick()
@@ -401,6 +411,7 @@ def main() -> None:
     parser.add_argument("--nets", default="resnet18,bert,cnn")
     parser.add_argument("--samples", default="", help="per-network N, e.g. resnet18=24,bert=16,cnn=512")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bert-layers", type=int, default=BERT_LAYERS, help="encoder layers (BERT-base: 12)")
     args = parser.parse_args()
     samples = dict(DEFAULT_SAMPLES)
     for item in filter(None, args.samples.split(",")):
@@ -417,7 +428,7 @@ def main() -> None:
     for name in args.nets.split(","):
         n = samples[name]
         t0 = time.perf_counter()
-        net = build_net(name, n, args.seed)
+        net = build_net(name, n, args.seed, args.bert_layers)
         print(f"[{name}: network built and exported in {time.perf_counter() - t0:.1f} s]", flush=True)
         bench = Bench(net, n)
         print(
