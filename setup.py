@@ -20,8 +20,10 @@ setup(
         "networkx>=3.0",
     ],
     extras_require={
-        "test": ["pytest>=7", "matplotlib>=3.7"],
+        "test": ["pytest>=7", "matplotlib>=3.7", "Pillow>=9", "jsonschema>=4"],
         "plot": ["matplotlib>=3.7"],
+        # `fitonnx data` on a folder of images decodes them with Pillow
+        "images": ["Pillow>=9"],
     },
     entry_points={"console_scripts": ["fitonnx=fitonnx.cli.main:main"]},
 )

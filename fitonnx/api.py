@@ -19,7 +19,12 @@ from fitonnx.export import export_recommendation
 from fitonnx.export.bundle import PARETO_CSV, PARETO_JSON, PARETO_PNG, Written, prepare_out_dir, write_outputs
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.fisher.session import Session, fisher_traces, gradient_model, inspect_tensors, open_model
-from fitonnx.model.source import DataSource, ModelSource, RandomData, RandomDataWarning, resolve_data
+from fitonnx.model.data import check_against
+from fitonnx.model.graph import input_specs
+from fitonnx.model.source import DataSource, ModelSource, RandomData, RandomDataWarning, load_source, resolve_data
+from fitonnx.model.sources.build import BuildOptions, DataKind, build
+from fitonnx.model.sources.common import Built, write_npz
+from fitonnx.model.sources.script import LoaderScript
 from fitonnx.progress import Progress
 from fitonnx.render import pareto
 from fitonnx.score import noise
@@ -34,9 +39,13 @@ __all__ = [
     "AllocationOptions",
     "Budget",
     "BudgetKind",
+    "BuildOptions",
+    "Built",
     "CompareReport",
+    "DataKind",
     "DataSource",
     "Inspection",
+    "LoaderScript",
     "ModelSource",
     "RandomData",
     "RandomDataWarning",
@@ -45,6 +54,7 @@ __all__ = [
     "Session",
     "ValidationReport",
     "budget_from",
+    "build_data",
     "compare",
     "export",
     "fisher_traces",
@@ -66,6 +76,27 @@ class RecommendResult:
     allocation: allocate.Allocation
     report: ScoreReport
     written: Written | None
+
+
+def build_data(
+    model: ModelSource,
+    inputs: str | os.PathLike[str],
+    *,
+    kind: DataKind | str | None = None,
+    options: BuildOptions | None = None,
+    out: str | os.PathLike[str] | None = None,
+) -> Built:
+    """Calibration data for ``model`` from a folder of images or WAV files, or a text file of lines
+    (``kind`` None: told by the files), shaped after the model's inputs and checked against them; with
+    ``out``, also written as the .npz that ``--data`` reads. ``fitonnx.model.sources.common.preview``
+    describes the result."""
+    loaded = load_source(model)
+    specs = input_specs(loaded.proto)
+    built = build(specs, inputs, kind, options, loaded.path)
+    check_against(built.dataset, specs)
+    if out is not None:
+        write_npz(built.dataset, out)
+    return built
 
 
 def recommend(

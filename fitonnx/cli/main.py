@@ -8,6 +8,7 @@ import click
 
 from fitonnx import __version__
 from fitonnx.cli.compare import compare_command
+from fitonnx.cli.data import data_command
 from fitonnx.cli.export import export_command
 from fitonnx.cli.inspect import inspect_command
 from fitonnx.cli.recommend import recommend_command
@@ -37,6 +38,7 @@ def cli() -> None:
     """fitonnx: which tensors of an ONNX model can live in 2, 4 or 8 bits (FIT, ICLR 2023)."""
 
 
+cli.add_command(data_command)
 cli.add_command(score_command)
 cli.add_command(inspect_command)
 cli.add_command(validate_command)

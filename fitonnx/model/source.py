@@ -14,6 +14,7 @@ from fitonnx.model import data as data_mod
 from fitonnx.model import graph
 from fitonnx.model.data import Dataset
 from fitonnx.model.load import LoadedModel, load_model
+from fitonnx.model.sources.script import LoaderScript, is_script, load_script
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class RandomData:
 
 # (a fisher.session.Session is accepted too where a command opens the model)
 ModelSource = str | os.PathLike[str] | onnx.ModelProto | LoadedModel
-DataSource = str | os.PathLike[str] | Dataset | RandomData | None
+DataSource = str | os.PathLike[str] | Dataset | RandomData | LoaderScript | None
 
 
 class RandomDataWarning(UserWarning):
@@ -45,6 +46,10 @@ def resolve_data(loaded: LoadedModel, data: DataSource, random_samples: int | No
     specs = graph.input_specs(loaded.proto)
     if isinstance(data, Dataset):
         return data
+    if isinstance(data, str) and is_script(data):
+        data = LoaderScript.parse(data)
+    if isinstance(data, LoaderScript):
+        return load_script(data, specs)
     if data is not None:
         return data_mod.load_data(data, list(specs))
     if random_samples is not None:
