@@ -20,7 +20,7 @@ from fitonnx.export.bundle import PARETO_CSV, PARETO_JSON, PARETO_PNG, Written, 
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.fisher.session import Session, fisher_traces, gradient_model, inspect_tensors, open_model
 from fitonnx.model.data import check_against
-from fitonnx.model.graph import input_specs
+from fitonnx.model.graph import Kind, input_specs
 from fitonnx.model.source import DataSource, ModelSource, RandomData, RandomDataWarning, load_source, resolve_data
 from fitonnx.model.sources.build import BuildOptions, DataKind, build
 from fitonnx.model.sources.common import Built, write_npz
@@ -120,6 +120,8 @@ def recommend(
     tgt = choices.check()
     opts = options or FisherOptions()
     s = open_model(model, data, seed=opts.seed)
+    lowest = min(choices.weight_bits or tgt.weight_bits)
+    allocate.check_budget(budget, [t.numel or 0 for t in s.tensors if t.kind is Kind.WEIGHT], lowest)
     out = None if out_dir is None else prepare_out_dir(out_dir, s.loaded.path, s.loaded.name)
     report = score_model(
         model,

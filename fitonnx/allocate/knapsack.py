@@ -263,18 +263,31 @@ def pick(front: Front, budget: Budget, *, fit_offset: float = 0.0, what: str = "
     else:
         index = front.best_within(budget.max_bits(total_numel))
         if index < 0:
-            least = int(front.sizes[0])
-            if budget.kind is BudgetKind.AVG_BITS:
-                found = f"{budget.value:g}"
-                need = f"{least / max(total_numel, 1):.6g}"
-                raise FitonnxError(
-                    f"expected an average of at least {need} bits (all {what} at the lowest bits); found {found}"
-                )
-            raise FitonnxError(
-                f"expected a budget of at least {math.ceil(weight_bytes(least) / BYTES_PER_KB * 1000) / 1000:g} KB "
-                f"(all {what} at the lowest bits); found {budget.value:g} KB"
-            )
+            raise _too_small(budget, int(front.sizes[0]), total_numel, what)
     return Pick(index, front.config(index), int(front.sizes[index]), float(front.fits[index]))
+
+
+def _too_small(budget: Budget, least: int, total_numel: int, what: str) -> FitonnxError:
+    if budget.kind is BudgetKind.AVG_BITS:
+        need = f"{least / max(total_numel, 1):.6g}"
+        return FitonnxError(
+            f"expected an average of at least {need} bits (all {what} at the lowest bits); found {budget.value:g}"
+        )
+    return FitonnxError(
+        f"expected a budget of at least {math.ceil(weight_bytes(least) / BYTES_PER_KB * 1000) / 1000:g} KB "
+        f"(all {what} at the lowest bits); found {budget.value:g} KB"
+    )
+
+
+def check_budget(budget: Budget, numels: Sequence[int], lowest_bits: int, what: str = "weights") -> None:
+    """Fail before any scoring when a size budget is below every weight at ``lowest_bits`` (a FIT
+    budget needs the scores and is checked by ``pick``)."""
+    if budget.kind is BudgetKind.MAX_FIT:
+        return
+    total = int(sum(numels))
+    least = total * int(lowest_bits)
+    if total and least > budget.max_bits(total):
+        raise _too_small(budget, least, total, what)
 
 
 # --- from a FIT report to a recommendation ---------------------------------------------------
