@@ -7,6 +7,7 @@ together the way a command does, so that scripts and the CLI get the same result
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +22,21 @@ from fitonnx.fisher.options import FisherOptions
 from fitonnx.fisher.session import Session, fisher_traces, gradient_model, inspect_tensors, open_model
 from fitonnx.model.data import check_against
 from fitonnx.model.graph import Kind, input_specs
-from fitonnx.model.source import DataSource, ModelSource, RandomData, RandomDataWarning, load_source, resolve_data
+from fitonnx.model.source import (
+    RANDOM_CALIBRATION,
+    DataSource,
+    ModelSource,
+    RandomData,
+    RandomDataWarning,
+    load_source,
+    resolve_data,
+)
 from fitonnx.model.sources.build import BuildOptions, DataKind, build
 from fitonnx.model.sources.common import Built, write_npz
 from fitonnx.model.sources.script import LoaderScript
-from fitonnx.progress import Progress
+from fitonnx.progress import Progress, as_progress
 from fitonnx.render import pareto
+from fitonnx.render.plot import MISSING_MATPLOTLIB
 from fitonnx.score import noise
 from fitonnx.score.fit import ScoreReport
 from fitonnx.score.run import score_model
@@ -119,6 +129,7 @@ def recommend(
     choices = choices or allocate.AllocationOptions()
     tgt = choices.check()
     opts = options or FisherOptions()
+    as_progress(progress).start(1, "Loading and preparing the model")
     s = open_model(model, data, seed=opts.seed)
     lowest = min(choices.weight_bits or tgt.weight_bits)
     allocate.check_budget(budget, [t.numel or 0 for t in s.tensors if t.kind is Kind.WEIGHT], lowest)
@@ -141,6 +152,8 @@ def recommend(
         act_avg_bits=choices.act_avg_bits,
         tolerance=choices.tolerance,
     )
+    if out is not None and s.data.synthetic:
+        warnings.warn(RANDOM_CALIBRATION, RandomDataWarning, stacklevel=2)  # the bundle's QDQ models
     written = (
         None
         if out is None
@@ -164,4 +177,4 @@ def _write_front(alloc: allocate.Allocation, out: Path) -> tuple[list[Path], lis
     paths = [out / PARETO_JSON, out / PARETO_CSV]
     if pareto.write_png(alloc, out / PARETO_PNG):
         return [*paths, out / PARETO_PNG], []
-    return paths, ["no pareto.png: matplotlib is not installed (pip install 'fitonnx[plot]')"]
+    return paths, [f"no {PARETO_PNG}: {MISSING_MATPLOTLIB}"]

@@ -83,3 +83,12 @@ def test_impossible_budget_fails_before_scoring(monkeypatch: pytest.MonkeyPatch,
                 choices=api.AllocationOptions(target="ort"),
                 out_dir=tmp_path / "o",
             )
+
+
+def test_export_with_random_data_warns_that_the_model_is_not_deployable(ort_bundle: Path, tmp_path: Path) -> None:
+    args = ["export", str(MODELS / "mnist_cnn.onnx"), "--recommendation", str(ort_bundle / "recommendation.json")]
+    result = CliRunner().invoke(cli, [*args, "--format", "qdq", "-o", str(tmp_path / "q.onnx"), "--random-data", "4"])
+    assert result.exit_code == 0, result.stderr
+    assert "warning: calibrating with random inputs" in result.stderr and "do not deploy it" in result.stderr
+    result = CliRunner().invoke(cli, [*args, "--format", "qdq", "-o", str(tmp_path / "r.onnx")])
+    assert result.exit_code == 0 and "warning" not in result.stderr

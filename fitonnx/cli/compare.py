@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from fitonnx.analysis.compare import DEFAULT_AGREE_TOL, compare
+from fitonnx.cli.common import echo_table, write_output, write_plot
 from fitonnx.cli.options import bits_options, fisher_options
 from fitonnx.cli.progress import progress_bars
 from fitonnx.fisher.options import FisherOptions
@@ -30,7 +31,9 @@ from fitonnx.render import compare as view
     show_default=True,
     help="Flag a pair whose traces or ranges differ by more than this fraction.",
 )
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the comparison as JSON here.")
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False), help="Write the comparison as JSON here (- for stdout)."
+)
 @click.option(
     "--plot",
     "plot_path",
@@ -58,16 +61,8 @@ def compare_command(
             agree_tol=agree_tol,
             progress=bars,
         )
-    click.echo(view.format_table(result))
+    echo_table(view.format_table(result), json_path)
     if json_path:
-        view.write_json(result, json_path)
-        click.echo(f"wrote {json_path}")
+        write_output(json_path, lambda p: view.write_json(result, p))
     if plot_path:
-        if view.write_plot(result, plot_path):
-            click.echo(f"wrote {plot_path}")
-        else:
-            click.secho(
-                "warning: matplotlib is not installed; no plot written (pip install 'fitonnx[plot]')",
-                fg="yellow",
-                err=True,
-            )
+        write_plot(plot_path, lambda p: view.write_plot(result, p))

@@ -8,6 +8,7 @@ import click
 
 from fitonnx.cli.common import echo_warnings
 from fitonnx.cli.options import data_options
+from fitonnx.cli.progress import info
 from fitonnx.errors import FitonnxError
 from fitonnx.export import EXPORTERS, export_recommendation, get_exporter
 from fitonnx.export.evaluate import compare
@@ -33,6 +34,7 @@ from fitonnx.model.data import load_npz
     "model, 16-bit tensors in float; annotated: the model with the recommendation in its metadata.",
 )
 @click.option(
+    "-o",
     "--out",
     required=True,
     type=click.Path(),
@@ -75,9 +77,9 @@ def export_command(
         )
     widths = Counter(result.quantized.values())
     summary = ", ".join(f"{n} at {b} bits" for b, n in sorted(widths.items())) or "none quantized"
-    click.echo(f"wrote {result.path} ({fmt}): {summary}; {len(result.kept_float)} left in float")
-    for note in result.notes:
-        click.echo(f"note: {note}")
+    info(f"wrote {result.path} ({fmt}): {summary}; {len(result.kept_float)} left in float")
+    for message in result.notes:
+        info(f"note: {message}")
     if held_out is not None:
         c = compare(model, result.path, held_out)
         click.echo(

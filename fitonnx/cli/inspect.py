@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from fitonnx.analysis.inspection import inspect_model
+from fitonnx.cli.common import echo_table, write_output
 from fitonnx.render import inspection as view
 
 
@@ -34,7 +35,9 @@ class InputShape(click.ParamType):
 
 @click.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the inspection as JSON here.")
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False), help="Write the inspection as JSON here (- for stdout)."
+)
 @click.option(
     "--input-shape",
     "input_shapes",
@@ -45,7 +48,6 @@ class InputShape(click.ParamType):
 def inspect_command(model: str, json_path: str | None, input_shapes: tuple[tuple[str, tuple[int, ...]], ...]) -> None:
     """List MODEL's quantizable weights and activations, what fitonnx changes to differentiate it, and what it cannot."""
     result = inspect_model(model, input_shapes=dict(input_shapes) or None)
-    click.echo(view.format_inspection(result))
+    echo_table(view.format_inspection(result), json_path)
     if json_path:
-        view.write_json(result, json_path)
-        click.echo(f"wrote {json_path}")
+        write_output(json_path, lambda p: view.write_json(result, p))

@@ -9,7 +9,7 @@ import click
 from fitonnx.analysis import simulate
 from fitonnx.analysis.harness import DEFAULT_BATCH_SIZE, DEFAULT_BITS, SimulationOptions
 from fitonnx.analysis.validate import DEFAULT_CONFIGS, DEFAULT_RESAMPLES, SamplingOptions, validate
-from fitonnx.cli.common import data_source, echo_warnings
+from fitonnx.cli.common import data_source, echo_table, echo_warnings, write_output, write_plot
 from fitonnx.cli.options import BitsList, data_options, fisher_options
 from fitonnx.cli.progress import progress_bars
 from fitonnx.fisher.options import FisherOptions
@@ -60,8 +60,15 @@ from fitonnx.render import validate as view
     show_default=True,
     help="Bootstrap resamples of the configurations for confidence intervals (0: none).",
 )
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG scatter of FIT vs damage here.")
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON here (- for stdout)."
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    help="Write a PNG scatter of FIT vs damage here (needs matplotlib: else a note, the rest written).",
+)
 def validate_command(
     model: str,
     data: str | None,
@@ -84,8 +91,6 @@ def validate_command(
 
     --seed also seeds the configuration sampling and the bootstrap.
     """
-    if plot_path:
-        plot.require_matplotlib()  # fail before the work, not after it
     started = time.perf_counter()
     with echo_warnings(), progress_bars() as bars:
         result = validate(
@@ -103,11 +108,9 @@ def validate_command(
             options=options,
             progress=bars,
         )
-    click.echo(view.format_report(result))
-    click.echo(f"\n{len(result.configs)} configurations validated in {time.perf_counter() - started:.1f} s")
+    done = f"\n{len(result.configs)} configurations validated in {time.perf_counter() - started:.1f} s"
+    echo_table(view.format_report(result) + done, json_path)
     if json_path:
-        view.write_json(result, json_path)
-        click.echo(f"wrote {json_path}")
+        write_output(json_path, lambda p: view.write_json(result, p))
     if plot_path:
-        view.scatter(result, plot_path)
-        click.echo(f"wrote {plot_path}")
+        write_plot(plot_path, lambda p: plot.pyplot_or_none() is not None and view.scatter(result, p) is None)

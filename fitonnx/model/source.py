@@ -39,8 +39,23 @@ def load_source(model: ModelSource) -> LoadedModel:
     return model if isinstance(model, LoadedModel) else load_model(model)
 
 
-def resolve_data(loaded: LoadedModel, data: DataSource, random_samples: int | None = None, seed: int = 0) -> Dataset:
-    """Explicit data, else the bundled sidecar (``<model>.calib.npz``), else random only on request."""
+RANDOM_SCORING = "scoring with random inputs: the result says little about real sensitivity"
+RANDOM_CALIBRATION = (
+    "calibrating with random inputs: the exported model's quantization ranges come from noise, not from "
+    "real data; do not deploy it (pass --data)"
+)
+
+
+def resolve_data(
+    loaded: LoadedModel,
+    data: DataSource,
+    random_samples: int | None = None,
+    seed: int = 0,
+    *,
+    random_warning: str = RANDOM_SCORING,
+) -> Dataset:
+    """Explicit data, else the bundled sidecar (``<model>.calib.npz``), else random only on request
+    (with ``random_warning``, a ``RandomDataWarning``)."""
     if isinstance(data, RandomData):
         data, random_samples, seed = None, data.samples, data.seed
     specs = graph.input_specs(loaded.proto)
@@ -53,9 +68,7 @@ def resolve_data(loaded: LoadedModel, data: DataSource, random_samples: int | No
     if data is not None:
         return data_mod.load_data(data, list(specs))
     if random_samples is not None:
-        warnings.warn(
-            "scoring with random inputs: the result says little about real sensitivity", RandomDataWarning, stacklevel=3
-        )
+        warnings.warn(random_warning, RandomDataWarning, stacklevel=3)
         return data_mod.random_data(specs, random_samples, seed)
     sidecar = data_mod.sidecar_for(loaded.path) if loaded.path is not None else None
     if sidecar is None:
