@@ -5,10 +5,14 @@ from __future__ import annotations
 import click
 
 from fitonnx import api
+from fitonnx.cli.common import note
+from fitonnx.cli.progress import info
 from fitonnx.errors import FitonnxError
 from fitonnx.model.sources.audio import DEFAULT_SAMPLE_RATE, AudioOptions
 from fitonnx.model.sources.common import parse_fill, preview
 from fitonnx.model.sources.images import CHANNEL_ORDERS, IMAGE_PRESETS, LAYOUTS, PRESET_HELP, image_options
+
+ADVISED_SAMPLES = 128  # where a small CNN's ranking settled (docs/metric.md); score measures it per model
 
 
 def _floats(value: str | None, what: str) -> tuple[float, ...] | None:
@@ -112,9 +116,9 @@ def data_command(
     built = api.build_data(model, inputs, kind=kind, options=options, out=out)
     click.echo(preview(built))
     n = built.dataset.num_samples
-    if n < 128:
-        click.echo(
-            f"note: {n} samples; rankings usually settle from about 128 (score's ranking stability says "
+    if n < ADVISED_SAMPLES:
+        note(
+            f"{n} samples; rankings often settle from about {ADVISED_SAMPLES} (score's ranking stability says "
             "whether these are enough)"
         )
-    click.echo(f"wrote {out}")
+    info(f"wrote {out}")
