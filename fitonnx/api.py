@@ -130,7 +130,7 @@ def recommend(
     tgt = choices.check()
     opts = options or FisherOptions()
     as_progress(progress).start(1, "Loading and preparing the model")
-    s = open_model(model, data, seed=opts.seed)
+    s = open_model(model, data, seed=opts.seed, max_samples=opts.max_samples)
     lowest = min(choices.weight_bits or tgt.weight_bits)
     allocate.check_budget(budget, [t.numel or 0 for t in s.tensors if t.kind is Kind.WEIGHT], lowest)
     out = None if out_dir is None else prepare_out_dir(out_dir, s.loaded.path, s.loaded.name)

@@ -18,6 +18,7 @@ import onnx
 from onnx import helper
 
 from fitonnx.errors import FitonnxError
+from fitonnx.fisher.engines import AUTO, get_engine
 from fitonnx.fisher.losses import OutputTarget, resolve_output
 from fitonnx.model.graph import Kind, QuantTensor, find_quantizable, output_ranks
 from fitonnx.model.load import LoadedModel, load_model
@@ -139,7 +140,8 @@ def inspect_model(model: InspectSource, *, input_shapes: Mapping[str, tuple[int,
     tensors = find_quantizable(prepared.model)
     inspected = [_inspected(t, types, prepared) for t in tensors]
     try:
-        blockers = find_blockers(prepared.model, [t.name for t in tensors])
+        engine = get_engine(AUTO)
+        blockers = find_blockers(prepared.model, [t.name for t in tensors], gradient_ops=engine.gradient_ops)
     except FitonnxError as exc:
         problems.append(str(exc))
         blockers = []

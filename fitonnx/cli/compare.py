@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from fitonnx.analysis.compare import DEFAULT_AGREE_TOL, compare
-from fitonnx.cli.common import echo_table, write_output, write_plot
-from fitonnx.cli.options import bits_options, fisher_options
+from fitonnx.cli.common import echo_for, output_plan, target_path, write_plot
+from fitonnx.cli.options import bits_options, fisher_options, force_option, max_data_option
 from fitonnx.cli.progress import progress_bars
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.render import compare as view
@@ -22,6 +22,7 @@ from fitonnx.render import compare as view
     help="Calibration data: once for all models, or once per model in the order of MODELS (each in that model's "
     "own input layout). Default: each model's bundled <model>.calib.npz.",
 )
+@max_data_option
 @fisher_options
 @bits_options
 @click.option(
@@ -40,6 +41,7 @@ from fitonnx.render import compare as view
     type=click.Path(dir_okay=False),
     help="Plot every model's FIT-against-size Pareto front here (PNG; needs matplotlib, the 'plot' extra).",
 )
+@force_option
 def compare_command(
     models: tuple[str, ...],
     data: tuple[str, ...],
@@ -49,8 +51,13 @@ def compare_command(
     agree_tol: float,
     json_path: str | None,
     plot_path: str | None,
+    force: bool,
 ) -> None:
     """Compare MODELS (two or more; each against the first): paired Fisher traces, ranges and FIT."""
+    plan = output_plan(models, data, force=force)
+    json_out = target_path(plan.file("--json", json_path, stdout_ok=True))
+    plot_out = target_path(plan.file("--plot", plot_path))
+    echo = echo_for(plan)
     with progress_bars() as bars:
         result = compare(
             models,
@@ -61,8 +68,9 @@ def compare_command(
             agree_tol=agree_tol,
             progress=bars,
         )
-    echo_table(view.format_table(result), json_path)
-    if json_path:
-        write_output(json_path, lambda p: view.write_json(result, p))
-    if plot_path:
-        write_plot(plot_path, lambda p: view.write_plot(result, p))
+    echo(view.format_table(result))
+    if json_out:
+        view.write_json(result, json_out)
+        echo(f"wrote {json_path}")
+    if plot_out:
+        write_plot(plot_out, lambda p: view.write_plot(result, p), echo)

@@ -7,7 +7,8 @@ from typing import Any
 import click
 
 from fitonnx.analysis.inspection import inspect_model
-from fitonnx.cli.common import echo_table, write_output
+from fitonnx.cli.common import echo_for, output_plan, target_path
+from fitonnx.cli.options import force_option
 from fitonnx.render import inspection as view
 
 
@@ -45,9 +46,16 @@ class InputShape(click.ParamType):
     multiple=True,
     help="Fix an input's symbolic sizes, as scoring does from the data (repeatable), e.g. x=1,3,224,224.",
 )
-def inspect_command(model: str, json_path: str | None, input_shapes: tuple[tuple[str, tuple[int, ...]], ...]) -> None:
+@force_option
+def inspect_command(
+    model: str, json_path: str | None, input_shapes: tuple[tuple[str, tuple[int, ...]], ...], force: bool
+) -> None:
     """List MODEL's quantizable weights and activations, what fitonnx changes to differentiate it, and what it cannot."""
+    plan = output_plan([model], force=force)
+    json_out = target_path(plan.file("--json", json_path, stdout_ok=True))
+    echo = echo_for(plan)
     result = inspect_model(model, input_shapes=dict(input_shapes) or None)
-    echo_table(view.format_inspection(result), json_path)
-    if json_path:
-        write_output(json_path, lambda p: view.write_json(result, p))
+    echo(view.format_inspection(result))
+    if json_out:
+        view.write_json(result, json_out)
+        echo(f"wrote {json_path}")

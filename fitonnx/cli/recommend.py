@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from fitonnx import api
 from fitonnx.allocate.knapsack import BYTES_PER_KB, Allocation, AllocationOptions, budget_from
 from fitonnx.allocate.targets import DEFAULT_TARGET, TARGETS
-from fitonnx.cli.common import data_source, echo_warnings, note, table_width, wide_option
-from fitonnx.cli.options import BitsList, data_options, fisher_options, noise_model_option
+from fitonnx.cli.common import data_source, echo_warnings, note, output_plan, table_width, wide_option
+from fitonnx.cli.options import BitsList, data_options, fisher_options, force_option, noise_model_option
 from fitonnx.cli.progress import info, progress_bars
+from fitonnx.files import StagedFolder
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.model.graph import Kind
 from fitonnx.render.text import name_width, short
@@ -96,10 +99,12 @@ def format_summary(result: api.RecommendResult, limit: int | None = None, width:
     "out_dir",
     type=click.Path(file_okay=False),
     required=True,
-    help="Folder for recommendation.json, pareto.*, the annotated model and the target's exports (created).",
+    help="Folder for recommendation.json, pareto.*, the annotated model and the target's exports: written "
+    "whole beside it and moved into place when complete (an earlier fitonnx output there is replaced).",
 )
 @click.option("--top", type=click.IntRange(min=1), help="Show only the N most sensitive tensors in the terminal.")
 @wide_option
+@force_option
 def recommend_command(
     model: str,
     data: str | None,
@@ -117,19 +122,22 @@ def recommend_command(
     out_dir: str,
     top: int | None,
     wide: bool,
+    force: bool,
 ) -> None:
     """Choose per-tensor bit widths for MODEL under one budget (--avg-bits, --size-kb or --max-fit)."""
     budget = budget_from(avg_bits=avg_bits, size_kb=size_kb, max_fit=max_fit)
     choices = AllocationOptions(
         target=target, weight_bits=weight_bits, act_bits=act_bits, act_avg_bits=act_avg_bits, tolerance=tolerance
     )
-    with echo_warnings(), progress_bars() as bars:
+    out = output_plan([model], [data], force=force).folder("--out", out_dir)
+    assert out is not None and out.path is not None  # --out is required
+    with StagedFolder(out.path) as staging, echo_warnings(), progress_bars() as bars:
         result = api.recommend(
             model,
             data_source(data, random_samples, options.seed),
             budget=budget,
             choices=choices,
-            out_dir=out_dir,
+            out_dir=staging,
             options=options,
             noise_model=noise_model,
             progress=bars,
@@ -139,4 +147,4 @@ def recommend_command(
         for message in result.written.notes:
             note(message)
         for path in result.written.paths:
-            info(f"wrote {path}")
+            info(f"wrote {out.path / Path(path).relative_to(staging)}")

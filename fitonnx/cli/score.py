@@ -5,16 +5,8 @@ from __future__ import annotations
 import click
 
 from fitonnx import api
-from fitonnx.cli.common import (
-    STDOUT,
-    data_source,
-    echo_table,
-    echo_warnings,
-    table_width,
-    wide_option,
-    write_output,
-)
-from fitonnx.cli.options import bits_options, data_options, fisher_options, noise_model_option
+from fitonnx.cli.common import data_source, echo_for, echo_warnings, output_plan, table_width, target_path, wide_option
+from fitonnx.cli.options import bits_options, data_options, fisher_options, force_option, noise_model_option
 from fitonnx.cli.progress import progress_bars
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.render import report
@@ -32,6 +24,7 @@ from fitonnx.render import report
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write the table as CSV here (- for stdout).")
 @click.option("--top", type=click.IntRange(min=1), help="Show only the N most sensitive tensors in the terminal.")
 @wide_option
+@force_option
 def score_command(
     model: str,
     data: str | None,
@@ -44,8 +37,13 @@ def score_command(
     csv_path: str | None,
     top: int | None,
     wide: bool,
+    force: bool,
 ) -> None:
     """Rank MODEL's quantizable weights and activations by FIT (most sensitive first)."""
+    plan = output_plan([model], [data], force=force)
+    json_out = target_path(plan.file("--json", json_path, stdout_ok=True))
+    csv_out = target_path(plan.file("--csv", csv_path, stdout_ok=True))
+    echo = echo_for(plan)
     with echo_warnings(), progress_bars() as bars:
         result = api.score(
             model,
@@ -56,10 +54,10 @@ def score_command(
             progress=bars,
             noise_model=noise_model,
         )
-    if json_path == csv_path == STDOUT:
-        raise click.UsageError("only one of --json and --csv can go to stdout (-)")
-    echo_table(report.format_table(result, limit=top, width=table_width(wide)), json_path, csv_path)
-    if json_path:
-        write_output(json_path, lambda p: report.write_json(result, p), csv_path)
-    if csv_path:
-        write_output(csv_path, lambda p: report.write_csv(result, p), json_path)
+    echo(report.format_table(result, limit=top, width=table_width(wide)))
+    if json_out:
+        report.write_json(result, json_out)
+        echo(f"wrote {json_path}")
+    if csv_out:
+        report.write_csv(result, csv_out)
+        echo(f"wrote {csv_path}")

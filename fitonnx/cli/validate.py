@@ -9,8 +9,8 @@ import click
 from fitonnx.analysis import simulate
 from fitonnx.analysis.harness import DEFAULT_BATCH_SIZE, DEFAULT_BITS, SimulationOptions
 from fitonnx.analysis.validate import DEFAULT_CONFIGS, DEFAULT_RESAMPLES, SamplingOptions, validate
-from fitonnx.cli.common import data_source, echo_table, echo_warnings, write_output, write_plot
-from fitonnx.cli.options import BitsList, data_options, fisher_options
+from fitonnx.cli.common import data_source, echo_for, echo_warnings, output_plan, target_path, write_plot
+from fitonnx.cli.options import BitsList, data_options, fisher_options, force_option
 from fitonnx.cli.progress import progress_bars
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.render import plot
@@ -69,6 +69,7 @@ from fitonnx.render import validate as view
     type=click.Path(dir_okay=False),
     help="Write a PNG scatter of FIT vs damage here (needs matplotlib: else a note, the rest written).",
 )
+@force_option
 def validate_command(
     model: str,
     data: str | None,
@@ -86,11 +87,16 @@ def validate_command(
     resamples: int,
     json_path: str | None,
     plot_path: str | None,
+    force: bool,
 ) -> None:
     """Measure the damage of random quantization configurations of MODEL and how well FIT ranks it.
 
     --seed also seeds the configuration sampling and the bootstrap.
     """
+    plan = output_plan([model], [data, eval_data], force=force)
+    json_out = target_path(plan.file("--json", json_path, stdout_ok=True))
+    plot_out = target_path(plan.file("--plot", plot_path))
+    echo = echo_for(plan)
     started = time.perf_counter()
     with echo_warnings(), progress_bars() as bars:
         result = validate(
@@ -108,9 +114,10 @@ def validate_command(
             options=options,
             progress=bars,
         )
-    done = f"\n{len(result.configs)} configurations validated in {time.perf_counter() - started:.1f} s"
-    echo_table(view.format_report(result) + done, json_path)
-    if json_path:
-        write_output(json_path, lambda p: view.write_json(result, p))
-    if plot_path:
-        write_plot(plot_path, lambda p: plot.pyplot_or_none() is not None and view.scatter(result, p) is None)
+    echo(view.format_report(result))
+    echo(f"\n{len(result.configs)} configurations validated in {time.perf_counter() - started:.1f} s")
+    if json_out:
+        view.write_json(result, json_out)
+        echo(f"wrote {json_path}")
+    if plot_out:
+        write_plot(plot_out, lambda p: plot.pyplot_or_none() is not None and view.scatter(result, p) is None, echo)

@@ -59,6 +59,8 @@ class FisherOptions:
         if self.tol is not None and not self.tol > 0:
             raise FitonnxError(f"expected a positive tol; found {self.tol}")
         engines.check_name(self.engine)
+        if self.seed < 0:
+            raise FitonnxError(f"expected a seed of 0 or more; found {self.seed}")
 
     def replace(self, **changes: object) -> FisherOptions:
         """A copy with some fields changed (checked like a new value)."""

@@ -51,11 +51,16 @@ def resolve_data(
     data: DataSource,
     random_samples: int | None = None,
     seed: int = 0,
+    max_samples: int | None = None,
     *,
     random_warning: str = RANDOM_SCORING,
 ) -> Dataset:
     """Explicit data, else the bundled sidecar (``<model>.calib.npz``), else random only on request
-    (with ``random_warning``, a ``RandomDataWarning``)."""
+    (with ``random_warning``, a ``RandomDataWarning``).
+
+    With ``max_samples``, files are read (and random samples made) only that far, plus one sample
+    that says more exist: memory does not grow with the data file or ``--random-data N``.
+    """
     if isinstance(data, RandomData):
         data, random_samples, seed = None, data.samples, data.seed
     specs = graph.input_specs(loaded.proto)
@@ -64,12 +69,12 @@ def resolve_data(
     if isinstance(data, str) and is_script(data):
         data = LoaderScript.parse(data)
     if isinstance(data, LoaderScript):
-        return load_script(data, specs)
+        return load_script(data, specs, None if max_samples is None else max_samples + 1)  # +1: "more exist"
     if data is not None:
-        return data_mod.load_data(data, list(specs))
+        return data_mod.load_data(data, list(specs), max_samples)
     if random_samples is not None:
         warnings.warn(random_warning, RandomDataWarning, stacklevel=3)
-        return data_mod.random_data(specs, random_samples, seed)
+        return data_mod.random_data(specs, random_samples, seed, max_samples)
     sidecar = data_mod.sidecar_for(loaded.path) if loaded.path is not None else None
     if sidecar is None:
         raise DataError(
@@ -77,4 +82,4 @@ def resolve_data(
             f"{Path(loaded.name).stem}.calib.npz beside it",
             hint="pass --data calib.npz (keys = input names, optional 'labels'), or --random-data N for a smoke test",
         )
-    return data_mod.load_npz(sidecar)
+    return data_mod.load_npz(sidecar, max_samples)
