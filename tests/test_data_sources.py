@@ -171,3 +171,14 @@ def test_data_loader_script_feeds_score(tmp_path: Path, cnn_path: Path) -> None:
 def test_loader_script_parse() -> None:
     assert LoaderScript.parse("a/b.py:fn") == LoaderScript("a/b.py", "fn")
     assert LoaderScript.parse("C:\\x\\b.py") == LoaderScript("C:\\x\\b.py", "load_data")
+
+
+def test_one_hot_float_labels_are_named_in_a_warning(tmp_path: Path, cnn_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.random((4, 1, 28, 28), dtype=np.float32)
+    np.savez(tmp_path / "c.npz", input=x, labels=np.eye(10, dtype=np.float32)[[1, 2, 3, 4]])
+    code, _, err = run("score", cnn_path, "--data", tmp_path / "c.npz", "--top", "1")
+    assert code == 0 and "look one-hot" in err and "labels.argmax(-1)" in err
+    np.savez(tmp_path / "d.npz", input=x, labels=np.array([1, 2, 3, 4]))
+    code, _, err = run("score", cnn_path, "--data", tmp_path / "d.npz", "--top", "1")
+    assert code == 0 and "one-hot" not in err
