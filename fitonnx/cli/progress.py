@@ -57,6 +57,16 @@ class BarProgress:
         if self._bar is not None:
             self._bar.update(n)
 
+    def abort(self) -> None:
+        """Close the stage that failed: its bar ends, and no line says it finished."""
+        open_line = self._stage is not None and self._stage[1] <= 1
+        self._stage = None
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar = None
+        elif open_line and self._tty and self._level > QUIET:
+            click.echo("", err=True)  # end the "label ..." line before the error
+
     def close(self) -> None:
         if self._stage is None:
             return
@@ -76,9 +86,11 @@ class BarProgress:
 
 @contextmanager
 def progress_bars() -> Iterator[BarProgress]:
-    """A ``BarProgress`` whose last stage is closed on the way out, also on errors."""
+    """A ``BarProgress`` whose last stage is closed on the way out (aborted, without its line, on errors)."""
     bars = BarProgress()
     try:
         yield bars
-    finally:
-        bars.close()
+    except BaseException:
+        bars.abort()
+        raise
+    bars.close()
