@@ -42,8 +42,10 @@ setup(
         *([] if _installed_runtime() else [RUNTIME]),
     ],
     extras_require={
-        "test": ["pytest>=7", "matplotlib>=3.7"],
+        "test": ["pytest>=7", "matplotlib>=3.7", "Pillow>=9", "jsonschema>=4"],
         "plot": ["matplotlib>=3.7"],
+        # `fitonnx data` on a folder of images decodes them with Pillow
+        "images": ["Pillow>=9"],
         # The reference engine: install it first, in an environment without another onnxruntime.
         "training": ["onnxruntime-training-cpu==1.19.2; python_version < '3.13'"],
     },

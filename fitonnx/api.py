@@ -7,6 +7,7 @@ together the way a command does, so that scripts and the CLI get the same result
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +20,23 @@ from fitonnx.export import export_recommendation
 from fitonnx.export.bundle import PARETO_CSV, PARETO_JSON, PARETO_PNG, Written, prepare_out_dir, write_outputs
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.fisher.session import Session, fisher_traces, gradient_model, inspect_tensors, open_model
-from fitonnx.model.source import DataSource, ModelSource, RandomData, RandomDataWarning, resolve_data
-from fitonnx.progress import Progress
+from fitonnx.model.data import check_against
+from fitonnx.model.graph import Kind, input_specs
+from fitonnx.model.source import (
+    RANDOM_CALIBRATION,
+    DataSource,
+    ModelSource,
+    RandomData,
+    RandomDataWarning,
+    load_source,
+    resolve_data,
+)
+from fitonnx.model.sources.build import BuildOptions, DataKind, build
+from fitonnx.model.sources.common import Built, write_npz
+from fitonnx.model.sources.script import LoaderScript
+from fitonnx.progress import Progress, as_progress
 from fitonnx.render import pareto
+from fitonnx.render.plot import MISSING_MATPLOTLIB
 from fitonnx.score import noise
 from fitonnx.score.fit import ScoreReport
 from fitonnx.score.run import score_model
@@ -34,9 +49,13 @@ __all__ = [
     "AllocationOptions",
     "Budget",
     "BudgetKind",
+    "BuildOptions",
+    "Built",
     "CompareReport",
+    "DataKind",
     "DataSource",
     "Inspection",
+    "LoaderScript",
     "ModelSource",
     "RandomData",
     "RandomDataWarning",
@@ -45,6 +64,7 @@ __all__ = [
     "Session",
     "ValidationReport",
     "budget_from",
+    "build_data",
     "compare",
     "export",
     "fisher_traces",
@@ -68,6 +88,27 @@ class RecommendResult:
     written: Written | None
 
 
+def build_data(
+    model: ModelSource,
+    inputs: str | os.PathLike[str],
+    *,
+    kind: DataKind | str | None = None,
+    options: BuildOptions | None = None,
+    out: str | os.PathLike[str] | None = None,
+) -> Built:
+    """Calibration data for ``model`` from a folder of images or WAV files, or a text file of lines
+    (``kind`` None: told by the files), shaped after the model's inputs and checked against them; with
+    ``out``, also written as the .npz that ``--data`` reads. ``fitonnx.model.sources.common.preview``
+    describes the result."""
+    loaded = load_source(model)
+    specs = input_specs(loaded.proto)
+    built = build(specs, inputs, kind, options, loaded.path)
+    check_against(built.dataset, specs)
+    if out is not None:
+        write_npz(built.dataset, out)
+    return built
+
+
 def recommend(
     model: ModelSource,
     data: DataSource = None,
@@ -88,7 +129,10 @@ def recommend(
     choices = choices or allocate.AllocationOptions()
     tgt = choices.check()
     opts = options or FisherOptions()
+    as_progress(progress).start(1, "Loading and preparing the model")
     s = open_model(model, data, seed=opts.seed, max_samples=opts.max_samples)
+    lowest = min(choices.weight_bits or tgt.weight_bits)
+    allocate.check_budget(budget, [t.numel or 0 for t in s.tensors if t.kind is Kind.WEIGHT], lowest)
     out = None if out_dir is None else prepare_out_dir(out_dir, s.loaded.path, s.loaded.name)
     report = score_model(
         model,
@@ -108,6 +152,8 @@ def recommend(
         act_avg_bits=choices.act_avg_bits,
         tolerance=choices.tolerance,
     )
+    if out is not None and s.data.synthetic:
+        warnings.warn(RANDOM_CALIBRATION, RandomDataWarning, stacklevel=2)  # the bundle's QDQ models
     written = (
         None
         if out is None
@@ -131,4 +177,4 @@ def _write_front(alloc: allocate.Allocation, out: Path) -> tuple[list[Path], lis
     paths = [out / PARETO_JSON, out / PARETO_CSV]
     if pareto.write_png(alloc, out / PARETO_PNG):
         return [*paths, out / PARETO_PNG], []
-    return paths, ["no pareto.png: matplotlib is not installed (pip install 'fitonnx[plot]')"]
+    return paths, [f"no {PARETO_PNG}: {MISSING_MATPLOTLIB}"]

@@ -232,7 +232,8 @@ def test_max_fit_gives_the_smallest_weights_within_it(tmp_path: Path) -> None:
         (("--size-kb", "0.001"), "expected a budget of at least 0.011 KB (all weights at the lowest bits)"),
         (("--avg-bits", "4", "--target", "ort", "--act-bits", "4"), "activation bits among target 'ort'"),
         (("--avg-bits", "4", "--target", "ort", "--weight-bits", "3,4"), "found 3"),
-        (("--avg-bits", "4", "--act-bits", "8", "--act-avg-bits", "6"), "one of --act-bits and --act-avg-bits"),
+        (("--avg-bits", "4", "--act-bits", "4,8"), "expected one --act-bits width for every activation"),
+        (("--avg-bits", "4", "--act-bits", "8", "--act-avg-bits", "6"), "average of at least 8 bits (all activations"),
         (("--max-fit", "1e-30"), "expected --max-fit of at least"),
     ],
 )
@@ -240,6 +241,27 @@ def test_budget_and_option_errors_are_one_line(tmp_path: Path, args: tuple[str, 
     path, data = tiny(tmp_path, ir_version=9)
     code, _, err = run("recommend", str(path), "--data", str(data), "--out", str(tmp_path / "o"), *args)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_act_bits_is_a_list_of_candidates_with_act_avg_bits(tmp_path: Path) -> None:
+    path, data = tiny(tmp_path, ir_version=9)
+    code, _, err = run(
+        "recommend",
+        str(path),
+        "--data",
+        str(data),
+        "-o",
+        str(tmp_path / "o"),
+        "--avg-bits",
+        "4",
+        "--act-bits",
+        "4,8",
+        "--act-avg-bits",
+        "6",
+    )
+    assert code == 0, err
+    rec = json.loads((tmp_path / "o" / "recommendation.json").read_text())
+    assert set(rec["activation_bits"].values()) <= {4, 8}
 
 
 def test_out_never_replaces_the_input_model(tmp_path: Path) -> None:

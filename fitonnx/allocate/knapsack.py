@@ -198,7 +198,8 @@ class AllocationOptions:
 
     target: str = DEFAULT_TARGET
     weight_bits: tuple[int, ...] | None = None  # None: the target's own
-    act_bits: int | None = None  # every activation at this width (default: the target's)
+    # every activation at this width (default: the target's); with act_avg_bits, the candidate widths
+    act_bits: int | tuple[int, ...] | None = None
     act_avg_bits: float | None = None  # or an exact allocation of activation bits under this average
     tolerance: float = 0.0  # accept a front within (1 + tolerance) of the optimum
 
@@ -213,20 +214,35 @@ def check_options(
     target: Target | str,
     *,
     weight_bits: Sequence[int] | None = None,
-    act_bits: int | None = None,
+    act_bits: int | Sequence[int] | None = None,
     act_avg_bits: float | None = None,
 ) -> Target:
     """Validate the options ``allocate`` takes before anything expensive runs; return the target."""
     target = get_target(target) if isinstance(target, str) else target
     if weight_bits is not None:
         _check_bits(weight_bits, target.weight_bits, "weight bits", target)
-    if act_bits is not None and act_avg_bits is not None:
-        raise FitonnxError("expected one of --act-bits and --act-avg-bits; found both")
-    if act_bits is not None:
-        _check_bits([act_bits], target.activation_bits, "activation bits", target)
+    act_choices(target, act_bits, act_avg_bits)
     if act_avg_bits is not None and (not math.isfinite(act_avg_bits) or act_avg_bits <= 0):
         raise FitonnxError(f"expected a positive --act-avg-bits; found {act_avg_bits}")
     return target
+
+
+def act_choices(
+    target: Target, act_bits: int | Sequence[int] | None, act_avg_bits: float | None
+) -> tuple[tuple[int, ...], int | None]:
+    """The candidate activation widths and the one fixed width (None under ``act_avg_bits``):
+    ``--act-bits 8`` fixes every activation; ``--act-bits 8,16 --act-avg-bits 10`` chooses among them."""
+    widths = None if act_bits is None else (act_bits,) if isinstance(act_bits, int) else tuple(sorted(set(act_bits)))
+    if widths is not None:
+        _check_bits(widths, target.activation_bits, "activation bits", target)
+    if act_avg_bits is not None:
+        return widths or tuple(target.activation_bits), None
+    if widths is not None and len(widths) > 1:
+        raise FitonnxError(
+            f"expected one --act-bits width for every activation; found {','.join(map(str, widths))}",
+            hint="several widths are candidates only with --act-avg-bits (an average over activation elements)",
+        )
+    return tuple(target.activation_bits), target.default_activation_bits if widths is None else widths[0]
 
 
 def weight_bytes(total_bits: int) -> int:
@@ -263,18 +279,31 @@ def pick(front: Front, budget: Budget, *, fit_offset: float = 0.0, what: str = "
     else:
         index = front.best_within(budget.max_bits(total_numel))
         if index < 0:
-            least = int(front.sizes[0])
-            if budget.kind is BudgetKind.AVG_BITS:
-                found = f"{budget.value:g}"
-                need = f"{least / max(total_numel, 1):.6g}"
-                raise FitonnxError(
-                    f"expected an average of at least {need} bits (all {what} at the lowest bits); found {found}"
-                )
-            raise FitonnxError(
-                f"expected a budget of at least {math.ceil(weight_bytes(least) / BYTES_PER_KB * 1000) / 1000:g} KB "
-                f"(all {what} at the lowest bits); found {budget.value:g} KB"
-            )
+            raise _too_small(budget, int(front.sizes[0]), total_numel, what)
     return Pick(index, front.config(index), int(front.sizes[index]), float(front.fits[index]))
+
+
+def _too_small(budget: Budget, least: int, total_numel: int, what: str) -> FitonnxError:
+    if budget.kind is BudgetKind.AVG_BITS:
+        need = f"{least / max(total_numel, 1):.6g}"
+        return FitonnxError(
+            f"expected an average of at least {need} bits (all {what} at the lowest bits); found {budget.value:g}"
+        )
+    return FitonnxError(
+        f"expected a budget of at least {math.ceil(weight_bytes(least) / BYTES_PER_KB * 1000) / 1000:g} KB "
+        f"(all {what} at the lowest bits); found {budget.value:g} KB"
+    )
+
+
+def check_budget(budget: Budget, numels: Sequence[int], lowest_bits: int, what: str = "weights") -> None:
+    """Fail before any scoring when a size budget is below every weight at ``lowest_bits`` (a FIT
+    budget needs the scores and is checked by ``pick``)."""
+    if budget.kind is BudgetKind.MAX_FIT:
+        return
+    total = int(sum(numels))
+    least = total * int(lowest_bits)
+    if total and least > budget.max_bits(total):
+        raise _too_small(budget, least, total, what)
 
 
 # --- from a FIT report to a recommendation ---------------------------------------------------
@@ -386,7 +415,7 @@ def allocate(
     budget: Budget,
     *,
     weight_bits: Sequence[int] | None = None,
-    act_bits: int | None = None,
+    act_bits: int | Sequence[int] | None = None,
     act_avg_bits: float | None = None,
     tolerance: float = 0.0,
 ) -> Allocation:
@@ -403,8 +432,9 @@ def allocate(
     w_items = _items(report, target, Kind.WEIGHT, w_bits)
     if not w_items:
         raise FitonnxError(f"expected quantizable weights in {report.model}; found none")
-    a_items = _items(report, target, Kind.ACTIVATION, target.activation_bits)
-    a_config, a_fit = _activation_bits(a_items, target, act_bits, act_avg_bits, tolerance)
+    a_widths, a_fixed = act_choices(target, act_bits, act_avg_bits)
+    a_items = _items(report, target, Kind.ACTIVATION, a_widths)
+    a_config, a_fit = _activation_bits(a_items, target, a_fixed, act_avg_bits, tolerance)
     front = pareto_front(w_items, tolerance)
     chosen = pick(front, budget, fit_offset=a_fit)
     total_numel = sum(item.numel for item in w_items)

@@ -28,7 +28,7 @@ from fitonnx.model import data as data_mod
 from fitonnx.model.data import Dataset
 from fitonnx.model.graph import Kind
 from fitonnx.model.source import DataSource, ModelSource
-from fitonnx.progress import Progress
+from fitonnx.progress import Progress, as_progress
 from fitonnx.score.fit import ScoreReport, build_report
 from fitonnx.score.run import provenance
 
@@ -122,6 +122,7 @@ class _Calibration:
 
 def _calibrate(s: api.Session, opts: FisherOptions, sim: SimulationOptions, progress: Progress | None) -> _Calibration:
     """Traces with the diagonal Fisher and point statistics, and the FIT report of the candidates."""
+    as_progress(progress).start(1, "Building the gradient model")  # closed by the samples' stage
     gm, target, mode = api.gradient_model(s, opts, keep_gradients=True, exact_points=True)
     traces = engine.run(gm, s.data, s.specs, opts.run_options(), progress)
     report = build_report(
@@ -169,6 +170,8 @@ def harness(
     """
     opts = options or FisherOptions()
     sim = (simulation or SimulationOptions()).checked()
+    if session is None:
+        as_progress(progress).start(1, "Loading and preparing the model")
     s = session if session is not None else api.open_model(model, data, seed=opts.seed, max_samples=opts.max_samples)
     held_out = _eval_dataset(s, eval_data)
     cal = _calibrate(s, opts, sim, progress)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from fitonnx.analysis.compare import DEFAULT_AGREE_TOL, compare
-from fitonnx.cli.common import echo_for, output_plan, target_path
+from fitonnx.cli.common import echo_for, output_plan, target_path, write_plot
 from fitonnx.cli.options import bits_options, fisher_options, force_option, max_data_option
 from fitonnx.cli.progress import progress_bars
 from fitonnx.fisher.options import FisherOptions
@@ -73,11 +73,4 @@ def compare_command(
         view.write_json(result, json_out)
         echo(f"wrote {json_path}")
     if plot_out:
-        if view.write_plot(result, plot_out):
-            echo(f"wrote {plot_path}")
-        else:
-            click.secho(
-                "warning: matplotlib is not installed; no plot written (pip install 'fitonnx[plot]')",
-                fg="yellow",
-                err=True,
-            )
+        write_plot(plot_out, lambda p: view.write_plot(result, p), echo)

@@ -34,6 +34,7 @@ from fitonnx.model.data import load_npz
     "model, 16-bit tensors in float; annotated: the model with the recommendation in its metadata.",
 )
 @click.option(
+    "-o",
     "--out",
     required=True,
     type=click.Path(),

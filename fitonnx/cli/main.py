@@ -9,8 +9,10 @@ import click
 
 from fitonnx import __version__
 from fitonnx.cli.compare import compare_command
+from fitonnx.cli.data import data_command
 from fitonnx.cli.export import export_command
 from fitonnx.cli.inspect import inspect_command
+from fitonnx.cli.progress import NORMAL, QUIET, VERBOSE
 from fitonnx.cli.recommend import recommend_command
 from fitonnx.cli.score import score_command
 from fitonnx.cli.validate import validate_command
@@ -49,12 +51,21 @@ class FitonnxGroup(click.Group):
             _fail(describe_onnxruntime_error(exc), ORT_HINT, EXIT_USER_ERROR)
 
 
-@click.group(cls=FitonnxGroup)
-@click.version_option(__version__, prog_name="fitonnx")
-def cli() -> None:
-    """fitonnx: which tensors of an ONNX model can live in 2, 4 or 8 bits (FIT, ICLR 2023)."""
+@click.group(cls=FitonnxGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="fitonnx")
+@click.option("-v", "--verbose", count=True, help="Say more: a timed line per stage even without a terminal.")
+@click.option("-q", "--quiet", is_flag=True, help="Say less: no progress, no 'wrote' lines or notes (errors stay).")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """fitonnx: which tensors of an ONNX model can live in 2, 4 or 8 bits (FIT, ICLR 2023).
+
+    Start with `fitonnx data MODEL my_images/ -o calib.npz`, then `fitonnx score MODEL --data calib.npz`."""
+    if verbose and quiet:
+        raise click.UsageError("give -v or -q, not both")
+    ctx.obj = {"verbosity": QUIET if quiet else VERBOSE if verbose else NORMAL}
 
 
+cli.add_command(data_command)
 cli.add_command(score_command)
 cli.add_command(inspect_command)
 cli.add_command(validate_command)

@@ -12,6 +12,7 @@ from fitonnx.files.readers import DEFAULT_LIMIT_MB, LIMIT_OPTION, Limit
 from fitonnx.fisher import engines
 from fitonnx.fisher.losses import FisherMode, Likelihood
 from fitonnx.fisher.options import FisherOptions
+from fitonnx.model.sources.script import LoaderScript
 from fitonnx.score.fit import DEFAULT_ACTIVATION_BITS, DEFAULT_WEIGHT_BITS
 from fitonnx.score.noise import NOISE_MODELS, NoiseModel
 
@@ -45,14 +46,32 @@ class BitsList(click.ParamType):
 
 
 def data_options(f: F) -> F:
-    """--data / --random-data: where calibration samples come from."""
+    """--data / --data-loader-script / --random-data: where calibration samples come from (the script
+    reaches the command as its ``data``, a ``LoaderScript``)."""
+
+    @functools.wraps(f)
+    def collect(*args: Any, data: str | None, loader_script: str | None, **kwargs: Any) -> Any:
+        if loader_script is not None:
+            if data is not None:
+                raise click.UsageError("give --data or --data-loader-script, not both")
+            return f(*args, data=LoaderScript.parse(loader_script), **kwargs)
+        return f(*args, data=data, **kwargs)
+
     return _compose(
         click.option(
             "--data",
             "data",
             type=click.Path(exists=False, dir_okay=True),
-            help="Calibration .npz (keys = input names, optional 'labels') or a test_data_set_* folder. "
+            help="Calibration .npz (keys = input names, optional 'labels'; `fitonnx data` builds one from images, "
+            "WAVs or text), a test_data_set_* folder, or a loader script file.py[:function]. "
             "Default: the model's bundled <model>.calib.npz.",
+        ),
+        click.option(
+            "--data-loader-script",
+            "loader_script",
+            metavar="FILE.py[:FUNCTION]",
+            help="A Python file whose function (default load_data) yields feed dicts {input name: array} "
+            "(Polygraphy's convention); a 'labels' entry is the sample's labels.",
         ),
         click.option(
             "--random-data",
@@ -61,7 +80,7 @@ def data_options(f: F) -> F:
             help="Score N random inputs instead of real data (a smoke test: says little about real sensitivity).",
         ),
         max_data_option,
-    )(f)
+    )(collect)  # type: ignore[arg-type]
 
 
 def _use_limit(ctx: click.Context, param: click.Parameter, value: float) -> float:

@@ -9,25 +9,26 @@ import click
 from fitonnx import api
 from fitonnx.allocate.knapsack import BYTES_PER_KB, Allocation, AllocationOptions, budget_from
 from fitonnx.allocate.targets import DEFAULT_TARGET, TARGETS
-from fitonnx.cli.common import data_source, echo_warnings, output_plan
+from fitonnx.cli.common import data_source, echo_warnings, note, output_plan, table_width, wide_option
 from fitonnx.cli.options import BitsList, data_options, fisher_options, force_option, noise_model_option
-from fitonnx.cli.progress import progress_bars
+from fitonnx.cli.progress import info, progress_bars
 from fitonnx.files import StagedFolder
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.model.graph import Kind
-from fitonnx.render.text import short
+from fitonnx.render.text import name_width, short
 
 
 def _kb(n_bytes: int) -> str:
     return f"{n_bytes / BYTES_PER_KB:.1f} KB"
 
 
-def format_summary(result: api.RecommendResult, limit: int | None = None) -> str:
-    """The chosen bits per tensor (most sensitive first) and the totals against the uniform baseline."""
+def format_summary(result: api.RecommendResult, limit: int | None = None, width: int | None = None) -> str:
+    """The chosen bits per tensor (most sensitive first) and the totals against the uniform baseline;
+    names cut to fit ``width`` (whole when None)."""
     alloc: Allocation = result.allocation
     rec = alloc.recommendation
     rows = [t for t in result.report.tensors if t.name in rec.weight_bits or t.name in rec.activation_bits]
-    name_w = min(40, max([len("tensor")] + [len(t.name) for t in rows]))
+    name_w = name_width([t.name for t in rows], 31, width)
     how = "exact" if alloc.front.tolerance == 0 else f"within a factor {1 + alloc.front.tolerance:g} of optimal"
     lines = [
         f"{rec.model}: target {alloc.target.name}, {alloc.budget.describe()}; {how} Pareto front of "
@@ -78,11 +79,12 @@ def format_summary(result: api.RecommendResult, limit: int | None = None) -> str
 @click.option("--weight-bits", type=BitsList(), help="Restrict the target's weight bit widths, e.g. 4,8.")
 @click.option(
     "--act-bits",
-    type=int,
-    help=f"Bits of every activation. Default: the target's ({TARGETS[DEFAULT_TARGET].default_activation_bits}).",
+    type=BitsList(),
+    help=f"Bits of every activation (one width), or with --act-avg-bits the candidate widths (e.g. 8,16). "
+    f"Default: the target's ({TARGETS[DEFAULT_TARGET].default_activation_bits}).",
 )
 @click.option(
-    "--act-avg-bits", type=float, help="Instead of --act-bits: choose activation bits under this average (exact)."
+    "--act-avg-bits", type=float, help="Choose activation bits under this average (exact), among --act-bits if given."
 )
 @click.option(
     "--tolerance",
@@ -92,6 +94,7 @@ def format_summary(result: api.RecommendResult, limit: int | None = None) -> str
     help="0: exact optimum. ε > 0: FIT within a factor 1+ε of optimal, with a smaller front (for huge models).",
 )
 @click.option(
+    "-o",
     "--out",
     "out_dir",
     type=click.Path(file_okay=False),
@@ -100,6 +103,7 @@ def format_summary(result: api.RecommendResult, limit: int | None = None) -> str
     "whole beside it and moved into place when complete (an earlier fitonnx output there is replaced).",
 )
 @click.option("--top", type=click.IntRange(min=1), help="Show only the N most sensitive tensors in the terminal.")
+@wide_option
 @force_option
 def recommend_command(
     model: str,
@@ -112,11 +116,12 @@ def recommend_command(
     max_fit: float | None,
     target: str,
     weight_bits: tuple[int, ...] | None,
-    act_bits: int | None,
+    act_bits: tuple[int, ...] | None,
     act_avg_bits: float | None,
     tolerance: float,
     out_dir: str,
     top: int | None,
+    wide: bool,
     force: bool,
 ) -> None:
     """Choose per-tensor bit widths for MODEL under one budget (--avg-bits, --size-kb or --max-fit)."""
@@ -137,9 +142,9 @@ def recommend_command(
             noise_model=noise_model,
             progress=bars,
         )
-    click.echo(format_summary(result, limit=top))
+    click.echo(format_summary(result, limit=top, width=table_width(wide)))
     if result.written is not None:
-        for note in result.written.notes:
-            click.secho(f"note: {note}", fg="yellow", err=True)
+        for message in result.written.notes:
+            note(message)
         for path in result.written.paths:
-            click.echo(f"wrote {out.path / Path(path).relative_to(staging)}")
+            info(f"wrote {out.path / Path(path).relative_to(staging)}")

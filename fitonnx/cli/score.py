@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from fitonnx import api
-from fitonnx.cli.common import data_source, echo_for, echo_warnings, output_plan, target_path
+from fitonnx.cli.common import data_source, echo_for, echo_warnings, output_plan, table_width, target_path, wide_option
 from fitonnx.cli.options import bits_options, data_options, fisher_options, force_option, noise_model_option
 from fitonnx.cli.progress import progress_bars
 from fitonnx.fisher.options import FisherOptions
@@ -23,6 +23,7 @@ from fitonnx.render import report
 )
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write the table as CSV here (- for stdout).")
 @click.option("--top", type=click.IntRange(min=1), help="Show only the N most sensitive tensors in the terminal.")
+@wide_option
 @force_option
 def score_command(
     model: str,
@@ -35,6 +36,7 @@ def score_command(
     json_path: str | None,
     csv_path: str | None,
     top: int | None,
+    wide: bool,
     force: bool,
 ) -> None:
     """Rank MODEL's quantizable weights and activations by FIT (most sensitive first)."""
@@ -52,7 +54,7 @@ def score_command(
             progress=bars,
             noise_model=noise_model,
         )
-    echo(report.format_table(result, limit=top))
+    echo(report.format_table(result, limit=top, width=table_width(wide)))
     if json_out:
         report.write_json(result, json_out)
         echo(f"wrote {json_path}")

@@ -9,7 +9,7 @@ import click
 from fitonnx.analysis import simulate
 from fitonnx.analysis.harness import DEFAULT_BATCH_SIZE, DEFAULT_BITS, SimulationOptions
 from fitonnx.analysis.validate import DEFAULT_CONFIGS, DEFAULT_RESAMPLES, SamplingOptions, validate
-from fitonnx.cli.common import data_source, echo_for, echo_warnings, output_plan, target_path
+from fitonnx.cli.common import data_source, echo_for, echo_warnings, output_plan, target_path, write_plot
 from fitonnx.cli.options import BitsList, data_options, fisher_options, force_option
 from fitonnx.cli.progress import progress_bars
 from fitonnx.fisher.options import FisherOptions
@@ -63,7 +63,12 @@ from fitonnx.render import validate as view
 @click.option(
     "--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON here (- for stdout)."
 )
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG scatter of FIT vs damage here.")
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    help="Write a PNG scatter of FIT vs damage here (needs matplotlib: else a note, the rest written).",
+)
 @force_option
 def validate_command(
     model: str,
@@ -92,8 +97,6 @@ def validate_command(
     json_out = target_path(plan.file("--json", json_path, stdout_ok=True))
     plot_out = target_path(plan.file("--plot", plot_path))
     echo = echo_for(plan)
-    if plot_path:
-        plot.require_matplotlib()  # fail before the work, not after it
     started = time.perf_counter()
     with echo_warnings(), progress_bars() as bars:
         result = validate(
@@ -117,5 +120,4 @@ def validate_command(
         view.write_json(result, json_out)
         echo(f"wrote {json_path}")
     if plot_out:
-        view.scatter(result, plot_out)
-        echo(f"wrote {plot_path}")
+        write_plot(plot_out, lambda p: plot.pyplot_or_none() is not None and view.scatter(result, p) is None, echo)

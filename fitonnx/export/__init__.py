@@ -26,7 +26,7 @@ from fitonnx.export.common import ExportResult
 from fitonnx.export.registry import EXPORTERS, ExportFormat, get_exporter
 from fitonnx.model.data import Dataset
 from fitonnx.model.load import load_model
-from fitonnx.model.source import resolve_data
+from fitonnx.model.source import RANDOM_CALIBRATION, resolve_data
 
 
 def export_recommendation(
@@ -49,7 +49,11 @@ def export_recommendation(
     loaded = load_model(model)
     rec = recommendation if isinstance(recommendation, Recommendation) else rec_mod.load(recommendation)
     path = exporter.output_path(out, source=loaded.path, model_name=rec.model)
-    dataset = resolve_data(loaded, data, random_samples, seed) if exporter.needs_data else None
+    dataset = (
+        resolve_data(loaded, data, random_samples, seed, random_warning=RANDOM_CALIBRATION)
+        if exporter.needs_data
+        else None
+    )
     return exporter(loaded.proto, rec, path, data=dataset, per_channel=per_channel, source=loaded.path)
 
 

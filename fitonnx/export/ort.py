@@ -23,6 +23,7 @@ computes the same numbers with float kernels.)
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -117,14 +118,8 @@ def build_overrides(
     return overrides
 
 
-def to_quantizer_overrides(
-    overrides: Mapping[str, Any], model: onnx.ModelProto, source: str = "the overrides"
-) -> dict[str, list[dict[str, Any]]]:
-    """Olive-style overrides → what ``quantize_static`` takes (QuantType members), checked by onnxruntime.
-
-    Each tensor is checked on its own: onnxruntime 1.19's ``TensorQuantOverridesHelper.is_valid``
-    returns after the first tensor of the dict it is given.
-    """
+def _as_quant_types(overrides: Any, source: str) -> dict[str, list[dict[str, Any]]]:
+    """Olive-style overrides (quant types by name) with ``QuantType`` members in their place."""
     if not isinstance(overrides, Mapping):
         raise FitonnxError(f"expected a JSON object of tensor name → list of overrides in {source}")
     converted: dict[str, list[dict[str, Any]]] = {}
@@ -134,6 +129,8 @@ def to_quantizer_overrides(
         out_entries = []
         for entry in entries:
             item = dict(entry)
+            if isinstance(item.get("convert"), Mapping):
+                item["convert"] = dict(item["convert"])
             for holder in (item, item.get("convert")):
                 if isinstance(holder, dict) and isinstance(holder.get("quant_type"), str):
                     try:
@@ -145,6 +142,18 @@ def to_quantizer_overrides(
                         ) from None
             out_entries.append(item)
         converted[name] = out_entries
+    return converted
+
+
+def to_quantizer_overrides(
+    overrides: Mapping[str, Any], model: onnx.ModelProto, source: str = "the overrides"
+) -> dict[str, list[dict[str, Any]]]:
+    """Olive-style overrides → what ``quantize_static`` takes (QuantType members), checked by onnxruntime.
+
+    Each tensor is checked on its own: onnxruntime 1.19's ``TensorQuantOverridesHelper.is_valid``
+    returns after the first tensor of the dict it is given.
+    """
+    converted = _as_quant_types(overrides, source)
     inits = {t.name: t for t in model.graph.initializer}
     tensors = {v.name for v in model.graph.input} | {o for n in model.graph.node for o in n.output}
     for name, entries in converted.items():
@@ -152,6 +161,32 @@ def to_quantizer_overrides(
         if not ok:
             raise FitonnxError(f"expected TensorQuantOverrides onnxruntime accepts in {source}; {why}")
     return converted
+
+
+def load_overrides(
+    path: str | Path, model: str | Path | onnx.ModelProto | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """An ``ort_overrides.json`` as ``quantize_static(extra_options={"TensorQuantOverrides": ...})``
+    takes it: the JSON stores quant types by name (as Olive does), onnxruntime wants ``QuantType``
+    members. With ``model``, onnxruntime's own checker also checks the overrides against it."""
+    path = Path(path)
+    try:
+        overrides = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise FitonnxError(f"expected a TensorQuantOverrides JSON file at {str(path)!r}: {exc}") from None
+    if model is None:
+        return _as_quant_types(overrides, str(path))
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load_model(str(model), load_external_data=False)
+    return to_quantizer_overrides(overrides, proto, str(path))
+
+
+def calibration_reader(data: str | Path | Dataset, model: str | Path | onnx.ModelProto) -> CalibrationDataReader:
+    """onnxruntime's ``CalibrationDataReader`` over a calibration .npz (what ``fitonnx data`` writes)."""
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load_model(str(model), load_external_data=False)
+    dataset = data if isinstance(data, Dataset) else data_mod.load_npz(data)
+    specs = graph.input_specs(proto)
+    data_mod.check_against(dataset, specs)
+    return DatasetReader(dataset, specs)
 
 
 class DatasetReader(CalibrationDataReader):
@@ -197,6 +232,10 @@ def _int4_numpy_types() -> Iterator[None]:
         yield
     finally:
         table.update(saved)
+
+
+# For scripts that call quantize_static themselves with 4-bit overrides (the README's recipe).
+int4_compat = _int4_numpy_types
 
 
 @contextmanager

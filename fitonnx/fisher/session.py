@@ -22,7 +22,7 @@ from fitonnx.model.source import DataSource, ModelSource, load_source, resolve_d
 from fitonnx.prepare import PreparedModel, prepare, verify
 from fitonnx.prepare.support import check_differentiable
 from fitonnx.prepare.types import ChangeKind
-from fitonnx.progress import Progress
+from fitonnx.progress import Progress, as_progress
 
 VERIFY_SAMPLES = 8
 
@@ -95,6 +95,7 @@ def fisher_traces(
 ) -> tuple[engine.FisherTraces, losses.OutputTarget, losses.FisherMode]:
     """The engine's raw per-sample statistics (for callers that need more than the report)."""
     opts = options or FisherOptions()
+    as_progress(progress).start(1, "Building the gradient model")  # closed by the samples' stage
     gm, target, mode = gradient_model(
         s, opts, keep_gradients=keep_gradients, threads=threads, exact_points=exact_points
     )

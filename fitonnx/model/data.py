@@ -189,6 +189,19 @@ def check_against(data: Dataset, specs: Mapping[str, InputSpec]) -> None:
             )
         if np.issubdtype(data.labels.dtype, np.floating) and not np.all(np.isfinite(data.labels)):
             raise DataError(f"expected finite labels in {data.source}; found NaN or infinity")
+        if looks_one_hot(data.labels):
+            warnings.warn(
+                f"the float labels in {data.source} look one-hot: float labels make the loss a unit-variance "
+                "Gaussian on the output; for class labels store integer indices (labels.argmax(-1))",
+                stacklevel=2,
+            )
+
+
+def looks_one_hot(labels: np.ndarray) -> bool:
+    """Float labels of rank ≥ 2 whose last axis holds one 1 and zeros elsewhere, in every row."""
+    if not np.issubdtype(labels.dtype, np.floating) or labels.ndim < 2 or labels.shape[-1] < 2 or not labels.size:
+        return False
+    return bool(np.all((labels == 0) | (labels == 1)) and np.all(labels.sum(axis=-1) == 1))
 
 
 def _check_array(name: str, array: np.ndarray, spec: InputSpec, source: str) -> None:

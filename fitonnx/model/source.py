@@ -14,6 +14,7 @@ from fitonnx.model import data as data_mod
 from fitonnx.model import graph
 from fitonnx.model.data import Dataset
 from fitonnx.model.load import LoadedModel, load_model
+from fitonnx.model.sources.script import LoaderScript, is_script, load_script
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class RandomData:
 
 # (a fisher.session.Session is accepted too where a command opens the model)
 ModelSource = str | os.PathLike[str] | onnx.ModelProto | LoadedModel
-DataSource = str | os.PathLike[str] | Dataset | RandomData | None
+DataSource = str | os.PathLike[str] | Dataset | RandomData | LoaderScript | None
 
 
 class RandomDataWarning(UserWarning):
@@ -38,14 +39,24 @@ def load_source(model: ModelSource) -> LoadedModel:
     return model if isinstance(model, LoadedModel) else load_model(model)
 
 
+RANDOM_SCORING = "scoring with random inputs: the result says little about real sensitivity"
+RANDOM_CALIBRATION = (
+    "calibrating with random inputs: the exported model's quantization ranges come from noise, not from "
+    "real data; do not deploy it (pass --data)"
+)
+
+
 def resolve_data(
     loaded: LoadedModel,
     data: DataSource,
     random_samples: int | None = None,
     seed: int = 0,
     max_samples: int | None = None,
+    *,
+    random_warning: str = RANDOM_SCORING,
 ) -> Dataset:
-    """Explicit data, else the bundled sidecar (``<model>.calib.npz``), else random only on request.
+    """Explicit data, else the bundled sidecar (``<model>.calib.npz``), else random only on request
+    (with ``random_warning``, a ``RandomDataWarning``).
 
     With ``max_samples``, files are read (and random samples made) only that far, plus one sample
     that says more exist: memory does not grow with the data file or ``--random-data N``.
@@ -55,12 +66,14 @@ def resolve_data(
     specs = graph.input_specs(loaded.proto)
     if isinstance(data, Dataset):
         return data
+    if isinstance(data, str) and is_script(data):
+        data = LoaderScript.parse(data)
+    if isinstance(data, LoaderScript):
+        return load_script(data, specs, None if max_samples is None else max_samples + 1)  # +1: "more exist"
     if data is not None:
         return data_mod.load_data(data, list(specs), max_samples)
     if random_samples is not None:
-        warnings.warn(
-            "scoring with random inputs: the result says little about real sensitivity", RandomDataWarning, stacklevel=3
-        )
+        warnings.warn(random_warning, RandomDataWarning, stacklevel=3)
         return data_mod.random_data(specs, random_samples, seed, max_samples)
     sidecar = data_mod.sidecar_for(loaded.path) if loaded.path is not None else None
     if sidecar is None:

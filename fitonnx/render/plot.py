@@ -14,13 +14,15 @@ from typing import Any
 from fitonnx.errors import FitonnxError
 from fitonnx.files.atomic import write_atomic
 
+MISSING_MATPLOTLIB = "matplotlib is not installed (pip install 'fitonnx[plot]')"
+
 
 def require_matplotlib() -> ModuleType:
     """``matplotlib.pyplot`` on the non-interactive Agg backend, or a one-line user error."""
     try:
         import matplotlib  # deferred: the optional ``plot`` extra, heavy to import
     except ImportError:
-        raise FitonnxError("expected matplotlib for --plot; not installed (pip install fitonnx[plot])") from None
+        raise FitonnxError(f"expected matplotlib for --plot; {MISSING_MATPLOTLIB}") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # deferred: after the backend is chosen, and optional
 

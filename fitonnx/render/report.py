@@ -9,7 +9,7 @@ from typing import Any
 
 from fitonnx.files.atomic import write_atomic
 from fitonnx.files.outputs import json_text
-from fitonnx.render.text import provenance_dict, short
+from fitonnx.render.text import name_width, provenance_dict, short
 from fitonnx.score.fit import ScoreReport
 
 
@@ -41,6 +41,7 @@ def to_dict(report: ScoreReport) -> dict[str, Any]:
         ],
         "total_fit": {str(b): v for b, v in report.total_fit.items()},
         "notes": list(report.notes),
+        "sample_advice": sample_advice(report),
         "uniform": [{"weight_bits": w, "activation_bits": a, "fit": f} for w, a, f in report.uniform],
         "ranking_stability": None
         if report.stability is None
@@ -77,14 +78,58 @@ def write_csv(report: ScoreReport, path: str | os.PathLike[str]) -> None:
     write_atomic(path, write)
 
 
-def format_table(report: ScoreReport, limit: int | None = None) -> str:
-    """The terminal table: most sensitive first, FIT per bit width and its share of the total."""
-    bits = report.bits
-    name_w = min(40, max([len("tensor")] + [len(t.name) for t in report.tensors]))
-    head = (
-        f"{'tensor':<{name_w}} {'kind':<4} {'op':<10} {'shape':<16} {'trace':>9} {'±se':>8} "
-        f"{'min':>8} {'max':>8} {'share':>6} " + " ".join(f"{'FIT@' + str(b):>9}" for b in bits)
+STABLE_TOP_K = 0.95  # the top-k set is called stable when this share of bootstrap resamples keeps it
+
+
+def sample_advice(report: ScoreReport) -> str | None:
+    """More calibration samples, when the ranking's top-k set changes under resampling."""
+    s = report.stability
+    if s is None or s.top_k_same >= STABLE_TOP_K:
+        return None
+    return (
+        f"the top-{s.top_k} set is unstable (unchanged in {100 * s.top_k_same:.0f}% of resamples, under "
+        f"{100 * STABLE_TOP_K:.0f}%): score more calibration samples (at least {2 * report.samples}) before acting "
+        "on the ranking"
     )
+
+
+# (header, width, alignment, cell of a tensor, drop order: 0 never, else the lowest is dropped first)
+Column = tuple[str, int, str, object, int]
+
+
+def _columns(report: ScoreReport) -> list[Column]:
+    """The columns after the name, in the table's order."""
+    return [
+        ("kind", 4, "<", lambda t: "W" if t.kind.value == "weight" else "A", 0),
+        ("op", 10, "<", lambda t: short(",".join(sorted(set(t.op_types))), 10), 4),
+        ("shape", 16, "<", lambda t: short("x".join(map(str, t.shape)), 16), 3),
+        ("trace", 9, ">", lambda t: f"{t.ef_trace:.3g}", 6),
+        ("±se", 8, ">", lambda t: f"{t.ef_trace_se:.2g}", 5),
+        ("min", 8, ">", lambda t: f"{t.min:.3g}", 1),
+        ("max", 8, ">", lambda t: f"{t.max:.3g}", 2),
+        ("share", 6, ">", lambda t: f"{100 * t.share:.1f}%", 0),
+        *[(f"FIT@{b}", 9, ">", lambda t, b=b: f"{t.fit[b]:.3g}", 0) for b in report.bits],
+    ]
+
+
+def _fit_columns(cols: list[Column], names: list[str], width: int | None) -> tuple[list[Column], int]:
+    """Drop optional columns (min and max first; never kind, share or FIT) until the table fits ``width``."""
+    while True:
+        rest = sum(1 + c[1] for c in cols)
+        name_w = name_width(names, rest, width)
+        optional = [c for c in cols if c[4]]
+        if width is None or name_w + rest <= width or not optional:
+            return cols, name_w
+        drop = min(optional, key=lambda c: c[4])
+        cols = [c for c in cols if c is not drop]
+
+
+def format_table(report: ScoreReport, limit: int | None = None, width: int | None = None) -> str:
+    """The terminal table: most sensitive first, FIT per bit width and its share of the total. With
+    ``width`` (the terminal's), columns after FIT are dropped and names cut from the left (with …) to
+    fit; with None every column and whole names (``--wide``; JSON/CSV always have whole names)."""
+    cols, name_w = _fit_columns(_columns(report), [t.name for t in report.tensors], width)
+    head = f"{'tensor':<{name_w}}" + "".join(f" {h:{a}{w}}" for h, w, a, _, _ in cols)
     lines = [
         f"{report.model}: {report.fisher} Fisher ({report.likelihood} on {report.output!r}), "
         f"{report.samples} samples from {report.data_source} [{report.stop_reason}]"
@@ -92,15 +137,8 @@ def format_table(report: ScoreReport, limit: int | None = None) -> str:
         head,
         "-" * len(head),
     ]
-    rows = report.tensors if limit is None else report.tensors[:limit]
-    for t in rows:
-        shape = "x".join(map(str, t.shape))
-        lines.append(
-            f"{short(t.name, name_w):<{name_w}} {'W' if t.kind.value == 'weight' else 'A':<4} "
-            f"{short(','.join(sorted(set(t.op_types))), 10):<10} {short(shape, 16):<16} "
-            f"{t.ef_trace:>9.3g} {t.ef_trace_se:>8.2g} {t.min:>8.3g} {t.max:>8.3g} {100 * t.share:>5.1f}% "
-            + " ".join(f"{t.fit[b]:>9.3g}" for b in bits)
-        )
+    for t in report.tensors if limit is None else report.tensors[:limit]:
+        lines.append(f"{short(t.name, name_w):<{name_w}}" + "".join(f" {cell(t):{a}{w}}" for _, w, a, cell, _ in cols))
     if limit is not None and len(report.tensors) > limit:
         lines.append(f"... {len(report.tensors) - limit} more (see --json/--csv)")
     lines.append("")
@@ -118,5 +156,8 @@ def format_table(report: ScoreReport, limit: int | None = None) -> str:
         f"(5th pct {s.kendall_tau_p05:.3f}), top-{s.top_k} set unchanged in {100 * s.top_k_same:.0f}%"
     )
     lines.append(f"relative standard error of the total trace: {100 * report.total_trace_rel_se:.1f}%{stab}")
+    advice = sample_advice(report)
+    if advice:
+        lines.append(f"advice: {advice}")
     lines.extend(f"note: {note}" for note in report.notes)
     return "\n".join(lines)

@@ -12,6 +12,16 @@ def short(text: str, width: int) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1) :]
 
 
+MIN_NAME_WIDTH = 12
+
+
+def name_width(names: list[str], rest: int, width: int | None) -> int:
+    """The name column of a table whose other columns take ``rest`` characters: every name whole
+    when ``width`` is None (``--wide``) or the names fit, else what the terminal leaves (at least 12)."""
+    longest = max([len("tensor"), *map(len, names)])
+    return longest if width is None else max(MIN_NAME_WIDTH, min(longest, width - rest))
+
+
 def finite(x: float | None) -> float | None:
     """``x``, or None for NaN and infinity, which strict JSON cannot hold."""
     return None if x is None or not math.isfinite(x) else x
