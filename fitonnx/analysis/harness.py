@@ -127,7 +127,7 @@ def _calibrate(s: api.Session, opts: FisherOptions, sim: SimulationOptions, prog
     report = build_report(
         s.prepared.model,
         traces,
-        provenance(s, target, mode),
+        provenance(s, target, mode, gm.head.targets),
         weight_bits=sim.weight_bits,
         activation_bits=sim.activation_bits,
         resamples=0,

@@ -23,7 +23,7 @@ from onnx import TensorProto, helper
 
 from fitonnx.errors import FitonnxError, InternalError, UnsupportedError
 from fitonnx.fisher.engines import AUTO, get_engine
-from fitonnx.fisher.losses import LABELS, LOSS, NOISE, PREFIX, LossHead
+from fitonnx.fisher.losses import LABELS, LOSS, PREFIX, LossHead
 from fitonnx.model.graph import Kind, QuantTensor, default_opset, producer_positions
 
 
@@ -48,6 +48,7 @@ class GradientModel:
     # Per-sample shapes of inputs, activations and the loss tap measured when the model was built
     # (the engine probes again only for samples of other shapes).
     sample_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # what the report must say about the loss (outputs left out, tensors not scored)
 
     @property
     def activations(self) -> tuple[QuantTensor, ...]:
@@ -120,14 +121,15 @@ def _tap_activations(
 
 
 def build_probe(
-    model: onnx.ModelProto, activations: Sequence[QuantTensor], tap: str | None
+    model: onnx.ModelProto, activations: Sequence[QuantTensor], taps: str | Sequence[str] | None
 ) -> tuple[bytes, tuple[str, ...]]:
-    """The model with every activation (and the loss tap, if given) exposed as outputs (for shapes)."""
+    """The model with every activation (and the loss taps, if given) exposed as outputs (for shapes)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     names = [a.name for a in activations]
-    if tap is not None and tap not in names:
-        names.append(tap)
+    for tap in [taps] if isinstance(taps, str) else taps or ():
+        if tap not in names:
+            names.append(tap)
     existing = {o.name for o in probe.graph.output}
     for name in names:
         if name not in existing:
@@ -182,8 +184,9 @@ def augment(
         graph.input.append(
             helper.make_tensor_value_info(LABELS, helper.np_dtype_to_tensor_dtype(np.dtype(labels_dtype)), None)
         )
-    if head.noise is not None:
-        graph.input.append(_float_input(NOISE))
+    for part in head.heads:
+        if part.noise is not None:
+            graph.input.append(_float_input(part.noise_input))
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info(LOSS, TensorProto.FLOAT, []))
     differentiate = [w.name for w in weights] + [zero for _, zero in pairs]
@@ -236,7 +239,7 @@ def build_gradient_model(request: GradientRequest) -> GradientModel:
     r = request
     aug = augment(r.model, r.tensors, r.head, r.labels_dtype, r.ranks, r.shapes)
     activations = r.activations
-    probe_bytes, probe_outputs = build_probe(r.model, activations, r.head.target.tap)
+    probe_bytes, probe_outputs = build_probe(r.model, activations, [t.tap for t in r.head.targets])
     grad_model = gradient_graph(aug, r.model, r.engine)
     g = grad_model.graph
     weights = [t.name for t in r.tensors if t.kind is Kind.WEIGHT]
