@@ -120,6 +120,48 @@ def _tap_activations(
     return pairs
 
 
+# Ops whose gradient in onnxruntime-training names a gradient for every float input, needed or not
+# (LayerNormalizationGrad outputs the scale's and bias's): two of them reading one initializer
+# define ``<name>_grad`` twice ("Duplicate definition of name").
+_ALL_INPUT_GRADS = frozenset(
+    {
+        "LayerNormalization",
+        "SimplifiedLayerNormalization",
+        "SkipLayerNormalization",
+        "InstanceNormalization",
+        "GroupNormalization",
+        "BatchNormalization",
+    }
+)
+
+
+def _split_shared_parameters(graph: onnx.GraphProto) -> None:
+    """Give each reader of an initializer shared by normalization nodes its own Identity copy.
+
+    The value each reader sees is unchanged, and the gradient of the initializer (when needed) is
+    the sum over its copies, as for any tensor with several readers; only the copies' gradients
+    get distinct names. Exporters share one initializer between all LayerNormalization nodes of an
+    untouched initialisation (cross-layer sharing does the same)."""
+    floats = {t.name for t in graph.initializer if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16)}
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for slot, name in enumerate(node.input):
+            if name in floats:
+                readers.setdefault(name, []).append((node, slot))
+    copies = []
+    for name, reads in readers.items():
+        if len(reads) < 2 or not any(node.op_type in _ALL_INPUT_GRADS for node, _ in reads):
+            continue
+        for k, (node, slot) in enumerate(reads):
+            copy = f"{PREFIX}{name}__reader{k}"
+            copies.append(helper.make_node("Identity", [name], [copy], name=copy))
+            node.input[slot] = copy
+    if copies:
+        nodes = [*copies, *graph.node]
+        del graph.node[:]
+        graph.node.extend(nodes)
+
+
 def build_probe(
     model: onnx.ModelProto, activations: Sequence[QuantTensor], taps: str | Sequence[str] | None
 ) -> tuple[bytes, tuple[str, ...]]:
@@ -175,6 +217,7 @@ def augment(
 
     if shapes:
         _fix_input_shapes(graph, shapes)
+    _split_shared_parameters(graph)
     pairs = _tap_activations(graph, activations, ranks, shapes)
     graph.node.extend(head.nodes)
     graph.initializer.extend(head.initializers)
