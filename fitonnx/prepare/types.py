@@ -19,6 +19,7 @@ class ChangeKind(str, Enum):
     FOLD = "fold"
     REWRITE = "rewrite"
     SPECIALIZE = "specialize"
+    QUANTIZED = "quantized"  # an already-quantized model's activation Q/DQ removed (what is scored changes)
 
     def __str__(self) -> str:
         return self.value
