@@ -21,6 +21,7 @@ from fitonnx.analysis.simulate import Config, GridScheme
 from fitonnx.errors import DataError
 from fitonnx.fisher import engine, losses
 from fitonnx.fisher import session as api
+from fitonnx.fisher.checks import check_traces
 from fitonnx.fisher.instrument import GradientModel
 from fitonnx.fisher.losses import OutputTarget
 from fitonnx.fisher.options import FisherOptions
@@ -124,6 +125,7 @@ def _calibrate(s: api.Session, opts: FisherOptions, sim: SimulationOptions, prog
     """Traces with the diagonal Fisher and point statistics, and the FIT report of the candidates."""
     gm, target, mode = api.gradient_model(s, opts, keep_gradients=True, exact_points=True)
     traces = engine.run(gm, s.data, s.specs, opts.run_options(), progress)
+    traces = check_traces(traces, gm, {k: v for k, v in s.data.sample(0, s.specs).items() if k in s.specs})
     report = build_report(
         s.prepared.model,
         traces,

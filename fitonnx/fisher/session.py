@@ -14,6 +14,7 @@ import numpy as np
 
 from fitonnx.errors import DataError
 from fitonnx.fisher import engine, instrument, losses, outputs
+from fitonnx.fisher.checks import check_traces
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.model import data as data_mod
 from fitonnx.model import graph
@@ -91,7 +92,8 @@ def fisher_traces(
         s, opts, keep_gradients=keep_gradients, threads=threads, exact_points=exact_points
     )
     traces = engine.run(gm, s.data, s.specs, opts.run_options(threads), progress)
-    return traces, target, mode
+    feed = {k: v for k, v in s.data.sample(0, s.specs).items() if k in s.specs}
+    return check_traces(traces, gm, feed, threads), target, mode
 
 
 def gradient_model(
