@@ -187,7 +187,8 @@ def _guess_likelihood(
     if hidden is not None:
         return Likelihood.GAUSSIAN, hidden, True
     if rank >= 3:
-        return Likelihood.CATEGORICAL, f"rank {rank}: read as logits over axis {axis if axis is not None else -1}", True
+        where = f"axis {axis}" if axis is not None else "its last axis"
+        return Likelihood.CATEGORICAL, f"rank {rank}: read as logits over {where}", True
     return Likelihood.CATEGORICAL, "class scores (rank 2, no Softmax in front)", False
 
 
