@@ -78,12 +78,12 @@ def loss_outputs(model: onnx.ModelProto, r: OutputRequest) -> tuple[list[str], l
     One output when ``--output`` names it or the labels define the loss (they belong to one
     output: the first float one, as before); else every float output not fed back as an input."""
     floats = float_outputs(model)
-    if r.output is not None or r.labels is not None or r.likelihood is not None or r.class_axis is not None:
-        return [pick_output(model, r.output)], []
     unknown = sorted(set(r.kinds) - {o.name for o in model.graph.output})
     if unknown:
         names = [o.name for o in model.graph.output]
         raise ModelError(f"expected --output-kind to name model outputs {names}; found {unknown}")
+    if r.output is not None or r.labels is not None or r.likelihood is not None or r.class_axis is not None:
+        return [pick_output(model, r.output)], []
     chosen, notes = [], []
     for name in floats:
         state = _state_input(model, name, r.shapes)
