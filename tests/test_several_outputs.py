@@ -161,3 +161,11 @@ def test_output_kind_is_checked() -> None:
     data = Dataset(arrays={"x": X}, source="x")
     with pytest.raises(FitonnxError, match="--output-kind to name model outputs"):
         api.fisher_traces(api.open_model(two_heads(), data), FisherOptions(output_kinds=("nope=boxes",)))
+
+
+def test_exact_fisher_reads_one_output() -> None:
+    """--fisher exact enumerates one output's classes: the first float output, the other head left out."""
+    data = Dataset(arrays={"x": X}, source="x")
+    traces, _, _ = api.fisher_traces(api.open_model(two_heads(), data), FisherOptions(fisher="exact"))
+    assert [t.output for t in traces.targets] == ["logits"]
+    assert "wb" not in {t.name for t in traces.tensors} and any("'wb'" in n for n in traces.notes)

@@ -117,7 +117,7 @@ def gradient_model(
             f"expected 'labels' in {s.data.source} for --fisher empirical; found none", hint="use --fisher mc"
         )
     feed = s.data.sample(0, s.specs)
-    targets, values, notes = _loss_targets(s, opts, feed, threads)
+    targets, values, notes = _loss_targets(s, opts, feed, threads, mode)
     tensors, dropped = _reaching(s, targets)
     labels_dtype = np.dtype(np.int64) if mode is losses.FisherMode.EXACT else None if labels is None else labels.dtype
     # Name any op without a usable gradient before onnxruntime's builder fails on it in C++.
@@ -141,11 +141,14 @@ def gradient_model(
 
 
 def _loss_targets(
-    s: Session, opts: FisherOptions, feed: dict[str, np.ndarray], threads: int
+    s: Session, opts: FisherOptions, feed: dict[str, np.ndarray], threads: int, mode: losses.FisherMode
 ) -> tuple[list[losses.OutputTarget], dict[str, np.ndarray], list[str]]:
     """The outputs of the loss and how each is read, from the real shapes of one probe run (a stale
-    declared output shape is never used); the probe's values; notes on outputs left out."""
+    declared output shape is never used); the probe's values; notes on outputs left out. The exact
+    Fisher enumerates one output's classes: it reads one output (the first float one by default)."""
     model = s.prepared.model
+    if mode is losses.FisherMode.EXACT and opts.output is None:
+        opts = opts.replace(output=losses.pick_output(model, None))
     activations = [t for t in s.tensors if t.kind is graph.Kind.ACTIVATION]
     names = [*outputs.float_outputs(model), *outputs.candidate_taps(model)]
     probe, probed = instrument.build_probe(model, activations, names)
