@@ -1,5 +1,7 @@
 """fitonnx: Fisher Information Trace (FIT) quantization sensitivity for any ONNX model."""
 
+# First: refuses an environment where two distributions install the onnxruntime module.
+from fitonnx import _environment  # noqa: F401
 from fitonnx.analysis.compare import CompareReport, compare
 from fitonnx.analysis.harness import SimulationOptions
 from fitonnx.analysis.inspection import Inspection, inspect_model

@@ -88,7 +88,7 @@ def recommend(
     choices = choices or allocate.AllocationOptions()
     tgt = choices.check()
     opts = options or FisherOptions()
-    s = open_model(model, data, seed=opts.seed)
+    s = open_model(model, data, seed=opts.seed, max_samples=opts.max_samples)
     out = None if out_dir is None else prepare_out_dir(out_dir, s.loaded.path, s.loaded.name)
     report = score_model(
         model,

@@ -32,5 +32,11 @@ class UnsupportedError(FitonnxError):
     """The model is valid but needs an op or construct the gradient engine cannot handle."""
 
 
+REPORT_BUGS = "this is a bug in fitonnx: please report it with the command line and this traceback"
+
+
 class InternalError(Exception):
-    """A bug in fitonnx: an assumption of its own code did not hold."""
+    """A bug in fitonnx: an assumption of its own code did not hold. Its message says how to report it."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()} ({REPORT_BUGS})"

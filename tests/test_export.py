@@ -464,7 +464,7 @@ def test_cli_refuses_to_overwrite_the_model_and_reports_bad_names(cnn_ranges: di
         "export", str(src), "--recommendation", str(rec_path), "--format", "qdq", "--out", str(src),
         "--data", str(MODELS / "mnist_cnn.calib.npz"),
     )  # fmt: skip
-    assert code == 2 and "expected an output path other than the input model" in stderr
+    assert code == 2 and "refusing to overwrite an input of this command (the model)" in stderr
     assert sha(src) == before and "Traceback" not in stderr
     data = json.loads(rec_path.read_text())
     data["weight_bits"]["conv9.weight"] = 8

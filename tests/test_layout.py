@@ -20,6 +20,7 @@ MAX_PARAMETERS = 8
 # Lower stages may not import higher ones: each stage may import only the stages listed before it.
 STAGES = (
     "errors",
+    "values",
     "files",
     "model",
     "formats",

@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from fitonnx import api
 from fitonnx.cli.main import cli
 from fitonnx.errors import ModelError, UnsupportedError
+from fitonnx.fisher.engines import AUTO, get_engine
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.model.graph import Kind, find_quantizable
 from fitonnx.prepare import Change, prepare, verify
@@ -103,12 +104,9 @@ def weighted_loss(model: onnx.ModelProto, output: str, shape: tuple[int, ...]) -
 
 
 def gradient(model: onnx.ModelProto, wrt: str, feed: dict[str, np.ndarray]) -> np.ndarray:
-    """d __loss / d ``wrt`` from onnxruntime-training's GradientGraphBuilder, run on the CPU."""
-    from onnxruntime.capi._pybind_state import GradientGraphBuilder
-
-    builder = GradientGraphBuilder(model.SerializeToString(), {"__loss"}, {wrt}, "__loss")
-    builder.build()
-    return session(onnx.load_from_string(builder.get_model())).run([f"{wrt}_grad"], feed)[0]
+    """d __loss / d ``wrt`` from the gradient engine ``auto`` picks here, run on the CPU."""
+    grad_model = get_engine(AUTO).build(model, "__loss", [wrt])
+    return session(grad_model).run([f"{wrt}_grad"], feed)[0]
 
 
 def directional_errors(

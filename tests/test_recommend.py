@@ -248,7 +248,7 @@ def test_out_never_replaces_the_input_model(tmp_path: Path) -> None:
     disguised.write_bytes(path.read_bytes())
     before = sha(disguised)
     code, _, err = run("recommend", str(disguised), "--data", str(data), "--avg-bits", "4", "--out", str(tmp_path))
-    assert code == 2 and "would overwrite it" in err
+    assert code == 2 and "the folder holds an input of this command (the model)" in err
     assert sha(disguised) == before
     (tmp_path / "afile").write_text("x")
     code, _, err = run("recommend", str(path), "--data", str(data), "--avg-bits", "4", "--out", str(tmp_path / "afile"))

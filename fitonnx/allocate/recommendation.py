@@ -15,6 +15,7 @@ from typing import Any
 
 from fitonnx.errors import FitonnxError
 from fitonnx.files.atomic import write_atomic
+from fitonnx.files.outputs import json_text
 
 SCHEMA_VERSION = 1
 
@@ -114,7 +115,7 @@ class Recommendation:
 
 def save(rec: Recommendation, path: str | os.PathLike[str]) -> None:
 
-    text = json.dumps(rec.to_dict(), indent=2) + "\n"
+    text = json_text(rec.to_dict())
     write_atomic(path, lambda f: f.write(text))
 
 

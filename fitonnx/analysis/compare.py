@@ -135,8 +135,11 @@ def ratio(num: float, den: float) -> float:
     return num / den
 
 
-def open_models(models: Sequence[ModelSource], data: Sequence[DataSource] | None = None) -> tuple[api.Session, ...]:
-    """Open every model with its data: one source for all, one per model, or none (bundled sidecars)."""
+def open_models(
+    models: Sequence[ModelSource], data: Sequence[DataSource] | None = None, max_samples: int | None = None
+) -> tuple[api.Session, ...]:
+    """Open every model with its data: one source for all, one per model, or none (bundled sidecars);
+    ``max_samples`` bounds what is read of each (``fisher.session.open_model``)."""
     if len(models) < 2:
         raise FitonnxError(f"expected at least 2 models to compare; found {len(models)}")
     sources = list(data) if data else [None]
@@ -147,7 +150,7 @@ def open_models(models: Sequence[ModelSource], data: Sequence[DataSource] | None
         )
     if len(sources) == 1:
         sources = sources * len(models)
-    return tuple(api.open_model(m, d) for m, d in zip(models, sources, strict=True))
+    return tuple(api.open_model(m, d, max_samples=max_samples) for m, d in zip(models, sources, strict=True))
 
 
 def _labels(sessions: Sequence[api.Session]) -> list[str]:
@@ -264,7 +267,8 @@ def compare(
     bundled ``<model>.calib.npz``. For a fair comparison give every model the same samples in
     the same order (and the same labels), each in that model's own input layout.
     """
-    opened = tuple(sessions) if sessions is not None else open_models(models, data)
+    max_samples = None if options is None else options.max_samples
+    opened = tuple(sessions) if sessions is not None else open_models(models, data, max_samples)
     reports = [
         score_model(
             s.loaded,

@@ -14,16 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 
 import numpy as np
 
 from fitonnx.errors import DataError, InternalError
 from fitonnx.fisher.losses import BERNOULLI_EPS, CATEGORICAL_EPS, Likelihood, OutputTarget
 from fitonnx.score.ranks import spearman
+from fitonnx.values import TextEnum
 
 
-class Measure(StrEnum):
+class Measure(TextEnum):
     """A measured damage, by the name the reports use."""
 
     KL = "kl"

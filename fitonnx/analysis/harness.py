@@ -171,7 +171,7 @@ def harness(
     """
     opts = options or FisherOptions()
     sim = (simulation or SimulationOptions()).checked()
-    s = session if session is not None else api.open_model(model, data, seed=opts.seed)
+    s = session if session is not None else api.open_model(model, data, seed=opts.seed, max_samples=opts.max_samples)
     held_out = _eval_dataset(s, eval_data)
     cal = _calibrate(s, opts, sim, progress)
     traces = cal.traces

@@ -18,6 +18,7 @@ import onnx
 from onnx import helper
 
 from fitonnx.errors import FitonnxError
+from fitonnx.fisher.engines import AUTO, get_engine
 from fitonnx.fisher.losses import OutputTarget
 from fitonnx.fisher.outputs import OutputRequest, ancestors, loss_outputs, resolve_one
 from fitonnx.model.graph import Kind, QuantTensor, find_quantizable, output_ranks
@@ -204,7 +205,8 @@ def _shape_dependent(proto: onnx.ModelProto, blockers: Sequence[Blocker]) -> tup
     try:
         fixed = prepare(proto, input_shapes=guess)
         names = [t.name for t in find_quantizable(fixed.model)]
-        remaining = {b.node for b in find_blockers(fixed.model, names)}
+        ops = get_engine(AUTO).gradient_ops
+        remaining = {b.node for b in find_blockers(fixed.model, names, gradient_ops=ops)}
     except FitonnxError:
         return ()
     return tuple(b for b in blockers if b.node not in remaining)
@@ -229,7 +231,8 @@ def inspect_model(model: InspectSource, *, input_shapes: Mapping[str, tuple[int,
     tensors = find_quantizable(prepared.model)
     inspected = [_inspected(t, types, prepared) for t in tensors]
     try:
-        blockers = find_blockers(prepared.model, [t.name for t in tensors])
+        engine = get_engine(AUTO)
+        blockers = find_blockers(prepared.model, [t.name for t in tensors], gradient_ops=engine.gradient_ops)
     except FitonnxError as exc:
         problems.append(str(exc))
         blockers = []

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 
 import numpy as np
 
@@ -37,9 +36,10 @@ from fitonnx.fisher import engine
 from fitonnx.model.graph import Kind
 from fitonnx.score import noise
 from fitonnx.score.fit import ScoreReport, TensorScore
+from fitonnx.values import TextEnum
 
 
-class Predictor(StrEnum):
+class Predictor(TextEnum):
     """A prediction of a configuration's damage, by the name the reports use."""
 
     FIT = "fit"

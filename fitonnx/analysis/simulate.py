@@ -353,7 +353,7 @@ def session(model_bytes: bytes, threads: int = 0) -> ort.InferenceSession:
     model's outputs bit for bit (tested).
     """
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # FATAL only: errors reach the user once, as the exception the CLI words
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     if threads:
         options.intra_op_num_threads = threads

@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from fitonnx.analysis.compare import DEFAULT_AGREE_TOL, compare
-from fitonnx.cli.options import bits_options, fisher_options
+from fitonnx.cli.common import echo_for, output_plan, target_path
+from fitonnx.cli.options import bits_options, fisher_options, force_option, max_data_option
 from fitonnx.cli.progress import progress_bars
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.render import compare as view
@@ -21,6 +22,7 @@ from fitonnx.render import compare as view
     help="Calibration data: once for all models, or once per model in the order of MODELS (each in that model's "
     "own input layout). Default: each model's bundled <model>.calib.npz.",
 )
+@max_data_option
 @fisher_options
 @bits_options
 @click.option(
@@ -30,13 +32,16 @@ from fitonnx.render import compare as view
     show_default=True,
     help="Flag a pair whose traces or ranges differ by more than this fraction.",
 )
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the comparison as JSON here.")
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False), help="Write the comparison as JSON here (- for stdout)."
+)
 @click.option(
     "--plot",
     "plot_path",
     type=click.Path(dir_okay=False),
     help="Plot every model's FIT-against-size Pareto front here (PNG; needs matplotlib, the 'plot' extra).",
 )
+@force_option
 def compare_command(
     models: tuple[str, ...],
     data: tuple[str, ...],
@@ -46,8 +51,13 @@ def compare_command(
     agree_tol: float,
     json_path: str | None,
     plot_path: str | None,
+    force: bool,
 ) -> None:
     """Compare MODELS (two or more; each against the first): paired Fisher traces, ranges and FIT."""
+    plan = output_plan(models, data, force=force)
+    json_out = target_path(plan.file("--json", json_path, stdout_ok=True))
+    plot_out = target_path(plan.file("--plot", plot_path))
+    echo = echo_for(plan)
     with progress_bars() as bars:
         result = compare(
             models,
@@ -58,13 +68,13 @@ def compare_command(
             agree_tol=agree_tol,
             progress=bars,
         )
-    click.echo(view.format_table(result))
-    if json_path:
-        view.write_json(result, json_path)
-        click.echo(f"wrote {json_path}")
-    if plot_path:
-        if view.write_plot(result, plot_path):
-            click.echo(f"wrote {plot_path}")
+    echo(view.format_table(result))
+    if json_out:
+        view.write_json(result, json_out)
+        echo(f"wrote {json_path}")
+    if plot_out:
+        if view.write_plot(result, plot_out):
+            echo(f"wrote {plot_path}")
         else:
             click.secho(
                 "warning: matplotlib is not installed; no plot written (pip install 'fitonnx[plot]')",

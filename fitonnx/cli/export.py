@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import click
 
-from fitonnx.cli.common import echo_warnings
-from fitonnx.cli.options import data_options
+from fitonnx.cli.common import echo_warnings, output_plan, parent_made
+from fitonnx.cli.options import data_options, force_option
 from fitonnx.errors import FitonnxError
 from fitonnx.export import EXPORTERS, export_recommendation, get_exporter
-from fitonnx.export.evaluate import compare
+from fitonnx.export.evaluate import accuracy
 from fitonnx.model.data import load_npz
 
 
@@ -36,7 +37,8 @@ from fitonnx.model.data import load_npz
     "--out",
     required=True,
     type=click.Path(),
-    help="File to write (never the input model), or an existing folder for the format's default name.",
+    help="File to write (never an input), or a folder (existing, or new with a trailing /) for the format's "
+    "default name.",
 )
 @data_options
 @click.option(
@@ -50,6 +52,7 @@ from fitonnx.model.data import load_npz
     type=click.Path(dir_okay=False),
     help="Labelled .npz (e.g. <model>.heldout.npz): print the top-1 accuracy of the float and exported models.",
 )
+@force_option
 def export_command(
     model: str,
     recommendation: str,
@@ -59,6 +62,7 @@ def export_command(
     random_samples: int | None,
     per_channel: bool,
     eval_data: str | None,
+    force: bool,
 ) -> None:
     """Write MODEL's recommendation in one toolchain's format (calibrating on --data where needed)."""
 
@@ -68,19 +72,23 @@ def export_command(
             f"expected a format that writes a model (qdq, tensorrt, annotated) for --eval; found {fmt!r}",
             hint="drop --eval, or export a QDQ model",
         )
+    plan = output_plan([model], [data, eval_data], [("the recommendation", recommendation)], force=force)
+    target = plan.file("--out", out, default_name=exporter.default_path(".", Path(model).name).name)
+    assert target is not None and target.path is not None  # --out is required and never stdout
     held_out = load_npz(eval_data) if eval_data is not None else None
-    with echo_warnings():
+    reference = None if held_out is None else accuracy(model, held_out)  # bad labels refused before writing
+    with echo_warnings(), parent_made(target) as path:
         result = export_recommendation(
-            model, recommendation, fmt, out, data=data, random_samples=random_samples, per_channel=per_channel
+            model, recommendation, fmt, path, data=data, random_samples=random_samples, per_channel=per_channel
         )
     widths = Counter(result.quantized.values())
     summary = ", ".join(f"{n} at {b} bits" for b, n in sorted(widths.items())) or "none quantized"
     click.echo(f"wrote {result.path} ({fmt}): {summary}; {len(result.kept_float)} left in float")
     for note in result.notes:
         click.echo(f"note: {note}")
-    if held_out is not None:
-        c = compare(model, result.path, held_out)
+    if held_out is not None and reference is not None:
+        exported = accuracy(result.path, held_out)
         click.echo(
-            f"held-out top-1 accuracy on {c.reference.total} labels from {c.source}: "
-            f"float {100 * c.reference.value:.2f}%, exported {100 * c.exported.value:.2f}%"
+            f"held-out top-1 accuracy on {reference.total} labels from {held_out.source}: "
+            f"float {100 * reference.value:.2f}%, exported {100 * exported.value:.2f}%"
         )

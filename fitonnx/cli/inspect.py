@@ -7,6 +7,8 @@ from typing import Any
 import click
 
 from fitonnx.analysis.inspection import inspect_model
+from fitonnx.cli.common import echo_for, output_plan, target_path
+from fitonnx.cli.options import force_option
 from fitonnx.render import inspection as view
 
 
@@ -34,7 +36,9 @@ class InputShape(click.ParamType):
 
 @click.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the inspection as JSON here.")
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False), help="Write the inspection as JSON here (- for stdout)."
+)
 @click.option(
     "--input-shape",
     "input_shapes",
@@ -42,10 +46,16 @@ class InputShape(click.ParamType):
     multiple=True,
     help="Fix an input's symbolic sizes, as scoring does from the data (repeatable), e.g. x=1,3,224,224.",
 )
-def inspect_command(model: str, json_path: str | None, input_shapes: tuple[tuple[str, tuple[int, ...]], ...]) -> None:
+@force_option
+def inspect_command(
+    model: str, json_path: str | None, input_shapes: tuple[tuple[str, tuple[int, ...]], ...], force: bool
+) -> None:
     """List MODEL's quantizable weights and activations, what fitonnx changes to differentiate it, and what it cannot."""
+    plan = output_plan([model], force=force)
+    json_out = target_path(plan.file("--json", json_path, stdout_ok=True))
+    echo = echo_for(plan)
     result = inspect_model(model, input_shapes=dict(input_shapes) or None)
-    click.echo(view.format_inspection(result))
-    if json_path:
-        view.write_json(result, json_path)
-        click.echo(f"wrote {json_path}")
+    echo(view.format_inspection(result))
+    if json_out:
+        view.write_json(result, json_out)
+        echo(f"wrote {json_path}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import click
@@ -14,21 +15,38 @@ from fitonnx.cli.recommend import recommend_command
 from fitonnx.cli.score import score_command
 from fitonnx.cli.validate import validate_command
 from fitonnx.errors import FitonnxError
+from fitonnx.files import Interrupted, interrupts_raise
+from fitonnx.model.runtime import ORT_HINT, describe_onnxruntime_error, is_onnxruntime_error
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+
+
+def _fail(message: str, hint: str | None, code: int) -> None:
+    click.secho(f"error: {message}", fg="red", err=True)
+    if hint:
+        click.echo(f"hint: {hint}", err=True)
+    sys.exit(code)
 
 
 class FitonnxGroup(click.Group):
-    """Turns ``FitonnxError`` into ``error: ...`` plus a hint on stderr and exit code 2."""
+    """Turns ``FitonnxError`` (and onnxruntime's failures) into ``error: ...`` plus a hint on stderr
+    and exit code 2; SIGINT/SIGTERM into exit 130/143 after the outputs in progress are removed."""
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with interrupts_raise():
+                return super().invoke(ctx)
         except FitonnxError as exc:
-            click.secho(f"error: {exc.message}", fg="red", err=True)
-            if exc.hint:
-                click.echo(f"hint: {exc.hint}", err=True)
-            sys.exit(EXIT_USER_ERROR)
+            _fail(exc.message, exc.hint, EXIT_USER_ERROR)
+        except Interrupted as exc:
+            _fail(f"interrupted by {exc}; no partial output was left", None, exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted; no partial output was left", None, EXIT_INTERRUPTED)
+        except Exception as exc:
+            if not is_onnxruntime_error(exc):
+                raise
+            _fail(describe_onnxruntime_error(exc), ORT_HINT, EXIT_USER_ERROR)
 
 
 @click.group(cls=FitonnxGroup)
@@ -46,4 +64,10 @@ cli.add_command(compare_command)
 
 
 def main() -> None:
-    cli()
+    """The console entry point. A signal arriving while the interpreter shuts down, after the
+    command has finished (and its outputs are in place), is ignored rather than aborting it."""
+    try:
+        cli()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)

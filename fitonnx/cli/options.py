@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 import click
 
+from fitonnx.files.readers import DEFAULT_LIMIT_MB, LIMIT_OPTION, Limit
 from fitonnx.fisher import engines
 from fitonnx.fisher.losses import FisherMode, Likelihood
 from fitonnx.fisher.options import FisherOptions
@@ -59,6 +60,31 @@ def data_options(f: F) -> F:
             type=click.IntRange(min=1),
             help="Score N random inputs instead of real data (a smoke test: says little about real sensitivity).",
         ),
+        max_data_option,
+    )(f)
+
+
+def _use_limit(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """Set the readers' limit for this command only (undone when its context closes)."""
+    ctx.call_on_close(Limit.megabytes(value).use())
+    return value
+
+
+max_data_option = click.option(
+    LIMIT_OPTION,
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_LIMIT_MB,
+    show_default=True,
+    expose_value=False,
+    callback=_use_limit,
+    help="Read at most this many MiB of any one data array or tensor file (checked before reading).",
+)
+
+
+def force_option(f: F) -> F:
+    """--force: write through an output path that is a symbolic link (refused otherwise)."""
+    return click.option(
+        "--force", is_flag=True, help="Write through an output that is a symbolic link, to the file it points to."
     )(f)
 
 
@@ -123,7 +149,13 @@ def fisher_options(f: F) -> F:
             type=click.FloatRange(min=0, min_open=True),
             help="Stop once the relative standard error of the total trace is below TOL (e.g. 0.05).",
         ),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed for --fisher mc and --random-data."),
+        click.option(
+            "--seed",
+            type=click.IntRange(min=0),
+            default=0,
+            show_default=True,
+            help="Seed for --fisher mc and --random-data.",
+        ),
         click.option(
             "--engine",
             type=click.Choice(list(engines.ENGINE_CHOICES)),

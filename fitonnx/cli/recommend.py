@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from fitonnx import api
 from fitonnx.allocate.knapsack import BYTES_PER_KB, Allocation, AllocationOptions, budget_from
 from fitonnx.allocate.targets import DEFAULT_TARGET, TARGETS
-from fitonnx.cli.common import data_source, echo_warnings
-from fitonnx.cli.options import BitsList, data_options, fisher_options, noise_model_option
+from fitonnx.cli.common import data_source, echo_warnings, output_plan
+from fitonnx.cli.options import BitsList, data_options, fisher_options, force_option, noise_model_option
 from fitonnx.cli.progress import progress_bars
+from fitonnx.files import StagedFolder
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.model.graph import Kind
 from fitonnx.render.text import short
@@ -93,9 +96,11 @@ def format_summary(result: api.RecommendResult, limit: int | None = None) -> str
     "out_dir",
     type=click.Path(file_okay=False),
     required=True,
-    help="Folder for recommendation.json, pareto.*, the annotated model and the target's exports (created).",
+    help="Folder for recommendation.json, pareto.*, the annotated model and the target's exports: written "
+    "whole beside it and moved into place when complete (an earlier fitonnx output there is replaced).",
 )
 @click.option("--top", type=click.IntRange(min=1), help="Show only the N most sensitive tensors in the terminal.")
+@force_option
 def recommend_command(
     model: str,
     data: str | None,
@@ -112,19 +117,22 @@ def recommend_command(
     tolerance: float,
     out_dir: str,
     top: int | None,
+    force: bool,
 ) -> None:
     """Choose per-tensor bit widths for MODEL under one budget (--avg-bits, --size-kb or --max-fit)."""
     budget = budget_from(avg_bits=avg_bits, size_kb=size_kb, max_fit=max_fit)
     choices = AllocationOptions(
         target=target, weight_bits=weight_bits, act_bits=act_bits, act_avg_bits=act_avg_bits, tolerance=tolerance
     )
-    with echo_warnings(), progress_bars() as bars:
+    out = output_plan([model], [data], force=force).folder("--out", out_dir)
+    assert out is not None and out.path is not None  # --out is required
+    with StagedFolder(out.path) as staging, echo_warnings(), progress_bars() as bars:
         result = api.recommend(
             model,
             data_source(data, random_samples, options.seed),
             budget=budget,
             choices=choices,
-            out_dir=out_dir,
+            out_dir=staging,
             options=options,
             noise_model=noise_model,
             progress=bars,
@@ -134,4 +142,4 @@ def recommend_command(
         for note in result.written.notes:
             click.secho(f"note: {note}", fg="yellow", err=True)
         for path in result.written.paths:
-            click.echo(f"wrote {path}")
+            click.echo(f"wrote {out.path / Path(path).relative_to(staging)}")

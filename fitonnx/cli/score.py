@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from fitonnx import api
-from fitonnx.cli.common import data_source, echo_warnings
-from fitonnx.cli.options import bits_options, data_options, fisher_options, noise_model_option
+from fitonnx.cli.common import data_source, echo_for, echo_warnings, output_plan, target_path
+from fitonnx.cli.options import bits_options, data_options, fisher_options, force_option, noise_model_option
 from fitonnx.cli.progress import progress_bars
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.render import report
@@ -18,9 +18,12 @@ from fitonnx.render import report
 @fisher_options
 @bits_options
 @noise_model_option
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write the table as CSV here.")
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON here (- for stdout)."
+)
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write the table as CSV here (- for stdout).")
 @click.option("--top", type=click.IntRange(min=1), help="Show only the N most sensitive tensors in the terminal.")
+@force_option
 def score_command(
     model: str,
     data: str | None,
@@ -32,8 +35,13 @@ def score_command(
     json_path: str | None,
     csv_path: str | None,
     top: int | None,
+    force: bool,
 ) -> None:
     """Rank MODEL's quantizable weights and activations by FIT (most sensitive first)."""
+    plan = output_plan([model], [data], force=force)
+    json_out = target_path(plan.file("--json", json_path, stdout_ok=True))
+    csv_out = target_path(plan.file("--csv", csv_path, stdout_ok=True))
+    echo = echo_for(plan)
     with echo_warnings(), progress_bars() as bars:
         result = api.score(
             model,
@@ -44,10 +52,10 @@ def score_command(
             progress=bars,
             noise_model=noise_model,
         )
-    click.echo(report.format_table(result, limit=top))
-    if json_path:
-        report.write_json(result, json_path)
-        click.echo(f"wrote {json_path}")
-    if csv_path:
-        report.write_csv(result, csv_path)
-        click.echo(f"wrote {csv_path}")
+    echo(report.format_table(result, limit=top))
+    if json_out:
+        report.write_json(result, json_out)
+        echo(f"wrote {json_path}")
+    if csv_out:
+        report.write_csv(result, csv_out)
+        echo(f"wrote {csv_path}")

@@ -9,8 +9,8 @@ import click
 from fitonnx.analysis import simulate
 from fitonnx.analysis.harness import DEFAULT_BATCH_SIZE, DEFAULT_BITS, SimulationOptions
 from fitonnx.analysis.validate import DEFAULT_CONFIGS, DEFAULT_RESAMPLES, SamplingOptions, validate
-from fitonnx.cli.common import data_source, echo_warnings
-from fitonnx.cli.options import BitsList, data_options, fisher_options
+from fitonnx.cli.common import data_source, echo_for, echo_warnings, output_plan, target_path
+from fitonnx.cli.options import BitsList, data_options, fisher_options, force_option
 from fitonnx.cli.progress import progress_bars
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.render import plot
@@ -60,8 +60,11 @@ from fitonnx.render import validate as view
     show_default=True,
     help="Bootstrap resamples of the configurations for confidence intervals (0: none).",
 )
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON here (- for stdout)."
+)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG scatter of FIT vs damage here.")
+@force_option
 def validate_command(
     model: str,
     data: str | None,
@@ -79,11 +82,16 @@ def validate_command(
     resamples: int,
     json_path: str | None,
     plot_path: str | None,
+    force: bool,
 ) -> None:
     """Measure the damage of random quantization configurations of MODEL and how well FIT ranks it.
 
     --seed also seeds the configuration sampling and the bootstrap.
     """
+    plan = output_plan([model], [data, eval_data], force=force)
+    json_out = target_path(plan.file("--json", json_path, stdout_ok=True))
+    plot_out = target_path(plan.file("--plot", plot_path))
+    echo = echo_for(plan)
     if plot_path:
         plot.require_matplotlib()  # fail before the work, not after it
     started = time.perf_counter()
@@ -103,11 +111,11 @@ def validate_command(
             options=options,
             progress=bars,
         )
-    click.echo(view.format_report(result))
-    click.echo(f"\n{len(result.configs)} configurations validated in {time.perf_counter() - started:.1f} s")
-    if json_path:
-        view.write_json(result, json_path)
-        click.echo(f"wrote {json_path}")
-    if plot_path:
-        view.scatter(result, plot_path)
-        click.echo(f"wrote {plot_path}")
+    echo(view.format_report(result))
+    echo(f"\n{len(result.configs)} configurations validated in {time.perf_counter() - started:.1f} s")
+    if json_out:
+        view.write_json(result, json_out)
+        echo(f"wrote {json_path}")
+    if plot_out:
+        view.scatter(result, plot_out)
+        echo(f"wrote {plot_path}")

@@ -50,6 +50,16 @@ def _feeds(data: Dataset, specs: dict[str, graph.InputSpec]) -> Iterator[tuple[d
             yield {n: v for n, v in data.sample(start, specs).items() if n in specs}, slice(start, stop)
 
 
+def _check_labels(labels: np.ndarray, classes: int, source: str) -> None:
+    """Labels outside ``[0, classes)`` can never match an argmax: refuse them instead of reporting 0%."""
+    bad = labels[(labels < 0) | (labels >= classes)]
+    if bad.size:
+        raise DataError(
+            f"expected labels in [0, {classes}) (the model's classes) in {source}; found {bad.size} outside, "
+            f"e.g. {int(bad.flat[0])}"
+        )
+
+
 def accuracy(
     model: onnx.ModelProto | str | os.PathLike[str], data: Dataset, *, output: str | None = None, class_axis: int = 1
 ) -> Accuracy:
@@ -72,6 +82,7 @@ def accuracy(
     for feed, rows in _feeds(data, specs):
         (logits,) = session.run([name], feed)
         axis = class_axis if logits.ndim >= 2 else -1
+        _check_labels(data.labels[rows], logits.shape[axis], data.source)
         predicted = np.argmax(logits, axis=axis).reshape(data.labels[rows].shape)
         correct += int(np.count_nonzero(predicted == data.labels[rows]))
         total += int(data.labels[rows].size)

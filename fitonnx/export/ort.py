@@ -23,7 +23,6 @@ computes the same numbers with float kernels.)
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -51,6 +50,7 @@ from fitonnx.export.common import (
     quantizable_sites,
 )
 from fitonnx.files.atomic import write_atomic
+from fitonnx.files.outputs import json_text
 from fitonnx.model import data as data_mod
 from fitonnx.model import graph
 from fitonnx.model.data import Dataset
@@ -457,7 +457,7 @@ def write_overrides(
         p, weight_symmetric=s.weight_symmetric, activation_symmetric=s.activation_symmetric, per_channel=per_channel
     )
     to_quantizer_overrides(overrides, p.model)  # what we write must load in onnxruntime
-    text = json.dumps(overrides, indent=2) + "\n"
+    text = json_text(overrides)
     write_atomic(out, lambda f: f.write(text))
     notes = []
     if p.float_tensors:

@@ -25,7 +25,6 @@ with ``--float_fallback``.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from fitonnx.allocate.targets import Scheme
 from fitonnx.errors import FitonnxError, InternalError
 from fitonnx.export.common import ExportPlan, ExportResult, Toolchain, channel_axis, plan_export, tensor_range
 from fitonnx.files.atomic import write_atomic
+from fitonnx.files.outputs import json_text
 from fitonnx.model.data import Dataset
 
 QNN = Toolchain("QNN", weight_bits=frozenset({4, 8, 16}), activation_bits=frozenset({8, 16}))
@@ -187,7 +187,7 @@ def write_encodings(
     """Write the QNN/AIMET encodings file (0.6.1 by default) from the recommendation's ranges."""
     del data  # scales come from the recommendation's ranges (and the weights themselves)
     doc, plan = _build(rec, model, version=version, per_channel=per_channel)
-    text = json.dumps(doc, indent=2) + "\n"
+    text = json_text(doc)
     write_atomic(out, lambda f: f.write(text))
     notes = []
     if plan.unlisted:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -22,20 +21,15 @@ from fitonnx.model.data import Dataset
 from fitonnx.model.graph import InputSpec, QuantTensor
 from fitonnx.model.runtime import make_session
 from fitonnx.progress import Progress, as_progress
+from fitonnx.values import TextEnum
 
 
-class StopReason(str, Enum):
+class StopReason(TextEnum):
     """Why the engine stopped reading samples; a str, so the report's JSON keeps these values."""
 
     DATA_EXHAUSTED = "data exhausted"
     MAX_SAMPLES = "max-samples"
     TOL = "tol"
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,8 @@ class GradientEngine:
     available: Callable[[], bool]
     build: BuildFn
     explain: ExplainFn = _explain_generic
+    # The op types it has a rule for, when it knows them (None: probe, as for onnxruntime-training).
+    gradient_ops: frozenset[str] | None = None
 
 
 @functools.cache
@@ -102,11 +104,15 @@ def _onnx_build(model: onnx.ModelProto, loss_name: str, wrt_names: Sequence[str]
 
 ENGINES: dict[str, GradientEngine] = {
     "ort-training": GradientEngine("ort-training", _ort_training_available, _ort_training_build, _ort_training_explain),
-    "onnx": GradientEngine("onnx", lambda: True, _onnx_build),
+    "onnx": GradientEngine("onnx", lambda: True, _onnx_build, gradient_ops=autodiff.supported_ops()),
 }
 # What ``auto`` tries, first available wins: the reference engine where its build is installed.
 PREFERENCE: tuple[str, ...] = ("ort-training", "onnx")
 ENGINE_CHOICES: tuple[str, ...] = (AUTO, *ENGINES)
+INSTALL_HINTS = {
+    "ort-training": "the reference engine needs onnxruntime-training (Python 3.10-3.12, x86-64 Linux/Windows) in a "
+    "virtual environment of its own: pip install 'fitonnx[training]'; or use --engine onnx",
+}
 
 
 def check_name(name: str) -> str:
@@ -124,9 +130,12 @@ def get_engine(name: str = AUTO) -> GradientEngine:
                 return ENGINES[candidate]
         raise UnsupportedError(
             f"expected an available gradient engine among {list(PREFERENCE)}; none is installed",
-            hint="install onnxruntime-training-cpu (a requirement of fitonnx)",
+            hint="install onnxruntime (pip install onnxruntime)",
         )
     engine = ENGINES[name]
     if not engine.available():
-        raise UnsupportedError(f"expected the gradient engine {name!r} to be installed; it is not")
+        raise UnsupportedError(
+            f"expected the gradient engine {name!r} to be installed; it is not",
+            hint=INSTALL_HINTS.get(name, "use --engine auto"),
+        )
     return engine

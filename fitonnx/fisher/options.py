@@ -65,6 +65,8 @@ class FisherOptions:
         engines.check_name(self.engine)
         kinds = tuple(parse_output_kind(k) if isinstance(k, str) else k for k in self.output_kinds)
         object.__setattr__(self, "output_kinds", kinds)
+        if self.seed < 0:
+            raise FitonnxError(f"expected a seed of 0 or more; found {self.seed}")
 
     def replace(self, **changes: object) -> FisherOptions:
         """A copy with some fields changed (checked like a new value)."""

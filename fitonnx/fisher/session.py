@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fitonnx.errors import DataError
-from fitonnx.fisher import engine, instrument, losses, outputs
+from fitonnx.fisher import engine, engines, instrument, losses, outputs
 from fitonnx.fisher.checks import check_traces
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.model import data as data_mod
@@ -24,6 +24,7 @@ from fitonnx.model.source import DataSource, ModelSource, load_source, resolve_d
 from fitonnx.prepare import PreparedModel, prepare, verify
 from fitonnx.prepare.support import check_differentiable
 from fitonnx.prepare.types import ChangeKind
+from fitonnx.progress import Progress
 
 VERIFY_SAMPLES = 8
 
@@ -41,21 +42,30 @@ class Session:
 
 
 def open_model(
-    model: ModelSource, data: DataSource = None, *, random_samples: int | None = None, seed: int = 0
+    model: ModelSource,
+    data: DataSource = None,
+    *,
+    random_samples: int | None = None,
+    seed: int = 0,
+    max_samples: int | None = None,
 ) -> Session:
     """Load, check the data against the model, prepare and verify the differentiable twin
-    (an already open ``Session`` is returned as it is)."""
+    (an already open ``Session`` is returned as it is). ``max_samples`` bounds what is read of
+    the data (``resolve_data``)."""
     if isinstance(model, Session):
         return model
     loaded = load_source(model)
     specs = graph.input_specs(loaded.proto)
-    dataset = resolve_data(loaded, data, random_samples, seed)
+    dataset = resolve_data(loaded, data, random_samples, seed, max_samples)
     data_mod.check_against(dataset, specs)
     first = {name: value.shape for name, value in dataset.sample(0, specs).items() if name in specs}
     feeds = [dataset.sample(i, specs) for i in range(dataset.num_samples)]
+    # Also before prepare: its optimizer pass loads the model in onnxruntime, which may crash on it.
+    graph.check_window_outputs(loaded.proto, graph.value_types(loaded.proto))
     prepared = prepare(loaded.proto, input_shapes=first, feeds=feeds)
+    types = graph.value_types(prepared.model)  # one shape inference serves every lookup
+    graph.check_window_outputs(prepared.model, types)  # before onnxruntime runs it (it would crash)
     verify(prepared, [dataset.sample(i, specs) for i in range(min(VERIFY_SAMPLES, dataset.num_samples))])
-    types = graph.value_types(prepared.model)  # one shape inference serves both lookups
     tensors = tuple(graph.find_quantizable(prepared.model, types))
     return Session(
         loaded=loaded,
@@ -81,7 +91,7 @@ def fisher_traces(
     s: Session,
     options: FisherOptions | None = None,
     *,
-    progress: engine.ProgressFn | None = None,
+    progress: Progress | None = None,
     keep_gradients: bool = False,
     threads: int = 0,
     exact_points: bool = False,
@@ -120,8 +130,11 @@ def gradient_model(
     targets, values, notes = _loss_targets(s, opts, feed, threads, mode)
     tensors, dropped = _reaching(s, targets)
     labels_dtype = np.dtype(np.int64) if mode is losses.FisherMode.EXACT else None if labels is None else labels.dtype
-    # Name any op without a usable gradient before onnxruntime's builder fails on it in C++.
-    check_differentiable(s.prepared.model, [t.name for t in tensors], [t.tap for t in targets])
+    # Name any op without a usable gradient before the engine's builder fails on it.
+    grad_engine = engines.get_engine(opts.engine)
+    check_differentiable(
+        s.prepared.model, [t.name for t in tensors], [t.tap for t in targets], grad_engine.gradient_ops
+    )
     head = outputs.combine([losses.build_head(t, mode, labels_dtype) for t in targets])
     shapes = {name: value.shape for name, value in values.items()}
     request = instrument.GradientRequest(
@@ -134,7 +147,7 @@ def gradient_model(
         exact_points=exact_points,
         # Every sample has these shapes; pooling gradients need them concrete (see instrument).
         shapes={**shapes, **{name: value.shape for name, value in feed.items() if name in s.specs}},
-        engine=opts.engine,
+        engine=grad_engine.name,
     )
     gm = instrument.build_gradient_model(request)
     return dataclasses.replace(gm, notes=(*notes, *dropped)), targets[0], mode

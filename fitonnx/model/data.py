@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import re
 import warnings
-import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
 
 from fitonnx.errors import DataError
+from fitonnx.files.readers import LazyNpz, Limit, RandomSamples, read_tensor_pb
 from fitonnx.model.graph import InputSpec
 
 LABELS_KEY = "labels"
@@ -69,56 +67,61 @@ class Dataset:
         return iter(self.arrays)
 
 
-def load_npz(path: str | Path) -> Dataset:
-    """Read an .npz of input arrays (+ optional ``labels``) with pickle disabled."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"expected a calibration file at {str(path)!r}; no such file")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-    except ValueError as exc:
-        if "pickle" in str(exc).lower():
-            raise DataError(
-                f"{str(path)!r} holds object arrays, which need pickle to load; expected plain numeric arrays"
-            ) from None
-        raise DataError(f"expected an .npz archive at {str(path)!r}: {exc}") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"expected an .npz archive at {str(path)!r}; could not read it ({exc})") from None
+def load_npz(path: str | Path, max_samples: int | None = None, limit: Limit | None = None) -> Dataset:
+    """Read an .npz of input arrays (+ optional ``labels``) without pickle, within ``limit``.
+
+    Members are read lazily (``fitonnx.files.LazyNpz``): with ``max_samples``, only the first
+    ``max_samples + 1`` samples of each array are read (the one extra tells that more exist), so
+    memory does not grow with the file.
+    """
+    rows = None if max_samples is None else max_samples + 1
+    with LazyNpz(path, limit) as npz:
+        arrays = {
+            key: npz.read(key) if rows is None or not npz.members[key].shape else npz.read_rows(key, 0, rows)
+            for key in npz.members
+        }
     labels = arrays.pop(LABELS_KEY, None)
     if not arrays:
         raise DataError(f"expected input arrays in {str(path)!r}; found only {sorted([LABELS_KEY])}")
     return Dataset(arrays=arrays, labels=labels, source=str(path))
 
 
-_PB_NAME = re.compile(r"(input|output)_(\d+)\.pb$")
+_PB_NAME = re.compile(r"input_(\d+)\.pb$")
 
 
-def load_test_data_dir(path: str | Path, input_names: list[str]) -> Dataset:
+def _input_files(folder: Path, count: int) -> list[Path]:
+    """``input_<k>.pb`` of one test set, in order; any other ``input_*.pb`` is refused."""
+    files = sorted(folder.glob("input_*.pb"))
+    odd = [p.name for p in files if not _PB_NAME.fullmatch(p.name)]
+    if odd:
+        raise DataError(f"expected files named input_<k>.pb in {str(folder)!r}; found {odd}")
+    files.sort(key=lambda p: int(_PB_NAME.fullmatch(p.name).group(1)))  # type: ignore[union-attr]
+    if len(files) != count:
+        raise DataError(
+            f"expected {count} input_*.pb files in {str(folder)!r} (one per model input); found {len(files)}"
+        )
+    return files
+
+
+def load_test_data_dir(
+    path: str | Path, input_names: list[str], max_samples: int | None = None, limit: Limit | None = None
+) -> Dataset:
     """Read a model-zoo layout: ``path/test_data_set_*/input_<k>.pb``, one sample per set.
 
     ``input_<k>`` is the model's k-th (non-initializer) input, as the model zoo orders them.
-    Each .pb holds a TensorProto parsed by protobuf, never unpickled.
+    Each .pb is one bounded ``TensorProto`` read (``fitonnx.files.read_tensor_pb``: regular files
+    only, external data inside the .pb's own folder), one set at a time, at most ``max_samples + 1``.
     """
     path = Path(path)
     sets = sorted(p for p in path.glob("test_data_set_*") if p.is_dir())
     if not sets:
         raise DataError(f"expected test_data_set_* folders in {str(path)!r}; found none")
+    if max_samples is not None:
+        sets = sets[: max_samples + 1]
     per_input: dict[str, list[np.ndarray]] = {name: [] for name in input_names}
     for folder in sets:
-        files = sorted(folder.glob("input_*.pb"), key=lambda p: int(_PB_NAME.search(p.name).group(2)))
-        if len(files) != len(input_names):
-            raise DataError(
-                f"expected {len(input_names)} input_*.pb files in {str(folder)!r} "
-                f"(one per model input); found {len(files)}"
-            )
-        for name, file in zip(input_names, files, strict=True):
-            tensor = onnx.TensorProto()
-            try:
-                tensor.ParseFromString(file.read_bytes())
-            except Exception:
-                raise DataError(f"expected a serialized TensorProto in {str(file)!r}; could not parse it") from None
-            per_input[name].append(numpy_helper.to_array(tensor))
+        for name, file in zip(input_names, _input_files(folder, len(input_names)), strict=True):
+            per_input[name].append(read_tensor_pb(file, limit, min_rank=1))
     arrays: dict[str, np.ndarray] = {}
     for name, items in per_input.items():
         shapes = {a.shape for a in items}
@@ -128,12 +131,12 @@ def load_test_data_dir(path: str | Path, input_names: list[str]) -> Dataset:
     return Dataset(arrays=arrays, source=str(path))
 
 
-def load_data(path: str | Path, input_names: list[str]) -> Dataset:
+def load_data(path: str | Path, input_names: list[str], max_samples: int | None = None) -> Dataset:
     """Load calibration data from an .npz file or a model-zoo test-data folder."""
     path = Path(path)
     if path.is_dir():
-        return load_test_data_dir(path, input_names)
-    return load_npz(path)
+        return load_test_data_dir(path, input_names, max_samples)
+    return load_npz(path, max_samples)
 
 
 def sidecar_for(model_path: Path) -> Path | None:
@@ -145,18 +148,17 @@ def sidecar_for(model_path: Path) -> Path | None:
     return None
 
 
-def random_data(specs: Mapping[str, InputSpec], n: int, seed: int) -> Dataset:
-    """Standard-normal (float) or small-integer inputs for a smoke test; says little about sensitivity."""
-    rng = np.random.default_rng(seed)
-    arrays: dict[str, np.ndarray] = {}
-    for name, spec in specs.items():
-        shape = (n, *[1 if d is None else d for d in spec.shape[1:]]) if spec.shape else (n,)
-        if np.issubdtype(spec.dtype, np.floating):
-            arrays[name] = rng.standard_normal(shape).astype(spec.dtype)
-        elif spec.dtype == np.bool_:
-            arrays[name] = rng.integers(0, 2, shape).astype(np.bool_)
-        else:
-            arrays[name] = rng.integers(0, 2, shape).astype(spec.dtype)
+def random_data(specs: Mapping[str, InputSpec], n: int, seed: int, max_samples: int | None = None) -> Dataset:
+    """Standard-normal (float) or small-integer inputs for a smoke test; says little about sensitivity.
+
+    Samples are made as needed (``fitonnx.files.RandomSamples``): with ``max_samples`` only the
+    first ``max_samples + 1`` of the ``n`` exist, whatever ``n`` is.
+    """
+    per_sample = {
+        name: (tuple(1 if d is None else d for d in spec.shape[1:]), spec.dtype) for name, spec in specs.items()
+    }
+    samples = RandomSamples(per_sample, n, seed)
+    arrays = samples.head(n if max_samples is None else max_samples + 1)
     return Dataset(arrays=arrays, source=f"random({n}, seed={seed})", synthetic=True)
 
 

@@ -203,7 +203,12 @@ def input_specs(model: onnx.ModelProto) -> dict[str, InputSpec]:
             raise ModelError(f"expected tensor inputs; input {value.name!r} is a sequence, map or optional")
         # paddle2onnx writes dim_value -1 for a dynamic size: read it as symbolic
         dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None for d in ttype.shape.dim)
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(ttype.elem_type))
+        try:
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(ttype.elem_type))
+        except (KeyError, TypeError, ValueError):
+            raise ModelError(
+                f"expected a known element type for input {value.name!r}; found elem_type {ttype.elem_type}"
+            ) from None
         specs[value.name] = InputSpec(name=value.name, dtype=dtype, shape=dims)
     return specs
 
@@ -255,6 +260,54 @@ def _value_types(model: onnx.ModelProto) -> ValueTypes:
         )
         out[v.name] = (tt.elem_type, shape)
     return out
+
+
+WINDOW_OPS = frozenset({"Conv", "MaxPool", "AveragePool", "LpPool"})
+
+
+def _window_misfit(node: onnx.NodeProto, types: ValueTypes) -> tuple[int, int] | None:
+    """(window, padded input) of the first spatial axis where the window does not fit, if any."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("auto_pad", b"NOTSET") in (b"SAME_UPPER", b"SAME_LOWER"):
+        return None
+    source = types.get(node.input[0], (0, None))[1] if node.input else None
+    if source is None or len(source) < 3:
+        return None
+    kernel = attrs.get("kernel_shape")
+    if kernel is None and node.op_type == "Conv" and len(node.input) > 1:
+        weight = types.get(node.input[1], (0, None))[1]
+        kernel = None if weight is None else list(weight[2:])
+    spatial = source[2:]
+    pads = list(attrs.get("pads", [0] * (2 * len(spatial))))
+    dilations = list(attrs.get("dilations", [1] * len(spatial)))
+    for axis, size in enumerate(spatial):
+        if size is None or kernel is None or axis >= len(kernel) or kernel[axis] is None:
+            continue
+        window = dilations[axis] * (kernel[axis] - 1) + 1 if axis < len(dilations) else kernel[axis]
+        padded = size + (pads[axis] + pads[axis + len(spatial)] if len(pads) == 2 * len(spatial) else 0)
+        if window > padded:
+            return window, padded
+    return None
+
+
+def check_window_outputs(model: onnx.ModelProto, types: ValueTypes) -> None:
+    """Refuse a convolution or pooling whose window is larger than its (padded) input: onnxruntime
+    crashes on such a graph (SIGFPE) instead of raising an error."""
+    for i, node in enumerate(model.graph.node):
+        if node.op_type not in WINDOW_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        misfit = _window_misfit(node, types)
+        if misfit is not None:
+            source = types.get(node.input[0], (0, None))[1]
+            raise ModelError(
+                f"node {node_name(node, i)!r} ({node.op_type}): expected a window that fits its input; "
+                f"a window of {misfit[0]} meets {misfit[1]} padded positions (input shape {_dims(source)})",
+                hint="check the node's kernel_shape, dilations and pads, the strides before it, and the input size",
+            )
+
+
+def _dims(shape: tuple[int | None, ...] | None) -> str:
+    return "unknown" if shape is None else "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
 def find_quantizable(model: onnx.ModelProto, types: ValueTypes | None = None) -> list[QuantTensor]:

@@ -4,19 +4,43 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Iterator
 
 import onnxruntime as ort
 
 CPU_PROVIDERS = ("CPUExecutionProvider",)
+_ORT_NODE = re.compile(r"running (\S+) node\. Name:'([^']*)'(?: Status Message: (.*))?", re.S)
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+ORT_HINT = (
+    "check the node's attributes and input shapes; if onnxruntime runs the original model with this data, "
+    "it is a fitonnx bug: please report it with the command line"
+)
+
+
+def is_onnxruntime_error(exc: BaseException) -> bool:
+    """An exception raised by onnxruntime's C++ core (its pybind classes, not a Python bug)."""
+    return type(exc).__module__.startswith("onnxruntime")
+
+
+def describe_onnxruntime_error(exc: BaseException) -> str:
+    """One line for an onnxruntime failure, naming the node and what it reported."""
+    text = str(exc).strip()
+    m = _ORT_NODE.search(text)
+    if m is not None:
+        op, name, status = m.groups()
+        detail = (status or "").strip().splitlines()[0] if (status or "").strip() else "no details"
+        return f"onnxruntime failed running node {name!r} ({op}) of the prepared model: {detail[:300]}"
+    first = _ORT_PREFIX.sub("", text.splitlines()[0]) if text else type(exc).__name__
+    return f"onnxruntime refused the prepared model: {first[:300]}"
 
 
 def session_options(threads: int = 0, *, level: ort.GraphOptimizationLevel | None = None) -> ort.SessionOptions:
-    """SessionOptions with fitonnx's settings: warnings off, ``threads`` intra-op threads (0: onnxruntime's
+    """SessionOptions with fitonnx's settings: logs off (errors arrive as exceptions), ``threads`` intra-op threads (0: onnxruntime's
     choice) and, if given, the graph optimization ``level`` (default: onnxruntime's own)."""
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # FATAL only: errors reach the user once, as the exception the CLI words
     if level is not None:
         options.graph_optimization_level = level
     if threads:

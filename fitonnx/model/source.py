@@ -38,20 +38,30 @@ def load_source(model: ModelSource) -> LoadedModel:
     return model if isinstance(model, LoadedModel) else load_model(model)
 
 
-def resolve_data(loaded: LoadedModel, data: DataSource, random_samples: int | None = None, seed: int = 0) -> Dataset:
-    """Explicit data, else the bundled sidecar (``<model>.calib.npz``), else random only on request."""
+def resolve_data(
+    loaded: LoadedModel,
+    data: DataSource,
+    random_samples: int | None = None,
+    seed: int = 0,
+    max_samples: int | None = None,
+) -> Dataset:
+    """Explicit data, else the bundled sidecar (``<model>.calib.npz``), else random only on request.
+
+    With ``max_samples``, files are read (and random samples made) only that far, plus one sample
+    that says more exist: memory does not grow with the data file or ``--random-data N``.
+    """
     if isinstance(data, RandomData):
         data, random_samples, seed = None, data.samples, data.seed
     specs = graph.input_specs(loaded.proto)
     if isinstance(data, Dataset):
         return data
     if data is not None:
-        return data_mod.load_data(data, list(specs))
+        return data_mod.load_data(data, list(specs), max_samples)
     if random_samples is not None:
         warnings.warn(
             "scoring with random inputs: the result says little about real sensitivity", RandomDataWarning, stacklevel=3
         )
-        return data_mod.random_data(specs, random_samples, seed)
+        return data_mod.random_data(specs, random_samples, seed, max_samples)
     sidecar = data_mod.sidecar_for(loaded.path) if loaded.path is not None else None
     if sidecar is None:
         raise DataError(
@@ -59,4 +69,4 @@ def resolve_data(loaded: LoadedModel, data: DataSource, random_samples: int | No
             f"{Path(loaded.name).stem}.calib.npz beside it",
             hint="pass --data calib.npz (keys = input names, optional 'labels'), or --random-data N for a smoke test",
         )
-    return data_mod.load_npz(sidecar)
+    return data_mod.load_npz(sidecar, max_samples)

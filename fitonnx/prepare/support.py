@@ -96,10 +96,19 @@ def on_path(
 
 
 def _reason(
-    model: onnx.ModelProto, index: int, node: onnx.NodeProto, types: dict[str, TensorType], ctx: RewriteContext
+    model: onnx.ModelProto,
+    index: int,
+    node: onnx.NodeProto,
+    types: dict[str, TensorType],
+    ctx: RewriteContext,
+    gradient_ops: frozenset[str] | None = None,
 ) -> str | None:
-    """Why ``node`` blocks a gradient, or None if it does not."""
+    """Why ``node`` blocks a gradient, or None if it does not.
 
+    ``gradient_ops``: the op types the chosen engine has a rule for (fitonnx's ``onnx`` engine);
+    None means onnxruntime-training, whose measured lists and probes decide."""
+    if gradient_ops is not None:
+        return _reason_for_rules(index, node, ctx, gradient_ops)
     op = node.op_type
     default = node.domain in DEFAULT_DOMAINS
     if (default and op in CONTROL_FLOW_OPS) or any(a.HasField("g") or a.graphs for a in node.attribute):
@@ -116,6 +125,23 @@ def _reason(
     if default and op in NO_GRADIENT_OPS:
         return "no gradient in onnxruntime-training 1.19 and no rewrite in fitonnx"
     return _probe(model, node, types)
+
+
+def _reason_for_rules(
+    index: int, node: onnx.NodeProto, ctx: RewriteContext, gradient_ops: frozenset[str]
+) -> str | None:
+    """Why ``node`` blocks an engine that differentiates exactly the op types ``gradient_ops``."""
+    op = node.op_type
+    if node.domain not in DEFAULT_DOMAINS:
+        return f"an op of domain {node.domain!r}: fitonnx's onnx engine differentiates only default-domain ops"
+    if op in CONTROL_FLOW_OPS or any(a.HasField("g") or a.graphs for a in node.attribute):
+        return "control flow (a subgraph) is not differentiable by fitonnx's onnx engine"
+    if op in gradient_ops:
+        return None
+    why = explain(ctx, node, index) if op in REWRITES else None
+    if why is not None:
+        return f"no gradient in fitonnx's onnx engine in this form, and fitonnx's rewrite does not apply: {why}"
+    return "no gradient in fitonnx's onnx engine and no rewrite in fitonnx"
 
 
 def _probe(model: onnx.ModelProto, node: onnx.NodeProto, types: dict[str, TensorType]) -> str | None:
@@ -171,9 +197,14 @@ def _probe(model: onnx.ModelProto, node: onnx.NodeProto, types: dict[str, Tensor
 
 
 def find_blockers(
-    model: onnx.ModelProto, sources: Sequence[str], targets: Sequence[str] | None = None
+    model: onnx.ModelProto,
+    sources: Sequence[str],
+    targets: Sequence[str] | None = None,
+    *,
+    gradient_ops: frozenset[str] | None = None,
 ) -> list[Blocker]:
-    """Nodes between ``sources`` and ``targets`` (default: every graph output) with no usable gradient."""
+    """Nodes between ``sources`` and ``targets`` (default: every graph output) with no usable gradient
+    (``gradient_ops``: as in ``_reason``, the chosen engine's rules; None for onnxruntime-training)."""
 
     ctx = context(model)
     types = ctx.types
@@ -183,7 +214,7 @@ def find_blockers(
     for target in targets:
         for index, node in on_path(model, sources, [target], types):
             if index not in reasons:
-                why = _reason(model, index, node, types, ctx)
+                why = _reason(model, index, node, types, ctx, gradient_ops)
                 if why is None:
                     continue
                 reasons[index] = (node, why)
@@ -195,9 +226,14 @@ def find_blockers(
     ]
 
 
-def check_differentiable(model: onnx.ModelProto, sources: Sequence[str], targets: Sequence[str]) -> None:
+def check_differentiable(
+    model: onnx.ModelProto,
+    sources: Sequence[str],
+    targets: Sequence[str],
+    gradient_ops: frozenset[str] | None = None,
+) -> None:
     """Raise ``UnsupportedError`` naming each op and node between ``sources`` and ``targets`` with no gradient."""
-    blockers = find_blockers(model, sources, targets)
+    blockers = find_blockers(model, sources, targets, gradient_ops=gradient_ops)
     if not blockers:
         return
     shown = "; ".join(b.describe() for b in blockers[:3])

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
 
 import onnx
 
+from fitonnx.values import TextEnum
 
-class ChangeKind(str, Enum):
+
+class ChangeKind(TextEnum):
     """What sort of change a prepare pass made; a str, so comparisons with "fold" and JSON keep working."""
 
     SHAPES = "shapes"
@@ -20,12 +21,6 @@ class ChangeKind(str, Enum):
     REWRITE = "rewrite"
     SPECIALIZE = "specialize"
     QUANTIZED = "quantized"  # an already-quantized model's activation Q/DQ removed (what is scored changes)
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
 
 from fitonnx.analysis.compare import CompareReport, Leftover, ModelComparison, ModelResult, PairScore, ratio
 from fitonnx.files.atomic import write_atomic
+from fitonnx.files.outputs import json_text
 from fitonnx.model.graph import Kind
 from fitonnx.render.plot import label_fit_against_size, pyplot_or_none, save_png
 from fitonnx.render.text import json_safe, short
@@ -264,7 +264,7 @@ def to_dict(report: CompareReport) -> dict[str, Any]:
 
 
 def write_json(report: CompareReport, path: str | os.PathLike[str]) -> None:
-    text = json.dumps(json_safe(to_dict(report)), indent=2, allow_nan=False) + "\n"
+    text = json_text(json_safe(to_dict(report)))
     write_atomic(path, lambda f: f.write(text))
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 from typing import Any
 
 from fitonnx.analysis.inspection import InspectedTensor, Inspection, TensorInfo
 from fitonnx.files.atomic import write_atomic
+from fitonnx.files.outputs import json_text
 from fitonnx.fisher.losses import OutputTarget
 from fitonnx.prepare.shapes import Dim
 
@@ -156,7 +156,7 @@ def to_dict(insp: Inspection) -> dict[str, Any]:
 
 def write_json(insp: Inspection, path: str | os.PathLike[str]) -> None:
     def write(f: io.TextIOBase) -> None:
-        json.dump(to_dict(insp), f, indent=2)
+        f.write(json_text(to_dict(insp)).rstrip("\n"))
         f.write("\n")
 
     write_atomic(path, write)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from typing import Any
 
@@ -16,6 +15,7 @@ import numpy as np
 
 from fitonnx.allocate.knapsack import Allocation, BudgetKind, weight_bytes
 from fitonnx.files.atomic import write_atomic
+from fitonnx.files.outputs import json_text
 from fitonnx.render.plot import label_fit_against_size, pyplot_or_none, save_png
 
 
@@ -49,7 +49,7 @@ def to_dict(alloc: Allocation) -> dict[str, Any]:
 
 
 def write_json(alloc: Allocation, path: str | os.PathLike[str]) -> None:
-    text = json.dumps(to_dict(alloc)) + "\n"
+    text = json_text(to_dict(alloc), indent=None)
     write_atomic(path, lambda f: f.write(text))
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from typing import Any
 
 from fitonnx.files.atomic import write_atomic
+from fitonnx.files.outputs import json_text
 from fitonnx.render.text import provenance_dict, short
 from fitonnx.score.fit import ScoreReport
 
@@ -55,7 +55,7 @@ def to_dict(report: ScoreReport) -> dict[str, Any]:
 
 
 def write_json(report: ScoreReport, path: str | os.PathLike[str]) -> None:
-    text = json.dumps(to_dict(report), indent=2) + "\n"
+    text = json_text(to_dict(report))
     write_atomic(path, lambda f: f.write(text))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from fitonnx.analysis.damage import MEASURES, Measure
 from fitonnx.analysis.predictors import PREDICTORS, Predictor
 from fitonnx.analysis.validate import ConfigResult, ValidationReport, measures_of
 from fitonnx.files.atomic import write_atomic
+from fitonnx.files.outputs import json_text
 from fitonnx.render.plot import require_matplotlib, save_png
 from fitonnx.render.text import finite, provenance_dict
 from fitonnx.score.ranks import Correlation
@@ -87,7 +87,7 @@ def to_dict(report: ValidationReport) -> dict[str, Any]:
 
 
 def write_json(report: ValidationReport, path: str | os.PathLike[str]) -> None:
-    text = json.dumps(to_dict(report), indent=2) + "\n"
+    text = json_text(to_dict(report))
     write_atomic(path, lambda f: f.write(text))
 
 

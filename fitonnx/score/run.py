@@ -3,14 +3,73 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from collections.abc import Sequence
 
+import onnx
+
+from fitonnx.errors import FitonnxError
 from fitonnx.fisher import engine, losses
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.fisher.session import Session, fisher_traces, open_model, prepare_notes
 from fitonnx.model.source import DataSource, ModelSource
 from fitonnx.score import noise
 from fitonnx.score.fit import DEFAULT_ACTIVATION_BITS, DEFAULT_WEIGHT_BITS, Provenance, ScoreReport, build_report
+
+
+class DegenerateTraceWarning(UserWarning):
+    """Every Fisher trace is zero: the FIT ranking carries no information."""
+
+
+def check_traces(report: ScoreReport, target: losses.OutputTarget) -> tuple[str, ...]:
+    """Refuse non-finite traces; warn (and return a note) when every trace is zero. Never silent."""
+    traces = [(t.name, t.ef_trace) for t in report.tensors]
+    bad = [name for name, v in traces if not math.isfinite(v)]
+    if bad:
+        raise FitonnxError(
+            f"expected finite Fisher traces; {len(bad)} of {len(traces)} tensors have NaN or infinite traces "
+            f"(first {bad[0]!r}): the loss or its gradient overflows on this data",
+            hint="check the data for saturated or huge values and the model for NaN/inf weights",
+        )
+    if traces and all(v == 0 for _, v in traces):
+        note = (
+            f"every Fisher trace is 0: the loss on {target.output!r} does not change with any tensor on this data "
+            f"(a saturated softmax/sigmoid, a constant output such as one multiplied by 0, or a class axis "
+            f"{target.class_axis} of size 1); the FIT ranking means nothing"
+        )
+        warnings.warn(note, DegenerateTraceWarning, stacklevel=3)
+        return (note,)
+    return ()
+
+
+def _body_weights(graph: onnx.GraphProto) -> list[str]:
+    """Initializers and Constant outputs inside the bodies of ``graph``'s Loop/Scan nodes (recursively)."""
+    found: list[str] = []
+    for node in graph.node:
+        for attr in node.attribute:
+            bodies = [attr.g] if attr.HasField("g") else list(attr.graphs)
+            for body in bodies:
+                if node.op_type in ("Loop", "Scan"):
+                    found += [t.name for t in body.initializer]
+                    found += [o for n in body.node if n.op_type == "Constant" for o in n.output]
+                found += _body_weights(body)
+    return found
+
+
+def unscored_notes(model: onnx.ModelProto) -> tuple[str, ...]:
+    """Weights a report leaves out, said out loud: Loop/Scan body weights and sparse initializers."""
+    notes = []
+    body = _body_weights(model.graph)
+    if body:
+        notes.append(
+            f"{len(body)} weight(s) inside Loop/Scan bodies are not scored (fitonnx scores the main graph), "
+            f"e.g. {body[0]!r}"
+        )
+    sparse = [t.values.name for t in model.graph.sparse_initializer]
+    if sparse:
+        notes.append(f"{len(sparse)} sparse initializer(s) are not scored, e.g. {sparse[0]!r}")
+    return tuple(notes)
 
 
 def provenance(
@@ -61,7 +120,7 @@ def score_model(
     ``RandomData(n)`` to score random inputs (a smoke test)."""
     opts = options or FisherOptions()
     kind = noise.NoiseModel(noise_model)
-    s = session if session is not None else open_model(model, data, seed=opts.seed)
+    s = session if session is not None else open_model(model, data, seed=opts.seed, max_samples=opts.max_samples)
     traces, target, mode = fisher_traces(s, opts, progress=progress, exact_points=kind is noise.NoiseModel.GRID)
     report = build_report(
         s.prepared.model,
@@ -71,7 +130,8 @@ def score_model(
         activation_bits=tuple(activation_bits),
         noise_model=kind,
     )
-    notes = prepare_notes(s.prepared) + loss_notes(traces.targets or (target,)) + traces.notes
+    notes = prepare_notes(s.prepared) + unscored_notes(s.loaded.proto) + check_traces(report, target)
+    notes += loss_notes(traces.targets or (target,)) + traces.notes
     for t in traces.targets or (target,):
         if (
             t.probabilities

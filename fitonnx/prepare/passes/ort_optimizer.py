@@ -66,7 +66,7 @@ def _run_optimizer(model: onnx.ModelProto) -> onnx.ModelProto:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UnsupportedError(
                 f"expected a model onnxruntime can load; loading it failed: {first[:300]}",
-                hint="fitonnx runs models with onnxruntime 1.19 on the CPU (no custom-op libraries)",
+                hint=f"fitonnx runs models with the installed onnxruntime {ort.__version__} on the CPU (no custom-op libraries)",
             ) from None
         return onnx.load_model(path, load_external_data=True) if Path(path).is_file() else _copy(model)
 
