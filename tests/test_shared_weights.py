@@ -17,10 +17,19 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from fitonnx import api
+from fitonnx.fisher.engines import ENGINES as GRADIENT_ENGINES
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.model.data import Dataset
 
-ENGINES = ["ort-training", "onnx"]
+ENGINES = [
+    pytest.param(
+        "ort-training",
+        marks=pytest.mark.skipif(
+            not GRADIENT_ENGINES["ort-training"].available(), reason="the reference engine needs onnxruntime-training"
+        ),
+    ),
+    "onnx",
+]
 ZOO = Path(__file__).resolve().parent.parent / "models" / "zoo"
 RNG = np.random.default_rng(11)
 W = (RNG.normal(size=(4, 4)) * 0.7).astype(np.float32)
