@@ -52,6 +52,8 @@ LIKELIHOOD: dict[str, str] = {
     "ctc_stale_shape": "categorical",
     "detector_two_heads": "categorical+gaussian",
     "encoder_two_outputs": "gaussian+gaussian",
+    "encoder_shared_ln_dynamo": "gaussian+gaussian",
+    "encoder_shared_ln_ts": "gaussian+gaussian",
     "qdq_mlp": "categorical",
     "shared_layernorm": "categorical",
     "silero_vad": "bernoulli",
