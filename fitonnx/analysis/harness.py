@@ -142,9 +142,9 @@ def _simulator(s: api.Session, cal: _Calibration, sim: SimulationOptions, held_o
     traces = cal.traces
     act_ranges = {name: (traces.act_min[name], traces.act_max[name]) for name in traces.act_min}
     return simulate.Simulator(
-        simulate.build(s.prepared.model, s.tensors, cal.target.tap, s.specs),
+        simulate.build(s.prepared.model, cal.gm.tensors, cal.target.tap, s.specs),
         s.prepared.model,
-        s.tensors,
+        cal.gm.tensors,
         act_ranges,
         sim.scheme,
         held_out,
@@ -173,6 +173,8 @@ def harness(
     sim = (simulation or SimulationOptions()).checked()
     s = session if session is not None else api.open_model(model, data, seed=opts.seed, max_samples=opts.max_samples)
     held_out = _eval_dataset(s, eval_data)
+    if opts.output is None:  # the damage is measured on one output: the Fisher's loss reads that one
+        opts = opts.replace(output=losses.pick_output(s.prepared.model, None))
     cal = _calibrate(s, opts, sim, progress)
     traces = cal.traces
     simulator = _simulator(s, cal, sim, held_out)
@@ -191,8 +193,8 @@ def harness(
         scheme=sim.scheme,
         weight_bits=tuple(sim.weight_bits),
         activation_bits=tuple(sim.activation_bits),
-        weights=tuple(t.name for t in s.tensors if t.kind is Kind.WEIGHT),
-        activations=tuple(t.name for t in s.tensors if t.kind is Kind.ACTIVATION),
+        weights=tuple(t.name for t in cal.gm.tensors if t.kind is Kind.WEIGHT),
+        activations=tuple(t.name for t in cal.gm.tensors if t.kind is Kind.ACTIVATION),
         simulator=simulator,
         tables=tables,
         reference=reference(cal.target, simulator.run(Config.floating()), held_out.labels, held_out.source),
