@@ -20,7 +20,7 @@ Rounding is to nearest, ties to even (ONNX Round and numpy agree).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,8 +30,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fitonnx.errors import FitonnxError, InternalError, ModelError, UnsupportedError
 from fitonnx.fisher.losses import PREFIX
+from fitonnx.model import graph
 from fitonnx.model.data import Dataset
 from fitonnx.model.graph import InputSpec, Kind, QuantTensor
+from fitonnx.model.runtime import CPU_PROVIDERS, session_options
 from fitonnx.score import noise
 
 MIN_BITS = 2
@@ -104,29 +106,6 @@ def quantize(x: np.ndarray, grid: Grid) -> np.ndarray:
     return ((q - grid.zero_point) * grid.step).astype(x.dtype)
 
 
-# op type -> (node, input slot, weight rank) -> the output-channel axis of the weight in that slot.
-ChannelAxis = Callable[[onnx.NodeProto, int, int], int]
-
-
-def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
-    return next((a.i for a in node.attribute if a.name == name), default)
-
-
-CHANNEL_AXIS: dict[str, ChannelAxis] = {
-    "Conv": lambda node, slot, rank: 0,
-    "ConvTranspose": lambda node, slot, rank: 1,
-    # Gemm B is [K, N] (or [N, K] with transB): channels are the N outputs; A as weight: its M rows.
-    "Gemm": lambda node, slot, rank: (
-        (0 if _attr(node, "transB", 0) else 1) if slot == 1 else (1 if _attr(node, "transA", 0) else 0)
-    ),
-    "MatMul": lambda node, slot, rank: rank - 1 if slot == 1 else max(rank - 2, 0),
-    "Gather": lambda node, slot, rank: 0,
-    "LSTM": lambda node, slot, rank: 1,
-    "GRU": lambda node, slot, rank: 1,
-    "RNN": lambda node, slot, rank: 1,
-}
-
-
 def channel_axis(model: onnx.ModelProto, tensor: QuantTensor, rank: int) -> int:
     """The output-channel axis of a weight read directly by its quantizable consumers."""
     axes: set[int] = set()
@@ -140,7 +119,7 @@ def channel_axis(model: onnx.ModelProto, tensor: QuantTensor, rank: int) -> int:
                 "it reaches the op through layout ops",
                 hint="use per-tensor quantization for this model",
             )
-        rule = CHANNEL_AXIS.get(node.op_type)
+        rule = graph.CHANNEL_AXIS.get(node.op_type)  # the one channel rule, shared with the exporters
         if rule is None:
             raise InternalError(f"no per-channel axis rule for op {node.op_type}")
         axes.update(rule(node, slot, rank) for slot in slots)
@@ -192,10 +171,6 @@ class SimulationModel:
     weights: Mapping[str, np.ndarray]  # float values of the weights that became inputs
     activations: tuple[ActivationInputs, ...]
     output: str
-
-
-def _producer_positions(graph: onnx.GraphProto) -> dict[str, int]:
-    return {o: i for i, n in enumerate(graph.node) for o in n.output}
 
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -284,7 +259,7 @@ def _insert_fake_quantizers(
         for slot, name in enumerate(node.input):
             if name in renames:
                 node.input[slot] = renames[name]
-    position = _producer_positions(g)
+    position = graph.producer_positions(g.node)
     nodes = list(g.node)
     for act, group in sorted(
         zip(activations, groups, strict=True), key=lambda pair: position.get(pair[0].name, -1), reverse=True
@@ -316,7 +291,7 @@ def build(
     values = _weights_as_inputs(g, [t for t in tensors if t.kind is Kind.WEIGHT])
     activations = [t for t in tensors if t.kind is Kind.ACTIVATION]
     act_inputs = _insert_fake_quantizers(g, activations, _elem_types(model))
-    if output not in {o.name for o in g.output} and output not in _producer_positions(g):
+    if output not in {o.name for o in g.output} and output not in graph.producer_positions(g.node):
         raise ModelError(f"expected {output!r} to be a tensor of the model; found no producer")
     del g.output[:]
     g.output.append(helper.make_empty_tensor_value_info(output))
@@ -352,12 +327,8 @@ def session(model_bytes: bytes, threads: int = 0) -> ort.InferenceSession:
     ~1e-6. At EXTENDED both take the same kernels and the float configuration reproduces the
     model's outputs bit for bit (tested).
     """
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # FATAL only: errors reach the user once, as the exception the CLI words
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    options = session_options(threads, level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+    return ort.InferenceSession(model_bytes, options, providers=list(CPU_PROVIDERS))
 
 
 class Simulator:

@@ -13,21 +13,17 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import helper
 
 from fitonnx.errors import UnsupportedError
 from fitonnx.fisher.autodiff.builder import Builder, TensorInfo, describe
 from fitonnx.fisher.autodiff.registry import RULES, supported_ops
+from fitonnx.model.graph import FLOAT_TYPES, default_opset
 
 MIN_OPSET = 13
 SCATTER_OPSET = 16
 SCATTER_OPS = frozenset({"Gather", "GatherElements", "GatherND", "Slice", "Tile", "Pad", "MaxPool"})
-FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16})
 DEFAULT_DOMAINS = ("", "ai.onnx")
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 0)
 
 
 def _lifted_copy(model: onnx.ModelProto, loss: str, wrt: Sequence[str]) -> onnx.ModelProto:
@@ -35,11 +31,11 @@ def _lifted_copy(model: onnx.ModelProto, loss: str, wrt: Sequence[str]) -> onnx.
     work = onnx.ModelProto()
     work.CopyFrom(model)
     target = MIN_OPSET
-    if _opset(work) < SCATTER_OPSET:
+    if default_opset(work) < SCATTER_OPSET:
         nodes, _ = _path(work.graph.node, wrt, loss, infer_types(work))
         if any(n.op_type in SCATTER_OPS for n in nodes):
             target = SCATTER_OPSET
-    if _opset(work) < target:
+    if default_opset(work) < target:
         work = onnx.version_converter.convert_version(work, target)
     return work
 
@@ -169,7 +165,7 @@ def gradients(
     _check(nodes)
     taken = {t for n in work.graph.node for t in (*n.input, *n.output)}
     taken |= {v.name for v in (*work.graph.input, *work.graph.output, *work.graph.initializer)}
-    b = Builder(types, _opset(work), taken, needed)
+    b = Builder(types, default_opset(work), taken, needed)
     contributions: dict[str, list[str]] = {loss: [b.filled(b.shape(loss), 1.0, loss)]}
     for node in reversed(nodes):
         out_grads = [_accumulate(b, contributions.get(o)) for o in node.output]
