@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from fitonnx import api
-from fitonnx.fisher import engine, instrument, losses
+from fitonnx.fisher import instrument, losses, outputs
+from fitonnx.fisher import session as fisher_session
 from fitonnx.fisher.autodiff import build_gradient_graph
-from fitonnx.model import graph
+from fitonnx.fisher.options import FisherOptions
 from tests.test_autodiff_harness import relative_error, session
 from tests.test_autodiff_models import needs_training
 
@@ -22,29 +23,29 @@ RTOL = 1e-4
 
 
 def _augmented(path: Path) -> tuple[instrument.AugmentedModel, object, dict[str, np.ndarray]]:
-    """As ``api.gradient_model`` builds it, with the feed of the first calibration sample."""
+    """As ``api.gradient_model`` builds it (every output of the default loss, the tensors reaching
+    them), with the feed of the first calibration sample."""
     s = api.open_model(path)
     mode = losses.default_mode(s.data.labels)
     labels_dtype = None if s.data.labels is None else s.data.labels.dtype
-    target = losses.resolve_output(s.prepared.model, s.ranks, None, None, s.data.labels, None)
-    activations = [t for t in s.tensors if t.kind is graph.Kind.ACTIVATION]
-    probe, names = instrument.build_probe(s.prepared.model, activations, target.tap)
     feed = s.data.sample(0, s.specs)
-    values = engine.probe_values(probe, names, feed, 0)
+    targets, values, _ = fisher_session._loss_targets(s, FisherOptions(), feed, 0, mode)
+    tensors, _ = fisher_session._reaching(s, targets)
+    head = outputs.combine([losses.build_head(t, mode, labels_dtype) for t in targets])
     shapes = {k: v.shape for k, v in values.items()}
-    target = losses.check_probabilities(target, values[target.tap])
-    head = losses.build_head(target, mode, labels_dtype)
     declared = {**shapes, **{k: v.shape for k, v in feed.items() if k in s.specs}}
     aug = instrument.augment(
-        s.prepared.model, s.tensors, head, labels_dtype, {k: len(v) for k, v in shapes.items()}, declared
+        s.prepared.model, tensors, head, labels_dtype, {k: len(v) for k, v in shapes.items()}, declared
     )
     run_feed = {k: v for k, v in feed.items() if k in s.specs}
     run_feed |= {z: np.zeros(shapes[a], np.float32) for a, z in aug.perturbations}
     if s.data.labels is not None:
         run_feed[losses.LABELS] = np.asarray(s.data.labels[:1])
-    if head.noise is not None:
-        noise_shape = head.noise_shape(tuple(values[target.tap].shape))
-        run_feed[losses.NOISE] = losses.draw_noise(head.noise, noise_shape, np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    for part in head.heads:
+        if part.noise is not None:
+            noise_shape = part.noise_shape(tuple(values[part.target.tap].shape))
+            run_feed[part.noise_input] = losses.draw_noise(part.noise, noise_shape, rng)
     return aug, s.prepared.model, run_feed
 
 

@@ -263,16 +263,16 @@ def _with_output_times_zero(tmp_path: Path) -> Path:
     return path
 
 
-def test_all_zero_traces_warn_and_say_why(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+def test_all_zero_traces_are_an_error_saying_why(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """Issue 14: no all-zero result is ever reported with exit 0 (the Fisher stage refuses it)."""
     _, data = tiny
     model = _with_output_times_zero(tmp_path)
     code, _, err = run(
         "score", str(model), "--data", str(data), "--max-samples", "4", "--json", str(tmp_path / "r.json")
     )
-    assert code == 0, err
-    assert "warning: every Fisher trace is 0" in err and "constant output" in err
-    report = json.loads((tmp_path / "r.json").read_text())
-    assert any("every Fisher trace is 0" in n for n in report["notes"])
+    assert code == 2, err
+    assert "every Fisher trace is 0" in err and "constant output" in err
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_non_finite_traces_are_an_error(tiny: tuple[Path, Path]) -> None:

@@ -21,6 +21,7 @@ from fitonnx.analysis.simulate import Config, GridScheme
 from fitonnx.errors import DataError
 from fitonnx.fisher import engine, losses
 from fitonnx.fisher import session as api
+from fitonnx.fisher.checks import check_traces
 from fitonnx.fisher.instrument import GradientModel
 from fitonnx.fisher.losses import OutputTarget
 from fitonnx.fisher.options import FisherOptions
@@ -125,10 +126,11 @@ def _calibrate(s: api.Session, opts: FisherOptions, sim: SimulationOptions, prog
     as_progress(progress).start(1, "Building the gradient model")  # closed by the samples' stage
     gm, target, mode = api.gradient_model(s, opts, keep_gradients=True, exact_points=True)
     traces = engine.run(gm, s.data, s.specs, opts.run_options(), progress)
+    traces = check_traces(traces, gm, {k: v for k, v in s.data.sample(0, s.specs).items() if k in s.specs})
     report = build_report(
         s.prepared.model,
         traces,
-        provenance(s, target, mode),
+        provenance(s, target, mode, gm.head.targets),
         weight_bits=sim.weight_bits,
         activation_bits=sim.activation_bits,
         resamples=0,
@@ -141,9 +143,9 @@ def _simulator(s: api.Session, cal: _Calibration, sim: SimulationOptions, held_o
     traces = cal.traces
     act_ranges = {name: (traces.act_min[name], traces.act_max[name]) for name in traces.act_min}
     return simulate.Simulator(
-        simulate.build(s.prepared.model, s.tensors, cal.target.tap, s.specs),
+        simulate.build(s.prepared.model, cal.gm.tensors, cal.target.tap, s.specs),
         s.prepared.model,
-        s.tensors,
+        cal.gm.tensors,
         act_ranges,
         sim.scheme,
         held_out,
@@ -174,6 +176,8 @@ def harness(
         as_progress(progress).start(1, "Loading and preparing the model")
     s = session if session is not None else api.open_model(model, data, seed=opts.seed, max_samples=opts.max_samples)
     held_out = _eval_dataset(s, eval_data)
+    if opts.output is None:  # the damage is measured on one output: the Fisher's loss reads that one
+        opts = opts.replace(output=losses.pick_output(s.prepared.model, None))
     cal = _calibrate(s, opts, sim, progress)
     traces = cal.traces
     simulator = _simulator(s, cal, sim, held_out)
@@ -192,8 +196,8 @@ def harness(
         scheme=sim.scheme,
         weight_bits=tuple(sim.weight_bits),
         activation_bits=tuple(sim.activation_bits),
-        weights=tuple(t.name for t in s.tensors if t.kind is Kind.WEIGHT),
-        activations=tuple(t.name for t in s.tensors if t.kind is Kind.ACTIVATION),
+        weights=tuple(t.name for t in cal.gm.tensors if t.kind is Kind.WEIGHT),
+        activations=tuple(t.name for t in cal.gm.tensors if t.kind is Kind.ACTIVATION),
         simulator=simulator,
         tables=tables,
         reference=reference(cal.target, simulator.run(Config.floating()), held_out.labels, held_out.source),

@@ -133,6 +133,7 @@ def fisher_options(f: F) -> F:
             tol=tol,
             seed=seed,
             engine=engine,
+            output_kinds=kwargs.pop("output_kind"),  # FisherOptions parses the NAME=KIND strings
         )
         return f(*args, options=options, **kwargs)
 
@@ -149,8 +150,18 @@ def fisher_options(f: F) -> F:
             type=click.Choice([m.value for m in Likelihood]),
             help="How to read the output. Default: from the output's producer (Softmax/Sigmoid) and the labels.",
         ),
-        click.option("--output", help="The model output that defines the loss. Default: the first float output."),
+        click.option(
+            "--output",
+            help="The one model output that defines the loss. Default: every float output (the first with labels).",
+        ),
         click.option("--class-axis", type=int, help="Class axis of a categorical output. Default: 1 (-1 for rank 3)."),
+        click.option(
+            "--output-kind",
+            multiple=True,
+            metavar="NAME=KIND",
+            help="What output NAME is, when its reading would be a guess: logits:AXIS, probabilities[:AXIS] "
+            "(class probabilities over AXIS, else independent ones), boxes or hidden (both Gaussian). Repeatable.",
+        ),
         click.option("--max-samples", type=click.IntRange(min=1), help="Use at most N calibration samples."),
         click.option(
             "--tol",

@@ -16,7 +16,7 @@ import numpy as np
 
 from fitonnx.errors import DataError, InternalError, ModelError, UnsupportedError
 from fitonnx.fisher.instrument import GradientModel
-from fitonnx.fisher.losses import LABELS, NOISE, Likelihood, draw_noise
+from fitonnx.fisher.losses import LABELS, Likelihood, OutputTarget, draw_noise
 from fitonnx.model.data import Dataset
 from fitonnx.model.graph import InputSpec, QuantTensor
 from fitonnx.model.runtime import make_session
@@ -70,6 +70,8 @@ class FisherTraces:
     diag: Mapping[str, np.ndarray] | None = None  # Σ_i (∂ℓ_i/∂t)² / N, if requested
     extra: Mapping[str, np.ndarray] | None = None  # per-sample values of ``extra_outputs``, if requested
     points: PointTraces | None = None  # if the gradient model has ``point_outputs``
+    targets: tuple[OutputTarget, ...] = ()  # the outputs of the loss and how each was read
+    notes: tuple[str, ...] = ()  # the gradient model's notes on the loss (``GradientModel.notes``)
 
     @property
     def samples(self) -> int:
@@ -100,6 +102,9 @@ def probe_shapes(
     return {name: v.shape for name, v in probe_values(probe_bytes, outputs, feed, threads).items()}
 
 
+TapShapes = tuple[tuple[int, ...], ...]  # the shape of each loss tap, order of ``head.heads``
+
+
 class _Shapes:
     """Zero inputs and noise shapes per input-shape signature, found by running the probe model."""
 
@@ -107,17 +112,17 @@ class _Shapes:
         self.gm = gm
         self.threads = threads
         self.probe = None  # created on the first sample whose shapes the build did not measure
-        self.cache: dict[tuple, tuple[dict[str, np.ndarray], tuple[int, ...]]] = {}
+        self.cache: dict[tuple, tuple[dict[str, np.ndarray], TapShapes]] = {}
         known = gm.sample_shapes
         if all(name in known for name in (*inputs, *gm.probe_outputs)):
             key = tuple(sorted((name, tuple(known[name])) for name in inputs))
             self.cache[key] = self._entry(known)
 
-    def _entry(self, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, np.ndarray], tuple[int, ...]]:
+    def _entry(self, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, np.ndarray], TapShapes]:
         zeros = {zero: np.zeros(shapes[act], np.float32) for act, zero in self.gm.perturbations}
-        return zeros, tuple(shapes[self.gm.head.target.tap])
+        return zeros, tuple(tuple(shapes[t.tap]) for t in self.gm.head.targets)
 
-    def get(self, feed: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], tuple[int, ...]]:
+    def get(self, feed: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], TapShapes]:
         key = tuple(sorted((k, tuple(v.shape)) for k, v in feed.items()))
         if key not in self.cache:
             if self.probe is None:
@@ -209,6 +214,8 @@ class _Accumulator:
         gm, n = self.gm, self.done
         names = [a.name for a in gm.activations]
         return FisherTraces(
+            targets=gm.head.targets,
+            notes=gm.notes,
             tensors=gm.tensors,
             per_sample=self.per_sample[:n],
             act_min=dict(zip(names, self.lo.tolist(), strict=True)),
@@ -256,11 +263,11 @@ def run(
     bar.start(total, "Fisher samples")
     for i in range(total):
         feed = {k: v for k, v in data.sample(i, specs).items() if k in specs}
-        zeros, tap_shape = shapes.get(feed)
+        zeros, tap_shapes = shapes.get(feed)
         if i == 0:
             act_shapes = {act: z.shape for act, z in zip((a for a, _ in gm.perturbations), zeros.values(), strict=True)}
-            enumeration = _first_sample_checks(gm, data, specs, tap_shape)
-        run_feed = {**feed, **zeros, **_head_feeds(gm, data, specs, i, tap_shape, rng)}
+            enumeration = _first_sample_checks(gm, data, specs, tap_shapes[0])
+        run_feed = {**feed, **zeros, **_head_feeds(gm, data, specs, i, tap_shapes, rng)}
         acc.add(i, _run_one(session, layout, run_feed, enumeration, gm, i), squared=enumeration is not None)
         bar.advance(1)
         if acc.converged(options):
@@ -288,16 +295,18 @@ def _head_feeds(
     data: Dataset,
     specs: Mapping[str, InputSpec],
     i: int,
-    tap_shape: tuple[int, ...],
+    tap_shapes: TapShapes,
     rng: np.random.Generator,
 ) -> dict[str, np.ndarray]:
-    """The loss head's own inputs for sample ``i``: its labels, or the noise an MC head samples from."""
+    """The loss head's own inputs for sample ``i``: its labels, or the noise each MC head samples from
+    (drawn in the order of the heads, so a one-output loss draws exactly as before)."""
     head = gm.head
     feeds: dict[str, np.ndarray] = {}
     if head.needs_labels:
         feeds[LABELS] = data.sample_labels(i, specs)
-    if head.noise is not None:
-        feeds[NOISE] = draw_noise(head.noise, head.noise_shape(tap_shape), rng)
+    for part, tap_shape in zip(head.heads, tap_shapes, strict=True):
+        if part.noise is not None:
+            feeds[part.noise_input] = draw_noise(part.noise, part.noise_shape(tap_shape), rng)
     return feeds
 
 

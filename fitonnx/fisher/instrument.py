@@ -23,7 +23,7 @@ from onnx import TensorProto, helper
 
 from fitonnx.errors import FitonnxError, InternalError, UnsupportedError
 from fitonnx.fisher.engines import AUTO, get_engine
-from fitonnx.fisher.losses import LABELS, LOSS, NOISE, PREFIX, LossHead
+from fitonnx.fisher.losses import LABELS, LOSS, PREFIX, LossHead
 from fitonnx.model.graph import Kind, QuantTensor, default_opset, producer_positions
 
 
@@ -48,6 +48,7 @@ class GradientModel:
     # Per-sample shapes of inputs, activations and the loss tap measured when the model was built
     # (the engine probes again only for samples of other shapes).
     sample_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # what the report must say about the loss (outputs left out, tensors not scored)
 
     @property
     def activations(self) -> tuple[QuantTensor, ...]:
@@ -119,15 +120,58 @@ def _tap_activations(
     return pairs
 
 
+# Ops whose gradient in onnxruntime-training names a gradient for every float input, needed or not
+# (LayerNormalizationGrad outputs the scale's and bias's): two of them reading one initializer
+# define ``<name>_grad`` twice ("Duplicate definition of name").
+_ALL_INPUT_GRADS = frozenset(
+    {
+        "LayerNormalization",
+        "SimplifiedLayerNormalization",
+        "SkipLayerNormalization",
+        "InstanceNormalization",
+        "GroupNormalization",
+        "BatchNormalization",
+    }
+)
+
+
+def _split_shared_parameters(graph: onnx.GraphProto) -> None:
+    """Give each reader of an initializer shared by normalization nodes its own Identity copy.
+
+    The value each reader sees is unchanged, and the gradient of the initializer (when needed) is
+    the sum over its copies, as for any tensor with several readers; only the copies' gradients
+    get distinct names. Exporters share one initializer between all LayerNormalization nodes of an
+    untouched initialisation (cross-layer sharing does the same)."""
+    floats = {t.name for t in graph.initializer if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16)}
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for slot, name in enumerate(node.input):
+            if name in floats:
+                readers.setdefault(name, []).append((node, slot))
+    copies = []
+    for name, reads in readers.items():
+        if len(reads) < 2 or not any(node.op_type in _ALL_INPUT_GRADS for node, _ in reads):
+            continue
+        for k, (node, slot) in enumerate(reads):
+            copy = f"{PREFIX}{name}__reader{k}"
+            copies.append(helper.make_node("Identity", [name], [copy], name=copy))
+            node.input[slot] = copy
+    if copies:
+        nodes = [*copies, *graph.node]
+        del graph.node[:]
+        graph.node.extend(nodes)
+
+
 def build_probe(
-    model: onnx.ModelProto, activations: Sequence[QuantTensor], tap: str | None
+    model: onnx.ModelProto, activations: Sequence[QuantTensor], taps: str | Sequence[str] | None
 ) -> tuple[bytes, tuple[str, ...]]:
-    """The model with every activation (and the loss tap, if given) exposed as outputs (for shapes)."""
+    """The model with every activation (and the loss taps, if given) exposed as outputs (for shapes)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     names = [a.name for a in activations]
-    if tap is not None and tap not in names:
-        names.append(tap)
+    for tap in [taps] if isinstance(taps, str) else taps or ():
+        if tap not in names:
+            names.append(tap)
     existing = {o.name for o in probe.graph.output}
     for name in names:
         if name not in existing:
@@ -173,6 +217,7 @@ def augment(
 
     if shapes:
         _fix_input_shapes(graph, shapes)
+    _split_shared_parameters(graph)
     pairs = _tap_activations(graph, activations, ranks, shapes)
     graph.node.extend(head.nodes)
     graph.initializer.extend(head.initializers)
@@ -182,8 +227,9 @@ def augment(
         graph.input.append(
             helper.make_tensor_value_info(LABELS, helper.np_dtype_to_tensor_dtype(np.dtype(labels_dtype)), None)
         )
-    if head.noise is not None:
-        graph.input.append(_float_input(NOISE))
+    for part in head.heads:
+        if part.noise is not None:
+            graph.input.append(_float_input(part.noise_input))
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info(LOSS, TensorProto.FLOAT, []))
     differentiate = [w.name for w in weights] + [zero for _, zero in pairs]
@@ -236,7 +282,7 @@ def build_gradient_model(request: GradientRequest) -> GradientModel:
     r = request
     aug = augment(r.model, r.tensors, r.head, r.labels_dtype, r.ranks, r.shapes)
     activations = r.activations
-    probe_bytes, probe_outputs = build_probe(r.model, activations, r.head.target.tap)
+    probe_bytes, probe_outputs = build_probe(r.model, activations, [t.tap for t in r.head.targets])
     grad_model = gradient_graph(aug, r.model, r.engine)
     g = grad_model.graph
     weights = [t.name for t in r.tensors if t.kind is Kind.WEIGHT]

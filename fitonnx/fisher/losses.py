@@ -15,6 +15,7 @@ and weights each pass by p_c = exp(−ℓ_c) (one backward pass per class).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -60,6 +61,8 @@ class OutputTarget:
     class_axis: int | None  # non-negative axis, categorical only
     rank: int | None
     probabilities: bool = False  # read from probabilities: no Sigmoid/Softmax in front to tap
+    reason: str = ""  # why this likelihood, for the report
+    guessed: bool = False  # read by a guess (rank-3 heads, hidden states): the report notes it
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,17 @@ class LossHead:
     perm: tuple[int, ...] | None  # transpose applied to the tap (class axis moved to 1)
     needs_labels: bool
     enumerate_labels: bool = False  # EXACT: the engine feeds each class as LABELS, weighted by p_c
+    noise_input: str = NOISE  # the graph input the noise is fed as
+    parts: tuple[LossHead, ...] = ()  # a loss over several outputs: one head per output, summed
+
+    @property
+    def heads(self) -> tuple[LossHead, ...]:
+        """The per-output heads: the parts of a combined head, else the head itself."""
+        return self.parts or (self,)
+
+    @property
+    def targets(self) -> tuple[OutputTarget, ...]:
+        return tuple(h.target for h in self.heads)
 
     def noise_shape(self, tap_shape: tuple[int, ...]) -> tuple[int, ...]:
         return tap_shape if self.perm is None else tuple(tap_shape[i] for i in self.perm)
@@ -86,33 +100,42 @@ def resolve_output(
     likelihood: Likelihood | None,
     labels: np.ndarray | None,
     class_axis: int | None = None,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> OutputTarget:
     """Pick the output the loss reads and how to interpret it (see README: "Which loss").
 
     In steps: the output; the tensor in front of it to tap (a Softmax's or Sigmoid's input); else a
-    likelihood guessed from the labels and the output's rank; last, the class axis checked."""
-    output = _pick_output(model, output)
-    rank = ranks.get(output)
+    likelihood guessed from the labels and the output's rank; last, the class axis checked.
+    ``shapes``: the tensors' real (runtime) shapes, which win over the declared ones (an old export
+    may declare a stale output shape)."""
+    output = pick_output(model, output)
+    dims = _Dims(model, shapes or {})
+    rank = len(shapes[output]) if shapes and output in shapes else ranks.get(output)
     read = _read_producer(model, output, rank, likelihood, class_axis)
+    guessed = False
     if read is None:
         if likelihood is Likelihood.BERNOULLI or (likelihood is None and _mean_of_sigmoids(model, output)):
-            return OutputTarget(output, output, Likelihood.BERNOULLI, None, rank, probabilities=True)
+            why = "asked for" if likelihood is not None else "a mean of Sigmoid outputs"
+            return OutputTarget(output, output, Likelihood.BERNOULLI, None, rank, probabilities=True, reason=why)
+        why = "asked for"
         if likelihood is None:
-            likelihood = _guess_likelihood(model, output, rank, labels, class_axis)
-        read = (output, class_axis, likelihood)
-    tap, axis, likelihood = read
+            likelihood, why, guessed = _guess_likelihood(dims, output, rank, labels, class_axis)
+        read = (output, class_axis, likelihood, why)
+    tap, axis, likelihood, why = read
     if likelihood is Likelihood.CATEGORICAL:
-        rank, axis = _class_axis(model, output, rank, axis)
+        rank, axis = _class_axis(dims, output, rank, axis)
     return OutputTarget(
         output=output,
         tap=tap,
         likelihood=likelihood,
         class_axis=axis if likelihood is Likelihood.CATEGORICAL else None,
         rank=rank,
+        reason=why,
+        guessed=guessed,
     )
 
 
-def _pick_output(model: onnx.ModelProto, output: str | None) -> str:
+def pick_output(model: onnx.ModelProto, output: str | None) -> str:
     """The output named by ``--output``, else the first float output."""
     names = [o.name for o in model.graph.output]
     if output is None:
@@ -128,38 +151,48 @@ def _pick_output(model: onnx.ModelProto, output: str | None) -> str:
 
 def _read_producer(
     model: onnx.ModelProto, output: str, rank: int | None, likelihood: Likelihood | None, axis: int | None
-) -> tuple[str, int | None, Likelihood] | None:
-    """(tap, class axis, likelihood) when a (converted) Softmax or a Sigmoid produces ``output`` and the
+) -> tuple[str, int | None, Likelihood, str] | None:
+    """(tap, class axis, likelihood, why) when a (converted) Softmax or a Sigmoid produces ``output`` and the
     requested likelihood allows reading its input; else None."""
     restored = _converted_softmax(model, output, rank)
     if restored is not None and likelihood in (None, Likelihood.CATEGORICAL) and axis in (None, restored[1]):
-        return restored[0], restored[1], Likelihood.CATEGORICAL
+        return restored[0], restored[1], Likelihood.CATEGORICAL, "a converted Softmax produces it"
     producer = _through_layout(model, output)
     if producer is None:
         return None
     if producer.op_type in ("Softmax", "LogSoftmax") and likelihood in (None, Likelihood.CATEGORICAL):
         default = -1 if default_opset(model) >= 13 else 1
         axis = next((a.i for a in producer.attribute if a.name == "axis"), default) if axis is None else axis
-        return producer.input[0], axis, Likelihood.CATEGORICAL
+        return producer.input[0], axis, Likelihood.CATEGORICAL, f"a {producer.op_type} produces it"
     if producer.op_type == "Sigmoid" and likelihood in (None, Likelihood.BERNOULLI):
-        return producer.input[0], axis, Likelihood.BERNOULLI
+        return producer.input[0], axis, Likelihood.BERNOULLI, "a Sigmoid produces it"
     return None
 
 
 def _guess_likelihood(
-    model: onnx.ModelProto, output: str, rank: int | None, labels: np.ndarray | None, axis: int | None
-) -> Likelihood:
-    """Categorical for integer labels (or, without labels, an output of rank >= 2 with classes), else Gaussian."""
+    dims: _Dims, output: str, rank: int | None, labels: np.ndarray | None, axis: int | None
+) -> tuple[Likelihood, str, bool]:
+    """(likelihood, why, guessed): categorical for integer labels (or, without labels, an output of
+    rank >= 2 with classes), else Gaussian. Rank-3 outputs and hidden states are guesses."""
     if labels is not None:
-        return Likelihood.CATEGORICAL if np.issubdtype(labels.dtype, np.integer) else Likelihood.GAUSSIAN
+        if np.issubdtype(labels.dtype, np.integer):
+            return Likelihood.CATEGORICAL, "the labels are class indices", False
+        return Likelihood.GAUSSIAN, "the labels are real values", False
     if rank is None or rank < 2:
-        return Likelihood.GAUSSIAN
-    if _static_dim(model, output, 1 if axis is None else axis) == 1:
-        return Likelihood.GAUSSIAN  # one "class": a softmax over it is constant, its Fisher 0
-    return Likelihood.CATEGORICAL
+        return Likelihood.GAUSSIAN, f"a rank-{rank if rank is not None else '?'} real value", False
+    if dims.get(output, 1 if axis is None else axis) == 1:
+        # one "class": a softmax over it is constant, its Fisher 0
+        return Likelihood.GAUSSIAN, "one value per sample on its class axis: a real value", False
+    hidden = dims.hidden_reason(output)
+    if hidden is not None:
+        return Likelihood.GAUSSIAN, hidden, True
+    if rank >= 3:
+        where = f"axis {axis}" if axis is not None else "its last axis"
+        return Likelihood.CATEGORICAL, f"rank {rank}: read as logits over {where}", True
+    return Likelihood.CATEGORICAL, "class scores (rank 2, no Softmax in front)", False
 
 
-def _class_axis(model: onnx.ModelProto, output: str, rank: int | None, axis: int | None) -> tuple[int, int]:
+def _class_axis(dims: _Dims, output: str, rank: int | None, axis: int | None) -> tuple[int, int]:
     """The rank and the non-negative class axis of a categorical output, checked to hold 2 or more classes."""
     rank = rank if rank is not None else 2
     if axis is None:
@@ -172,7 +205,7 @@ def _class_axis(model: onnx.ModelProto, output: str, rank: int | None, axis: int
             f"expected a categorical output with a batch and a class axis; {output!r} has rank {rank}",
             hint="use --likelihood gaussian for real-valued outputs",
         )
-    if _static_dim(model, output, axis) == 1:
+    if dims.get(output, axis) == 1:
         raise ModelError(
             f"expected at least 2 classes on axis {axis} of {output!r}; found 1 (a softmax over one class "
             "is constant, so every Fisher trace would be 0)",
@@ -238,6 +271,40 @@ def _mean_of_sigmoids(model: onnx.ModelProto, name: str) -> bool:
         through_mean = through_mean or node.op_type in _MEANS
         node = producers.get(node.input[0])
     return through_mean and node is not None and node.op_type == "Sigmoid"
+
+
+# Producers whose output is a hidden state rather than class scores, and output names that say so.
+_HIDDEN_OPS = frozenset({"LayerNormalization", "SkipLayerNormalization", "Tanh"})
+_HIDDEN_WORDS = ("hidden", "pooler", "embedding", "feature", "encoder_out", "last_state")
+_BOX_WORDS = ("box", "regress", "coord", "delta", "offset")
+
+
+class _Dims:
+    """Tensor sizes: the measured runtime shapes first, else what the model declares."""
+
+    def __init__(self, model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        self.model, self.shapes = model, shapes
+
+    def get(self, name: str, axis: int) -> int | None:
+        """The size of ``axis`` of tensor ``name`` (None where unknown)."""
+        if name in self.shapes:
+            shape = self.shapes[name]
+            return shape[axis] if -len(shape) <= axis < len(shape) else None
+        return _static_dim(self.model, name, axis)
+
+    def hidden_reason(self, name: str) -> str | None:
+        """Why ``name`` looks like hidden states (its name, or a normalization/activation producing it), or None."""
+        lowered = name.lower()
+        box = next((w for w in _BOX_WORDS if w in lowered), None)
+        if box is not None:
+            return f"boxes or regression (its name says {box!r}): Gaussian, a guess"
+        word = next((w for w in _HIDDEN_WORDS if w in lowered), None)
+        if word is not None:
+            return f"hidden states (its name says {word!r}): Gaussian, a guess"
+        producer = _through_layout(self.model, name)
+        if producer is not None and producer.op_type in _HIDDEN_OPS:
+            return f"hidden states (a {producer.op_type} produces it): Gaussian, a guess"
+        return None
 
 
 def _static_dim(model: onnx.ModelProto, name: str, axis: int) -> int | None:

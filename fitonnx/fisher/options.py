@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from fitonnx.errors import FitonnxError
 from fitonnx.fisher import engine, engines
 from fitonnx.fisher.losses import FisherMode, Likelihood
+from fitonnx.fisher.outputs import KindSpec, parse_output_kind
 
 
 def _enum(kind: type[FisherMode] | type[Likelihood], value: object, flag: str) -> FisherMode | Likelihood | None:
@@ -36,6 +37,8 @@ class FisherOptions:
     - ``max_samples``/``tol``: at most that many calibration samples; stop once the total trace's
       relative standard error is below ``tol``.
     - ``seed``: MC labels, random data, and (in ``validate``) configurations and bootstrap.
+    - ``output_kinds``: what some outputs are (``NAME=logits:AXIS|probabilities[:AXIS]|boxes|hidden``),
+      for outputs whose reading would be a guess; they also put a fed-back state output in the loss.
     - ``engine``: the gradient engine (``fisher.engines.ENGINES``); ``auto`` takes the first
       available one in ``engines.PREFERENCE``.
 
@@ -50,6 +53,7 @@ class FisherOptions:
     tol: float | None = None
     seed: int = 0
     engine: str = engines.AUTO
+    output_kinds: tuple[tuple[str, KindSpec], ...] = ()  # --output-kind NAME=KIND (strings accepted)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fisher", _enum(FisherMode, self.fisher, "fisher"))
@@ -59,6 +63,8 @@ class FisherOptions:
         if self.tol is not None and not self.tol > 0:
             raise FitonnxError(f"expected a positive tol; found {self.tol}")
         engines.check_name(self.engine)
+        kinds = tuple(parse_output_kind(k) if isinstance(k, str) else k for k in self.output_kinds)
+        object.__setattr__(self, "output_kinds", kinds)
         if self.seed < 0:
             raise FitonnxError(f"expected a seed of 0 or more; found {self.seed}")
 

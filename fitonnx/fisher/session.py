@@ -7,12 +7,14 @@ command that needs traces (score, recommend, validate, compare) starts here.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
 from fitonnx.errors import DataError
-from fitonnx.fisher import engine, engines, instrument, losses
+from fitonnx.fisher import engine, engines, instrument, losses, outputs
+from fitonnx.fisher.checks import check_traces
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.model import data as data_mod
 from fitonnx.model import graph
@@ -76,11 +78,12 @@ def open_model(
 
 
 # Prepare changes that alter what is scored (other changes keep every tensor and its meaning).
-NOTE_KINDS = frozenset({ChangeKind.SPECIALIZE})
+NOTE_KINDS = frozenset({ChangeKind.SPECIALIZE, ChangeKind.QUANTIZED})
 
 
 def prepare_notes(prepared: PreparedModel) -> tuple[str, ...]:
-    """The prepare changes a score report must mention: a specialized If (its other branch is not scored)."""
+    """The prepare changes a score report must mention: a specialized If (its other branch is not scored),
+    an already-quantized model's activation Q/DQ removed."""
     return tuple(f"{c.where}: {c.detail}" for c in prepared.changes if c.kind in NOTE_KINDS)
 
 
@@ -100,7 +103,8 @@ def fisher_traces(
         s, opts, keep_gradients=keep_gradients, threads=threads, exact_points=exact_points
     )
     traces = engine.run(gm, s.data, s.specs, opts.run_options(threads), progress)
-    return traces, target, mode
+    feed = {k: v for k, v in s.data.sample(0, s.specs).items() if k in s.specs}
+    return check_traces(traces, gm, feed, threads), target, mode
 
 
 def gradient_model(
@@ -112,7 +116,8 @@ def gradient_model(
     exact_points: bool = False,
 ) -> tuple[instrument.GradientModel, losses.OutputTarget, losses.FisherMode]:
     """The gradient model ``fisher_traces`` runs, for callers that add per-sample outputs of their own
-    (``options``: only the mode and the output matter here, not the sample budget).
+    (``options``: only the mode and the output matter here, not the sample budget). The target
+    returned is the first output's; ``gm.head.targets`` holds every output of the loss.
 
     ``exact_points`` adds the statistics of the grid noise model (``noise.NoiseModel.GRID``)."""
     opts = options or FisherOptions()
@@ -122,24 +127,20 @@ def gradient_model(
         raise DataError(
             f"expected 'labels' in {s.data.source} for --fisher empirical; found none", hint="use --fisher mc"
         )
-    ranks = s.ranks
-    target = losses.resolve_output(
-        s.prepared.model, ranks, opts.output, opts.likelihood, s.data.labels, opts.class_axis
-    )
+    feed = s.data.sample(0, s.specs)
+    targets, values, notes = _loss_targets(s, opts, feed, threads, mode)
+    tensors, dropped = _reaching(s, targets)
     labels_dtype = np.dtype(np.int64) if mode is losses.FisherMode.EXACT else None if labels is None else labels.dtype
     # Name any op without a usable gradient before the engine's builder fails on it.
     grad_engine = engines.get_engine(opts.engine)
-    check_differentiable(s.prepared.model, [t.name for t in s.tensors], [target.tap], grad_engine.gradient_ops)
-    activations = [t for t in s.tensors if t.kind is graph.Kind.ACTIVATION]
-    probe, names = instrument.build_probe(s.prepared.model, activations, target.tap)
-    feed = s.data.sample(0, s.specs)
-    values = engine.probe_values(probe, names, feed, threads)
+    check_differentiable(
+        s.prepared.model, [t.name for t in tensors], [t.tap for t in targets], grad_engine.gradient_ops
+    )
+    head = outputs.combine([losses.build_head(t, mode, labels_dtype) for t in targets])
     shapes = {name: value.shape for name, value in values.items()}
-    target = losses.check_probabilities(target, values[target.tap])
-    head = losses.build_head(target, mode, labels_dtype)
     request = instrument.GradientRequest(
         s.prepared.model,
-        s.tensors,
+        tensors,
         head,
         labels_dtype,
         ranks={name: len(shape) for name, shape in shapes.items()},
@@ -150,7 +151,46 @@ def gradient_model(
         engine=grad_engine.name,
     )
     gm = instrument.build_gradient_model(request)
-    return gm, target, mode
+    return dataclasses.replace(gm, notes=(*notes, *dropped)), targets[0], mode
+
+
+def _loss_targets(
+    s: Session, opts: FisherOptions, feed: dict[str, np.ndarray], threads: int, mode: losses.FisherMode
+) -> tuple[list[losses.OutputTarget], dict[str, np.ndarray], list[str]]:
+    """The outputs of the loss and how each is read, from the real shapes of one probe run (a stale
+    declared output shape is never used); the probe's values; notes on outputs left out. The exact
+    Fisher enumerates one output's classes: it reads one output (the first float one by default)."""
+    model = s.prepared.model
+    if mode is losses.FisherMode.EXACT and opts.output is None:
+        opts = opts.replace(output=losses.pick_output(model, None))
+    activations = [t for t in s.tensors if t.kind is graph.Kind.ACTIVATION]
+    names = [*outputs.float_outputs(model), *outputs.candidate_taps(model)]
+    probe, probed = instrument.build_probe(model, activations, names)
+    values = engine.probe_values(probe, probed, feed, threads)
+    shapes = {name: v.shape for name, v in values.items()} | {k: v.shape for k, v in feed.items()}
+    request = outputs.OutputRequest(
+        opts.output, opts.likelihood, opts.class_axis, dict(opts.output_kinds), s.data.labels, shapes
+    )
+    chosen, notes = outputs.loss_outputs(model, request)
+    targets = [outputs.resolve_one(model, s.ranks, name, request) for name in chosen]
+    missing = [t.tap for t in targets if t.tap not in values]
+    if missing:  # a tap the first probe did not expose (behind ops it does not look through)
+        probe, extra = instrument.build_probe(model, [], missing)
+        values |= engine.probe_values(probe, extra, feed, threads)
+    targets = [losses.check_probabilities(t, values[t.tap]) for t in targets]
+    return targets, values, notes
+
+
+def _reaching(s: Session, targets: list[losses.OutputTarget]) -> tuple[tuple[graph.QuantTensor, ...], list[str]]:
+    """The tensors the loss depends on, and a note naming those it does not (they reach no output in the loss)."""
+    needed = outputs.ancestors(s.prepared.model, [t.tap for t in targets])
+    kept = tuple(t for t in s.tensors if t.name in needed)
+    dropped = [t.name for t in s.tensors if t.name not in needed]
+    if not dropped:
+        return kept, []
+    shown = ", ".join(repr(n) for n in dropped[:5]) + (f" and {len(dropped) - 5} more" if len(dropped) > 5 else "")
+    said = "the chosen output" if len(targets) == 1 else "any output in the loss"
+    return kept, [f"{len(dropped)} tensor(s) do not reach {said} and are not scored: {shown}"]
 
 
 def inspect_tensors(model: ModelSource) -> tuple[graph.QuantTensor, ...]:

@@ -20,6 +20,7 @@ class ChangeKind(TextEnum):
     FOLD = "fold"
     REWRITE = "rewrite"
     SPECIALIZE = "specialize"
+    QUANTIZED = "quantized"  # an already-quantized model's activation Q/DQ removed (what is scored changes)
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,9 @@ def _problem_lines(insp: Inspection) -> list[str]:
     for b in insp.unsupported:
         outputs = f" [blocks output {', '.join(repr(o) for o in b.outputs)}]" if b.outputs else ""
         lines.append(f"  {b.describe()}{outputs}")
+    if insp.shape_dependent:
+        lines += ["", f"need static input sizes: {len(insp.shape_dependent)} (score takes them from the data)"]
+        lines += [f"  {b.op_type} (node {b.node!r})" for b in insp.shape_dependent]
     symbolic = insp.symbolic_inputs
     if symbolic:
         lines += [
@@ -84,10 +87,12 @@ def format_inspection(insp: Inspection) -> str:
     lines = [f"{insp.model}: {opset}, IR version {insp.ir_version}"]
     for label, items in (("inputs", insp.inputs), ("outputs", insp.outputs)):
         lines.append(f"{label}: " + ", ".join(f"{t.name} {t.dtype}[{format_shape(t.shape)}]" for t in items))
-    loss = describe_loss(insp.loss) if insp.loss else insp.loss_problem
+    targets = insp.loss_outputs or ((insp.loss,) if insp.loss else ())
+    loss = " + ".join(describe_loss(t) for t in targets) if targets else str(insp.loss_problem)
     if insp.has_if:
         loss += " (with If branches still in: scoring inlines the branch the data takes, which can change this)"
     lines.append(f"loss (default, no labels): {loss}")
+    lines += [f"  note: {n}" for n in insp.loss_notes]
     name_w = min(48, max([len("name")] + [len(t.name) for t in (*insp.weights, *insp.activations)]))
     lines += _tensor_lines(insp, name_w)
     lines += _problem_lines(insp)
@@ -119,6 +124,8 @@ def _loss_dict(t: OutputTarget | None) -> dict[str, Any] | None:
         "likelihood": t.likelihood.value,
         "class_axis": t.class_axis,
         "probabilities": t.probabilities,
+        "reason": t.reason,
+        "guessed": t.guessed,
     }
 
 
@@ -141,6 +148,9 @@ def to_dict(insp: Inspection) -> dict[str, Any]:
         ],
         "problems": list(insp.problems),
         "loss": _loss_dict(insp.loss),
+        "loss_outputs": [_loss_dict(t) for t in insp.loss_outputs],
+        "loss_notes": list(insp.loss_notes),
+        "shape_dependent": [{"op_type": b.op_type, "node": b.node} for b in insp.shape_dependent],
     }
 
 

@@ -73,15 +73,34 @@ def unscored_notes(model: onnx.ModelProto) -> tuple[str, ...]:
     return tuple(notes)
 
 
-def provenance(s: Session, target: losses.OutputTarget, mode: losses.FisherMode) -> Provenance:
-    """The provenance of a report scored from session ``s`` with this output reading and Fisher mode."""
+def provenance(
+    s: Session, target: losses.OutputTarget, mode: losses.FisherMode, targets: Sequence[losses.OutputTarget] = ()
+) -> Provenance:
+    """The provenance of a report scored from session ``s`` with this output reading and Fisher mode
+    (``targets``: every output of a loss over several, joined with '+')."""
+    every = list(targets) or [target]
     return Provenance(
         model=s.loaded.name,
         fisher=mode.value,
-        likelihood=target.likelihood.value,
-        output=target.output,
+        likelihood="+".join(t.likelihood.value for t in every),
+        output="+".join(t.output for t in every),
         data_source=s.data.source,
     )
+
+
+def loss_notes(targets: Sequence[losses.OutputTarget]) -> tuple[str, ...]:
+    """How each output of the loss is read and why (every output of a loss over several; a guessed
+    reading always), with how to say otherwise."""
+    notes = []
+    for t in targets:
+        if len(targets) == 1 and not t.guessed:
+            continue
+        axis = f" over axis {t.class_axis}" if t.class_axis is not None else ""
+        line = f"output {t.output!r}: {t.likelihood.value}{axis} ({t.reason or 'inferred'})"
+        if t.guessed:
+            line += f"; a guess: say what it is with --output-kind {t.output}=logits:AXIS|boxes|hidden|probabilities"
+        notes.append(line)
+    return tuple(notes)
 
 
 def score_model(
@@ -109,15 +128,21 @@ def score_model(
     report = build_report(
         s.prepared.model,
         traces,
-        provenance(s, target, mode),
+        provenance(s, target, mode, traces.targets),
         weight_bits=tuple(weight_bits),
         activation_bits=tuple(activation_bits),
         noise_model=kind,
     )
     notes = prepare_notes(s.prepared) + unscored_notes(s.loaded.proto) + check_traces(report, target)
-    if target.probabilities and target.likelihood is losses.Likelihood.CATEGORICAL:
-        notes += (
-            f"{target.output!r} is read as class probabilities (non-negative, summing to 1 over axis "
-            f"{target.class_axis} on the first sample, with no Softmax in front): the loss uses their log",
-        )
+    notes += loss_notes(traces.targets or (target,)) + traces.notes
+    for t in traces.targets or (target,):
+        if (
+            t.probabilities
+            and t.likelihood is losses.Likelihood.CATEGORICAL
+            and t.reason != "--output-kind probabilities"
+        ):
+            notes += (
+                f"{t.output!r} is read as class probabilities (non-negative, summing to 1 over axis "
+                f"{t.class_axis} on the first sample, with no Softmax in front): the loss uses their log",
+            )
     return dataclasses.replace(report, notes=notes)
