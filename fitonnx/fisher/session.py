@@ -59,7 +59,9 @@ def open_model(
     dataset = resolve_data(loaded, data, random_samples, seed, max_samples)
     data_mod.check_against(dataset, specs)
     first = {name: value.shape for name, value in dataset.sample(0, specs).items() if name in specs}
-    feeds = [dataset.sample(i, specs) for i in range(dataset.num_samples)]
+    # Only If specialization reads every sample (prepare); other models need none of them here.
+    has_if = any(node.op_type == "If" for node in loaded.proto.graph.node)
+    feeds = [dataset.sample(i, specs) for i in range(dataset.num_samples)] if has_if else []
     # Also before prepare: its optimizer pass loads the model in onnxruntime, which may crash on it.
     graph.check_window_outputs(loaded.proto, graph.value_types(loaded.proto))
     prepared = prepare(loaded.proto, input_shapes=first, feeds=feeds)
