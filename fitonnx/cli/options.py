@@ -13,6 +13,7 @@ from fitonnx.fisher import engines
 from fitonnx.fisher.losses import FisherMode, Likelihood
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.model.sources.script import LoaderScript
+from fitonnx.scale import LOCAL_RAY, Workers
 from fitonnx.score.fit import DEFAULT_ACTIVATION_BITS, DEFAULT_WEIGHT_BITS
 from fitonnx.score.noise import NOISE_MODELS, NoiseModel
 
@@ -107,9 +108,40 @@ def force_option(f: F) -> F:
     )(f)
 
 
+WORKERS_OPTIONS = (
+    click.option(
+        "--workers",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Score calibration samples (and validate's configurations) in N local processes; same results. "
+        "With --ray: at most N Ray tasks at once.",
+    ),
+    click.option(
+        "--ray",
+        metavar="[ADDRESS]",
+        is_flag=False,
+        flag_value=LOCAL_RAY,
+        help="Run the work as Ray tasks (pip install 'fitonnx[ray]'): on the cluster at ADDRESS (HOST:PORT, "
+        "ray://HOST:PORT, auto), or alone for a Ray started here. fitonnx must be installed on its nodes.",
+    ),
+)
+
+
+def _workers_into(f: F) -> F:
+    """--workers / --ray, put into the command's ``options`` as its ``Workers``."""
+
+    @functools.wraps(f)
+    def collect(*args: Any, options: FisherOptions, workers: int, ray: str | None, **kwargs: Any) -> Any:
+        spread = Workers(processes=workers, ray=ray is not None, address=None if ray in (None, LOCAL_RAY) else ray)
+        return f(*args, options=options.replace(workers=spread), **kwargs)
+
+    return collect  # type: ignore[return-value]
+
+
 def fisher_options(f: F) -> F:
-    """Fisher mode, loss output, sample budget, seed and gradient engine, handed to the command as one
-    ``options: FisherOptions`` argument."""
+    """Fisher mode, loss output, sample budget, seed, gradient engine and workers, handed to the command
+    as one ``options: FisherOptions`` argument."""
 
     @functools.wraps(f)
     def collect(
@@ -135,7 +167,9 @@ def fisher_options(f: F) -> F:
             engine=engine,
             output_kinds=kwargs.pop("output_kind"),  # FisherOptions parses the NAME=KIND strings
         )
-        return f(*args, options=options, **kwargs)
+        return with_workers(*args, options=options, **kwargs)
+
+    with_workers = _workers_into(f)
 
     return _compose(
         click.option(
@@ -182,6 +216,7 @@ def fisher_options(f: F) -> F:
             show_default=True,
             help="What builds the gradient graph. auto: the first installed of " + ", ".join(engines.PREFERENCE) + ".",
         ),
+        *WORKERS_OPTIONS,
     )(collect)  # type: ignore[arg-type]
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fitonnx.errors import DataError
-from fitonnx.fisher import engine, engines, instrument, losses, outputs
+from fitonnx.fisher import engine, engines, instrument, losses, outputs, parallel
 from fitonnx.fisher.checks import check_traces
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.model import data as data_mod
@@ -104,7 +104,7 @@ def fisher_traces(
     gm, target, mode = gradient_model(
         s, opts, keep_gradients=keep_gradients, threads=threads, exact_points=exact_points
     )
-    traces = engine.run(gm, s.data, s.specs, opts.run_options(threads), progress)
+    traces = parallel.run(gm, s.data, s.specs, opts.run_options(threads), opts.workers, progress)
     feed = {k: v for k, v in s.data.sample(0, s.specs).items() if k in s.specs}
     return check_traces(traces, gm, feed, threads), target, mode
 
