@@ -345,6 +345,7 @@ class Simulator:
         specs: Mapping[str, InputSpec],
         batch_size: int = 256,
     ) -> None:
+        self._args = (sim, model, tensors, act_ranges, scheme, data, specs, batch_size)
         self.sim = sim
         self.scheme = scheme
         self.session = session(sim.model_bytes)
@@ -367,6 +368,10 @@ class Simulator:
         self.data = batches(data, specs, batch_size)
         if not self._batching_works():
             self.data = batches(data, specs, 1)
+
+    def __reduce__(self) -> tuple:
+        # Sent to a worker (validate --workers/--ray) as what built it: the worker opens its own session.
+        return (Simulator, self._args)
 
     def _batching_works(self) -> bool:
         """Whether a batch gives what its samples give one by one (a prepared model may have folded
