@@ -141,6 +141,8 @@ class _Processes:
         for process in processes:
             if process.is_alive():
                 process.terminate()
+        for process in processes:
+            process.join(timeout=10)
 
 
 class _Ray:
