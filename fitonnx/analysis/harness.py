@@ -31,7 +31,7 @@ from fitonnx.model.data import Dataset
 from fitonnx.model.graph import Kind
 from fitonnx.model.source import DataSource, ModelSource
 from fitonnx.progress import Progress, as_progress
-from fitonnx.scale import Job, Pool, Workers
+from fitonnx.scale import Job, Pool, Workers, warm_up
 from fitonnx.score.fit import ScoreReport, build_report
 from fitonnx.score.run import provenance
 
@@ -177,6 +177,7 @@ def harness(
     sim = (simulation or SimulationOptions()).checked()
     if session is None:
         as_progress(progress).start(1, "Loading and preparing the model")
+    warm_up(opts.workers)  # local workers start while the model is prepared
     s = session if session is not None else api.open_model(model, data, seed=opts.seed, max_samples=opts.max_samples)
     held_out = _eval_dataset(s, eval_data)
     if opts.output is None:  # the damage is measured on one output: the Fisher's loss reads that one

@@ -25,6 +25,7 @@ from fitonnx.prepare import PreparedModel, prepare, verify
 from fitonnx.prepare.support import check_differentiable
 from fitonnx.prepare.types import ChangeKind
 from fitonnx.progress import Progress, as_progress
+from fitonnx.scale import warm_up
 
 VERIFY_SAMPLES = 8
 
@@ -101,6 +102,7 @@ def fisher_traces(
     """The engine's raw per-sample statistics (for callers that need more than the report)."""
     opts = options or FisherOptions()
     as_progress(progress).start(1, "Building the gradient model")  # closed by the samples' stage
+    warm_up(opts.workers)  # local workers start while the gradient model is built
     gm, target, mode = gradient_model(
         s, opts, keep_gradients=keep_gradients, threads=threads, exact_points=exact_points
     )

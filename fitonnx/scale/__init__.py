@@ -5,7 +5,7 @@ back in task order, retrying workers that die. The Fisher stage (``fisher.parall
 calibration samples with it, ``validate`` its configurations.
 """
 
-from fitonnx.scale.pool import Job, Pool
+from fitonnx.scale.pool import Job, Pool, warm_up
 from fitonnx.scale.workers import LOCAL_RAY, Workers, threads_per_process
 
-__all__ = ["LOCAL_RAY", "Job", "Pool", "Workers", "threads_per_process"]
+__all__ = ["LOCAL_RAY", "Job", "Pool", "Workers", "threads_per_process", "warm_up"]

@@ -17,6 +17,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import multiprocessing
+import multiprocessing.context
+import multiprocessing.forkserver
 import signal
 import uuid
 import warnings
@@ -77,8 +79,32 @@ def _ray_call(token: str, boxed: list[Any], setup: SetupFn, work: WorkFn, task: 
     return work(_state(token, lambda: (ray.get(boxed[0]), setup)), task)
 
 
+# What a local worker imports before it is forked from the fork server: the modules whose functions
+# the jobs run (their imports bring numpy, onnx and onnxruntime), so a new worker starts in
+# milliseconds and the imports are paid once per driver, while it is still preparing the model.
+PRELOAD = ("fitonnx.fisher.parallel", "fitonnx.analysis.harness")
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    """Fork-server workers where the platform has them, else spawned ones; never a plain fork of the
+    driver, whose onnxruntime threads do not survive one."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(PRELOAD))
+    return context
+
+
+def warm_up(workers: Workers) -> None:
+    """Start the fork server (and its imports) now, so it is ready when the pool is: call before the
+    driver's own set-up. Nothing to do for Ray or a single process."""
+    if workers.parallel and not workers.ray and "forkserver" in multiprocessing.get_all_start_methods():
+        _context()
+        multiprocessing.forkserver.ensure_running()
+
+
 class _Processes:
-    """A spawn-context process pool (no fork: onnxruntime's threads do not survive one)."""
+    """A pool of local worker processes (see ``_context``)."""
 
     def __init__(self, workers: Workers, job: Job) -> None:
         self.slots, self.job = workers.processes, job
@@ -89,7 +115,7 @@ class _Processes:
     def _start(self) -> cf.ProcessPoolExecutor:
         return cf.ProcessPoolExecutor(
             self.slots,
-            mp_context=multiprocessing.get_context("spawn"),
+            mp_context=_context(),
             initializer=_process_init,
             initargs=(self.token, self.job.context, self.job.setup),
         )
