@@ -224,3 +224,19 @@ def test_ray_validate_configurations(local_ray, harness_and_configs) -> None:
     h, configs = harness_and_configs
     for a, b in zip([h.measure(c) for c in configs], measure_all(h, configs, Workers(ray=True)), strict=True):
         np.testing.assert_allclose(b.sample_kl, a.sample_kl, rtol=1e-6, atol=1e-12)
+
+
+def test_ray_tol_stop_and_cli(local_ray, cnn, cnn_path: Path, tmp_path: Path) -> None:
+    s, gm = cnn
+    options = engine.RunOptions(max_samples=SAMPLES, tol=0.9, min_samples=23, seed=0)
+    assert_same(engine.run(gm, s.data, s.specs, options), parallel.run(gm, s.data, s.specs, options, Workers(ray=True)))
+    # The CLI's --ray alone uses the Ray already running here (and leaves it running).
+    reports = []
+    for extra in ([], ["--ray"]):
+        out = tmp_path / f"r{len(reports)}.json"
+        result = CliRunner().invoke(cli, ["score", str(cnn_path), "--max-samples", "24", "--json", str(out), *extra])
+        assert result.exit_code == 0, result.output
+        reports.append({t["name"]: t["ef_trace"] for t in json.loads(out.read_text())["tensors"]})
+    assert reports[1].keys() == reports[0].keys()
+    assert all(reports[1][k] == pytest.approx(v, rel=1e-6) for k, v in reports[0].items())
+    assert local_ray.is_initialized()

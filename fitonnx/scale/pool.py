@@ -185,9 +185,12 @@ class _Ray:
         self.slots = workers.processes if workers.processes > 1 else max(cpus, 1)
         self.remote = self.ray.remote(num_cpus=1, max_retries=RAY_RETRIES)(_ray_call)
         self.context = self.ray.put(job.context)
+        self.outstanding: set[Any] = set()
 
     def submit(self, task: Any) -> Any:
-        return self.remote.remote(self.token, [self.context], self.job.setup, self.job.work, task)
+        ref = self.remote.remote(self.token, [self.context], self.job.setup, self.job.work, task)
+        self.outstanding.add(ref)
+        return ref
 
     def collect(self, pending: dict[int, Any], tasks: Sequence[Any]) -> dict[int, Any]:
         del tasks  # Ray resubmits a lost task itself
@@ -195,6 +198,7 @@ class _Ray:
         out: dict[int, Any] = {}
         for index, ref in list(pending.items()):
             if ref in ready:
+                self.outstanding.discard(ref)
                 out[index] = self._get(ref)
                 del pending[index]
         return out
@@ -214,7 +218,9 @@ class _Ray:
             ) from None
 
     def close(self, abort: bool = False) -> None:
-        del abort  # a cancelled run's tasks are left to finish; nothing reads their results
+        if abort:  # tasks nobody will read (a --tol stop, an error): cancelled on the cluster
+            for ref in self.outstanding:
+                self.ray.cancel(ref)
         if self.started:
             self.ray.shutdown()
 
