@@ -149,7 +149,8 @@ class _Processes:
             raise WorkerError(
                 f"expected the worker processes to finish; they died again after a restart, with {lost} "
                 "task(s) unfinished (no result was written)",
-                hint="a worker may run out of memory: try fewer --workers",
+                hint="a worker may run out of memory: try fewer --workers; from Python, start workers under "
+                "if __name__ == '__main__': (each worker imports the main module)",
             )
         self.restarts += 1
         warnings.warn(f"a worker process died; resubmitting {lost} unfinished task(s) to new workers", stacklevel=2)
