@@ -123,7 +123,8 @@ WORKERS_OPTIONS = (
         is_flag=False,
         flag_value=LOCAL_RAY,
         help="Run the work as Ray tasks (pip install 'fitonnx[ray]'): on the cluster at ADDRESS (HOST:PORT, "
-        "ray://HOST:PORT, auto), or alone for a Ray started here. fitonnx must be installed on its nodes.",
+        "ray://HOST:PORT, auto), or alone for a Ray started here (alone: after MODEL, or --ray=local). "
+        "fitonnx must be installed on the nodes.",
     ),
 )
 
