@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, version_converter
 
+from fitonnx.allocate.formats_alloc import per_tensor_twin
 from fitonnx.allocate.recommendation import Recommendation
 from fitonnx.errors import FitonnxError, UnsupportedError
 from fitonnx.export.common import ExportResult, check_names, check_runs, first_feed, save_model, working_copy
@@ -44,6 +45,7 @@ class FormatPlan:
 
     weights: Mapping[str, tuple[Format, int | None]]
     activations: Mapping[str, Format]
+    notes: tuple[str, ...] = ()
 
     @property
     def formats(self) -> tuple[Format, ...]:
@@ -51,22 +53,32 @@ class FormatPlan:
 
 
 def format_plan(model: onnx.ModelProto, rec: Recommendation, skip: frozenset[str] = frozenset()) -> FormatPlan:
-    """The formats of ``rec`` for ``model`` (a working copy), weights in ``skip`` left out."""
+    """The formats of ``rec`` for ``model`` (a working copy), weights in ``skip`` left out.
+
+    A weight scored where prepare had rewritten its reader (a tied embedding's folded transpose read
+    by MatMul) may have no channel or block axis in the original: it gets the format's per-tensor
+    twin, as the toolchain would store it, and a note; without a twin (MX, NVFP4) it stays float."""
     if not rec.by_format:
         raise FitonnxError("expected a recommendation with formats (recommend --formats); found bit widths only")
     shapes = {t.name: len(t.dims) for t in model.graph.initializer}
     weights: dict[str, tuple[Format, int | None]] = {}
+    notes: list[str] = []
     for name, fmt_name in rec.weight_formats.items():
         if name in skip:
             continue
         fmt = parse_format(fmt_name)
         axis = format_axis(model, name, fmt, shapes[name])
         if fmt.granularity is not Granularity.TENSOR and axis is None:
-            raise FitonnxError(
-                f"expected weight {name!r} to be read by Conv/Gemm/MatMul for format {fmt.name}; its readers give no axis"
+            twin = per_tensor_twin(fmt)
+            notes.append(
+                f"{name!r}: its readers in the model give {fmt.name} no axis; "
+                + (f"written as {twin.name}" if twin is not None else "left in float")
             )
+            if twin is None:
+                continue
+            fmt = twin
         weights[name] = (fmt, axis)
-    return FormatPlan(weights, {name: parse_format(f) for name, f in rec.activation_formats.items()})
+    return FormatPlan(weights, {name: parse_format(f) for name, f in rec.activation_formats.items()}, tuple(notes))
 
 
 def lift_opset(model: onnx.ModelProto, formats: tuple[Format, ...]) -> tuple[onnx.ModelProto, list[str]]:
@@ -181,6 +193,7 @@ def write_format_model(
     to_nbits = nbits_weights(work, {n: parse_format(f) for n, f in rec.weight_formats.items()}) if nbits else {}
     plan = format_plan(work, rec, frozenset(to_nbits))
     written, notes = apply_formats(work, rec, plan, runnable=False)
+    notes = [*plan.notes, *notes]
     written = apply_nbits(written, to_nbits)
     has_fp4 = any(f.element is ElementKind.FP4_E2M1 for f in plan.formats)
     check = apply_nbits(apply_formats(work, rec, plan, runnable=True)[0], to_nbits) if has_fp4 else written
