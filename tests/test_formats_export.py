@@ -244,3 +244,44 @@ def test_qnn_encodings_are_per_channel_for_channel_formats(tmp_path: Path) -> No
     annotated = onnx.load(tmp_path / "q" / "mnist_cnn.annotated.onnx")
     props = {p.key: p.value for p in annotated.metadata_props}
     assert json.loads(props["fitonnx.formats"]) == {**rec["weight_formats"], **rec["activation_formats"]}
+
+
+@pytest.mark.skipif(
+    tuple(int(v) for v in ort.__version__.split(".")[:2]) < (1, 20),
+    reason="onnxruntime 1.19 loads up to opset 21 / IR 10",
+)
+def test_tensorrt_export_writes_blocked_int4_and_nvfp4_at_their_opsets(tmp_path: Path) -> None:
+    rec = Recommendation(
+        model="mnist_cnn.onnx",
+        target="tensorrt",
+        weight_bits={"fc1.weight": 4, "fc2.weight": 4},
+        activation_bits={"input": 8},
+        fit=0.0,
+        weight_bytes=0,
+        ranges={"input": (-0.5, 2.8)},
+        weight_formats={"fc1.weight": "nvfp4/16", "fc2.weight": "int4/b32"},
+        activation_formats={"input": "int8"},
+    )
+    result = export_recommendation(CNN, rec, "tensorrt", tmp_path / "m.onnx")
+    assert any("FLOAT4E2M1" in n for n in result.notes)
+    model = onnx.load(result.path)
+    assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 23
+    inits = {t.name: t for t in model.graph.initializer}
+    assert inits["fc1.weight_quantized"].data_type == TensorProto.FLOAT4E2M1
+    assert inits["fc1.weight_scale_e4m3"].data_type == TensorProto.FLOAT8E4M3FN
+    dq = next(n for n in model.graph.node if n.input and n.input[0] == "fc2.weight_quantized")
+    attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+    assert inits["fc2.weight_quantized"].data_type == TensorProto.INT4 and attrs == {"axis": 1, "block_size": 32}
+    assert numpy_helper.to_array(inits[dq.input[1]]).shape == (10, 2)  # Gemm transB: blocks of 32 along K = 64
+    onnx.checker.check_model(model)
+
+
+def test_cli_refuses_bit_options_with_formats(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        cli, ["recommend", str(CNN), "--avg-bits", "6", "--formats", "--weight-bits", "4,8", "-o", str(tmp_path)]
+    )
+    assert result.exit_code == 2 and "with --formats use --weight-formats" in result.output
+    result = CliRunner().invoke(
+        cli, ["recommend", str(CNN), "--avg-bits", "6", "--weight-formats", "int3/q", "-o", str(tmp_path)]
+    )
+    assert result.exit_code == 2 and "expected a format among" in result.output

@@ -33,6 +33,7 @@ from fitonnx.formats.onnx_nodes import min_opset
 from fitonnx.formats.quantize import params_from_range, quantize_dequantize
 from fitonnx.model import graph
 from fitonnx.model.data import Dataset
+from fitonnx.model.runtime import make_session
 from fitonnx.prepare.opset import opset_of
 from fitonnx.score.formats_fit import format_axis
 
@@ -173,6 +174,20 @@ def format_model(
     return out, plan, notes
 
 
+def _check_loadable(model: onnx.ModelProto) -> None:
+    """A one-line error when the installed onnxruntime cannot load the opset/IR version the formats need."""
+    try:
+        make_session(model.SerializeToString(), optimize=False)
+    except Exception as exc:
+        text = str(exc)
+        if "IR version" in text or "opset" in text.lower():
+            raise UnsupportedError(
+                f"expected an onnxruntime that loads opset {opset_of(model)} (IR version {model.ir_version}), "
+                f"which these formats need, to check the export; this one does not: {text.splitlines()[0][-160:]}",
+                hint="use a newer onnxruntime, or formats of a lower opset (int8: 13, fp8: 19, int4 and blocks: 21)",
+            ) from None
+
+
 def write_format_model(
     model: onnx.ModelProto,
     rec: Recommendation,
@@ -202,6 +217,7 @@ def write_format_model(
             "onnxruntime has no FLOAT4E2M1 kernel: the model was checked with the FP4 weights' dequantized values"
         )
     feed = None if data is None else first_feed(data, graph.input_specs(check))
+    _check_loadable(check)
     check_runs(check, feed, optimize=optimize)
     save_model(written, out)
     quantized = {n: f.bits for n, (f, _) in plan.weights.items()}
