@@ -27,6 +27,7 @@ from fitonnx.allocate.formats_alloc import per_tensor_twin
 from fitonnx.allocate.recommendation import Recommendation
 from fitonnx.errors import FitonnxError, UnsupportedError
 from fitonnx.export.common import ExportResult, check_names, check_runs, first_feed, save_model, working_copy
+from fitonnx.export.fusion import add_upstream_copies
 from fitonnx.export.nbits import apply_nbits, nbits_weights
 from fitonnx.formats import ElementKind, Format, Granularity, QdqPieces, activation_qdq, parse_format, weight_qdq
 from fitonnx.formats.onnx_nodes import min_opset
@@ -207,11 +208,13 @@ def write_format_model(
     check_names(work, rec)
     to_nbits = nbits_weights(work, {n: parse_format(f) for n, f in rec.weight_formats.items()}) if nbits else {}
     plan = format_plan(work, rec, frozenset(to_nbits))
+    fused = {n: f.bits for n, f in plan.activations.items() if f.is_int}  # exact copies that let ORT fuse (issue 15)
     written, notes = apply_formats(work, rec, plan, runnable=False)
     notes = [*plan.notes, *notes]
-    written = apply_nbits(written, to_nbits)
+    written = apply_nbits(add_upstream_copies(written, fused)[0], to_nbits)
     has_fp4 = any(f.element is ElementKind.FP4_E2M1 for f in plan.formats)
-    check = apply_nbits(apply_formats(work, rec, plan, runnable=True)[0], to_nbits) if has_fp4 else written
+    runnable = add_upstream_copies(apply_formats(work, rec, plan, runnable=True)[0], fused)[0]
+    check = apply_nbits(runnable, to_nbits) if has_fp4 else written
     if has_fp4:
         notes.append(
             "onnxruntime has no FLOAT4E2M1 kernel: the model was checked with the FP4 weights' dequantized values"
