@@ -37,6 +37,8 @@ setup(
         "numpy>=1.24",
         "click>=8.1",
         "networkx>=3.0",
+        # onnxruntime.quantization's MatMulNBitsQuantizer (the ort target's MatMulNBits export) imports it
+        "onnx-ir>=0.1",
         # The user's own onnxruntime (CPU, GPU, training or a vendor build) is kept; plain
         # onnxruntime only where none is installed, so a second `onnxruntime` module never lands.
         *([] if _installed_runtime() else [RUNTIME]),

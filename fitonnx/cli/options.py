@@ -8,10 +8,12 @@ from typing import Any, TypeVar
 
 import click
 
+from fitonnx.errors import FitonnxError
 from fitonnx.files.readers import DEFAULT_LIMIT_MB, LIMIT_OPTION, Limit
 from fitonnx.fisher import engines
 from fitonnx.fisher.losses import FisherMode, Likelihood
 from fitonnx.fisher.options import FisherOptions
+from fitonnx.formats import parse_format
 from fitonnx.model.sources.script import LoaderScript
 from fitonnx.scale import LOCAL_RAY, Workers
 from fitonnx.score.fit import DEFAULT_ACTIVATION_BITS, DEFAULT_WEIGHT_BITS
@@ -44,6 +46,26 @@ class BitsList(click.ParamType):
         if not bits or any(b < 1 or b > 32 for b in bits):
             self.fail(f"expected bit widths between 1 and 32; found {value!r}", param, ctx)
         return bits
+
+
+class FormatList(click.ParamType):
+    """A comma-separated list of quantization format names, e.g. ``int8/ch,fp8e4m3`` (checked by the
+    format registry's grammar, ``fitonnx.formats.parse_format``)."""
+
+    name = "formats"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        names = tuple(dict.fromkeys(v.strip() for v in str(value).split(",") if v.strip()))
+        if not names:
+            self.fail(f"expected comma-separated format names like int8/ch,fp8e4m3; found {value!r}", param, ctx)
+        for name in names:
+            try:
+                parse_format(name)
+            except FitonnxError as exc:
+                self.fail(exc.message, param, ctx)
+        return names
 
 
 def data_options(f: F) -> F:
