@@ -97,8 +97,10 @@ def _context() -> multiprocessing.context.BaseContext:
 
 def warm_up(workers: Workers) -> None:
     """Start the fork server (and its imports) now, so it is ready when the pool is: call before the
-    driver's own set-up. Nothing to do for Ray or a single process."""
-    if workers.parallel and not workers.ray and "forkserver" in multiprocessing.get_all_start_methods():
+    driver's own set-up. For Ray, fail now if it is not installed (not after the model is prepared)."""
+    if workers.ray:
+        _import_ray()
+    elif workers.parallel and "forkserver" in multiprocessing.get_all_start_methods():
         _context()
         multiprocessing.forkserver.ensure_running()
 
