@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import click
 
 from fitonnx.files.readers import DEFAULT_LIMIT_MB, LIMIT_OPTION, Limit
-from fitonnx.fisher import engines
+from fitonnx.fisher import batched, engines
 from fitonnx.fisher.losses import FisherMode, Likelihood
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.model.sources.script import LoaderScript
@@ -107,6 +107,25 @@ def force_option(f: F) -> F:
     )(f)
 
 
+def _engine_options() -> tuple[Callable[[F], F], ...]:
+    """--engine and --batch-size: what computes the gradients, and how many samples per run."""
+    return (
+        click.option(
+            "--engine",
+            type=click.Choice(list(engines.ENGINE_CHOICES)),
+            default=engines.AUTO,
+            show_default=True,
+            help="What builds the gradient graph. auto: the first installed of " + ", ".join(engines.PREFERENCE) + ".",
+        ),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            help=f"Samples per batched run of the onnx engine (per-sample values unchanged). Default: "
+            f"{batched.DEFAULT_BATCH_SIZE} for onnx, 1 for ort-training.",
+        ),
+    )
+
+
 def fisher_options(f: F) -> F:
     """Fisher mode, loss output, sample budget, seed and gradient engine, handed to the command as one
     ``options: FisherOptions`` argument."""
@@ -133,6 +152,7 @@ def fisher_options(f: F) -> F:
             tol=tol,
             seed=seed,
             engine=engine,
+            batch_size=kwargs.pop("batch_size"),
             output_kinds=kwargs.pop("output_kind"),  # FisherOptions parses the NAME=KIND strings
         )
         return f(*args, options=options, **kwargs)
@@ -175,13 +195,7 @@ def fisher_options(f: F) -> F:
             show_default=True,
             help="Seed for --fisher mc and --random-data.",
         ),
-        click.option(
-            "--engine",
-            type=click.Choice(list(engines.ENGINE_CHOICES)),
-            default=engines.AUTO,
-            show_default=True,
-            help="What builds the gradient graph. auto: the first installed of " + ", ".join(engines.PREFERENCE) + ".",
-        ),
+        *_engine_options(),
     )(collect)  # type: ignore[arg-type]
 
 

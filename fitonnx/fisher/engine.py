@@ -72,6 +72,7 @@ class FisherTraces:
     points: PointTraces | None = None  # if the gradient model has ``point_outputs``
     targets: tuple[OutputTarget, ...] = ()  # the outputs of the loss and how each was read
     notes: tuple[str, ...] = ()  # the gradient model's notes on the loss (``GradientModel.notes``)
+    batch_size: int = 1  # samples per run (``fisher.batched``)
 
     @property
     def samples(self) -> int:

@@ -41,6 +41,8 @@ class FisherOptions:
       for outputs whose reading would be a guess; they also put a fed-back state output in the loss.
     - ``engine``: the gradient engine (``fisher.engines.ENGINES``); ``auto`` takes the first
       available one in ``engines.PREFERENCE``.
+    - ``batch_size``: samples per batched run of the ``onnx`` engine (``fisher.batched``); None:
+      ``batched.DEFAULT_BATCH_SIZE`` there, 1 for ``ort-training``.
 
     Strings are accepted for the enums (``FisherOptions(fisher="mc")``).
     """
@@ -54,6 +56,7 @@ class FisherOptions:
     seed: int = 0
     engine: str = engines.AUTO
     output_kinds: tuple[tuple[str, KindSpec], ...] = ()  # --output-kind NAME=KIND (strings accepted)
+    batch_size: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fisher", _enum(FisherMode, self.fisher, "fisher"))
@@ -65,6 +68,8 @@ class FisherOptions:
         engines.check_name(self.engine)
         kinds = tuple(parse_output_kind(k) if isinstance(k, str) else k for k in self.output_kinds)
         object.__setattr__(self, "output_kinds", kinds)
+        if self.batch_size is not None and self.batch_size < 1:
+            raise FitonnxError(f"expected a batch size of at least 1; found {self.batch_size}")
         if self.seed < 0:
             raise FitonnxError(f"expected a seed of 0 or more; found {self.seed}")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fitonnx.errors import DataError
-from fitonnx.fisher import engine, engines, instrument, losses, outputs
+from fitonnx.fisher import batched, engine, engines, instrument, losses, outputs
 from fitonnx.fisher.checks import check_traces
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.model import data as data_mod
@@ -104,9 +104,44 @@ def fisher_traces(
     gm, target, mode = gradient_model(
         s, opts, keep_gradients=keep_gradients, threads=threads, exact_points=exact_points
     )
-    traces = engine.run(gm, s.data, s.specs, opts.run_options(threads), progress)
+    single_only = "--keep-gradients" if keep_gradients else "the grid noise model" if exact_points else None
+    traces = _run(s, gm, opts, threads, progress, single_only)
     feed = {k: v for k, v in s.data.sample(0, s.specs).items() if k in s.specs}
     return check_traces(traces, gm, feed, threads), target, mode
+
+
+def _run(
+    s: Session,
+    gm: instrument.GradientModel,
+    opts: FisherOptions,
+    threads: int,
+    progress: Progress | None,
+    single_only: str | None,
+) -> engine.FisherTraces:
+    """The per-sample loop: batched where the engine and the model allow it (``fisher.batched``),
+    else one sample per run, with a note saying why when a batch was asked for."""
+    name = engines.get_engine(opts.engine).name
+    default = batched.DEFAULT_BATCH_SIZE if name == "onnx" else 1
+    size, note = batched.batch_plan(
+        gm,
+        s.data,
+        s.specs,
+        opts.batch_size or default,
+        batched_engine=name == "onnx",
+        single_only=single_only,
+    )
+    if size > 1:
+        labels = s.data.labels
+        dtype = labels.dtype if gm.head.needs_labels and labels is not None else None
+        built = batched.build(batched.BatchRequest(s.loaded.proto, gm, s.data, s.specs, size, dtype, threads))
+        if not isinstance(built, str):
+            traces = batched.run(built, gm, s.data, s.specs, opts.run_options(threads), progress)
+            return dataclasses.replace(traces, batch_size=size)
+        note = built
+    traces = engine.run(gm, s.data, s.specs, opts.run_options(threads), progress)
+    if note:
+        traces = dataclasses.replace(traces, notes=(*traces.notes, note))
+    return traces
 
 
 def gradient_model(
