@@ -365,6 +365,15 @@ CASES: dict[str, Callable[[], Case]] = {
         ),
         linear=True,
     ),
+    "Conv-grouped-stride1-dilated": lambda: f32(  # the flipped-weight Conv form of the input gradient
+        Case(
+            [n("Conv", ["x", "w"], ["y"], group=2, dilations=[1, 2], pads=[1, 2, 0, 1])],
+            {"x": r(2, 4, 6, 7, dtype=F32)},
+            ["x", "w"],
+            inits={"w": r(6, 2, 3, 2, dtype=F32)},
+        ),
+        linear=True,
+    ),
     "Conv-depthwise-strided-dilated": lambda: f32(
         Case(
             [n("Conv", ["x", "w"], ["y"], group=3, strides=[2, 2], dilations=[2, 1], pads=[2, 1, 1, 1])],

@@ -6,8 +6,10 @@ input and output gradient alone — never from the batch gradient:
 - Gemm/MatMul with 2-D input: ∂ℓ_n/∂W = x_n g_nᵀ, so ‖·‖² = ‖x_n‖²·‖g_n‖².
 - MatMul on sequences [N, T, K]: ‖X_nᵀ G_n‖², either directly ([N, K, M] per-sample gradients) or
   as the ghost norm Σ_ts (X_n X_nᵀ)_ts (G_n G_nᵀ)_ts when T² < K·M.
-- Conv: the unfolded input U_n (a Conv with an identity kernel gives every patch) against G_n:
-  ‖U_n G_nᵀ‖² per group. Biases: the output gradient summed over everything but the channel.
+- Conv: the batch-1 weight-gradient Conv with one group per sample (and conv group), each
+  sample's gradient its own output block; where the input shape is not static, the unfolded input
+  U_n (an identity-kernel Conv gives every patch) against G_n, ‖U_n G_nᵀ‖² per group. Biases: the
+  output gradient summed over everything but the channel.
 - Gather (an embedding table, axis 0, indices [N, T...]): rows t and s of G_n add up where their
   indices are equal, so ‖·‖² = Σ_ts [i_t = i_s]·(G_n G_nᵀ)_ts, with no table-sized tensor.
 A weight may reach its reader through ops that only rearrange it (Transpose, Reshape, ...): they
@@ -80,12 +82,71 @@ def _matmul_norm(b: Builder, x: str, g: str, k: int, m: int) -> str:
 
 
 def _conv_norm(b: Builder, node: onnx.NodeProto, g: str) -> str:
-    """‖U_n G_nᵀ‖² per group, U the identity-kernel Conv (patches) of x."""
+    """Per-sample ‖∂ℓ_n/∂W‖² of a Conv: the batch-1 weight-gradient Conv (input with batch and
+    channels swapped, the output gradient as its kernel, strides and dilations exchanged) with one
+    group per sample and conv group, so each sample's gradient is its own output block."""
     x, w = node.input[0], node.input[1]
-    ws = b.static_shape(w)
+    ws, xs = b.static_shape(w), b.static_shape(x)
     if ws is None or not all(isinstance(d, int) for d in ws):
         raise UnsupportedError(f"expected a static weight shape at {describe(node)}")
-    cout, cig, kernel = ws[0], ws[1], list(ws[2:])
+    if xs is None or not all(isinstance(d, int) for d in xs):
+        return _unfolded_conv_norm(b, node, g)
+    n, cout, cig, kernel = int(xs[0]), int(ws[0]), int(ws[1]), [int(k) for k in ws[2:]]
+    group, nsp = int(attr(node, "group", 1)), len(kernel)
+    strides, dilations, pads = _conv_attrs(b, node, nsp)
+    spatial = [int(d) for d in xs[2:]]
+    ys = b.static_shape(node.output[0])
+    if group == 1 and ys is not None and all(isinstance(d, int) for d in ys):
+        return _sliced_conv_norm(b, node, g, [int(d) for d in ys[2:]])
+    split = b.op("Reshape", x, b.ints([n, group, cig, *spatial]))
+    swapped = b.op("Transpose", split, perm=[2, 0, 1, *range(3, 3 + nsp)])
+    inputs = b.op("Reshape", swapped, b.ints([cig, n * group, *spatial]))
+    kernels = b.op("Reshape", g, b.op("Concat", b.ints([-1, 1]), b.dims(g, 2), axis=0))
+    grads = b.op("Conv", inputs, kernels, strides=dilations, dilations=strides, pads=pads, group=n * group)
+    grads = b.op("Slice", grads, b.ints([0] * nsp), b.ints(kernel), b.ints(list(range(2, 2 + nsp))))
+    rows = b.op("Reshape", grads, b.ints([cig, n, cout, int(np.prod(kernel))]))
+    per_out = b.reduce("ReduceSumSquare", rows, [3], keepdims=0)
+    return b.reduce("ReduceSum", b.op("Cast", per_out, to=TensorProto.DOUBLE), [0, 2], keepdims=0)
+
+
+def _sliced_conv_norm(b: Builder, node: onnx.NodeProto, g: str, out_spatial: list[int]) -> str:
+    """‖G_n U_nᵀ‖² for an ungrouped Conv: U_n [P, L] the patches of x, from one depthwise Conv
+    whose kernel picks each offset of each channel (cost C·K²·L, against C²·K²·L for the
+    full identity kernel of ``_unfolded_conv_norm``), then the direct or ghost ``_patch_norm``."""
+    x, w = node.input[0], node.input[1]
+    ws = b.static_shape(w)
+    assert ws is not None
+    cout, cin, kernel = int(ws[0]), int(ws[1]), [int(k) for k in ws[2:]]
+    nsp, k = len(kernel), int(np.prod(kernel))
+    strides, dilations, pads = _conv_attrs(b, node, nsp)
+    positions, p = int(np.prod(out_spatial)), cin * k
+    if k == 1 and not any(pads) and all(s == 1 for s in strides):
+        u = b.op("Reshape", x, b.ints([0, cin, positions]))
+    else:
+        eye = np.tile(np.eye(k, dtype=helper.tensor_dtype_to_np_dtype(b.dtype(x))), [cin, 1])
+        picks = b.const(eye.reshape([p, 1, *kernel]), "picks")
+        patches = b.op("Conv", x, picks, strides=strides, dilations=dilations, pads=pads, group=cin)
+        u = b.op("Reshape", patches, b.ints([0, p, positions]))
+    gg = b.op("Reshape", g, b.ints([0, cout, positions]))
+    return _patch_norm(b, u, gg, p, cout, positions)
+
+
+def _patch_norm(b: Builder, u: str, g: str, p: int, m: int, positions: int) -> str:
+    """‖G_n U_nᵀ‖² for U [N, P, L] and G [N, M, L]: ghost Σ (U_nᵀU_n)⊙(G_nᵀG_n) when L² < P·M,
+    else the per-sample gradients [N, M, P] themselves."""
+    if positions * positions < p * m:
+        gram_u = b.op("MatMul", b.op("Transpose", u, perm=[0, 2, 1]), u)
+        gram_g = b.op("MatMul", b.op("Transpose", g, perm=[0, 2, 1]), g)
+        return _sum64(b, b.op("Mul", gram_u, gram_g), [1, 2])
+    return _sumsq(b, b.op("MatMul", g, b.op("Transpose", u, perm=[0, 2, 1])), p * m)
+
+
+def _unfolded_conv_norm(b: Builder, node: onnx.NodeProto, g: str) -> str:
+    """‖U_n G_nᵀ‖² per group, U the identity-kernel Conv (patches) of x (any input shape)."""
+    x, w = node.input[0], node.input[1]
+    ws = b.static_shape(w)
+    assert ws is not None
+    cout, cig, kernel = int(ws[0]), int(ws[1]), [int(k) for k in ws[2:]]
     group, nsp, patch = int(attr(node, "group", 1)), len(kernel), cig * int(np.prod(kernel))
     eye = np.eye(patch, dtype=helper.tensor_dtype_to_np_dtype(b.dtype(x))).reshape([patch, cig, *kernel])
     strides, dilations, pads = _conv_attrs(b, node, nsp)
