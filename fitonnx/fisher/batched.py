@@ -185,10 +185,14 @@ def _add_ranges(g: onnx.GraphProto, names: Sequence[str], ranks: Mapping[str, in
 
 @dataclass(frozen=True)
 class BatchRequest:
-    """What ``build`` needs: the source model (prepared again at batch B), the batch-1 gradient model
-    and the data, the batch size, the labels' dtype and the onnxruntime threads."""
+    """What ``build`` needs: the source model (prepared again at batch B), the batch-1 twin and
+    gradient model, the data, the batch size, the labels' dtype and the onnxruntime threads.
+
+    At batch 1 the twin is used as it is: per-sample norms then only spare the session the full
+    weight gradients (a model whose weights are external data would hold a copy of them)."""
 
     source: onnx.ModelProto
+    prepared: onnx.ModelProto  # the batch-1 twin (used as it is at batch 1)
     gm: instrument.GradientModel
     data: Dataset
     specs: Mapping[str, InputSpec]
@@ -203,15 +207,18 @@ def build(r: BatchRequest) -> BatchedModel | str:
     shapes = _batched_shapes(gm.sample_shapes, r.batch)
     if shapes is None or not all(name in gm.sample_shapes for name in (*r.specs, *gm.probe_outputs)):
         return "batch size 1: the per-sample shapes do not all start with a batch axis of 1"
-    has_if = any(node.op_type == "If" for node in r.source.graph.node)
-    feeds = [r.data.sample(i, r.specs) for i in range(r.data.num_samples)] if has_if else []
-    try:
-        prepared = prepare(r.source, input_shapes={n: shapes[n] for n in r.specs}, feeds=feeds).model
-    except FitonnxError as exc:
-        return f"batch size 1: the model does not prepare at batch {r.batch} ({exc.message})"
-    mismatch = _probe_matches(gm, prepared, r.data, r.specs, r.batch, r.threads)
-    if mismatch:
-        return f"batch size 1: {mismatch}"
+    if r.batch == 1:
+        prepared = r.prepared
+    else:
+        has_if = any(node.op_type == "If" for node in r.source.graph.node)
+        feeds = [r.data.sample(i, r.specs) for i in range(r.data.num_samples)] if has_if else []
+        try:
+            prepared = prepare(r.source, input_shapes={n: shapes[n] for n in r.specs}, feeds=feeds).model
+        except FitonnxError as exc:
+            return f"batch size 1: the model does not prepare at batch {r.batch} ({exc.message})"
+        mismatch = _probe_matches(gm, prepared, r.data, r.specs, r.batch, r.threads)
+        if mismatch:
+            return f"batch size 1: {mismatch}"
     ranks = {name: len(shape) for name, shape in shapes.items()}
     try:
         aug = instrument.augment(prepared, gm.tensors, gm.head, r.labels_dtype, ranks, shapes)

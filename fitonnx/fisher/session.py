@@ -17,7 +17,7 @@ from fitonnx.fisher import batched, engine, engines, instrument, losses, outputs
 from fitonnx.fisher.checks import check_traces
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.model import data as data_mod
-from fitonnx.model import graph
+from fitonnx.model import external, graph
 from fitonnx.model.data import Dataset
 from fitonnx.model.load import LoadedModel
 from fitonnx.model.source import DataSource, ModelSource, load_source, resolve_data
@@ -130,14 +130,19 @@ def _run(
         batched_engine=name == "onnx",
         single_only=single_only,
     )
-    if size > 1:
+    # Weights kept as external data: per-sample norms even at batch 1, so that the session never
+    # holds full weight gradients (as large as the weights).
+    norms_only = name == "onnx" and single_only is None and not gm.head.enumerate_labels
+    norms_only = norms_only and bool(external.external_tensors(s.prepared.model))
+    if size > 1 or norms_only:
         labels = s.data.labels
         dtype = labels.dtype if gm.head.needs_labels and labels is not None else None
-        built = batched.build(batched.BatchRequest(s.loaded.proto, gm, s.data, s.specs, size, dtype, threads))
+        request = batched.BatchRequest(s.loaded.proto, s.prepared.model, gm, s.data, s.specs, size, dtype, threads)
+        built = batched.build(request)
         if not isinstance(built, str):
             traces = batched.run(built, gm, s.data, s.specs, opts.run_options(threads), progress)
-            return dataclasses.replace(traces, batch_size=size)
-        note = built
+            return dataclasses.replace(traces, batch_size=size, notes=(*traces.notes, *([note] if note else [])))
+        note = note or built
     traces = engine.run(gm, s.data, s.specs, opts.run_options(threads), progress)
     if note:
         traces = dataclasses.replace(traces, notes=(*traces.notes, note))

@@ -10,7 +10,10 @@ from collections.abc import Iterator
 
 import onnxruntime as ort
 
+from fitonnx.model import external
+
 CPU_PROVIDERS = ("CPUExecutionProvider",)
+EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"  # onnxruntime >= 1.20
 _ORT_NODE = re.compile(r"running (\S+) node\. Name:'([^']*)'(?: Status Message: (.*))?", re.S)
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
 ORT_HINT = (
@@ -50,9 +53,19 @@ def session_options(threads: int = 0, *, level: ort.GraphOptimizationLevel | Non
 
 def make_session(model_bytes: bytes, threads: int = 0, *, optimize: bool = True) -> ort.InferenceSession:
     """An InferenceSession on the CPU with fitonnx's settings (shared by engine and benchmarks);
-    ``optimize=False`` turns onnxruntime's graph optimizations off."""
+    ``optimize=False`` turns onnxruntime's graph optimizations off. Weights kept as external data
+    are read from their own files (``model.external``), not from a copy in the protobuf."""
     level = None if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model_bytes, session_options(threads, level=level), providers=list(CPU_PROVIDERS))
+    original = model_bytes
+    model_bytes, folder = external.session_folder(model_bytes)
+    options = session_options(threads, level=level)
+    if folder is not None:
+        options.add_session_config_entry(EXTERNAL_FOLDER_KEY, folder)
+    if folder is not None or model_bytes is not original:
+        # Weights kept external are then memory-mapped from their files and shared by every
+        # session; prepacking would copy each into a packed buffer of the same size.
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    return ort.InferenceSession(model_bytes, options, providers=list(CPU_PROVIDERS))
 
 
 @contextlib.contextmanager

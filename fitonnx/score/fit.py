@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from fitonnx.errors import InternalError
 from fitonnx.fisher.engine import FisherTraces, StopReason
+from fitonnx.model import external
 from fitonnx.model.graph import Kind, QuantTensor
 from fitonnx.score import noise
 from fitonnx.score.noise import NoiseModel
@@ -96,7 +96,7 @@ def weight_ranges(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, tup
     return {
         t.name: (float(a.min()), float(a.max()))
         for t in model.graph.initializer
-        if t.name in wanted and (a := numpy_helper.to_array(t)).size
+        if t.name in wanted and (a := external.tensor_array(t)).size
     }
 
 
