@@ -12,6 +12,7 @@ from fitonnx.files.readers import DEFAULT_LIMIT_MB, LIMIT_OPTION, Limit
 from fitonnx.fisher import batched, engines
 from fitonnx.fisher.losses import FisherMode, Likelihood
 from fitonnx.fisher.options import FisherOptions
+from fitonnx.model.runtime import DEVICES
 from fitonnx.model.sources.script import LoaderScript
 from fitonnx.score.fit import DEFAULT_ACTIVATION_BITS, DEFAULT_WEIGHT_BITS
 from fitonnx.score.noise import NOISE_MODELS, NoiseModel
@@ -108,7 +109,7 @@ def force_option(f: F) -> F:
 
 
 def _engine_options() -> tuple[Callable[[F], F], ...]:
-    """--engine and --batch-size: what computes the gradients, and how many samples per run."""
+    """--engine, --batch-size and --device: what computes the gradients, how many samples per run, where."""
     return (
         click.option(
             "--engine",
@@ -122,6 +123,13 @@ def _engine_options() -> tuple[Callable[[F], F], ...]:
             type=click.IntRange(min=1),
             help=f"Samples per batched run of the onnx engine (per-sample values unchanged). Default: "
             f"{batched.DEFAULT_BATCH_SIZE} for onnx, 1 for ort-training.",
+        ),
+        click.option(
+            "--device",
+            type=click.Choice(list(DEVICES)),
+            default="cpu",
+            show_default=True,
+            help="Where the gradient runs: cpu, or cuda (onnxruntime-gpu's CUDAExecutionProvider).",
         ),
     )
 
@@ -153,6 +161,7 @@ def fisher_options(f: F) -> F:
             seed=seed,
             engine=engine,
             batch_size=kwargs.pop("batch_size"),
+            device=kwargs.pop("device"),
             output_kinds=kwargs.pop("output_kind"),  # FisherOptions parses the NAME=KIND strings
         )
         return f(*args, options=options, **kwargs)

@@ -250,7 +250,7 @@ def run(
 ) -> FisherTraces:
     """``engine.run``'s statistics from batched runs: the same rows, the same stopping sample."""
     bar = as_progress(progress)
-    session = make_session(bm.model_bytes, options.threads)
+    session = make_session(bm.model_bytes, options.threads, device=options.device)
     total = data.num_samples if options.max_samples is None else min(options.max_samples, data.num_samples)
     acc = _Accumulator(gm, bm.layout, total)
     rng = np.random.default_rng(options.seed)

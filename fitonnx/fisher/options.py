@@ -15,6 +15,7 @@ from fitonnx.errors import FitonnxError
 from fitonnx.fisher import engine, engines
 from fitonnx.fisher.losses import FisherMode, Likelihood
 from fitonnx.fisher.outputs import KindSpec, parse_output_kind
+from fitonnx.model.runtime import check_device
 
 
 def _enum(kind: type[FisherMode] | type[Likelihood], value: object, flag: str) -> FisherMode | Likelihood | None:
@@ -57,6 +58,7 @@ class FisherOptions:
     engine: str = engines.AUTO
     output_kinds: tuple[tuple[str, KindSpec], ...] = ()  # --output-kind NAME=KIND (strings accepted)
     batch_size: int | None = None
+    device: str = "cpu"  # where the gradient session runs: cpu or cuda (``model.runtime.DEVICES``)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fisher", _enum(FisherMode, self.fisher, "fisher"))
@@ -70,6 +72,7 @@ class FisherOptions:
         object.__setattr__(self, "output_kinds", kinds)
         if self.batch_size is not None and self.batch_size < 1:
             raise FitonnxError(f"expected a batch size of at least 1; found {self.batch_size}")
+        check_device(self.device)
         if self.seed < 0:
             raise FitonnxError(f"expected a seed of 0 or more; found {self.seed}")
 
@@ -79,4 +82,6 @@ class FisherOptions:
 
     def run_options(self, threads: int = 0) -> engine.RunOptions:
         """The engine's sample budget and seed."""
-        return engine.RunOptions(max_samples=self.max_samples, tol=self.tol, seed=self.seed, threads=threads)
+        return engine.RunOptions(
+            max_samples=self.max_samples, tol=self.tol, seed=self.seed, threads=threads, device=self.device
+        )

@@ -126,7 +126,7 @@ def _run(
         gm,
         s.data,
         s.specs,
-        opts.batch_size or default,
+        min(opts.batch_size or default, s.data.num_samples, opts.max_samples or s.data.num_samples),
         batched_engine=name == "onnx",
         single_only=single_only,
     )
@@ -141,9 +141,12 @@ def _run(
         built = batched.build(request)
         if not isinstance(built, str):
             traces = batched.run(built, gm, s.data, s.specs, opts.run_options(threads), progress)
-            return dataclasses.replace(traces, batch_size=size, notes=(*traces.notes, *([note] if note else [])))
+            notes = (*traces.notes, *([note] if note else []))
+            return dataclasses.replace(traces, batch_size=size, notes=notes, engine=name, device=opts.device)
         note = note or built
-    traces = engine.run(gm, s.data, s.specs, opts.run_options(threads), progress)
+    traces = dataclasses.replace(
+        engine.run(gm, s.data, s.specs, opts.run_options(threads), progress), engine=name, device=opts.device
+    )
     if note:
         traces = dataclasses.replace(traces, notes=(*traces.notes, note))
     return traces

@@ -82,6 +82,9 @@ class ScoreReport:
     stability: Stability | None
     noise_model: str = NoiseModel.UNIFORM.value
     notes: tuple[str, ...] = ()  # what the user must know about the scored twin (e.g. an untaken If branch)
+    engine: str = ""  # the gradient engine, the device its session ran on, and samples per run
+    device: str = "cpu"
+    batch_size: int = 1
 
     @property
     def bits(self) -> tuple[int, ...]:
@@ -230,4 +233,7 @@ def build_report(
         total_trace_rel_se=rel_se,
         stability=stability(stability_samples, (hi - lo) ** 2, resamples=resamples) if resamples else None,
         noise_model=kind.value,
+        engine=traces.engine,
+        device=traces.device,
+        batch_size=traces.batch_size,
     )
