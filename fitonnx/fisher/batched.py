@@ -26,7 +26,7 @@ from onnx import TensorProto, helper
 
 from fitonnx.errors import FitonnxError, ModelError
 from fitonnx.fisher import instrument
-from fitonnx.fisher.autodiff import per_sample_sqnorms
+from fitonnx.fisher.autodiff.per_sample import per_sample_sqnorms, weight_readers
 from fitonnx.fisher.engine import (
     FetchLayout,
     FisherTraces,
@@ -207,6 +207,12 @@ def build(r: BatchRequest) -> BatchedModel | str:
     shapes = _batched_shapes(gm.sample_shapes, r.batch)
     if shapes is None or not all(name in gm.sample_shapes for name in (*r.specs, *gm.probe_outputs)):
         return "batch size 1: the per-sample shapes do not all start with a batch axis of 1"
+    weights = [t.name for t in gm.tensors if t.kind is Kind.WEIGHT]
+    if r.batch > 1:
+        try:  # before the model is prepared and probed at batch B: tied weights fail here, cheaply
+            weight_readers(r.prepared, weights, r.batch)
+        except FitonnxError as exc:
+            return f"batch size 1: {exc.message}"
     if r.batch == 1:
         prepared = r.prepared
     else:
@@ -222,7 +228,6 @@ def build(r: BatchRequest) -> BatchedModel | str:
     ranks = {name: len(shape) for name, shape in shapes.items()}
     try:
         aug = instrument.augment(prepared, gm.tensors, gm.head, r.labels_dtype, ranks, shapes)
-        weights = [t.name for t in gm.tensors if t.kind is Kind.WEIGHT]
         zeros = [zero for _, zero in aug.perturbations]
         model = per_sample_sqnorms(aug.model, LOSS, weights, zeros, batch=r.batch)
     except FitonnxError as exc:

@@ -134,15 +134,18 @@ def _run(
     # holds full weight gradients (as large as the weights).
     norms_only = name == "onnx" and single_only is None and not gm.head.enumerate_labels
     norms_only = norms_only and bool(external.external_tensors(s.prepared.model))
-    if size > 1 or norms_only:
-        labels = s.data.labels
-        dtype = labels.dtype if gm.head.needs_labels and labels is not None else None
-        request = batched.BatchRequest(s.loaded.proto, s.prepared.model, gm, s.data, s.specs, size, dtype, threads)
+    labels = s.data.labels
+    dtype = labels.dtype if gm.head.needs_labels and labels is not None else None
+    attempts = [size] if size > 1 else []
+    if norms_only:
+        attempts.append(1)
+    for batch in attempts:
+        request = batched.BatchRequest(s.loaded.proto, s.prepared.model, gm, s.data, s.specs, batch, dtype, threads)
         built = batched.build(request)
         if not isinstance(built, str):
             traces = batched.run(built, gm, s.data, s.specs, opts.run_options(threads), progress)
             notes = (*traces.notes, *([note] if note else []))
-            return dataclasses.replace(traces, batch_size=size, notes=notes, engine=name, device=opts.device)
+            return dataclasses.replace(traces, batch_size=batch, notes=notes, engine=name, device=opts.device)
         note = note or built
     traces = dataclasses.replace(
         engine.run(gm, s.data, s.specs, opts.run_options(threads), progress), engine=name, device=opts.device

@@ -90,6 +90,9 @@ def make_session(
         # Weights kept external are then memory-mapped from their files and shared by every
         # session; prepacking would copy each into a packed buffer of the same size.
         options.add_session_config_entry("session.disable_prepacking", "1")
+        # and its buffers are freed as the run goes (an arena grows to the sum of what it ever held).
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
     return ort.InferenceSession(model_bytes, options, providers=list(DEVICE_PROVIDERS[check_device(device)]))
 
 

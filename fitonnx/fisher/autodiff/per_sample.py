@@ -268,6 +268,24 @@ def _per_sample_readers(model: onnx.ModelProto, slots: dict[str, int], batch: in
     return work
 
 
+def weight_readers(
+    model: onnx.ModelProto, weights: Sequence[str], batch: int | None
+) -> tuple[dict[str, tuple[onnx.NodeProto, int]], list[str]]:
+    """The reader (node, slot) of each weight, and at batch 1 the weights read by several nodes
+    (tied embeddings), whose whole gradient is then the sample's: their norms do not add."""
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node, k))
+    used, whole = {}, []
+    for w in weights:
+        if batch == 1 and len(readers.get(w, [])) > 1:
+            whole.append(w)
+        else:
+            used[w] = _reader(readers, w)
+    return used, whole
+
+
 def per_sample_sqnorms(
     model: onnx.ModelProto, loss: str, weights: Sequence[str], inputs: Sequence[str] = (), batch: int | None = None
 ) -> onnx.ModelProto:
@@ -277,31 +295,25 @@ def per_sample_sqnorms(
     only) by exactly one MatMul (right operand), Gemm (B or C), Conv, or Gather (axis 0, indices
     with the batch axis first); each of ``inputs`` must have the batch axis first. With ``batch``
     (the static batch size), a reader whose output has a batch axis of 1 gets its other inputs
-    expanded to the batch, and one with another first axis is refused."""
-    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in model.graph.node:
-        for k, name in enumerate(node.input):
-            readers.setdefault(name, []).append((node, k))
-    used = {w: _reader(readers, w) for w in weights}
+    expanded to the batch, and one with another first axis is refused; at ``batch`` 1 a weight read
+    by several nodes is differentiated as it is (its gradient is the one sample's)."""
+    used, whole = weight_readers(model, weights, batch)
     if batch is not None and batch > 1:
         model = _per_sample_readers(model, {node.output[0]: slot for node, slot in used.values()}, batch)
-        readers = {}
-        for node in model.graph.node:
-            for k, name in enumerate(node.input):
-                readers.setdefault(name, []).append((node, k))
-        used = {w: _reader(readers, w) for w in weights}
+        used, whole = weight_readers(model, weights, batch)
     outputs = list(dict.fromkeys(node.output[0] for node, _ in used.values()))
-    work, grads, b = gradients(model, loss, [*outputs, *inputs])
+    work, grads, b = gradients(model, loss, [*outputs, *inputs, *whole])
     for name in [*weights, *inputs]:
         node, slot = used.get(name, (None, 0))
         g = grads[node.output[0]] if node is not None else grads[name]
         if g is None:
             raise UnsupportedError(f"expected the loss to depend on {name!r}")
-        norm = (
-            _weight_norm(b, node, slot, g)
-            if node is not None
-            else _sumsq(b, g, _per_sample_numel(b.static_shape(name)))
-        )
+        if node is not None:
+            norm = _weight_norm(b, node, slot, g)
+        elif name in whole:  # batch 1: the weight's own gradient is the sample's
+            norm = _sumsq(b, b.unsqueeze(g, [0]), int(np.prod(b.static_shape(name) or [0])) or None)
+        else:
+            norm = _sumsq(b, g, _per_sample_numel(b.static_shape(name)))
         b.nodes.append(helper.make_node("Identity", [norm], [f"{name}_sqnorm"], name=f"{name}_sqnorm"))
         work.graph.output.append(helper.make_tensor_value_info(f"{name}_sqnorm", TensorProto.DOUBLE, [None]))
     nodes, inits = prune(b.nodes, b.inits, {o.name for o in work.graph.output})

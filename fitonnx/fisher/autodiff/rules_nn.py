@@ -43,14 +43,17 @@ def _rank_or_none(b: Builder, x: str) -> int | None:
 
 
 def _matmul_by_matrix(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
-    """A [..., K] @ W [K, M] (A of rank ≥ 2, or unknown rank taken as ≥ 2): dA = G·Wᵀ, and
-    dW = Aᵀ·G with A and G flattened to rows, one Gemm over every batch and sequence position."""
+    """A [..., K] @ W [K, M] (A of rank ≥ 2, or unknown rank taken as ≥ 2): dA = G·Wᵀ and
+    dW = Aᵀ·G with A and G flattened to rows, each one Gemm over every batch and sequence position."""
     a, c = node.input
     k = b.op("Gather", b.shape(c), b.ints([0]))
     m = b.op("Gather", b.shape(c), b.ints([1]))
     rows_a = b.op("Reshape", a, b.op("Concat", b.ints([-1]), k, axis=0))
     rows_g = b.op("Reshape", g[0], b.op("Concat", b.ints([-1]), m, axis=0))
-    return [b.op("MatMul", g[0], b.op("Transpose", c, perm=[1, 0])), b.op("Gemm", rows_a, rows_g, transA=1)]
+    # dA as a Gemm reading W transposed in place: a MatMul with Transpose(W) would have
+    # onnxruntime fold the transpose into a copy of every weight when the session starts.
+    da = b.op("Reshape", b.op("Gemm", rows_g, c, transB=1), b.shape(a))
+    return [da, b.op("Gemm", rows_a, rows_g, transA=1)]
 
 
 def _unbatch(b: Builder, grad: str, x: str, batch: tuple[int | str | None, ...] | None, core: int) -> str:
