@@ -156,7 +156,8 @@ def _probe_matches(
         return f"the model does not run at batch {batch} ({str(exc).splitlines()[0][:200]})"
     for row in sorted({rows[0], rows[-1]}):
         alone = probe_values(gm.probe_bytes, names, feeds[row], threads)
-        for name in names:
+        for name in (n for n in names if n not in specs):  # inputs are fed, not computed (and
+            # onnxruntime 1.19 returns an input exposed as an output uninitialized at 2 threads)
             a, t = alone[name], together[name]
             if t.shape != (batch, *a.shape[1:]):
                 return f"tensor {name!r} has shape {list(t.shape)} at batch {batch}, {list(a.shape)} alone"

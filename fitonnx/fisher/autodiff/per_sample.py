@@ -82,9 +82,11 @@ def _matmul_norm(b: Builder, x: str, g: str, k: int, m: int) -> str:
 
 
 def _conv_norm(b: Builder, node: onnx.NodeProto, g: str) -> str:
-    """Per-sample ‖∂ℓ_n/∂W‖² of a Conv: the batch-1 weight-gradient Conv (input with batch and
-    channels swapped, the output gradient as its kernel, strides and dilations exchanged) with one
-    group per sample and conv group, so each sample's gradient is its own output block."""
+    """Per-sample ‖∂ℓ_n/∂W‖² of a Conv. Ungrouped with static shapes: patch products
+    (``_patch_conv_norm``); grouped: the batch-1 weight-gradient Conv (input with batch and channels
+    swapped, the output gradient as its kernel, strides and dilations exchanged) with one group per
+    sample and conv group, so each sample's gradient is its own output block; a dynamic input
+    shape: the unfolded form."""
     x, w = node.input[0], node.input[1]
     ws, xs = b.static_shape(w), b.static_shape(x)
     if ws is None or not all(isinstance(d, int) for d in ws):
@@ -97,7 +99,7 @@ def _conv_norm(b: Builder, node: onnx.NodeProto, g: str) -> str:
     spatial = [int(d) for d in xs[2:]]
     ys = b.static_shape(node.output[0])
     if group == 1 and ys is not None and all(isinstance(d, int) for d in ys):
-        return _sliced_conv_norm(b, node, g, [int(d) for d in ys[2:]])
+        return _patch_conv_norm(b, node, g, [int(d) for d in ys[2:]])
     split = b.op("Reshape", x, b.ints([n, group, cig, *spatial]))
     swapped = b.op("Transpose", split, perm=[2, 0, 1, *range(3, 3 + nsp)])
     inputs = b.op("Reshape", swapped, b.ints([cig, n * group, *spatial]))
@@ -109,7 +111,7 @@ def _conv_norm(b: Builder, node: onnx.NodeProto, g: str) -> str:
     return b.reduce("ReduceSum", b.op("Cast", per_out, to=TensorProto.DOUBLE), [0, 2], keepdims=0)
 
 
-def _sliced_conv_norm(b: Builder, node: onnx.NodeProto, g: str, out_spatial: list[int]) -> str:
+def _patch_conv_norm(b: Builder, node: onnx.NodeProto, g: str, out_spatial: list[int]) -> str:
     """‖G_n U_nᵀ‖² for an ungrouped Conv: U_n [P, L] the patches of x, from one depthwise Conv
     whose kernel picks each offset of each channel (cost C·K²·L, against C²·K²·L for the
     full identity kernel of ``_unfolded_conv_norm``), then the direct or ghost ``_patch_norm``."""
