@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import pytest
 from click.testing import CliRunner
 
@@ -19,6 +20,13 @@ from fitonnx.fisher.session import Session, fisher_traces, open_model
 
 ZOO = Path(__file__).resolve().parent.parent / "models" / "zoo"
 RTOL = 1e-5
+# The onnx engine's onnxruntime (>= 1.20; CI's first environment). onnxruntime 1.19's batched
+# kernels round logits differently from its batch-1 ones, and a confidently classified sample's
+# loss gradient (p_y - 1) is below float32 resolution, so its per-sample values differ in relative
+# terms there (BENCHMARKS.md); its traces still agree, tests/test_engine_agreement.py.
+pytestmark = pytest.mark.skipif(
+    tuple(int(v) for v in onnxruntime.__version__.split(".")[:2]) < (1, 20), reason="needs onnxruntime >= 1.20"
+)
 
 
 def _both(s: Session, batch: int, **options: object) -> tuple[FisherTraces, FisherTraces]:

@@ -24,6 +24,7 @@ from fitonnx.errors import InternalError
 
 # Models whose external data exceeds this keep it external (smaller ones are read in, as before).
 KEEP_EXTERNAL_BYTES = 1 << 30
+ORT_VERSION = ort.__version__
 _FOLDERS: list[Path] = []
 
 
@@ -83,8 +84,14 @@ def session_folder(model_bytes: bytes) -> tuple[bytes, str | None]:
     return model.SerializeToString(), None
 
 
+def supported() -> bool:
+    """Whether this onnxruntime runs models whose weights stay external (from bytes: 1.20 and later;
+    1.19's optimizer needs the model's own path for external initializers)."""
+    return _ort_version() >= (1, 20)
+
+
 def _ort_version() -> tuple[int, int]:
-    major, minor = ort.__version__.split(".")[:2]
+    major, minor = ORT_VERSION.split(".")[:2]
     return int(major), int(minor)
 
 

@@ -139,8 +139,15 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
                 f"expected an ONNX model in {str(path)!r}; could not parse it ({type(exc).__name__})"
             ) from None
         _check_external_locations(proto, path.parent)
-        if _external_bytes(proto, path) > external.KEEP_EXTERNAL_BYTES:
+        size = _external_bytes(proto, path)
+        if size > external.KEEP_EXTERNAL_BYTES and external.supported():
             external.keep(path.parent)  # weights stay in their files (model.external)
+        elif size + proto.ByteSize() > PROTOBUF_LIMIT:
+            raise ModelError(
+                f"expected a model under 2 GiB for onnxruntime {external.ORT_VERSION}; {path.name} holds "
+                f"{(size + proto.ByteSize()) / 2**30:.2f} GiB with its external data",
+                hint="models over 2 GiB keep their weights external with onnxruntime >= 1.20 (pip install -U onnxruntime)",
+            )
         else:
             try:
                 external_data_helper.load_external_data_for_model(proto, str(path.parent))
@@ -160,6 +167,10 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise ModelError(f"{_describe(path)} is not a valid ONNX model: {first}") from None
     return LoadedModel(proto=proto, path=path)
+
+
+# One protobuf cannot exceed 2 GiB: the limit for a model read into memory.
+PROTOBUF_LIMIT = 2**31 - 1
 
 
 def _external_bytes(proto: onnx.ModelProto, path: Path) -> int:
