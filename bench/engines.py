@@ -19,7 +19,7 @@ Every variant runs with 2 threads (onnxruntime ``intra_op_num_threads=2``, ``tor
   counts samples 2..N as in ``bench_score.py``. Per sample: the gradient of every quantizable
   weight *and* of every tapped activation, reduced to squared norms in the graph.
 - ``onnx batched B``: the same loop in batches (``fisher.batched``, what ``fitonnx score`` runs with
-  ``--batch-size B``; B = 16 is the default): per-sample activation-gradient norms from one batched
+  ``--batch-size B``; B = 8 is the default): per-sample activation-gradient norms from one batched
   backward pass and per-sample weight-gradient norms from each layer's input and output gradient.
   The batched model is built once; each round times ``batched.run`` (its session included) over the
   N samples, counting samples after the first batch.

@@ -45,7 +45,7 @@ from fitonnx.prepare import prepare
 from fitonnx.progress import Progress, as_progress
 
 # Samples per batched run when --batch-size is not given (bench/engines.py, BENCHMARKS.md).
-DEFAULT_BATCH_SIZE = 16
+DEFAULT_BATCH_SIZE = 8
 # Batch and batch-1 probe values of one sample agree to float32 rounding of different kernels.
 PROBE_RTOL = 1e-3
 
