@@ -10,10 +10,11 @@ import click
 
 from fitonnx.errors import FitonnxError
 from fitonnx.files.readers import DEFAULT_LIMIT_MB, LIMIT_OPTION, Limit
-from fitonnx.fisher import engines
+from fitonnx.fisher import batched, engines
 from fitonnx.fisher.losses import FisherMode, Likelihood
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.formats import parse_format
+from fitonnx.model.runtime import DEVICES
 from fitonnx.model.sources.script import LoaderScript
 from fitonnx.scale import LOCAL_RAY, Workers
 from fitonnx.score.fit import DEFAULT_ACTIVATION_BITS, DEFAULT_WEIGHT_BITS
@@ -162,6 +163,32 @@ def _workers_into(f: F) -> F:
     return collect  # type: ignore[return-value]
 
 
+def _engine_options() -> tuple[Callable[[F], F], ...]:
+    """--engine, --batch-size and --device: what computes the gradients, how many samples per run, where."""
+    return (
+        click.option(
+            "--engine",
+            type=click.Choice(list(engines.ENGINE_CHOICES)),
+            default=engines.AUTO,
+            show_default=True,
+            help="What builds the gradient graph. auto: the first installed of " + ", ".join(engines.PREFERENCE) + ".",
+        ),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            help=f"Samples per batched run of the onnx engine (per-sample values unchanged). Default: "
+            f"{batched.DEFAULT_BATCH_SIZE} for onnx, 1 for ort-training.",
+        ),
+        click.option(
+            "--device",
+            type=click.Choice(list(DEVICES)),
+            default="cpu",
+            show_default=True,
+            help="Where the gradient runs: cpu, or cuda (onnxruntime-gpu's CUDAExecutionProvider).",
+        ),
+    )
+
+
 def fisher_options(f: F) -> F:
     """Fisher mode, loss output, sample budget, seed, gradient engine and workers, handed to the command
     as one ``options: FisherOptions`` argument."""
@@ -188,6 +215,8 @@ def fisher_options(f: F) -> F:
             tol=tol,
             seed=seed,
             engine=engine,
+            batch_size=kwargs.pop("batch_size"),
+            device=kwargs.pop("device"),
             output_kinds=kwargs.pop("output_kind"),  # FisherOptions parses the NAME=KIND strings
         )
         return with_workers(*args, options=options, **kwargs)
@@ -232,13 +261,7 @@ def fisher_options(f: F) -> F:
             show_default=True,
             help="Seed for --fisher mc and --random-data.",
         ),
-        click.option(
-            "--engine",
-            type=click.Choice(list(engines.ENGINE_CHOICES)),
-            default=engines.AUTO,
-            show_default=True,
-            help="What builds the gradient graph. auto: the first installed of " + ", ".join(engines.PREFERENCE) + ".",
-        ),
+        *_engine_options(),
         *WORKERS_OPTIONS,
     )(collect)  # type: ignore[arg-type]
 

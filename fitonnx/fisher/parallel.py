@@ -49,6 +49,7 @@ class _Context:
     enumeration: tuple[tuple[int, ...], int] | None
     seed: int
     threads: int
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class _Worker:
 
     def __init__(self, ctx: _Context) -> None:
         self.ctx = ctx
-        self.session = make_session(ctx.gm.model_bytes, ctx.threads)
+        self.session = make_session(ctx.gm.model_bytes, ctx.threads, device=ctx.device)
         self.shapes = engine._Shapes(ctx.gm, list(ctx.specs), ctx.threads)
         self.noisy = any(part.noise is not None for part in ctx.gm.head.heads)
         self.rng = np.random.default_rng(ctx.seed)
@@ -174,7 +175,7 @@ def run(
     act_shapes = {act: z.shape for act, z in zip((a for a, _ in gm.perturbations), zeros.values(), strict=True)}
     enumeration = engine._first_sample_checks(gm, data, specs, tap_shapes[0])  # every label, before any shard
     threads = (options.threads or 1) if workers.ray else threads_per_process(workers.processes, options.threads)
-    ctx = _Context(gm, dict(specs), layout, enumeration, options.seed, threads)
+    ctx = _Context(gm, dict(specs), layout, enumeration, options.seed, threads, options.device)
     acc = engine._Accumulator(gm, _scalar_layout(layout), total)
     with Pool(workers, Job(ctx, _setup, _work)) as pool:
         shards = _shards(data, specs, total, pool.slots)
