@@ -16,6 +16,7 @@ from fitonnx.errors import DataError
 from fitonnx.fisher import engine, engines, instrument, losses, outputs
 from fitonnx.fisher.checks import check_traces
 from fitonnx.fisher.options import FisherOptions
+from fitonnx.fisher.statistics import NO_STATISTICS, Statistics
 from fitonnx.model import data as data_mod
 from fitonnx.model import graph
 from fitonnx.model.data import Dataset
@@ -97,12 +98,14 @@ def fisher_traces(
     keep_gradients: bool = False,
     threads: int = 0,
     exact_points: bool = False,
+    statistics: Statistics = NO_STATISTICS,
 ) -> tuple[engine.FisherTraces, losses.OutputTarget, losses.FisherMode]:
-    """The engine's raw per-sample statistics (for callers that need more than the report)."""
+    """The engine's raw per-sample statistics (for callers that need more than the report);
+    ``statistics``: format statistics reduced in the graph (``FisherTraces.sums``)."""
     opts = options or FisherOptions()
     as_progress(progress).start(1, "Building the gradient model")  # closed by the samples' stage
     gm, target, mode = gradient_model(
-        s, opts, keep_gradients=keep_gradients, threads=threads, exact_points=exact_points
+        s, opts, keep_gradients=keep_gradients, threads=threads, exact_points=exact_points, statistics=statistics
     )
     traces = engine.run(gm, s.data, s.specs, opts.run_options(threads), progress)
     feed = {k: v for k, v in s.data.sample(0, s.specs).items() if k in s.specs}
@@ -116,6 +119,7 @@ def gradient_model(
     keep_gradients: bool = False,
     threads: int = 0,
     exact_points: bool = False,
+    statistics: Statistics = NO_STATISTICS,
 ) -> tuple[instrument.GradientModel, losses.OutputTarget, losses.FisherMode]:
     """The gradient model ``fisher_traces`` runs, for callers that add per-sample outputs of their own
     (``options``: only the mode and the output matter here, not the sample budget). The target
@@ -148,6 +152,7 @@ def gradient_model(
         ranks={name: len(shape) for name, shape in shapes.items()},
         keep_gradients=keep_gradients,
         exact_points=exact_points,
+        statistics=statistics,
         # Every sample has these shapes; pooling gradients need them concrete (see instrument).
         shapes={**shapes, **{name: value.shape for name, value in feed.items() if name in s.specs}},
         engine=grad_engine.name,

@@ -1,0 +1,274 @@
+"""Fisher statistics beyond the per-tensor trace, reduced inside the gradient graph (issue 11).
+
+Scoring per-channel, per-block and floating-point formats needs more of the Fisher diagonal than
+its trace, but never the diagonal itself: each statistic here is a reduction of the per-sample
+squared gradient g_ij² that the gradient graph computes, so the engine fetches a few numbers per
+tensor instead of copying every gradient out. The engine sums them in float64 over samples
+(``FisherTraces.sums``, the mean over samples, like the traces).
+
+- ``GroupStat``: per-group Fisher mass Σ_{j∈g} g_ij² of a weight, one group per index along an
+  axis (per channel) or per run of B elements along it (per block), in the flat C order of
+  ``formats.groups.group_shape`` (``groups.group_sums`` is the numpy twin).
+- ``WeightedStat``: Σ_j g_ij² · c_j for a constant c of the weight's shape, e.g. a format's
+  measured error (Q(w) − w)² or its expected noise power; the graph holds √c and squares g·√c.
+- ``NoiseStat``: Σ_j g_ij² · E[δ²](a_ij) of an activation under a floating format with a fixed
+  float32 scale s (calibrated beforehand): the spacing of the binade of |a/s|, squared, over 12,
+  times s² (``formats.fit.noise_power``), with the saturation error beyond the largest element.
+
+Sums run in float32 over runs of at most ``CHUNK`` consecutive elements, then in float64 (the
+precision rule of ``instrument.MIN_BLOCK``); where no run length divides, the gradient is cast to
+float64 first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from fitonnx.errors import InternalError
+from fitonnx.formats import Format, ScaleType
+from fitonnx.model.runtime import make_session
+
+CHUNK = 32  # longest float32 run summed before float64 (≤ 32·2⁻²⁴ relative)
+Nodes = tuple[list[onnx.NodeProto], list[onnx.TensorProto]]
+
+
+@dataclass(frozen=True)
+class GroupStat:
+    """Per-group Fisher mass of ``tensor``: per index along ``axis`` (``block`` None) or per block."""
+
+    tensor: str
+    axis: int
+    block: int | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.tensor}|groups:{self.axis}:{self.block or 'ch'}"
+
+
+@dataclass(frozen=True)
+class WeightedStat:
+    """Σ_j g_j² · c_j with c ≥ 0 finite, a constant of ``tensor``'s shape named by ``label``."""
+
+    tensor: str
+    label: str
+    weights: np.ndarray = field(compare=False, repr=False)
+
+    @property
+    def key(self) -> str:
+        return f"{self.tensor}|{self.label}"
+
+
+@dataclass(frozen=True)
+class NoiseStat:
+    """Σ_j g_j² · E[δ_j²] of activation ``tensor`` under floating ``fmt`` with float32 scale ``scale``."""
+
+    tensor: str
+    fmt: Format
+    scale: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.tensor}|{self.fmt.name}:noise"
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """Every statistic one gradient model computes."""
+
+    groups: tuple[GroupStat, ...] = ()
+    weighted: tuple[WeightedStat, ...] = ()
+    noise: tuple[NoiseStat, ...] = ()
+
+    @property
+    def tensors(self) -> set[str]:
+        return {s.tensor for s in (*self.groups, *self.weighted, *self.noise)}
+
+    def __bool__(self) -> bool:
+        return bool(self.groups or self.weighted or self.noise)
+
+
+NO_STATISTICS = Statistics()
+
+
+def _chunk(n: int) -> int | None:
+    """The largest divisor of ``n`` in [2, CHUNK], or None."""
+    return next((k for k in range(CHUNK, 1, -1) if n % k == 0), None)
+
+
+def _const(name: str, values: Sequence[int] | np.ndarray, dtype: int = TensorProto.INT64) -> onnx.TensorProto:
+    arr = np.asarray(values)
+    return helper.make_tensor(name, dtype, list(arr.shape), arr.ravel().tolist())
+
+
+def _reduce(op: str, x: str, axes: Sequence[int], out: str, opset: int) -> Nodes:
+    """``op`` (ReduceSum/ReduceSumSquare) over ``axes`` without keepdims, in either opset's spelling."""
+    if (op == "ReduceSum" and opset >= 13) or opset >= 18:
+        axes_init = _const(out + "_axes", list(axes))
+        return [helper.make_node(op, [x, axes_init.name], [out], keepdims=0)], [axes_init]
+    return [helper.make_node(op, [x], [out], axes=list(axes), keepdims=0)], []
+
+
+def _chunked_square_sum(x: str, dims: Sequence[int], keep: Sequence[int], out: str, opset: int) -> Nodes:
+    """Σ x² over every axis of ``x`` viewed as ``dims`` except ``keep``, as float64 (shape of the kept axes).
+
+    One summed axis is cut into runs of ≤ CHUNK summed in float32; the rest is summed in float64."""
+    summed = [k for k in range(len(dims)) if k not in keep]
+    cut = next((k for k in reversed(summed) if _chunk(dims[k])), None)
+    nodes, inits = [], []
+    if cut is None:
+        shape = _const(out + "_shape", list(dims))
+        nodes += [
+            helper.make_node("Cast", [x], [out + "_f64"], to=TensorProto.DOUBLE),
+            helper.make_node("Reshape", [out + "_f64", shape.name], [out + "_view"]),
+        ]
+        more, extra = _reduce("ReduceSumSquare", out + "_view", summed, out, opset)
+        return nodes + more, [shape, *inits, *extra]
+    k = _chunk(dims[cut])
+    assert k is not None
+    view = [*dims[:cut], dims[cut] // k, k, *dims[cut + 1 :]]
+    shape = _const(out + "_shape", view)
+    nodes.append(helper.make_node("Reshape", [x, shape.name], [out + "_view"]))
+    part, part_inits = _reduce("ReduceSumSquare", out + "_view", [cut + 1], out + "_f32", opset)
+    nodes += [*part, helper.make_node("Cast", [out + "_f32"], [out + "_f64"], to=TensorProto.DOUBLE)]
+    rest, rest_inits = _reduce("ReduceSum", out + "_f64", summed, out, opset)
+    return nodes + rest, [shape, *part_inits, *rest_inits]
+
+
+def group_nodes(stat: GroupStat, grad: str, shape: Sequence[int], out: str, opset: int) -> Nodes:
+    """Nodes computing ``out``: the flat float64 per-group Σ g² of ``stat`` over a gradient of ``shape``."""
+    shape = [int(d) for d in shape]
+    axis = stat.axis % len(shape)
+    pre, size, post = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
+    if stat.block is None:
+        nodes, inits = _chunked_square_sum(grad, [pre, size, post], [1], out + "_g", opset)
+    else:
+        if size % stat.block:
+            raise InternalError(f"block {stat.block} does not divide axis {axis} of {stat.tensor!r} {shape}")
+        dims = [pre, size // stat.block, stat.block, post]
+        nodes, inits = _chunked_square_sum(grad, dims, [0, 1, 3], out + "_g", opset)
+    flat = _const(out + "_flat", [-1])
+    return [*nodes, helper.make_node("Reshape", [out + "_g", flat.name], [out])], [*inits, flat]
+
+
+def weighted_nodes(stat: WeightedStat, grad: str, out: str, opset: int) -> Nodes:
+    """Nodes computing ``out`` = Σ g² · c (float64 scalar) as ‖g ⊙ √c‖²."""
+    c = np.asarray(stat.weights, np.float64)
+    if not (np.all(np.isfinite(c)) and np.all(c >= 0)):
+        raise InternalError(f"weights of statistic {stat.key!r} must be finite and non-negative")
+    root = helper.make_tensor(out + "_root", TensorProto.FLOAT, list(c.shape), np.sqrt(c).astype(np.float32).ravel())
+    nodes = [helper.make_node("Mul", [grad, root.name], [out + "_gw"])]
+    more, inits = _chunked_square_sum(out + "_gw", [max(c.size, 1)], [], out, opset)
+    return nodes + more, [root, *inits]
+
+
+def noise_nodes(stat: NoiseStat, grad: str, value: str, numel: int, out: str, opset: int) -> Nodes:
+    """Nodes computing ``out`` = Σ g² · E[δ²](value) under ``stat.fmt`` with scale ``stat.scale``.
+
+    v = value / s in float32 (as QuantizeLinear divides); its binade e = ⌊log2|v|⌋, from Log and
+    corrected by comparing |v| with 2^e (so exact powers of two land where frexp puts them),
+    floored at the smallest normal exponent; E[δ²] = s² · 4^(e − m) / 12, and (|v| − max)² · s²
+    beyond the largest element (fp16/bf16: infinite noise there, which the caller must not ask for)."""
+    info = ml_dtypes.finfo(stat.fmt.dtype)
+    top, mant, emin = float(info.max), int(info.nmant), int(info.minexp)
+    p = out + "_"
+    consts = {
+        "s": stat.scale, "inv_ln2": 1.0 / math.log(2.0), "two": 2.0, "four": 4.0, "one": 1.0,
+        "emin": float(emin), "top": top, "sat": 12.0 * 4.0**mant,
+    }  # fmt: skip
+    inits = [helper.make_tensor(p + k, TensorProto.FLOAT, [], [v]) for k, v in consts.items()]
+    mk = helper.make_node
+    nodes = [
+        mk("Div", [value, p + "s"], [p + "v"]),
+        mk("Abs", [p + "v"], [p + "x"]),
+        mk("Log", [p + "x"], [p + "ln"]),
+        mk("Mul", [p + "ln", p + "inv_ln2"], [p + "l2"]),
+        mk("Floor", [p + "l2"], [p + "e0"]),
+        mk("Pow", [p + "two", p + "e0"], [p + "p0"]),
+        mk("Less", [p + "x", p + "p0"], [p + "below"]),
+        mk("Sub", [p + "e0", p + "one"], [p + "e_dn"]),
+        mk("Where", [p + "below", p + "e_dn", p + "e0"], [p + "e1"]),
+        mk("Mul", [p + "p0", p + "two"], [p + "p1"]),
+        mk("GreaterOrEqual", [p + "x", p + "p1"], [p + "above"]),
+        mk("Add", [p + "e0", p + "one"], [p + "e_up"]),
+        mk("Where", [p + "above", p + "e_up", p + "e1"], [p + "e2"]),
+        mk("Max", [p + "e2", p + "emin"], [p + "e"]),
+        mk("Pow", [p + "four", p + "e"], [p + "w_in"]),  # 4^e: E[δ²] in units of s²·4^(−m)/12
+        mk("Sub", [p + "x", p + "top"], [p + "over"]),
+        mk("Mul", [p + "over", p + "over"], [p + "over2"]),
+        mk("Mul", [p + "over2", p + "sat"], [p + "w_sat"]),
+        mk("Greater", [p + "x", p + "top"], [p + "beyond"]),
+        mk("Where", [p + "beyond", p + "w_sat", p + "w_in"], [p + "w"]),
+        mk("Sqrt", [p + "w"], [p + "root"]),
+        mk("Mul", [grad, p + "root"], [p + "gw"]),
+    ]
+    more, more_inits = _chunked_square_sum(p + "gw", [max(numel, 1)], [], p + "units", opset)
+    factor = helper.make_tensor(p + "factor", TensorProto.DOUBLE, [], [stat.scale**2 * 4.0 ** (-mant) / 12.0])
+    nodes += [*more, mk("Mul", [p + "units", factor.name], [out])]
+    return nodes, [*inits, *more_inits, factor]
+
+
+def add_statistics(
+    g: onnx.GraphProto,
+    stats: Statistics,
+    grads: Mapping[str, str],
+    shapes: Mapping[str, tuple[int, ...]],
+    opset: int,
+) -> list[tuple[str, str]]:
+    """Append every statistic's nodes to ``g``; return (key, output name) pairs, in request order.
+
+    ``grads``: the gradient output of each tensor; ``shapes``: each tensor's (per-sample) shape."""
+    pairs: list[tuple[str, str]] = []
+    everything: list[GroupStat | WeightedStat | NoiseStat] = [*stats.groups, *stats.weighted, *stats.noise]
+    for i, stat in enumerate(everything):
+        out = f"fitonnx_stat{i}"
+        if stat.tensor not in grads or stat.tensor not in shapes:
+            raise InternalError(f"statistic {stat.key!r} names a tensor that is not scored")
+        grad = grads[stat.tensor]
+        if isinstance(stat, GroupStat):
+            nodes, inits = group_nodes(stat, grad, shapes[stat.tensor], out, opset)
+        elif isinstance(stat, WeightedStat):
+            nodes, inits = weighted_nodes(stat, grad, out, opset)
+        else:
+            numel = math.prod(shapes[stat.tensor])
+            nodes, inits = noise_nodes(stat, grad, stat.tensor, numel, out, opset)
+        g.node.extend(nodes)
+        g.initializer.extend(inits)
+        pairs.append((stat.key, out))
+    return pairs
+
+
+def noise_needs_scale(fmt: Format) -> bool:
+    """Whether an activation's floating ``fmt`` scales by a calibrated max|a| (fp16/bf16 do not)."""
+    return fmt.scale is not ScaleType.NONE
+
+
+def activation_absmax(
+    model: onnx.ModelProto,
+    names: Sequence[str],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    threads: int = 0,
+) -> dict[str, float]:
+    """max |a| of each activation over ``feeds``: one forward pass per sample through a copy of
+    ``model`` whose outputs are ReduceMax(Abs(a)) (the calibration a toolchain runs before scaling)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    outs = []
+    for i, name in enumerate(names):
+        out = f"fitonnx_absmax{i}"
+        probe.graph.node.append(helper.make_node("Abs", [name], [out + "_abs"]))
+        probe.graph.node.append(helper.make_node("ReduceMax", [out + "_abs"], [out], keepdims=0))
+        probe.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, []))
+        outs.append(out)
+    session = make_session(probe.SerializeToString(), threads)
+    best = np.zeros(len(names), np.float64)
+    for feed in feeds:
+        np.maximum(best, np.array(session.run(outs, dict(feed)), np.float64), out=best)
+    return dict(zip(names, best.tolist(), strict=True))
