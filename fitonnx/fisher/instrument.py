@@ -323,7 +323,14 @@ def _add_statistics(g: onnx.GraphProto, r: GradientRequest, grads: Sequence[str]
         return []
     dims = {init.name: tuple(int(d) for d in init.dims) for init in r.model.graph.initializer}
     shapes = {t.name: dims[t.name] if t.kind is Kind.WEIGHT else tuple((r.shapes or {})[t.name]) for t in r.tensors}
-    return add_statistics(g, r.statistics, dict(zip((t.name for t in r.tensors), grads, strict=True)), shapes, opset)
+    # A plan made over every quantizable tensor names some the loss does not reach: they are not scored.
+    scored = {t.name for t in r.tensors}
+    stats = Statistics(
+        tuple(x for x in r.statistics.groups if x.tensor in scored),
+        tuple(x for x in r.statistics.weighted if x.tensor in scored),
+        tuple(x for x in r.statistics.noise if x.tensor in scored),
+    )
+    return add_statistics(g, stats, dict(zip((t.name for t in r.tensors), grads, strict=True)), shapes, opset)
 
 
 def _gradient_names(g: onnx.GraphProto, tensors: Sequence[QuantTensor], by_tensor: Mapping[str, str]) -> list[str]:

@@ -23,7 +23,7 @@ float64 first.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import ml_dtypes
@@ -252,7 +252,7 @@ def noise_needs_scale(fmt: Format) -> bool:
 def activation_absmax(
     model: onnx.ModelProto,
     names: Sequence[str],
-    feeds: Sequence[Mapping[str, np.ndarray]],
+    feeds: Iterable[Mapping[str, np.ndarray]],
     threads: int = 0,
 ) -> dict[str, float]:
     """max |a| of each activation over ``feeds``: one forward pass per sample through a copy of

@@ -1,22 +1,50 @@
-"""FIT of a weight under any number format, from the per-element Fisher diagonal.
+"""FIT of every quantizable tensor under any number format.
 
 FIT_t(f) = Σ_j F_jj · E[δ_j²](f) (``fitonnx.formats.fit``). A per-channel format groups the
 elements along the consuming op's output-channel axis, a per-block format along its reduction
 axis (the axis a toolchain blocks: MatMulNBits' K); per tensor it is the paper's Tr(F)·Δ²/12.
-The diagonal comes from a gradient model built with ``keep_gradients`` (``FisherTraces.diag``).
+
+Two ways to the same numbers:
+- ``plan_statistics`` + ``format_fits``: the statistics each format needs are reduced inside the
+  gradient graph (``fisher.statistics``: per-group Fisher mass for integer grids, Σ g²·c for a
+  weight's floating-format noise and measured error, Σ g²·E[δ²](a) per sample for activations),
+  so nothing per element leaves the session. This is what ``score --format`` runs.
+- ``weight_format_fits``: weights only, from a full diagonal kept with ``keep_gradients``
+  (``FisherTraces.diag``); the independent check of the first.
+
+Which formats apply: every format to a weight read by Conv/ConvTranspose/Gemm/MatMul (per tensor
+to any weight; per block only when the block size divides the axis); to an activation the per-tensor
+ones whose scale is one float32 (integers, fp8/fp4 with a calibrated max|a|, fp16/bf16).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from fitonnx.errors import InternalError
-from fitonnx.formats import Format, Granularity, fit_expected, fit_measured
+from fitonnx.fisher.engine import FisherTraces
+from fitonnx.fisher.statistics import GroupStat, NoiseStat, Statistics, WeightedStat, noise_needs_scale
+from fitonnx.formats import (
+    Format,
+    Granularity,
+    ScaleType,
+    bits_per_element,
+    fit_expected,
+    fit_measured,
+    group_delta_sq,
+    group_shape,
+    noise_power,
+    params_from_range,
+    quantize_dequantize,
+)
+from fitonnx.model.graph import Kind, QuantTensor
 
 
 @dataclass(frozen=True)
@@ -88,3 +116,157 @@ def weight_format_fits(
                 )
             )
     return out
+
+
+@dataclass(frozen=True)
+class FormatFit:
+    """One tensor under one format, from the in-graph statistics.
+
+    ``expected``: Σ_j F_jj · E[δ_j²] under the format's noise model (integers: Σ_g mass_g · Δ_g²/12);
+    ``measured``: Σ_j F_jj · (Q(w_j) − w_j)² for a weight under a floating format (None otherwise);
+    ``bits``: storage bits per element, scales and zero points included (``formats.bits_per_element``).
+    """
+
+    tensor: str
+    format: str
+    axis: int | None
+    expected: float
+    measured: float | None
+    bits: float
+
+
+def applies(model: onnx.ModelProto, t: QuantTensor, fmt: Format, shape: tuple[int, ...]) -> tuple[bool, int | None]:
+    """Whether ``fmt`` applies to tensor ``t`` of ``shape`` (see the module docstring), and its axis."""
+    if t.kind is Kind.ACTIVATION:
+        return fmt.granularity is Granularity.TENSOR and fmt.scale in (ScaleType.FLOAT32, ScaleType.NONE), None
+    axis = format_axis(model, t.name, fmt, len(shape))
+    if fmt.granularity is Granularity.TENSOR:
+        return True, None
+    if axis is None or (fmt.granularity is Granularity.BLOCK and shape[axis] % (fmt.block_size or 1)):
+        return False, None
+    return True, axis
+
+
+def _weights(model: onnx.ModelProto, names: set[str]) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t).astype(np.float32) for t in model.graph.initializer if t.name in names}
+
+
+def _weight_stats(fmt: Format, name: str, w: np.ndarray, axis: int | None) -> list[GroupStat | WeightedStat]:
+    """The in-graph statistics a weight needs under ``fmt`` (none for a per-tensor integer grid)."""
+    if fmt.is_int:
+        return [] if axis is None else [GroupStat(name, axis, fmt.block_size)]
+    power = noise_power(fmt, w, axis)
+    err = quantize_dequantize(w, fmt, axis).astype(np.float64) - w.astype(np.float64)
+    stats: list[GroupStat | WeightedStat] = [WeightedStat(name, f"{fmt.name}:measured", err**2)]
+    if np.all(np.isfinite(power)):  # else fp16/bf16 overflow: infinite FIT, no statistic needed
+        stats.append(WeightedStat(name, f"{fmt.name}:expected", power))
+    return stats
+
+
+def activation_scale(fmt: Format, absmax: float) -> float:
+    """The float32 scale of a floating activation format calibrated to max|a| = ``absmax``."""
+    return float(np.asarray(params_from_range(fmt, -absmax, absmax).scale).ravel()[0])
+
+
+def scaled_activations(tensors: Sequence[QuantTensor], formats: Sequence[Format]) -> list[str]:
+    """Activations whose floating formats need a calibrated max|a| before the gradient run."""
+    if not any(not f.is_int and noise_needs_scale(f) and f.granularity is Granularity.TENSOR for f in formats):
+        return []
+    return [t.name for t in tensors if t.kind is Kind.ACTIVATION]
+
+
+def plan_statistics(
+    model: onnx.ModelProto,
+    tensors: Sequence[QuantTensor],
+    formats: Sequence[Format],
+    absmax: Mapping[str, float] | None = None,
+) -> Statistics:
+    """The in-graph statistics ``format_fits`` needs for ``formats`` over ``tensors``.
+
+    ``absmax``: max|a| of each activation over the calibration samples (``fisher.statistics.
+    activation_absmax``), needed for floating formats with a scale (``scaled_activations``)."""
+    values = _weights(model, {t.name for t in tensors if t.kind is Kind.WEIGHT})
+    groups: dict[str, GroupStat] = {}
+    weighted: list[WeightedStat] = []
+    noise: list[NoiseStat] = []
+    for t in tensors:
+        for fmt in formats:
+            shape = values[t.name].shape if t.kind is Kind.WEIGHT else ()
+            ok, axis = applies(model, t, fmt, shape)
+            if not ok or (t.kind is Kind.ACTIVATION and fmt.is_int):
+                continue
+            if t.kind is Kind.WEIGHT:
+                for stat in _weight_stats(fmt, t.name, values[t.name], axis):
+                    if isinstance(stat, GroupStat):
+                        groups.setdefault(stat.key, stat)
+                    else:
+                        weighted.append(stat)
+                continue
+            if noise_needs_scale(fmt) and (absmax is None or t.name not in absmax):
+                raise InternalError(f"activation {t.name!r} under {fmt.name} needs its calibrated max|a|")
+            scale = activation_scale(fmt, absmax[t.name]) if absmax is not None and noise_needs_scale(fmt) else 1.0
+            noise.append(NoiseStat(t.name, fmt, scale))
+    return Statistics(tuple(groups.values()), tuple(weighted), tuple(noise))
+
+
+def _sum(traces: FisherTraces, key: str) -> np.ndarray:
+    if traces.sums is None or key not in traces.sums:
+        raise InternalError(f"the gradient model was not built with the statistic {key!r} (plan_statistics)")
+    return traces.sums[key]
+
+
+def _overflows(fmt: Format, lo: float, hi: float) -> bool:
+    """A plain fp16/bf16 cast of the range [lo, hi] overflows to infinity."""
+    info = ml_dtypes.finfo(fmt.dtype)
+    threshold = float(info.max) + float(np.ldexp(1.0, int(np.floor(np.log2(float(info.max)))) - int(info.nmant))) / 2
+    return max(abs(lo), abs(hi)) >= threshold
+
+
+def _weight_fit(traces: FisherTraces, fmt: Format, name: str, w: np.ndarray, axis: int | None, trace: float):
+    """(expected, measured) of a weight under ``fmt`` from the traces' statistics."""
+    if fmt.is_int:
+        delta_sq = group_delta_sq(fmt, w, axis)
+        if axis is None:
+            return trace * float(delta_sq.ravel()[0]) / 12.0, None
+        mass = _sum(traces, GroupStat(name, axis, fmt.block_size).key).reshape(group_shape(fmt, w.shape, axis))
+        return float(np.sum(mass * delta_sq) / 12.0), None
+    measured = float(_sum(traces, f"{name}|{fmt.name}:measured"))
+    if fmt.scale is ScaleType.NONE and _overflows(fmt, float(w.min()), float(w.max())):
+        return math.inf, measured
+    return float(_sum(traces, f"{name}|{fmt.name}:expected")), measured
+
+
+def format_fits(
+    traces: FisherTraces, model: onnx.ModelProto, formats: Sequence[Format]
+) -> dict[tuple[str, str], FormatFit]:
+    """FIT of every scored tensor under every format that applies to it, keyed (tensor, format name).
+
+    ``traces`` must come from a gradient model built with ``plan_statistics(model, traces.tensors,
+    formats, ...)``; ``model`` is the prepared model (its weights define the weight grids)."""
+    values = _weights(model, {t.name for t in traces.tensors if t.kind is Kind.WEIGHT})
+    trace = dict(zip((t.name for t in traces.tensors), traces.trace().tolist(), strict=True))
+    out: dict[tuple[str, str], FormatFit] = {}
+    for t in traces.tensors:
+        shape = values[t.name].shape if t.kind is Kind.WEIGHT else tuple(traces.act_shapes.get(t.name, ()))
+        for fmt in formats:
+            ok, axis = applies(model, t, fmt, shape)
+            if not ok:
+                continue
+            if t.kind is Kind.WEIGHT:
+                expected, measured = _weight_fit(traces, fmt, t.name, values[t.name], axis, trace[t.name])
+            else:
+                expected, measured = _activation_fit(traces, fmt, t.name, trace[t.name]), None
+            # An activation is not stored: its cost is the element width.
+            bits = bits_per_element(fmt, shape, axis) if t.kind is Kind.WEIGHT else float(fmt.bits)
+            out[(t.name, fmt.name)] = FormatFit(t.name, fmt.name, axis, expected, measured, bits)
+    return out
+
+
+def _activation_fit(traces: FisherTraces, fmt: Format, name: str, trace: float) -> float:
+    lo, hi = traces.act_min[name], traces.act_max[name]
+    if fmt.is_int:
+        step = float(np.asarray(params_from_range(fmt, lo, hi).scale).ravel()[0])
+        return trace * step**2 / 12.0
+    if fmt.scale is ScaleType.NONE and _overflows(fmt, lo, hi):
+        return math.inf
+    return float(_sum(traces, NoiseStat(name, fmt, 1.0).key))
