@@ -8,12 +8,15 @@ from typing import Any, TypeVar
 
 import click
 
+from fitonnx.errors import FitonnxError
 from fitonnx.files.readers import DEFAULT_LIMIT_MB, LIMIT_OPTION, Limit
 from fitonnx.fisher import engines
 from fitonnx.fisher.losses import FisherMode, Likelihood
 from fitonnx.fisher.options import FisherOptions
+from fitonnx.formats import FORMATS, parse_format
 from fitonnx.model.sources.script import LoaderScript
 from fitonnx.score.fit import DEFAULT_ACTIVATION_BITS, DEFAULT_WEIGHT_BITS
+from fitonnx.score.formats_fit import TARGET_FORMATS
 from fitonnx.score.noise import NOISE_MODELS, NoiseModel
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -219,3 +222,60 @@ def bits_options(f: F) -> F:
             help="Candidate activation bit widths.",
         ),
     )(f)
+
+
+class FormatList(click.ParamType):
+    """Comma-separated format names (``int4/ch,fp8e4m3``), each one the format grammar spells."""
+
+    name = "formats"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        names = []
+        for part in (v.strip() for v in str(value).split(",")):
+            if not part:
+                continue
+            try:
+                names.append(parse_format(part).name)
+            except FitonnxError as exc:
+                self.fail(
+                    str(exc).replace(
+                        f"among {sorted(FORMATS)}",
+                        "such as int8, int4/ch, uint4/b32, fp8e4m3, nvfp4/16, mxfp4/32, fp16",
+                    ),
+                    param,
+                    ctx,
+                )
+        return tuple(names)
+
+
+def format_options(f: F) -> F:
+    """--format (repeatable, comma lists) and --target: the number formats to score every tensor under."""
+
+    @functools.wraps(f)
+    def collect(*args: Any, formats: tuple[tuple[str, ...], ...], format_target: str | None, **kwargs: Any) -> Any:
+        names = [n for group in formats for n in group]
+        if format_target is not None:
+            names += TARGET_FORMATS[format_target]
+        return f(*args, formats=tuple(dict.fromkeys(names)), **kwargs)
+
+    return _compose(
+        click.option(
+            "--format",
+            "formats",
+            type=FormatList(),
+            multiple=True,
+            help="Also score every tensor under this number format (repeatable or comma-separated): "
+            "[u]intN[/ch|/bB], fp8e4m3, fp8e5m2, fp8e4m3/ch, mxfp4/32, mxfp8/32, nvfp4/16, fp16, bf16. "
+            "Per-channel and per-block formats apply to Conv/Gemm/MatMul weights.",
+        ),
+        click.option(
+            "--target",
+            "format_target",
+            type=click.Choice(sorted(TARGET_FORMATS)),
+            help="Also score the formats this toolchain quantizes to: "
+            + "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(TARGET_FORMATS.items()))
+            + ".",
+        ),
+    )(collect)  # type: ignore[arg-type]

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from fitonnx.errors import InternalError
+from fitonnx.errors import FitonnxError, InternalError
 from fitonnx.fisher.engine import FisherTraces
 from fitonnx.fisher.statistics import GroupStat, NoiseStat, Statistics, WeightedStat, noise_needs_scale
 from fitonnx.formats import (
@@ -42,6 +42,7 @@ from fitonnx.formats import (
     group_shape,
     noise_power,
     params_from_range,
+    parse_format,
     quantize_dequantize,
 )
 from fitonnx.model.graph import Kind, QuantTensor
@@ -116,6 +117,27 @@ def weight_format_fits(
                 )
             )
     return out
+
+
+# What ``score --target`` scores: the formats each toolchain quantizes to (issue 11's facts; the
+# names are those of ``allocate.targets.TARGETS``). Per-channel and per-block formats apply to
+# weights only, so one list serves weights and activations.
+TARGET_FORMATS: dict[str, tuple[str, ...]] = {
+    # per-channel symmetric INT8/INT4 weights, FP8 E4M3 weights and activations, NVFP4 weights,
+    # per-tensor INT8/FP8 activations, FP16 for what stays in float
+    "tensorrt": ("int8/ch", "int4/ch", "int8", "fp8e4m3", "nvfp4/16", "fp16"),
+    # per-channel INT4/8/16 weights, UINT8/16 activations
+    "qnn": ("int4/ch", "int8/ch", "int16/ch", "uint8", "uint16"),
+    # QDQ (per tensor, per channel when asked), MatMulNBits INT4 weights in blocks (asymmetric by default)
+    "ort": ("int8", "int8/ch", "uint8", "uint16", "uint4/b32", "uint4/b128"),
+}
+
+
+def target_formats(target: str) -> tuple[Format, ...]:
+    """The formats ``score --target`` scores for ``target``; an unknown name fails with the known ones."""
+    if target not in TARGET_FORMATS:
+        raise FitonnxError(f"expected a target among {sorted(TARGET_FORMATS)} for scoring formats; found {target!r}")
+    return tuple(parse_format(n) for n in TARGET_FORMATS[target])
 
 
 @dataclass(frozen=True)

@@ -115,21 +115,39 @@ def score_model(
     noise_model: noise.NoiseModel | str = noise.NoiseModel.UNIFORM,
     progress: engine.Progress | None = None,
     session: Session | None = None,
-    formats: Sequence[Format | str] = (),
 ) -> ScoreReport:
     """Fisher traces and FIT for every quantizable weight and activation of ``model``.
 
     ``options``: how the Fisher is estimated (default: ``FisherOptions()``). ``noise_model``:
     ``uniform`` (the paper) or ``grid`` (see fitonnx.score.noise). ``data`` may be
-    ``RandomData(n)`` to score random inputs (a smoke test). ``formats``: number formats (or their
-    names, ``int4/ch``, ``fp8e4m3``, ``nvfp4/16``) to score every tensor under besides the bit widths
-    (``TensorScore.formats``; see ``score.formats_fit``)."""
+    ``RandomData(n)`` to score random inputs (a smoke test). ``session``: an already open model
+    (``model`` and ``data`` are then not read). Number formats: ``score_session``."""
     opts = options or FisherOptions()
-    kind = noise.NoiseModel(noise_model)
-    fmts = _unique([f if isinstance(f, Format) else parse_format(f) for f in formats])
     if session is None:
         as_progress(progress).start(1, "Loading and preparing the model")
     s = session if session is not None else open_model(model, data, seed=opts.seed, max_samples=opts.max_samples)
+    return score_session(
+        s, options=opts, weight_bits=weight_bits, activation_bits=activation_bits, noise_model=noise_model,
+        progress=progress,
+    )  # fmt: skip
+
+
+def score_session(
+    s: Session,
+    *,
+    options: FisherOptions | None = None,
+    weight_bits: Sequence[int] = DEFAULT_WEIGHT_BITS,
+    activation_bits: Sequence[int] = DEFAULT_ACTIVATION_BITS,
+    noise_model: noise.NoiseModel | str = noise.NoiseModel.UNIFORM,
+    formats: Sequence[Format | str] = (),
+    progress: engine.Progress | None = None,
+) -> ScoreReport:
+    """``score_model`` on an open session, and with ``formats``: number formats (or their names,
+    ``int4/ch``, ``fp8e4m3``, ``nvfp4/16``) to score every tensor under besides the bit widths
+    (``TensorScore.formats``, ``ScoreReport.format_totals``; see ``score.formats_fit``)."""
+    opts = options or FisherOptions()
+    kind = noise.NoiseModel(noise_model)
+    fmts = _unique([f if isinstance(f, Format) else parse_format(f) for f in formats])
     plan = format_statistics(s, fmts, opts) if fmts else NO_STATISTICS
     traces, target, mode = fisher_traces(
         s, opts, progress=progress, exact_points=kind is noise.NoiseModel.GRID, statistics=plan
@@ -144,6 +162,13 @@ def score_model(
     )
     if fmts:
         report = with_formats(report, formats_fit.format_fits(traces, s.prepared.model, fmts), fmts)
+    return dataclasses.replace(report, notes=_report_notes(s, report, traces, target))
+
+
+def _report_notes(
+    s: Session, report: ScoreReport, traces: engine.FisherTraces, target: losses.OutputTarget
+) -> tuple[str, ...]:
+    """What a score report must say: prepare's changes, unscored weights, zero traces, the loss's reading."""
     notes = prepare_notes(s.prepared) + unscored_notes(s.loaded.proto) + check_traces(report, target)
     notes += loss_notes(traces.targets or (target,)) + traces.notes
     for t in traces.targets or (target,):
@@ -156,7 +181,7 @@ def score_model(
                 f"{t.output!r} is read as class probabilities (non-negative, summing to 1 over axis "
                 f"{t.class_axis} on the first sample, with no Softmax in front): the loss uses their log",
             )
-    return dataclasses.replace(report, notes=notes)
+    return notes
 
 
 def _unique(fmts: list[Format]) -> list[Format]:
