@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import ml_dtypes
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from fitonnx.errors import InternalError
 from fitonnx.formats import Format, ScaleType
@@ -162,7 +162,7 @@ def weighted_nodes(stat: WeightedStat, grad: str, out: str, opset: int) -> Nodes
     c = np.asarray(stat.weights, np.float64)
     if not (np.all(np.isfinite(c)) and np.all(c >= 0)):
         raise InternalError(f"weights of statistic {stat.key!r} must be finite and non-negative")
-    root = helper.make_tensor(out + "_root", TensorProto.FLOAT, list(c.shape), np.sqrt(c).astype(np.float32).ravel())
+    root = numpy_helper.from_array(np.sqrt(c).astype(np.float32), out + "_root")
     nodes = [helper.make_node("Mul", [grad, root.name], [out + "_gw"])]
     more, inits = _chunked_square_sum(out + "_gw", [max(c.size, 1)], [], out, opset)
     return nodes + more, [root, *inits]
@@ -171,16 +171,18 @@ def weighted_nodes(stat: WeightedStat, grad: str, out: str, opset: int) -> Nodes
 def noise_nodes(stat: NoiseStat, grad: str, value: str, numel: int, out: str, opset: int) -> Nodes:
     """Nodes computing ``out`` = Σ g² · E[δ²](value) under ``stat.fmt`` with scale ``stat.scale``.
 
-    v = value / s in float32 (as QuantizeLinear divides); its binade e = ⌊log2|v|⌋, from Log and
-    corrected by comparing |v| with 2^e (so exact powers of two land where frexp puts them),
-    floored at the smallest normal exponent; E[δ²] = s² · 4^(e − m) / 12, and (|v| − max)² · s²
-    beyond the largest element (fp16/bf16: infinite noise there, which the caller must not ask for)."""
+    v = value / s in float32 (as QuantizeLinear divides); p = 2^e with e = ⌊log2|v|⌋ the binade,
+    from Log and corrected by comparing |v| with p (so exact powers of two land where frexp puts
+    them), floored at the smallest normal binade; E[δ²] = s² · (p · 2^(−m))² / 12, and
+    (|v| − max)² · s² beyond the largest element (fp16/bf16: infinite noise there, which the caller
+    reports without asking the graph). The graph sums (g · r)², r = p in range and
+    (|v| − max)·√(12 · 4^m) beyond, and scales the sum by s² · 4^(−m) / 12 in float64."""
     info = ml_dtypes.finfo(stat.fmt.dtype)
     top, mant, emin = float(info.max), int(info.nmant), int(info.minexp)
     p = out + "_"
     consts = {
-        "s": stat.scale, "inv_ln2": 1.0 / math.log(2.0), "two": 2.0, "four": 4.0, "one": 1.0,
-        "emin": float(emin), "top": top, "sat": 12.0 * 4.0**mant,
+        "s": stat.scale, "inv_ln2": 1.0 / math.log(2.0), "two": 2.0, "half": 0.5, "tiny": 2.0**emin,
+        "top": top, "sat": math.sqrt(12.0 * 4.0**mant),
     }  # fmt: skip
     inits = [helper.make_tensor(p + k, TensorProto.FLOAT, [], [v]) for k, v in consts.items()]
     mk = helper.make_node
@@ -190,22 +192,18 @@ def noise_nodes(stat: NoiseStat, grad: str, value: str, numel: int, out: str, op
         mk("Log", [p + "x"], [p + "ln"]),
         mk("Mul", [p + "ln", p + "inv_ln2"], [p + "l2"]),
         mk("Floor", [p + "l2"], [p + "e0"]),
-        mk("Pow", [p + "two", p + "e0"], [p + "p0"]),
+        mk("Pow", [p + "two", p + "e0"], [p + "p0"]),  # 2^e0, e0 an integer: exact
         mk("Less", [p + "x", p + "p0"], [p + "below"]),
-        mk("Sub", [p + "e0", p + "one"], [p + "e_dn"]),
-        mk("Where", [p + "below", p + "e_dn", p + "e0"], [p + "e1"]),
-        mk("Mul", [p + "p0", p + "two"], [p + "p1"]),
-        mk("GreaterOrEqual", [p + "x", p + "p1"], [p + "above"]),
-        mk("Add", [p + "e0", p + "one"], [p + "e_up"]),
-        mk("Where", [p + "above", p + "e_up", p + "e1"], [p + "e2"]),
-        mk("Max", [p + "e2", p + "emin"], [p + "e"]),
-        mk("Pow", [p + "four", p + "e"], [p + "w_in"]),  # 4^e: E[δ²] in units of s²·4^(−m)/12
+        mk("Mul", [p + "p0", p + "half"], [p + "p_dn"]),
+        mk("Where", [p + "below", p + "p_dn", p + "p0"], [p + "p1"]),
+        mk("Mul", [p + "p1", p + "two"], [p + "p_up"]),
+        mk("GreaterOrEqual", [p + "x", p + "p_up"], [p + "above"]),
+        mk("Where", [p + "above", p + "p_up", p + "p1"], [p + "p2"]),
+        mk("Max", [p + "p2", p + "tiny"], [p + "pw"]),  # subnormals (and 0) share the lowest binade's spacing
         mk("Sub", [p + "x", p + "top"], [p + "over"]),
-        mk("Mul", [p + "over", p + "over"], [p + "over2"]),
-        mk("Mul", [p + "over2", p + "sat"], [p + "w_sat"]),
+        mk("Mul", [p + "over", p + "sat"], [p + "r_sat"]),
         mk("Greater", [p + "x", p + "top"], [p + "beyond"]),
-        mk("Where", [p + "beyond", p + "w_sat", p + "w_in"], [p + "w"]),
-        mk("Sqrt", [p + "w"], [p + "root"]),
+        mk("Where", [p + "beyond", p + "r_sat", p + "pw"], [p + "root"]),
         mk("Mul", [grad, p + "root"], [p + "gw"]),
     ]
     more, more_inits = _chunked_square_sum(p + "gw", [max(numel, 1)], [], p + "units", opset)
