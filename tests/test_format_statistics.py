@@ -21,10 +21,11 @@ from fitonnx import api
 from fitonnx.fisher import engine, instrument
 from fitonnx.fisher.engines import ENGINES
 from fitonnx.fisher.options import FisherOptions
-from fitonnx.fisher.statistics import NoiseStat, Statistics, activation_absmax
+from fitonnx.fisher.statistics import NoiseStat, Statistics, binade_nodes, activation_absmax, shared_initializers
 from fitonnx.formats import parse_format
 from fitonnx.model.data import Dataset
 from fitonnx.model.graph import Kind
+from fitonnx.model.runtime import make_session
 from fitonnx.model.source import RandomData, RandomDataWarning
 from fitonnx.score.formats_fit import format_axis, format_fits, plan_statistics
 
@@ -264,3 +265,33 @@ def test_statistics_agree_between_engines(source: str) -> None:
     assert ref.sums is not None and own.sums is not None and set(ref.sums) == set(own.sums)
     for key, value in ref.sums.items():
         np.testing.assert_allclose(own.sums[key], value, rtol=1e-4, atol=1e-9 * float(np.abs(value).max()), err_msg=key)
+
+
+@pytest.mark.parametrize(
+    "kind", [ml_dtypes.float8_e4m3fn, np.float16, ml_dtypes.bfloat16], ids=["e4m3", "fp16", "bf16"]
+)
+def test_the_graphs_binade_equals_frexp_on_every_kind_of_float32(kind) -> None:
+    """2^⌊log2 x⌋ from the Veltkamp split in onnxruntime equals numpy's frexp on random bit patterns
+    (normals, subnormals, powers of two and their neighbours, the largest values)."""
+    top = float(ml_dtypes.finfo(kind).max)
+    bits = np.random.default_rng(0).integers(0, 2**31 - 1, 200_000, dtype=np.int64).astype(np.uint32)
+    x = bits.view(np.float32)
+    edges = [0, 1, 2, 0.5, 1.5, 3, 448, 447.99997, 65504, 2**-126, 2**-149, 2**-62, 1.5 * 2**-62, 3.3895314e38]
+    x = np.concatenate([x[np.isfinite(x)], np.array(edges, np.float32), np.nextafter(np.array(edges, np.float32), 0)])
+    p = "t_"
+    consts = {"top": top, "down": 2.0**-64, "up": 2.0**64, "cut": 2.0**-62}
+    inits = [helper.make_tensor(p + k, TensorProto.FLOAT, [], [v]) for k, v in consts.items()]
+    graph = helper.make_graph(
+        binade_nodes("x", p, top),
+        "binade",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [len(x)])],
+        [helper.make_tensor_value_info(p + "pow", TensorProto.FLOAT, [len(x)])],
+        inits + shared_initializers(),
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    got = make_session(model.SerializeToString()).run(None, {"x": x})[0]
+    xc = np.minimum(x, np.float32(top)).astype(np.float64)
+    _, e = np.frexp(xc)
+    normal = xc >= 2.0**-126  # below, only "at most 2^-126" matters: every format's floor is higher
+    np.testing.assert_array_equal(got[normal], np.ldexp(1.0, e - 1)[normal])
+    assert np.all(got[~normal] <= 2.0**-126)

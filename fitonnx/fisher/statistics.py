@@ -10,7 +10,8 @@ tensor instead of copying every gradient out. The engine sums them in float64 ov
   axis (per channel) or per run of B elements along it (per block), in the flat C order of
   ``formats.groups.group_shape`` (``groups.group_sums`` is the numpy twin).
 - ``WeightedStat``: Σ_j g_ij² · c_j for a constant c of the weight's shape, e.g. a format's
-  measured error (Q(w) − w)² or its expected noise power; the graph holds √c and squares g·√c.
+  measured error (Q(w) − w)² or its expected noise power; it holds √c in float32 (half the
+  memory of c in float64; ``WeightedStat.of`` takes c) and the graph squares g·√c.
 - ``NoiseStat``: Σ_j g_ij² · E[δ²](a_ij) of an activation under a floating format with a fixed
   float32 scale s (calibrated beforehand): the spacing of the binade of |a/s|, squared, over 12,
   times s² (``formats.fit.noise_power``), with the saturation error beyond the largest element.
@@ -54,11 +55,20 @@ class GroupStat:
 
 @dataclass(frozen=True)
 class WeightedStat:
-    """Σ_j g_j² · c_j with c ≥ 0 finite, a constant of ``tensor``'s shape named by ``label``."""
+    """Σ_j g_j² · c_j with c ≥ 0 finite, a constant of ``tensor``'s shape named by ``label``;
+    ``root`` is √c in float32."""
 
     tensor: str
     label: str
-    weights: np.ndarray = field(compare=False, repr=False)
+    root: np.ndarray = field(compare=False, repr=False)
+
+    @classmethod
+    def of(cls, tensor: str, label: str, weights: np.ndarray) -> WeightedStat:
+        """The statistic of the constant ``weights`` = c (finite and non-negative)."""
+        c = np.asarray(weights, np.float64)
+        if not (np.all(np.isfinite(c)) and np.all(c >= 0)):
+            raise InternalError(f"weights of statistic {tensor}|{label} must be finite and non-negative")
+        return cls(tensor, label, np.sqrt(c).astype(np.float32))
 
     @property
     def key(self) -> str:
@@ -159,47 +169,72 @@ def group_nodes(stat: GroupStat, grad: str, shape: Sequence[int], out: str, opse
 
 def weighted_nodes(stat: WeightedStat, grad: str, out: str, opset: int) -> Nodes:
     """Nodes computing ``out`` = Σ g² · c (float64 scalar) as ‖g ⊙ √c‖²."""
-    c = np.asarray(stat.weights, np.float64)
-    if not (np.all(np.isfinite(c)) and np.all(c >= 0)):
-        raise InternalError(f"weights of statistic {stat.key!r} must be finite and non-negative")
-    root = numpy_helper.from_array(np.sqrt(c).astype(np.float32), out + "_root")
+    root = numpy_helper.from_array(np.asarray(stat.root, np.float32), out + "_root")
     nodes = [helper.make_node("Mul", [grad, root.name], [out + "_gw"])]
-    more, inits = _chunked_square_sum(out + "_gw", [max(c.size, 1)], [], out, opset)
+    more, inits = _chunked_square_sum(out + "_gw", [max(stat.root.size, 1)], [], out, opset)
     return nodes + more, [root, *inits]
+
+
+SPLIT = float(2**23 + 1)  # Veltkamp's splitting factor for float32: rounds to 1 significant bit
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def split_nodes(x: str, p: str) -> list[onnx.NodeProto]:
+    """Nodes computing ``p + "pow"`` = 2^⌊log2 x⌋ for finite x ≥ 0 whose x·SPLIT is finite (0 for 0).
+
+    Veltkamp's split h = (x − x·σ) + x·σ, σ = 2^23 + 1, rounds x to one significant bit in float32
+    arithmetic, so h is 2^e or 2^(e+1) for x in [2^e, 2^(e+1)); halving it where h > x leaves 2^e.
+    Five elementwise ops instead of Log, Floor and Pow (which cost 30 times more in onnxruntime)."""
+    mk = helper.make_node
+    return [
+        mk("Mul", [x, "fitonnx_split"], [p + "xs"]),
+        mk("Sub", [x, p + "xs"], [p + "d"]),
+        mk("Add", [p + "d", p + "xs"], [p + "h"]),
+        mk("Greater", [p + "h", x], [p + "high"]),
+        mk("Mul", [p + "h", "fitonnx_half"], [p + "h2"]),
+        mk("Where", [p + "high", p + "h2", p + "h"], [p + "pow"]),
+    ]
+
+
+def binade_nodes(x: str, p: str, top: float) -> list[onnx.NodeProto]:
+    """Nodes computing ``p + "pow"`` = 2^⌊log2 x⌋ for 0 ≤ x (x clipped to ``top`` first, so x·SPLIT
+    stays finite; where ``top``·SPLIT overflows, as for bf16, the large values are split after a
+    scaling by 2^−64 and the small ones, whose scaled value would be subnormal, directly)."""
+    mk = helper.make_node
+    nodes = [mk("Min", [x, p + "top"], [p + "xc"])]
+    if top * SPLIT <= FLOAT32_MAX:
+        return nodes + split_nodes(p + "xc", p)
+    nodes += [mk("Mul", [p + "xc", p + "down"], [p + "xd"])]
+    nodes += split_nodes(p + "xd", p + "big_") + split_nodes(p + "xc", p + "small_")
+    return [
+        *nodes,
+        mk("Mul", [p + "big_pow", p + "up"], [p + "big"]),
+        mk("Less", [p + "xc", p + "cut"], [p + "is_small"]),
+        mk("Where", [p + "is_small", p + "small_pow", p + "big"], [p + "pow"]),
+    ]
 
 
 def noise_nodes(stat: NoiseStat, grad: str, value: str, numel: int, out: str, opset: int) -> Nodes:
     """Nodes computing ``out`` = Σ g² · E[δ²](value) under ``stat.fmt`` with scale ``stat.scale``.
 
-    v = value / s in float32 (as QuantizeLinear divides); p = 2^e with e = ⌊log2|v|⌋ the binade,
-    from Log and corrected by comparing |v| with p (so exact powers of two land where frexp puts
-    them), floored at the smallest normal binade; E[δ²] = s² · (p · 2^(−m))² / 12, and
+    v = value / s in float32 (as QuantizeLinear divides); p = 2^e with e = ⌊log2|v|⌋ the binade
+    (``binade_nodes``), floored at the smallest normal binade; E[δ²] = s² · (p · 2^(−m))² / 12, and
     (|v| − max)² · s² beyond the largest element (fp16/bf16: infinite noise there, which the caller
     reports without asking the graph). The graph sums (g · r)², r = p in range and
     (|v| − max)·√(12 · 4^m) beyond, and scales the sum by s² · 4^(−m) / 12 in float64."""
     info = ml_dtypes.finfo(stat.fmt.dtype)
     top, mant, emin = float(info.max), int(info.nmant), int(info.minexp)
     p = out + "_"
-    consts = {
-        "s": stat.scale, "inv_ln2": 1.0 / math.log(2.0), "two": 2.0, "half": 0.5, "tiny": 2.0**emin,
-        "top": top, "sat": math.sqrt(12.0 * 4.0**mant),
-    }  # fmt: skip
+    consts = {"s": stat.scale, "tiny": 2.0**emin, "top": top, "sat": math.sqrt(12.0 * 4.0**mant)}
+    if top * SPLIT > FLOAT32_MAX:  # the scaled split of binade_nodes
+        consts |= {"down": 2.0**-64, "up": 2.0**64, "cut": 2.0**-62}
     inits = [helper.make_tensor(p + k, TensorProto.FLOAT, [], [v]) for k, v in consts.items()]
     mk = helper.make_node
     nodes = [
         mk("Div", [value, p + "s"], [p + "v"]),
         mk("Abs", [p + "v"], [p + "x"]),
-        mk("Log", [p + "x"], [p + "ln"]),
-        mk("Mul", [p + "ln", p + "inv_ln2"], [p + "l2"]),
-        mk("Floor", [p + "l2"], [p + "e0"]),
-        mk("Pow", [p + "two", p + "e0"], [p + "p0"]),  # 2^e0, e0 an integer: exact
-        mk("Less", [p + "x", p + "p0"], [p + "below"]),
-        mk("Mul", [p + "p0", p + "half"], [p + "p_dn"]),
-        mk("Where", [p + "below", p + "p_dn", p + "p0"], [p + "p1"]),
-        mk("Mul", [p + "p1", p + "two"], [p + "p_up"]),
-        mk("GreaterOrEqual", [p + "x", p + "p_up"], [p + "above"]),
-        mk("Where", [p + "above", p + "p_up", p + "p1"], [p + "p2"]),
-        mk("Max", [p + "p2", p + "tiny"], [p + "pw"]),  # subnormals (and 0) share the lowest binade's spacing
+        *binade_nodes(p + "x", p, top),
+        mk("Max", [p + "pow", p + "tiny"], [p + "pw"]),  # subnormals (and 0) share the lowest binade's spacing
         mk("Sub", [p + "x", p + "top"], [p + "over"]),
         mk("Mul", [p + "over", p + "sat"], [p + "r_sat"]),
         mk("Greater", [p + "x", p + "top"], [p + "beyond"]),
@@ -210,6 +245,14 @@ def noise_nodes(stat: NoiseStat, grad: str, value: str, numel: int, out: str, op
     factor = helper.make_tensor(p + "factor", TensorProto.DOUBLE, [], [stat.scale**2 * 4.0 ** (-mant) / 12.0])
     nodes += [*more, mk("Mul", [p + "units", factor.name], [out])]
     return nodes, [*inits, *more_inits, factor]
+
+
+def shared_initializers() -> list[onnx.TensorProto]:
+    """The constants every noise statistic reads (added once per graph)."""
+    return [
+        helper.make_tensor("fitonnx_split", TensorProto.FLOAT, [], [SPLIT]),
+        helper.make_tensor("fitonnx_half", TensorProto.FLOAT, [], [0.5]),
+    ]
 
 
 def add_statistics(
@@ -239,6 +282,8 @@ def add_statistics(
         g.node.extend(nodes)
         g.initializer.extend(inits)
         pairs.append((stat.key, out))
+    if stats.noise:
+        g.initializer.extend(shared_initializers())
     return pairs
 
 

@@ -179,9 +179,9 @@ def _weight_stats(fmt: Format, name: str, w: np.ndarray, axis: int | None) -> li
         return [] if axis is None else [GroupStat(name, axis, fmt.block_size)]
     power = noise_power(fmt, w, axis)
     err = quantize_dequantize(w, fmt, axis).astype(np.float64) - w.astype(np.float64)
-    stats: list[GroupStat | WeightedStat] = [WeightedStat(name, f"{fmt.name}:measured", err**2)]
+    stats: list[GroupStat | WeightedStat] = [WeightedStat.of(name, f"{fmt.name}:measured", err**2)]
     if np.all(np.isfinite(power)):  # else fp16/bf16 overflow: infinite FIT, no statistic needed
-        stats.append(WeightedStat(name, f"{fmt.name}:expected", power))
+        stats.append(WeightedStat.of(name, f"{fmt.name}:expected", power))
     return stats
 
 
