@@ -21,7 +21,7 @@ from fitonnx import api
 from fitonnx.fisher import engine, instrument
 from fitonnx.fisher.engines import ENGINES
 from fitonnx.fisher.options import FisherOptions
-from fitonnx.fisher.statistics import NoiseStat, Statistics, binade_nodes, activation_absmax, shared_initializers
+from fitonnx.fisher.statistics import NoiseStat, Statistics, activation_absmax, binade_nodes, shared_initializers
 from fitonnx.formats import parse_format
 from fitonnx.model.data import Dataset
 from fitonnx.model.graph import Kind
