@@ -295,3 +295,19 @@ def test_the_graphs_binade_equals_frexp_on_every_kind_of_float32(kind) -> None:
     normal = xc >= 2.0**-126  # below, only "at most 2^-126" matters: every format's floor is higher
     np.testing.assert_array_equal(got[normal], np.ldexp(1.0, e - 1)[normal])
     assert np.all(got[~normal] <= 2.0**-126)
+
+
+def test_exact_fisher_weighs_the_statistics_like_the_diagonal() -> None:
+    """--fisher exact runs every class: the statistics are Σ_c p_c·(value for label c), as the diagonal."""
+    s = api.open_model(CNN)
+    fmts = [parse_format(f) for f in ("int4/ch", "uint3/ch")]
+    plan = plan_statistics(s.prepared.model, s.tensors, fmts)
+    traces, _, _ = api.fisher_traces(
+        s, FisherOptions(fisher="exact", max_samples=3), keep_gradients=True, statistics=plan
+    )
+    fits = format_fits(traces, s.prepared.model, fmts)
+    weights = _weights(s)
+    for (name, fmt_name), fit in fits.items():
+        if name in weights:
+            expected = _int_reference(fmt_name, weights[name], traces.diag[name], fit.axis)
+            assert fit.expected == pytest.approx(expected, rel=RTOL), name
