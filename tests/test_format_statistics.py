@@ -22,12 +22,12 @@ from fitonnx.fisher import engine, instrument
 from fitonnx.fisher.engines import ENGINES
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.fisher.statistics import NoiseStat, Statistics, activation_absmax, binade_nodes, shared_initializers
-from fitonnx.formats import parse_format
+from fitonnx.formats import noise_power, parse_format
 from fitonnx.model.data import Dataset
 from fitonnx.model.graph import Kind
 from fitonnx.model.runtime import make_session
 from fitonnx.model.source import RandomData, RandomDataWarning
-from fitonnx.score.formats_fit import format_axis, format_fits, plan_statistics
+from fitonnx.score.formats_fit import format_axis, format_fits, noise_root, plan_statistics
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 CNN = MODELS / "mnist_cnn.onnx"
@@ -311,3 +311,18 @@ def test_exact_fisher_weighs_the_statistics_like_the_diagonal() -> None:
         if name in weights:
             expected = _int_reference(fmt_name, weights[name], traces.diag[name], fit.axis)
             assert fit.expected == pytest.approx(expected, rel=RTOL), name
+
+
+@pytest.mark.parametrize("fmt_name", ["fp8e4m3", "fp8e5m2", "fp8e4m3/ch", "nvfp4/16", "mxfp4/32", "fp16", "bf16"])
+def test_noise_root_is_the_square_root_of_the_formats_noise_power(fmt_name: str) -> None:
+    rng = np.random.default_rng(5)
+    w = (rng.normal(0, 1, (64, 96)) * 10.0 ** rng.uniform(-6, 2, (64, 96))).astype(np.float32)
+    w[0, :5] = 0
+    w[1, 1] = -np.abs(w[1]).max()
+    fmt = parse_format(fmt_name)
+    axis = None if fmt.granularity.value == "tensor" else (0 if fmt_name.endswith("/ch") else 1)
+    ref = np.sqrt(noise_power(fmt, w, axis))
+    got = noise_root(fmt, w, axis).astype(np.float64)
+    normal = ref > 1e-37  # bf16's zeros: a float32 subnormal root, whose noise (1e-82) nothing sees
+    np.testing.assert_allclose(got[normal], ref[normal], rtol=2e-7)
+    np.testing.assert_allclose(got[~normal], ref[~normal], rtol=1e-4)
