@@ -326,3 +326,32 @@ def test_noise_root_is_the_square_root_of_the_formats_noise_power(fmt_name: str)
     normal = ref > 1e-37  # bf16's zeros: a float32 subnormal root, whose noise (1e-82) nothing sees
     np.testing.assert_allclose(got[normal], ref[normal], rtol=2e-7)
     np.testing.assert_allclose(got[~normal], ref[~normal], rtol=1e-4)
+
+
+def test_scaled_floating_formats_skip_embedding_tables() -> None:
+    rng = np.random.default_rng(4)
+    table = numpy_helper.from_array(rng.normal(0, 0.1, (50, 64)).astype(np.float32), "table")
+    w = numpy_helper.from_array(rng.normal(0, 0.1, (64, 10)).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["e"]),
+        helper.make_node("ReduceMean", ["e"], ["m"], axes=[1], keepdims=0),
+        helper.make_node("MatMul", ["m", "w"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "emb",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])],
+        [table, w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    data = Dataset({"ids": rng.integers(0, 50, (4, 1, 4))}, rng.integers(0, 10, (4, 1)))
+    _, _, diag, fits = _scored(model, data, ("int8", "fp8e4m3", "nvfp4/16", "fp16"), 4)
+    assert {f for n, f in fits if n == "table"} == {"int8", "fp16"}
+    assert {f for n, f in fits if n == "w"} == {"int8", "fp8e4m3", "nvfp4/16", "fp16"}
+    err = _fp_quantize(_weights_of(model)["w"], "fp8e4m3", None).astype(np.float64) - _weights_of(model)["w"]
+    assert fits[("w", "fp8e4m3")].measured == pytest.approx(float(np.sum(diag["w"] * err**2)), rel=RTOL)
+
+
+def _weights_of(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t).astype(np.float32) for t in model.graph.initializer}

@@ -12,9 +12,11 @@ Two ways to the same numbers:
 - ``weight_format_fits``: weights only, from a full diagonal kept with ``keep_gradients``
   (``FisherTraces.diag``); the independent check of the first.
 
-Which formats apply: every format to a weight read by Conv/ConvTranspose/Gemm/MatMul (per tensor
-to any weight; per block only when the block size divides the axis); to an activation the per-tensor
-ones whose scale is one float32 (integers, fp8/fp4 with a calibrated max|a|, fp16/bf16).
+Which formats apply: every format to a weight read by Conv/ConvTranspose/Gemm/MatMul (per block only
+when the block size divides the axis); to other weights (embedding tables read by Gather, recurrent
+weights) integer grids per tensor and fp16/bf16 casts, since the scaled floating formats (FP8, FP4,
+MX, NVFP4) are what toolchains use for GEMM/convolution weights; to an activation the per-tensor
+formats whose scale is one float32 (integers, fp8/fp4 with a calibrated max|a|, fp16/bf16).
 """
 
 from __future__ import annotations
@@ -163,11 +165,19 @@ def applies(model: onnx.ModelProto, t: QuantTensor, fmt: Format, shape: tuple[in
     if t.kind is Kind.ACTIVATION:
         return fmt.granularity is Granularity.TENSOR and fmt.scale in (ScaleType.FLOAT32, ScaleType.NONE), None
     axis = format_axis(model, t.name, fmt, len(shape))
+    if fmt.scale is not ScaleType.NONE and not fmt.is_int and not _matmul_like(model, t.name, len(shape)):
+        return False, None  # FP8/FP4/MX/NVFP4 quantize Conv/Gemm/MatMul weights, not embedding tables
     if fmt.granularity is Granularity.TENSOR:
         return True, None
     if axis is None or (fmt.granularity is Granularity.BLOCK and shape[axis] % (fmt.block_size or 1)):
         return False, None
     return True, axis
+
+
+def _matmul_like(model: onnx.ModelProto, weight: str, rank: int) -> bool:
+    """Every reader of ``weight`` takes it as the weight of a Conv, ConvTranspose, Gemm or MatMul."""
+    readers = _consumers(model, weight)
+    return bool(readers) and all(_weight_axes(n, slot, rank) is not None for n, slot in readers)
 
 
 def _weights(model: onnx.ModelProto, names: set[str]) -> dict[str, np.ndarray]:
