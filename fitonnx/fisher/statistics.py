@@ -167,6 +167,59 @@ def group_nodes(stat: GroupStat, grad: str, shape: Sequence[int], out: str, opse
     return [*nodes, helper.make_node("Reshape", [out + "_g", flat.name], [out])], [*inits, flat]
 
 
+@dataclass(frozen=True)
+class ChunkBase:
+    """Float64 sums of g² over runs of ``chunk`` elements along ``axis`` (shape ``dims``): every
+    grouping of one weight derives from it in float64, so the gradient is read once for all of them."""
+
+    name: str
+    axis: int
+    chunk: int
+    dims: tuple[int, ...]  # the weight's shape with the axis's length divided by ``chunk``
+
+
+def shared_base(stats: Sequence[GroupStat], shape: Sequence[int]) -> tuple[int, int] | None:
+    """(axis, chunk) of a ``ChunkBase`` serving every grouping in ``stats`` of one weight, or None
+    when there are not several of them, or no run length ≤ CHUNK divides every block (and the axis)."""
+    blocks = [x for x in stats if x.block is not None]
+    if len(stats) < 2 or not blocks or len({x.axis % len(shape) for x in blocks}) != 1:
+        return None
+    axis = blocks[0].axis % len(shape)
+    if any(x.block is None and x.axis % len(shape) == axis for x in stats):
+        return None
+    k = _chunk(math.gcd(*(x.block for x in blocks if x.block is not None)))
+    return None if k is None or shape[axis] % k else (axis, k)
+
+
+def base_nodes(grad: str, shape: Sequence[int], axis: int, chunk: int, out: str, opset: int) -> tuple[ChunkBase, Nodes]:
+    """The ``ChunkBase`` of a gradient: one float32 pass of runs of ``chunk``, then float64."""
+    shape = [int(d) for d in shape]
+    pre, size, post = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
+    view = _const(out + "_shape", [pre, size // chunk, chunk, post])
+    nodes = [helper.make_node("Reshape", [grad, view.name], [out + "_view"])]
+    part, inits = _reduce("ReduceSumSquare", out + "_view", [2], out + "_f32", opset)
+    nodes += [*part, helper.make_node("Cast", [out + "_f32"], [out], to=TensorProto.DOUBLE)]
+    dims = tuple(d // chunk if k == axis else d for k, d in enumerate(shape))
+    return ChunkBase(out, axis, chunk, dims), (nodes, [view, *inits])
+
+
+def derived_group_nodes(stat: GroupStat, base: ChunkBase, out: str, opset: int) -> Nodes:
+    """``group_nodes``' result for ``stat`` summed in float64 from ``base`` (no second pass over g)."""
+    dims = list(base.dims)
+    pre, post = math.prod(dims[: base.axis]), math.prod(dims[base.axis + 1 :])
+    if stat.block is not None:  # runs of block/chunk chunk-sums along the same axis
+        view = _const(out + "_shape", [pre, dims[base.axis] * base.chunk // stat.block, stat.block // base.chunk, post])
+        summed, keep_shape = [2], [view]
+    else:
+        view = _const(out + "_shape", dims)
+        summed, keep_shape = [k for k in range(len(dims)) if k != stat.axis % len(dims)], [view]
+    nodes = [helper.make_node("Reshape", [base.name, view.name], [out + "_view"])]
+    red, inits = _reduce("ReduceSum", out + "_view", summed, out + "_g", opset)
+    flat = _const(out + "_flat", [-1])
+    nodes += [*red, helper.make_node("Reshape", [out + "_g", flat.name], [out])]
+    return nodes, [*keep_shape, *inits, flat]
+
+
 def weighted_nodes(stat: WeightedStat, grad: str, out: str, opset: int) -> Nodes:
     """Nodes computing ``out`` = Σ g² · c (float64 scalar) as ‖g ⊙ √c‖²."""
     root = numpy_helper.from_array(np.asarray(stat.root, np.float32), out + "_root")
@@ -267,12 +320,15 @@ def add_statistics(
     ``grads``: the gradient output of each tensor; ``shapes``: each tensor's (per-sample) shape."""
     pairs: list[tuple[str, str]] = []
     everything: list[GroupStat | WeightedStat | NoiseStat] = [*stats.groups, *stats.weighted, *stats.noise]
+    if any(x.tensor not in grads or x.tensor not in shapes for x in everything):
+        raise InternalError("a statistic names a tensor that is not scored")
+    bases = _add_bases(g, stats.groups, grads, shapes, opset)
     for i, stat in enumerate(everything):
         out = f"fitonnx_stat{i}"
-        if stat.tensor not in grads or stat.tensor not in shapes:
-            raise InternalError(f"statistic {stat.key!r} names a tensor that is not scored")
         grad = grads[stat.tensor]
-        if isinstance(stat, GroupStat):
+        if isinstance(stat, GroupStat) and stat.tensor in bases:
+            nodes, inits = derived_group_nodes(stat, bases[stat.tensor], out, opset)
+        elif isinstance(stat, GroupStat):
             nodes, inits = group_nodes(stat, grad, shapes[stat.tensor], out, opset)
         elif isinstance(stat, WeightedStat):
             nodes, inits = weighted_nodes(stat, grad, out, opset)
@@ -285,6 +341,29 @@ def add_statistics(
     if stats.noise:
         g.initializer.extend(shared_initializers())
     return pairs
+
+
+def _add_bases(
+    g: onnx.GraphProto,
+    groups: Sequence[GroupStat],
+    grads: Mapping[str, str],
+    shapes: Mapping[str, tuple[int, ...]],
+    opset: int,
+) -> dict[str, ChunkBase]:
+    """One ``ChunkBase`` per weight with several groupings that can share it (``shared_base``)."""
+    by_tensor: dict[str, list[GroupStat]] = {}
+    for x in groups:
+        by_tensor.setdefault(x.tensor, []).append(x)
+    bases = {}
+    for j, (tensor, stats) in enumerate(by_tensor.items()):
+        shared = shared_base(stats, shapes[tensor])
+        if shared is None:
+            continue
+        base, (nodes, inits) = base_nodes(grads[tensor], shapes[tensor], *shared, f"fitonnx_base{j}", opset)
+        g.node.extend(nodes)
+        g.initializer.extend(inits)
+        bases[tensor] = base
+    return bases
 
 
 def noise_needs_scale(fmt: Format) -> bool:
