@@ -27,6 +27,7 @@ from fitonnx.model.data import Dataset
 from fitonnx.model.graph import Kind
 from fitonnx.model.runtime import make_session
 from fitonnx.model.source import RandomData, RandomDataWarning
+from fitonnx.scale import Workers
 from fitonnx.score.formats_fit import format_axis, format_fits, noise_root, plan_statistics
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -355,3 +356,14 @@ def test_scaled_floating_formats_skip_embedding_tables() -> None:
 
 def _weights_of(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t).astype(np.float32) for t in model.graph.initializer}
+
+
+def test_format_statistics_on_two_workers_equal_one_process() -> None:
+    s = api.open_model(CNN)
+    fmts = [parse_format(f) for f in ("int4/ch", "fp8e4m3")]
+    plan = plan_statistics(s.prepared.model, s.tensors, fmts, _absmax(s, 12))
+    one, _, _ = api.fisher_traces(s, FisherOptions(max_samples=12), statistics=plan)
+    two, _, _ = api.fisher_traces(s, FisherOptions(max_samples=12, workers=Workers(processes=2)), statistics=plan)
+    assert one.sums is not None and two.sums is not None and set(one.sums) == set(two.sums)
+    for key, value in one.sums.items():
+        np.testing.assert_allclose(two.sums[key], value, rtol=1e-12, err_msg=key)

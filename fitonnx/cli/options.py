@@ -13,8 +13,9 @@ from fitonnx.files.readers import DEFAULT_LIMIT_MB, LIMIT_OPTION, Limit
 from fitonnx.fisher import engines
 from fitonnx.fisher.losses import FisherMode, Likelihood
 from fitonnx.fisher.options import FisherOptions
-from fitonnx.formats import FORMATS, parse_format
+from fitonnx.formats import parse_format
 from fitonnx.model.sources.script import LoaderScript
+from fitonnx.scale import LOCAL_RAY, Workers
 from fitonnx.score.fit import DEFAULT_ACTIVATION_BITS, DEFAULT_WEIGHT_BITS
 from fitonnx.score.formats_fit import TARGET_FORMATS
 from fitonnx.score.noise import NOISE_MODELS, NoiseModel
@@ -46,6 +47,26 @@ class BitsList(click.ParamType):
         if not bits or any(b < 1 or b > 32 for b in bits):
             self.fail(f"expected bit widths between 1 and 32; found {value!r}", param, ctx)
         return bits
+
+
+class FormatList(click.ParamType):
+    """A comma-separated list of quantization format names, e.g. ``int8/ch,fp8e4m3`` (checked by the
+    format registry's grammar, ``fitonnx.formats.parse_format``)."""
+
+    name = "formats"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        names = tuple(dict.fromkeys(v.strip() for v in str(value).split(",") if v.strip()))
+        if not names:
+            self.fail(f"expected comma-separated format names like int8/ch,fp8e4m3; found {value!r}", param, ctx)
+        for name in names:
+            try:
+                parse_format(name)
+            except FitonnxError as exc:
+                self.fail(exc.message, param, ctx)
+        return names
 
 
 def data_options(f: F) -> F:
@@ -110,9 +131,41 @@ def force_option(f: F) -> F:
     )(f)
 
 
+WORKERS_OPTIONS = (
+    click.option(
+        "--workers",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Score calibration samples (and validate's configurations) in N local processes; same results. "
+        "With --ray: at most N Ray tasks at once.",
+    ),
+    click.option(
+        "--ray",
+        metavar="[ADDRESS]",
+        is_flag=False,
+        flag_value=LOCAL_RAY,
+        help="Run the work as Ray tasks (pip install 'fitonnx[ray]'): on the cluster at ADDRESS (HOST:PORT, "
+        "ray://HOST:PORT, auto), or alone for a Ray started here (alone: after MODEL, or --ray=local). "
+        "fitonnx must be installed on the nodes.",
+    ),
+)
+
+
+def _workers_into(f: F) -> F:
+    """--workers / --ray, put into the command's ``options`` as its ``Workers``."""
+
+    @functools.wraps(f)
+    def collect(*args: Any, options: FisherOptions, workers: int, ray: str | None, **kwargs: Any) -> Any:
+        spread = Workers(processes=workers, ray=ray is not None, address=None if ray in (None, LOCAL_RAY) else ray)
+        return f(*args, options=options.replace(workers=spread), **kwargs)
+
+    return collect  # type: ignore[return-value]
+
+
 def fisher_options(f: F) -> F:
-    """Fisher mode, loss output, sample budget, seed and gradient engine, handed to the command as one
-    ``options: FisherOptions`` argument."""
+    """Fisher mode, loss output, sample budget, seed, gradient engine and workers, handed to the command
+    as one ``options: FisherOptions`` argument."""
 
     @functools.wraps(f)
     def collect(
@@ -138,7 +191,9 @@ def fisher_options(f: F) -> F:
             engine=engine,
             output_kinds=kwargs.pop("output_kind"),  # FisherOptions parses the NAME=KIND strings
         )
-        return f(*args, options=options, **kwargs)
+        return with_workers(*args, options=options, **kwargs)
+
+    with_workers = _workers_into(f)
 
     return _compose(
         click.option(
@@ -185,6 +240,7 @@ def fisher_options(f: F) -> F:
             show_default=True,
             help="What builds the gradient graph. auto: the first installed of " + ", ".join(engines.PREFERENCE) + ".",
         ),
+        *WORKERS_OPTIONS,
     )(collect)  # type: ignore[arg-type]
 
 
@@ -222,32 +278,6 @@ def bits_options(f: F) -> F:
             help="Candidate activation bit widths.",
         ),
     )(f)
-
-
-class FormatList(click.ParamType):
-    """Comma-separated format names (``int4/ch,fp8e4m3``), each one the format grammar spells."""
-
-    name = "formats"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
-        if isinstance(value, tuple):
-            return value
-        names = []
-        for part in (v.strip() for v in str(value).split(",")):
-            if not part:
-                continue
-            try:
-                names.append(parse_format(part).name)
-            except FitonnxError as exc:
-                self.fail(
-                    str(exc).replace(
-                        f"among {sorted(FORMATS)}",
-                        "such as int8, int4/ch, uint4/b32, fp8e4m3, nvfp4/16, mxfp4/32, fp16",
-                    ),
-                    param,
-                    ctx,
-                )
-        return tuple(names)
 
 
 def format_options(f: F) -> F:

@@ -15,6 +15,7 @@ from fitonnx.errors import FitonnxError
 from fitonnx.fisher import engine, engines
 from fitonnx.fisher.losses import FisherMode, Likelihood
 from fitonnx.fisher.outputs import KindSpec, parse_output_kind
+from fitonnx.scale import Workers
 
 
 def _enum(kind: type[FisherMode] | type[Likelihood], value: object, flag: str) -> FisherMode | Likelihood | None:
@@ -41,6 +42,8 @@ class FisherOptions:
       for outputs whose reading would be a guess; they also put a fed-back state output in the loss.
     - ``engine``: the gradient engine (``fisher.engines.ENGINES``); ``auto`` takes the first
       available one in ``engines.PREFERENCE``.
+    - ``workers``: where the per-sample loop (and ``validate``'s configurations) run: this process,
+      local processes or Ray (``fitonnx.scale``); it changes the speed, never the result.
 
     Strings are accepted for the enums (``FisherOptions(fisher="mc")``).
     """
@@ -54,6 +57,7 @@ class FisherOptions:
     seed: int = 0
     engine: str = engines.AUTO
     output_kinds: tuple[tuple[str, KindSpec], ...] = ()  # --output-kind NAME=KIND (strings accepted)
+    workers: Workers = Workers()  # noqa: RUF009  # a frozen value: one shared default is safe
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fisher", _enum(FisherMode, self.fisher, "fisher"))

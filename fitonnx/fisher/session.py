@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fitonnx.errors import DataError
-from fitonnx.fisher import engine, engines, instrument, losses, outputs
+from fitonnx.fisher import engine, engines, instrument, losses, outputs, parallel
 from fitonnx.fisher.checks import check_traces
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.fisher.statistics import NO_STATISTICS, Statistics
@@ -26,6 +26,7 @@ from fitonnx.prepare import PreparedModel, prepare, verify
 from fitonnx.prepare.support import check_differentiable
 from fitonnx.prepare.types import ChangeKind
 from fitonnx.progress import Progress, as_progress
+from fitonnx.scale import warm_up
 
 VERIFY_SAMPLES = 8
 
@@ -104,10 +105,11 @@ def fisher_traces(
     ``statistics``: format statistics reduced in the graph (``FisherTraces.sums``)."""
     opts = options or FisherOptions()
     as_progress(progress).start(1, "Building the gradient model")  # closed by the samples' stage
+    warm_up(opts.workers)  # local workers start while the gradient model is built
     gm, target, mode = gradient_model(
         s, opts, keep_gradients=keep_gradients, threads=threads, exact_points=exact_points, statistics=statistics
     )
-    traces = engine.run(gm, s.data, s.specs, opts.run_options(threads), progress)
+    traces = parallel.run(gm, s.data, s.specs, opts.run_options(threads), opts.workers, progress)
     feed = {k: v for k, v in s.data.sample(0, s.specs).items() if k in s.specs}
     return check_traces(traces, gm, feed, threads), target, mode
 

@@ -17,6 +17,7 @@ from fitonnx.fisher.statistics import NO_STATISTICS, Statistics, activation_absm
 from fitonnx.formats import Format, parse_format
 from fitonnx.model.source import DataSource, ModelSource
 from fitonnx.progress import as_progress
+from fitonnx.scale import warm_up
 from fitonnx.score import formats_fit, noise
 from fitonnx.score.fit import DEFAULT_ACTIVATION_BITS, DEFAULT_WEIGHT_BITS, Provenance, ScoreReport, build_report
 
@@ -125,6 +126,7 @@ def score_model(
     opts = options or FisherOptions()
     if session is None:
         as_progress(progress).start(1, "Loading and preparing the model")
+    warm_up(opts.workers)  # local workers start while the model is prepared
     s = session if session is not None else open_model(model, data, seed=opts.seed, max_samples=opts.max_samples)
     return score_session(
         s, options=opts, weight_bits=weight_bits, activation_bits=activation_bits, noise_model=noise_model,
