@@ -28,7 +28,14 @@ from fitonnx.model.graph import Kind
 from fitonnx.model.runtime import make_session
 from fitonnx.model.source import RandomData, RandomDataWarning
 from fitonnx.scale import Workers
-from fitonnx.score.formats_fit import format_axis, format_fits, noise_root, plan_statistics
+from fitonnx.score.formats_fit import (
+    format_axis,
+    format_fits,
+    noise_root,
+    plan_statistics,
+    weight_fits,
+    weight_format_fits,
+)
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 CNN = MODELS / "mnist_cnn.onnx"
@@ -367,3 +374,17 @@ def test_format_statistics_on_two_workers_equal_one_process() -> None:
     assert one.sums is not None and two.sums is not None and set(one.sums) == set(two.sums)
     for key, value in one.sums.items():
         np.testing.assert_allclose(two.sums[key], value, rtol=1e-12, err_msg=key)
+
+
+def test_weight_fits_match_the_diagonal_path(cnn) -> None:
+    s, _, diag, fits = cnn
+    fmts = [parse_format(f) for f in ("int4/ch", "uint8", "fp8e4m3")]
+    ref = {(f.name, f.format): f for f in weight_format_fits(s.prepared.model, diag, fmts)}
+    got = {(f.name, f.format): f for f in weight_fits(fits, s.prepared.model) if (f.name, f.format) in ref}
+    assert set(got) == set(ref)
+    for key, f in got.items():
+        assert f.axis == ref[key].axis and f.expected == pytest.approx(ref[key].expected, rel=RTOL)
+        if key[1] == "fp8e4m3":
+            assert f.measured == pytest.approx(ref[key].measured, rel=RTOL)
+        else:
+            assert np.isnan(f.measured)

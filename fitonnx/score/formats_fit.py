@@ -338,3 +338,15 @@ def _activation_fit(traces: FisherTraces, fmt: Format, name: str, trace: float) 
     if fmt.scale is ScaleType.NONE and _overflows(fmt, lo, hi):
         return math.inf
     return float(_sum(traces, NoiseStat(name, fmt, 1.0).key))
+
+
+def weight_fits(fits: Mapping[tuple[str, str], FormatFit], model: onnx.ModelProto) -> list[WeightFormatFit]:
+    """The weights' entries of ``format_fits`` shaped as ``weight_format_fits`` gives them (for callers
+    of the diagonal path: the same ``expected`` without ``keep_gradients``). ``measured`` is NaN for
+    integer grids, whose measured error the in-graph statistics do not compute."""
+    weights = {t.name for t in model.graph.initializer}
+    return [
+        WeightFormatFit(f.tensor, f.format, f.axis, f.expected, f.measured if f.measured is not None else math.nan)
+        for f in fits.values()
+        if f.tensor in weights
+    ]
