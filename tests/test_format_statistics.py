@@ -373,7 +373,9 @@ def test_format_statistics_on_two_workers_equal_one_process() -> None:
     two, _, _ = api.fisher_traces(s, FisherOptions(max_samples=12, workers=Workers(processes=2)), statistics=plan)
     assert one.sums is not None and two.sums is not None and set(one.sums) == set(two.sums)
     for key, value in one.sums.items():
-        np.testing.assert_allclose(two.sums[key], value, rtol=1e-12, err_msg=key)
+        # A worker runs 1 onnxruntime thread, this process 2: kernels sum in another order (1e-7 seen
+        # with onnxruntime-training); a merge error would be of order 1.
+        np.testing.assert_allclose(two.sums[key], value, rtol=1e-6, err_msg=key)
 
 
 def test_weight_fits_match_the_diagonal_path(cnn) -> None:
