@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from fitonnx.export import export_recommendation
 from fitonnx.export.bundle import PARETO_CSV, PARETO_JSON, PARETO_PNG, Written, prepare_out_dir, write_outputs
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.fisher.session import Session, fisher_traces, gradient_model, inspect_tensors, open_model
+from fitonnx.formats import Format
 from fitonnx.model.data import check_against
 from fitonnx.model.graph import Kind, input_specs
 from fitonnx.model.source import (
@@ -39,12 +41,12 @@ from fitonnx.model.sources.script import LoaderScript
 from fitonnx.progress import Progress, as_progress
 from fitonnx.render import pareto
 from fitonnx.render.plot import MISSING_MATPLOTLIB
+from fitonnx.scale import warm_up
 from fitonnx.score import noise
-from fitonnx.score.fit import ScoreReport
-from fitonnx.score.formats_fit import weight_format_fits
-from fitonnx.score.run import score_model
+from fitonnx.score.fit import DEFAULT_ACTIVATION_BITS, DEFAULT_WEIGHT_BITS, ScoreReport
+from fitonnx.score.formats_fit import FormatFit, format_fits, plan_statistics, target_formats, weight_format_fits
+from fitonnx.score.run import score_model, score_session
 
-score = score_model
 export = export_recommendation
 inspect = inspect_model
 
@@ -57,6 +59,7 @@ __all__ = [
     "CompareReport",
     "DataKind",
     "DataSource",
+    "FormatFit",
     "FormatOptions",
     "Inspection",
     "LoaderScript",
@@ -72,15 +75,47 @@ __all__ = [
     "compare",
     "export",
     "fisher_traces",
+    "format_fits",
     "gradient_model",
     "inspect",
     "inspect_tensors",
     "open_model",
+    "plan_statistics",
     "recommend",
     "resolve_data",
     "score",
+    "target_formats",
     "validate",
 ]
+
+
+def score(
+    model: ModelSource | Session,
+    data: DataSource = None,
+    *,
+    options: FisherOptions | None = None,
+    weight_bits: Sequence[int] = DEFAULT_WEIGHT_BITS,
+    activation_bits: Sequence[int] = DEFAULT_ACTIVATION_BITS,
+    noise_model: noise.NoiseModel | str = noise.NoiseModel.UNIFORM,
+    formats: Sequence[Format | str] = (),
+    progress: Progress | None = None,
+) -> ScoreReport:
+    """Fisher traces and FIT for every quantizable weight and activation of ``model`` (a path, a
+    model, or a ``Session`` from ``open_model``, whose data is then used), per bit width and per
+    number format in ``formats`` (``int4/ch``, ``fp8e4m3``, ``nvfp4/16``; ``target_formats(name)``
+    gives a toolchain's). ``options``: how the Fisher is estimated; ``noise_model``: ``uniform``
+    (the paper) or ``grid`` (``fitonnx.score.noise``). ``data`` may be ``RandomData(n)``."""
+    opts = options or FisherOptions()
+    if isinstance(model, Session):
+        s = model
+    else:
+        as_progress(progress).start(1, "Loading and preparing the model")
+        warm_up(opts.workers)  # local workers start while the model is prepared
+        s = open_model(model, data, seed=opts.seed, max_samples=opts.max_samples)
+    return score_session(
+        s, options=opts, weight_bits=weight_bits, activation_bits=activation_bits, noise_model=noise_model,
+        formats=formats, progress=progress,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -350,7 +350,7 @@ def test_recommended_beats_uniform_and_random_configurations_on_held_out_data(cn
     """
     session = api.open_model(cnn_path)
     held = load_npz(cnn_path.with_name("mnist_cnn.heldout.npz")).head(500)
-    report = api.score(cnn_path, session=session, weight_bits=(2, 3, 4, 5, 6, 7, 8, 16))
+    report = api.score(session, weight_bits=(2, 3, 4, 5, 6, 7, 8, 16))
     acts = {t.name: (t.min, t.max) for t in report.tensors if t.kind is Kind.ACTIVATION}
     output = session.prepared.model.graph.output[0].name
     simulator = simulate.Simulator(

@@ -91,6 +91,8 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
     run("score", cnn, "--json", d / "score.json")
     run("score", MODELS / "zoo" / "tiny_bert_dynamo.onnx", "--max-samples", "8", "--json", d / "score2.json")
     run("score", mlp, "--max-samples", "1", "--json", d / "score3.json")  # no ranking stability
+    formats = ("--format", "int4/ch,fp8e4m3", "--format", "nvfp4/16", "--target", "ort")  # FP weights and activations
+    run("score", cnn, "--max-samples", "4", *formats, "--json", d / "score4.json")
     run("inspect", MODELS / "zoo" / "mbv3_small_ts.onnx", "--json", d / "inspect.json")
     run("validate", mlp, "--configs", "3", "--resamples", "20", "--json", d / "validate.json")
     pair = MODELS / "pair"
@@ -121,7 +123,7 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
         d / "per_channel_overrides.json",
     )
     return {
-        "score.schema.json": [d / "score.json", d / "score2.json", d / "score3.json"],
+        "score.schema.json": [d / f"score{k}.json" for k in ("", 2, 3, 4)],
         "inspect.schema.json": [d / "inspect.json"],
         "validate.schema.json": [d / "validate.json"],
         "compare.schema.json": [d / "compare.json"],

@@ -18,6 +18,7 @@ from fitonnx.model.runtime import DEVICES
 from fitonnx.model.sources.script import LoaderScript
 from fitonnx.scale import LOCAL_RAY, Workers
 from fitonnx.score.fit import DEFAULT_ACTIVATION_BITS, DEFAULT_WEIGHT_BITS
+from fitonnx.score.formats_fit import TARGET_FORMATS
 from fitonnx.score.noise import NOISE_MODELS, NoiseModel
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -300,3 +301,34 @@ def bits_options(f: F) -> F:
             help="Candidate activation bit widths.",
         ),
     )(f)
+
+
+def format_options(f: F) -> F:
+    """--format (repeatable, comma lists) and --target: the number formats to score every tensor under."""
+
+    @functools.wraps(f)
+    def collect(*args: Any, formats: tuple[tuple[str, ...], ...], format_target: str | None, **kwargs: Any) -> Any:
+        names = [n for group in formats for n in group]
+        if format_target is not None:
+            names += TARGET_FORMATS[format_target]
+        return f(*args, formats=tuple(dict.fromkeys(names)), **kwargs)
+
+    return _compose(
+        click.option(
+            "--format",
+            "formats",
+            type=FormatList(),
+            multiple=True,
+            help="Also score every tensor under this number format (repeatable or comma-separated): "
+            "[u]intN[/ch|/bB], fp8e4m3, fp8e5m2, fp8e4m3/ch, mxfp4/32, mxfp8/32, nvfp4/16, fp16, bf16. "
+            "Per-channel and per-block formats apply to Conv/Gemm/MatMul weights.",
+        ),
+        click.option(
+            "--target",
+            "format_target",
+            type=click.Choice(sorted(TARGET_FORMATS)),
+            help="Also score the formats this toolchain quantizes to: "
+            + "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(TARGET_FORMATS.items()))
+            + ".",
+        ),
+    )(collect)  # type: ignore[arg-type]

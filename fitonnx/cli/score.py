@@ -6,7 +6,14 @@ import click
 
 from fitonnx import api
 from fitonnx.cli.common import data_source, echo_for, echo_warnings, output_plan, table_width, target_path, wide_option
-from fitonnx.cli.options import bits_options, data_options, fisher_options, force_option, noise_model_option
+from fitonnx.cli.options import (
+    bits_options,
+    data_options,
+    fisher_options,
+    force_option,
+    format_options,
+    noise_model_option,
+)
 from fitonnx.cli.progress import progress_bars
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.render import report
@@ -18,6 +25,7 @@ from fitonnx.render import report
 @fisher_options
 @bits_options
 @noise_model_option
+@format_options
 @click.option(
     "--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON here (- for stdout)."
 )
@@ -33,6 +41,7 @@ def score_command(
     weight_bits: tuple[int, ...],
     act_bits: tuple[int, ...],
     noise_model: str,
+    formats: tuple[str, ...],
     json_path: str | None,
     csv_path: str | None,
     top: int | None,
@@ -53,6 +62,7 @@ def score_command(
             activation_bits=act_bits,
             progress=bars,
             noise_model=noise_model,
+            formats=formats,
         )
     echo(report.format_table(result, limit=top, width=table_width(wide)))
     if json_out:

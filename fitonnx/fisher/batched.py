@@ -241,7 +241,7 @@ def build(r: BatchRequest) -> BatchedModel | str:
         model.graph.output.append(helper.make_empty_tensor_value_info(name))
     empty = slice(len(sq) + len(ranges), len(sq) + len(ranges))
     layout = FetchLayout(
-        tuple(sq + ranges), slice(0, len(sq)), slice(len(sq), len(sq) + len(ranges)), empty, empty, empty
+        tuple(sq + ranges), slice(0, len(sq)), slice(len(sq), len(sq) + len(ranges)), empty, empty, empty, empty
     )
     return BatchedModel(model.SerializeToString(), r.batch, layout)
 

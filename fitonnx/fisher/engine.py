@@ -76,6 +76,7 @@ class FisherTraces:
     batch_size: int = 1  # samples per run (``fisher.batched``)
     engine: str = ""  # the gradient engine that computed them (``fisher.engines``)
     device: str = "cpu"
+    sums: Mapping[str, np.ndarray] | None = None  # mean over samples of ``GradientModel.sum_outputs``, by key
 
     @property
     def samples(self) -> int:
@@ -142,7 +143,7 @@ class FetchLayout:
     """Which outputs of the gradient model one run fetches, and where each group sits in the result.
 
     Order: squared norms (one per tensor), activation (min, max) pairs, full gradients, the caller's
-    extra outputs, then the grid model's point statistics (three per tensor)."""
+    extra outputs, the grid model's point statistics (three per tensor), then the format statistics."""
 
     names: tuple[str, ...]
     sqnorms: slice
@@ -150,6 +151,7 @@ class FetchLayout:
     grads: slice
     extra: slice
     points: slice
+    sums: slice
 
     @classmethod
     def of(cls, gm: GradientModel, extra_outputs: Sequence[str] = ()) -> FetchLayout:
@@ -159,6 +161,7 @@ class FetchLayout:
             list(gm.grad_outputs),
             list(extra_outputs),
             [name for triple in gm.point_outputs for name in triple],
+            [name for _, name in gm.sum_outputs],
         ]
         bounds = np.cumsum([0, *map(len, groups)]).tolist()
         cuts = [slice(a, b) for a, b in itertools.pairwise(bounds)]
@@ -177,6 +180,7 @@ class _Accumulator:
         self.extra = np.zeros((total, layout.extra.stop - layout.extra.start))
         self.points = np.zeros((total, layout.points.stop - layout.points.start))
         self.diag: list[np.ndarray] = [np.zeros(0)] * len(gm.grad_outputs)
+        self.sums: list[np.ndarray] = [np.zeros(0)] * len(gm.sum_outputs)  # float64 running sums
         self.done, self.s1, self.s2 = 0, 0.0, 0.0
 
     def add(self, i: int, values: Sequence[Any], squared: bool) -> None:
@@ -200,6 +204,8 @@ class _Accumulator:
         for k, grad in enumerate(values[lay.grads]):
             sq = np.asarray(grad, np.float64) if squared else np.square(np.asarray(grad, np.float64))
             self.diag[k] = sq if i == 0 else self.diag[k] + sq
+        for k, value in enumerate(values[lay.sums]):
+            self.sums[k] = np.asarray(value, np.float64) + (self.sums[k] if i else 0.0)
         self.done = i + 1
         total = row.sum()
         self.s1 += total
@@ -233,6 +239,9 @@ class _Accumulator:
                 if self.points.shape[1]
                 else None
             ),
+            sums={key: s / n for (key, _), s in zip(gm.sum_outputs, self.sums, strict=True)}
+            if gm.sum_outputs
+            else None,
         )
 
 

@@ -24,6 +24,7 @@ from onnx import TensorProto, helper
 from fitonnx.errors import FitonnxError, InternalError, UnsupportedError
 from fitonnx.fisher.engines import AUTO, get_engine
 from fitonnx.fisher.losses import LABELS, LOSS, PREFIX, LossHead
+from fitonnx.fisher.statistics import NO_STATISTICS, Statistics, add_statistics
 from fitonnx.model.graph import Kind, QuantTensor, default_opset, producer_positions
 
 
@@ -49,6 +50,8 @@ class GradientModel:
     # (the engine probes again only for samples of other shapes).
     sample_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     notes: tuple[str, ...] = ()  # what the report must say about the loss (outputs left out, tensors not scored)
+    # (statistic key, output name) of the ``statistics`` requested (float64, summed over samples by the engine).
+    sum_outputs: tuple[tuple[str, str], ...] = ()
 
     @property
     def activations(self) -> tuple[QuantTensor, ...]:
@@ -259,6 +262,7 @@ class GradientRequest:
     ``keep_gradients`` also outputs the full gradients; ``exact_norms`` casts every gradient to
     float64 before squaring (slower; see MIN_BLOCK); ``exact_points`` adds ``point_outputs`` (see
     GradientModel) for the grid noise model. ``engine``: the gradient engine (``fisher.engines``).
+    ``statistics``: per-group and weighted Fisher statistics (``fisher.statistics``) for formats.
     """
 
     model: onnx.ModelProto
@@ -271,6 +275,7 @@ class GradientRequest:
     exact_norms: bool = False
     exact_points: bool = False
     engine: str = AUTO
+    statistics: Statistics = NO_STATISTICS
 
     @property
     def activations(self) -> list[QuantTensor]:
@@ -291,8 +296,10 @@ def build_gradient_model(request: GradientRequest) -> GradientModel:
     sq_outputs = _add_sqnorms(g, r, grad_outputs, default_opset(grad_model))
     ranges = [_add_range(g, act.name, _safe(i, "min"), _safe(i, "max")) for i, act in enumerate(activations)]
     points = _add_points(g, r, ranges, by_tensor) if r.exact_points else []
+    sums = _add_statistics(g, r, grad_outputs, default_opset(grad_model))
     loss_output = LOSS if r.head.enumerate_labels else None
     _set_outputs(g, sq_outputs, ranges, grad_outputs if r.keep_gradients else [], points, loss_output)
+    g.output.extend(helper.make_empty_tensor_value_info(name) for _, name in sums)
     return GradientModel(
         model_bytes=grad_model.SerializeToString(),
         probe_bytes=probe_bytes,
@@ -306,7 +313,24 @@ def build_gradient_model(request: GradientRequest) -> GradientModel:
         point_outputs=tuple(points),
         loss_output=loss_output,
         sample_shapes=dict(r.shapes or {}),
+        sum_outputs=tuple(sums),
     )
+
+
+def _add_statistics(g: onnx.GraphProto, r: GradientRequest, grads: Sequence[str], opset: int) -> list[tuple[str, str]]:
+    """Append the requested format statistics (``fisher.statistics``); return (key, output) pairs."""
+    if not r.statistics:
+        return []
+    dims = {init.name: tuple(int(d) for d in init.dims) for init in r.model.graph.initializer}
+    shapes = {t.name: dims[t.name] if t.kind is Kind.WEIGHT else tuple((r.shapes or {})[t.name]) for t in r.tensors}
+    # A plan made over every quantizable tensor names some the loss does not reach: they are not scored.
+    scored = {t.name for t in r.tensors}
+    stats = Statistics(
+        tuple(x for x in r.statistics.groups if x.tensor in scored),
+        tuple(x for x in r.statistics.weighted if x.tensor in scored),
+        tuple(x for x in r.statistics.noise if x.tensor in scored),
+    )
+    return add_statistics(g, stats, dict(zip((t.name for t in r.tensors), grads, strict=True)), shapes, opset)
 
 
 def _gradient_names(g: onnx.GraphProto, tensors: Sequence[QuantTensor], by_tensor: Mapping[str, str]) -> list[str]:

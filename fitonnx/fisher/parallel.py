@@ -62,8 +62,9 @@ class _Shard:
 
 @dataclass(frozen=True)
 class _Rows:
-    """A shard's results: per sample, the fetched scalars (every output but the full gradients) as
-    float64 in fetch order; and the shard's Σ of squared full gradients (if the model has them)."""
+    """A shard's results: per sample, the fetched scalars (every output but the full gradients and the
+    format statistics) as float64 in fetch order; and the shard's Σ of squared full gradients (if the
+    model has them) followed by its Σ of each format statistic (``GradientModel.sum_outputs``)."""
 
     start: int
     scalars: np.ndarray  # [samples, fetched scalars]
@@ -115,22 +116,22 @@ def _work(w: _Worker, shard: _Shard) -> _Rows:
         run_feed = {**feed, **zeros, **engine._head_feeds(gm, data, ctx.specs, local, tap_shapes, w.rng)}
         w.cursor = i + 1
         values = engine._run_one(w.session, layout, run_feed, ctx.enumeration, gm, i)
-        for k, grad in enumerate(values[layout.grads]):
-            g = np.asarray(grad, np.float64)
-            sq = g if ctx.enumeration is not None else np.square(g)  # an enumerating head squares them
-            if local == 0:
-                diag.append(sq)
-            else:
-                diag[k] = diag[k] + sq
-        kept = [v for k, v in enumerate(values) if not layout.grads.start <= k < layout.grads.stop]
+        summed = [
+            g if ctx.enumeration is not None else np.square(g)  # an enumerating head squares them
+            for g in (np.asarray(grad, np.float64) for grad in values[layout.grads])
+        ] + [np.asarray(v, np.float64) for v in values[layout.sums]]
+        diag = summed if local == 0 else [a + b for a, b in zip(diag, summed, strict=True)]
+        arrays = range(layout.grads.start, layout.grads.stop), range(layout.sums.start, layout.sums.stop)
+        kept = [v for k, v in enumerate(values) if k not in arrays[0] and k not in arrays[1]]
         rows.append(np.array([float(np.asarray(v).reshape(())) for v in kept], np.float64))
     return _Rows(shard.start, np.stack(rows), tuple(diag))
 
 
 def _scalar_layout(layout: engine.FetchLayout) -> engine.FetchLayout:
-    """``layout`` without the full gradients: where each group sits in a ``_Rows`` row."""
+    """``layout`` without the full gradients and the format statistics (the last group): where each
+    group sits in a ``_Rows`` row."""
     g = layout.grads.stop - layout.grads.start
-    names = layout.names[: layout.grads.start] + layout.names[layout.grads.stop :]
+    names = layout.names[: layout.grads.start] + layout.names[layout.grads.stop : layout.sums.start]
 
     def shift(s: slice) -> slice:
         return slice(s.start - g, s.stop - g)
@@ -141,6 +142,7 @@ def _scalar_layout(layout: engine.FetchLayout) -> engine.FetchLayout:
         grads=slice(layout.grads.start, layout.grads.start),
         extra=shift(layout.extra),
         points=shift(layout.points),
+        sums=slice(layout.sums.start - g, layout.sums.start - g),
     )
 
 
@@ -181,8 +183,9 @@ def run(
         shards = _shards(data, specs, total, pool.slots)
         stop, diag = _merge(pool, shards, acc, options, progress)
     stop = stop or (engine.StopReason.MAX_SAMPLES if total < data.num_samples else engine.StopReason.DATA_EXHAUSTED)
-    if gm.grad_outputs:
-        acc.diag = list(diag)  # the accumulator holds no gradients of its own: the shards' sums
+    if gm.grad_outputs or gm.sum_outputs:  # the accumulator holds no arrays of its own: the shards' sums
+        acc.diag = list(diag[: len(gm.grad_outputs)])
+        acc.sums = list(diag[len(gm.grad_outputs) :])
     traces = acc.result(act_shapes, stop, extra_outputs)
     if traces.samples != (total if stop is not engine.StopReason.TOL else acc.done):
         raise InternalError(f"a parallel run merged {traces.samples} of {total} samples")

@@ -16,6 +16,7 @@ from fitonnx.errors import DataError
 from fitonnx.fisher import batched, engine, engines, instrument, losses, outputs, parallel
 from fitonnx.fisher.checks import check_traces
 from fitonnx.fisher.options import FisherOptions
+from fitonnx.fisher.statistics import NO_STATISTICS, Statistics
 from fitonnx.model import data as data_mod
 from fitonnx.model import external, graph
 from fitonnx.model.data import Dataset
@@ -98,15 +99,25 @@ def fisher_traces(
     keep_gradients: bool = False,
     threads: int = 0,
     exact_points: bool = False,
+    statistics: Statistics = NO_STATISTICS,
 ) -> tuple[engine.FisherTraces, losses.OutputTarget, losses.FisherMode]:
-    """The engine's raw per-sample statistics (for callers that need more than the report)."""
+    """The engine's raw per-sample statistics (for callers that need more than the report);
+    ``statistics``: format statistics reduced in the graph (``FisherTraces.sums``)."""
     opts = options or FisherOptions()
     as_progress(progress).start(1, "Building the gradient model")  # closed by the samples' stage
     warm_up(opts.workers)  # local workers start while the gradient model is built
     gm, target, mode = gradient_model(
-        s, opts, keep_gradients=keep_gradients, threads=threads, exact_points=exact_points
+        s, opts, keep_gradients=keep_gradients, threads=threads, exact_points=exact_points, statistics=statistics
     )
-    single_only = "--keep-gradients" if keep_gradients else "the grid noise model" if exact_points else None
+    single_only = (
+        "--keep-gradients"
+        if keep_gradients
+        else "the grid noise model"
+        if exact_points
+        else "--format statistics"
+        if statistics
+        else None
+    )
     traces = _run(s, gm, opts, threads, progress, single_only)
     feed = {k: v for k, v in s.data.sample(0, s.specs).items() if k in s.specs}
     return check_traces(traces, gm, feed, threads), target, mode
@@ -165,6 +176,7 @@ def gradient_model(
     keep_gradients: bool = False,
     threads: int = 0,
     exact_points: bool = False,
+    statistics: Statistics = NO_STATISTICS,
 ) -> tuple[instrument.GradientModel, losses.OutputTarget, losses.FisherMode]:
     """The gradient model ``fisher_traces`` runs, for callers that add per-sample outputs of their own
     (``options``: only the mode and the output matter here, not the sample budget). The target
@@ -197,6 +209,7 @@ def gradient_model(
         ranks={name: len(shape) for name, shape in shapes.items()},
         keep_gradients=keep_gradients,
         exact_points=exact_points,
+        statistics=statistics,
         # Every sample has these shapes; pooling gradients need them concrete (see instrument).
         shapes={**shapes, **{name: value.shape for name, value in feed.items() if name in s.specs}},
         engine=grad_engine.name,

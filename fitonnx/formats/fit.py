@@ -43,15 +43,17 @@ def _float_noise(fmt: Format, v: np.ndarray) -> np.ndarray:
     info = ml_dtypes.finfo(fmt.dtype)
     top, mant, emin = float(info.max), int(info.nmant), int(info.minexp)
     a = np.abs(v)
-    _, e = np.frexp(a)
-    binade = np.where(a == 0, emin, np.maximum(e.astype(np.int64) - 1, emin))  # frexp(0) has exponent 0
-    spacing = np.ldexp(1.0, (binade - mant).astype(np.int32))
-    power = spacing**2 / 12.0
+    _, binade = np.frexp(a)  # a = m · 2^e with m in [0.5, 1): the binade is e − 1
+    binade -= 1
+    np.maximum(binade, emin, out=binade)
+    binade[a == 0] = emin  # frexp(0) has exponent 0
+    power = np.ldexp(1.0 / 12.0, 2 * (binade - mant))  # (2^(e−m))²/12, exact: a power-of-two scaling
     over = a > top
-    power = np.where(over, (a - top) ** 2, power)
+    if over.any():
+        power[over] = (a[over] - top) ** 2
     if fmt.scale is ScaleType.NONE:
         threshold = top + float(np.ldexp(1.0, int(np.floor(np.log2(top))) - mant)) / 2.0
-        power = np.where(a >= threshold, np.inf, power)
+        power[a >= threshold] = np.inf
     return power
 
 

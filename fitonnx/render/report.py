@@ -10,7 +10,7 @@ from typing import Any
 from fitonnx.files.atomic import write_atomic
 from fitonnx.files.outputs import json_text
 from fitonnx.render.text import name_width, provenance_dict, short
-from fitonnx.score.fit import ScoreReport
+from fitonnx.score.fit import ScoreReport, TensorScore
 
 
 def to_dict(report: ScoreReport) -> dict[str, Any]:
@@ -39,10 +39,16 @@ def to_dict(report: ScoreReport) -> dict[str, Any]:
                 "max": t.max,
                 "fit": {str(b): v for b, v in t.fit.items()},
                 "share": t.share,
+                "formats": {
+                    name: {"axis": f.axis, "fit": f.expected, "measured": f.measured, "bits_per_element": f.bits}
+                    for name, f in t.formats.items()
+                },
             }
             for t in report.tensors
         ],
         "total_fit": {str(b): v for b, v in report.total_fit.items()},
+        "formats": list(report.formats),
+        "format_totals": dict(report.format_totals),
         "notes": list(report.notes),
         "sample_advice": sample_advice(report),
         "uniform": [{"weight_bits": w, "activation_bits": a, "fit": f} for w, a, f in report.uniform],
@@ -69,13 +75,14 @@ CSV_FIELDS = ["name", "kind", "op_types", "nodes", "shape", "numel", "ef_trace",
 def write_csv(report: ScoreReport, path: str | os.PathLike[str]) -> None:
     def write(f: io.TextIOBase) -> None:
         w = csv.writer(f)
-        w.writerow(CSV_FIELDS + [f"fit_{b}" for b in report.bits] + ["share"])
+        w.writerow(CSV_FIELDS + [f"fit_{b}" for b in report.bits] + ["share"] + [f"fit_{n}" for n in report.formats])
         for t in report.tensors:
             w.writerow(
                 [t.name, t.kind.value, ";".join(t.op_types), ";".join(t.nodes), "x".join(map(str, t.shape)), t.numel]
                 + [repr(t.ef_trace), repr(t.ef_trace_se), repr(t.min), repr(t.max)]
                 + [repr(t.fit[b]) for b in report.bits]
                 + [repr(t.share)]
+                + [repr(t.formats[n].expected) if n in t.formats else "" for n in report.formats]
             )
 
     write_atomic(path, write)
@@ -112,7 +119,13 @@ def _columns(report: ScoreReport) -> list[Column]:
         ("max", 8, ">", lambda t: f"{t.max:.3g}", 2),
         ("share", 6, ">", lambda t: f"{100 * t.share:.1f}%", 0),
         *[(f"FIT@{b}", 9, ">", lambda t, b=b: f"{t.fit[b]:.3g}", 0) for b in report.bits],
+        *[(n, max(9, len(n)), ">", lambda t, n=n: _format_cell(t, n), 0) for n in report.formats],
     ]
+
+
+def _format_cell(t: TensorScore, name: str) -> str:
+    """A tensor's FIT under format ``name`` (its noise model), or '-' where the format does not apply."""
+    return f"{t.formats[name].expected:.3g}" if name in t.formats else "-"
 
 
 def _fit_columns(cols: list[Column], names: list[str], width: int | None) -> tuple[list[Column], int]:
@@ -149,6 +162,11 @@ def format_table(report: ScoreReport, limit: int | None = None, width: int | Non
     lines.append(
         "total FIT, every tensor at b bits: " + ", ".join(f"{b}b {v:.4g}" for b, v in report.total_fit.items())
     )
+    if report.formats:
+        lines.append(
+            "total FIT per format (tensors it applies to; '-' where it does not): "
+            + ", ".join(f"{n} {v:.4g}" for n, v in report.format_totals.items())
+        )
     lines.append(
         "uniform configs (weights/activations): " + ", ".join(f"W{w}A{a} {f:.4g}" for w, a, f in report.uniform)
     )

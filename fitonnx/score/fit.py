@@ -14,6 +14,7 @@ from fitonnx.fisher.engine import FisherTraces, StopReason
 from fitonnx.model import external
 from fitonnx.model.graph import Kind, QuantTensor
 from fitonnx.score import noise
+from fitonnx.score.formats_fit import FormatFit
 from fitonnx.score.noise import NoiseModel
 from fitonnx.score.ranks import kendall
 
@@ -40,6 +41,8 @@ class TensorScore:
     # Grid noise model only: mean Fisher mass of the elements equal to 0, to min and to max
     # (engine.PointTraces), so a target with another grid can tell which of them it keeps exact.
     point_mass: PointMass | None = None
+    # ``score --format``: this tensor under each requested format that applies to it, by format name.
+    formats: Mapping[str, FormatFit] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,8 @@ class ScoreReport:
     engine: str = ""  # the gradient engine, the device its session ran on, and samples per run
     device: str = "cpu"
     batch_size: int = 1
+    formats: tuple[str, ...] = ()  # ``score --format``: the formats scored, in the order asked
+    format_totals: Mapping[str, float] = dataclasses.field(default_factory=dict)  # Σ over tensors it applies to
 
     @property
     def bits(self) -> tuple[int, ...]:

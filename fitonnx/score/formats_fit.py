@@ -1,22 +1,54 @@
-"""FIT of a weight under any number format, from the per-element Fisher diagonal.
+"""FIT of every quantizable tensor under any number format.
 
 FIT_t(f) = Σ_j F_jj · E[δ_j²](f) (``fitonnx.formats.fit``). A per-channel format groups the
 elements along the consuming op's output-channel axis, a per-block format along its reduction
 axis (the axis a toolchain blocks: MatMulNBits' K); per tensor it is the paper's Tr(F)·Δ²/12.
-The diagonal comes from a gradient model built with ``keep_gradients`` (``FisherTraces.diag``).
+
+Two ways to the same numbers:
+- ``plan_statistics`` + ``format_fits``: the statistics each format needs are reduced inside the
+  gradient graph (``fisher.statistics``: per-group Fisher mass for integer grids, Σ g²·c for a
+  weight's floating-format noise and measured error, Σ g²·E[δ²](a) per sample for activations),
+  so nothing per element leaves the session. This is what ``score --format`` runs.
+- ``weight_format_fits``: weights only, from a full diagonal kept with ``keep_gradients``
+  (``FisherTraces.diag``); the independent check of the first.
+
+Which formats apply: every format to a weight read by Conv/ConvTranspose/Gemm/MatMul (per block only
+when the block size divides the axis); to other weights (embedding tables read by Gather, recurrent
+weights) integer grids per tensor and fp16/bf16 casts, since the scaled floating formats (FP8, FP4,
+MX, NVFP4) are what toolchains use for GEMM/convolution weights; to an activation the per-tensor
+formats whose scale is one float32 (integers, fp8/fp4 with a calibrated max|a|, fp16/bf16).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 import onnx
 
-from fitonnx.errors import InternalError
-from fitonnx.formats import Format, Granularity, fit_expected, fit_measured
+from fitonnx.errors import FitonnxError, InternalError
+from fitonnx.fisher.engine import FisherTraces
+from fitonnx.fisher.statistics import GroupStat, NoiseStat, Statistics, WeightedStat, noise_needs_scale
+from fitonnx.formats import (
+    Format,
+    Granularity,
+    ScaleType,
+    bits_per_element,
+    expand,
+    fit_expected,
+    fit_measured,
+    group_delta_sq,
+    group_shape,
+    params_from_range,
+    parse_format,
+    qparams,
+    quantize_dequantize,
+)
 from fitonnx.model import external
+from fitonnx.model.graph import Kind, QuantTensor
 
 
 @dataclass(frozen=True)
@@ -88,3 +120,233 @@ def weight_format_fits(
                 )
             )
     return out
+
+
+# What ``score --target`` scores: the formats each toolchain quantizes to (issue 11's facts; the
+# names are those of ``allocate.targets.TARGETS``). Per-channel and per-block formats apply to
+# weights only, so one list serves weights and activations.
+TARGET_FORMATS: dict[str, tuple[str, ...]] = {
+    # per-channel symmetric INT8/INT4 weights, FP8 E4M3 weights and activations, NVFP4 weights,
+    # per-tensor INT8/FP8 activations, FP16 for what stays in float
+    "tensorrt": ("int8/ch", "int4/ch", "int8", "fp8e4m3", "nvfp4/16", "fp16"),
+    # per-channel INT4/8/16 weights, UINT8/16 activations
+    "qnn": ("int4/ch", "int8/ch", "int16/ch", "uint8", "uint16"),
+    # QDQ (per tensor, per channel when asked), MatMulNBits INT4 weights in blocks (asymmetric by default)
+    "ort": ("int8", "int8/ch", "uint8", "uint16", "uint4/b32", "uint4/b128"),
+}
+
+
+def target_formats(target: str) -> tuple[Format, ...]:
+    """The formats ``score --target`` scores for ``target``; an unknown name fails with the known ones."""
+    if target not in TARGET_FORMATS:
+        raise FitonnxError(f"expected a target among {sorted(TARGET_FORMATS)} for scoring formats; found {target!r}")
+    return tuple(parse_format(n) for n in TARGET_FORMATS[target])
+
+
+@dataclass(frozen=True)
+class FormatFit:
+    """One tensor under one format, from the in-graph statistics.
+
+    ``expected``: Σ_j F_jj · E[δ_j²] under the format's noise model (integers: Σ_g mass_g · Δ_g²/12);
+    ``measured``: Σ_j F_jj · (Q(w_j) − w_j)² for a weight under a floating format (None otherwise);
+    ``bits``: storage bits per element, scales and zero points included (``formats.bits_per_element``).
+    """
+
+    tensor: str
+    format: str
+    axis: int | None
+    expected: float
+    measured: float | None
+    bits: float
+
+
+def applies(model: onnx.ModelProto, t: QuantTensor, fmt: Format, shape: tuple[int, ...]) -> tuple[bool, int | None]:
+    """Whether ``fmt`` applies to tensor ``t`` of ``shape`` (see the module docstring), and its axis."""
+    if t.kind is Kind.ACTIVATION:
+        return fmt.granularity is Granularity.TENSOR and fmt.scale in (ScaleType.FLOAT32, ScaleType.NONE), None
+    axis = format_axis(model, t.name, fmt, len(shape))
+    if fmt.scale is not ScaleType.NONE and not fmt.is_int and not _matmul_like(model, t.name, len(shape)):
+        return False, None  # FP8/FP4/MX/NVFP4 quantize Conv/Gemm/MatMul weights, not embedding tables
+    if fmt.granularity is Granularity.TENSOR:
+        return True, None
+    if axis is None or (fmt.granularity is Granularity.BLOCK and shape[axis] % (fmt.block_size or 1)):
+        return False, None
+    return True, axis
+
+
+def _matmul_like(model: onnx.ModelProto, weight: str, rank: int) -> bool:
+    """Every reader of ``weight`` takes it as the weight of a Conv, ConvTranspose, Gemm or MatMul."""
+    readers = _consumers(model, weight)
+    return bool(readers) and all(_weight_axes(n, slot, rank) is not None for n, slot in readers)
+
+
+def _weights(model: onnx.ModelProto, names: set[str]) -> dict[str, np.ndarray]:
+    return {t.name: external.tensor_array(t).astype(np.float32) for t in model.graph.initializer if t.name in names}
+
+
+def _weight_stats(fmt: Format, name: str, w: np.ndarray, axis: int | None) -> list[GroupStat | WeightedStat]:
+    """The in-graph statistics a weight needs under ``fmt`` (none for a per-tensor integer grid)."""
+    if fmt.is_int:
+        return [] if axis is None else [GroupStat(name, axis, fmt.block_size)]
+    # |Q(w) − w| in float32 is exact: Q(w) is within a factor 2 of w, or 0 (Sterbenz), or saturates.
+    err = np.abs(quantize_dequantize(w, fmt, axis) - w)
+    stats: list[GroupStat | WeightedStat] = [WeightedStat(name, f"{fmt.name}:measured", err)]
+    if not (fmt.scale is ScaleType.NONE and _overflows(fmt, float(w.min()), float(w.max()))):
+        stats.append(WeightedStat(name, f"{fmt.name}:expected", noise_root(fmt, w, axis)))
+    return stats  # (an fp16/bf16 overflow has infinite FIT: no statistic needed)
+
+
+def noise_root(fmt: Format, w: np.ndarray, axis: int | None) -> np.ndarray:
+    """√E[δ_j²] per element of a weight under floating ``fmt`` (float32): √``noise_power`` without its
+    float64 temporaries (1.9 s → 0.5 s on BERT's embedding table). The binade of |w|/s follows from the
+    float32 exponents and mantissas of |w| and s: ⌊log2(|w|/s)⌋ = e_w − e_s − [m_w < m_s] (frexp),
+    exact because both mantissas have 24 bits; E[δ²] = (s · 2^(e − m))²/12 at or above the smallest
+    normal binade, (|w|/s − max)² · s² beyond the largest element."""
+    w = np.asarray(w, np.float32)
+    info = ml_dtypes.finfo(fmt.dtype)
+    top, mant, emin = float(info.max), int(info.nmant), int(info.minexp)
+    gshape = group_shape(fmt, w.shape, axis)
+    group_scale = np.asarray(qparams(w, fmt, axis).scale, np.float32).reshape(gshape)
+    # Per tensor and per channel the group arrays broadcast as they are (fast); blocks are repeated.
+    spread = (lambda a: expand(fmt, a, w.shape, axis)) if fmt.granularity is Granularity.BLOCK else (lambda a: a)
+    ms, es = (spread(a) for a in np.frexp(group_scale))
+    scale = spread(group_scale)
+    mw, ew = np.frexp(np.abs(w))
+    binade = ew - es - (mw < ms)
+    binade[w == 0] = emin
+    np.maximum(binade, emin, out=binade)
+    root = np.ldexp(np.float32(1.0 / math.sqrt(12.0)), binade - mant) * scale
+    tiny = binade - mant < -100  # bf16's lowest binades: 2^(e − m)/√12 would be subnormal in float32
+    if tiny.any():
+        scale_tiny = np.broadcast_to(scale, w.shape)[tiny]
+        root[tiny] = (np.ldexp(1.0 / math.sqrt(12.0), binade[tiny] - mant) * scale_tiny).astype(np.float32)
+    near = binade >= math.floor(math.log2(top))  # only the top binade can hold values beyond the largest
+    if near.any():
+        scale_near = np.broadcast_to(scale, w.shape)[near].astype(np.float64)
+        v = np.abs(w[near]).astype(np.float64) / scale_near
+        beyond = v > top
+        fixed = root[near]
+        fixed[beyond] = ((v[beyond] - top) * scale_near[beyond]).astype(np.float32)
+        root[near] = fixed
+    return root
+
+
+def activation_scale(fmt: Format, absmax: float) -> float:
+    """The float32 scale of a floating activation format calibrated to max|a| = ``absmax``."""
+    return float(np.asarray(params_from_range(fmt, -absmax, absmax).scale).ravel()[0])
+
+
+def scaled_activations(tensors: Sequence[QuantTensor], formats: Sequence[Format]) -> list[str]:
+    """Activations whose floating formats need a calibrated max|a| before the gradient run."""
+    if not any(not f.is_int and noise_needs_scale(f) and f.granularity is Granularity.TENSOR for f in formats):
+        return []
+    return [t.name for t in tensors if t.kind is Kind.ACTIVATION]
+
+
+def plan_statistics(
+    model: onnx.ModelProto,
+    tensors: Sequence[QuantTensor],
+    formats: Sequence[Format],
+    absmax: Mapping[str, float] | None = None,
+) -> Statistics:
+    """The in-graph statistics ``format_fits`` needs for ``formats`` over ``tensors``.
+
+    ``absmax``: max|a| of each activation over the calibration samples (``fisher.statistics.
+    activation_absmax``), needed for floating formats with a scale (``scaled_activations``)."""
+    values = _weights(model, {t.name for t in tensors if t.kind is Kind.WEIGHT})
+    groups: dict[str, GroupStat] = {}
+    weighted: list[WeightedStat] = []
+    noise: list[NoiseStat] = []
+    for t in tensors:
+        for fmt in formats:
+            shape = values[t.name].shape if t.kind is Kind.WEIGHT else ()
+            ok, axis = applies(model, t, fmt, shape)
+            if not ok or (t.kind is Kind.ACTIVATION and fmt.is_int):
+                continue
+            if t.kind is Kind.WEIGHT:
+                for stat in _weight_stats(fmt, t.name, values[t.name], axis):
+                    if isinstance(stat, GroupStat):
+                        groups.setdefault(stat.key, stat)
+                    else:
+                        weighted.append(stat)
+                continue
+            if noise_needs_scale(fmt) and (absmax is None or t.name not in absmax):
+                raise InternalError(f"activation {t.name!r} under {fmt.name} needs its calibrated max|a|")
+            scale = activation_scale(fmt, absmax[t.name]) if absmax is not None and noise_needs_scale(fmt) else 1.0
+            noise.append(NoiseStat(t.name, fmt, scale))
+    return Statistics(tuple(groups.values()), tuple(weighted), tuple(noise))
+
+
+def _sum(traces: FisherTraces, key: str) -> np.ndarray:
+    if traces.sums is None or key not in traces.sums:
+        raise InternalError(f"the gradient model was not built with the statistic {key!r} (plan_statistics)")
+    return traces.sums[key]
+
+
+def _overflows(fmt: Format, lo: float, hi: float) -> bool:
+    """A plain fp16/bf16 cast of the range [lo, hi] overflows to infinity."""
+    info = ml_dtypes.finfo(fmt.dtype)
+    threshold = float(info.max) + float(np.ldexp(1.0, int(np.floor(np.log2(float(info.max)))) - int(info.nmant))) / 2
+    return max(abs(lo), abs(hi)) >= threshold
+
+
+def _weight_fit(traces: FisherTraces, fmt: Format, name: str, w: np.ndarray, axis: int | None, trace: float):
+    """(expected, measured) of a weight under ``fmt`` from the traces' statistics."""
+    if fmt.is_int:
+        delta_sq = group_delta_sq(fmt, w, axis)
+        if axis is None:
+            return trace * float(delta_sq.ravel()[0]) / 12.0, None
+        mass = _sum(traces, GroupStat(name, axis, fmt.block_size).key).reshape(group_shape(fmt, w.shape, axis))
+        return float(np.sum(mass * delta_sq) / 12.0), None
+    measured = float(_sum(traces, f"{name}|{fmt.name}:measured"))
+    if fmt.scale is ScaleType.NONE and _overflows(fmt, float(w.min()), float(w.max())):
+        return math.inf, measured
+    return float(_sum(traces, f"{name}|{fmt.name}:expected")), measured
+
+
+def format_fits(
+    traces: FisherTraces, model: onnx.ModelProto, formats: Sequence[Format]
+) -> dict[tuple[str, str], FormatFit]:
+    """FIT of every scored tensor under every format that applies to it, keyed (tensor, format name).
+
+    ``traces`` must come from a gradient model built with ``plan_statistics(model, traces.tensors,
+    formats, ...)``; ``model`` is the prepared model (its weights define the weight grids)."""
+    values = _weights(model, {t.name for t in traces.tensors if t.kind is Kind.WEIGHT})
+    trace = dict(zip((t.name for t in traces.tensors), traces.trace().tolist(), strict=True))
+    out: dict[tuple[str, str], FormatFit] = {}
+    for t in traces.tensors:
+        shape = values[t.name].shape if t.kind is Kind.WEIGHT else tuple(traces.act_shapes.get(t.name, ()))
+        for fmt in formats:
+            ok, axis = applies(model, t, fmt, shape)
+            if not ok:
+                continue
+            if t.kind is Kind.WEIGHT:
+                expected, measured = _weight_fit(traces, fmt, t.name, values[t.name], axis, trace[t.name])
+            else:
+                expected, measured = _activation_fit(traces, fmt, t.name, trace[t.name]), None
+            # An activation is not stored: its cost is the element width.
+            bits = bits_per_element(fmt, shape, axis) if t.kind is Kind.WEIGHT else float(fmt.bits)
+            out[(t.name, fmt.name)] = FormatFit(t.name, fmt.name, axis, expected, measured, bits)
+    return out
+
+
+def _activation_fit(traces: FisherTraces, fmt: Format, name: str, trace: float) -> float:
+    lo, hi = traces.act_min[name], traces.act_max[name]
+    if fmt.is_int:
+        step = float(np.asarray(params_from_range(fmt, lo, hi).scale).ravel()[0])
+        return trace * step**2 / 12.0
+    if fmt.scale is ScaleType.NONE and _overflows(fmt, lo, hi):
+        return math.inf
+    return float(_sum(traces, NoiseStat(name, fmt, 1.0).key))
+
+
+def weight_fits(fits: Mapping[tuple[str, str], FormatFit], model: onnx.ModelProto) -> list[WeightFormatFit]:
+    """The weights' entries of ``format_fits`` shaped as ``weight_format_fits`` gives them (for callers
+    of the diagonal path: the same ``expected`` without ``keep_gradients``). ``measured`` is NaN for
+    integer grids, whose measured error the in-graph statistics do not compute."""
+    weights = {t.name for t in model.graph.initializer}
+    return [
+        WeightFormatFit(f.tensor, f.format, f.axis, f.expected, f.measured if f.measured is not None else math.nan)
+        for f in fits.values()
+        if f.tensor in weights
+    ]

@@ -13,10 +13,12 @@ from fitonnx.errors import FitonnxError
 from fitonnx.fisher import engine, losses
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.fisher.session import Session, fisher_traces, open_model, prepare_notes
+from fitonnx.fisher.statistics import NO_STATISTICS, Statistics, activation_absmax
+from fitonnx.formats import Format, parse_format
 from fitonnx.model.source import DataSource, ModelSource
 from fitonnx.progress import as_progress
 from fitonnx.scale import warm_up
-from fitonnx.score import noise
+from fitonnx.score import formats_fit, noise
 from fitonnx.score.fit import DEFAULT_ACTIVATION_BITS, DEFAULT_WEIGHT_BITS, Provenance, ScoreReport, build_report
 
 
@@ -119,14 +121,39 @@ def score_model(
 
     ``options``: how the Fisher is estimated (default: ``FisherOptions()``). ``noise_model``:
     ``uniform`` (the paper) or ``grid`` (see fitonnx.score.noise). ``data`` may be
-    ``RandomData(n)`` to score random inputs (a smoke test)."""
+    ``RandomData(n)`` to score random inputs (a smoke test). ``session``: an already open model
+    (``model`` and ``data`` are then not read). Number formats: ``score_session``."""
     opts = options or FisherOptions()
-    kind = noise.NoiseModel(noise_model)
     if session is None:
         as_progress(progress).start(1, "Loading and preparing the model")
     warm_up(opts.workers)  # local workers start while the model is prepared
     s = session if session is not None else open_model(model, data, seed=opts.seed, max_samples=opts.max_samples)
-    traces, target, mode = fisher_traces(s, opts, progress=progress, exact_points=kind is noise.NoiseModel.GRID)
+    return score_session(
+        s, options=opts, weight_bits=weight_bits, activation_bits=activation_bits, noise_model=noise_model,
+        progress=progress,
+    )  # fmt: skip
+
+
+def score_session(
+    s: Session,
+    *,
+    options: FisherOptions | None = None,
+    weight_bits: Sequence[int] = DEFAULT_WEIGHT_BITS,
+    activation_bits: Sequence[int] = DEFAULT_ACTIVATION_BITS,
+    noise_model: noise.NoiseModel | str = noise.NoiseModel.UNIFORM,
+    formats: Sequence[Format | str] = (),
+    progress: engine.Progress | None = None,
+) -> ScoreReport:
+    """``score_model`` on an open session, and with ``formats``: number formats (or their names,
+    ``int4/ch``, ``fp8e4m3``, ``nvfp4/16``) to score every tensor under besides the bit widths
+    (``TensorScore.formats``, ``ScoreReport.format_totals``; see ``score.formats_fit``)."""
+    opts = options or FisherOptions()
+    kind = noise.NoiseModel(noise_model)
+    fmts = _unique([f if isinstance(f, Format) else parse_format(f) for f in formats])
+    plan = format_statistics(s, fmts, opts) if fmts else NO_STATISTICS
+    traces, target, mode = fisher_traces(
+        s, opts, progress=progress, exact_points=kind is noise.NoiseModel.GRID, statistics=plan
+    )
     report = build_report(
         s.prepared.model,
         traces,
@@ -135,6 +162,15 @@ def score_model(
         activation_bits=tuple(activation_bits),
         noise_model=kind,
     )
+    if fmts:
+        report = with_formats(report, formats_fit.format_fits(traces, s.prepared.model, fmts), fmts)
+    return dataclasses.replace(report, notes=_report_notes(s, report, traces, target))
+
+
+def _report_notes(
+    s: Session, report: ScoreReport, traces: engine.FisherTraces, target: losses.OutputTarget
+) -> tuple[str, ...]:
+    """What a score report must say: prepare's changes, unscored weights, zero traces, the loss's reading."""
     notes = prepare_notes(s.prepared) + unscored_notes(s.loaded.proto) + check_traces(report, target)
     notes += loss_notes(traces.targets or (target,)) + traces.notes
     for t in traces.targets or (target,):
@@ -147,4 +183,33 @@ def score_model(
                 f"{t.output!r} is read as class probabilities (non-negative, summing to 1 over axis "
                 f"{t.class_axis} on the first sample, with no Softmax in front): the loss uses their log",
             )
-    return dataclasses.replace(report, notes=notes)
+    return notes
+
+
+def _unique(fmts: list[Format]) -> list[Format]:
+    return list(dict.fromkeys(fmts))
+
+
+def format_statistics(s: Session, fmts: Sequence[Format], opts: FisherOptions, threads: int = 0) -> Statistics:
+    """The in-graph statistics ``fmts`` need on session ``s``; floating activation formats first get
+    each activation's max|a| from a forward pass over the samples the Fisher will read."""
+    names = formats_fit.scaled_activations(s.tensors, fmts)
+    absmax = None
+    if names:
+        n = s.data.num_samples if opts.max_samples is None else min(opts.max_samples, s.data.num_samples)
+        feeds = ({k: v for k, v in s.data.sample(i, s.specs).items() if k in s.specs} for i in range(n))
+        absmax = activation_absmax(s.prepared.model, names, feeds, threads)
+    return formats_fit.plan_statistics(s.prepared.model, s.tensors, fmts, absmax)
+
+
+def with_formats(
+    report: ScoreReport, fits: dict[tuple[str, str], formats_fit.FormatFit], fmts: Sequence[Format]
+) -> ScoreReport:
+    """``report`` with each tensor's FIT per format and the totals per format."""
+    names = tuple(f.name for f in fmts)
+    tensors = tuple(
+        dataclasses.replace(t, formats={n: fits[(t.name, n)] for n in names if (t.name, n) in fits})
+        for t in report.tensors
+    )
+    totals = {n: float(sum(t.formats[n].expected for t in tensors if n in t.formats)) for n in names}
+    return dataclasses.replace(report, tensors=tensors, formats=names, format_totals=totals)

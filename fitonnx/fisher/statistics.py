@@ -1,0 +1,396 @@
+"""Fisher statistics beyond the per-tensor trace, reduced inside the gradient graph (issue 11).
+
+Scoring per-channel, per-block and floating-point formats needs more of the Fisher diagonal than
+its trace, but never the diagonal itself: each statistic here is a reduction of the per-sample
+squared gradient g_ij² that the gradient graph computes, so the engine fetches a few numbers per
+tensor instead of copying every gradient out. The engine sums them in float64 over samples
+(``FisherTraces.sums``, the mean over samples, like the traces).
+
+- ``GroupStat``: per-group Fisher mass Σ_{j∈g} g_ij² of a weight, one group per index along an
+  axis (per channel) or per run of B elements along it (per block), in the flat C order of
+  ``formats.groups.group_shape`` (``groups.group_sums`` is the numpy twin).
+- ``WeightedStat``: Σ_j g_ij² · c_j for a constant c of the weight's shape, e.g. a format's
+  measured error (Q(w) − w)² or its expected noise power; it holds √c in float32 (half the
+  memory of c in float64; ``WeightedStat.of`` takes c) and the graph squares g·√c.
+- ``NoiseStat``: Σ_j g_ij² · E[δ²](a_ij) of an activation under a floating format with a fixed
+  float32 scale s (calibrated beforehand): the spacing of the binade of |a/s|, squared, over 12,
+  times s² (``formats.fit.noise_power``), with the saturation error beyond the largest element.
+
+Sums run in float32 over runs of at most ``CHUNK`` consecutive elements, then in float64 (the
+precision rule of ``instrument.MIN_BLOCK``); where no run length divides, the gradient is cast to
+float64 first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from fitonnx.errors import InternalError
+from fitonnx.formats import Format, ScaleType
+from fitonnx.model.runtime import make_session
+
+CHUNK = 32  # longest float32 run summed before float64 (≤ 32·2⁻²⁴ relative)
+Nodes = tuple[list[onnx.NodeProto], list[onnx.TensorProto]]
+
+
+@dataclass(frozen=True)
+class GroupStat:
+    """Per-group Fisher mass of ``tensor``: per index along ``axis`` (``block`` None) or per block."""
+
+    tensor: str
+    axis: int
+    block: int | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.tensor}|groups:{self.axis}:{self.block or 'ch'}"
+
+
+@dataclass(frozen=True)
+class WeightedStat:
+    """Σ_j g_j² · c_j with c ≥ 0 finite, a constant of ``tensor``'s shape named by ``label``;
+    ``root`` is √c in float32."""
+
+    tensor: str
+    label: str
+    root: np.ndarray = field(compare=False, repr=False)
+
+    @classmethod
+    def of(cls, tensor: str, label: str, weights: np.ndarray) -> WeightedStat:
+        """The statistic of the constant ``weights`` = c (finite and non-negative)."""
+        c = np.asarray(weights, np.float64)
+        if not (np.all(np.isfinite(c)) and np.all(c >= 0)):
+            raise InternalError(f"weights of statistic {tensor}|{label} must be finite and non-negative")
+        return cls(tensor, label, np.sqrt(c).astype(np.float32))
+
+    @property
+    def key(self) -> str:
+        return f"{self.tensor}|{self.label}"
+
+
+@dataclass(frozen=True)
+class NoiseStat:
+    """Σ_j g_j² · E[δ_j²] of activation ``tensor`` under floating ``fmt`` with float32 scale ``scale``."""
+
+    tensor: str
+    fmt: Format
+    scale: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.tensor}|{self.fmt.name}:noise"
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """Every statistic one gradient model computes."""
+
+    groups: tuple[GroupStat, ...] = ()
+    weighted: tuple[WeightedStat, ...] = ()
+    noise: tuple[NoiseStat, ...] = ()
+
+    @property
+    def tensors(self) -> set[str]:
+        return {s.tensor for s in (*self.groups, *self.weighted, *self.noise)}
+
+    def __bool__(self) -> bool:
+        return bool(self.groups or self.weighted or self.noise)
+
+
+NO_STATISTICS = Statistics()
+
+
+def _chunk(n: int) -> int | None:
+    """The largest divisor of ``n`` in [2, CHUNK], or None."""
+    return next((k for k in range(CHUNK, 1, -1) if n % k == 0), None)
+
+
+def _const(name: str, values: Sequence[int] | np.ndarray, dtype: int = TensorProto.INT64) -> onnx.TensorProto:
+    arr = np.asarray(values)
+    return helper.make_tensor(name, dtype, list(arr.shape), arr.ravel().tolist())
+
+
+def _reduce(op: str, x: str, axes: Sequence[int], out: str, opset: int) -> Nodes:
+    """``op`` (ReduceSum/ReduceSumSquare) over ``axes`` without keepdims, in either opset's spelling."""
+    if (op == "ReduceSum" and opset >= 13) or opset >= 18:
+        axes_init = _const(out + "_axes", list(axes))
+        return [helper.make_node(op, [x, axes_init.name], [out], keepdims=0)], [axes_init]
+    return [helper.make_node(op, [x], [out], axes=list(axes), keepdims=0)], []
+
+
+def _chunked_square_sum(x: str, dims: Sequence[int], keep: Sequence[int], out: str, opset: int) -> Nodes:
+    """Σ x² over every axis of ``x`` viewed as ``dims`` except ``keep``, as float64 (shape of the kept axes).
+
+    One summed axis is cut into runs of ≤ CHUNK summed in float32; the rest is summed in float64."""
+    summed = [k for k in range(len(dims)) if k not in keep]
+    cut = next((k for k in reversed(summed) if _chunk(dims[k])), None)
+    nodes, inits = [], []
+    if cut is None:
+        shape = _const(out + "_shape", list(dims))
+        nodes += [
+            helper.make_node("Cast", [x], [out + "_f64"], to=TensorProto.DOUBLE),
+            helper.make_node("Reshape", [out + "_f64", shape.name], [out + "_view"]),
+        ]
+        more, extra = _reduce("ReduceSumSquare", out + "_view", summed, out, opset)
+        return nodes + more, [shape, *inits, *extra]
+    k = _chunk(dims[cut])
+    assert k is not None
+    view = [*dims[:cut], dims[cut] // k, k, *dims[cut + 1 :]]
+    shape = _const(out + "_shape", view)
+    nodes.append(helper.make_node("Reshape", [x, shape.name], [out + "_view"]))
+    part, part_inits = _reduce("ReduceSumSquare", out + "_view", [cut + 1], out + "_f32", opset)
+    nodes += [*part, helper.make_node("Cast", [out + "_f32"], [out + "_f64"], to=TensorProto.DOUBLE)]
+    rest, rest_inits = _reduce("ReduceSum", out + "_f64", summed, out, opset)
+    return nodes + rest, [shape, *part_inits, *rest_inits]
+
+
+def group_nodes(stat: GroupStat, grad: str, shape: Sequence[int], out: str, opset: int) -> Nodes:
+    """Nodes computing ``out``: the flat float64 per-group Σ g² of ``stat`` over a gradient of ``shape``."""
+    shape = [int(d) for d in shape]
+    axis = stat.axis % len(shape)
+    pre, size, post = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
+    if stat.block is None:
+        nodes, inits = _chunked_square_sum(grad, [pre, size, post], [1], out + "_g", opset)
+    else:
+        if size % stat.block:
+            raise InternalError(f"block {stat.block} does not divide axis {axis} of {stat.tensor!r} {shape}")
+        dims = [pre, size // stat.block, stat.block, post]
+        nodes, inits = _chunked_square_sum(grad, dims, [0, 1, 3], out + "_g", opset)
+    flat = _const(out + "_flat", [-1])
+    return [*nodes, helper.make_node("Reshape", [out + "_g", flat.name], [out])], [*inits, flat]
+
+
+@dataclass(frozen=True)
+class ChunkBase:
+    """Float64 sums of g² over runs of ``chunk`` elements along ``axis`` (shape ``dims``): every
+    grouping of one weight derives from it in float64, so the gradient is read once for all of them."""
+
+    name: str
+    axis: int
+    chunk: int
+    dims: tuple[int, ...]  # the weight's shape with the axis's length divided by ``chunk``
+
+
+def shared_base(stats: Sequence[GroupStat], shape: Sequence[int]) -> tuple[int, int] | None:
+    """(axis, chunk) of a ``ChunkBase`` serving every grouping in ``stats`` of one weight, or None
+    when there are not several of them, or no run length ≤ CHUNK divides every block (and the axis)."""
+    blocks = [x for x in stats if x.block is not None]
+    if len(stats) < 2 or not blocks or len({x.axis % len(shape) for x in blocks}) != 1:
+        return None
+    axis = blocks[0].axis % len(shape)
+    if any(x.block is None and x.axis % len(shape) == axis for x in stats):
+        return None
+    k = _chunk(math.gcd(*(x.block for x in blocks if x.block is not None)))
+    return None if k is None or shape[axis] % k else (axis, k)
+
+
+def base_nodes(grad: str, shape: Sequence[int], axis: int, chunk: int, out: str, opset: int) -> tuple[ChunkBase, Nodes]:
+    """The ``ChunkBase`` of a gradient: one float32 pass of runs of ``chunk``, then float64."""
+    shape = [int(d) for d in shape]
+    pre, size, post = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
+    view = _const(out + "_shape", [pre, size // chunk, chunk, post])
+    nodes = [helper.make_node("Reshape", [grad, view.name], [out + "_view"])]
+    part, inits = _reduce("ReduceSumSquare", out + "_view", [2], out + "_f32", opset)
+    nodes += [*part, helper.make_node("Cast", [out + "_f32"], [out], to=TensorProto.DOUBLE)]
+    dims = tuple(d // chunk if k == axis else d for k, d in enumerate(shape))
+    return ChunkBase(out, axis, chunk, dims), (nodes, [view, *inits])
+
+
+def derived_group_nodes(stat: GroupStat, base: ChunkBase, out: str, opset: int) -> Nodes:
+    """``group_nodes``' result for ``stat`` summed in float64 from ``base`` (no second pass over g)."""
+    dims = list(base.dims)
+    pre, post = math.prod(dims[: base.axis]), math.prod(dims[base.axis + 1 :])
+    if stat.block is not None:  # runs of block/chunk chunk-sums along the same axis
+        view = _const(out + "_shape", [pre, dims[base.axis] * base.chunk // stat.block, stat.block // base.chunk, post])
+        summed, keep_shape = [2], [view]
+    else:
+        view = _const(out + "_shape", dims)
+        summed, keep_shape = [k for k in range(len(dims)) if k != stat.axis % len(dims)], [view]
+    nodes = [helper.make_node("Reshape", [base.name, view.name], [out + "_view"])]
+    red, inits = _reduce("ReduceSum", out + "_view", summed, out + "_g", opset)
+    flat = _const(out + "_flat", [-1])
+    nodes += [*red, helper.make_node("Reshape", [out + "_g", flat.name], [out])]
+    return nodes, [*keep_shape, *inits, flat]
+
+
+def weighted_nodes(stat: WeightedStat, grad: str, out: str, opset: int) -> Nodes:
+    """Nodes computing ``out`` = Σ g² · c (float64 scalar) as ‖g ⊙ √c‖²."""
+    root = numpy_helper.from_array(np.asarray(stat.root, np.float32), out + "_root")
+    nodes = [helper.make_node("Mul", [grad, root.name], [out + "_gw"])]
+    more, inits = _chunked_square_sum(out + "_gw", [max(stat.root.size, 1)], [], out, opset)
+    return nodes + more, [root, *inits]
+
+
+SPLIT = float(2**23 + 1)  # Veltkamp's splitting factor for float32: rounds to 1 significant bit
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def split_nodes(x: str, p: str) -> list[onnx.NodeProto]:
+    """Nodes computing ``p + "pow"`` = 2^⌊log2 x⌋ for finite x ≥ 0 whose x·SPLIT is finite (0 for 0).
+
+    Veltkamp's split h = (x − x·σ) + x·σ, σ = 2^23 + 1, rounds x to one significant bit in float32
+    arithmetic, so h is 2^e or 2^(e+1) for x in [2^e, 2^(e+1)); halving it where h > x leaves 2^e.
+    Five elementwise ops instead of Log, Floor and Pow (which cost 30 times more in onnxruntime)."""
+    mk = helper.make_node
+    return [
+        mk("Mul", [x, "fitonnx_split"], [p + "xs"]),
+        mk("Sub", [x, p + "xs"], [p + "d"]),
+        mk("Add", [p + "d", p + "xs"], [p + "h"]),
+        mk("Greater", [p + "h", x], [p + "high"]),
+        mk("Mul", [p + "h", "fitonnx_half"], [p + "h2"]),
+        mk("Where", [p + "high", p + "h2", p + "h"], [p + "pow"]),
+    ]
+
+
+def binade_nodes(x: str, p: str, top: float) -> list[onnx.NodeProto]:
+    """Nodes computing ``p + "pow"`` = 2^⌊log2 x⌋ for 0 ≤ x (x clipped to ``top`` first, so x·SPLIT
+    stays finite; where ``top``·SPLIT overflows, as for bf16, the large values are split after a
+    scaling by 2^−64 and the small ones, whose scaled value would be subnormal, directly)."""
+    mk = helper.make_node
+    nodes = [mk("Min", [x, p + "top"], [p + "xc"])]
+    if top * SPLIT <= FLOAT32_MAX:
+        return nodes + split_nodes(p + "xc", p)
+    nodes += [mk("Mul", [p + "xc", p + "down"], [p + "xd"])]
+    nodes += split_nodes(p + "xd", p + "big_") + split_nodes(p + "xc", p + "small_")
+    return [
+        *nodes,
+        mk("Mul", [p + "big_pow", p + "up"], [p + "big"]),
+        mk("Less", [p + "xc", p + "cut"], [p + "is_small"]),
+        mk("Where", [p + "is_small", p + "small_pow", p + "big"], [p + "pow"]),
+    ]
+
+
+def noise_nodes(stat: NoiseStat, grad: str, value: str, numel: int, out: str, opset: int) -> Nodes:
+    """Nodes computing ``out`` = Σ g² · E[δ²](value) under ``stat.fmt`` with scale ``stat.scale``.
+
+    v = value / s in float32 (as QuantizeLinear divides); p = 2^e with e = ⌊log2|v|⌋ the binade
+    (``binade_nodes``), floored at the smallest normal binade; E[δ²] = s² · (p · 2^(−m))² / 12, and
+    (|v| − max)² · s² beyond the largest element (fp16/bf16: infinite noise there, which the caller
+    reports without asking the graph). The graph sums (g · r)², r = p in range and
+    (|v| − max)·√(12 · 4^m) beyond, and scales the sum by s² · 4^(−m) / 12 in float64."""
+    info = ml_dtypes.finfo(stat.fmt.dtype)
+    top, mant, emin = float(info.max), int(info.nmant), int(info.minexp)
+    p = out + "_"
+    consts = {"s": stat.scale, "tiny": 2.0**emin, "top": top, "sat": math.sqrt(12.0 * 4.0**mant)}
+    if top * SPLIT > FLOAT32_MAX:  # the scaled split of binade_nodes
+        consts |= {"down": 2.0**-64, "up": 2.0**64, "cut": 2.0**-62}
+    inits = [helper.make_tensor(p + k, TensorProto.FLOAT, [], [v]) for k, v in consts.items()]
+    mk = helper.make_node
+    nodes = [
+        mk("Div", [value, p + "s"], [p + "v"]),
+        mk("Abs", [p + "v"], [p + "x"]),
+        *binade_nodes(p + "x", p, top),
+        mk("Max", [p + "pow", p + "tiny"], [p + "pw"]),  # subnormals (and 0) share the lowest binade's spacing
+        mk("Sub", [p + "x", p + "top"], [p + "over"]),
+        mk("Mul", [p + "over", p + "sat"], [p + "r_sat"]),
+        mk("Greater", [p + "x", p + "top"], [p + "beyond"]),
+        mk("Where", [p + "beyond", p + "r_sat", p + "pw"], [p + "root"]),
+        mk("Mul", [grad, p + "root"], [p + "gw"]),
+    ]
+    more, more_inits = _chunked_square_sum(p + "gw", [max(numel, 1)], [], p + "units", opset)
+    factor = helper.make_tensor(p + "factor", TensorProto.DOUBLE, [], [stat.scale**2 * 4.0 ** (-mant) / 12.0])
+    nodes += [*more, mk("Mul", [p + "units", factor.name], [out])]
+    return nodes, [*inits, *more_inits, factor]
+
+
+def shared_initializers() -> list[onnx.TensorProto]:
+    """The constants every noise statistic reads (added once per graph)."""
+    return [
+        helper.make_tensor("fitonnx_split", TensorProto.FLOAT, [], [SPLIT]),
+        helper.make_tensor("fitonnx_half", TensorProto.FLOAT, [], [0.5]),
+    ]
+
+
+def add_statistics(
+    g: onnx.GraphProto,
+    stats: Statistics,
+    grads: Mapping[str, str],
+    shapes: Mapping[str, tuple[int, ...]],
+    opset: int,
+) -> list[tuple[str, str]]:
+    """Append every statistic's nodes to ``g``; return (key, output name) pairs, in request order.
+
+    ``grads``: the gradient output of each tensor; ``shapes``: each tensor's (per-sample) shape."""
+    pairs: list[tuple[str, str]] = []
+    everything: list[GroupStat | WeightedStat | NoiseStat] = [*stats.groups, *stats.weighted, *stats.noise]
+    if any(x.tensor not in grads or x.tensor not in shapes for x in everything):
+        raise InternalError("a statistic names a tensor that is not scored")
+    bases = _add_bases(g, stats.groups, grads, shapes, opset)
+    for i, stat in enumerate(everything):
+        out = f"fitonnx_stat{i}"
+        grad = grads[stat.tensor]
+        if isinstance(stat, GroupStat) and stat.tensor in bases:
+            nodes, inits = derived_group_nodes(stat, bases[stat.tensor], out, opset)
+        elif isinstance(stat, GroupStat):
+            nodes, inits = group_nodes(stat, grad, shapes[stat.tensor], out, opset)
+        elif isinstance(stat, WeightedStat):
+            nodes, inits = weighted_nodes(stat, grad, out, opset)
+        else:
+            numel = math.prod(shapes[stat.tensor])
+            nodes, inits = noise_nodes(stat, grad, stat.tensor, numel, out, opset)
+        g.node.extend(nodes)
+        g.initializer.extend(inits)
+        pairs.append((stat.key, out))
+    if stats.noise:
+        g.initializer.extend(shared_initializers())
+    return pairs
+
+
+def _add_bases(
+    g: onnx.GraphProto,
+    groups: Sequence[GroupStat],
+    grads: Mapping[str, str],
+    shapes: Mapping[str, tuple[int, ...]],
+    opset: int,
+) -> dict[str, ChunkBase]:
+    """One ``ChunkBase`` per weight with several groupings that can share it (``shared_base``)."""
+    by_tensor: dict[str, list[GroupStat]] = {}
+    for x in groups:
+        by_tensor.setdefault(x.tensor, []).append(x)
+    bases = {}
+    for j, (tensor, stats) in enumerate(by_tensor.items()):
+        shared = shared_base(stats, shapes[tensor])
+        if shared is None:
+            continue
+        base, (nodes, inits) = base_nodes(grads[tensor], shapes[tensor], *shared, f"fitonnx_base{j}", opset)
+        g.node.extend(nodes)
+        g.initializer.extend(inits)
+        bases[tensor] = base
+    return bases
+
+
+def noise_needs_scale(fmt: Format) -> bool:
+    """Whether an activation's floating ``fmt`` scales by a calibrated max|a| (fp16/bf16 do not)."""
+    return fmt.scale is not ScaleType.NONE
+
+
+def activation_absmax(
+    model: onnx.ModelProto,
+    names: Sequence[str],
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    threads: int = 0,
+) -> dict[str, float]:
+    """max |a| of each activation over ``feeds``: one forward pass per sample through a copy of
+    ``model`` whose outputs are ReduceMax(Abs(a)) (the calibration a toolchain runs before scaling)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    outs = []
+    for i, name in enumerate(names):
+        out = f"fitonnx_absmax{i}"
+        probe.graph.node.append(helper.make_node("Abs", [name], [out + "_abs"]))
+        probe.graph.node.append(helper.make_node("ReduceMax", [out + "_abs"], [out], keepdims=0))
+        probe.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, []))
+        outs.append(out)
+    session = make_session(probe.SerializeToString(), threads)
+    best = np.zeros(len(names), np.float64)
+    for feed in feeds:
+        np.maximum(best, np.array(session.run(outs, dict(feed)), np.float64), out=best)
+    return dict(zip(names, best.tolist(), strict=True))
