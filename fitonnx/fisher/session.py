@@ -85,7 +85,7 @@ NOTE_KINDS = frozenset({ChangeKind.SPECIALIZE, ChangeKind.QUANTIZED})
 
 def prepare_notes(prepared: PreparedModel) -> tuple[str, ...]:
     """The prepare changes a score report must mention: a specialized If (its other branch is not scored),
-    an already-quantized model's activation Q/DQ removed."""
+    an already-quantized model's activation Q/DQ kept as fixed quantizers."""
     return tuple(f"{c.where}: {c.detail}" for c in prepared.changes if c.kind in NOTE_KINDS)
 
 

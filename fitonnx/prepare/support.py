@@ -7,7 +7,7 @@ never probed) is probed on the spot with the node's own attributes and input typ
 
 Only nodes on a float path from a differentiated tensor to the loss need a gradient: a path
 through an integer or boolean tensor (Shape, ArgMax, comparisons) carries none, and onnxruntime's
-builder skips it too.
+builder skips it too, as it skips BatchNormalization's mean and variance (``STOP_GRADIENT_INPUTS``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from fitonnx.errors import UnsupportedError
-from fitonnx.model.graph import FLOAT_TYPES, body_reads, node_name
+from fitonnx.model.graph import FLOAT_TYPES, body_reads, gradient_inputs, node_name
 from fitonnx.model.runtime import make_session, quiet_stderr
 from fitonnx.prepare.rewrites import REWRITES, RewriteContext, context, explain
 from fitonnx.prepare.shapes import TensorType, tensor_types
@@ -81,7 +81,7 @@ def on_path(
     reached = {s for s in sources if _is_float(types, s)}
     forward: set[int] = set()
     for i, node in enumerate(nodes):
-        read = set(node.input) | body_reads(node)
+        read = set(gradient_inputs(node)) | body_reads(node)
         if read & reached:
             forward.add(i)
             reached |= {o for o in node.output if o and _is_float(types, o)}
@@ -91,7 +91,7 @@ def on_path(
         node = nodes[i]
         if any(o in needed for o in node.output):
             backward.add(i)
-            needed |= {n for n in set(node.input) | body_reads(node) if n and _is_float(types, n)}
+            needed |= {n for n in set(gradient_inputs(node)) | body_reads(node) if n and _is_float(types, n)}
     return [(i, nodes[i]) for i in sorted(forward & backward)]
 
 

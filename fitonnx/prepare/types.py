@@ -20,7 +20,7 @@ class ChangeKind(TextEnum):
     FOLD = "fold"
     REWRITE = "rewrite"
     SPECIALIZE = "specialize"
-    QUANTIZED = "quantized"  # an already-quantized model's activation Q/DQ removed (what is scored changes)
+    QUANTIZED = "quantized"  # an already-quantized model's activation Q/DQ kept fixed, with a straight-through gradient
 
 
 @dataclass(frozen=True)
