@@ -20,6 +20,7 @@ class ChangeKind(TextEnum):
     FOLD = "fold"
     REWRITE = "rewrite"
     SPECIALIZE = "specialize"
+    UNROLL = "unroll"  # a Loop/Scan unrolled: its body's activations are not scored
     QUANTIZED = "quantized"  # an already-quantized model's activation Q/DQ kept fixed, with a straight-through gradient
 
 
