@@ -33,6 +33,7 @@ from onnx import numpy_helper
 
 from fitonnx.errors import UnsupportedError
 from fitonnx.model.graph import PREPARE_PASSTHROUGH
+from fitonnx.prepare.shapes import tensor_types
 from fitonnx.prepare.types import Change, ChangeKind
 
 INTEGER_OPS = frozenset(
@@ -196,37 +197,46 @@ class _Names:
 
 
 def _fixed_quantizer(
-    x: str, r: str, y: str, bounds: tuple[np.float32, np.float32], fresh: _Names
+    x: str, r: str, y: str, bounds: tuple[np.float32, np.float32], fresh: _Names, shape: tuple | None
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """Nodes computing ``y = c + (r − stop(c))`` with ``c = Clip(x, lo, hi)``: exactly ``r`` (see the
     module docstring) with the gradient of ``c``. ``stop(c)`` is ``−BatchNormalization(0, 1, 0, mean=c,
-    var=1, ε=0)``, whose mean carries no gradient in either engine (``STOP_GRADIENT_INPUTS``)."""
+    var=1, ε=0)`` over c flattened, whose mean carries no gradient in either engine
+    (``STOP_GRADIENT_INPUTS``). With ``shape`` (x's, when static) every shape is a constant, so shape
+    inference follows the pair (onnxruntime-training's pooling gradients need the static shapes)."""
     make, t = onnx.helper.make_node, lambda hint: fresh(f"{y}__fixed_{hint}")
-    one, zero = (
-        numpy_helper.from_array(np.array([1.0], np.float32)),
-        numpy_helper.from_array(np.array([0.0], np.float32)),
-    )
-    lo, hi, flat_shape, one_dim = t("lo"), t("hi"), t("flat"), t("one")
+    one, zero = (numpy_helper.from_array(np.array([v], np.float32)) for v in (1.0, 0.0))
+    lo, hi, flat_shape = t("lo"), t("hi"), t("flat")
     inits = [
         numpy_helper.from_array(bounds[0], lo),
         numpy_helper.from_array(bounds[1], hi),
         numpy_helper.from_array(np.array([-1], np.int64), flat_shape),
-        numpy_helper.from_array(np.array([1], np.int64), one_dim),
     ]
-    c, flat, m, m2, ones, zeros, zx, neg_flat, shape, neg, noise = (
+    c, flat, m, m2, ones, zeros, zx, neg_flat, back, neg, noise = (
         t(h) for h in ("clip", "c", "m", "m2", "ones", "zeros", "zx", "negflat", "shape", "neg", "noise")
     )
     nodes = [
         make("Clip", [x, lo, hi], [c], name=c, doc_string=PREPARE_PASSTHROUGH),
         make("Reshape", [c, flat_shape], [flat], name=flat),
-        make("Shape", [flat], [m], name=m),
-        make("Concat", [one_dim, m], [m2], name=m2, axis=0),
+    ]
+    if shape is not None:
+        size = int(np.prod(shape, dtype=np.int64))
+        for name, value in ((m, [size]), (m2, [1, size]), (back, list(shape))):
+            inits.append(numpy_helper.from_array(np.array(value, np.int64), name))
+    else:
+        one_dim = t("one")
+        inits.append(numpy_helper.from_array(np.array([1], np.int64), one_dim))
+        nodes += [
+            make("Shape", [flat], [m], name=m),
+            make("Concat", [one_dim, m], [m2], name=m2, axis=0),
+            make("Shape", [c], [back], name=back),
+        ]
+    nodes += [
         make("ConstantOfShape", [m], [ones], name=ones, value=one),
         make("ConstantOfShape", [m], [zeros], name=zeros, value=zero),
         make("ConstantOfShape", [m2], [zx], name=zx, value=zero),
         make("BatchNormalization", [zx, ones, zeros, flat, ones], [neg_flat], name=neg_flat, epsilon=0.0),
-        make("Shape", [c], [shape], name=shape),
-        make("Reshape", [neg_flat, shape], [neg], name=neg),
+        make("Reshape", [neg_flat, back], [neg], name=neg),
         make("Add", [r, neg], [noise], name=noise),
         make("Add", [c, noise], [y], name=t("add"), doc_string=PREPARE_PASSTHROUGH),
     ]
@@ -241,28 +251,35 @@ def fix_activation_qdq(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Ch
     g = out.graph
     inits = {t.name: t for t in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
+    types = tensor_types(model)
     fresh = _Names(g)
     nodes: list[onnx.NodeProto] = []
-    fixed: list[str] = []
+    fixed: dict[tuple[str, ...], str] = {}  # the DequantizeLinear's inputs -> the fixed quantizer's output
     for node in g.node:
-        nodes.append(node)
         q = producer.get(node.input[0]) if node.op_type == "DequantizeLinear" and node.input else None
         if q is None or q.op_type != "QuantizeLinear" or q.input[0] in inits:
+            nodes.append(node)
             continue
-        y = node.output[0]
+        y, key = node.output[0], tuple(node.input)
+        if key in fixed:  # another reader's copy of the same DequantizeLinear (onnxruntime's quantizer makes them)
+            nodes.append(onnx.helper.make_node("Identity", [fixed[key]], [y], doc_string=PREPARE_PASSTHROUGH))
+            continue
         r = fresh(f"{y}__fixed_rounded")
         node.output[0] = r
-        added, constants = _fixed_quantizer(q.input[0], r, y, _quantizer_range(q, inits), fresh)
-        nodes.extend(added)
+        known = types.get(q.input[0])
+        shape = known.static_shape if known is not None else None
+        added, constants = _fixed_quantizer(q.input[0], r, y, _quantizer_range(q, inits), fresh, shape)
+        nodes += [node, *added]
         g.initializer.extend(constants)
-        fixed.append(q.input[0])
+        fixed[key] = y
     if not fixed:
         return model, []
     del g.node[:]
     g.node.extend(nodes)
-    shown = ", ".join(repr(s) for s in fixed[:5]) + (" ..." if len(fixed) > 5 else "")
+    names = list(dict.fromkeys(producer[key[0]].input[0] for key in fixed))
+    shown = ", ".join(repr(s) for s in names[:5]) + (" ..." if len(names) > 5 else "")
     detail = (
-        f"{len(fixed)} activation QuantizeLinear/DequantizeLinear pair(s) kept as fixed quantizers ({shown}): the "
+        f"{len(names)} activation QuantizeLinear/DequantizeLinear pair(s) kept as fixed quantizers ({shown}): the "
         "model's own rounding stays in the forward; the gradient passes each pair inside its range and stops where "
         "it saturates (a clipped straight-through estimator)"
     )
