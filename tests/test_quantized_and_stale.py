@@ -190,3 +190,55 @@ def test_fixed_quantizer_gradient_is_masked_where_it_saturates(engine: str) -> N
         saturated.append(1 - inside.mean())
     assert 0.2 < np.mean(saturated) < 0.6
     np.testing.assert_allclose(got["w"], want, rtol=1e-4)
+
+
+REAL_QDQ = ZOO / "qdq" / "ppocr_cls_qdq.onnx"  # scripts/zoo/export_qdq.py: onnxruntime.quantization, authors' weights
+
+
+def _real_qdq_session() -> tuple[onnx.ModelProto, object]:
+    calib = np.load(ZOO / "ppocr_cls_mbv3.calib.npz")
+    data = Dataset(arrays={"x": calib["x"][:4]}, labels=calib["labels"][:4], source="ppocr_cls_mbv3")
+    qdq = onnx.load(REAL_QDQ)
+    return qdq, api.open_model(qdq, data)
+
+
+def _conv_gemm_weights(model: onnx.ModelProto) -> dict[str, int]:
+    """Independent count: each DequantizeLinear of an int8 initializer read as a Conv/Gemm/MatMul weight."""
+    inits = {t.name: t for t in model.graph.initializer}
+    read = {n.input[1] for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")}
+    return {
+        n.output[0]: int(np.prod(inits[n.input[0]].dims))
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and n.output[0] in read
+    }
+
+
+def test_real_qdq_model_twin_is_bit_equal_and_every_weight_is_scored() -> None:
+    qdq, s = _real_qdq_session()
+    x = np.load(ZOO / "ppocr_cls_mbv3.calib.npz")["x"][4:8]
+    inits = {t.name for t in qdq.graph.initializer}
+    quantized = {n.input[0] for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+    (note,) = [c.detail for c in s.prepared.changes if c.kind == "quantized"]
+    assert int(note.split()[0]) >= len(quantized) > 100  # every activation pair kept (none removed)
+    a = make_session(qdq.SerializeToString(), optimize=False)
+    b = make_session(s.prepared.model.SerializeToString(), optimize=False)
+    for i in range(len(x)):
+        feed = {"x": x[i : i + 1]}
+        assert np.array_equal(a.run(None, feed)[0], b.run(None, feed)[0])
+    weights = {t.name: t.numel for t in s.tensors if t.kind.value == "weight"}
+    assert weights == _conv_gemm_weights(qdq)
+    traces, target, _ = api.fisher_traces(s, FisherOptions(fisher="empirical", engine="onnx"))
+    # The loss reads the logits in front of the Softmax, through the output's fixed quantizer (the
+    # rounded probabilities of these confident samples are exactly 1: no gradient).
+    assert target.tap != target.output and not target.probabilities
+    assert np.all(np.isfinite(traces.per_sample)) and np.all(traces.per_sample.mean(axis=0) > 0)
+
+
+@pytest.mark.skipif(not GRADIENT_ENGINES["ort-training"].available(), reason="needs onnxruntime-training")
+def test_real_qdq_model_engines_agree() -> None:
+    _, s = _real_qdq_session()
+    means = {}
+    for engine in ("ort-training", "onnx"):
+        traces, _, _ = api.fisher_traces(s, FisherOptions(fisher="empirical", engine=engine))
+        means[engine] = traces.per_sample.mean(axis=0)
+    np.testing.assert_allclose(means["onnx"], means["ort-training"], rtol=1e-4)
