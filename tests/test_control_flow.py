@@ -1,12 +1,12 @@
 """Loop and Scan unrolled over a static trip count (prepare/rewrites/control_flow.py).
 
 - A tanh RNN as a Scan over the time axis of x [1, T, 4] (forward and reverse), and a Loop with a
-  constant trip count: the twin has no Loop/Scan, gives the original's outputs (onnxruntime runs both,
+  constant trip count or one computed from x's static shape (TorchScript's ``range(x.size(1))``): the twin has no Loop/Scan, gives the original's outputs (onnxruntime runs both,
   scan outputs included), and the per-sample empirical Fisher of the weights read inside the body,
   in both engines, equals backpropagation through time in float64 numpy.
 - The weights are counted once each (an independent count of the initializers); the body's
   activations are not scored (a quantizer in a body is one tensor over every step).
-- A Loop whose trip count is computed at run time, or whose body can end it early, is refused with
+- A Loop whose trip count is computed from values, or whose body can end it early, is refused with
   one line naming the node.
 """
 
@@ -125,10 +125,17 @@ def loop_rnn(trip: str = "M", body_cond: str = "identity") -> onnx.ModelProto:
             vi("h_out", TensorProto.FLOAT, [1, 3]),
         ],
     )
-    nodes = [helper.make_node("Loop", [trip, "", "h0"], ["h_last", "states"], body=body)]
+    m = {"M": "M", "shape": "M_shape"}.get(trip, "M_run")
+    nodes = [helper.make_node("Loop", [m, "", "h0"], ["h_last", "states"], body=body)]
     inits = [*_weights(), numpy_helper.from_array(np.array(100.0, np.float32), "limit")]
     if trip == "M":
         inits.append(numpy_helper.from_array(np.array(STEPS, np.int64), "M"))
+    elif trip == "shape":  # x.size(1) as TorchScript writes a `for t in range(x.size(1))` loop
+        nodes[:0] = [
+            helper.make_node("Shape", ["x"], ["x_shape"]),
+            helper.make_node("Gather", ["x_shape", "one"], ["M_shape"], axis=0),
+        ]
+        inits.append(numpy_helper.from_array(np.array(1, np.int64), "one"))
     else:  # a trip count computed from the data's values (always 6 here, but only known at run time)
         nodes[:0] = [
             helper.make_node("ReduceSum", ["x"], ["x_sum"], keepdims=0),
@@ -146,7 +153,12 @@ def loop_rnn(trip: str = "M", body_cond: str = "identity") -> onnx.ModelProto:
     )
 
 
-MODELS = {"scan": scan_rnn, "scan-reverse": lambda: scan_rnn(reverse=True), "loop": loop_rnn}
+MODELS = {
+    "scan": scan_rnn,
+    "scan-reverse": lambda: scan_rnn(reverse=True),
+    "loop": loop_rnn,
+    "loop-shape": lambda: loop_rnn(trip="shape"),
+}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -206,7 +218,7 @@ def test_weights_inside_the_body_are_scored_once(name: str, engine: str) -> None
 @pytest.mark.parametrize(
     ("model", "why"),
     [
-        (lambda: loop_rnn(trip="M_run"), "expected a constant trip count M"),
+        (lambda: loop_rnn(trip="values"), "expected a trip count M known before running"),
         (lambda: loop_rnn(body_cond="early"), "expected the body to keep the loop condition true"),
     ],
 )

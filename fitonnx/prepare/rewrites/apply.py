@@ -21,6 +21,7 @@ def context(model: onnx.ModelProto) -> RewriteContext:
         types=tensor_types(model),
         initializers={t.name: t for t in model.graph.initializer},
         readers=readers,
+        producers={o: n for n in model.graph.node for o in n.output if o},
     )
 
 

@@ -11,7 +11,9 @@ tensor over every step, which FIT's per-tensor activations do not model: the bod
 MatMul/Conv/Gemm are marked weights-only (their activations are not scored, and the change says so).
 
 Covered: Scan from opset 9 with a static scan-axis length, any axes and directions; Loop with a
-constant trip count whose condition stays true (absent or constant true, and the body's condition
+trip count known before running (a constant, or computed from static sizes: TorchScript's
+``for t in range(x.size(1))`` is ``Gather(Shape(x), 1)``, evaluated by onnx's reference evaluator)
+whose condition stays true (absent or constant true, and the body's condition
 output its condition input or a constant true); bodies without nested subgraphs, at most
 ``MAX_STEPS`` steps and ``MAX_NODES`` unrolled nodes. Anything else raises ``NoRewrite`` saying
 which assumption fails, and the node is reported as a blocker.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 from fitonnx.model.graph import PREPARE_WEIGHTS_ONLY, WEIGHT_INPUTS, bodies
 from fitonnx.prepare.rewrites.base import Builder, NoRewrite, rewrite
@@ -154,12 +157,57 @@ def _condition_stays_true(b: Builder, body: onnx.GraphProto) -> bool:
     return value is not None and bool(np.all(value))
 
 
+# Ops a trip count may be computed with from static sizes (TorchScript writes x.size(1) as
+# Gather(Shape(x), 1)); the inputs are fixed to the data's shapes before the rewrites run.
+SHAPE_ARITHMETIC = frozenset({"Gather", "Slice", "Squeeze", "Unsqueeze", "Concat", "Cast", "Reshape", "Identity"})
+SHAPE_ARITHMETIC |= {"Add", "Sub", "Mul", "Div", "ReduceProd", "Constant"}
+
+
+def _static_value(b: Builder, name: str) -> np.ndarray | None:
+    """The value of ``name`` when it is computed from constants and static sizes alone (Shape of a
+    tensor whose shape inference knows every size), by onnx's reference evaluator; else None."""
+    nodes: list[onnx.NodeProto] = []
+    constants: dict[str, np.ndarray] = {}
+    stack, seen = [name], set()
+    while stack:
+        current = stack.pop()
+        if current in seen or not current:
+            continue
+        seen.add(current)
+        value = b.constant_value(current)
+        node = b.ctx.producers.get(current)
+        if value is not None:
+            constants[current] = value
+        elif node is not None and node.op_type == "Shape" and node.domain in ("", "ai.onnx"):
+            known = b.ctx.types.get(node.input[0])
+            if known is None or known.static_shape is None:
+                return None
+            start, end = (next((a.i for a in node.attribute if a.name == k), None) for k in ("start", "end"))
+            constants[current] = np.asarray(known.static_shape[start:end], np.int64)
+        elif node is not None and node.op_type in SHAPE_ARITHMETIC and node.domain in ("", "ai.onnx"):
+            nodes.append(node)
+            stack.extend(node.input)
+        else:
+            return None
+    graph = helper.make_graph(
+        nodes[::-1],
+        "trip_count",
+        [],
+        [helper.make_empty_tensor_value_info(name)],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in constants.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", b.ctx.opset)])
+    return np.asarray(ReferenceEvaluator(model).run(None, {})[0])
+
+
 @rewrite("Loop")
 def rewrite_loop(b: Builder) -> str:
     body: onnx.GraphProto = b.attr("body")
-    trip = b.constant_value(b.input(0)) if b.input(0) else None
+    trip = _static_value(b, b.input(0)) if b.input(0) else None
     if trip is None:
-        raise NoRewrite("expected a constant trip count M; it is absent or computed at run time")
+        raise NoRewrite(
+            "expected a trip count M known before running (a constant, or sizes of static shapes); it is absent or computed from values"
+        )
     if b.input(1):
         cond = b.constant_value(b.input(1))
         if cond is None or not bool(np.all(cond)):
