@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fitonnx.analysis.damage import Damage, Measure, Reliability, measure_table, per_sample_measures, reliability
-from fitonnx.analysis.harness import EvalSource, Harness, SimulationOptions, harness
+from fitonnx.analysis.harness import EvalSource, Harness, SimulationOptions, harness, measure_all
 from fitonnx.analysis.predictors import Predictor
 from fitonnx.analysis.simulate import Config, GridScheme
 from fitonnx.errors import FitonnxError
@@ -23,6 +23,7 @@ from fitonnx.fisher import session as api
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.model.source import DataSource, ModelSource
 from fitonnx.progress import Progress, as_progress
+from fitonnx.scale import Workers
 from fitonnx.score.ranks import Correlation, rank_correlations
 
 DEFAULT_CONFIGS = 100
@@ -126,28 +127,24 @@ def sample_configs(
 
 
 def _run_configs(
-    h: Harness, sampled: Sequence[tuple[Config, bool]], progress: Progress | None
+    h: Harness, sampled: Sequence[tuple[Config, bool]], progress: Progress | None, workers: Workers | None = None
 ) -> tuple[list[ConfigResult], list[Damage]]:
-    """Measure and predict every sampled configuration, one progress step each."""
-    results: list[ConfigResult] = []
-    damages: list[Damage] = []
+    """Measure (on ``workers``, if parallel) and predict every sampled configuration, one progress step each."""
     bar = as_progress(progress)
     bar.start(len(sampled), "Configurations")
-    for config, is_uniform in sampled:
-        d = h.measure(config)
-        damages.append(d)
-        results.append(
-            ConfigResult(
-                weight_bits=dict(config.weight_bits),
-                activation_bits=dict(config.activation_bits),
-                uniform=is_uniform,
-                predicted=h.predict(config),
-                kl=d.kl,
-                dloss=d.dloss,
-                accuracy=d.accuracy,
-            )
+    damages = measure_all(h, [config for config, _ in sampled], workers, bar.advance)
+    results = [
+        ConfigResult(
+            weight_bits=dict(config.weight_bits),
+            activation_bits=dict(config.activation_bits),
+            uniform=is_uniform,
+            predicted=h.predict(config),
+            kl=d.kl,
+            dloss=d.dloss,
+            accuracy=d.accuracy,
         )
-        bar.advance(1)
+        for (config, is_uniform), d in zip(sampled, damages, strict=True)
+    ]
     return results, damages
 
 
@@ -174,7 +171,7 @@ def validate(
     sampled = sample_configs(
         h.weights, h.activations, h.weight_bits, h.activation_bits, samp.configs, seed, samp.uniform
     )
-    results, damages = _run_configs(h, sampled, progress)
+    results, damages = _run_configs(h, sampled, progress, opts.workers)
     s, ref = h.session, h.reference
     return ValidationReport(
         model=s.loaded.name,

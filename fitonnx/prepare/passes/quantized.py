@@ -32,6 +32,7 @@ import onnx
 from onnx import numpy_helper
 
 from fitonnx.errors import UnsupportedError
+from fitonnx.model import external
 from fitonnx.model.graph import PREPARE_PASSTHROUGH
 from fitonnx.prepare.shapes import tensor_types
 from fitonnx.prepare.types import Change, ChangeKind
@@ -110,7 +111,7 @@ def fold_weight_dequantize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, lis
         if node.op_type != "DequantizeLinear" or blocks or not all(x in inits for x in node.input if x):
             kept.append(node)
             continue
-        arrays = [numpy_helper.to_array(inits[x]) if x else None for x in node.input]
+        arrays = [external.tensor_array(inits[x]) if x else None for x in node.input]
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
         value = _dequantized(arrays[0], arrays[1], arrays[2] if len(arrays) > 2 else None, axis)
         out.graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
@@ -166,7 +167,7 @@ def _quantizer_range(q: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> t
             "at run time or quantizes in blocks",
             hint="score the float model it was quantized from",
         )
-    scale = numpy_helper.to_array(inits[q.input[1]])
+    scale = external.tensor_array(inits[q.input[1]])
     elem = _quant_type(q, inits)
     if scale.size != 1 or elem not in QUANT_RANGES:
         what = "per-axis" if scale.size != 1 else onnx.helper.tensor_dtype_to_np_dtype(elem).name
@@ -174,7 +175,7 @@ def _quantizer_range(q: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> t
             f"expected per-tensor integer activation quantizers; QuantizeLinear {name!r} is {what}",
             hint="score the float model it was quantized from",
         )
-    zero = int(numpy_helper.to_array(inits[q.input[2]]).reshape(-1)[0]) if len(q.input) > 2 and q.input[2] else 0
+    zero = int(external.tensor_array(inits[q.input[2]]).reshape(-1)[0]) if len(q.input) > 2 and q.input[2] else 0
     qmin, qmax = QUANT_RANGES[elem]
     s = np.float32(scale.reshape(-1)[0])
     return np.float32(np.float32(qmin - zero) * s), np.float32(np.float32(qmax - zero) * s)
