@@ -62,16 +62,3 @@ def tiny_data(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.npz"
     np.savez(path, x=rng.normal(size=(20, 4)).astype(np.float32), labels=rng.integers(0, 3, 20))
     return path
-
-
-def pytest_collection_modifyitems(config, items):
-    """Known failure, recorded in issue 14's note: on onnxruntime >= 1.20 the QDQ model's activation
-    Q/DQ pairs, which prepare removes, round differently from the twin (relative error 2.2e-3 > 1e-4)."""
-    import onnxruntime
-
-    if tuple(int(p) for p in onnxruntime.__version__.split(".")[:2]) < (1, 20):
-        return
-    known = pytest.mark.xfail(reason="QDQ activations removed by prepare differ on onnxruntime >= 1.20", strict=False)
-    for item in items:
-        if "qdq_mlp" in item.nodeid or "test_qdq_model_scores_its_float_weights" in item.nodeid:
-            item.add_marker(known)

@@ -425,14 +425,18 @@ def _with_loop_and_sparse() -> onnx.ModelProto:
         helper.make_tensor_value_info("c", TensorProto.BOOL, []),
     ]
     body = helper.make_graph(
-        [helper.make_node("Identity", ["c"], ["c_out"]), helper.make_node("Add", ["v", "w_body"], ["v_out"])],
+        [  # the body computes its own condition (an early exit): prepare cannot unroll the Loop
+            helper.make_node("Add", ["v", "w_body"], ["v_out"]),
+            helper.make_node("ReduceSum", ["v_out"], ["total"], keepdims=0),
+            helper.make_node("Less", ["total", "limit"], ["c_out"]),
+        ],
         "body",
         [*scalar, helper.make_tensor_value_info("v", TensorProto.FLOAT, [2])],
         [
             helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
             helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [2]),
         ],
-        [numpy_helper.from_array(np.ones(2, np.float32), "w_body")],
+        [numpy_helper.from_array(np.ones(2, np.float32), "w_body"), numpy_helper.from_array(np.float32(100), "limit")],
     )
     consts = [np.array(3, np.int64), np.array(True), np.zeros(2, np.float32)]
     m.graph.initializer.extend(

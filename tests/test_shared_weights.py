@@ -2,7 +2,8 @@
 before squaring: ‖Σ_r g_r‖², which is what quantizing the one stored tensor perturbs (not Σ_r ‖g_r‖²).
 
 Checked in both gradient engines against float64 numpy (a weight read through an Identity chain by
-two MatMuls; a table tied between a Gather and a Gemm), and for one LayerNormalization scale and
+two MatMuls; a table tied between a Gather and a Gemm, or a MatMul reading it through a Transpose,
+whose numpy gradient is checked against finite differences), and for one LayerNormalization scale and
 bias shared by three nodes against the same model with a copy per node (which onnxruntime-training
 used to reject with "Duplicate definition of name (ln.s_grad)").
 """
@@ -115,6 +116,82 @@ def test_tied_table_sums_gather_and_gemm(engine: str) -> None:
         g[i] += emb.T @ dz  # the Gather reader: the row it read
         want.append(np.sum(g * g))
     np.testing.assert_allclose(got["emb"], want, rtol=1e-4)
+
+
+def tied_through_transpose() -> onnx.ModelProto:
+    """logits = MatMul(Relu(Gather(E, ids)·W), Transpose(E)): the output projection reads the
+    embedding table transposed (how exporters write tied embeddings); onnxruntime's constant folding
+    used to turn Transpose(E) into a second initializer, scored and counted as another weight."""
+    nodes = [
+        helper.make_node("Gather", ["emb", "ids"], ["e"]),
+        helper.make_node("MatMul", ["e", "w"], ["h0"]),
+        helper.make_node("Relu", ["h0"], ["h"]),
+        helper.make_node("Transpose", ["emb"], ["emb_t"], perm=[1, 0]),
+        helper.make_node("MatMul", ["h", "emb_t"], ["logits"]),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 7])],
+        [
+            numpy_helper.from_array((RNG.normal(size=(7, 3)) * 0.8).astype(np.float32), "emb"),
+            numpy_helper.from_array((RNG.normal(size=(3, 3)) * 0.8 + 0.3).astype(np.float32), "w"),
+        ],
+    )
+
+
+def _tied_loss_and_grads(emb: np.ndarray, w: np.ndarray, i: int, y: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """Cross-entropy of ``tied_through_transpose`` for one id, and its gradients (float64 numpy)."""
+    e = emb[i]
+    h0 = e @ w
+    h = np.maximum(h0, 0)
+    z = h @ emb.T
+    logp = z - z.max() - np.log(np.exp(z - z.max()).sum())
+    dz = np.exp(logp) - np.eye(len(emb))[y]
+    dh0 = (dz @ emb) * (h0 > 0)
+    g_emb = np.outer(dz, h)  # the MatMul reader, through the Transpose
+    g_emb[i] += w @ dh0  # the Gather reader: the row it read
+    return float(-logp[y]), g_emb, np.outer(e, dh0)
+
+
+def test_tied_gradients_match_finite_differences() -> None:
+    """The numpy reference itself, against central differences of its loss (float64)."""
+    model = tied_through_transpose()
+    emb, w = (numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer)
+    _, g_emb, g_w = _tied_loss_and_grads(emb, w, 2, 5)
+    for value, grad, which in ((emb, g_emb, 0), (w, g_w, 1)):
+        fd = np.zeros_like(value)
+        for idx in np.ndindex(value.shape):
+            step = np.zeros_like(value)
+            step[idx] = 1e-6
+            args = [emb, w]
+            args[which] = value + step
+            plus = _tied_loss_and_grads(*args, 2, 5)[0]
+            args[which] = value - step
+            fd[idx] = (plus - _tied_loss_and_grads(*args, 2, 5)[0]) / 2e-6
+        np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_tied_through_transpose_scored_once(engine: str) -> None:
+    model = tied_through_transpose()
+    emb, w = (numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer)
+    ids = np.arange(7, dtype=np.int64).reshape(7, 1)
+    labels = ((ids[:, 0] * 3 + 1) % 7).reshape(7, 1)
+    data = Dataset(arrays={"ids": ids}, labels=labels, source="ids")
+    traces, _, _ = api.fisher_traces(api.open_model(model, data), FisherOptions(engine=engine, fisher="empirical"))
+    weights = [t for t in traces.tensors if t.kind.value == "weight"]
+    assert [t.name for t in weights] == ["emb", "w"]
+    # Independent count: the elements of the model's two float initializers.
+    assert sum(t.numel for t in weights) == sum(int(np.prod(t.dims)) for t in model.graph.initializer) == 30
+    got = {t.name: traces.per_sample[:, j] for j, t in enumerate(traces.tensors)}
+    want = {"emb": [], "w": []}
+    for i, y in zip(ids[:, 0], labels[:, 0], strict=True):
+        _, g_emb, g_w = _tied_loss_and_grads(emb, w, int(i), int(y))
+        want["emb"].append(np.sum(g_emb**2))
+        want["w"].append(np.sum(g_w**2))
+    np.testing.assert_allclose(got["emb"], want["emb"], rtol=1e-4)
+    np.testing.assert_allclose(got["w"], want["w"], rtol=1e-4)
 
 
 def _unshared(model: onnx.ModelProto) -> onnx.ModelProto:

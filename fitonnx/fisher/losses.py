@@ -24,7 +24,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from fitonnx.errors import DataError, InternalError, ModelError, UnsupportedError
-from fitonnx.model.graph import FLOAT_TYPES, default_opset
+from fitonnx.model.graph import FLOAT_TYPES, PREPARE_PASSTHROUGH, default_opset
 from fitonnx.model.graph import producers as producer_map
 
 PREFIX = "fitonnx__"
@@ -219,11 +219,13 @@ _LAYOUT = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
 
 def _through_layout(model: onnx.ModelProto, name: str) -> onnx.NodeProto | None:
     """The producer of ``name``, looking through reshapes (a Sigmoid whose output is reshaped is
-    still a Sigmoid output). Softmax is seen through Identity only (skl2onnx ends in one): a
-    reshape may move its class axis."""
+    still a Sigmoid output). Softmax is seen through Identity (skl2onnx ends in one) and fixed
+    quantizers only: a reshape may move its class axis."""
     producers = producer_map(model.graph.node)
     node = producers.get(name)
-    while node is not None and node.op_type == "Identity":  # moves no axis: see through it for any op
+    # Identity moves no axis, nor does a QDQ model's fixed quantizer (prepare marks its nodes): the
+    # loss reads the distribution in front of the output's rounding (its logits, not 1/255 steps).
+    while node is not None and (node.op_type == "Identity" or node.doc_string == PREPARE_PASSTHROUGH):
         node = producers.get(node.input[0])
     while node is not None and node.op_type in _LAYOUT:
         inner = producers.get(node.input[0])
@@ -237,6 +239,20 @@ def _through_layout(model: onnx.ModelProto, name: str) -> onnx.NodeProto | None:
 _MEANS = frozenset({"ReduceMean", "GlobalAveragePool", "AveragePool"})
 
 
+def _source(producers: Mapping[str, onnx.NodeProto], name: str) -> str:
+    """``name`` before any fixed quantizer (prepare's passthrough-marked nodes) that rounds it."""
+    node = producers.get(name)
+    while node is not None and node.doc_string == PREPARE_PASSTHROUGH:
+        name = node.input[0]
+        node = producers.get(name)
+    return name
+
+
+def _unquantized(producers: Mapping[str, onnx.NodeProto], name: str) -> onnx.NodeProto | None:
+    """The producer of ``name`` seen through fixed quantizers (a QDQ model rounds every op's output)."""
+    return producers.get(_source(producers, name))
+
+
 def _converted_softmax(model: onnx.ModelProto, name: str, rank: int | None) -> tuple[str, int] | None:
     """(logits, class axis) when ``name`` is onnx.version_converter's form of an opset < 13
     Softmax/LogSoftmax over the last axis of a tensor whose rank it did not know:
@@ -244,15 +260,19 @@ def _converted_softmax(model: onnx.ModelProto, name: str, rank: int | None) -> t
     exactly when k = rank − 1 (x has the output's rank, restored by the Reshape); a smaller k
     normalizes over several axes at once, which no categorical likelihood here reads."""
     producers = producer_map(model.graph.node)
-    reshape = producers.get(name)
+    reshape = _unquantized(producers, name)
     if rank is None or reshape is None or reshape.op_type != "Reshape":
         return None
-    softmax = producers.get(reshape.input[0])
+    softmax = _unquantized(producers, reshape.input[0])
     shape = producers.get(reshape.input[1])
     if softmax is None or softmax.op_type not in ("Softmax", "LogSoftmax") or shape is None or shape.op_type != "Shape":
         return None
-    flatten = producers.get(softmax.input[0])
-    if flatten is None or flatten.op_type != "Flatten" or flatten.input[0] != shape.input[0]:
+    flatten = _unquantized(producers, softmax.input[0])
+    if (
+        flatten is None
+        or flatten.op_type != "Flatten"
+        or _source(producers, flatten.input[0]) != _source(producers, shape.input[0])
+    ):
         return None
     if next((a.i for a in softmax.attribute if a.name == "axis"), -1) not in (-1, 1):
         return None

@@ -82,12 +82,12 @@ def open_model(
 
 
 # Prepare changes that alter what is scored (other changes keep every tensor and its meaning).
-NOTE_KINDS = frozenset({ChangeKind.SPECIALIZE, ChangeKind.QUANTIZED})
+NOTE_KINDS = frozenset({ChangeKind.SPECIALIZE, ChangeKind.QUANTIZED, ChangeKind.UNROLL})
 
 
 def prepare_notes(prepared: PreparedModel) -> tuple[str, ...]:
     """The prepare changes a score report must mention: a specialized If (its other branch is not scored),
-    an already-quantized model's activation Q/DQ removed."""
+    an already-quantized model's activation Q/DQ kept as fixed quantizers, an unrolled Loop/Scan."""
     return tuple(f"{c.where}: {c.detail}" for c in prepared.changes if c.kind in NOTE_KINDS)
 
 

@@ -92,6 +92,19 @@ PREPARE_INTERNAL = "fitonnx:internal"
 PREPARE_PASSTHROUGH = "fitonnx:passthrough"
 PREPARE_WEIGHTS_ONLY = "fitonnx:weights-only"  # an unrolled recurrent MatMul: R counts, the hidden state does not
 
+# Float inputs that carry no gradient in either engine: onnxruntime-training's STOP_GRADIENT_EDGES
+# for BatchNormalization (the running mean and variance), which fitonnx's own engine and the
+# blocker search follow too. prepare's fixed quantizers use it as the stop-gradient ONNX lacks
+# (``prepare/passes/quantized.py``). Integer and boolean tensors carry none anyway.
+STOP_GRADIENT_INPUTS: dict[str, frozenset[int]] = {"BatchNormalization": frozenset({3, 4})}
+
+
+def gradient_inputs(node: onnx.NodeProto) -> list[str]:
+    """The inputs of ``node`` a gradient may flow into (``STOP_GRADIENT_INPUTS`` left out)."""
+    stop = STOP_GRADIENT_INPUTS.get(node.op_type, frozenset()) if node.domain in ("", "ai.onnx") else frozenset()
+    return [name for slot, name in enumerate(node.input) if name and slot not in stop]
+
+
 FLOAT_TYPES = frozenset(
     {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 )

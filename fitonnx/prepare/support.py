@@ -7,7 +7,7 @@ never probed) is probed on the spot with the node's own attributes and input typ
 
 Only nodes on a float path from a differentiated tensor to the loss need a gradient: a path
 through an integer or boolean tensor (Shape, ArgMax, comparisons) carries none, and onnxruntime's
-builder skips it too.
+builder skips it too, as it skips BatchNormalization's mean and variance (``STOP_GRADIENT_INPUTS``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from fitonnx.errors import UnsupportedError
-from fitonnx.model.graph import FLOAT_TYPES, body_reads, node_name
+from fitonnx.model.graph import FLOAT_TYPES, body_reads, gradient_inputs, node_name
 from fitonnx.model.runtime import make_session, quiet_stderr
 from fitonnx.prepare.rewrites import REWRITES, RewriteContext, context, explain
 from fitonnx.prepare.shapes import TensorType, tensor_types
@@ -49,6 +49,7 @@ NO_GRADIENT_OPS = frozenset(
     }
 )  # fmt: skip
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+UNROLLED_OPS = frozenset({"Loop", "Scan"})  # prepare unrolls them where it can (rewrites/control_flow.py)
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
@@ -81,7 +82,7 @@ def on_path(
     reached = {s for s in sources if _is_float(types, s)}
     forward: set[int] = set()
     for i, node in enumerate(nodes):
-        read = set(node.input) | body_reads(node)
+        read = set(gradient_inputs(node)) | body_reads(node)
         if read & reached:
             forward.add(i)
             reached |= {o for o in node.output if o and _is_float(types, o)}
@@ -91,7 +92,7 @@ def on_path(
         node = nodes[i]
         if any(o in needed for o in node.output):
             backward.add(i)
-            needed |= {n for n in set(node.input) | body_reads(node) if n and _is_float(types, n)}
+            needed |= {n for n in set(gradient_inputs(node)) | body_reads(node) if n and _is_float(types, n)}
     return [(i, nodes[i]) for i in sorted(forward & backward)]
 
 
@@ -111,7 +112,9 @@ def _reason(
         return _reason_for_rules(index, node, ctx, gradient_ops)
     op = node.op_type
     default = node.domain in DEFAULT_DOMAINS
-    if (default and op in CONTROL_FLOW_OPS) or any(a.HasField("g") or a.graphs for a in node.attribute):
+    if (default and op in CONTROL_FLOW_OPS and op not in REWRITES) or (
+        any(a.HasField("g") or a.graphs for a in node.attribute) and not (default and op in REWRITES)
+    ):
         return "control flow (a subgraph) is not differentiable by onnxruntime-training 1.19"
     if default and op in REWRITES:
         # A node the registry covers is still here only if its form is not covered (or prepare did
@@ -134,13 +137,13 @@ def _reason_for_rules(
     op = node.op_type
     if node.domain not in DEFAULT_DOMAINS:
         return f"an op of domain {node.domain!r}: fitonnx's onnx engine differentiates only default-domain ops"
+    why = explain(ctx, node, index) if op in REWRITES and op not in gradient_ops else None
+    if why is not None:
+        return f"no gradient in fitonnx's onnx engine in this form, and fitonnx's rewrite does not apply: {why}"
     if op in CONTROL_FLOW_OPS or any(a.HasField("g") or a.graphs for a in node.attribute):
         return "control flow (a subgraph) is not differentiable by fitonnx's onnx engine"
     if op in gradient_ops:
         return None
-    why = explain(ctx, node, index) if op in REWRITES else None
-    if why is not None:
-        return f"no gradient in fitonnx's onnx engine in this form, and fitonnx's rewrite does not apply: {why}"
     return "no gradient in fitonnx's onnx engine and no rewrite in fitonnx"
 
 
@@ -220,10 +223,36 @@ def find_blockers(
                 reasons[index] = (node, why)
             if index in reasons:
                 affected.setdefault(index, []).append(target)
+    for target in targets:
+        for index, node, why in _opaque_loops(model, target, ctx):
+            reasons.setdefault(index, (node, why))
+            affected.setdefault(index, []).append(target)
     return [
         Blocker(node.op_type, node_name(node, index), node.domain, why, tuple(affected.get(index, ())))
         for index, (node, why) in sorted(reasons.items())
     ]
+
+
+def _opaque_loops(model: onnx.ModelProto, target: str, ctx: RewriteContext) -> list[tuple[int, onnx.NodeProto, str]]:
+    """Loop/Scan nodes left in ``model`` that ``target`` depends on and whose body reads weights: those
+    weights are found nowhere else, so they would go unscored without a word (prepare unrolls the
+    Loop/Scan it can; this says why it could not)."""
+    weights = {t.name for t in model.graph.initializer if t.data_type in FLOAT_TYPES and len(t.dims) >= 1}
+    nodes = list(model.graph.node)
+    needed, found = {target}, []
+    for i in range(len(nodes) - 1, -1, -1):
+        node = nodes[i]
+        if not needed & set(node.output):
+            continue
+        needed |= set(node.input) | body_reads(node)
+        read = sorted(body_reads(node) & weights)
+        if node.op_type in UNROLLED_OPS and node.domain in DEFAULT_DOMAINS and read:
+            why = explain(ctx, node, i) or "fitonnx's rewrite does not apply"
+            shown = ", ".join(read[:3]) + (" ..." if len(read) > 3 else "")
+            found.append(
+                (i, node, f"the weights its body reads ({shown}) cannot be scored without unrolling it: {why}")
+            )
+    return found[::-1]
 
 
 def check_differentiable(

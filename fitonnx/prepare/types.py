@@ -20,7 +20,8 @@ class ChangeKind(TextEnum):
     FOLD = "fold"
     REWRITE = "rewrite"
     SPECIALIZE = "specialize"
-    QUANTIZED = "quantized"  # an already-quantized model's activation Q/DQ removed (what is scored changes)
+    UNROLL = "unroll"  # a Loop/Scan unrolled: its body's activations are not scored
+    QUANTIZED = "quantized"  # an already-quantized model's activation Q/DQ kept fixed, with a straight-through gradient
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from fitonnx.fisher.options import FisherOptions
 from fitonnx.fisher.session import Session, fisher_traces, open_model, prepare_notes
 from fitonnx.fisher.statistics import NO_STATISTICS, Statistics, activation_absmax
 from fitonnx.formats import Format, parse_format
+from fitonnx.model.graph import FLOAT_TYPES
 from fitonnx.model.source import DataSource, ModelSource
 from fitonnx.progress import as_progress
 from fitonnx.scale import warm_up
@@ -48,23 +49,30 @@ def check_traces(report: ScoreReport, target: losses.OutputTarget) -> tuple[str,
 
 
 def _body_weights(graph: onnx.GraphProto) -> list[str]:
-    """Initializers and Constant outputs inside the bodies of ``graph``'s Loop/Scan nodes (recursively)."""
+    """Float initializers and Constant outputs inside the bodies of ``graph``'s Loop/Scan nodes
+    (recursively): those prepare could not unroll (it unrolls the others, whose constants it hoists)."""
     found: list[str] = []
     for node in graph.node:
         for attr in node.attribute:
             bodies = [attr.g] if attr.HasField("g") else list(attr.graphs)
             for body in bodies:
                 if node.op_type in ("Loop", "Scan"):
-                    found += [t.name for t in body.initializer]
-                    found += [o for n in body.node if n.op_type == "Constant" for o in n.output]
+                    found += [t.name for t in body.initializer if t.data_type in FLOAT_TYPES]
+                    found += [
+                        n.output[0]
+                        for n in body.node
+                        if n.op_type == "Constant"
+                        and any(a.name == "value" and a.t.data_type in FLOAT_TYPES for a in n.attribute)
+                    ]
                 found += _body_weights(body)
     return found
 
 
-def unscored_notes(model: onnx.ModelProto) -> tuple[str, ...]:
-    """Weights a report leaves out, said out loud: Loop/Scan body weights and sparse initializers."""
+def unscored_notes(model: onnx.ModelProto, prepared: onnx.ModelProto | None = None) -> tuple[str, ...]:
+    """Weights a report leaves out, said out loud: Loop/Scan body weights (of the ``prepared`` twin,
+    where prepare has unrolled what it could) and sparse initializers (of ``model``)."""
     notes = []
-    body = _body_weights(model.graph)
+    body = _body_weights((prepared if prepared is not None else model).graph)
     if body:
         notes.append(
             f"{len(body)} weight(s) inside Loop/Scan bodies are not scored (fitonnx scores the main graph), "
@@ -171,7 +179,7 @@ def _report_notes(
     s: Session, report: ScoreReport, traces: engine.FisherTraces, target: losses.OutputTarget
 ) -> tuple[str, ...]:
     """What a score report must say: prepare's changes, unscored weights, zero traces, the loss's reading."""
-    notes = prepare_notes(s.prepared) + unscored_notes(s.loaded.proto) + check_traces(report, target)
+    notes = prepare_notes(s.prepared) + unscored_notes(s.loaded.proto, s.prepared.model) + check_traces(report, target)
     notes += loss_notes(traces.targets or (target,)) + traces.notes
     for t in traces.targets or (target,):
         if (

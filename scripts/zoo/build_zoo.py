@@ -9,7 +9,8 @@ Steps, in order (each is also a script of its own in this folder):
 3. export_sklearn.py -- scikit-learn digits pipeline through skl2onnx (writes its own .calib.npz);
 4. export_jax.py     -- a small CNN through jax2onnx, when jax2onnx is installed (skipped otherwise);
 5. make_calib.py     -- realistic calibration data for every other model;
-6. zoo_inventory.py  -- the table of models and of the weights FIT must report.
+6. export_qdq.py     -- the PaddleOCR classifier quantized to QDQ by onnxruntime.quantization (qdq/);
+7. zoo_inventory.py  -- the table of models and of the weights FIT must report.
 
 Environment (a venv of its own; the project's venv stays torch-free)::
 
@@ -40,6 +41,7 @@ STEPS = (
     "export_sklearn.py",
     "export_jax.py",
     "make_calib.py",
+    "export_qdq.py",
     "zoo_inventory.py",
 )
 

@@ -18,7 +18,7 @@ from onnx import helper
 from fitonnx.errors import UnsupportedError
 from fitonnx.fisher.autodiff.builder import Builder, TensorInfo, describe
 from fitonnx.fisher.autodiff.registry import RULES, supported_ops
-from fitonnx.model.graph import FLOAT_TYPES, default_opset
+from fitonnx.model.graph import FLOAT_TYPES, default_opset, gradient_inputs
 
 MIN_OPSET = 13
 SCATTER_OPSET = 16
@@ -99,8 +99,9 @@ def _is_float(types: dict[str, TensorInfo], name: str) -> bool:
 
 
 def _reads(node: onnx.NodeProto) -> set[str]:
-    """The inputs of ``node``, and the outer tensors its subgraphs (If/Loop/Scan bodies) read."""
-    names = set(node.input)
+    """The inputs of ``node`` a gradient may flow into (``STOP_GRADIENT_INPUTS`` left out, as
+    onnxruntime-training does), and the outer tensors its subgraphs (If/Loop/Scan bodies) read."""
+    names = set(gradient_inputs(node))
     for a in node.attribute:
         for body in [a.g] if a.HasField("g") else list(a.graphs):
             for inner in body.node:

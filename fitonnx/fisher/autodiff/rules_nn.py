@@ -255,7 +255,8 @@ def global_average_pool(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
 
 @rule("BatchNormalization")
 def batch_norm(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
-    """Inference form y = (x − μ)·s·r + B with r = 1/√(σ² + ε) per channel (axis 1)."""
+    """Inference form y = (x − μ)·s·r + B with r = 1/√(σ² + ε) per channel (axis 1). μ and σ² carry
+    no gradient (``STOP_GRADIENT_INPUTS``, as in onnxruntime-training): the path finder never asks."""
     if int(attr(node, "training_mode", 0)) or any(gi is not None for gi in g[1:]):
         raise UnsupportedError(f"expected an inference-mode BatchNormalization at {describe(node)}")
     x, scale, _, mu, var = node.input[:5]
@@ -267,9 +268,7 @@ def batch_norm(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
     sr = b.op("Mul", scale, r)
     centered = b.op("Sub", x, per_channel(mu))
     d_scale = total(b.op("Mul", b.op("Mul", g[0], centered), per_channel(r)))
-    d_var = b.op("Mul", b.op("Mul", d_scale, scale), b.op("Mul", b.scalar(-0.5, x), b.op("Mul", r, r)))
-    d_bias = total(g[0])
-    return [b.op("Mul", g[0], per_channel(sr)), d_scale, d_bias, b.op("Neg", b.op("Mul", d_bias, sr)), d_var]
+    return [b.op("Mul", g[0], per_channel(sr)), d_scale, total(g[0]), None, None]
 
 
 @rule("LayerNormalization")

@@ -13,6 +13,9 @@ which renames equal scalars.
 Constant folding can replace a weight by a folded copy named after the folded tensor; the
 ``Change`` records where it came from. A copy made only by layout ops (Transpose, Reshape, Cast...)
 of a weight that is no longer used takes that weight's name back, so reports name what a user knows.
+A weight read both through a layout op and directly (a tied embedding table: Gather, and Transpose
+then MatMul) is not folded at all: it stays one tensor, scored once with the gradient summed over
+its readers.
 """
 
 from __future__ import annotations
@@ -49,7 +52,11 @@ def ort_basic_optimize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Ch
         out = onnx.ModelProto()
         out.CopyFrom(model)
         return out, [Change(ChangeKind.OPTIMIZER, "model", "skipped: the weights are kept as external data")]
-    optimized = _run_optimizer(model)
+    declared = {v.name for v in model.graph.input}
+    protected = shared_layout_weights(model) - declared
+    optimized = _run_optimizer(_as_inputs(model, protected) if protected else model)
+    if protected:
+        _drop_inputs(optimized, protected)
     optimized = _drop_unused_domains(optimized, model)
     renames = _restore_layout_names(optimized, model)
     return optimized, _describe(model, optimized, renames)
@@ -71,6 +78,36 @@ def _run_optimizer(model: onnx.ModelProto) -> onnx.ModelProto:
                 hint=f"fitonnx runs models with the installed onnxruntime {ort.__version__} on the CPU (no custom-op libraries)",
             ) from None
         return onnx.load_model(path, load_external_data=True) if Path(path).is_file() else _copy(model)
+
+
+def shared_layout_weights(model: onnx.ModelProto) -> set[str]:
+    """Float initializers read by a layout op (Transpose, Reshape, ...) and by some other node: a
+    tied embedding table read by Gather and, transposed, by the output MatMul. Folding the layout
+    op would leave two initializers holding one tensor, scored (and counted) twice."""
+    floats = {t.name for t in model.graph.initializer if t.data_type in FLOAT_TYPES}
+    readers: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        for name in dict.fromkeys(node.input):
+            if name in floats:
+                readers.setdefault(name, []).append(node.op_type)
+    return {name for name, ops in readers.items() if len(ops) > 1 and any(op in LAYOUT_OPS for op in ops)}
+
+
+def _as_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """A copy with ``names`` also declared as graph inputs: onnxruntime folds no node reading an
+    initializer a caller may override, so the layout op stays and the one weight keeps its readers."""
+    out = _copy(model)
+    for tensor in out.graph.initializer:
+        if tensor.name in names:
+            out.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    return out
+
+
+def _drop_inputs(model: onnx.ModelProto, names: set[str]) -> None:
+    """Undo ``_as_inputs`` on the optimized model (in place)."""
+    kept = [v for v in model.graph.input if v.name not in names]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

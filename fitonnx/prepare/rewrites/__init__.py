@@ -15,7 +15,16 @@ when the node's form is not covered; the node is then left as it is and ``suppor
 from __future__ import annotations
 
 # Importing the rule modules registers their rewrites.
-from fitonnx.prepare.rewrites import activations, conv_transpose, einsum, normalization, recurrent, resize, tensor_ops
+from fitonnx.prepare.rewrites import (
+    activations,
+    control_flow,
+    conv_transpose,
+    einsum,
+    normalization,
+    recurrent,
+    resize,
+    tensor_ops,
+)
 from fitonnx.prepare.rewrites.apply import context, explain, rewrite_ops, try_rewrite
 from fitonnx.prepare.rewrites.base import REWRITES, Builder, NoRewrite, RewriteContext, rewrite
 
@@ -26,6 +35,7 @@ __all__ = [
     "RewriteContext",
     "activations",
     "context",
+    "control_flow",
     "conv_transpose",
     "einsum",
     "explain",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import onnx
 
+from fitonnx.model.graph import body_reads
 from fitonnx.prepare.opset import opset_of
 from fitonnx.prepare.passes.batchnorm import drop_unused_initializers
 from fitonnx.prepare.rewrites.base import DEFAULT_DOMAINS, REWRITES, Builder, NoRewrite, RewriteContext
@@ -20,14 +21,16 @@ def context(model: onnx.ModelProto) -> RewriteContext:
         types=tensor_types(model),
         initializers={t.name: t for t in model.graph.initializer},
         readers=readers,
+        producers={o: n for n in model.graph.node for o in n.output if o},
     )
 
 
 def _needs_rewrite(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> bool:
     if node.domain not in DEFAULT_DOMAINS or node.op_type not in REWRITES:
         return False
-    # A node of constants only is no gradient's business (the optimizer usually folds it).
-    return any(name and name not in initializers for name in node.input)
+    # A node of constants only is no gradient's business (the optimizer usually folds it); a Loop
+    # or Scan body may read outer tensors without listing them as inputs.
+    return any(name and name not in initializers for name in (*node.input, *body_reads(node)))
 
 
 def try_rewrite(
@@ -50,7 +53,25 @@ def explain(ctx: RewriteContext, node: onnx.NodeProto, index: int) -> str | None
     return str(result) if isinstance(result, NoRewrite) else None
 
 
+# Rewrites whose output holds nodes that may need rewrites of their own (an unrolled body's ops):
+# the pass runs again, up to this many rounds (nested loops).
+UNROLLING = frozenset({"Loop", "Scan"})
+MAX_ROUNDS = 4
+
+
 def rewrite_ops(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Change]]:
+    """Every node with a registered rewrite replaced by its equivalent; again over unrolled bodies."""
+    out, last = _rewrite_round(model)
+    changes = list(last)
+    for _ in range(MAX_ROUNDS - 1):
+        if not any(c.kind is ChangeKind.UNROLL for c in last):
+            break
+        out, last = _rewrite_round(out)
+        changes.extend(last)
+    return out, changes
+
+
+def _rewrite_round(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Change]]:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
@@ -78,7 +99,7 @@ def rewrite_ops(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Change]]:
             g.initializer.append(tensor)
         changes.append(
             Change(
-                ChangeKind.REWRITE,
+                ChangeKind.UNROLL if node.op_type in UNROLLING else ChangeKind.REWRITE,
                 builder.base,
                 f"{node.op_type} -> {description}",
                 origins=tuple(builder.origins),

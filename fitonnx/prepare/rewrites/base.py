@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -28,6 +28,7 @@ class RewriteContext:
     types: dict[str, TensorType]
     initializers: dict[str, onnx.TensorProto]
     readers: dict[str, int]  # tensor name -> number of node inputs and graph outputs reading it
+    producers: dict[str, onnx.NodeProto] = field(default_factory=dict)  # tensor name -> the node writing it
 
 
 class Builder:
