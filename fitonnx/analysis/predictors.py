@@ -29,10 +29,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from fitonnx.analysis import simulate
+from fitonnx.analysis.choices import Choice, cost_bits, sorted_choices
 from fitonnx.analysis.error_model import MeasuredErrors
 from fitonnx.analysis.simulate import Config
 from fitonnx.errors import InternalError
 from fitonnx.fisher import engine
+from fitonnx.formats import fit_expected, fit_measured, noise_power
 from fitonnx.model.graph import Kind
 from fitonnx.score import noise
 from fitonnx.score.fit import ScoreReport, TensorScore
@@ -68,11 +70,11 @@ PREDICTORS: dict[Predictor, str] = {
 
 @dataclass(frozen=True)
 class PredictorTables:
-    """Every predictor per tensor and candidate width: arrays [tensor, bit-width index], rows in
-    ``names`` order, NaN where a width is not a candidate; a configuration's prediction is a sum."""
+    """Every predictor per tensor and candidate choice: arrays [tensor, choice index], rows in
+    ``names`` order, NaN where a choice is not a candidate; a configuration's prediction is a sum."""
 
     names: tuple[str, ...]
-    bits: tuple[int, ...]
+    bits: tuple[Choice, ...]  # the columns: bit widths and/or format names
     values: Mapping[Predictor, np.ndarray]
 
     def total(self, predictor: Predictor | str, config: Config) -> float:
@@ -99,14 +101,24 @@ def exact_elements(w: np.ndarray, grid: simulate.Grid, axis: int | None) -> np.n
 
 
 def _weight_cell(
-    t: TensorScore, b: int, traces: engine.FisherTraces, simulator: simulate.Simulator
+    t: TensorScore, b: Choice, traces: engine.FisherTraces, simulator: simulate.Simulator
 ) -> dict[Predictor, float]:
-    """The predictors that depend on the weight's own values at ``b`` bits (per tensor or channel)."""
+    """The predictors that depend on the weight's own values for choice ``b`` (per tensor or channel)."""
     if traces.diag is None:
         raise InternalError("validate needs the diagonal Fisher (keep_gradients)")
-    grid = simulator.weight_grid(t.name, b)
     w = simulator.sim.weights[t.name].astype(np.float64)
     diag = np.asarray(traces.diag[t.name], np.float64).reshape(w.shape)
+    if not isinstance(b, int):  # a named format: its own noise model (fitonnx.formats.fit)
+        fmt, axis = simulator.weight_format(t.name, b)
+        w32 = w.astype(np.float32)
+        fit = fit_expected(fmt, w32, diag, axis)
+        return {
+            Predictor.FIT: fit,
+            Predictor.FIT_GRID: fit,
+            Predictor.NOISE_ONLY: 12.0 * float(noise_power(fmt, w32, axis).sum()),
+            Predictor.FIT_MEASURED: fit_measured(fmt, w32, diag, axis),
+        }
+    grid = simulator.weight_grid(t.name, b)
     step_sq = np.broadcast_to(np.square(grid.step), w.shape)
     err = simulator.quantized_weight(t.name, b).astype(np.float64) - w
     exact = exact_elements(w, grid, simulator.axes[t.name])
@@ -122,10 +134,10 @@ def _weight_cell(
 
 
 def _activation_cell(
-    t: TensorScore, b: int, j: int, traces: engine.FisherTraces, simulator: simulate.Simulator
+    t: TensorScore, b: Choice, j: int, traces: engine.FisherTraces, simulator: simulate.Simulator
 ) -> dict[Predictor, float]:
-    """The activation's predictors at ``b`` bits (column ``j`` of the point statistics) but the
-    measured one, which comes from the error model."""
+    """The activation's predictors for an integer choice ``b`` (column ``j`` of the point statistics)
+    but the measured one, which comes from the error model."""
     points = traces.points
     if points is None:
         raise InternalError("validate needs point statistics (exact_points)")
@@ -152,22 +164,22 @@ def predictor_tables(
     traces: engine.FisherTraces,
     simulator: simulate.Simulator,
     errors: MeasuredErrors,
-    weight_bits: Sequence[int],
-    activation_bits: Sequence[int],
+    weight_bits: Sequence[Choice],
+    activation_bits: Sequence[Choice],
 ) -> PredictorTables:
-    """Each predictor per tensor and candidate width (NaN where a width is not a candidate)."""
+    """Each predictor per tensor and candidate choice (NaN where a choice is not a candidate)."""
     if traces.diag is None or traces.points is None:
         raise InternalError("validate needs the diagonal Fisher (keep_gradients) and point statistics (exact_points)")
     column = {t.name: j for j, t in enumerate(traces.tensors)}
     names = tuple(t.name for t in report.tensors)
-    bits = tuple(sorted(set(weight_bits) | set(activation_bits)))
+    bits = sorted_choices([*weight_bits, *activation_bits])
     values = {p: np.full((len(names), len(bits)), np.nan) for p in Predictor}
     for row, t in enumerate(report.tensors):
         candidates = weight_bits if t.kind is Kind.WEIGHT else activation_bits
         for col, b in enumerate(bits):
             if b not in candidates:
                 continue
-            levels = 2.0**b - 1.0
+            levels = 2.0 ** cost_bits(b) - 1.0
             cell = {
                 Predictor.QUADRATIC: errors.quadratic[(t.name, b)],
                 Predictor.TRACE_ONLY: t.ef_trace / levels**2,
@@ -175,8 +187,16 @@ def predictor_tables(
             }
             if t.kind is Kind.WEIGHT:
                 cell |= _weight_cell(t, b, traces, simulator)
+            elif (t.name, b) in errors.expected:  # a floating format: its noise model ran in the graph
+                expected = errors.expected[(t.name, b)]
+                cell |= {
+                    Predictor.FIT: expected,
+                    Predictor.FIT_GRID: expected,
+                    Predictor.NOISE_ONLY: errors.noise[(t.name, b)],
+                }
             else:
                 cell |= _activation_cell(t, b, column[t.name], traces, simulator)
+            if t.kind is Kind.ACTIVATION:
                 cell[Predictor.FIT_MEASURED] = errors.diagonal[(t.name, b)]
             for p, v in cell.items():
                 values[p][row, col] = v
