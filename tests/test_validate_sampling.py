@@ -194,3 +194,35 @@ def test_cli_formats_json_and_a_bad_format(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "error: expected a format" in bad.output and "Traceback" not in bad.output
     assert "Fisher samples" not in bad.output  # refused before any work
     assert not (tmp_path / "w.json").exists()
+
+
+def test_output_space_sensitivity_matches_numpy() -> None:
+    """ModelOpt's score Σ(∂ℓ/∂y ⊙ Δy)² at each reader's output, against hand-written gradients of the
+    small MLP (empirical Fisher): weights and activations, each alone at its width."""
+    from tests.test_validate import log_softmax, np_forward, np_quant, small_mlp
+
+    model, p = small_mlp()
+    p64 = {k: v.astype(np.float64) for k, v in p.items()}
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(40, 5)).astype(np.float32)
+    labels = rng.integers(0, 3, 40).astype(np.int64)
+    calib = Dataset({"x": x[:24]}, labels[:24], "calib")
+    held = Dataset({"x": x[24:]}, labels[24:], "held")
+    h = harness(model, calib, held, simulation=SimulationOptions(weight_bits=(3,), activation_bits=(4,)))
+    xs, ys = x[:24].astype(np.float64), labels[:24]
+    f = np_forward(p64, xs)
+    gz = np.exp(log_softmax(f["z"]))
+    gz[np.arange(24), ys] -= 1.0
+    gh = (gz @ p64["w2"]) * (f["h"] > 0)
+    lo_hi = {n: (float(f[n].min()), float(f[n].max())) for n in ("x", "r")}
+    q = {n: np_quant(p64[n], p64[n].min(), p64[n].max(), 3) for n in ("w1", "w2")}
+    want = {
+        "w1": np.mean(np.sum((gh * (xs @ (q["w1"] - p64["w1"]))) ** 2, axis=1)),
+        "w2": np.mean(np.sum((gz * (f["r"] @ (q["w2"] - p64["w2"]).T)) ** 2, axis=1)),
+        "x": np.mean(np.sum((gh * ((np_quant(xs, *lo_hi["x"], 4) - xs) @ p64["w1"])) ** 2, axis=1)),
+        "r": np.mean(np.sum((gz * ((np_quant(f["r"], *lo_hi["r"], 4) - f["r"]) @ p64["w2"].T)) ** 2, axis=1)),
+    }
+    table = h.tables.values[Predictor.OUTPUT_SPACE]
+    for name, value in want.items():
+        col = h.tables.bits.index(3 if name.startswith("w") else 4)
+        assert table[h.tables.names.index(name), col] == pytest.approx(value, rel=2e-3), name

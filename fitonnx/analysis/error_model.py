@@ -49,8 +49,8 @@ class MeasuredErrors:
     noise: Mapping[tuple[str, Choice], float]  # floating activations: Σ_j s_j², mean over samples
 
 
-def _fake_quantized_error(g: onnx.GraphProto, name: str, p: str, grid: simulate.Grid, dtype: np.dtype) -> None:
-    """Nodes computing ``p + "err64"`` = Q_b(a) − a in float64 for activation ``name``."""
+def _int_quantized(g: onnx.GraphProto, name: str, p: str, grid: simulate.Grid, dtype: np.dtype) -> str:
+    """Nodes computing ``p + "fq"`` = Q(a) on an integer grid, as the simulation's fake quantizer does."""
     n = helper.make_node
     for suffix, value in (("zp", grid.zero_point), ("step", grid.step), ("levels", grid.levels), ("zero", 0.0)):
         g.initializer.append(numpy_helper.from_array(np.array(value, dtype), p + suffix))
@@ -62,10 +62,33 @@ def _fake_quantized_error(g: onnx.GraphProto, name: str, p: str, grid: simulate.
             n("Clip", [p + "shifted", p + "zero", p + "levels"], [p + "q"]),
             n("Sub", [p + "q", p + "zp"], [p + "centred"]),
             n("Mul", [p + "centred", p + "step"], [p + "fq"]),
-            n("Sub", [p + "fq", name], [p + "err"]),
-            n("Cast", [p + "err"], [p + "err64"], to=TensorProto.DOUBLE),
         ]
     )
+    return p + "fq"
+
+
+def _float_quantized(g: onnx.GraphProto, name: str, p: str, grid: FloatGrid, dtype: np.dtype) -> str:
+    """Nodes computing ``p + "fout"`` = Q(a) on a floating grid (the simulation's own quantizer)."""
+    values = (("fscale", grid.scale), ("fmant", float(grid.mant)), ("femin", float(grid.emin)), ("ftop", grid.top))
+    for suffix, value in values:
+        g.initializer.append(numpy_helper.from_array(np.array(value, dtype), p + suffix))
+    g.initializer.extend(simulate.float_constants(p, dtype))
+    g.node.extend(simulate.float_quantizer_nodes(name, p, p + "fscale", p + "fmant", p + "femin", p + "ftop"))
+    return p + "fout"
+
+
+def fake_quantized(g: onnx.GraphProto, name: str, p: str, grid: simulate.Grid | FloatGrid, dtype: np.dtype) -> str:
+    """Nodes computing Q(a) for activation ``name`` on ``grid`` (integer or floating); returns its name."""
+    if isinstance(grid, FloatGrid):
+        return _float_quantized(g, name, p, grid, dtype)
+    return _int_quantized(g, name, p, grid, dtype)
+
+
+def _fake_quantized_error(g: onnx.GraphProto, name: str, p: str, grid: simulate.Grid, dtype: np.dtype) -> None:
+    """Nodes computing ``p + "err64"`` = Q_b(a) − a in float64 for activation ``name``."""
+    n = helper.make_node
+    fq = _int_quantized(g, name, p, grid, dtype)
+    g.node.extend([n("Sub", [fq, name], [p + "err"]), n("Cast", [p + "err"], [p + "err64"], to=TensorProto.DOUBLE)])
 
 
 def _float_quantized_error(
@@ -74,12 +97,8 @@ def _float_quantized_error(
     """Nodes computing ``p + "err64"`` for a floating format (the simulation's own quantizer), and
     the outputs Σ_j g_j²·s_j²/12 and Σ_j s_j² of its element spacings s_j (scale · 2^(e_j − mant))."""
     n = helper.make_node
-    values = (("fscale", grid.scale), ("fmant", float(grid.mant)), ("femin", float(grid.emin)), ("ftop", grid.top))
-    for suffix, value in values:
-        g.initializer.append(numpy_helper.from_array(np.array(value, dtype), p + suffix))
-    g.initializer.extend(simulate.float_constants(p, dtype))
+    _float_quantized(g, name, p, grid, dtype)
     g.initializer.append(numpy_helper.from_array(np.array(1.0 / 12.0, np.float64), p + "twelfth"))
-    g.node.extend(simulate.float_quantizer_nodes(name, p, p + "fscale", p + "fmant", p + "femin", p + "ftop"))
     g.node.extend(
         [
             n("Sub", [p + "fout", name], [p + "err"]),

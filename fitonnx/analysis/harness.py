@@ -1,8 +1,9 @@
 """The stage of ``validate`` before any configuration: calibration passes, simulator, predictor
 tables and the float reference on held-out data, for callers that measure configurations of their own.
 
-The calibration pass runs twice: once for traces and ranges, once more for the measured rounding
-errors (``error_model``), which need those ranges.
+The calibration pass runs three times: once for traces and ranges, once more for the measured
+rounding errors (``error_model``), which need those ranges, and once for the output-space
+sensitivity (``output_space``), whose gradient model also taps every quantized op's outputs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from fitonnx.analysis import choices, simulate
 from fitonnx.analysis.choices import Choice, Family
 from fitonnx.analysis.damage import Damage, Reference, damage, reference
 from fitonnx.analysis.error_model import measure_errors
+from fitonnx.analysis.output_space import measure_output_space
 from fitonnx.analysis.predictors import Predictor, PredictorTables, predictor_tables
 from fitonnx.analysis.simulate import Config, GridScheme
 from fitonnx.errors import DataError
@@ -210,7 +212,8 @@ def harness(
     weight_choices = choices.sorted_choices(c for f in families for c in f.weights)
     act_choices = choices.sorted_choices(c for f in families for c in f.activations)
     errors = measure_errors(cal.gm, simulator, weight_choices, act_choices, second_pass)
-    tables = predictor_tables(cal.report, traces, simulator, errors, weight_choices, act_choices)
+    out_space = measure_output_space(s, opts, simulator, (weight_choices, act_choices), second_pass)
+    tables = predictor_tables(cal.report, traces, simulator, errors, weight_choices, act_choices, out_space)
     return Harness(
         session=s,
         target=cal.target,

@@ -15,6 +15,9 @@ configuration:
   sample for activations) and the full Fisher, (1/N)·Σ_i (∂ℓ_i/∂t · e_t)²: twice the second-order
   KL of each tensor's own quantization, with neither the trace nor a noise model (with
   ``FisherOptions(fisher="exact")`` it is exact in the labels; with MC one sampled label per sample);
+- ``output_space``: NVIDIA ModelOpt AutoQuantize's score, (1/N)·Σ_i Σ_j (∂ℓ_i/∂y_j · Δy_j)² at the
+  output y of each op reading the tensor, Δy the move of y when the tensor alone is quantized
+  (``output_space``);
 - ``noise_only``: Σ_t numel_t·Δ_t(b_t)², the total squared rounding error, every element weighted alike;
 - ``trace_only``: Σ_t Tr(F_t)/(2^b_t − 1)², sensitivity without the tensor's range;
 - ``size_only``: Σ_t numel_t/(2^b_t − 1)², neither sensitivity nor range: only how many values
@@ -48,6 +51,7 @@ class Predictor(TextEnum):
     FIT_GRID = "fit_grid"
     FIT_MEASURED = "fit_measured"
     QUADRATIC = "quadratic"
+    OUTPUT_SPACE = "output_space"
     NOISE_ONLY = "noise_only"
     TRACE_ONLY = "trace_only"
     SIZE_ONLY = "size_only"
@@ -62,6 +66,7 @@ PREDICTORS: dict[Predictor, str] = {
     Predictor.FIT_GRID: "FIT, grid noise model: elements at exact levels (0, min, max) unperturbed",
     Predictor.FIT_MEASURED: "Σ diag(F)·(Q(t) − t)², measured rounding error (FIT.md refinement)",
     Predictor.QUADRATIC: "Σ eᵀFe, Fisher quadratic form of the real rounding error e (2·KL to second order)",
+    Predictor.OUTPUT_SPACE: "Σ (∂ℓ/∂y ⊙ Δy)² at each reader's output y, ModelOpt AutoQuantize's score",
     Predictor.NOISE_ONLY: "Σ numel·Δ², rounding noise without Fisher",
     Predictor.TRACE_ONLY: "Σ Tr(F)/(2^b − 1)², Fisher trace without ranges",
     Predictor.SIZE_ONLY: "Σ numel/(2^b − 1)², tensor sizes and bits only",
@@ -166,6 +171,7 @@ def predictor_tables(
     errors: MeasuredErrors,
     weight_bits: Sequence[Choice],
     activation_bits: Sequence[Choice],
+    output_space: Mapping[tuple[str, Choice], float],
 ) -> PredictorTables:
     """Each predictor per tensor and candidate choice (NaN where a choice is not a candidate)."""
     if traces.diag is None or traces.points is None:
@@ -182,6 +188,7 @@ def predictor_tables(
             levels = 2.0 ** cost_bits(b) - 1.0
             cell = {
                 Predictor.QUADRATIC: errors.quadratic[(t.name, b)],
+                Predictor.OUTPUT_SPACE: output_space.get((t.name, b), 0.0),
                 Predictor.TRACE_ONLY: t.ef_trace / levels**2,
                 Predictor.SIZE_ONLY: t.numel / levels**2,
             }
