@@ -226,3 +226,39 @@ def test_output_space_sensitivity_matches_numpy() -> None:
     for name, value in want.items():
         col = h.tables.bits.index(3 if name.startswith("w") else 4)
         assert table[h.tables.names.index(name), col] == pytest.approx(value, rel=2e-3), name
+
+
+def test_oracle_finds_the_least_damaging_assignment_within_each_budget() -> None:
+    """Exhaustive oracle on the small MLP: every assignment's KL from a numpy forward pass; the
+    oracle's best is their minimum within the budget, and each scorer's regret and rank follow."""
+    from fitonnx.analysis.oracle import assignments, average_bits, oracle, predictor_scorers
+    from tests.test_validate import log_softmax, np_forward, np_quant, small_mlp
+
+    model, p = small_mlp()
+    p64 = {k: v.astype(np.float64) for k, v in p.items()}
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(80, 5)).astype(np.float32)
+    labels = rng.integers(0, 3, 80).astype(np.int64)
+    calib, held = Dataset({"x": x[:30]}, labels[:30], "c"), Dataset({"x": x[30:]}, labels[30:], "h")
+    widths = (2, 3, 4, 8)
+    h = harness(model, calib, held, simulation=SimulationOptions(weight_bits=widths, weights_only=True))
+    results = oracle(h, (3.0, 5.0), predictor_scorers(h, (Predictor.FIT, Predictor.FIT_MEASURED)))
+    ref = log_softmax(np_forward(p64, x[30:])["z"])
+
+    def kl(a: dict[str, int]) -> float:
+        pq = dict(p64) | {w: np_quant(p64[w], p64[w].min(), p64[w].max(), b) for w, b in a.items()}
+        lq = log_softmax(np_forward(pq, x[30:])["z"])
+        return float(np.mean(np.sum(np.exp(ref) * (ref - lq), axis=1)))
+
+    numels = [40, 24]
+    for r in results:
+        inside = assignments(["w1", "w2"], numels, widths, r.budget)
+        assert r.assignments == len(inside) and all(average_bits(list(a.values()), numels) <= r.budget for a in inside)
+        kls = {tuple(a.values()): kl(a) for a in inside}
+        best = min(kls, key=kls.get)
+        assert tuple(r.best.values()) == best and r.best_kl == pytest.approx(kls[best], rel=1e-4)
+        for label, a in r.recommended.items():
+            assert r.regret[label] == pytest.approx(kls[tuple(a.values())] / kls[best], rel=1e-4)
+            assert r.regret[label] >= 1.0 and r.rank[label] == 1 + sum(
+                v < kls[tuple(a.values())] - 1e-12 for v in kls.values()
+            )

@@ -331,6 +331,14 @@ def validate(
     opts = options or FisherOptions()
     seed = opts.seed
     h = harness(model, data, eval_data, simulation=simulation, options=opts, progress=progress, session=session)
+    return validate_harness(h, samp, seed, progress)
+
+
+def validate_harness(
+    h: Harness, samp: SamplingOptions, seed: int, progress: Progress | None = None
+) -> ValidationReport:
+    """``validate`` on a harness already built (studies set several Fisher estimates beside one
+    measurement: ``Harness.predict`` of another harness re-predicts the report's configurations)."""
     measured: list[_Measured] = []
     results: list[ConfigResult] = []
     summaries = []
