@@ -25,11 +25,13 @@ from fitonnx.analysis.predictors import Predictor
 from fitonnx.analysis.simulate import Config
 from fitonnx.analysis.validate import SamplingOptions, validate_harness
 from fitonnx.fisher.options import FisherOptions
+from fitonnx.model.data import Dataset, load_npz
 from fitonnx.score.ranks import spearman
 
 ZOO = Path(__file__).resolve().parent.parent / "models" / "zoo"
 FORMATS = ("uint4", "uint5", "uint6", "uint8", "int4/ch", "int5/ch", "int6/ch", "int8/ch", "fp8e4m3")
-# model: (default Fisher, the other estimates to set beside it: (label, fisher, max samples))
+# model: (default Fisher, the other estimates to set beside it: (label, fisher, max samples[, repeats]));
+# repeats > 1 feeds every calibration sample that many times (an MC Fisher then draws that many labels).
 MODELS = {
     "ppocr_cls_mbv3": (
         "empirical",
@@ -40,8 +42,8 @@ MODELS = {
             ("empirical N=16", "empirical", 16),
         ],
     ),
-    "ppocrv4_rec_svtr": ("mc", [("mc N=8", "mc", 8), ("mc N=16", "mc", 16)]),
-    "silero_vad_16k_op15": ("mc", [("mc N=16", "mc", 16), ("mc N=48", "mc", 48)]),
+    "ppocrv4_rec_svtr": ("mc", [("mc N=8", "mc", 8), ("mc x4", "mc", None, 4)]),
+    "silero_vad_16k_op15": ("mc", [("mc N=16", "mc", 16), ("mc N=48", "mc", 48), ("mc x4", "mc", None, 4)]),
 }
 SHOWN = (Predictor.FIT, Predictor.FIT_MEASURED, Predictor.QUADRATIC, Predictor.OUTPUT_SPACE, Predictor.NOISE_ONLY)
 
@@ -60,7 +62,14 @@ def rho_table(h, report, working: bool) -> dict[str, dict[str, float]]:
     return out
 
 
-def study(name: str, data: Path, configs: int, seed: int) -> dict:
+def repeated(d: Dataset, k: int) -> Dataset:
+    """Every sample ``k`` times (MC labels are drawn per fed sample)."""
+    arrays = {name: np.concatenate([a] * k) for name, a in d.arrays.items()}
+    labels = None if d.labels is None else np.concatenate([d.labels] * k)
+    return Dataset(arrays, labels, f"{d.source} x{k}")
+
+
+def study(name: str, data: Path, configs: int, seed: int, only: set[str] | None = None) -> dict:
     default, others = MODELS[name]
     calib, held = data / f"{name}.calib.npz", data / f"{name}.heldout.npz"
     sim = SimulationOptions(formats=FORMATS, weights_only=True)
@@ -93,11 +102,15 @@ def study(name: str, data: Path, configs: int, seed: int) -> dict:
         },
     }
     print_estimate(name, default, result["estimates"][default], result)
-    for label, fisher, n in others:
+    for label, fisher, n, *rest in others:
+        if only and label not in only:
+            continue
         t0 = time.perf_counter()
+        repeats = rest[0] if rest else 1
+        data = calib if repeats == 1 else repeated(load_npz(calib), repeats)
         h = harness(
-            ZOO / f"{name}.onnx", calib, held, simulation=sim,
-            options=FisherOptions(fisher=fisher, max_samples=n, seed=seed), session=h0.session,
+            ZOO / f"{name}.onnx", data, held, simulation=sim,
+            options=FisherOptions(fisher=fisher, max_samples=n, seed=seed), session=h0.session if repeats == 1 else None,
         )  # fmt: skip
         est = {
             "working": rho_table(h, report, True),
@@ -128,10 +141,11 @@ def main() -> None:
     parser.add_argument("--configs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--only", nargs="*", help="run only these estimates beside the default")
     args = parser.parse_args()
     results = []
     for name in args.models:
-        results.append(study(name, args.data, args.configs, args.seed))
+        results.append(study(name, args.data, args.configs, args.seed, set(args.only or ())))
         print(
             f"{name}: {results[-1]['configs']} configurations, KL {results[-1]['kl_range'][0]:.3g}..{results[-1]['kl_range'][1]:.3g}; "
             f"calibration {results[-1]['time_calibration_s']:.0f} s, simulation {results[-1]['time_simulation_s']:.0f} s",

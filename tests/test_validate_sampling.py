@@ -11,6 +11,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
@@ -196,12 +197,30 @@ def test_cli_formats_json_and_a_bad_format(tmp_path: Path) -> None:
     assert not (tmp_path / "w.json").exists()
 
 
-def test_output_space_sensitivity_matches_numpy() -> None:
+def _transposed_mlp() -> onnx.ModelProto:
+    """small_mlp with w1 stored transposed and read through a Transpose (as an unrolled LSTM's
+    weights reach their MatMuls through layout ops)."""
+    from tests.test_validate import small_mlp
+
+    model, p = small_mlp()
+    g = model.graph
+    w1 = next(t for t in g.initializer if t.name == "w1")
+    w1.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(p["w1"].T), "w1"))
+    g.node[0].input[1] = "w1_t"
+    g.node.insert(0, helper.make_node("Transpose", ["w1"], ["w1_t"], name="tr", perm=[1, 0]))
+    return model
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_output_space_sensitivity_matches_numpy(transposed: bool) -> None:
     """ModelOpt's score Σ(∂ℓ/∂y ⊙ Δy)² at each reader's output, against hand-written gradients of the
-    small MLP (empirical Fisher): weights and activations, each alone at its width."""
+    small MLP (empirical Fisher): weights and activations, each alone at its width; also with the
+    weight reaching its MatMul through a Transpose."""
     from tests.test_validate import log_softmax, np_forward, np_quant, small_mlp
 
     model, p = small_mlp()
+    if transposed:
+        model = _transposed_mlp()
     p64 = {k: v.astype(np.float64) for k, v in p.items()}
     rng = np.random.default_rng(3)
     x = rng.normal(size=(40, 5)).astype(np.float32)

@@ -73,14 +73,12 @@ def extra_taps(s: api.Session) -> api.Session:
     return dataclasses.replace(s, prepared=prepared, tensors=(*s.tensors, *extra))
 
 
-def _copy_reader(
-    g: onnx.GraphProto, node: onnx.NodeProto, tensor: str, replacement: str, p: str
-) -> list[tuple[str, str]]:
-    """A copy of ``node`` reading ``replacement`` for ``tensor``; returns (original, copy) output pairs."""
+def _copy_reader(g: onnx.GraphProto, node: onnx.NodeProto, mapping: Mapping[str, str], p: str) -> list[tuple[str, str]]:
+    """A copy of ``node`` reading the quantized names of ``mapping``; returns (original, copy) output pairs."""
     outputs = [f"{p}{k}" if o else "" for k, o in enumerate(node.output)]
     copy = helper.make_node(
         node.op_type,
-        [replacement if i == tensor else i for i in node.input],
+        [mapping.get(i, i) for i in node.input],
         outputs,
         name=p + "copy",
         domain=node.domain,
@@ -88,6 +86,30 @@ def _copy_reader(
     copy.attribute.extend(node.attribute)
     g.node.append(copy)
     return [(o, c) for o, c in zip(node.output, outputs, strict=True) if o]
+
+
+def _derived_copies(g: onnx.GraphProto, tensor: str, replacement: str, readers: set[str], p: str) -> dict[str, str]:
+    """Copies of the constant-only nodes between ``tensor`` and its readers (the Transpose/Slice/
+    Unsqueeze chains through which an unrolled LSTM's weight reaches its MatMuls), fed
+    ``replacement``; returns {original name: copy's name}, ``tensor`` included."""
+    constants = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    mapping = {tensor: replacement}
+    for k, node in enumerate(list(g.node)):
+        if node.name in readers or not any(i in mapping for i in node.input):
+            continue
+        if not all(not i or i in mapping or i in constants for i in node.input):
+            continue
+        copy = helper.make_node(
+            node.op_type,
+            [mapping.get(i, i) for i in node.input],
+            [f"{p}d{k}_{j}" if o else "" for j, o in enumerate(node.output)],
+            name=f"{p}d{k}",
+            domain=node.domain,
+        )
+        copy.attribute.extend(node.attribute)
+        g.node.append(copy)
+        mapping |= {o: c for o, c in zip(node.output, copy.output, strict=True) if o}
+    return mapping
 
 
 def _score_nodes(g: onnx.GraphProto, pairs: Sequence[tuple[str, str]], grads: Mapping[str, str], p: str) -> str:
@@ -134,10 +156,11 @@ def output_space_model(
         for k, c in enumerate(choices_of(t)):
             p = f"{PREFIX}osens{i}_{k}_"
             q = quantized(g, t, c, p + "q_")
+            mapping = _derived_copies(g, _read_as(g, t), q, set(t.nodes), p)
             pairs: list[tuple[str, str]] = []
             for r, name in enumerate(t.nodes):
                 if name in nodes and name in readers:
-                    pairs += _copy_reader(g, nodes[name], _read_as(g, t), q, f"{p}r{r}_")
+                    pairs += _copy_reader(g, nodes[name], mapping, f"{p}r{r}_")
             outs[(t.name, c)] = _score_nodes(g, pairs, grads, p)
     return dataclasses.replace(gm, model_bytes=model.SerializeToString()), outs
 

@@ -67,6 +67,7 @@ class SamplingOptions:
     resamples: int = DEFAULT_RESAMPLES  # bootstrap resamples of the configurations (0: no intervals)
     sampler: Sampler = Sampler.BUDGET
     threshold: Threshold = field(default_factory=Threshold)
+    predictor: Predictor = DEFAULT_PREDICTOR  # the one the report leads with (the paper's FIT beside it)
 
 
 @dataclass(frozen=True)
@@ -384,6 +385,7 @@ def _report(
         sampler=samp.sampler,
         threshold=samp.threshold,
         families=families,
+        default_predictor=Predictor(samp.predictor),
     )
 
 

@@ -10,7 +10,15 @@ from fitonnx.analysis import simulate
 from fitonnx.analysis.choices import ALL
 from fitonnx.analysis.damage import DEFAULT_MIN_AGREEMENT, Threshold
 from fitonnx.analysis.harness import DEFAULT_BATCH_SIZE, DEFAULT_BITS, SimulationOptions
-from fitonnx.analysis.validate import DEFAULT_CONFIGS, DEFAULT_RESAMPLES, Sampler, SamplingOptions, validate
+from fitonnx.analysis.predictors import Predictor
+from fitonnx.analysis.validate import (
+    DEFAULT_CONFIGS,
+    DEFAULT_PREDICTOR,
+    DEFAULT_RESAMPLES,
+    Sampler,
+    SamplingOptions,
+    validate,
+)
 from fitonnx.cli.common import data_source, echo_for, echo_warnings, output_plan, target_path, write_plot
 from fitonnx.cli.options import BitsList, data_options, fisher_options, force_option
 from fitonnx.cli.progress import progress_bars
@@ -52,6 +60,13 @@ from fitonnx.render import validate as view
     help="A configuration works when it takes the float model's decision on this share of outputs.",
 )
 @click.option("--max-kl", type=click.FloatRange(min=0.0), help="A configuration works only with at most this KL.")
+@click.option(
+    "--predictor",
+    type=click.Choice([p.value for p in Predictor]),
+    default=DEFAULT_PREDICTOR.value,
+    show_default=True,
+    help="The predictor the report leads with and plots (the paper's fit is shown beside it).",
+)
 @click.option(
     "--format",
     "formats",
@@ -106,6 +121,7 @@ def validate_command(
     sampler: str,
     min_agreement: float,
     max_kl: float | None,
+    predictor: str,
     formats: tuple[str, ...],
     weights_only: bool,
     bits: tuple[int, ...],
@@ -149,6 +165,7 @@ def validate_command(
                 resamples=resamples,
                 sampler=Sampler(sampler),
                 threshold=Threshold(min_agreement, max_kl),
+                predictor=Predictor(predictor),
             ),
             options=options,
             progress=bars,
