@@ -45,7 +45,33 @@ MODELS = {
     "ppocrv4_rec_svtr": ("mc", [("mc N=8", "mc", 8), ("mc x4", "mc", None, 4)]),
     "silero_vad_16k_op15": ("mc", [("mc N=16", "mc", 16), ("mc N=48", "mc", 48), ("mc x4", "mc", None, 4)]),
 }
-SHOWN = (Predictor.FIT, Predictor.FIT_MEASURED, Predictor.QUADRATIC, Predictor.OUTPUT_SPACE, Predictor.NOISE_ONLY)
+SHOWN = (
+    Predictor.FIT,
+    Predictor.FIT_MEASURED,
+    Predictor.QUADRATIC,
+    Predictor.OUTPUT_SPACE,
+    Predictor.WEIGHT_ERROR,
+    Predictor.NOISE_ONLY,
+)
+
+
+def one_at_a_time(h, report) -> tuple[dict[str, dict[str, float]], int, float]:
+    """The AIMET/Quark/ModelOpt-KL baseline: each weight alone at each of its family's choices
+    (the rest float), measured; a configuration's score is the sum. ρ per family (working), the
+    number of simulations and their time."""
+    t0 = time.perf_counter()
+    single: dict[tuple[str, object], float] = {}
+    out: dict[str, dict[str, float]] = {}
+    for fam in h.families:
+        for w in h.weights:
+            for c in fam.weights:
+                if (w, c) not in single:
+                    single[(w, c)] = h.measure(Config({w: c}, {})).kl
+        rows = [r for r in report.configs if r.family == fam.name and r.working]
+        if len(rows) >= 5:
+            score = [sum(single[(w, c)] for w, c in r.weight_bits.items()) for r in rows]
+            out[fam.name] = {"one_at_a_time": spearman(np.array(score), np.array([r.kl for r in rows]))}
+    return out, len(single), time.perf_counter() - t0
 
 
 def rho_table(h, report, working: bool) -> dict[str, dict[str, float]]:
@@ -69,7 +95,7 @@ def repeated(d: Dataset, k: int) -> Dataset:
     return Dataset(arrays, labels, f"{d.source} x{k}")
 
 
-def study(name: str, data: Path, configs: int, seed: int, only: set[str] | None = None) -> dict:
+def study(name: str, data: Path, configs: int, seed: int, only: set[str] | None = None, peers: bool = False) -> dict:
     default, others = MODELS[name]
     calib, held = data / f"{name}.calib.npz", data / f"{name}.heldout.npz"
     sim = SimulationOptions(formats=FORMATS, weights_only=True)
@@ -102,6 +128,10 @@ def study(name: str, data: Path, configs: int, seed: int, only: set[str] | None 
         },
     }
     print_estimate(name, default, result["estimates"][default], result)
+    if peers:
+        rho, runs, seconds = one_at_a_time(h0, report)
+        result["one_at_a_time"] = {"working": rho, "simulations": runs, "time_s": seconds}
+        print(f"{name:<20} one-at-a-time KL: {rho} from {runs} simulations, {seconds:.0f} s", flush=True)
     for label, fisher, n, *rest in others:
         if only and label not in only:
             continue
@@ -142,10 +172,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--only", nargs="*", help="run only these estimates beside the default")
+    parser.add_argument("--one-at-a-time", action="store_true", help="also the one-tensor-at-a-time KL baseline")
     args = parser.parse_args()
     results = []
     for name in args.models:
-        results.append(study(name, args.data, args.configs, args.seed, set(args.only or ())))
+        results.append(study(name, args.data, args.configs, args.seed, set(args.only or ()), args.one_at_a_time))
         print(
             f"{name}: {results[-1]['configs']} configurations, KL {results[-1]['kl_range'][0]:.3g}..{results[-1]['kl_range'][1]:.3g}; "
             f"calibration {results[-1]['time_calibration_s']:.0f} s, simulation {results[-1]['time_simulation_s']:.0f} s",

@@ -245,6 +245,11 @@ def test_output_space_sensitivity_matches_numpy(transposed: bool) -> None:
     for name, value in want.items():
         col = h.tables.bits.index(3 if name.startswith("w") else 4)
         assert table[h.tables.names.index(name), col] == pytest.approx(value, rel=2e-3), name
+    # The data-free weight error: Σ (Q(w) − w)².
+    err = h.tables.values[Predictor.WEIGHT_ERROR]
+    for name in ("w1", "w2"):
+        want_err = float(np.sum((q[name] - p64[name]) ** 2))
+        assert err[h.tables.names.index(name), h.tables.bits.index(3)] == pytest.approx(want_err, rel=1e-5)
 
 
 def test_oracle_finds_the_least_damaging_assignment_within_each_budget() -> None:

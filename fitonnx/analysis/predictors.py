@@ -18,6 +18,9 @@ configuration:
 - ``output_space``: NVIDIA ModelOpt AutoQuantize's score, (1/N)·Σ_i Σ_j (∂ℓ_i/∂y_j · Δy_j)² at the
   output y of each op reading the tensor, Δy the move of y when the tensor alone is quantized
   (``output_space``);
+- ``weight_error``: Σ_j (Q(t)_j − t_j)², the measured rounding error with every element weighted
+  alike (data-free for weights, as NNCF's weight-compression criterion; activations: Σ_j E[δ_j²],
+  the noise model's);
 - ``noise_only``: Σ_t numel_t·Δ_t(b_t)², the total squared rounding error, every element weighted alike;
 - ``trace_only``: Σ_t Tr(F_t)/(2^b_t − 1)², sensitivity without the tensor's range;
 - ``size_only``: Σ_t numel_t/(2^b_t − 1)², neither sensitivity nor range: only how many values
@@ -52,6 +55,7 @@ class Predictor(TextEnum):
     FIT_MEASURED = "fit_measured"
     QUADRATIC = "quadratic"
     OUTPUT_SPACE = "output_space"
+    WEIGHT_ERROR = "weight_error"
     NOISE_ONLY = "noise_only"
     TRACE_ONLY = "trace_only"
     SIZE_ONLY = "size_only"
@@ -67,6 +71,7 @@ PREDICTORS: dict[Predictor, str] = {
     Predictor.FIT_MEASURED: "Σ diag(F)·(Q(t) − t)², measured rounding error (FIT.md refinement)",
     Predictor.QUADRATIC: "Σ eᵀFe, Fisher quadratic form of the real rounding error e (2·KL to second order)",
     Predictor.OUTPUT_SPACE: "Σ (∂ℓ/∂y ⊙ Δy)² at each reader's output y, ModelOpt AutoQuantize's score",
+    Predictor.WEIGHT_ERROR: "Σ (Q(w) − w)², measured rounding error without Fisher (data-free, as NNCF)",
     Predictor.NOISE_ONLY: "Σ numel·Δ², rounding noise without Fisher",
     Predictor.TRACE_ONLY: "Σ Tr(F)/(2^b − 1)², Fisher trace without ranges",
     Predictor.SIZE_ONLY: "Σ numel/(2^b − 1)², tensor sizes and bits only",
@@ -122,6 +127,7 @@ def _weight_cell(
             Predictor.FIT_GRID: fit,
             Predictor.NOISE_ONLY: 12.0 * float(noise_power(fmt, w32, axis).sum()),
             Predictor.FIT_MEASURED: fit_measured(fmt, w32, diag, axis),
+            Predictor.WEIGHT_ERROR: fit_measured(fmt, w32, np.ones_like(diag), axis),
         }
     grid = simulator.weight_grid(t.name, b)
     step_sq = np.broadcast_to(np.square(grid.step), w.shape)
@@ -134,6 +140,7 @@ def _weight_cell(
         ),
         Predictor.NOISE_ONLY: float(step_sq.sum()),
         Predictor.FIT_MEASURED: float(np.sum(diag * err * err)),
+        Predictor.WEIGHT_ERROR: float(np.sum(err * err)),
         Predictor.FIT_GRID: float(np.sum(np.where(exact, 0.0, diag * step_sq))) / 12.0,
     }
 
@@ -205,6 +212,7 @@ def predictor_tables(
                 cell |= _activation_cell(t, b, column[t.name], traces, simulator)
             if t.kind is Kind.ACTIVATION:
                 cell[Predictor.FIT_MEASURED] = errors.diagonal[(t.name, b)]
+                cell[Predictor.WEIGHT_ERROR] = cell[Predictor.NOISE_ONLY] / 12.0
             for p, v in cell.items():
                 values[p][row, col] = v
     return PredictorTables(names, bits, values)
