@@ -37,15 +37,20 @@ setup(
         "numpy>=1.24",
         "click>=8.1",
         "networkx>=3.0",
+        # onnxruntime.quantization's MatMulNBitsQuantizer (the ort target's MatMulNBits export) imports it
+        "onnx-ir>=0.1",
         # The user's own onnxruntime (CPU, GPU, training or a vendor build) is kept; plain
         # onnxruntime only where none is installed, so a second `onnxruntime` module never lands.
         *([] if _installed_runtime() else [RUNTIME]),
     ],
     extras_require={
-        "test": ["pytest>=7", "matplotlib>=3.7", "Pillow>=9", "jsonschema>=4"],
+        # Ray where its wheels exist, so the Ray test runs in CI (else it is skipped, saying so).
+        "test": ["pytest>=7", "matplotlib>=3.7", "Pillow>=9", "jsonschema>=4", "ray>=2.9; python_version < '3.14'"],
         "plot": ["matplotlib>=3.7"],
         # `fitonnx data` on a folder of images decodes them with Pillow
         "images": ["Pillow>=9"],
+        # --ray: score and validate on a Ray cluster (or a Ray started locally)
+        "ray": ["ray>=2.9"],
         # The reference engine: install it first, in an environment without another onnxruntime.
         "training": ["onnxruntime-training-cpu==1.19.2; python_version < '3.13'"],
     },

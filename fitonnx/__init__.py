@@ -27,6 +27,7 @@ from fitonnx.fisher.losses import FisherMode, Likelihood
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.model.data import Dataset, load_data, load_npz
 from fitonnx.model.graph import Kind, QuantTensor, find_quantizable
+from fitonnx.scale import Workers
 from fitonnx.score.fit import ScoreReport, TensorScore
 
 __version__ = "0.1.0"
@@ -55,6 +56,7 @@ __all__ = [
     "TensorScore",
     "Threshold",
     "ValidationReport",
+    "Workers",
     "budget_from",
     "compare",
     "export_recommendation",

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fitonnx.allocate import knapsack as allocate
+from fitonnx.allocate.formats_alloc import FormatOptions, allocate_formats, requested_formats
 from fitonnx.allocate.knapsack import AllocationOptions, Budget, BudgetKind, budget_from
 from fitonnx.analysis.compare import CompareReport, compare
 from fitonnx.analysis.inspection import Inspection, inspect_model
 from fitonnx.analysis.validate import ValidationReport, validate
+from fitonnx.errors import FitonnxError
 from fitonnx.export import export_recommendation
 from fitonnx.export.bundle import PARETO_CSV, PARETO_JSON, PARETO_PNG, Written, prepare_out_dir, write_outputs
 from fitonnx.fisher.options import FisherOptions
@@ -39,6 +41,7 @@ from fitonnx.render import pareto
 from fitonnx.render.plot import MISSING_MATPLOTLIB
 from fitonnx.score import noise
 from fitonnx.score.fit import ScoreReport
+from fitonnx.score.formats_fit import weight_format_fits
 from fitonnx.score.run import score_model
 
 score = score_model
@@ -54,6 +57,7 @@ __all__ = [
     "CompareReport",
     "DataKind",
     "DataSource",
+    "FormatOptions",
     "Inspection",
     "LoaderScript",
     "ModelSource",
@@ -114,7 +118,7 @@ def recommend(
     data: DataSource = None,
     *,
     budget: allocate.Budget,
-    choices: allocate.AllocationOptions | None = None,
+    choices: allocate.AllocationOptions | FormatOptions | None = None,
     out_dir: str | os.PathLike[str] | None = None,
     options: FisherOptions | None = None,
     noise_model: noise.NoiseModel | str = noise.NoiseModel.UNIFORM,
@@ -125,13 +129,22 @@ def recommend(
     written there. ``options``: how the Fisher is estimated; ``noise_model``: as in ``score``, with
     the grid model judged on the target's own grids (``targets.Target.represents``).
 
+    With ``FormatOptions`` as ``choices`` it chooses per-tensor FORMATS of the target's menu
+    (per channel, per block, FP8, ...) with their exact storage costs instead (``formats_alloc``).
+
     Every option and the output folder are checked before any work."""
     choices = choices or allocate.AllocationOptions()
     tgt = choices.check()
+    by_format = isinstance(choices, FormatOptions)
+    if by_format and noise.NoiseModel(noise_model) is not noise.NoiseModel.UNIFORM:
+        raise FitonnxError("expected --noise-model uniform with --formats; the grid model is for bit widths")
     opts = options or FisherOptions()
     as_progress(progress).start(1, "Loading and preparing the model")
     s = open_model(model, data, seed=opts.seed, max_samples=opts.max_samples)
-    lowest = min(choices.weight_bits or tgt.weight_bits)
+    if isinstance(choices, FormatOptions):
+        lowest = min(f.bits for f in requested_formats(tgt, choices.weight_formats))
+    else:
+        lowest = min(choices.weight_bits or tgt.weight_bits)
     allocate.check_budget(budget, [t.numel or 0 for t in s.tensors if t.kind is Kind.WEIGHT], lowest)
     out = None if out_dir is None else prepare_out_dir(out_dir, s.loaded.path, s.loaded.name)
     report = score_model(
@@ -143,15 +156,7 @@ def recommend(
         noise_model=noise_model,
         progress=progress,
     )
-    alloc = allocate.allocate(
-        report,
-        tgt,
-        budget,
-        weight_bits=choices.weight_bits,
-        act_bits=choices.act_bits,
-        act_avg_bits=choices.act_avg_bits,
-        tolerance=choices.tolerance,
-    )
+    alloc = _allocate(s, report, budget, choices, opts, progress)
     if out is not None and s.data.synthetic:
         warnings.warn(RANDOM_CALIBRATION, RandomDataWarning, stacklevel=2)  # the bundle's QDQ models
     written = (
@@ -163,11 +168,42 @@ def recommend(
             out,
             source=s.loaded.path,
             data=s.data,
+            formats=(tgt.format_exports or tgt.formats) if by_format else None,
             origin_of=s.prepared.origin_of,
             front=_write_front,
         )
     )
     return RecommendResult(allocation=alloc, report=report, written=written)
+
+
+def _allocate(
+    s: Session,
+    report: ScoreReport,
+    budget: Budget,
+    choices: allocate.AllocationOptions | FormatOptions,
+    opts: FisherOptions,
+    progress: Progress | None,
+) -> allocate.Allocation:
+    """The bit-width allocation, or the format allocation with each weight's FIT per format.
+
+    The per-format FIT needs the per-element Fisher diagonal, so the Fisher stage runs a second
+    time with ``keep_gradients`` (``score.formats_fit``), until the score itself yields it."""
+    if isinstance(choices, FormatOptions):
+        traces, _, _ = fisher_traces(s, opts, progress=progress, keep_gradients=True)
+        if traces.diag is None:
+            raise FitonnxError(f"expected quantizable tensors with gradients in {report.model}; found none")
+        tgt = choices.check()
+        fits = weight_format_fits(s.prepared.model, traces.diag, requested_formats(tgt, choices.weight_formats))
+        return allocate_formats(report, s.prepared.model, fits, budget, choices)
+    return allocate.allocate(
+        report,
+        choices.check(),
+        budget,
+        weight_bits=choices.weight_bits,
+        act_bits=choices.act_bits,
+        act_avg_bits=choices.act_avg_bits,
+        tolerance=choices.tolerance,
+    )
 
 
 def _write_front(alloc: allocate.Allocation, out: Path) -> tuple[list[Path], list[str]]:

@@ -19,6 +19,10 @@ class FitonnxError(Exception):
     def __str__(self) -> str:
         return self.message if self.hint is None else f"{self.message} (hint: {self.hint})"
 
+    def __reduce__(self) -> tuple:
+        # Raised in a worker process (--workers, --ray), it crosses back to the driver whole, hint included.
+        return (type(self), (self.message, self.hint))
+
 
 class ModelError(FitonnxError):
     """The model file is missing, corrupt, unsafe or uses something fitonnx cannot handle."""
@@ -30,6 +34,10 @@ class DataError(FitonnxError):
 
 class UnsupportedError(FitonnxError):
     """The model is valid but needs an op or construct the gradient engine cannot handle."""
+
+
+class WorkerError(FitonnxError):
+    """Workers of a parallel run (``--workers``, ``--ray``) died or vanished after their retries."""
 
 
 REPORT_BUGS = "this is a bug in fitonnx: please report it with the command line and this traceback"

@@ -107,3 +107,22 @@ def test_embedding_with_repeated_tokens() -> None:
 def test_other_readers_are_refused() -> None:
     with pytest.raises(UnsupportedError, match="MatMul/Gemm/Conv"):
         per_sample_sqnorms(sequence_model(3, 4, 5), "loss", ["c"])
+
+
+def test_grouped_conv_with_a_static_batch() -> None:
+    """A static batch size takes the grouped-Conv form (one group per sample and conv group)."""
+    model = grouped_conv_model()
+    static = onnx.ModelProto()
+    static.CopyFrom(model)
+    dims = static.graph.input[0].type.tensor_type.shape.dim
+    dims[0].Clear()
+    dims[0].dim_value = 4
+    grouped = per_sample_sqnorms(static, "loss", ["w", "b"], batch=4)
+    assert "MatMul" not in {node.op_type for node in grouped.graph.node}  # not the unfolded form
+    x = np.random.default_rng(5).normal(size=(4, 4, 7, 6)).astype(np.float32)
+    norms = session(grouped).run(["w_sqnorm", "b_sqnorm"], {"x": x})
+    single = session(build_gradient_graph(model, "loss", ["w", "b"]))
+    for i in range(4):
+        for norm, grad in zip(norms, single.run(["w_grad", "b_grad"], {"x": x[i : i + 1]}), strict=True):
+            want = float(np.sum(np.asarray(grad, np.float64) ** 2))
+            assert abs(norm[i] - want) <= 1e-6 * want

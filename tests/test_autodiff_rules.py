@@ -332,6 +332,7 @@ CASES: dict[str, Callable[[], Case]] = {
         unary("AveragePool", r(2, 3, 9, dtype=F32), kernel_shape=[3], strides=[2]), linear=True
     ),
     "MaxPool": lambda: unary("MaxPool", grid(2, 2, 4, 4), kernel_shape=[2, 2], strides=[2, 2]),
+    "MaxPool-tiled-rect": lambda: unary("MaxPool", grid(2, 3, 6, 9), kernel_shape=[2, 3], strides=[2, 3]),
     "MaxPool-overlap-pads": lambda: unary(
         "MaxPool", grid(1, 2, 5, 5), kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]
     ),
@@ -362,6 +363,15 @@ CASES: dict[str, Callable[[], Case]] = {
             {"x": r(1, 2, 7, 6, dtype=F32)},
             ["x", "w"],
             inits={"w": r(3, 2, 2, 3, dtype=F32)},
+        ),
+        linear=True,
+    ),
+    "Conv-grouped-stride1-dilated": lambda: f32(  # the flipped-weight Conv form of the input gradient
+        Case(
+            [n("Conv", ["x", "w"], ["y"], group=2, dilations=[1, 2], pads=[1, 2, 0, 1])],
+            {"x": r(2, 4, 6, 7, dtype=F32)},
+            ["x", "w"],
+            inits={"w": r(6, 2, 3, 2, dtype=F32)},
         ),
         linear=True,
     ),

@@ -47,3 +47,34 @@ def test_cli_engine_option(mlp_path: Path) -> None:
     assert ok.exit_code == 0, ok.output
     bad = runner.invoke(cli, ["score", str(mlp_path), "--engine", "nope"])
     assert bad.exit_code == 2 and "ort-training" in bad.output
+
+
+def test_device_without_its_provider_is_a_one_line_error(
+    cnn_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--device cuda on an onnxruntime without CUDAExecutionProvider: exit 2 before any work, one
+    error line naming the providers it has."""
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    result = CliRunner().invoke(cli, ["score", str(cnn_path), "--device", "cuda", "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 2
+    first = result.stderr.strip().splitlines()[0]
+    assert first.startswith("error: expected onnxruntime's CUDAExecutionProvider for --device cuda")
+    assert "['CPUExecutionProvider']" in first
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "r.json").exists()
+    with pytest.raises(FitonnxError, match="expected a device among"):
+        FisherOptions(device="tpu")
+
+
+def test_report_records_engine_device_and_batch_size(cnn_path: Path, tmp_path: Path) -> None:
+    import json
+
+    out = tmp_path / "r.json"
+    args = ["score", str(cnn_path), "--engine", "onnx", "--batch-size", "4", "--max-samples", "6", "--json", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert (report["engine"], report["device"], report["batch_size"]) == ("onnx", "cpu", 4)
+    assert "onnx engine on cpu, batch 4" in result.stdout

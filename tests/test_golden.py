@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from fitonnx import api
+from fitonnx.fisher.options import FisherOptions
 from fitonnx.model.data import Dataset
 from fitonnx.render import report
 from tests.conftest import tiny_classifier
@@ -30,5 +31,5 @@ def test_score_table_golden() -> None:
     data = Dataset(
         arrays={"x": rng.normal(size=(24, 4)).astype(np.float32)}, labels=rng.integers(0, 3, 24), source="tiny.npz"
     )
-    result = api.score(tiny_classifier(), data)
+    result = api.score(tiny_classifier(), data, options=FisherOptions(engine="onnx"))  # the header names it
     _check("score_tiny.txt", report.format_table(result) + "\n")

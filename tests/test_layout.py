@@ -23,6 +23,7 @@ STAGES = (
     "values",
     "files",
     "model",
+    "scale",
     "formats",
     "prepare",
     "fisher",

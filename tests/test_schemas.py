@@ -98,6 +98,7 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
     run("recommend", cnn, "--avg-bits", "5", "--target", "ort", "-o", d / "ort")
     run("recommend", cnn, "--size-kb", "40", "--act-avg-bits", "10", "--target", "qnn", "-o", d / "qnn")
     run("recommend", cnn, "--max-fit", "1", "-o", d / "generic")
+    run("recommend", cnn, "--avg-bits", "8.03", "--target", "tensorrt", "--formats", "-o", d / "formats")
     run(
         "export",
         cnn,
@@ -124,8 +125,8 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
         "inspect.schema.json": [d / "inspect.json"],
         "validate.schema.json": [d / "validate.json"],
         "compare.schema.json": [d / "compare.json"],
-        "recommendation.schema.json": [d / t / "recommendation.json" for t in ("ort", "qnn", "generic")],
-        "pareto.schema.json": [d / t / "pareto.json" for t in ("ort", "qnn", "generic")],
+        "recommendation.schema.json": [d / t / "recommendation.json" for t in ("ort", "qnn", "generic", "formats")],
+        "pareto.schema.json": [d / t / "pareto.json" for t in ("ort", "qnn", "generic", "formats")],
         "ort_overrides.schema.json": [d / "ort" / "ort_overrides.json", d / "per_channel_overrides.json"],
         "qnn_encodings.schema.json": [d / "qnn" / "mnist_cnn.encodings"],
         "qnn_encodings_1.0.0.schema.json": [d / "v1.encodings"],

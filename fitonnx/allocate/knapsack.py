@@ -40,16 +40,24 @@ MAX_POINTS = 500_000  # per front: merging holds k× as many candidates (~40 byt
 
 @dataclass(frozen=True)
 class Item:
-    """One tensor's menu: for each candidate bit width, its FIT (size = numel·bits)."""
+    """One tensor's menu: for each candidate bit width, its FIT (size = numel·bits).
+
+    A format menu (``recommend --formats``) also gives ``formats`` (registry names, one per
+    candidate; ``bits`` are then their element widths) and ``sizes``, the exact storage in bits
+    of each candidate, scales and zero points included, which the front counts instead."""
 
     name: str
     numel: int
     bits: tuple[int, ...]
     fit: tuple[float, ...]
+    sizes: tuple[int, ...] = ()
+    formats: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.bits) != len(self.fit) or not self.bits:
             raise InternalError(f"item {self.name!r}: {len(self.bits)} bit widths but {len(self.fit)} FIT values")
+        if any(len(extra) not in (0, len(self.bits)) for extra in (self.sizes, self.formats)):
+            raise InternalError(f"item {self.name!r}: sizes and formats must have one entry per candidate")
         if self.numel < 0 or any(not math.isfinite(f) or f < 0 for f in self.fit):
             raise InternalError(f"item {self.name!r}: expected numel ≥ 0 and finite FIT ≥ 0; found {self}")
 
@@ -69,14 +77,24 @@ class Front:
     def __len__(self) -> int:
         return int(self.sizes.shape[0])
 
-    def config(self, index: int) -> dict[str, int]:
-        """The bit width of every item at front point ``index``."""
-        bits: dict[str, int] = {}
+    def choices(self, index: int) -> dict[str, int]:
+        """The index of every item's chosen candidate at front point ``index``."""
+        picked: dict[str, int] = {}
         i = index
         for item, (parent, choice) in zip(reversed(self.items), reversed(self.steps), strict=True):
-            bits[item.name] = item.bits[int(choice[i])]
+            picked[item.name] = int(choice[i])
             i = int(parent[i])
-        return {item.name: bits[item.name] for item in self.items}
+        return {item.name: picked[item.name] for item in self.items}
+
+    def config(self, index: int) -> dict[str, int]:
+        """The bit width of every item at front point ``index``."""
+        by_name = {item.name: item for item in self.items}
+        return {name: by_name[name].bits[c] for name, c in self.choices(index).items()}
+
+    def formats(self, index: int) -> dict[str, str]:
+        """The format of every item at front point ``index`` (items of a format menu)."""
+        by_name = {item.name: item for item in self.items}
+        return {name: by_name[name].formats[c] for name, c in self.choices(index).items()}
 
     def configs(self, indices: np.ndarray) -> np.ndarray:
         """Bit widths [len(indices), len(items)] of many front points at once (items in merge order)."""
@@ -129,7 +147,7 @@ def pareto_front(items: Sequence[Item], tolerance: float = 0.0, max_points: int 
     steps: list[tuple[np.ndarray, np.ndarray]] = []
     for item in items:
         k = len(item.bits)
-        add_size = np.array([item.numel * b for b in item.bits], np.int64)
+        add_size = np.array(item.sizes or [item.numel * b for b in item.bits], np.int64)
         add_fit = np.array(item.fit, np.float64)
         cand_size = (sizes[:, None] + add_size[None, :]).ravel()
         cand_fit = (fits[:, None] + add_fit[None, :]).ravel()
@@ -318,6 +336,8 @@ class UniformConfig:
     bits: int
     weight_bytes: int
     fit: float
+    format: str | None = None  # a format menu's uniform configuration: this format everywhere
+    size_bits: int | None = None  # exact storage with scales (default bits · numel)
 
 
 @dataclass(frozen=True)
@@ -344,7 +364,7 @@ class Allocation:
             ok = [u for u in self.uniform if u.fit <= self.budget.value]
             return min(ok, key=lambda u: u.weight_bytes) if ok else None
         limit = self.budget.max_bits(self.total_numel)
-        ok = [u for u in self.uniform if u.bits * self.total_numel <= limit]
+        ok = [u for u in self.uniform if (u.size_bits or u.bits * self.total_numel) <= limit]
         return max(ok, key=lambda u: u.weight_bytes) if ok else None
 
 

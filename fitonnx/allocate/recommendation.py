@@ -28,6 +28,7 @@ class ParetoPoint:
     avg_weight_bits: float
     fit: float
     weight_bits: Mapping[str, int]
+    weight_formats: Mapping[str, str] = field(default_factory=dict)  # a format recommendation's
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,27 @@ class Recommendation:
     noise_model: str = "uniform"  # fitonnx.noise.NoiseModel the FIT values were computed with
     # Tensors named here as in the original model but scored under another name (fitonnx.rename).
     scored_as: Mapping[str, str] = field(default_factory=dict)
+    # ``recommend --formats``: the format of each tensor (``fitonnx.formats`` names; the bits
+    # above are then their element widths) and each candidate format's FIT. Empty otherwise.
+    weight_formats: Mapping[str, str] = field(default_factory=dict)
+    activation_formats: Mapping[str, str] = field(default_factory=dict)
+    fit_per_format: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+    @property
+    def by_format(self) -> bool:
+        return bool(self.weight_formats or self.activation_formats)
 
     def to_dict(self) -> dict[str, Any]:
+        out = self._bits_dict()
+        if self.by_format:
+            out["weight_formats"] = dict(self.weight_formats)
+            out["activation_formats"] = dict(self.activation_formats)
+            out["fit_per_format"] = {k: dict(v) for k, v in self.fit_per_format.items()}
+            for point, entry in zip(self.pareto, out["pareto"], strict=True):
+                entry["weight_formats"] = dict(point.weight_formats)
+        return out
+
+    def _bits_dict(self) -> dict[str, Any]:
         return {
             "schema": SCHEMA_VERSION,
             "model": self.model,
@@ -100,11 +120,17 @@ class Recommendation:
                         float(p["avg_weight_bits"]),
                         float(p["fit"]),
                         {str(k): int(v) for k, v in p["weight_bits"].items()},
+                        {str(k): str(v) for k, v in p.get("weight_formats", {}).items()},
                     )
                     for p in d.get("pareto", [])
                 ),
                 noise_model=str(d.get("noise_model", "uniform")),
                 scored_as={str(k): str(v) for k, v in d.get("scored_as", {}).items()},
+                weight_formats={str(k): str(v) for k, v in d.get("weight_formats", {}).items()},
+                activation_formats={str(k): str(v) for k, v in d.get("activation_formats", {}).items()},
+                fit_per_format={
+                    str(k): {str(f): float(x) for f, x in v.items()} for k, v in d.get("fit_per_format", {}).items()
+                },
             )
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise FitonnxError(

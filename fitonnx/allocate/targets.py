@@ -1,9 +1,14 @@
-"""Deployment targets: which bit widths a toolchain offers and how it quantizes with them.
+"""Deployment targets: which bit widths and formats a toolchain offers and how it quantizes with them.
 
 A target decides the candidate bit widths of weights and activations, whether its grid is
 symmetric or asymmetric (which changes the quantization step, hence FIT), which widths mean an
 IEEE float rather than an integer grid (TensorRT's 16 = float16), and which exporter formats
 ``fitonnx recommend`` writes for it. A new toolchain is one more ``Target`` in ``TARGETS``.
+
+``Target.menu`` lists the same toolchain's quantization FORMATS (``fitonnx.formats`` registry
+names: ``int8/ch``, ``fp8e4m3``, ``uint4/b32``, ...) as it really stores them, per tensor role;
+``recommend --formats`` allocates over those with each format's exact storage cost. The facts
+and their sources are in the README ("Targets").
 """
 
 from __future__ import annotations
@@ -12,9 +17,12 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
+import ml_dtypes
 import numpy as np
 
 from fitonnx.errors import FitonnxError
+from fitonnx.formats import FORMATS, Format, Granularity, ScaleType, get_format, params_from_range
+from fitonnx.formats.quantize import element_max
 from fitonnx.model.graph import Kind
 from fitonnx.score import noise
 from fitonnx.score.fit import PointMass
@@ -30,6 +38,68 @@ class Scheme(str, Enum):
 
 
 @dataclass(frozen=True)
+class FormatMenu:
+    """A toolchain's candidate formats (registry names) per tensor role.
+
+    ``weights`` apply to every quantizable weight (a per-channel/per-block one only where the
+    weight's op gives it an axis); ``by_op`` adds formats for the weights of one op type only
+    (TensorRT's INT4 blocks and NVFP4 for GEMMs, ONNX Runtime's MatMulNBits for MatMul).
+    Activations are per tensor; ``default_activation`` is used when none is chosen.
+    """
+
+    weights: tuple[str, ...]
+    activations: tuple[str, ...]
+    default_activation: str
+    by_op: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in (*self.weights, *self.activations, self.default_activation, *self.op_formats()):
+            get_format(name)  # unknown names fail loudly, at import
+        if self.default_activation not in self.activations:
+            raise FitonnxError(f"default activation format {self.default_activation!r} is not among {self.activations}")
+
+    def op_formats(self) -> tuple[str, ...]:
+        return tuple(name for _, names in self.by_op for name in names)
+
+    def weight_formats(self, op_types: frozenset[str]) -> tuple[Format, ...]:
+        """The candidates for a weight read by ops of ``op_types`` (extra ones only when all agree)."""
+        extra = [names for op, names in self.by_op if op_types == {op}]
+        names = dict.fromkeys([*self.weights, *(n for group in extra for n in group)])
+        return tuple(get_format(n) for n in names)
+
+    def all_weight_formats(self) -> tuple[Format, ...]:
+        return tuple(get_format(n) for n in dict.fromkeys([*self.weights, *self.op_formats()]))
+
+    def activation_formats(self) -> tuple[Format, ...]:
+        return tuple(get_format(n) for n in self.activations)
+
+
+def activation_format_fit(fmt: Format, trace: float, lo: float, hi: float) -> float:
+    """FIT of an activation under a per-tensor format from its Fisher trace and calibrated range.
+
+    Integer grids: Tr(F)·Δ²/12 with the format's own Δ (``params_from_range``), the paper's FIT.
+    Floating formats: Tr(F)·(spacing of the top binade)²/12, the spacing at the range's largest
+    magnitude, an upper bound on every element's rounding step (as ``Target.step`` does for
+    float16). The per-sample binade statistics of the gradient graph would be exact; until the
+    score gives them, this is the bound.
+    """
+    if fmt.granularity is not Granularity.TENSOR:
+        raise FitonnxError(f"activations are quantized per tensor; found format {fmt.name}")
+    if fmt.is_int:
+        scale = float(np.asarray(params_from_range(fmt, lo, hi).scale).reshape(-1)[0])
+        return trace * scale**2 / 12.0
+    amax = max(abs(lo), abs(hi))
+    if amax == 0.0:
+        return 0.0
+    mant = int(ml_dtypes.finfo(fmt.dtype).nmant)
+    # the top element's value in the format's own units, and the scale that maps them back
+    scale = 1.0 if fmt.scale is ScaleType.NONE else amax / element_max(fmt)
+    top = amax / scale
+    spacing = scale * 2.0 ** (math.floor(math.log2(top)) - mant)
+    return trace * spacing**2 / 12.0
+
+
+@dataclass(frozen=True)
 class Target:
     """One toolchain's quantization menu; ``formats`` are ``fitonnx.export.EXPORTERS`` keys."""
 
@@ -42,6 +112,13 @@ class Target:
     activation_scheme: Scheme
     float_bits: frozenset[int] = frozenset()
     formats: tuple[str, ...] = ()
+    menu: FormatMenu | None = None  # the formats it stores (``recommend --formats``)
+    format_exports: tuple[str, ...] = ()  # exporters for a format recommendation (default: ``formats``)
+
+    def format_menu(self) -> FormatMenu:
+        if self.menu is None:
+            raise FitonnxError(f"target {self.name!r} has no format menu")
+        return self.menu
 
     def candidates(self, kind: Kind) -> tuple[int, ...]:
         return self.weight_bits if kind is Kind.WEIGHT else self.activation_bits
@@ -119,6 +196,11 @@ TARGETS: dict[str, Target] = {
             default_activation_bits=8,
             weight_scheme=Scheme.ASYMMETRIC,
             activation_scheme=Scheme.ASYMMETRIC,
+            menu=FormatMenu(
+                weights=tuple(FORMATS),
+                activations=tuple(n for n, f in FORMATS.items() if f.granularity is Granularity.TENSOR),
+                default_activation="uint8",
+            ),
         ),
         Target(
             name="ort",
@@ -129,6 +211,13 @@ TARGETS: dict[str, Target] = {
             weight_scheme=Scheme.SYMMETRIC,
             activation_scheme=Scheme.ASYMMETRIC,
             formats=("overrides", "qdq"),
+            menu=FormatMenu(
+                weights=("int8", "int8/ch", "int4", "int4/ch", "int16", "int16/ch"),
+                activations=("uint8", "uint16"),
+                default_activation="uint8",
+                by_op=(("MatMul", ("uint4/b32", "uint4/b64", "uint4/b128", "uint8/b32", "uint8/b64", "uint8/b128")),),
+            ),
+            format_exports=("qdq",),
         ),
         Target(
             name="qnn",
@@ -139,6 +228,11 @@ TARGETS: dict[str, Target] = {
             weight_scheme=Scheme.SYMMETRIC,
             activation_scheme=Scheme.ASYMMETRIC,
             formats=("qnn",),
+            menu=FormatMenu(
+                weights=("int4/ch", "int8/ch", "int16/ch", "int4", "int8", "int16"),
+                activations=("uint8", "uint16"),
+                default_activation="uint8",
+            ),
         ),
         Target(
             name="tensorrt",
@@ -150,6 +244,12 @@ TARGETS: dict[str, Target] = {
             activation_scheme=Scheme.SYMMETRIC,
             float_bits=frozenset({16}),
             formats=("tensorrt",),
+            menu=FormatMenu(
+                weights=("int8", "int8/ch", "fp8e4m3", "fp16"),
+                activations=("int8", "fp8e4m3", "fp16"),
+                default_activation="int8",
+                by_op=tuple((op, ("int4/b64", "int4/b128", "nvfp4/16")) for op in ("MatMul", "Gemm")),
+            ),
         ),
     )
 }

@@ -9,8 +9,9 @@ sensitivity (``output_space``), whose gradient model also taps every quantized o
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from fitonnx.analysis.output_space import measure_output_space
 from fitonnx.analysis.predictors import Predictor, PredictorTables, predictor_tables
 from fitonnx.analysis.simulate import Config, GridScheme
 from fitonnx.errors import DataError
-from fitonnx.fisher import engine, losses
+from fitonnx.fisher import engine, losses, parallel
 from fitonnx.fisher import session as api
 from fitonnx.fisher.checks import check_traces
 from fitonnx.fisher.instrument import GradientModel
@@ -33,11 +34,13 @@ from fitonnx.model.data import Dataset
 from fitonnx.model.graph import Kind
 from fitonnx.model.source import DataSource, ModelSource
 from fitonnx.progress import Progress, as_progress
+from fitonnx.scale import Job, Pool, Workers, warm_up
 from fitonnx.score.fit import ScoreReport, build_report
 from fitonnx.score.run import provenance
 
 DEFAULT_BITS: tuple[int, ...] = (3, 4, 5, 6, 7, 8)
 DEFAULT_BATCH_SIZE = 256
+MAX_CONFIGS_PER_TASK = 8  # configurations a worker measures per task at most (progress, balance)
 EVAL_SUFFIX = ".heldout.npz"
 EvalSource = str | os.PathLike[str] | Dataset | None
 
@@ -148,7 +151,7 @@ def _calibrate(s: api.Session, opts: FisherOptions, sim: SimulationOptions, prog
     """Traces with the diagonal Fisher and point statistics, and the FIT report of the candidates."""
     as_progress(progress).start(1, "Building the gradient model")  # closed by the samples' stage
     gm, target, mode = api.gradient_model(s, opts, keep_gradients=True, exact_points=True)
-    traces = engine.run(gm, s.data, s.specs, opts.run_options(), progress)
+    traces = parallel.run(gm, s.data, s.specs, opts.run_options(), opts.workers, progress)
     traces = check_traces(traces, gm, {k: v for k, v in s.data.sample(0, s.specs).items() if k in s.specs})
     report = build_report(  # its traces and sizes feed the predictors; the widths do not matter here
         s.prepared.model,
@@ -197,6 +200,7 @@ def harness(
     sim = (simulation or SimulationOptions()).checked()
     if session is None:
         as_progress(progress).start(1, "Loading and preparing the model")
+    warm_up(opts.workers)  # local workers start while the model is prepared
     s = session if session is not None else api.open_model(model, data, seed=opts.seed, max_samples=opts.max_samples)
     held_out = _eval_dataset(s, eval_data)
     if opts.output is None:  # the damage is measured on one output: the Fisher's loss reads that one
@@ -206,7 +210,7 @@ def harness(
     simulator = _simulator(s, cal, sim, held_out)
 
     def second_pass(gm: GradientModel, extra: Sequence[str]) -> engine.FisherTraces:
-        return engine.run(gm, s.data, s.specs, opts.run_options(), progress, extra_outputs=extra)
+        return parallel.run(gm, s.data, s.specs, opts.run_options(), opts.workers, progress, extra_outputs=extra)
 
     families = sim.families()
     weight_choices = choices.sorted_choices(c for f in families for c in f.weights)
@@ -231,3 +235,30 @@ def harness(
         reference=reference(cal.target, simulator.run(Config.floating()), held_out.labels, held_out.source),
         traces=traces,
     )
+
+
+def _measure_setup(context: tuple[simulate.Simulator, Reference]) -> tuple[simulate.Simulator, Reference]:
+    return context  # the simulator opened its session as it arrived (``Simulator.__reduce__``)
+
+
+def _measure_work(state: tuple[simulate.Simulator, Reference], configs: Sequence[Config]) -> list[Damage]:
+    simulator, ref = state
+    return [damage(ref, simulator.run(config)) for config in configs]
+
+
+def measure_all(
+    h: Harness, configs: Sequence[Config], workers: Workers | None = None, on_done: Callable[[int], None] | None = None
+) -> list[Damage]:
+    """``h.measure`` of every configuration, in order; on ``workers`` (each gets the simulator and the
+    float reference once) when they are parallel. ``on_done(n)``: n more configurations measured."""
+    tell = on_done or (lambda n: None)
+    if workers is None or not workers.parallel:
+        out = []
+        for config in configs:
+            out.append(h.measure(config))
+            tell(1)
+        return out
+    with Pool(workers, Job((h.simulator, h.reference), _measure_setup, _measure_work)) as pool:
+        size = max(1, min(MAX_CONFIGS_PER_TASK, math.ceil(len(configs) / (4 * pool.slots))))
+        tasks = [tuple(configs[a : a + size]) for a in range(0, len(configs), size)]
+        return [d for part in pool.ordered(tasks, on_done=lambda k: tell(len(tasks[k]))) for d in part]

@@ -31,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 from fitonnx.analysis.choices import Choice, FloatGrid, float_grid, per_tensor
 from fitonnx.errors import FitonnxError, InternalError, ModelError, UnsupportedError
 from fitonnx.fisher.losses import PREFIX
-from fitonnx.formats import Format, Granularity, params_from_range, parse_format, quantize_dequantize
+from fitonnx.formats import Format, Granularity, QParams, params_from_range, parse_format, quantize_dequantize
 from fitonnx.formats.quantize import int_limits
 from fitonnx.model import graph
 from fitonnx.model.data import Dataset
@@ -394,6 +394,7 @@ class Simulator:
         specs: Mapping[str, InputSpec],
         batch_size: int = 256,
     ) -> None:
+        self._args = (sim, model, tensors, act_ranges, scheme, data, specs, batch_size)
         self.sim = sim
         self.scheme = scheme
         self.session = session(sim.model_bytes)
@@ -418,6 +419,10 @@ class Simulator:
         self.data = batches(data, specs, batch_size)
         if not self._batching_works():
             self.data = batches(data, specs, 1)
+
+    def __reduce__(self) -> tuple:
+        # Sent to a worker (validate --workers/--ray) as what built it: the worker opens its own session.
+        return (Simulator, self._args)
 
     def _batching_works(self) -> bool:
         """Whether a batch gives what its samples give one by one (a prepared model may have folded
@@ -547,7 +552,10 @@ class Simulator:
 
     def run(self, config: Config, weights: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         """The output over all held-out samples, samples on axis 0 (``weights``: see ``feed``)."""
-        settings = self.feed(config, weights)
+        return self.run_feed(self.feed(config, weights))
+
+    def run_feed(self, settings: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The output over all held-out samples for settings made by ``feed`` (or ``format_feed``)."""
         outs = []
         for batch in self.data.feeds:
             try:
@@ -558,3 +566,34 @@ class Simulator:
                 ) from None
             outs.append(np.asarray(value))
         return np.stack(outs) if self.data.stack else np.concatenate(outs, axis=0)
+
+
+def format_feed(
+    simulator: Simulator,
+    weights: Mapping[str, tuple[Format, int | None]],
+    activations: Mapping[str, tuple[Format, QParams]],
+) -> dict[str, np.ndarray]:
+    """Settings for a FORMAT configuration (``recommend --formats``): each weight's values through its
+    format along its axis (``formats.quantize_dequantize``, ONNX Q/DQ arithmetic), each activation on
+    its integer format's grid with the given parameters (one scale and zero point: per tensor).
+
+    The fake quantizer's grid ``clip(round(a/step) + zp', 0, levels)`` with ``zp' = zp − qmin`` and
+    ``levels = qmax − qmin`` is QuantizeLinear→DequantizeLinear of the format exactly. Floating
+    activation formats (FP8) have no such grid here and are refused."""
+    values = {
+        name: quantize_dequantize(simulator.sim.weights[name], fmt, axis) for name, (fmt, axis) in weights.items()
+    }
+    feed = simulator.feed(Config.floating(), values)
+    known = {a.name: a for a in simulator.sim.activations}
+    for name, (fmt, params) in activations.items():
+        if name not in known:
+            raise FitonnxError(f"expected a simulated activation; found {name!r}")
+        if not fmt.is_int or np.size(params.scale) != 1:
+            raise UnsupportedError(f"the simulation has per-tensor integer activation grids only; found {fmt.name}")
+        a = known[name]
+        qmin, qmax = int_limits(fmt)
+        feed[a.zero_point] = np.array(float(np.reshape(params.zero_point, -1)[0]) - qmin, a.dtype)
+        feed[a.step] = np.array(float(np.reshape(params.scale, -1)[0]), a.dtype)
+        feed[a.levels] = np.array(float(qmax - qmin), a.dtype)
+        feed[a.on] = np.array(True)
+    return feed

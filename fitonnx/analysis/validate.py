@@ -30,7 +30,7 @@ from fitonnx.analysis.damage import (
     per_sample_measures,
     reliability,
 )
-from fitonnx.analysis.harness import EvalSource, Harness, SimulationOptions, harness
+from fitonnx.analysis.harness import EvalSource, Harness, SimulationOptions, harness, measure_all
 from fitonnx.analysis.predictors import Predictor
 from fitonnx.analysis.simulate import Config, GridScheme
 from fitonnx.errors import FitonnxError
@@ -38,6 +38,7 @@ from fitonnx.fisher import session as api
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.model.source import DataSource, ModelSource
 from fitonnx.progress import Progress, as_progress
+from fitonnx.scale import Workers
 from fitonnx.score.ranks import Correlation, rank_correlations
 from fitonnx.values import TextEnum
 
@@ -236,14 +237,14 @@ class _Measured:
     damage: Damage
 
 
-def _measure_all(h: Harness, configs: Sequence[tuple[Config, bool]], progress: Progress | None) -> list[_Measured]:
+def _measure_all(
+    h: Harness, configs: Sequence[tuple[Config, bool]], progress: Progress | None, workers: Workers | None
+) -> list[_Measured]:
+    """Measure every configuration (on ``workers``, if parallel), one progress step each."""
     bar = as_progress(progress)
     bar.start(len(configs), "Configurations")
-    out = []
-    for config, is_uniform in configs:
-        out.append(_Measured(config, is_uniform, h.measure(config)))
-        bar.advance(1)
-    return out
+    damages = measure_all(h, [config for config, _ in configs], workers, bar.advance)
+    return [_Measured(c, u, d) for (c, u), d in zip(configs, damages, strict=True)]
 
 
 def _band(ladder: Sequence[_Measured], threshold: Threshold) -> tuple[int, int]:
@@ -255,18 +256,18 @@ def _band(ladder: Sequence[_Measured], threshold: Threshold) -> tuple[int, int]:
 
 
 def _family_configs(
-    h: Harness, fam: Family, samp: SamplingOptions, seed: int, progress: Progress | None
+    h: Harness, fam: Family, samp: SamplingOptions, seed: int, progress: Progress | None, workers: Workers | None
 ) -> tuple[list[_Measured], tuple[Choice, Choice] | None]:
     """The family's measured configurations (uniform ones first when asked) and the band drawn in."""
     if samp.sampler is Sampler.RANDOM:
         sampled = sample_configs(
             h.weights, h.activations, fam.weights, fam.activations, samp.configs, seed, samp.uniform
         )
-        return _measure_all(h, sampled, progress), None
-    ladder = _measure_all(h, [(c, True) for c in uniform_ladder(h, fam)], progress)
+        return _measure_all(h, sampled, progress, workers), None
+    ladder = _measure_all(h, [(c, True) for c in uniform_ladder(h, fam)], progress, workers)
     lo, hi = _band(ladder, samp.threshold)
     drawn = budget_configs(h, fam, (lo, hi), samp.configs, np.random.default_rng(seed))
-    measured = _measure_all(h, [(c, False) for c in drawn], progress)
+    measured = _measure_all(h, [(c, False) for c in drawn], progress, workers)
     return (ladder if samp.uniform else []) + measured, (fam.weights[lo], fam.weights[hi])
 
 
@@ -333,19 +334,20 @@ def validate(
     opts = options or FisherOptions()
     seed = opts.seed
     h = harness(model, data, eval_data, simulation=simulation, options=opts, progress=progress, session=session)
-    return validate_harness(h, samp, seed, progress)
+    return validate_harness(h, samp, seed, progress, opts.workers)
 
 
 def validate_harness(
-    h: Harness, samp: SamplingOptions, seed: int, progress: Progress | None = None
+    h: Harness, samp: SamplingOptions, seed: int, progress: Progress | None = None, workers: Workers | None = None
 ) -> ValidationReport:
     """``validate`` on a harness already built (studies set several Fisher estimates beside one
-    measurement: ``Harness.predict`` of another harness re-predicts the report's configurations)."""
+    measurement: ``Harness.predict`` of another harness re-predicts the report's configurations);
+    ``workers`` measure configurations in parallel."""
     measured: list[_Measured] = []
     results: list[ConfigResult] = []
     summaries = []
     for k, fam in enumerate(h.families):
-        got, band = _family_configs(h, fam, samp, seed + k, progress)
+        got, band = _family_configs(h, fam, samp, seed + k, progress, workers)
         rs = [_result(h, m, fam.name, samp.threshold) for m in got]
         summaries.append(_summary(h, fam, got, rs, band, samp, seed))
         measured += got

@@ -8,11 +8,15 @@ from typing import Any, TypeVar
 
 import click
 
+from fitonnx.errors import FitonnxError
 from fitonnx.files.readers import DEFAULT_LIMIT_MB, LIMIT_OPTION, Limit
-from fitonnx.fisher import engines
+from fitonnx.fisher import batched, engines
 from fitonnx.fisher.losses import FisherMode, Likelihood
 from fitonnx.fisher.options import FisherOptions
+from fitonnx.formats import parse_format
+from fitonnx.model.runtime import DEVICES
 from fitonnx.model.sources.script import LoaderScript
+from fitonnx.scale import LOCAL_RAY, Workers
 from fitonnx.score.fit import DEFAULT_ACTIVATION_BITS, DEFAULT_WEIGHT_BITS
 from fitonnx.score.noise import NOISE_MODELS, NoiseModel
 
@@ -43,6 +47,26 @@ class BitsList(click.ParamType):
         if not bits or any(b < 1 or b > 32 for b in bits):
             self.fail(f"expected bit widths between 1 and 32; found {value!r}", param, ctx)
         return bits
+
+
+class FormatList(click.ParamType):
+    """A comma-separated list of quantization format names, e.g. ``int8/ch,fp8e4m3`` (checked by the
+    format registry's grammar, ``fitonnx.formats.parse_format``)."""
+
+    name = "formats"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        names = tuple(dict.fromkeys(v.strip() for v in str(value).split(",") if v.strip()))
+        if not names:
+            self.fail(f"expected comma-separated format names like int8/ch,fp8e4m3; found {value!r}", param, ctx)
+        for name in names:
+            try:
+                parse_format(name)
+            except FitonnxError as exc:
+                self.fail(exc.message, param, ctx)
+        return names
 
 
 def data_options(f: F) -> F:
@@ -107,9 +131,67 @@ def force_option(f: F) -> F:
     )(f)
 
 
+WORKERS_OPTIONS = (
+    click.option(
+        "--workers",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Score calibration samples (and validate's configurations) in N local processes; same results. "
+        "With --ray: at most N Ray tasks at once.",
+    ),
+    click.option(
+        "--ray",
+        metavar="[ADDRESS]",
+        is_flag=False,
+        flag_value=LOCAL_RAY,
+        help="Run the work as Ray tasks (pip install 'fitonnx[ray]'): on the cluster at ADDRESS (HOST:PORT, "
+        "ray://HOST:PORT, auto), or alone for a Ray started here (alone: after MODEL, or --ray=local). "
+        "fitonnx must be installed on the nodes.",
+    ),
+)
+
+
+def _workers_into(f: F) -> F:
+    """--workers / --ray, put into the command's ``options`` as its ``Workers``."""
+
+    @functools.wraps(f)
+    def collect(*args: Any, options: FisherOptions, workers: int, ray: str | None, **kwargs: Any) -> Any:
+        spread = Workers(processes=workers, ray=ray is not None, address=None if ray in (None, LOCAL_RAY) else ray)
+        return f(*args, options=options.replace(workers=spread), **kwargs)
+
+    return collect  # type: ignore[return-value]
+
+
+def _engine_options() -> tuple[Callable[[F], F], ...]:
+    """--engine, --batch-size and --device: what computes the gradients, how many samples per run, where."""
+    return (
+        click.option(
+            "--engine",
+            type=click.Choice(list(engines.ENGINE_CHOICES)),
+            default=engines.AUTO,
+            show_default=True,
+            help="What builds the gradient graph. auto: the first installed of " + ", ".join(engines.PREFERENCE) + ".",
+        ),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            help=f"Samples per batched run of the onnx engine (per-sample values unchanged). Default: "
+            f"{batched.DEFAULT_BATCH_SIZE} for onnx, 1 for ort-training.",
+        ),
+        click.option(
+            "--device",
+            type=click.Choice(list(DEVICES)),
+            default="cpu",
+            show_default=True,
+            help="Where the gradient runs: cpu, or cuda (onnxruntime-gpu's CUDAExecutionProvider).",
+        ),
+    )
+
+
 def fisher_options(f: F) -> F:
-    """Fisher mode, loss output, sample budget, seed and gradient engine, handed to the command as one
-    ``options: FisherOptions`` argument."""
+    """Fisher mode, loss output, sample budget, seed, gradient engine and workers, handed to the command
+    as one ``options: FisherOptions`` argument."""
 
     @functools.wraps(f)
     def collect(
@@ -133,9 +215,13 @@ def fisher_options(f: F) -> F:
             tol=tol,
             seed=seed,
             engine=engine,
+            batch_size=kwargs.pop("batch_size"),
+            device=kwargs.pop("device"),
             output_kinds=kwargs.pop("output_kind"),  # FisherOptions parses the NAME=KIND strings
         )
-        return f(*args, options=options, **kwargs)
+        return with_workers(*args, options=options, **kwargs)
+
+    with_workers = _workers_into(f)
 
     return _compose(
         click.option(
@@ -175,13 +261,8 @@ def fisher_options(f: F) -> F:
             show_default=True,
             help="Seed for --fisher mc and --random-data.",
         ),
-        click.option(
-            "--engine",
-            type=click.Choice(list(engines.ENGINE_CHOICES)),
-            default=engines.AUTO,
-            show_default=True,
-            help="What builds the gradient graph. auto: the first installed of " + ", ".join(engines.PREFERENCE) + ".",
-        ),
+        *_engine_options(),
+        *WORKERS_OPTIONS,
     )(collect)  # type: ignore[arg-type]
 
 

@@ -7,10 +7,11 @@ from pathlib import Path
 import click
 
 from fitonnx import api
+from fitonnx.allocate.formats_alloc import FormatOptions
 from fitonnx.allocate.knapsack import BYTES_PER_KB, Allocation, AllocationOptions, budget_from
 from fitonnx.allocate.targets import DEFAULT_TARGET, TARGETS
 from fitonnx.cli.common import data_source, echo_warnings, note, output_plan, table_width, wide_option
-from fitonnx.cli.options import BitsList, data_options, fisher_options, force_option, noise_model_option
+from fitonnx.cli.options import BitsList, FormatList, data_options, fisher_options, force_option, noise_model_option
 from fitonnx.cli.progress import info, progress_bars
 from fitonnx.files import StagedFolder
 from fitonnx.fisher.options import FisherOptions
@@ -29,20 +30,25 @@ def format_summary(result: api.RecommendResult, limit: int | None = None, width:
     rec = alloc.recommendation
     rows = [t for t in result.report.tensors if t.name in rec.weight_bits or t.name in rec.activation_bits]
     name_w = name_width([t.name for t in rows], 31, width)
+    col = 10 if rec.by_format else 4
     how = "exact" if alloc.front.tolerance == 0 else f"within a factor {1 + alloc.front.tolerance:g} of optimal"
     lines = [
         f"{rec.model}: target {alloc.target.name}, {alloc.budget.describe()}; {how} Pareto front of "
         f"{len(alloc.front)} configurations, FIT from {result.report.samples} samples ({result.report.fisher} Fisher)",
-        f"{'tensor':<{name_w}} {'kind':<4} {'numel':>9} {'bits':>4} {'FIT':>10}",
+        f"{'tensor':<{name_w}} {'kind':<4} {'numel':>9} {'format' if rec.by_format else 'bits':>{col}} {'FIT':>10}",
     ]
     lines.append("-" * len(lines[-1]))
     shown = rows if limit is None else rows[:limit]
     for t in shown:
         bits = rec.weight_bits.get(t.name) if t.kind is Kind.WEIGHT else rec.activation_bits.get(t.name)
         fit = rec.fit_per_tensor.get(t.name, {}).get(bits, float("nan"))
+        choice: object = bits
+        if rec.by_format:
+            choice = rec.weight_formats.get(t.name) or rec.activation_formats.get(t.name) or "float"
+            fit = rec.fit_per_format.get(t.name, {}).get(str(choice), float("nan"))
         lines.append(
-            f"{short(t.name, name_w):<{name_w}} {'W' if t.kind is Kind.WEIGHT else 'A':<4} {t.numel:>9} {bits:>4} "
-            f"{fit:>10.3g}"
+            f"{short(t.name, name_w):<{name_w}} {'W' if t.kind is Kind.WEIGHT else 'A':<4} {t.numel:>9} "
+            f"{choice!s:>{col}} {fit:>10.3g}"
         )
     if len(shown) < len(rows):
         lines.append(f"... {len(rows) - len(shown)} more (see recommendation.json)")
@@ -54,10 +60,38 @@ def format_summary(result: api.RecommendResult, limit: int | None = None, width:
     uniform = alloc.comparable_uniform()
     if uniform is not None:
         ratio = f", {uniform.fit / rec.fit:.2f}× the recommended FIT" if rec.fit > 0 else ""
-        lines.append(f"uniform {uniform.bits}-bit weights: {_kb(uniform.weight_bytes)}, FIT {uniform.fit:.4g}{ratio}")
+        what = f"{uniform.format}" if uniform.format else f"{uniform.bits}-bit"
+        lines.append(f"uniform {what} weights: {_kb(uniform.weight_bytes)}, FIT {uniform.fit:.4g}{ratio}")
     else:
         lines.append("no uniform bit width meets this budget")
     return "\n".join(lines)
+
+
+def _choices(
+    target: str,
+    weight_bits: tuple[int, ...] | None,
+    act_bits: tuple[int, ...] | None,
+    act_avg_bits: float | None,
+    by_format: bool,
+    weight_formats: tuple[str, ...] | None,
+    act_format: str | None,
+    tolerance: float,
+) -> AllocationOptions | FormatOptions:
+    """Bit-width choices, or format choices with --formats/--weight-formats/--act-format."""
+    if by_format or weight_formats is not None or act_format is not None:
+        mixed = [
+            n
+            for n, v in (("--weight-bits", weight_bits), ("--act-bits", act_bits), ("--act-avg-bits", act_avg_bits))
+            if v
+        ]
+        if mixed:
+            raise click.UsageError(
+                f"{', '.join(mixed)} choose bit widths; with --formats use --weight-formats/--act-format"
+            )
+        return FormatOptions(target=target, weight_formats=weight_formats, act_format=act_format, tolerance=tolerance)
+    return AllocationOptions(
+        target=target, weight_bits=weight_bits, act_bits=act_bits, act_avg_bits=act_avg_bits, tolerance=tolerance
+    )
 
 
 @click.command("recommend")
@@ -86,6 +120,19 @@ def format_summary(result: api.RecommendResult, limit: int | None = None, width:
 @click.option(
     "--act-avg-bits", type=float, help="Choose activation bits under this average (exact), among --act-bits if given."
 )
+@click.option(
+    "--formats",
+    "by_format",
+    is_flag=True,
+    help="Choose per-tensor FORMATS from the target's menu (per channel, per block, FP8, NVFP4, MatMulNBits ...) "
+    "with exact storage costs (scales and zero points counted in the budget) instead of bit widths.",
+)
+@click.option(
+    "--weight-formats",
+    type=FormatList(),
+    help="With --formats: restrict the weights' candidates, e.g. int8/ch,int4/ch (implies --formats).",
+)
+@click.option("--act-format", help="With --formats: the format of every activation (default: the target's).")
 @click.option(
     "--tolerance",
     type=click.FloatRange(min=0),
@@ -118,6 +165,9 @@ def recommend_command(
     weight_bits: tuple[int, ...] | None,
     act_bits: tuple[int, ...] | None,
     act_avg_bits: float | None,
+    by_format: bool,
+    weight_formats: tuple[str, ...] | None,
+    act_format: str | None,
     tolerance: float,
     out_dir: str,
     top: int | None,
@@ -126,9 +176,7 @@ def recommend_command(
 ) -> None:
     """Choose per-tensor bit widths for MODEL under one budget (--avg-bits, --size-kb or --max-fit)."""
     budget = budget_from(avg_bits=avg_bits, size_kb=size_kb, max_fit=max_fit)
-    choices = AllocationOptions(
-        target=target, weight_bits=weight_bits, act_bits=act_bits, act_avg_bits=act_avg_bits, tolerance=tolerance
-    )
+    choices = _choices(target, weight_bits, act_bits, act_avg_bits, by_format, weight_formats, act_format, tolerance)
     out = output_plan([model], [data], force=force).folder("--out", out_dir)
     assert out is not None and out.path is not None  # --out is required
     with StagedFolder(out.path) as staging, echo_warnings(), progress_bars() as bars:

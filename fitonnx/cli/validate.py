@@ -88,11 +88,11 @@ from fitonnx.render import validate as view
 @click.option("--per-channel", is_flag=True, help="Quantize weights per output channel (default: per tensor).")
 @click.option("--symmetric", is_flag=True, help="Symmetric max|x| grids (default: asymmetric min/max, FIT's model).")
 @click.option(
-    "--batch-size",
+    "--eval-batch-size",
     type=click.IntRange(min=1),
     default=DEFAULT_BATCH_SIZE,
     show_default=True,
-    help="Held-out samples per run.",
+    help="Held-out samples per simulation run (--batch-size is the Fisher's).",
 )
 @click.option(
     "--resamples",
@@ -130,7 +130,7 @@ def validate_command(
     no_uniform: bool,
     per_channel: bool,
     symmetric: bool,
-    batch_size: int,
+    eval_batch_size: int,
     resamples: int,
     json_path: str | None,
     plot_path: str | None,
@@ -155,7 +155,7 @@ def validate_command(
                 activation_bits=act_bits or bits,
                 per_channel=per_channel,
                 symmetric=symmetric,
-                batch_size=batch_size,
+                batch_size=eval_batch_size,
                 formats=formats,
                 weights_only=weights_only,
             ),

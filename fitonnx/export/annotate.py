@@ -6,7 +6,9 @@ Three places readers look, all metadata that no runtime executes:
   plus ``fitonnx.target``, ``fitonnx.fit`` and ``fitonnx.weight_bytes`` for a quick look;
 - ``NodeProto.metadata_props`` (IR version ≥ 10 only, where the field exists) on every quantizable
   node that reads a recommended tensor: ``fitonnx.weight_bits``, ``fitonnx.activation_bits`` and
-  ``fitonnx.fit`` as JSON objects keyed by tensor name;
+  ``fitonnx.fit`` as JSON objects keyed by tensor name (and ``fitonnx.formats``, the format of each
+  tensor, for a format recommendation, which also puts the whole map under ``fitonnx.formats`` in
+  the model's metadata);
 - ``GraphProto.quantization_annotation``: one ``TensorAnnotation`` per tensor with the key
   ``finn_datatype`` (``INT4``, ``UINT8``, ``FLOAT16``), as QONNX/FINN read it.
 
@@ -28,12 +30,14 @@ from fitonnx.allocate.targets import get_target
 from fitonnx.errors import FitonnxError
 from fitonnx.export.common import ExportResult, save_model
 from fitonnx.files.atomic import write_atomic
+from fitonnx.formats import parse_format
 from fitonnx.model import graph
 from fitonnx.model.data import Dataset
 from fitonnx.model.graph import Kind
 
 METADATA_KEY = "fitonnx.recommendation"
 FINN_KEY = "finn_datatype"
+FORMATS_KEY = "fitonnx.formats"  # a format recommendation's tensor → format name (``int8/ch``, ``fp8e4m3``)
 NODE_METADATA_IR_VERSION = 10
 SUFFIX = ".annotated.onnx"
 
@@ -72,6 +76,7 @@ def annotate(model: onnx.ModelProto, rec: Recommendation) -> onnx.ModelProto:
             "fitonnx.target": rec.target,
             "fitonnx.fit": repr(rec.fit),
             "fitonnx.weight_bytes": str(rec.weight_bytes),
+            **({FORMATS_KEY: json.dumps({**rec.weight_formats, **rec.activation_formats})} if rec.by_format else {}),
         },
     )
 
@@ -86,7 +91,10 @@ def annotate(model: onnx.ModelProto, rec: Recommendation) -> onnx.ModelProto:
                 for key, value in extra:
                     keep.quant_parameter_tensor_names.add(key=key, value=value)
                 annotations.append(keep)
+    formats = {**rec.weight_formats, **rec.activation_formats}
     for name, (kind, b) in bits.items():
+        if name in formats and not parse_format(formats[name]).is_int:
+            continue  # FINN has no FP8/FP4/FP16 DataType; the format is in the metadata
         lo = rec.ranges.get(name, (-1.0, 1.0))[0]
         ann = next((a for a in annotations if a.tensor_name == name), None)
         if ann is None:
@@ -104,16 +112,20 @@ def annotate(model: onnx.ModelProto, rec: Recommendation) -> onnx.ModelProto:
 def _annotate_nodes(model: onnx.ModelProto, rec: Recommendation) -> None:
     """Per quantizable node: the bits and FIT of the recommended tensors it reads."""
     keys = {Kind.WEIGHT: "fitonnx.weight_bits", Kind.ACTIVATION: "fitonnx.activation_bits"}
-    per_node: dict[str, dict[str, dict[str, float]]] = {}
+    per_node: dict[str, dict[str, dict[str, object]]] = {}
+    formats = {**rec.weight_formats, **rec.activation_formats}
     for t in graph.find_quantizable(model):
         chosen = rec.weight_bits if t.kind is Kind.WEIGHT else rec.activation_bits
         if t.name not in chosen:
             continue
         b = chosen[t.name]
-        fit = rec.fit_per_tensor.get(t.name, {}).get(b)
+        fmt = formats.get(t.name)
+        fit = rec.fit_per_tensor.get(t.name, {}).get(b) if fmt is None else rec.fit_per_format.get(t.name, {}).get(fmt)
         for node in t.nodes:
             entry = per_node.setdefault(node, {key: {} for key in [*keys.values(), "fitonnx.fit"]})
             entry[keys[t.kind]][t.name] = b
+            if fmt is not None:
+                entry.setdefault("fitonnx.formats", {})[t.name] = fmt
             if fit is not None:
                 entry["fitonnx.fit"][t.name] = fit
     for i, node in enumerate(model.graph.node):

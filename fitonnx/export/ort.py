@@ -16,9 +16,10 @@ ops that read them, the outputs of those ops are not quantized (``OpTypesToExclu
 ops that read no quantized tensor are in ``nodes_to_exclude``, and the inputs onnxruntime quantizes
 with its defaults although the recommendation keeps them in float (the other input of a node
 whose weight is quantized, say) get their float tensor back. Every rounding in the exported model
-is thus one the FIT score accounted for. (onnxruntime's CPU kernels fuse a DequantizeLinear → op →
-QuantizeLinear group into an integer kernel only when the op's output is quantized too; this model
-computes the same numbers with float kernels.)
+is thus one the FIT score accounted for. onnxruntime's CPU kernels fuse a DequantizeLinear → op →
+QuantizeLinear group into an integer kernel only when the op's output is quantized too: where a
+recommended activation is reached from an op's output through Relu/MaxPool/layout ops only, the
+output gets an exact copy of the activation's Q/DQ (``fusion``), which rounds nothing more.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from fitonnx.export.common import (
     plan_export,
     quantizable_sites,
 )
+from fitonnx.export.fusion import add_upstream_copies
 from fitonnx.files.atomic import write_atomic
 from fitonnx.files.outputs import json_text
 from fitonnx.model import data as data_mod
@@ -357,6 +359,7 @@ def quantize_qdq(
         qdq = onnx.load_model(str(dst))
     float_sites = [s for s in call.sites if s[0] in call.quantized_nodes and s[2] not in quantized]
     qdq = restore_float_inputs(qdq, model, float_sites)
+    qdq, _ = add_upstream_copies(qdq, plan.activations)  # exact copies, so that onnxruntime fuses (issue 15)
     bits, domains = realized_bits(qdq, [s for s in call.sites if s[2] in quantized])
     notes += _check_realized(quantized, bits, domains, settings)
     return qdq, bits, notes

@@ -41,6 +41,7 @@ from fitonnx.errors import FitonnxError, InternalError
 from fitonnx.export.common import ExportPlan, ExportResult, Toolchain, channel_axis, plan_export, tensor_range
 from fitonnx.files.atomic import write_atomic
 from fitonnx.files.outputs import json_text
+from fitonnx.formats import Granularity, parse_format
 from fitonnx.model.data import Dataset
 
 QNN = Toolchain("QNN", weight_bits=frozenset({4, 8, 16}), activation_bits=frozenset({8, 16}))
@@ -118,6 +119,12 @@ def _weight_encodings(
     ]
 
 
+def _channel_format(rec: Recommendation, name: str) -> bool:
+    """Whether a format recommendation (``recommend --formats``) quantizes ``name`` per channel."""
+    fmt = rec.weight_formats.get(name)
+    return fmt is not None and parse_format(fmt).granularity is Granularity.CHANNEL
+
+
 def _build(
     rec: Recommendation, model: onnx.ModelProto, *, version: str, per_channel: bool
 ) -> tuple[dict[str, Any], ExportPlan]:
@@ -127,7 +134,9 @@ def _build(
     weight_sym = plan.target.weight_scheme is Scheme.SYMMETRIC
     act_sym = plan.target.activation_scheme is Scheme.SYMMETRIC
     params = {
-        name: _weight_encodings(plan, rec, name, bits, symmetric=weight_sym, per_channel=per_channel)
+        name: _weight_encodings(
+            plan, rec, name, bits, symmetric=weight_sym, per_channel=per_channel or _channel_format(rec, name)
+        )
         for name, bits in plan.weights.items()
     }
     acts = {

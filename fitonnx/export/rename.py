@@ -83,17 +83,26 @@ def for_original(
         activation_bits=activation_bits,
         ranges=keyed(rec.ranges),  # type: ignore[arg-type]
         fit_per_tensor=keyed(rec.fit_per_tensor),  # type: ignore[arg-type]
+        # tied weights: the first scored weight's format (formats have no order to take the wider of)
+        weight_formats=keyed(rec.weight_formats),  # type: ignore[arg-type]
+        activation_formats=keyed(rec.activation_formats),  # type: ignore[arg-type]
+        fit_per_format=keyed(rec.fit_per_format),  # type: ignore[arg-type]
         pareto=tuple(
             ParetoPoint(
                 p.weight_bytes,
                 p.avg_weight_bits,
                 p.fit,
                 {renamed.get(n, n): b for n, b in p.weight_bits.items() if renamed.get(n, n) in weight_bits},
+                {renamed.get(n, n): f for n, f in p.weight_formats.items() if renamed.get(n, n) in weight_bits},
             )
             for p in rec.pareto
         ),
         scored_as={target: name for name, target in renamed.items()},
     )
+    return translated, _notes(renamed, tied, dropped)
+
+
+def _notes(renamed: Mapping[str, str], tied: list[str], dropped: list[str]) -> tuple[str, ...]:
     notes: list[str] = []
     if renamed:
         folded = [n for n in renamed if "+" in n]
@@ -113,4 +122,4 @@ def for_original(
             f"{len(dropped)} scored tensors have no counterpart in the original model's main graph (made by "
             f"fitonnx's prepare stage, or inside an If branch) and are left out of the exports: {_shown(dropped)}"
         )
-    return translated, tuple(notes)
+    return tuple(notes)

@@ -29,6 +29,7 @@ from fitonnx.export.common import (
     require_data,
     save_model,
 )
+from fitonnx.export.formats_qdq import write_format_model
 from fitonnx.export.ort import QdqSettings, quantize_qdq
 from fitonnx.model import graph
 from fitonnx.model.data import Dataset
@@ -56,7 +57,11 @@ def tensorrt_settings() -> QdqSettings:
 def write_tensorrt(
     model: onnx.ModelProto, rec: Recommendation, out: Path, *, data: Dataset | None = None, per_channel: bool = False
 ) -> ExportResult:
-    """Write a symmetric QDQ model for TensorRT; tensors at 16 bits (or not recommended) stay float."""
+    """Write a symmetric QDQ model for TensorRT; tensors at 16 bits (or not recommended) stay float.
+    A format recommendation (``recommend --formats``) is written with its own formats instead:
+    per-channel INT8, blocked INT4, FP8 E4M3, NVFP4 and FP16 Q/DQ (``formats_qdq``)."""
+    if rec.by_format:
+        return write_format_model(model, rec, out, data=data, kind="tensorrt", optimize=False)
     dataset = require_data(data, "tensorrt")
     plan = plan_export(model, rec, TENSORRT)
     notes: list[str] = []

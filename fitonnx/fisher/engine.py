@@ -41,6 +41,7 @@ class RunOptions:
     min_samples: int = 16  # never stop on ``tol`` before this many samples
     seed: int = 0
     threads: int = 0  # 0: onnxruntime's default (all cores)
+    device: str = "cpu"  # where the gradient session runs (``model.runtime.DEVICES``)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,9 @@ class FisherTraces:
     points: PointTraces | None = None  # if the gradient model has ``point_outputs``
     targets: tuple[OutputTarget, ...] = ()  # the outputs of the loss and how each was read
     notes: tuple[str, ...] = ()  # the gradient model's notes on the loss (``GradientModel.notes``)
+    batch_size: int = 1  # samples per run (``fisher.batched``)
+    engine: str = ""  # the gradient engine that computed them (``fisher.engines``)
+    device: str = "cpu"
 
     @property
     def samples(self) -> int:
@@ -251,7 +255,7 @@ def run(
     p_c = exp(−ℓ_c) normalized to sum 1.
     """
     bar = as_progress(progress)
-    session = make_session(gm.model_bytes, options.threads)
+    session = make_session(gm.model_bytes, options.threads, device=options.device)
     shapes = _Shapes(gm, list(specs), options.threads)
     total = data.num_samples if options.max_samples is None else min(options.max_samples, data.num_samples)
     layout = FetchLayout.of(gm, extra_outputs)

@@ -21,6 +21,7 @@ import onnx
 
 from fitonnx.errors import FitonnxError, UnsupportedError
 from fitonnx.fisher import autodiff
+from fitonnx.model import external
 from fitonnx.model.runtime import quiet_stderr
 
 AUTO = "auto"
@@ -70,7 +71,9 @@ def _ort_training_build(model: onnx.ModelProto, loss_name: str, wrt_names: Seque
     from onnxruntime.capi._pybind_state import GradientGraphBuilder
 
     with quiet_stderr():
-        builder = GradientGraphBuilder(model.SerializeToString(), {loss_name}, set(wrt_names), loss_name)
+        # onnxruntime-training (1.19) reads weights kept as external data from absolute locations.
+        model_bytes, _ = external.session_folder(model.SerializeToString())
+        builder = GradientGraphBuilder(model_bytes, {loss_name}, set(wrt_names), loss_name)
         builder.build()
     return onnx.load_from_string(builder.get_model())
 

@@ -15,6 +15,8 @@ from fitonnx.errors import FitonnxError
 from fitonnx.fisher import engine, engines
 from fitonnx.fisher.losses import FisherMode, Likelihood
 from fitonnx.fisher.outputs import KindSpec, parse_output_kind
+from fitonnx.model.runtime import check_device
+from fitonnx.scale import Workers
 
 
 def _enum(kind: type[FisherMode] | type[Likelihood], value: object, flag: str) -> FisherMode | Likelihood | None:
@@ -41,6 +43,10 @@ class FisherOptions:
       for outputs whose reading would be a guess; they also put a fed-back state output in the loss.
     - ``engine``: the gradient engine (``fisher.engines.ENGINES``); ``auto`` takes the first
       available one in ``engines.PREFERENCE``.
+    - ``workers``: where the per-sample loop (and ``validate``'s configurations) run: this process,
+      local processes or Ray (``fitonnx.scale``); it changes the speed, never the result.
+    - ``batch_size``: samples per batched run of the ``onnx`` engine (``fisher.batched``); None:
+      ``batched.DEFAULT_BATCH_SIZE`` there, 1 for ``ort-training``.
 
     Strings are accepted for the enums (``FisherOptions(fisher="mc")``).
     """
@@ -54,6 +60,9 @@ class FisherOptions:
     seed: int = 0
     engine: str = engines.AUTO
     output_kinds: tuple[tuple[str, KindSpec], ...] = ()  # --output-kind NAME=KIND (strings accepted)
+    workers: Workers = Workers()  # noqa: RUF009  # a frozen value: one shared default is safe
+    batch_size: int | None = None
+    device: str = "cpu"  # where the gradient session runs: cpu or cuda (``model.runtime.DEVICES``)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fisher", _enum(FisherMode, self.fisher, "fisher"))
@@ -65,6 +74,9 @@ class FisherOptions:
         engines.check_name(self.engine)
         kinds = tuple(parse_output_kind(k) if isinstance(k, str) else k for k in self.output_kinds)
         object.__setattr__(self, "output_kinds", kinds)
+        if self.batch_size is not None and self.batch_size < 1:
+            raise FitonnxError(f"expected a batch size of at least 1; found {self.batch_size}")
+        check_device(self.device)
         if self.seed < 0:
             raise FitonnxError(f"expected a seed of 0 or more; found {self.seed}")
 
@@ -74,4 +86,6 @@ class FisherOptions:
 
     def run_options(self, threads: int = 0) -> engine.RunOptions:
         """The engine's sample budget and seed."""
-        return engine.RunOptions(max_samples=self.max_samples, tol=self.tol, seed=self.seed, threads=threads)
+        return engine.RunOptions(
+            max_samples=self.max_samples, tol=self.tol, seed=self.seed, threads=threads, device=self.device
+        )

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from fitonnx.errors import DataError
-from fitonnx.fisher import engine, engines, instrument, losses, outputs
+from fitonnx.fisher import batched, engine, engines, instrument, losses, outputs, parallel
 from fitonnx.fisher.checks import check_traces
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.model import data as data_mod
-from fitonnx.model import graph
+from fitonnx.model import external, graph
 from fitonnx.model.data import Dataset
 from fitonnx.model.load import LoadedModel
 from fitonnx.model.source import DataSource, ModelSource, load_source, resolve_data
@@ -25,6 +25,7 @@ from fitonnx.prepare import PreparedModel, prepare, verify
 from fitonnx.prepare.support import check_differentiable
 from fitonnx.prepare.types import ChangeKind
 from fitonnx.progress import Progress, as_progress
+from fitonnx.scale import warm_up
 
 VERIFY_SAMPLES = 8
 
@@ -101,12 +102,60 @@ def fisher_traces(
     """The engine's raw per-sample statistics (for callers that need more than the report)."""
     opts = options or FisherOptions()
     as_progress(progress).start(1, "Building the gradient model")  # closed by the samples' stage
+    warm_up(opts.workers)  # local workers start while the gradient model is built
     gm, target, mode = gradient_model(
         s, opts, keep_gradients=keep_gradients, threads=threads, exact_points=exact_points
     )
-    traces = engine.run(gm, s.data, s.specs, opts.run_options(threads), progress)
+    single_only = "--keep-gradients" if keep_gradients else "the grid noise model" if exact_points else None
+    traces = _run(s, gm, opts, threads, progress, single_only)
     feed = {k: v for k, v in s.data.sample(0, s.specs).items() if k in s.specs}
     return check_traces(traces, gm, feed, threads), target, mode
+
+
+def _run(
+    s: Session,
+    gm: instrument.GradientModel,
+    opts: FisherOptions,
+    threads: int,
+    progress: Progress | None,
+    single_only: str | None,
+) -> engine.FisherTraces:
+    """The per-sample loop: batched where the engine and the model allow it (``fisher.batched``),
+    else one sample per run, with a note saying why when a batch was asked for."""
+    name = engines.get_engine(opts.engine).name
+    default = batched.DEFAULT_BATCH_SIZE if name == "onnx" else 1
+    if opts.workers.parallel:  # workers score one sample per run
+        single_only = single_only or "--workers/--ray"
+    size, note = batched.batch_plan(
+        gm,
+        s.data,
+        s.specs,
+        min(opts.batch_size or default, s.data.num_samples, opts.max_samples or s.data.num_samples),
+        batched_engine=name == "onnx",
+        single_only=single_only,
+    )
+    # Weights kept as external data: per-sample norms even at batch 1, so that the session never
+    # holds full weight gradients (as large as the weights).
+    norms_only = name == "onnx" and single_only is None and not gm.head.enumerate_labels
+    norms_only = norms_only and bool(external.external_tensors(s.prepared.model))
+    labels = s.data.labels
+    dtype = labels.dtype if gm.head.needs_labels and labels is not None else None
+    attempts = [size] if size > 1 else []
+    if norms_only:
+        attempts.append(1)
+    for batch in attempts:
+        request = batched.BatchRequest(s.loaded.proto, s.prepared.model, gm, s.data, s.specs, batch, dtype, threads)
+        built = batched.build(request)
+        if not isinstance(built, str):
+            traces = batched.run(built, gm, s.data, s.specs, opts.run_options(threads), progress)
+            notes = (*traces.notes, *([note] if note else []))
+            return dataclasses.replace(traces, batch_size=batch, notes=notes, engine=name, device=opts.device)
+        note = note or built
+    single = parallel.run(gm, s.data, s.specs, opts.run_options(threads), opts.workers, progress)
+    traces = dataclasses.replace(single, engine=name, device=opts.device)
+    if note:
+        traces = dataclasses.replace(traces, notes=(*traces.notes, note))
+    return traces
 
 
 def gradient_model(

@@ -15,6 +15,7 @@ import onnx
 from onnx import external_data_helper
 
 from fitonnx.errors import ModelError
+from fitonnx.model import external
 
 
 @dataclass(frozen=True)
@@ -138,11 +139,20 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
                 f"expected an ONNX model in {str(path)!r}; could not parse it ({type(exc).__name__})"
             ) from None
         _check_external_locations(proto, path.parent)
-        _check_size(proto, path)
-        try:
-            external_data_helper.load_external_data_for_model(proto, str(path.parent))
-        except Exception as exc:
-            raise ModelError(f"could not read the external data of {str(path)!r}: {exc}") from None
+        size = _external_bytes(proto, path)
+        if size > external.KEEP_EXTERNAL_BYTES and external.supported():
+            external.keep(path.parent)  # weights stay in their files (model.external)
+        elif size + proto.ByteSize() > PROTOBUF_LIMIT:
+            raise ModelError(
+                f"expected a model under 2 GiB for onnxruntime {external.ORT_VERSION}; {path.name} holds "
+                f"{(size + proto.ByteSize()) / 2**30:.2f} GiB with its external data",
+                hint="models over 2 GiB keep their weights external with onnxruntime >= 1.20 (pip install -U onnxruntime)",
+            )
+        else:
+            try:
+                external_data_helper.load_external_data_for_model(proto, str(path.parent))
+            except Exception as exc:
+                raise ModelError(f"could not read the external data of {str(path)!r}: {exc}") from None
     if len(proto.graph.node) == 0:
         raise ModelError(f"expected an ONNX model with a graph; {_describe(path)} has no nodes")
     _check_names(proto, path)
@@ -150,32 +160,27 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
         raise ModelError(f"expected an ONNX model with at least one graph output; {_describe(path)} has none")
     _check_window_attributes(proto)
     try:
-        onnx.checker.check_model(proto, full_check=False)
+        # A model whose weights stay external is checked from its file (the checker finds them there).
+        kept = path is not None and bool(external.external_tensors(proto))
+        onnx.checker.check_model(str(path) if kept else proto, full_check=False)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise ModelError(f"{_describe(path)} is not a valid ONNX model: {first}") from None
     return LoadedModel(proto=proto, path=path)
 
 
-# onnxruntime-training's GradientGraphBuilder takes the model as one serialized protobuf, and a
-# protobuf message cannot exceed 2 GiB; larger models are refused up front with a clear message.
+# One protobuf cannot exceed 2 GiB: the limit for a model read into memory.
 PROTOBUF_LIMIT = 2**31 - 1
 
 
-def _check_size(proto: onnx.ModelProto, path: Path) -> None:
+def _external_bytes(proto: onnx.ModelProto, path: Path) -> int:
+    """How many bytes of ``proto``'s tensors live in external files."""
     external = 0
     for tensor in external_data_helper._get_all_tensors(proto):  # onnx's own (private) walker
         if external_data_helper.uses_external_data(tensor):
             info = _external_info(tensor)
-            length = info.length or (path.parent / info.location).stat().st_size
-            external += int(length)
-    total = proto.ByteSize() + external
-    if total > PROTOBUF_LIMIT:
-        raise ModelError(
-            f"expected a model under 2 GiB (the gradient builder takes one protobuf); {path.name} holds "
-            f"{total / 2**30:.2f} GiB with its external data",
-            hint="score a smaller variant, or split the model into parts and score each",
-        )
+            external += int(info.length or (path.parent / info.location).stat().st_size)
+    return external
 
 
 def _describe(path: Path | None) -> str:

@@ -10,7 +10,17 @@ from collections.abc import Iterator
 
 import onnxruntime as ort
 
+from fitonnx.errors import FitonnxError
+from fitonnx.model import external
+
 CPU_PROVIDERS = ("CPUExecutionProvider",)
+# --device: the execution providers a gradient session runs on, in onnxruntime's order of preference.
+DEVICE_PROVIDERS: dict[str, tuple[str, ...]] = {
+    "cpu": CPU_PROVIDERS,
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+}
+DEVICES: tuple[str, ...] = tuple(DEVICE_PROVIDERS)
+EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"  # onnxruntime >= 1.20
 _ORT_NODE = re.compile(r"running (\S+) node\. Name:'([^']*)'(?: Status Message: (.*))?", re.S)
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
 ORT_HINT = (
@@ -48,11 +58,42 @@ def session_options(threads: int = 0, *, level: ort.GraphOptimizationLevel | Non
     return options
 
 
-def make_session(model_bytes: bytes, threads: int = 0, *, optimize: bool = True) -> ort.InferenceSession:
-    """An InferenceSession on the CPU with fitonnx's settings (shared by engine and benchmarks);
-    ``optimize=False`` turns onnxruntime's graph optimizations off."""
+def check_device(device: str) -> str:
+    """``device`` if it is known and this onnxruntime has its execution provider; else one line
+    naming the providers it has (a user error: exit 2)."""
+    if device not in DEVICE_PROVIDERS:
+        raise FitonnxError(f"expected a device among {list(DEVICES)}; found {device!r}")
+    wanted = DEVICE_PROVIDERS[device][0]
+    available = ort.get_available_providers()
+    if wanted not in available:
+        raise FitonnxError(
+            f"expected onnxruntime's {wanted} for --device {device}; this onnxruntime {ort.__version__} has {available}",
+            hint="install onnxruntime-gpu (pip install onnxruntime-gpu) in place of onnxruntime, or use --device cpu",
+        )
+    return device
+
+
+def make_session(
+    model_bytes: bytes, threads: int = 0, *, optimize: bool = True, device: str = "cpu"
+) -> ort.InferenceSession:
+    """An InferenceSession with fitonnx's settings (shared by engine and benchmarks), on the CPU or
+    ``device``'s execution provider; ``optimize=False`` turns onnxruntime's graph optimizations off.
+    Weights kept as external data are read from their own files (``model.external``), not from a
+    copy in the protobuf."""
     level = None if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model_bytes, session_options(threads, level=level), providers=list(CPU_PROVIDERS))
+    original = model_bytes
+    model_bytes, folder = external.session_folder(model_bytes)
+    options = session_options(threads, level=level)
+    if folder is not None:
+        options.add_session_config_entry(EXTERNAL_FOLDER_KEY, folder)
+    if folder is not None or model_bytes is not original:
+        # Weights kept external are then memory-mapped from their files and shared by every
+        # session; prepacking would copy each into a packed buffer of the same size.
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        # and its buffers are freed as the run goes (an arena grows to the sum of what it ever held).
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
+    return ort.InferenceSession(model_bytes, options, providers=list(DEVICE_PROVIDERS[check_device(device)]))
 
 
 @contextlib.contextmanager

@@ -143,12 +143,15 @@ def verify(
     if not prepared.changes:
         return
     reference = prepared.reference if prepared.reference is not None else prepared.original
+    # One session at a time: each holds the model's weights (a large model's twice would not fit).
     a = make_session(reference.SerializeToString())
-    b = make_session(prepared.model.SerializeToString())
     names = [o.name for o in a.get_outputs()]
-    for i, sample in enumerate(feeds):
-        feed = {k: np.asarray(v) for k, v in sample.items()}  # a scalar input may come as a numpy scalar
-        for name, x, y in zip(names, a.run(names, feed), b.run(names, feed), strict=True):
+    feeds = [{k: np.asarray(v) for k, v in sample.items()} for sample in feeds]  # scalars may come as numpy scalars
+    expected = [a.run(names, feed) for feed in feeds]
+    del a
+    b = make_session(prepared.model.SerializeToString())
+    for i, (feed, want) in enumerate(zip(feeds, expected, strict=True)):
+        for name, x, y in zip(names, want, b.run(names, feed), strict=True):
             err = relative_error(np.asarray(x), np.asarray(y))
             if err > rtol:
                 raise ModelError(

@@ -18,6 +18,9 @@ def to_dict(report: ScoreReport) -> dict[str, Any]:
     return {
         **provenance_dict(report),
         "stop_reason": report.stop_reason,
+        "engine": report.engine,
+        "device": report.device,
+        "batch_size": report.batch_size,
         "weight_bits": list(report.weight_bits),
         "activation_bits": list(report.activation_bits),
         "noise_model": report.noise_model,
@@ -133,7 +136,8 @@ def format_table(report: ScoreReport, limit: int | None = None, width: int | Non
     lines = [
         f"{report.model}: {report.fisher} Fisher ({report.likelihood} on {report.output!r}), "
         f"{report.samples} samples from {report.data_source} [{report.stop_reason}]"
-        + ("" if report.noise_model == "uniform" else f"; {report.noise_model} noise model"),
+        + ("" if report.noise_model == "uniform" else f"; {report.noise_model} noise model")
+        + (f"; {report.engine} engine on {report.device}, batch {report.batch_size}" if report.engine else ""),
         head,
         "-" * len(head),
     ]

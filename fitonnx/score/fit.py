@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from fitonnx.errors import InternalError
 from fitonnx.fisher.engine import FisherTraces, StopReason
+from fitonnx.model import external
 from fitonnx.model.graph import Kind, QuantTensor
 from fitonnx.score import noise
 from fitonnx.score.noise import NoiseModel
@@ -82,6 +82,9 @@ class ScoreReport:
     stability: Stability | None
     noise_model: str = NoiseModel.UNIFORM.value
     notes: tuple[str, ...] = ()  # what the user must know about the scored twin (e.g. an untaken If branch)
+    engine: str = ""  # the gradient engine, the device its session ran on, and samples per run
+    device: str = "cpu"
+    batch_size: int = 1
 
     @property
     def bits(self) -> tuple[int, ...]:
@@ -96,7 +99,7 @@ def weight_ranges(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, tup
     return {
         t.name: (float(a.min()), float(a.max()))
         for t in model.graph.initializer
-        if t.name in wanted and (a := numpy_helper.to_array(t)).size
+        if t.name in wanted and (a := external.tensor_array(t)).size
     }
 
 
@@ -230,4 +233,7 @@ def build_report(
         total_trace_rel_se=rel_se,
         stability=stability(stability_samples, (hi - lo) ** 2, resamples=resamples) if resamples else None,
         noise_model=kind.value,
+        engine=traces.engine,
+        device=traces.device,
+        batch_size=traces.batch_size,
     )

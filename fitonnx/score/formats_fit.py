@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from fitonnx.errors import InternalError
 from fitonnx.formats import Format, Granularity, fit_expected, fit_measured
+from fitonnx.model import external
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def weight_format_fits(
     model: onnx.ModelProto, diag: Mapping[str, np.ndarray], formats: Sequence[Format]
 ) -> list[WeightFormatFit]:
     """Expected and measured FIT of every weight in ``diag`` under each format that applies to it."""
-    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in diag}
+    values = external.LazyArrays(t for t in model.graph.initializer if t.name in diag)
     out: list[WeightFormatFit] = []
     for name, fisher in diag.items():
         if name not in values:

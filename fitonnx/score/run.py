@@ -15,6 +15,7 @@ from fitonnx.fisher.options import FisherOptions
 from fitonnx.fisher.session import Session, fisher_traces, open_model, prepare_notes
 from fitonnx.model.source import DataSource, ModelSource
 from fitonnx.progress import as_progress
+from fitonnx.scale import warm_up
 from fitonnx.score import noise
 from fitonnx.score.fit import DEFAULT_ACTIVATION_BITS, DEFAULT_WEIGHT_BITS, Provenance, ScoreReport, build_report
 
@@ -123,6 +124,7 @@ def score_model(
     kind = noise.NoiseModel(noise_model)
     if session is None:
         as_progress(progress).start(1, "Loading and preparing the model")
+    warm_up(opts.workers)  # local workers start while the model is prepared
     s = session if session is not None else open_model(model, data, seed=opts.seed, max_samples=opts.max_samples)
     traces, target, mode = fisher_traces(s, opts, progress=progress, exact_points=kind is noise.NoiseModel.GRID)
     report = build_report(

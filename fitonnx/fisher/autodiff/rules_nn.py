@@ -43,14 +43,17 @@ def _rank_or_none(b: Builder, x: str) -> int | None:
 
 
 def _matmul_by_matrix(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
-    """A [..., K] @ W [K, M] (A of rank ≥ 2, or unknown rank taken as ≥ 2): dA = G·Wᵀ, and
-    dW = Aᵀ·G with A and G flattened to rows, one Gemm over every batch and sequence position."""
+    """A [..., K] @ W [K, M] (A of rank ≥ 2, or unknown rank taken as ≥ 2): dA = G·Wᵀ and
+    dW = Aᵀ·G with A and G flattened to rows, each one Gemm over every batch and sequence position."""
     a, c = node.input
     k = b.op("Gather", b.shape(c), b.ints([0]))
     m = b.op("Gather", b.shape(c), b.ints([1]))
     rows_a = b.op("Reshape", a, b.op("Concat", b.ints([-1]), k, axis=0))
     rows_g = b.op("Reshape", g[0], b.op("Concat", b.ints([-1]), m, axis=0))
-    return [b.op("MatMul", g[0], b.op("Transpose", c, perm=[1, 0])), b.op("Gemm", rows_a, rows_g, transA=1)]
+    # dA as a Gemm reading W transposed in place: a MatMul with Transpose(W) would have
+    # onnxruntime fold the transpose into a copy of every weight when the session starts.
+    da = b.op("Reshape", b.op("Gemm", rows_g, c, transB=1), b.shape(a))
+    return [da, b.op("Gemm", rows_a, rows_g, transA=1)]
 
 
 def _unbatch(b: Builder, grad: str, x: str, batch: tuple[int | str | None, ...] | None, core: int) -> str:
@@ -110,6 +113,9 @@ def conv_input_grad(b: Builder, g: str, w: str, x: str, node: onnx.NodeProto, ns
     kw = {"strides": strides, "dilations": dilations, "group": group}
     sizes = _static_spatial(b, x, nsp), _static_spatial(b, node.output[0], nsp)
     kernel = _static_spatial(b, w, nsp)
+    flipped = _flipped_conv_input_grad(b, g, w, nsp, group, (strides, dilations, pads))
+    if flipped is not None:
+        return flipped
     if sizes[0] is not None and sizes[1] is not None and kernel is not None:
         extent = [
             s * (o - 1) + (k - 1) * d + 1 for s, o, k, d in zip(strides, sizes[1], kernel, dilations, strict=True)
@@ -118,6 +124,31 @@ def conv_input_grad(b: Builder, g: str, w: str, x: str, node: onnx.NodeProto, ns
         if all(0 <= r < max(s, d) for r, s, d in zip(rest, strides, dilations, strict=True)):
             return b.op("ConvTranspose", g, w, pads=pads, output_padding=rest, **kw)
     return _crop_to_input(b, b.op("ConvTranspose", g, w, **kw), x, pads, nsp)
+
+
+def _flipped_conv_input_grad(
+    b: Builder, g: str, w: str, nsp: int, group: int, conv: tuple[list[int], list[int], list[int]]
+) -> str | None:
+    """dL/dx of a stride-1 Conv as a Conv of g with the weight transposed per group and flipped,
+    padded by (k-1)·d - p on each side (onnxruntime's Conv kernels are much faster than its
+    ConvTranspose); None where that form does not apply (strides, pads beyond the kernel)."""
+    strides, dilations, pads = conv
+    ws = b.static_shape(w)
+    if ws is None or not all(isinstance(d, int) for d in ws) or any(s != 1 for s in strides):
+        return None
+    kernel = [int(k) for k in ws[2:]]
+    reach = [(k - 1) * d for k, d in zip(kernel, dilations, strict=True)]
+    new_pads = [r - p for r, p in zip(reach * 2, pads, strict=True)]
+    if any(p < 0 for p in new_pads):
+        return None
+    out_g, cig = int(ws[0]) // group, int(ws[1])
+    split = b.op("Reshape", w, b.ints([group, out_g, cig, *kernel]))
+    swapped = b.op("Transpose", split, perm=[0, 2, 1, *range(3, 3 + nsp)])
+    merged = b.op("Reshape", swapped, b.ints([group * cig, out_g, *kernel]))
+    big = np.iinfo(np.int64).max
+    axes = list(range(2, 2 + nsp))
+    flipped = b.op("Slice", merged, b.ints([-1] * nsp), b.ints([-big] * nsp), b.ints(axes), b.ints([-1] * nsp))
+    return b.op("Conv", g, flipped, dilations=dilations, pads=new_pads, group=group)
 
 
 def _static_spatial(b: Builder, t: str, nsp: int) -> list[int] | None:
@@ -175,9 +206,12 @@ def max_pool(b: Builder, node: onnx.NodeProto, g: Grads) -> Grads:
     if int(attr(node, "storage_order", 0)) != 0:
         raise UnsupportedError(f"expected storage_order 0 at {describe(node)}")
     x = node.input[0]
-    has_indices = len(node.output) > 1 and node.output[1]
-    indices = node.output[1] if has_indices else b.replay(node, [x], n_out=2)[1]
-    return [b.scatter_add(x, indices, g[0])]
+    if len(node.output) < 2 or not node.output[1]:
+        # The forward node (of the engine's own copy of the model) also gives its Indices, so
+        # the pooling does not run twice.
+        del node.output[1:]
+        node.output.append(b.fresh("maxpool_indices"))
+    return [b.scatter_add(x, node.output[1], g[0])]
 
 
 def _window_counts(b: Builder, node: onnx.NodeProto, nsp: int, kernel: list[int], ones_kernel: str) -> str:

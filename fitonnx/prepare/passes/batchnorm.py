@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from fitonnx.model import graph
+from fitonnx.model import external, graph
 from fitonnx.prepare.shapes import tensor_types
 from fitonnx.prepare.types import Change, ChangeKind
 
@@ -120,7 +120,7 @@ class _Folding:
     @classmethod
     def of(cls, out: onnx.ModelProto) -> _Folding:
         g = out.graph
-        inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        inits = external.LazyArrays(g.initializer)
         return cls(
             out=out,
             inits=inits,

@@ -27,6 +27,7 @@ import onnx
 import onnxruntime as ort
 
 from fitonnx.errors import UnsupportedError
+from fitonnx.model import external
 from fitonnx.model.graph import FLOAT_TYPES, LAYOUT_OPS
 from fitonnx.model.graph import producers as graph_producers
 from fitonnx.model.runtime import CPU_PROVIDERS, session_options
@@ -43,10 +44,11 @@ MAX_BYTES = 1 << 31  # protobuf cannot serialize a model of 2 GB or more in one 
 
 
 def ort_basic_optimize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Change]]:
-    if model.ByteSize() >= MAX_BYTES:
+    if model.ByteSize() >= MAX_BYTES or external.external_tensors(model):
+        # Its saved graph would hold every weight in one protobuf; the weights stay in their files.
         out = onnx.ModelProto()
         out.CopyFrom(model)
-        return out, [Change(ChangeKind.OPTIMIZER, "model", "skipped: the model is over 2 GB")]
+        return out, [Change(ChangeKind.OPTIMIZER, "model", "skipped: the weights are kept as external data")]
     optimized = _run_optimizer(model)
     optimized = _drop_unused_domains(optimized, model)
     renames = _restore_layout_names(optimized, model)

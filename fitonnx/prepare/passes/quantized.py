@@ -22,6 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from fitonnx.errors import UnsupportedError
+from fitonnx.model import external
 from fitonnx.prepare.types import Change, ChangeKind
 
 INTEGER_OPS = frozenset(
@@ -98,7 +99,7 @@ def fold_weight_dequantize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, lis
         if node.op_type != "DequantizeLinear" or blocks or not all(x in inits for x in node.input if x):
             kept.append(node)
             continue
-        arrays = [numpy_helper.to_array(inits[x]) if x else None for x in node.input]
+        arrays = [external.tensor_array(inits[x]) if x else None for x in node.input]
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
         value = _dequantized(arrays[0], arrays[1], arrays[2] if len(arrays) > 2 else None, axis)
         out.graph.initializer.append(numpy_helper.from_array(value, node.output[0]))

@@ -18,6 +18,7 @@ import onnx
 from onnx import helper
 
 from fitonnx.errors import UnsupportedError
+from fitonnx.model import external
 from fitonnx.model.graph import FLOAT_TYPES
 from fitonnx.model.runtime import make_session
 from fitonnx.prepare.types import Change, ChangeKind
@@ -61,7 +62,7 @@ def _evaluate(
     for name in names:
         if name not in existing:
             probe.graph.output.append(helper.make_empty_tensor_value_info(name))
-    initial = {t.name: onnx.numpy_helper.to_array(t) for t in probe.graph.initializer}
+    initial = external.LazyArrays(probe.graph.initializer)
     session = make_session(probe.SerializeToString())
     inputs = {i.name for i in session.get_inputs()}
     wanted = [n for n in names if n not in initial]

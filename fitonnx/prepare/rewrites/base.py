@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from fitonnx.model import external
 from fitonnx.model.graph import FLOAT_TYPES, PREPARE_INTERNAL, PREPARE_PASSTHROUGH
 from fitonnx.prepare.shapes import Dim, TensorType
 
@@ -95,7 +96,7 @@ class Builder:
 
     def constant_value(self, name: str) -> np.ndarray | None:
         tensor = self.ctx.initializers.get(name)
-        return None if tensor is None else numpy_helper.to_array(tensor)
+        return None if tensor is None else external.tensor_array(tensor)
 
     def require_constant(self, name: str, what: str) -> np.ndarray:
         value = self.constant_value(name)
