@@ -3,9 +3,10 @@
 # First: refuses an environment where two distributions install the onnxruntime module.
 from fitonnx import _environment  # noqa: F401
 from fitonnx.analysis.compare import CompareReport, compare
+from fitonnx.analysis.damage import Threshold
 from fitonnx.analysis.harness import SimulationOptions
 from fitonnx.analysis.inspection import Inspection, inspect_model
-from fitonnx.analysis.validate import SamplingOptions, ValidationReport, validate
+from fitonnx.analysis.validate import Sampler, SamplingOptions, ValidationReport, validate
 from fitonnx.api import (
     AllocationOptions,
     Budget,
@@ -47,11 +48,13 @@ __all__ = [
     "QuantTensor",
     "RandomData",
     "RecommendResult",
+    "Sampler",
     "SamplingOptions",
     "ScoreReport",
     "Session",
     "SimulationOptions",
     "TensorScore",
+    "Threshold",
     "ValidationReport",
     "Workers",
     "budget_from",

@@ -42,6 +42,10 @@ MEASURES: dict[Measure, str] = {
 }
 DEFAULT_SPLITS = 50
 CONTINUOUS = (Measure.KL, Measure.DLOSS)
+# KL ≈ ½δᵀFδ holds for KL well below 1 nat per sample: above it, outputs are beyond second order.
+SECOND_ORDER_KL = 1.0
+# A quantized model "still works" when it takes the float model's decision on this share of outputs.
+DEFAULT_MIN_AGREEMENT = 0.95
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,11 @@ class Damage:
     sample_kl: np.ndarray
     sample_dloss: np.ndarray | None
     sample_correct: np.ndarray | None
+    sample_agree: np.ndarray | None = None  # share of the outputs whose decision is the float model's
+
+    @property
+    def agreement(self) -> float | None:
+        return None if self.sample_agree is None else float(self.sample_agree.mean())
 
     @property
     def kl(self) -> float:
@@ -181,7 +190,40 @@ def damage(ref: Reference, z_quant: np.ndarray) -> Damage:
         kl = _per_sample(0.5 * np.square(z - ref.out))
     loss, correct = _loss_and_correct(ref.target, z, logp, log1mp, ref.labels)
     dloss = None if loss is None or ref.sample_loss is None else loss - ref.sample_loss
-    return Damage(kl, dloss, correct)
+    return Damage(kl, dloss, correct, _agreement(ref, z, logp, log1mp))
+
+
+def _agreement(ref: Reference, z: np.ndarray, logp: np.ndarray | None, log1mp: np.ndarray | None) -> np.ndarray | None:
+    """Per sample, the share of outputs deciding as the float model does (argmax; p > ½ for
+    Bernoulli); None for real-valued outputs, which decide nothing."""
+    if ref.target.likelihood is Likelihood.CATEGORICAL:
+        return _per_sample_mean(z.argmax(axis=-1) == ref.out.argmax(axis=-1))
+    if ref.target.likelihood is Likelihood.BERNOULLI and logp is not None and log1mp is not None:
+        if ref.logp is None or ref.log1mp is None:
+            return None
+        return _per_sample_mean((logp > log1mp) == (ref.logp > ref.log1mp))
+    return None
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """When a quantized model still works: it agrees with the float model's decisions on at least
+    ``min_agreement`` of the outputs (outputs without decisions: KL ≤ ``SECOND_ORDER_KL``), and its
+    KL is at most ``max_kl`` when one is given."""
+
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
+    max_kl: float | None = None
+
+    def works(self, d: Damage) -> bool:
+        if self.max_kl is not None and not d.kl <= self.max_kl:
+            return False
+        if d.agreement is None:
+            return self.max_kl is not None or d.kl <= SECOND_ORDER_KL
+        return d.agreement >= self.min_agreement
+
+    def describe(self) -> str:
+        kl = "" if self.max_kl is None else f" and KL ≤ {self.max_kl:g}"
+        return f"agrees with the float model's decisions on ≥ {100 * self.min_agreement:g}% of outputs{kl}"
 
 
 def measure_table(

@@ -18,6 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from fitonnx.analysis import simulate
+from fitonnx.analysis.choices import Choice, FloatGrid
 from fitonnx.errors import InternalError
 from fitonnx.fisher import engine
 from fitonnx.fisher.instrument import GradientModel
@@ -32,20 +33,24 @@ RunPass = Callable[[GradientModel, Sequence[str]], engine.FisherTraces]
 class ErrorOutputs:
     """Names of the second pass's per-sample outputs, per (tensor, bits)."""
 
-    diagonal: Mapping[tuple[str, int], str]  # activations: Σ_j (g_j·e_j)²
-    quadratic: Mapping[tuple[str, int], str]  # every tensor: (Σ_j g_j·e_j)²
+    diagonal: Mapping[tuple[str, Choice], str]  # activations: Σ_j (g_j·e_j)²
+    quadratic: Mapping[tuple[str, Choice], str]  # every tensor: (Σ_j g_j·e_j)²
+    expected: Mapping[tuple[str, Choice], str]  # floating activations: Σ_j g_j²·s_j²/12 (s_j: spacing)
+    noise: Mapping[tuple[str, Choice], str]  # floating activations: Σ_j s_j²
 
 
 @dataclass(frozen=True)
 class MeasuredErrors:
     """Means over the calibration samples of the error model's outputs, per (tensor, bits)."""
 
-    diagonal: Mapping[tuple[str, int], float]  # activations: (1/N)·Σ_i Σ_j (g_ij·e_ij)²
-    quadratic: Mapping[tuple[str, int], float]  # every tensor: eᵀFe
+    diagonal: Mapping[tuple[str, Choice], float]  # activations: (1/N)·Σ_i Σ_j (g_ij·e_ij)²
+    quadratic: Mapping[tuple[str, Choice], float]  # every tensor: eᵀFe
+    expected: Mapping[tuple[str, Choice], float]  # floating activations: FIT of the binade noise model
+    noise: Mapping[tuple[str, Choice], float]  # floating activations: Σ_j s_j², mean over samples
 
 
-def _fake_quantized_error(g: onnx.GraphProto, name: str, p: str, grid: simulate.Grid, dtype: np.dtype) -> None:
-    """Nodes computing ``p + "err64"`` = Q_b(a) − a in float64 for activation ``name``."""
+def _int_quantized(g: onnx.GraphProto, name: str, p: str, grid: simulate.Grid, dtype: np.dtype) -> str:
+    """Nodes computing ``p + "fq"`` = Q(a) on an integer grid, as the simulation's fake quantizer does."""
     n = helper.make_node
     for suffix, value in (("zp", grid.zero_point), ("step", grid.step), ("levels", grid.levels), ("zero", 0.0)):
         g.initializer.append(numpy_helper.from_array(np.array(value, dtype), p + suffix))
@@ -57,10 +62,58 @@ def _fake_quantized_error(g: onnx.GraphProto, name: str, p: str, grid: simulate.
             n("Clip", [p + "shifted", p + "zero", p + "levels"], [p + "q"]),
             n("Sub", [p + "q", p + "zp"], [p + "centred"]),
             n("Mul", [p + "centred", p + "step"], [p + "fq"]),
-            n("Sub", [p + "fq", name], [p + "err"]),
-            n("Cast", [p + "err"], [p + "err64"], to=TensorProto.DOUBLE),
         ]
     )
+    return p + "fq"
+
+
+def _float_quantized(g: onnx.GraphProto, name: str, p: str, grid: FloatGrid, dtype: np.dtype) -> str:
+    """Nodes computing ``p + "fout"`` = Q(a) on a floating grid (the simulation's own quantizer)."""
+    values = (("fscale", grid.scale), ("fmant", float(grid.mant)), ("femin", float(grid.emin)), ("ftop", grid.top))
+    for suffix, value in values:
+        g.initializer.append(numpy_helper.from_array(np.array(value, dtype), p + suffix))
+    g.initializer.extend(simulate.float_constants(p, dtype))
+    g.node.extend(simulate.float_quantizer_nodes(name, p, p + "fscale", p + "fmant", p + "femin", p + "ftop"))
+    return p + "fout"
+
+
+def fake_quantized(g: onnx.GraphProto, name: str, p: str, grid: simulate.Grid | FloatGrid, dtype: np.dtype) -> str:
+    """Nodes computing Q(a) for activation ``name`` on ``grid`` (integer or floating); returns its name."""
+    if isinstance(grid, FloatGrid):
+        return _float_quantized(g, name, p, grid, dtype)
+    return _int_quantized(g, name, p, grid, dtype)
+
+
+def _fake_quantized_error(g: onnx.GraphProto, name: str, p: str, grid: simulate.Grid, dtype: np.dtype) -> None:
+    """Nodes computing ``p + "err64"`` = Q_b(a) − a in float64 for activation ``name``."""
+    n = helper.make_node
+    fq = _int_quantized(g, name, p, grid, dtype)
+    g.node.extend([n("Sub", [fq, name], [p + "err"]), n("Cast", [p + "err"], [p + "err64"], to=TensorProto.DOUBLE)])
+
+
+def _float_quantized_error(
+    g: onnx.GraphProto, name: str, p: str, grid: FloatGrid, dtype: np.dtype, g64: str
+) -> tuple[str, str]:
+    """Nodes computing ``p + "err64"`` for a floating format (the simulation's own quantizer), and
+    the outputs Σ_j g_j²·s_j²/12 and Σ_j s_j² of its element spacings s_j (scale · 2^(e_j − mant))."""
+    n = helper.make_node
+    _float_quantized(g, name, p, grid, dtype)
+    g.initializer.append(numpy_helper.from_array(np.array(1.0 / 12.0, np.float64), p + "twelfth"))
+    g.node.extend(
+        [
+            n("Sub", [p + "fout", name], [p + "err"]),
+            n("Cast", [p + "err"], [p + "err64"], to=TensorProto.DOUBLE),
+            n("Mul", [p + "fstep", p + "fscale"], [p + "spacing"]),
+            n("Cast", [p + "spacing"], [p + "spacing64"], to=TensorProto.DOUBLE),
+            n("Mul", [p + "spacing64", g64], [p + "gs"]),
+            n("ReduceSumSquare", [p + "gs"], [p + "gs2"], keepdims=0),
+            n("Mul", [p + "gs2", p + "twelfth"], [p + "expected"]),
+            n("ReduceSumSquare", [p + "spacing64"], [p + "noise"], keepdims=0),
+        ]
+    )
+    for out in ("expected", "noise"):
+        g.output.append(helper.make_tensor_value_info(p + out, TensorProto.DOUBLE, []))
+    return p + "expected", p + "noise"
 
 
 def _weighted_error(g: onnx.GraphProto, p: str, g64: str, diagonal: bool) -> None:
@@ -81,59 +134,69 @@ def _weighted_error(g: onnx.GraphProto, p: str, g64: str, diagonal: bool) -> Non
 
 def error_model(
     gm: GradientModel,
-    grids: Mapping[tuple[str, int], simulate.Grid],
+    grids: Mapping[tuple[str, Choice], simulate.Grid | FloatGrid],
     dtypes: Mapping[str, np.dtype],
-    weight_errors: Mapping[tuple[str, int], np.ndarray],
+    weight_errors: Mapping[tuple[str, Choice], np.ndarray],
 ) -> tuple[GradientModel, ErrorOutputs]:
-    """The gradient model plus float64 scalars per (tensor, bits) that need the real rounding error e:
+    """The gradient model plus float64 scalars per (tensor, choice) that need the real rounding error e:
     for activations (e per sample, from the simulation's fake quantizer: same ops, same float32
     arithmetic) Σ_j (∂ℓ/∂a_j·e_j)², and for every tensor (∂ℓ/∂t · e)², whose mean over samples (and
-    labels) is eᵀFe, the Fisher quadratic form of that error (``weight_errors``: Q_b(w) − w)."""
+    labels) is eᵀFe, the Fisher quadratic form of that error (``weight_errors``: Q(w) − w). Floating
+    activation formats also give their noise model's FIT and total noise (``_float_quantized_error``)."""
     model = onnx.load_from_string(gm.model_bytes)
     g = model.graph
     grads = {t.name: grad for t, grad in zip(gm.tensors, gm.grad_outputs, strict=True)}
-    diagonal: dict[tuple[str, int], str] = {}
-    quadratic: dict[tuple[str, int], str] = {}
+    outs = ErrorOutputs({}, {}, {}, {})
     for i, t in enumerate(gm.tensors):
         g64 = f"{PREFIX}merr{i}_g64"
         g.node.append(helper.make_node("Cast", [grads[t.name]], [g64], to=TensorProto.DOUBLE))
-        keys = sorted(key for key in (*grids, *weight_errors) if key[0] == t.name)
-        for _, b in keys:
-            p = f"{PREFIX}merr{i}_{b}_"
+        keys = [key for key in (*grids, *weight_errors) if key[0] == t.name]
+        for k, key in enumerate(dict.fromkeys(keys)):
+            p = f"{PREFIX}merr{i}_{k}_"
             if t.kind is Kind.WEIGHT:
-                err = weight_errors[(t.name, b)].astype(np.float64)
+                err = weight_errors[key].astype(np.float64)
                 g.initializer.append(numpy_helper.from_array(err, p + "err64"))
+            elif isinstance(grids[key], FloatGrid):
+                expected, noise_out = _float_quantized_error(g, t.name, p, grids[key], dtypes[t.name], g64)
+                outs.expected[key], outs.noise[key] = expected, noise_out  # type: ignore[index]
             else:
-                _fake_quantized_error(g, t.name, p, grids[(t.name, b)], dtypes[t.name])
+                _fake_quantized_error(g, t.name, p, grids[key], dtypes[t.name])
             _weighted_error(g, p, g64, diagonal=t.kind is Kind.ACTIVATION)
-            quadratic[(t.name, b)] = p + "quad"
+            outs.quadratic[key] = p + "quad"  # type: ignore[index]
             if t.kind is Kind.ACTIVATION:
-                diagonal[(t.name, b)] = p + "out"
-    return dataclasses.replace(gm, model_bytes=model.SerializeToString()), ErrorOutputs(diagonal, quadratic)
+                outs.diagonal[key] = p + "out"  # type: ignore[index]
+    return dataclasses.replace(gm, model_bytes=model.SerializeToString()), outs
 
 
 def measure_errors(
     gm: GradientModel,
     simulator: simulate.Simulator,
-    weight_bits: Sequence[int],
-    activation_bits: Sequence[int],
+    weight_choices: Sequence[Choice],
+    activation_choices: Sequence[Choice],
     run: RunPass,
 ) -> MeasuredErrors:
-    """Run the error model of every simulated tensor at every candidate width over the calibration
+    """Run the error model of every simulated tensor at every candidate choice over the calibration
     data (``run``) and average its outputs over the samples."""
     acts = [a.name for a in simulator.sim.activations]
-    grids = {(a, b): simulator.activation_grid(a, b) for a in acts for b in activation_bits}
+    grids: dict[tuple[str, Choice], simulate.Grid | FloatGrid] = {}
+    for a in acts:
+        for c in activation_choices:
+            fg = simulator.activation_float(a, c)
+            grids[(a, c)] = fg if fg is not None else simulator.activation_grid(a, c)
     dtypes = {a.name: a.dtype for a in simulator.sim.activations}
     weight_errors = {
-        (w, b): simulator.quantized_weight(w, b).astype(np.float64) - value.astype(np.float64)
+        (w, c): simulator.quantized_weight(w, c).astype(np.float64) - value.astype(np.float64)
         for w, value in simulator.sim.weights.items()
-        for b in weight_bits
+        for c in weight_choices
     }
     gm2, outs = error_model(gm, grids, dtypes, weight_errors)
-    second = run(gm2, [*outs.diagonal.values(), *outs.quadratic.values()])
+    fetched = [*outs.diagonal.values(), *outs.quadratic.values(), *outs.expected.values(), *outs.noise.values()]
+    second = run(gm2, fetched)
     if second.extra is None:
         raise InternalError("engine returned no extra outputs")
-    return MeasuredErrors(
-        diagonal={key: float(second.extra[name].mean()) for key, name in outs.diagonal.items()},
-        quadratic={key: float(second.extra[name].mean()) for key, name in outs.quadratic.items()},
-    )
+    extra = second.extra
+
+    def means(names: Mapping[tuple[str, Choice], str]) -> dict[tuple[str, Choice], float]:
+        return {key: float(extra[name].mean()) for key, name in names.items()}
+
+    return MeasuredErrors(means(outs.diagonal), means(outs.quadratic), means(outs.expected), means(outs.noise))

@@ -1,8 +1,9 @@
 """The stage of ``validate`` before any configuration: calibration passes, simulator, predictor
 tables and the float reference on held-out data, for callers that measure configurations of their own.
 
-The calibration pass runs twice: once for traces and ranges, once more for the measured rounding
-errors (``error_model``), which need those ranges.
+The calibration pass runs three times: once for traces and ranges, once more for the measured
+rounding errors (``error_model``), which need those ranges, and once for the output-space
+sensitivity (``output_space``), whose gradient model also taps every quantized op's outputs.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fitonnx.analysis import simulate
+from fitonnx.analysis import choices, simulate
+from fitonnx.analysis.choices import Choice, Family
 from fitonnx.analysis.damage import Damage, Reference, damage, reference
 from fitonnx.analysis.error_model import measure_errors
+from fitonnx.analysis.output_space import measure_output_space
 from fitonnx.analysis.predictors import Predictor, PredictorTables, predictor_tables
 from fitonnx.analysis.simulate import Config, GridScheme
 from fitonnx.errors import DataError
@@ -44,25 +47,43 @@ EvalSource = str | os.PathLike[str] | Dataset | None
 
 @dataclass(frozen=True)
 class SimulationOptions:
-    """How configurations are simulated: candidate widths, the grids, held-out samples per run."""
+    """How configurations are simulated: candidate widths (or formats), the grids, held-out samples per run.
+
+    With ``formats`` (names of ``fitonnx.formats`` or ``all``) the candidates are those formats,
+    grouped in families (``choices.families``), and the bit widths and grid scheme are not used.
+    ``weights_only`` keeps every activation in float.
+    """
 
     weight_bits: Sequence[int] = DEFAULT_BITS
     activation_bits: Sequence[int] = DEFAULT_BITS
     per_channel: bool = False  # weights per output channel (activations are always per tensor)
     symmetric: bool = False  # max|x| grids for weights and activations (default: min/max)
     batch_size: int = DEFAULT_BATCH_SIZE
+    formats: Sequence[str] = ()
+    weights_only: bool = False
 
     @property
     def scheme(self) -> GridScheme:
         return GridScheme(per_channel=self.per_channel, symmetric=self.symmetric)
 
     def checked(self) -> SimulationOptions:
-        """These options with the bit widths checked, sorted and deduplicated."""
-        return dataclasses.replace(
+        """These options with the bit widths checked, sorted and deduplicated (and the formats parsed)."""
+        checked = dataclasses.replace(
             self,
             weight_bits=simulate.check_bits(self.weight_bits),
-            activation_bits=simulate.check_bits(self.activation_bits),
+            activation_bits=() if self.weights_only else simulate.check_bits(self.activation_bits),
+            formats=tuple(self.formats),
         )
+        checked.families()  # an unknown format fails here, before any work
+        return checked
+
+    def families(self) -> tuple[Family, ...]:
+        """The families of candidates configurations are drawn from: one per format family, or the
+        bit widths on the scheme's grid."""
+        if self.formats:
+            return choices.families(self.formats, self.weights_only)
+        name = f"{'symmetric' if self.symmetric else 'minmax'}{'/ch' if self.per_channel else ''} bits"
+        return (Family(name, tuple(self.weight_bits), tuple(self.activation_bits)),)
 
 
 @dataclass(frozen=True)
@@ -76,13 +97,15 @@ class Harness:
     samples: int
     held_out: Dataset
     scheme: GridScheme
-    weight_bits: tuple[int, ...]
-    activation_bits: tuple[int, ...]
+    weight_bits: tuple[Choice, ...]  # every candidate of every family
+    activation_bits: tuple[Choice, ...]
+    families: tuple[Family, ...]
     weights: tuple[str, ...]
     activations: tuple[str, ...]
     simulator: simulate.Simulator
     tables: PredictorTables
     reference: Reference
+    traces: engine.FisherTraces  # the first pass's (diagonal Fisher, ranges), for callers' own predictors
 
     def measure(self, config: Config) -> Damage:
         """The damage ``config`` does on the held-out data."""
@@ -130,12 +153,12 @@ def _calibrate(s: api.Session, opts: FisherOptions, sim: SimulationOptions, prog
     gm, target, mode = api.gradient_model(s, opts, keep_gradients=True, exact_points=True)
     traces = parallel.run(gm, s.data, s.specs, opts.run_options(), opts.workers, progress)
     traces = check_traces(traces, gm, {k: v for k, v in s.data.sample(0, s.specs).items() if k in s.specs})
-    report = build_report(
+    report = build_report(  # its traces and sizes feed the predictors; the widths do not matter here
         s.prepared.model,
         traces,
         provenance(s, target, mode, gm.head.targets),
         weight_bits=sim.weight_bits,
-        activation_bits=sim.activation_bits,
+        activation_bits=sim.activation_bits or sim.weight_bits,
         resamples=0,
     )
     return _Calibration(gm, target, mode, traces, report)
@@ -189,8 +212,12 @@ def harness(
     def second_pass(gm: GradientModel, extra: Sequence[str]) -> engine.FisherTraces:
         return parallel.run(gm, s.data, s.specs, opts.run_options(), opts.workers, progress, extra_outputs=extra)
 
-    errors = measure_errors(cal.gm, simulator, sim.weight_bits, sim.activation_bits, second_pass)
-    tables = predictor_tables(cal.report, traces, simulator, errors, sim.weight_bits, sim.activation_bits)
+    families = sim.families()
+    weight_choices = choices.sorted_choices(c for f in families for c in f.weights)
+    act_choices = choices.sorted_choices(c for f in families for c in f.activations)
+    errors = measure_errors(cal.gm, simulator, weight_choices, act_choices, second_pass)
+    out_space = measure_output_space(s, opts, simulator, (weight_choices, act_choices), second_pass)
+    tables = predictor_tables(cal.report, traces, simulator, errors, weight_choices, act_choices, out_space)
     return Harness(
         session=s,
         target=cal.target,
@@ -198,13 +225,15 @@ def harness(
         samples=traces.samples,
         held_out=held_out,
         scheme=sim.scheme,
-        weight_bits=tuple(sim.weight_bits),
-        activation_bits=tuple(sim.activation_bits),
+        weight_bits=weight_choices,
+        activation_bits=act_choices,
+        families=families,
         weights=tuple(t.name for t in cal.gm.tensors if t.kind is Kind.WEIGHT),
         activations=tuple(t.name for t in cal.gm.tensors if t.kind is Kind.ACTIVATION),
         simulator=simulator,
         tables=tables,
         reference=reference(cal.target, simulator.run(Config.floating()), held_out.labels, held_out.source),
+        traces=traces,
     )
 
 

@@ -28,15 +28,17 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from fitonnx.analysis.choices import Choice, FloatGrid, float_grid, per_tensor
 from fitonnx.errors import FitonnxError, InternalError, ModelError, UnsupportedError
 from fitonnx.fisher.losses import PREFIX
-from fitonnx.formats import Format, QParams, quantize_dequantize
+from fitonnx.formats import Format, Granularity, QParams, params_from_range, parse_format, quantize_dequantize
 from fitonnx.formats.quantize import int_limits
 from fitonnx.model import graph
 from fitonnx.model.data import Dataset
 from fitonnx.model.graph import InputSpec, Kind, QuantTensor
 from fitonnx.model.runtime import CPU_PROVIDERS, session_options
 from fitonnx.score import noise
+from fitonnx.score.formats_fit import format_axis
 
 MIN_BITS = 2
 # float32 holds every integer level exactly up to 2^24; 16 bits keeps round((x − lo)/step) exact.
@@ -143,10 +145,11 @@ def weight_grid(w: np.ndarray, bits: int, scheme: GridScheme, axis: int | None) 
 
 @dataclass(frozen=True)
 class Config:
-    """Bit widths per tensor name; a tensor that is absent (or None) stays in float."""
+    """A choice per tensor name (bits of the min/max grid, or a format name: ``choices``); a tensor
+    that is absent (or None) stays in float."""
 
-    weight_bits: Mapping[str, int]
-    activation_bits: Mapping[str, int]
+    weight_bits: Mapping[str, Choice]
+    activation_bits: Mapping[str, Choice]
 
     @staticmethod
     def floating() -> Config:
@@ -163,6 +166,11 @@ class ActivationInputs:
     levels: str
     on: str
     dtype: np.dtype
+    fp: str  # the floating branch: on, scale, mantissa bits, lowest exponent, largest value
+    fscale: str
+    fmant: str
+    femin: str
+    ftop: str
 
 
 @dataclass(frozen=True)
@@ -219,18 +227,55 @@ def _weights_as_inputs(g: onnx.GraphProto, weights: Sequence[QuantTensor]) -> di
     return values
 
 
+def float_quantizer_nodes(x: str, p: str, fscale: str, fmant: str, femin: str, ftop: str) -> list[onnx.NodeProto]:
+    """Nodes computing ``p + "fout"`` = fscale·round_float(x/fscale): the nearest value with
+    ``fmant`` mantissa bits and exponent ≥ ``femin``, saturated at ±``ftop`` (``choices.float_quantize``
+    in numpy). Plain arithmetic, so it runs at any opset; ``p + "two"``/``"inv_ln2"`` are initializers
+    the caller adds (``float_constants``)."""
+    n = helper.make_node
+    return [
+        n("Div", [x, fscale], [p + "fv"], name=p + "fdiv"),
+        n("Abs", [p + "fv"], [p + "fabs"], name=p + "fabs"),
+        n("Log", [p + "fabs"], [p + "flog"], name=p + "flog"),
+        n("Mul", [p + "flog", p + "inv_ln2"], [p + "flog2"], name=p + "flog2"),
+        n("Floor", [p + "flog2"], [p + "fexp"], name=p + "ffloor"),
+        n("Max", [p + "fexp", femin], [p + "fexpc"], name=p + "fmax"),
+        n("Sub", [p + "fexpc", fmant], [p + "fsexp"], name=p + "fsub"),
+        n("Pow", [p + "two", p + "fsexp"], [p + "fstep"], name=p + "fpow"),
+        n("Div", [p + "fv", p + "fstep"], [p + "fscaled"], name=p + "fdiv2"),
+        n("Round", [p + "fscaled"], [p + "frounded"], name=p + "fround"),
+        n("Mul", [p + "frounded", p + "fstep"], [p + "fq"], name=p + "fmul"),
+        n("Neg", [ftop], [p + "fntop"], name=p + "fneg"),
+        n("Clip", [p + "fq", p + "fntop", ftop], [p + "fclip"], name=p + "fclip"),
+        n("Mul", [p + "fclip", fscale], [p + "fout"], name=p + "fout"),
+    ]
+
+
+def float_constants(p: str, dtype: np.dtype) -> list[onnx.TensorProto]:
+    """The constants of ``float_quantizer_nodes``."""
+    return [
+        numpy_helper.from_array(np.array(2.0, dtype), p + "two"),
+        numpy_helper.from_array(np.array(1.0 / np.log(2.0), dtype), p + "inv_ln2"),
+    ]
+
+
 def _fake_quantizer(
     g: onnx.GraphProto, i: int, act: QuantTensor, elem: int
 ) -> tuple[ActivationInputs, list[onnx.NodeProto]]:
-    """The inputs (declared in ``g``) and nodes of activation ``act``'s fake quantizer, output ``<p>out``."""
+    """The inputs (declared in ``g``) and nodes of activation ``act``'s fake quantizer, output ``<p>out``:
+    the integer grid when ``on``, the floating one when ``fp``, else the activation itself."""
     p = f"{PREFIX}sim{i}_"
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
     ai = ActivationInputs(
-        act.name, p + "zp", p + "step", p + "levels", p + "on", np.dtype(helper.tensor_dtype_to_np_dtype(elem))
-    )
-    for name in (ai.zero_point, ai.step, ai.levels):
+        act.name, p + "zp", p + "step", p + "levels", p + "on", dtype,
+        p + "fp", p + "fscale", p + "fmant", p + "femin", p + "ftop",
+    )  # fmt: skip
+    for name in (ai.zero_point, ai.step, ai.levels, ai.fscale, ai.fmant, ai.femin, ai.ftop):
         g.input.append(helper.make_tensor_value_info(name, elem, []))
-    g.input.append(helper.make_tensor_value_info(ai.on, TensorProto.BOOL, []))
+    for name in (ai.on, ai.fp):
+        g.input.append(helper.make_tensor_value_info(name, TensorProto.BOOL, []))
     g.initializer.append(numpy_helper.from_array(np.zeros((), ai.dtype), p + "zero"))
+    g.initializer.extend(float_constants(p, dtype))
     n = helper.make_node
     nodes = [
         n("Div", [act.name, ai.step], [p + "scaled"], name=p + "div"),
@@ -238,8 +283,10 @@ def _fake_quantizer(
         n("Add", [p + "rounded", ai.zero_point], [p + "shifted"], name=p + "add"),
         n("Clip", [p + "shifted", p + "zero", ai.levels], [p + "q"], name=p + "clip"),
         n("Sub", [p + "q", ai.zero_point], [p + "centred"], name=p + "sub"),
-        n("Mul", [p + "centred", ai.step], [p + "fq"], name=p + "mul"),
-        n("Where", [ai.on, p + "fq", act.name], [p + "out"], name=p + "where"),
+        n("Mul", [p + "centred", ai.step], [p + "fq_int"], name=p + "mul"),
+        n("Where", [ai.on, p + "fq_int", act.name], [p + "int_out"], name=p + "where"),
+        *float_quantizer_nodes(act.name, p, ai.fscale, ai.fmant, ai.femin, ai.ftop),
+        n("Where", [ai.fp, p + "fout", p + "int_out"], [p + "out"], name=p + "fwhere"),
     ]
     return ai, nodes
 
@@ -366,7 +413,9 @@ class Simulator:
                 except UnsupportedError as exc:
                     self.notes.append(f"quantized per tensor, not per channel: {exc.message}")
             self.axes[t.name] = axis
-        self._weights: dict[tuple[str, int], np.ndarray] = {}
+        self.model = model
+        self._weights: dict[tuple[str, Choice], np.ndarray] = {}
+        self._formats: dict[tuple[str, str], tuple[Format, int | None]] = {}
         self.data = batches(data, specs, batch_size)
         if not self._batching_works():
             self.data = batches(data, specs, 1)
@@ -403,15 +452,82 @@ class Simulator:
     def weight_grid(self, name: str, bits: int) -> Grid:
         return weight_grid(self.sim.weights[name], bits, self.scheme, self.axes[name])
 
-    def activation_grid(self, name: str, bits: int) -> Grid:
-        lo, hi = self.act_ranges[name]
-        return make_grid(lo, hi, bits, self.scheme.symmetric)
+    def weight_format(self, name: str, choice: str) -> tuple[Format, int | None]:
+        """The format weight ``name`` really gets for ``choice`` and the axis it groups along: a
+        grouped format that does not apply (no channel axis, a block size that does not divide the
+        reduction axis) falls back to the same element per tensor, with a note."""
+        key = (name, choice)
+        if key not in self._formats:
+            fmt = parse_format(choice)
+            w = self.sim.weights[name]
+            axis = format_axis(self.model, name, fmt, w.ndim)
+            bad_block = (
+                fmt.granularity is Granularity.BLOCK and axis is not None and w.shape[axis] % (fmt.block_size or 1)
+            )
+            if fmt.granularity is not Granularity.TENSOR and (axis is None or bad_block):
+                self.notes.append(
+                    f"{name}: {choice} does not apply (shape {list(w.shape)}), simulated as {per_tensor(fmt)}"
+                )
+                fmt, axis = per_tensor(fmt), None
+            self._formats[key] = (fmt, axis)
+        return self._formats[key]
 
-    def quantized_weight(self, name: str, bits: int) -> np.ndarray:
-        key = (name, bits)
+    def activation_format(self, name: str, choice: str) -> Format:
+        """The per-tensor format an activation gets for ``choice`` (activations have one scale)."""
+        return per_tensor(parse_format(choice))
+
+    def activation_grid(self, name: str, choice: Choice) -> Grid:
+        """The integer grid of activation ``name`` (bits of the min/max grid, or an integer format)."""
+        lo, hi = self.act_ranges[name]
+        if isinstance(choice, int):
+            return make_grid(lo, hi, choice, self.scheme.symmetric)
+        fmt = self.activation_format(name, choice)
+        if not fmt.is_int:
+            raise InternalError(f"{choice} is a floating format: use activation_float")
+        params = params_from_range(fmt, lo, hi)
+        qmin, qmax = int_limits(fmt)
+        zp = float(np.asarray(params.zero_point).reshape(())) - qmin
+        return Grid(
+            np.asarray(zp, np.float64), np.asarray(float(np.asarray(params.scale).reshape(())), np.float64), qmax - qmin
+        )
+
+    def activation_float(self, name: str, choice: Choice) -> FloatGrid | None:
+        """The floating grid of activation ``name`` for a floating format, None for integer choices."""
+        if isinstance(choice, int):
+            return None
+        fmt = self.activation_format(name, choice)
+        if fmt.is_int:
+            return None
+        lo, hi = self.act_ranges[name]
+        return float_grid(fmt, float(np.asarray(params_from_range(fmt, lo, hi).scale).reshape(())))
+
+    def quantized_weight(self, name: str, choice: Choice) -> np.ndarray:
+        key = (name, choice)
         if key not in self._weights:
-            self._weights[key] = quantize(self.sim.weights[name], self.weight_grid(name, bits))
+            w = self.sim.weights[name]
+            if isinstance(choice, int):
+                self._weights[key] = quantize(w, self.weight_grid(name, choice))
+            else:
+                fmt, axis = self.weight_format(name, choice)
+                self._weights[key] = quantize_dequantize(w.astype(np.float32), fmt, axis).astype(w.dtype)
         return self._weights[key]
+
+    def _activation_feed(self, a: ActivationInputs, choice: Choice | None) -> dict[str, np.ndarray]:
+        """The fake quantizer's inputs for one activation: float, integer grid or floating grid."""
+        zero_point, step, levels, on = 0.0, 1.0, 1.0, False
+        fg = None if choice is None else self.activation_float(a.name, choice)
+        if choice is not None and fg is None:
+            grid = self.activation_grid(a.name, choice)
+            zero_point, step, levels, on = float(grid.zero_point), float(grid.step), float(grid.levels), True
+        f = fg or FloatGrid(1.0, 0, 0, 1.0)
+        values = {
+            a.zero_point: zero_point, a.step: step, a.levels: levels,
+            a.fscale: f.scale, a.fmant: float(f.mant), a.femin: float(f.emin), a.ftop: f.top,
+        }  # fmt: skip
+        feed = {k: np.array(v, a.dtype) for k, v in values.items()}
+        feed[a.on] = np.array(on)
+        feed[a.fp] = np.array(fg is not None)
+        return feed
 
     def feed(self, config: Config, weights: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Weight values and fake-quantizer settings for ``config``; ``weights`` replaces the values
@@ -431,16 +547,7 @@ class Simulator:
                 raise FitonnxError(f"expected replacement values for a simulated weight of its shape; found {name!r}")
             feed[name] = np.asarray(value, self.sim.weights[name].dtype)
         for a in self.sim.activations:
-            bits = config.activation_bits.get(a.name)
-            if bits is None:
-                zero_point, step, levels, on = 0.0, 1.0, 1.0, False
-            else:
-                grid = self.activation_grid(a.name, bits)
-                zero_point, step, levels, on = float(grid.zero_point), float(grid.step), float(grid.levels), True
-            feed[a.zero_point] = np.array(zero_point, a.dtype)
-            feed[a.step] = np.array(step, a.dtype)
-            feed[a.levels] = np.array(levels, a.dtype)
-            feed[a.on] = np.array(on)
+            feed |= self._activation_feed(a, config.activation_bits.get(a.name))
         return feed
 
     def run(self, config: Config, weights: Mapping[str, np.ndarray] | None = None) -> np.ndarray:

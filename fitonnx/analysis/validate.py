@@ -1,20 +1,35 @@
 """``fitonnx validate``: measure real quantization damage and how well FIT predicts it.
 
-Random mixed-precision configurations (plus uniform ones) are simulated in ONNX Runtime
-(``simulate``) on held-out data; the damage each one does (``damage``: KL of the outputs, change
-of loss, accuracy) is ranked against FIT and against simple baselines (``predictors``), with
-bootstrap confidence intervals over configurations. ``harness`` holds the stage before any
-configuration; the views of the report are in ``fitonnx.render.validate``.
+Configurations are simulated in ONNX Runtime (``simulate``) on held-out data; the damage each one
+does (``damage``: KL of the outputs, change of loss, accuracy) is ranked against FIT and against
+simple baselines (``predictors``), with bootstrap confidence intervals over configurations.
+
+Where configurations come from (``Sampler``): by default (``budget``) where a user decides, between
+the cheapest uniform configuration that still works (``damage.Threshold``) and the most expensive:
+a budget is drawn in that band and each tensor takes a choice near it. Configurations past the
+threshold are flagged and counted, and ρ is reported for all and for the working ones. ``random``
+(the old sampler) draws every tensor's choice uniformly. With formats (``SimulationOptions.formats``)
+each family of formats gets its own configurations and its own ρ. ``harness`` holds the stage before
+any configuration; the views of the report are in ``fitonnx.render.validate``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from fitonnx.analysis.damage import Damage, Measure, Reliability, measure_table, per_sample_measures, reliability
+from fitonnx.analysis.choices import Choice, Family, cost_bits
+from fitonnx.analysis.damage import (
+    Damage,
+    Measure,
+    Reliability,
+    Threshold,
+    measure_table,
+    per_sample_measures,
+    reliability,
+)
 from fitonnx.analysis.harness import EvalSource, Harness, SimulationOptions, harness, measure_all
 from fitonnx.analysis.predictors import Predictor
 from fitonnx.analysis.simulate import Config, GridScheme
@@ -25,31 +40,74 @@ from fitonnx.model.source import DataSource, ModelSource
 from fitonnx.progress import Progress, as_progress
 from fitonnx.scale import Workers
 from fitonnx.score.ranks import Correlation, rank_correlations
+from fitonnx.values import TextEnum
 
 DEFAULT_CONFIGS = 100
 DEFAULT_RESAMPLES = 1000
+# The budget sampler's spread of a tensor's bits around the drawn budget (a Gaussian weight, in bits).
+BUDGET_SPREAD = 1.0
+# Fewer working configurations than this give no working-regime correlations.
+MIN_WORKING = 5
+# The predictor validate leads with. The study of issue 17 (BENCHMARKS.md) found none that beats the
+# paper's FIT in the working regime of three real models, so it stays; the others are shown beside it.
+DEFAULT_PREDICTOR = Predictor.FIT
+
+
+class Sampler(TextEnum):
+    """Where configurations are drawn."""
+
+    BUDGET = "budget"  # between the cheapest working uniform configuration and the dearest
+    RANDOM = "random"  # every tensor's choice uniformly among all candidates
 
 
 @dataclass(frozen=True)
 class SamplingOptions:
     """Which configurations are simulated and how their rank correlations are bootstrapped."""
 
-    configs: int = DEFAULT_CONFIGS  # random mixed-precision configurations
-    uniform: bool = True  # add every tensor at b bits, for each b both candidate lists share
+    configs: int = DEFAULT_CONFIGS  # mixed-precision configurations per family
+    uniform: bool = True  # add every tensor at the same choice, for each candidate
     resamples: int = DEFAULT_RESAMPLES  # bootstrap resamples of the configurations (0: no intervals)
+    sampler: Sampler = Sampler.BUDGET
+    threshold: Threshold = field(default_factory=Threshold)
+    predictor: Predictor = DEFAULT_PREDICTOR  # the one the report leads with (the paper's FIT beside it)
 
 
 @dataclass(frozen=True)
 class ConfigResult:
     """One simulated configuration: its bit widths, what each predictor says and the measured damage."""
 
-    weight_bits: Mapping[str, int]
-    activation_bits: Mapping[str, int]
+    weight_bits: Mapping[str, Choice]
+    activation_bits: Mapping[str, Choice]
     uniform: bool
     predicted: Mapping[Predictor, float]
     kl: float
     dloss: float | None
     accuracy: float | None
+    family: str = ""
+    working: bool = True  # within the damage threshold
+    agreement: float | None = None  # share of outputs deciding as the float model
+
+
+@dataclass(frozen=True)
+class FamilySummary:
+    """One family's configurations: the band the budget sampler drew in, how many were past the
+    threshold, and ρ over all and over the working ones (with their own ceiling)."""
+
+    name: str
+    weight_choices: tuple[Choice, ...]
+    activation_choices: tuple[Choice, ...]
+    band: tuple[Choice, Choice] | None  # (cheapest working uniform choice, dearest); None: random sampler
+    configs: int
+    rejected: int
+    correlations: tuple[Correlation, ...]
+    working: tuple[Correlation, ...]
+    working_reliability: tuple[Reliability, ...] = ()
+
+    def correlation(self, predictor: Predictor | str, measure: Measure | str, working: bool = False) -> Correlation:
+        for c in self.working if working else self.correlations:
+            if c.predictor == predictor and c.measure == measure:
+                return c
+        raise FitonnxError(f"expected a predictor and measure of family {self.name}; found {predictor}, {measure}")
 
 
 @dataclass(frozen=True)
@@ -65,8 +123,8 @@ class ValidationReport:
     eval_source: str
     eval_samples: int
     scheme: GridScheme
-    weight_bits: tuple[int, ...]
-    activation_bits: tuple[int, ...]
+    weight_bits: tuple[Choice, ...]
+    activation_bits: tuple[Choice, ...]
     seed: int
     resamples: int
     float_loss: float | None
@@ -75,6 +133,14 @@ class ValidationReport:
     correlations: tuple[Correlation, ...]
     reliability: tuple[Reliability, ...] = ()
     notes: tuple[str, ...] = ()  # what the simulation could not do as asked (e.g. per channel)
+    sampler: Sampler = Sampler.RANDOM
+    threshold: Threshold = field(default_factory=Threshold)
+    families: tuple[FamilySummary, ...] = ()
+    default_predictor: Predictor = DEFAULT_PREDICTOR
+
+    @property
+    def rejected(self) -> int:
+        return sum(not r.working for r in self.configs)
 
     def correlation(self, predictor: Predictor | str, measure: Measure | str) -> Correlation:
         for c in self.correlations:
@@ -99,53 +165,153 @@ def measures_of(results: Sequence[ConfigResult], float_accuracy: float | None) -
 def sample_configs(
     weights: Sequence[str],
     activations: Sequence[str],
-    weight_bits: Sequence[int],
-    activation_bits: Sequence[int],
+    weight_bits: Sequence[Choice],
+    activation_bits: Sequence[Choice],
     n: int,
     seed: int,
     uniform: bool = True,
 ) -> tuple[tuple[Config, bool], ...]:
-    """``n`` configurations with bits drawn uniformly per tensor, then (if asked) every tensor at b
-    bits for each b both candidate lists share. Returns (configuration, is uniform) pairs."""
+    """The random sampler: ``n`` configurations with choices drawn uniformly per tensor, then (if
+    asked) every tensor at b bits for each b both candidate lists share. Returns (configuration, is
+    uniform) pairs."""
     rng = np.random.default_rng(seed)
-    wb, ab = np.array(sorted(weight_bits)), np.array(sorted(activation_bits))
+    wb, ab = list(weight_bits), list(activation_bits)
     out: list[tuple[Config, bool]] = []
     for _ in range(n):
-        out.append(
-            (
-                Config(
-                    weight_bits={w: int(rng.choice(wb)) for w in weights},
-                    activation_bits={a: int(rng.choice(ab)) for a in activations},
-                ),
-                False,
-            )
-        )
+        w = {t: wb[int(rng.integers(len(wb)))] for t in weights}
+        a = {t: ab[int(rng.integers(len(ab)))] for t in activations} if ab else {}
+        out.append((Config(weight_bits=w, activation_bits=a), False))
     if uniform:
-        for b in sorted(set(weight_bits) & set(activation_bits)):
-            out.append((Config({w: b for w in weights}, {a: b for a in activations}), True))
+        shared = [b for b in wb if b in ab] if ab else wb
+        for b in shared:
+            out.append((Config({w: b for w in weights}, {a: b for a in activations} if ab else {}), True))
     return tuple(out)
 
 
-def _run_configs(
-    h: Harness, sampled: Sequence[tuple[Config, bool]], progress: Progress | None, workers: Workers | None = None
-) -> tuple[list[ConfigResult], list[Damage]]:
-    """Measure (on ``workers``, if parallel) and predict every sampled configuration, one progress step each."""
-    bar = as_progress(progress)
-    bar.start(len(sampled), "Configurations")
-    damages = measure_all(h, [config for config, _ in sampled], workers, bar.advance)
-    results = [
-        ConfigResult(
-            weight_bits=dict(config.weight_bits),
-            activation_bits=dict(config.activation_bits),
-            uniform=is_uniform,
-            predicted=h.predict(config),
-            kl=d.kl,
-            dloss=d.dloss,
-            accuracy=d.accuracy,
+def _nearest(choice: Choice, candidates: Sequence[Choice]) -> Choice:
+    """The candidate closest in bits (the dearer one on a tie)."""
+    return min(candidates, key=lambda c: (abs(cost_bits(c) - cost_bits(choice)), -cost_bits(c)))
+
+
+def uniform_ladder(h: Harness, fam: Family) -> tuple[Config, ...]:
+    """Every weight at each of the family's choices, cheapest first (activations at the nearest one)."""
+    return tuple(
+        Config(
+            {w: c for w in h.weights},
+            {a: _nearest(c, fam.activations) for a in h.activations} if fam.activations else {},
         )
-        for (config, is_uniform), d in zip(sampled, damages, strict=True)
-    ]
-    return results, damages
+        for c in fam.weights
+    )
+
+
+def budget_configs(
+    h: Harness, fam: Family, band: tuple[int, int], n: int, rng: np.random.Generator
+) -> tuple[Config, ...]:
+    """``n`` configurations around budgets drawn uniformly in the band of the family's weight choices
+    (indices ``band``): each tensor takes a choice near the budget (Gaussian weight in bits)."""
+    lo, hi = band
+    wc = fam.weights[lo : hi + 1]
+    lo_bits, hi_bits = cost_bits(wc[0]), cost_bits(wc[-1])
+    ac = [c for c in fam.activations if lo_bits - 1 <= cost_bits(c) <= hi_bits + 1] or list(fam.activations)
+
+    def pick(cands: Sequence[Choice], budget: float) -> Choice:
+        p = np.exp(-0.5 * (np.array([cost_bits(c) for c in cands]) - budget) ** 2 / BUDGET_SPREAD**2)
+        return cands[int(rng.choice(len(cands), p=p / p.sum()))]
+
+    out = []
+    for _ in range(n):
+        budget = float(rng.uniform(lo_bits, hi_bits))
+        out.append(
+            Config(
+                {w: pick(wc, budget) for w in h.weights},
+                {a: pick(ac, budget) for a in h.activations} if ac else {},
+            )
+        )
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class _Measured:
+    config: Config
+    uniform: bool
+    damage: Damage
+
+
+def _measure_all(
+    h: Harness, configs: Sequence[tuple[Config, bool]], progress: Progress | None, workers: Workers | None
+) -> list[_Measured]:
+    """Measure every configuration (on ``workers``, if parallel), one progress step each."""
+    bar = as_progress(progress)
+    bar.start(len(configs), "Configurations")
+    damages = measure_all(h, [config for config, _ in configs], workers, bar.advance)
+    return [_Measured(c, u, d) for (c, u), d in zip(configs, damages, strict=True)]
+
+
+def _band(ladder: Sequence[_Measured], threshold: Threshold) -> tuple[int, int]:
+    """(cheapest working uniform level, dearest level); at least two levels wide when there are two."""
+    top = len(ladder) - 1
+    working = [k for k, m in enumerate(ladder) if threshold.works(m.damage)]
+    lo = working[0] if working else top
+    return (min(lo, max(top - 1, 0)), top)
+
+
+def _family_configs(
+    h: Harness, fam: Family, samp: SamplingOptions, seed: int, progress: Progress | None, workers: Workers | None
+) -> tuple[list[_Measured], tuple[Choice, Choice] | None]:
+    """The family's measured configurations (uniform ones first when asked) and the band drawn in."""
+    if samp.sampler is Sampler.RANDOM:
+        sampled = sample_configs(
+            h.weights, h.activations, fam.weights, fam.activations, samp.configs, seed, samp.uniform
+        )
+        return _measure_all(h, sampled, progress, workers), None
+    ladder = _measure_all(h, [(c, True) for c in uniform_ladder(h, fam)], progress, workers)
+    lo, hi = _band(ladder, samp.threshold)
+    drawn = budget_configs(h, fam, (lo, hi), samp.configs, np.random.default_rng(seed))
+    measured = _measure_all(h, [(c, False) for c in drawn], progress, workers)
+    return (ladder if samp.uniform else []) + measured, (fam.weights[lo], fam.weights[hi])
+
+
+def _result(h: Harness, m: _Measured, fam: str, threshold: Threshold) -> ConfigResult:
+    d = m.damage
+    return ConfigResult(
+        weight_bits=dict(m.config.weight_bits),
+        activation_bits=dict(m.config.activation_bits),
+        uniform=m.uniform,
+        predicted=h.predict(m.config),
+        kl=d.kl,
+        dloss=d.dloss,
+        accuracy=d.accuracy,
+        family=fam,
+        working=threshold.works(d),
+        agreement=d.agreement,
+    )
+
+
+def _summary(
+    h: Harness,
+    fam: Family,
+    measured: Sequence[_Measured],
+    results: Sequence[ConfigResult],
+    band: object,
+    samp: SamplingOptions,
+    seed: int,
+) -> FamilySummary:
+    float_acc = h.reference.accuracy
+    ok = [k for k, r in enumerate(results) if r.working]
+    work = [results[k] for k in ok]
+    enough = len(work) >= MIN_WORKING
+    per_sample = per_sample_measures(h.reference, [measured[k].damage for k in ok]) if enough else {}
+    return FamilySummary(
+        name=fam.name,
+        weight_choices=fam.weights,
+        activation_choices=fam.activations,
+        band=band,  # type: ignore[arg-type]
+        configs=len(results),
+        rejected=len(results) - len(work),
+        correlations=_correlations(results, float_acc, 0, seed),
+        working=_correlations(work, float_acc, samp.resamples, seed) if enough else (),
+        working_reliability=reliability(per_sample, seed=seed) if enough else (),
+    )
 
 
 def validate(
@@ -159,8 +325,8 @@ def validate(
     progress: Progress | None = None,
     session: api.Session | None = None,
 ) -> ValidationReport:
-    """Simulate ``sampling.configs`` random mixed-precision configurations (plus uniform ones) on
-    held-out data and rank FIT and baselines against the damage each one does (``harness``
+    """Simulate ``sampling.configs`` mixed-precision configurations per family (plus uniform ones)
+    on held-out data and rank FIT and baselines against the damage each one does (``harness``
     explains the shared arguments; ``options.seed`` also draws the configurations and the bootstrap)."""
     samp = sampling or SamplingOptions()
     if samp.configs < 0:
@@ -168,11 +334,37 @@ def validate(
     opts = options or FisherOptions()
     seed = opts.seed
     h = harness(model, data, eval_data, simulation=simulation, options=opts, progress=progress, session=session)
-    sampled = sample_configs(
-        h.weights, h.activations, h.weight_bits, h.activation_bits, samp.configs, seed, samp.uniform
-    )
-    results, damages = _run_configs(h, sampled, progress, opts.workers)
+    return validate_harness(h, samp, seed, progress, opts.workers)
+
+
+def validate_harness(
+    h: Harness, samp: SamplingOptions, seed: int, progress: Progress | None = None, workers: Workers | None = None
+) -> ValidationReport:
+    """``validate`` on a harness already built (studies set several Fisher estimates beside one
+    measurement: ``Harness.predict`` of another harness re-predicts the report's configurations);
+    ``workers`` measure configurations in parallel."""
+    measured: list[_Measured] = []
+    results: list[ConfigResult] = []
+    summaries = []
+    for k, fam in enumerate(h.families):
+        got, band = _family_configs(h, fam, samp, seed + k, progress, workers)
+        rs = [_result(h, m, fam.name, samp.threshold) for m in got]
+        summaries.append(_summary(h, fam, got, rs, band, samp, seed))
+        measured += got
+        results += rs
+    return _report(h, samp, seed, measured, results, tuple(summaries))
+
+
+def _report(
+    h: Harness,
+    samp: SamplingOptions,
+    seed: int,
+    measured: Sequence[_Measured],
+    results: Sequence[ConfigResult],
+    families: tuple[FamilySummary, ...],
+) -> ValidationReport:
     s, ref = h.session, h.reference
+    damages = [m.damage for m in measured]
     return ValidationReport(
         model=s.loaded.name,
         fisher=h.fisher.value,
@@ -192,7 +384,11 @@ def validate(
         configs=tuple(results),
         correlations=_correlations(results, ref.accuracy, samp.resamples, seed),
         reliability=reliability(per_sample_measures(ref, damages), seed=seed) if len(results) >= 3 else (),
-        notes=tuple(h.simulator.notes),
+        notes=tuple(dict.fromkeys(h.simulator.notes)),
+        sampler=samp.sampler,
+        threshold=samp.threshold,
+        families=families,
+        default_predictor=Predictor(samp.predictor),
     )
 
 

@@ -7,8 +7,18 @@ import time
 import click
 
 from fitonnx.analysis import simulate
+from fitonnx.analysis.choices import ALL
+from fitonnx.analysis.damage import DEFAULT_MIN_AGREEMENT, Threshold
 from fitonnx.analysis.harness import DEFAULT_BATCH_SIZE, DEFAULT_BITS, SimulationOptions
-from fitonnx.analysis.validate import DEFAULT_CONFIGS, DEFAULT_RESAMPLES, SamplingOptions, validate
+from fitonnx.analysis.predictors import Predictor
+from fitonnx.analysis.validate import (
+    DEFAULT_CONFIGS,
+    DEFAULT_PREDICTOR,
+    DEFAULT_RESAMPLES,
+    Sampler,
+    SamplingOptions,
+    validate,
+)
 from fitonnx.cli.common import data_source, echo_for, echo_warnings, output_plan, target_path, write_plot
 from fitonnx.cli.options import BitsList, data_options, fisher_options, force_option
 from fitonnx.cli.progress import progress_bars
@@ -32,8 +42,39 @@ from fitonnx.render import validate as view
     type=click.IntRange(min=0),
     default=DEFAULT_CONFIGS,
     show_default=True,
-    help="Random mixed-precision configurations to simulate (uniform ones are added).",
+    help="Mixed-precision configurations to simulate per family (uniform ones are added).",
 )
+@click.option(
+    "--sampler",
+    type=click.Choice([m.value for m in Sampler]),
+    default=Sampler.BUDGET.value,
+    show_default=True,
+    help="budget: around the budgets a user would pick, between the cheapest uniform configuration that "
+    "still works and the dearest; random: every tensor's choice uniformly (the old sampler).",
+)
+@click.option(
+    "--min-agreement",
+    type=click.FloatRange(0.0, 1.0),
+    default=DEFAULT_MIN_AGREEMENT,
+    show_default=True,
+    help="A configuration works when it takes the float model's decision on this share of outputs.",
+)
+@click.option("--max-kl", type=click.FloatRange(min=0.0), help="A configuration works only with at most this KL.")
+@click.option(
+    "--predictor",
+    type=click.Choice([p.value for p in Predictor]),
+    default=DEFAULT_PREDICTOR.value,
+    show_default=True,
+    help="The predictor the report leads with and plots (the paper's fit is shown beside it).",
+)
+@click.option(
+    "--format",
+    "formats",
+    multiple=True,
+    help=f"Simulate these formats (e.g. int4/ch, int8/b32, fp8e4m3, nvfp4/16; '{ALL}': every family of the "
+    "registry) instead of --bits; ρ is reported per format family. Repeatable.",
+)
+@click.option("--weights-only", is_flag=True, help="Keep every activation in float.")
 @click.option(
     "--bits",
     type=BitsList(),
@@ -77,6 +118,12 @@ def validate_command(
     options: FisherOptions,
     eval_data: str | None,
     configs: int,
+    sampler: str,
+    min_agreement: float,
+    max_kl: float | None,
+    predictor: str,
+    formats: tuple[str, ...],
+    weights_only: bool,
     bits: tuple[int, ...],
     weight_bits: tuple[int, ...] | None,
     act_bits: tuple[int, ...] | None,
@@ -89,7 +136,7 @@ def validate_command(
     plot_path: str | None,
     force: bool,
 ) -> None:
-    """Measure the damage of random quantization configurations of MODEL and how well FIT ranks it.
+    """Measure the damage of mixed-precision configurations of MODEL and how well FIT ranks it.
 
     --seed also seeds the configuration sampling and the bootstrap.
     """
@@ -109,8 +156,17 @@ def validate_command(
                 per_channel=per_channel,
                 symmetric=symmetric,
                 batch_size=eval_batch_size,
+                formats=formats,
+                weights_only=weights_only,
             ),
-            sampling=SamplingOptions(configs=configs, uniform=not no_uniform, resamples=resamples),
+            sampling=SamplingOptions(
+                configs=configs,
+                uniform=not no_uniform,
+                resamples=resamples,
+                sampler=Sampler(sampler),
+                threshold=Threshold(min_agreement, max_kl),
+                predictor=Predictor(predictor),
+            ),
             options=options,
             progress=bars,
         )

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from fitonnx.analysis.damage import MEASURES, Measure
+from fitonnx.analysis.damage import MEASURES, SECOND_ORDER_KL, Measure, Reliability
 from fitonnx.analysis.predictors import PREDICTORS, Predictor
-from fitonnx.analysis.validate import ConfigResult, ValidationReport, measures_of
+from fitonnx.analysis.validate import ConfigResult, FamilySummary, ValidationReport, measures_of
 from fitonnx.files.atomic import write_atomic
 from fitonnx.files.outputs import json_text
 from fitonnx.render.plot import require_matplotlib, save_png
@@ -20,7 +20,7 @@ from fitonnx.score.ranks import Correlation
 
 # Above this median KL (nats per held-out sample) the report says the configurations are outside
 # the second-order regime: KL ≈ ½δᵀFδ holds for KL well below 1.
-LARGE_KL = 1.0
+LARGE_KL = SECOND_ORDER_KL
 # Axis labels of the scatter's panels.
 MEASURE_LABELS: dict[Measure, str] = {
     Measure.KL: "KL(float ‖ quantized)",
@@ -42,12 +42,15 @@ def _config_dict(r: ConfigResult) -> dict[str, Any]:
         "kl": r.kl,
         "dloss": r.dloss,
         "accuracy": r.accuracy,
+        "family": r.family,
+        "working": r.working,
+        "agreement": r.agreement,
     }
 
 
-def _correlation_dict(report: ValidationReport) -> dict[str, dict[str, dict[str, Any]]]:
+def _correlations_dict(correlations: tuple[Correlation, ...]) -> dict[str, dict[str, dict[str, Any]]]:
     corr: dict[str, dict[str, dict[str, Any]]] = {}
-    for c in report.correlations:
+    for c in correlations:
         corr.setdefault(c.measure, {})[c.predictor] = {
             "spearman": finite(c.spearman),
             "spearman_ci": [finite(v) for v in c.spearman_ci],
@@ -57,32 +60,55 @@ def _correlation_dict(report: ValidationReport) -> dict[str, dict[str, dict[str,
     return corr
 
 
+def _reliability_dict(rel: tuple[Reliability, ...]) -> dict[str, dict[str, Any]]:
+    return {
+        r.measure: {
+            "split_half": finite(r.split_half),
+            "full": finite(r.full),
+            "ceiling": finite(r.ceiling),
+            "splits": r.splits,
+        }
+        for r in rel
+    }
+
+
+def _family_dict(f: FamilySummary) -> dict[str, Any]:
+    return {
+        "name": f.name,
+        "weight_choices": [str(c) for c in f.weight_choices],
+        "activation_choices": [str(c) for c in f.activation_choices],
+        "band": None if f.band is None else [str(c) for c in f.band],
+        "configs": f.configs,
+        "rejected": f.rejected,
+        "correlation": _correlations_dict(f.correlations),
+        "working_correlation": _correlations_dict(f.working),
+        "working_reliability": _reliability_dict(f.working_reliability),
+    }
+
+
 def to_dict(report: ValidationReport) -> dict[str, Any]:
-    """The JSON report (schema in README.md); NaN (undefined correlation) is written as null."""
+    """The JSON report (schema in docs/schemas/validate.schema.json); NaN (undefined correlation) is written as null."""
     return {
         **provenance_dict(report),
         "eval_data": report.eval_source,
         "eval_samples": report.eval_samples,
         "scheme": {"per_channel": report.scheme.per_channel, "symmetric": report.scheme.symmetric},
-        "weight_bits": list(report.weight_bits),
-        "activation_bits": list(report.activation_bits),
+        "weight_bits": [str(c) if isinstance(c, str) else c for c in report.weight_bits],
+        "activation_bits": [str(c) if isinstance(c, str) else c for c in report.activation_bits],
         "seed": report.seed,
         "resamples": report.resamples,
+        "sampler": report.sampler.value,
+        "threshold": {"min_agreement": report.threshold.min_agreement, "max_kl": report.threshold.max_kl},
+        "default_predictor": report.default_predictor.value,
+        "rejected": report.rejected,
         "float": {"loss": report.float_loss, "accuracy": report.float_accuracy},
         "predictors": {p.value: d for p, d in PREDICTORS.items()},
         "measures": {m: MEASURES[Measure(m)] for m in report.measures},
         "configs": [_config_dict(r) for r in report.configs],
-        "correlation": _correlation_dict(report),
+        "correlation": _correlations_dict(report.correlations),
+        "families": [_family_dict(f) for f in report.families],
         "notes": list(report.notes),
-        "reliability": {
-            r.measure: {
-                "split_half": finite(r.split_half),
-                "full": finite(r.full),
-                "ceiling": finite(r.ceiling),
-                "splits": r.splits,
-            }
-            for r in report.reliability
-        },
+        "reliability": _reliability_dict(report.reliability),
     }
 
 
@@ -105,10 +131,14 @@ def _cell(c: Correlation, which: Callable[[Correlation], tuple[float, tuple[floa
 def _setup_lines(report: ValidationReport) -> list[str]:
     """What was simulated, from which Fisher, the float model and the range of damage."""
     n_uniform = sum(r.uniform for r in report.configs)
+    acts = ",".join(map(str, report.activation_bits)) or "none (float)"
+    grid = report.scheme.describe() if all(isinstance(c, int) for c in report.weight_bits) else "named formats"
     lines = [
-        f"{report.model}: {len(report.configs)} configurations ({len(report.configs) - n_uniform} random, "
-        f"{n_uniform} uniform); weight bits {','.join(map(str, report.weight_bits))}, activation bits "
-        f"{','.join(map(str, report.activation_bits))}; {report.scheme.describe()}",
+        f"{report.model}: {len(report.configs)} configurations ({len(report.configs) - n_uniform} "
+        f"{report.sampler.value}-sampled, {n_uniform} uniform); weights {','.join(map(str, report.weight_bits))}, "
+        f"activations {acts}; {grid}",
+        f"working: {report.threshold.describe()}; {report.rejected} of {len(report.configs)} configurations past it "
+        "(flagged, left out of the working-regime ρ)",
         f"{report.fisher} Fisher ({report.likelihood} on {report.output!r}) from {report.samples} samples of "
         f"{report.data_source}; damage measured on {report.eval_samples} samples of {report.eval_source}",
     ]
@@ -159,15 +189,49 @@ def _reliability_lines(report: ValidationReport) -> list[str]:
     ]
 
 
+def _family_lines(report: ValidationReport) -> list[str]:
+    """Per family: its band, configurations, how many past the threshold, ρ(·, KL) of the lead
+    predictor over all configurations, and over the working ones beside the paper's FIT, the best
+    other predictor and the working configurations' ceiling."""
+    if not report.families:
+        return []
+    lead = report.default_predictor
+    head = (
+        f"{'family':<16}{'band':>18}{'configs':>9}{'past':>6}{'all ' + lead.value:>18}"
+        f"{'working ' + lead.value:>22}{'working fit':>13}{'best other (working)':>30}{'ceiling':>9}"
+    )
+    lines = ["", f"Spearman ρ with KL per family (lead predictor {lead.value}; the paper's FIT beside it)", head]
+    lines.append("-" * len(head))
+
+    def rho(corrs: tuple[Correlation, ...], p: Predictor) -> float:
+        return next((c.spearman for c in corrs if c.predictor == p and c.measure == Measure.KL), float("nan"))
+
+    def cell(v: float) -> str:
+        return f"{v:+.3f}" if math.isfinite(v) else "n/a"
+
+    for f in report.families:
+        band = "random" if f.band is None else f"{f.band[0]}..{f.band[1]}"
+        ceiling = next((r.ceiling for r in f.working_reliability if r.measure == Measure.KL), float("nan"))
+        others = [(rho(f.working, p), p) for p in Predictor if p not in (lead, Predictor.FIT)]
+        best = max((o for o in others if math.isfinite(o[0])), default=None, key=lambda o: o[0])
+        best_cell = "n/a" if best is None else f"{best[1].value} {best[0]:+.3f}"
+        lines.append(
+            f"{f.name:<16}{band:>18}{f.configs:>9}{f.rejected:>6}{cell(rho(f.correlations, lead)):>18}"
+            f"{cell(rho(f.working, lead)):>22}{cell(rho(f.working, Predictor.FIT)):>13}{best_cell:>30}{cell(ceiling):>9}"
+        )
+    return lines
+
+
 def format_report(report: ValidationReport) -> str:
-    """The terminal summary: set-up, range of damage, and the correlation table."""
+    """The terminal summary: set-up, range of damage, the per-family summary and the correlation table."""
     lines = _setup_lines(report)
     if not report.correlations:
         lines.append("too few configurations for rank correlations")
         return "\n".join(lines)
+    lines += _family_lines(report)
     lines += _correlation_table(
         report,
-        f"Spearman ρ [95% bootstrap CI over configurations, {report.resamples} resamples]",
+        f"Spearman ρ, all configurations pooled [95% bootstrap CI over configurations, {report.resamples} resamples]",
         lambda c: (c.spearman, c.spearman_ci),
     )
     lines += _correlation_table(report, "Kendall τ-b", lambda c: (c.kendall, c.kendall_ci))
@@ -182,13 +246,15 @@ def format_report(report: ValidationReport) -> str:
 
 
 def scatter(report: ValidationReport, path: str | os.PathLike[str]) -> None:
-    """FIT against each measured damage (KL, Δloss, accuracy drop), one panel each, ρ in the title.
+    """The default predictor against each measured damage (KL, Δloss, accuracy drop), one panel
+    each, ρ in the title (the paper's FIT's ρ beside it).
 
     Log axes where every value is positive (FIT and KL always are); uniform configurations are
     drawn as squares labelled with their bit width.
     """
     plt = require_matplotlib()
-    fit = np.array([r.predicted[Predictor.FIT] for r in report.configs])
+    lead = report.default_predictor
+    fit = np.array([r.predicted[lead] for r in report.configs])
     panels = measures_of(report.configs, report.float_accuracy)
     uniform = np.array([r.uniform for r in report.configs], bool)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.0), squeeze=False)
@@ -203,12 +269,13 @@ def scatter(report: ValidationReport, path: str | os.PathLike[str]) -> None:
         ax.set_xscale("log")
         if np.all(y > 0):
             ax.set_yscale("log")
-        ax.set_xlabel("FIT")
+        ax.set_xlabel(lead.value)
         ax.set_ylabel(label)
         title = label
         if report.correlations:
-            c = report.correlation(Predictor.FIT, measure)
-            title = f"{label}\nSpearman ρ = {c.spearman:.3f}, Kendall τ = {c.kendall:.3f}"
+            c = report.correlation(lead, measure)
+            paper = report.correlation(Predictor.FIT, measure)
+            title = f"{label}\nSpearman ρ = {c.spearman:.3f}, Kendall τ = {c.kendall:.3f} (fit: ρ {paper.spearman:.3f})"
         ax.set_title(title, fontsize=9)
         ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize=8)

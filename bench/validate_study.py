@@ -1,0 +1,190 @@
+"""Which predictor ranks real quantization damage where models still work (issue 17's study).
+
+For each real trained model (authors' weights) and its realistic data (``scripts/data/build_data.py
+--scale 4 --out DIR``): one measurement (``validate`` with the budget sampler, weights only, three
+format families: per-tensor min/max INT, per-channel symmetric INT, FP8 with FP16) and several Fisher
+estimates beside it (empirical / mc / exact, and fewer calibration samples), each re-predicting the
+same configurations. Prints ρ(predictor, KL) per family over the working configurations, the
+measurement's split-half ceiling, and the time of each stage; ``--json`` writes everything.
+
+    python bench/validate_study.py --data /tmp/fitdata [--models ppocr_cls_mbv3 ...] [--configs 30] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fitonnx.analysis.damage import Measure
+from fitonnx.analysis.harness import SimulationOptions, harness
+from fitonnx.analysis.predictors import Predictor
+from fitonnx.analysis.simulate import Config
+from fitonnx.analysis.validate import SamplingOptions, validate_harness
+from fitonnx.fisher.options import FisherOptions
+from fitonnx.model.data import Dataset, load_npz
+from fitonnx.score.ranks import spearman
+
+ZOO = Path(__file__).resolve().parent.parent / "models" / "zoo"
+FORMATS = ("uint4", "uint5", "uint6", "uint8", "int4/ch", "int5/ch", "int6/ch", "int8/ch", "fp8e4m3")
+# model: (default Fisher, the other estimates to set beside it: (label, fisher, max samples[, repeats]));
+# repeats > 1 feeds every calibration sample that many times (an MC Fisher then draws that many labels).
+MODELS = {
+    "ppocr_cls_mbv3": (
+        "empirical",
+        [
+            ("mc", "mc", None),
+            ("exact", "exact", None),
+            ("empirical N=8", "empirical", 8),
+            ("empirical N=16", "empirical", 16),
+        ],
+    ),
+    "ppocrv4_rec_svtr": ("mc", [("mc N=8", "mc", 8), ("mc x4", "mc", None, 4)]),
+    "silero_vad_16k_op15": ("mc", [("mc N=16", "mc", 16), ("mc N=48", "mc", 48), ("mc x4", "mc", None, 4)]),
+}
+SHOWN = (
+    Predictor.FIT,
+    Predictor.FIT_MEASURED,
+    Predictor.QUADRATIC,
+    Predictor.OUTPUT_SPACE,
+    Predictor.WEIGHT_ERROR,
+    Predictor.NOISE_ONLY,
+)
+
+
+def one_at_a_time(h, report) -> tuple[dict[str, dict[str, float]], int, float]:
+    """The AIMET/Quark/ModelOpt-KL baseline: each weight alone at each of its family's choices
+    (the rest float), measured; a configuration's score is the sum. ρ per family (working), the
+    number of simulations and their time."""
+    t0 = time.perf_counter()
+    single: dict[tuple[str, object], float] = {}
+    out: dict[str, dict[str, float]] = {}
+    for fam in h.families:
+        for w in h.weights:
+            for c in fam.weights:
+                if (w, c) not in single:
+                    single[(w, c)] = h.measure(Config({w: c}, {})).kl
+        rows = [r for r in report.configs if r.family == fam.name and r.working]
+        if len(rows) >= 5:
+            score = [sum(single[(w, c)] for w, c in r.weight_bits.items()) for r in rows]
+            out[fam.name] = {"one_at_a_time": spearman(np.array(score), np.array([r.kl for r in rows]))}
+    return out, len(single), time.perf_counter() - t0
+
+
+def rho_table(h, report, working: bool) -> dict[str, dict[str, float]]:
+    """ρ(predictor of ``h``, KL) per family over the report's (working) configurations."""
+    out: dict[str, dict[str, float]] = {}
+    for fam in report.families:
+        rows = [r for r in report.configs if r.family == fam.name and (r.working or not working)]
+        if len(rows) < 5:
+            continue
+        kl = np.array([r.kl for r in rows])
+        preds = [h.predict(Config(r.weight_bits, r.activation_bits)) for r in rows]
+        out[fam.name] = {p.value: spearman(np.array([q[p] for q in preds]), kl) for p in SHOWN}
+        out[fam.name]["n"] = len(rows)
+    return out
+
+
+def repeated(d: Dataset, k: int) -> Dataset:
+    """Every sample ``k`` times (MC labels are drawn per fed sample)."""
+    arrays = {name: np.concatenate([a] * k) for name, a in d.arrays.items()}
+    labels = None if d.labels is None else np.concatenate([d.labels] * k)
+    return Dataset(arrays, labels, f"{d.source} x{k}")
+
+
+def study(name: str, data: Path, configs: int, seed: int, only: set[str] | None = None, peers: bool = False) -> dict:
+    default, others = MODELS[name]
+    calib, held = data / f"{name}.calib.npz", data / f"{name}.heldout.npz"
+    sim = SimulationOptions(formats=FORMATS, weights_only=True)
+    t0 = time.perf_counter()
+    h0 = harness(ZOO / f"{name}.onnx", calib, held, simulation=sim, options=FisherOptions(fisher=default, seed=seed))
+    t_harness = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    report = validate_harness(h0, SamplingOptions(configs=configs, resamples=0), seed)
+    t_sim = time.perf_counter() - t0
+    result = {
+        "model": name,
+        "calibration_samples": h0.samples,
+        "held_out": h0.held_out.num_samples,
+        "float_accuracy": report.float_accuracy,
+        "time_calibration_s": t_harness,
+        "time_simulation_s": t_sim,
+        "configs": len(report.configs),
+        "families": {
+            f.name: {
+                "band": [str(c) for c in f.band] if f.band else None,
+                "configs": f.configs,
+                "rejected": f.rejected,
+                "ceiling": next((r.ceiling for r in f.working_reliability if r.measure == Measure.KL), None),
+            }
+            for f in report.families
+        },
+        "kl_range": [min(r.kl for r in report.configs), max(r.kl for r in report.configs)],
+        "estimates": {
+            default: {"working": rho_table(h0, report, True), "all": rho_table(h0, report, False), "time_s": t_harness}
+        },
+    }
+    print_estimate(name, default, result["estimates"][default], result)
+    if peers:
+        rho, runs, seconds = one_at_a_time(h0, report)
+        result["one_at_a_time"] = {"working": rho, "simulations": runs, "time_s": seconds}
+        print(f"{name:<20} one-at-a-time KL: {rho} from {runs} simulations, {seconds:.0f} s", flush=True)
+    for label, fisher, n, *rest in others:
+        if only and label not in only:
+            continue
+        t0 = time.perf_counter()
+        repeats = rest[0] if rest else 1
+        data = calib if repeats == 1 else repeated(load_npz(calib), repeats)
+        h = harness(
+            ZOO / f"{name}.onnx", data, held, simulation=sim,
+            options=FisherOptions(fisher=fisher, max_samples=n, seed=seed), session=h0.session if repeats == 1 else None,
+        )  # fmt: skip
+        est = {
+            "working": rho_table(h, report, True),
+            "all": rho_table(h, report, False),
+            "time_s": time.perf_counter() - t0,
+        }
+        result["estimates"][label] = est
+        print_estimate(name, label, est, result)
+    return result
+
+
+def print_estimate(name: str, label: str, est: dict, result: dict) -> None:
+    for fam, row in est["working"].items():
+        f = result["families"][fam]
+        cells = "  ".join(f"{p.value} {row[p.value]:+.3f}" for p in SHOWN)
+        ceiling = f["ceiling"]
+        print(
+            f"{name:<20} {label:<16} {fam:<7} working {row['n']:>3}/{f['configs']:<3} {cells}  "
+            f"ceiling {ceiling if ceiling is None else round(ceiling, 3)}  ({est['time_s']:.0f} s)",
+            flush=True,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--configs", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--only", nargs="*", help="run only these estimates beside the default")
+    parser.add_argument("--one-at-a-time", action="store_true", help="also the one-tensor-at-a-time KL baseline")
+    args = parser.parse_args()
+    results = []
+    for name in args.models:
+        results.append(study(name, args.data, args.configs, args.seed, set(args.only or ()), args.one_at_a_time))
+        print(
+            f"{name}: {results[-1]['configs']} configurations, KL {results[-1]['kl_range'][0]:.3g}..{results[-1]['kl_range'][1]:.3g}; "
+            f"calibration {results[-1]['time_calibration_s']:.0f} s, simulation {results[-1]['time_simulation_s']:.0f} s",
+            flush=True,
+        )
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()

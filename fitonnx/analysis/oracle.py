@@ -1,0 +1,95 @@
+"""Recommendation quality against an exhaustive oracle, for models with few weight tensors.
+
+Every per-tensor assignment of candidate widths to the weights whose average bits per weight
+(weighted by element count) is within a budget is simulated; the oracle is the one with the least
+measured KL. A predictor's recommendation is the assignment it scores lowest under the same budget
+(what an exact knapsack over its table returns); its regret is KL(recommended) / KL(oracle) ≥ 1,
+and its rank is where it falls among all assignments ordered by measured KL.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fitonnx.analysis.harness import Harness
+from fitonnx.analysis.predictors import Predictor
+from fitonnx.analysis.simulate import Config
+from fitonnx.errors import FitonnxError
+
+MAX_ASSIGNMENTS = 20000
+
+
+@dataclass(frozen=True)
+class OracleResult:
+    """One budget: the oracle's and each predictor's choice, with measured KL, regret and rank."""
+
+    budget: float
+    assignments: int  # within the budget
+    best: dict[str, int]
+    best_kl: float
+    recommended: dict[str, dict[str, int]]  # per scorer (a predictor's name, or the caller's label)
+    kl: dict[str, float]
+    regret: dict[str, float]
+    rank: dict[str, int]  # 1 = the oracle's own choice
+
+
+Scorer = Callable[[Mapping[str, int]], float]
+
+
+def predictor_scorers(h: Harness, predictors: Sequence[Predictor]) -> dict[str, Scorer]:
+    """Each predictor's score of a weight assignment (its table summed along it)."""
+    return {p.value: (lambda a, p=p: h.tables.total(p, Config(dict(a), {}))) for p in predictors}
+
+
+def one_at_a_time(h: Harness, widths: Sequence[int]) -> tuple[Scorer, int]:
+    """The AIMET/Quark baseline: each weight alone at each width measured, summed over an
+    assignment; returns the scorer and how many simulations it took."""
+    single = {(w, b): h.measure(Config({w: b}, {})).kl for w in h.weights for b in widths}
+    return (lambda a: sum(single[(w, b)] for w, b in a.items())), len(single)
+
+
+def average_bits(bits: Sequence[int], numels: Sequence[int]) -> float:
+    return float(np.dot(bits, numels) / np.sum(numels))
+
+
+def assignments(
+    names: Sequence[str], numels: Sequence[int], widths: Sequence[int], budget: float
+) -> list[dict[str, int]]:
+    """Every assignment of ``widths`` to the tensors with average bits ≤ ``budget``."""
+    total = len(widths) ** len(names)
+    if total > MAX_ASSIGNMENTS:
+        raise FitonnxError(f"expected at most {MAX_ASSIGNMENTS} assignments to enumerate; found {total}")
+    return [
+        dict(zip(names, combo, strict=True))
+        for combo in itertools.product(widths, repeat=len(names))
+        if average_bits(combo, numels) <= budget + 1e-9
+    ]
+
+
+def oracle(h: Harness, budgets: Sequence[float], scorers: Mapping[str, Scorer]) -> list[OracleResult]:
+    """The oracle and each scorer's recommendation at each budget (weights only, the harness's
+    integer candidate widths; activations stay float). Each assignment is simulated once."""
+    names = list(h.weights)
+    numels = [int(h.simulator.sim.weights[w].size) for w in names]
+    widths = [b for b in h.weight_bits if isinstance(b, int)]
+    every = assignments(names, numels, widths, max(budgets))
+    kl = {tuple(a.values()): h.measure(Config(a, {})).kl for a in every}
+    out = []
+    for budget in budgets:
+        inside = [a for a in every if average_bits(list(a.values()), numels) <= budget + 1e-9]
+        if not inside:
+            raise FitonnxError(f"expected an assignment within {budget} bits; the lowest width is {min(widths)}")
+        measured = np.array([kl[tuple(a.values())] for a in inside])
+        best = int(np.argmin(measured))
+        rec, rec_kl, regret, rank = {}, {}, {}, {}
+        for label, score in scorers.items():
+            k = int(np.argmin([score(a) for a in inside]))
+            rec[label], rec_kl[label] = inside[k], float(measured[k])
+            regret[label] = float(measured[k] / measured[best]) if measured[best] > 0 else float("inf")
+            rank[label] = int(np.sum(measured < measured[k])) + 1
+        out.append(OracleResult(budget, len(inside), inside[best], float(measured[best]), rec, rec_kl, regret, rank))
+    return out
