@@ -44,8 +44,8 @@ from fitonnx.render.plot import MISSING_MATPLOTLIB
 from fitonnx.scale import warm_up
 from fitonnx.score import noise
 from fitonnx.score.fit import DEFAULT_ACTIVATION_BITS, DEFAULT_WEIGHT_BITS, ScoreReport
-from fitonnx.score.formats_fit import FormatFit, format_fits, plan_statistics, target_formats, weight_format_fits
-from fitonnx.score.run import score_model, score_session
+from fitonnx.score.formats_fit import FormatFit, format_fits, plan_statistics, target_formats, weight_fits
+from fitonnx.score.run import score_session
 
 export = export_recommendation
 inspect = inspect_model
@@ -182,16 +182,16 @@ def recommend(
         lowest = min(choices.weight_bits or tgt.weight_bits)
     allocate.check_budget(budget, [t.numel or 0 for t in s.tensors if t.kind is Kind.WEIGHT], lowest)
     out = None if out_dir is None else prepare_out_dir(out_dir, s.loaded.path, s.loaded.name)
-    report = score_model(
-        model,
-        session=s,
+    report = score_session(
+        s,
         options=opts,
         weight_bits=tgt.weight_bits,
         activation_bits=tgt.activation_bits,
         noise_model=noise_model,
+        formats=requested_formats(tgt, choices.weight_formats) if by_format else (),
         progress=progress,
     )
-    alloc = _allocate(s, report, budget, choices, opts, progress)
+    alloc = _allocate(s, report, budget, choices)
     if out is not None and s.data.synthetic:
         warnings.warn(RANDOM_CALIBRATION, RandomDataWarning, stacklevel=2)  # the bundle's QDQ models
     written = (
@@ -212,23 +212,15 @@ def recommend(
 
 
 def _allocate(
-    s: Session,
-    report: ScoreReport,
-    budget: Budget,
-    choices: allocate.AllocationOptions | FormatOptions,
-    opts: FisherOptions,
-    progress: Progress | None,
+    s: Session, report: ScoreReport, budget: Budget, choices: allocate.AllocationOptions | FormatOptions
 ) -> allocate.Allocation:
-    """The bit-width allocation, or the format allocation with each weight's FIT per format.
-
-    The per-format FIT needs the per-element Fisher diagonal, so the Fisher stage runs a second
-    time with ``keep_gradients`` (``score.formats_fit``), until the score itself yields it."""
+    """The bit-width allocation, or the format allocation from each weight's FIT per format (scored
+    with the report, in the same Fisher pass: ``score_session(formats=...)``)."""
     if isinstance(choices, FormatOptions):
-        traces, _, _ = fisher_traces(s, opts, progress=progress, keep_gradients=True)
-        if traces.diag is None:
-            raise FitonnxError(f"expected quantizable tensors with gradients in {report.model}; found none")
-        tgt = choices.check()
-        fits = weight_format_fits(s.prepared.model, traces.diag, requested_formats(tgt, choices.weight_formats))
+        per_format = {(t.name, name): fit for t in report.tensors for name, fit in t.formats.items()}
+        fits = weight_fits(per_format, s.prepared.model)
+        if not fits:
+            raise FitonnxError(f"expected quantizable weights with gradients in {report.model}; found none")
         return allocate_formats(report, s.prepared.model, fits, budget, choices)
     return allocate.allocate(
         report,

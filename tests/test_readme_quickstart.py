@@ -131,12 +131,24 @@ def test_onnxruntime_recipe_runs_as_written(tmp_path: Path, monkeypatch: pytest.
     assert (logits.argmax(1) == held["labels"]).mean() > 0.9
 
 
+def test_matmulnbits_recipe_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("onnxruntime.quantization.matmul_nbits_quantizer", reason="onnxruntime >= 1.20's quantizer")
+    shutil.copy(ROOT / "models" / "zoo" / "tiny_bert_dynamo.onnx", tmp_path / "my_model.onnx")
+    shutil.copy(ROOT / "models" / "zoo" / "tiny_bert_dynamo.calib.npz", tmp_path / "calib.npz")
+    monkeypatch.chdir(tmp_path)
+    recipe = blocks(_recipes())[0]
+    assert "--formats" in recipe and "--target ort" in recipe
+    run_block(recipe)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "out" / "my_model.qdq.onnx")).graph.node]
+    assert ops.count("MatMulNBits") > 0
+
+
 def test_qnn_input_list_snippet_runs_and_the_commands_use_documented_flags(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     shutil.copy(ROOT / "models" / "mnist_cnn.calib.npz", tmp_path / "calib.npz")
     monkeypatch.chdir(tmp_path)
-    qnn, trt = blocks(_recipes())[:2]
+    qnn, trt = blocks(_recipes())[1:3]
     run_block(qnn)  # the python -c part; qnn-onnx-converter is not installed here
     lines = (tmp_path / "input_list.txt").read_text().splitlines()
     assert len(lines) == 256 and lines[0] == "input:=input_0.raw"

@@ -426,9 +426,9 @@ def test_exports_name_the_original_models_tensors(tmp_path: Path) -> None:
     assert any(n.op_type == "DequantizeLinear" for n in qdq.graph.node)
 
 
-def test_a_tied_table_is_exported_once_with_the_wider_width(tmp_path: Path) -> None:
-    # tiny_bert reads its word table by Gather ('word.weight') and, transposed, by MatMul ('t',
-    # folded to an initializer by prepare): one original tensor, two scored ones.
+def test_a_tied_table_is_scored_and_exported_once(tmp_path: Path) -> None:
+    # tiny_bert reads its word table by Gather ('word.weight') and, transposed, by MatMul: prepare
+    # keeps the Transpose (no folded copy 't'), so one tensor is scored and written.
     zoo = Path(__file__).resolve().parent.parent / "models" / "zoo"
     opts = FisherOptions(fisher="mc", max_samples=4)
     result = api.recommend(
@@ -441,5 +441,5 @@ def test_a_tied_table_is_exported_once_with_the_wider_width(tmp_path: Path) -> N
     )
     scored = result.allocation.recommendation.weight_bits
     written = rec_mod.load(tmp_path / "out" / "recommendation.json")
-    assert "t" in scored and "t" not in written.weight_bits
-    assert written.weight_bits["word.weight"] == max(scored["t"], scored["word.weight"])
+    assert "t" not in scored and "t" not in written.weight_bits
+    assert written.weight_bits["word.weight"] == scored["word.weight"]

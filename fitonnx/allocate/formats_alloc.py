@@ -173,7 +173,7 @@ def allocate_formats(
     options: FormatOptions,
 ) -> Allocation:
     """Per-tensor formats for ``options.target`` under ``budget``; ``model`` is the scored (prepared)
-    model the ``fits`` (``score.formats_fit.weight_format_fits``) were computed on."""
+    model the ``fits`` (``score.formats_fit.weight_fits`` of ``format_fits``) were computed on."""
     target = options.check()
     menu = target.format_menu()
     w_items = weight_items(model, report, fits, target, options)

@@ -160,18 +160,11 @@ class _Processes:
         self.pool = self._start()
 
     def close(self, abort: bool = False) -> None:
-        if not abort:
-            self.pool.shutdown(wait=True)
-            return
-        # Workers still busy on tasks nobody will read are stopped now, not waited for (Python
-        # 3.14's terminate_workers does this; before it, the pool's own process table is the way).
-        processes = list((getattr(self.pool, "_processes", None) or {}).values())
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        for process in processes:
-            if process.is_alive():
-                process.terminate()
-        for process in processes:
-            process.join(timeout=10)
+        """Stop the pool; ``abort``: drop the tasks not yet started. Running tasks (one shard each) are
+        waited for, never terminated: a worker killed while it writes its result leaves a partial
+        message in the result pipe, and the pool's manager thread then blocks on it for ever (the
+        interpreter hangs at exit)."""
+        self.pool.shutdown(wait=True, cancel_futures=abort)
 
 
 class _Ray:
