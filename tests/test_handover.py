@@ -74,7 +74,7 @@ def test_impossible_budget_fails_before_scoring(monkeypatch: pytest.MonkeyPatch,
     def never(*args, **kwargs):
         raise AssertionError("scored before checking the budget")
 
-    monkeypatch.setattr(api, "score_model", never)
+    monkeypatch.setattr(api, "score_session", never)
     for budget, message in (({"size_kb": 1}, "at least 25.4"), ({"avg_bits": 3}, "at least 4 bits")):
         with pytest.raises(FitonnxError, match=message):
             api.recommend(

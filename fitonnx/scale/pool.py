@@ -20,6 +20,7 @@ import multiprocessing
 import multiprocessing.context
 import multiprocessing.forkserver
 import signal
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -82,6 +83,7 @@ def _ray_call(token: str, boxed: list[Any], setup: SetupFn, work: WorkFn, task: 
 # What a local worker imports before it is forked from the fork server: the modules whose functions
 # the jobs run (their imports bring numpy, onnx and onnxruntime), so a new worker starts in
 # milliseconds and the imports are paid once per driver, while it is still preparing the model.
+ABORT_GRACE = 30.0  # seconds a worker may take to finish its shard when a run is aborted
 PRELOAD = ("fitonnx.fisher.parallel", "fitonnx.analysis.harness")
 
 
@@ -123,7 +125,14 @@ class _Processes:
         )
 
     def submit(self, task: Any) -> cf.Future:
-        return self.pool.submit(_process_call, self.token, self.job.work, task)
+        """The task's future; on a pool a dead worker has broken, a future holding that error, so that
+        ``collect`` restarts the pool (once) as for any other task the death took."""
+        try:
+            return self.pool.submit(_process_call, self.token, self.job.work, task)
+        except BrokenProcessPool as exc:
+            failed: cf.Future = cf.Future()
+            failed.set_exception(exc)
+            return failed
 
     def collect(self, pending: dict[int, cf.Future], tasks: Sequence[Any]) -> dict[int, Any]:
         """Wait for at least one task; its result (or those of several). A dead worker breaks the
@@ -160,11 +169,22 @@ class _Processes:
         self.pool = self._start()
 
     def close(self, abort: bool = False) -> None:
-        """Stop the pool; ``abort``: drop the tasks not yet started. Running tasks (one shard each) are
-        waited for, never terminated: a worker killed while it writes its result leaves a partial
-        message in the result pipe, and the pool's manager thread then blocks on it for ever (the
-        interpreter hangs at exit)."""
-        self.pool.shutdown(wait=True, cancel_futures=abort)
+        """Stop the pool; ``abort``: drop the tasks not yet started and stop the workers. A worker is
+        given ``ABORT_GRACE`` seconds to finish its shard before it is terminated: one killed while it
+        writes its result leaves a partial message that the pool's manager thread then waits on for
+        ever (the interpreter hangs at exit)."""
+        if not abort:
+            self.pool.shutdown(wait=True)
+            return
+        processes = list((getattr(self.pool, "_processes", None) or {}).values())
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + ABORT_GRACE
+        for process in processes:
+            process.join(timeout=max(deadline - time.monotonic(), 0.0))
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=10)
 
 
 class _Ray:
