@@ -228,29 +228,6 @@ def weighted_nodes(stat: WeightedStat, grad: str, out: str, opset: int) -> Nodes
     return nodes + more, [root, *inits]
 
 
-def stacked_weighted_nodes(stats: Sequence[WeightedStat], grad: str, outs: Sequence[str], opset: int) -> Nodes:
-    """``weighted_nodes`` of several statistics of one weight in one pass: g times the stacked
-    constant [√c_1; …; √c_k] (one broadcast Mul reading g once), squared and summed per row with the
-    same float32 runs as ``weighted_nodes``, then one float64 scalar per row into ``outs``."""
-    size = max(stats[0].root.size, 1)
-    if any(max(x.root.size, 1) != size for x in stats):
-        raise InternalError(f"stacked statistics of {stats[0].tensor!r} have different sizes")
-    p = outs[0] + "_stack"
-    stacked = np.stack([np.asarray(x.root, np.float32).reshape(size) for x in stats])
-    root = numpy_helper.from_array(stacked, p + "_root")
-    flat = _const(p + "_flat", [size])
-    mk = helper.make_node
-    nodes = [mk("Reshape", [grad, flat.name], [p + "_g"]), mk("Mul", [p + "_g", root.name], [p + "_gw"])]
-    more, inits = _chunked_square_sum(p + "_gw", [len(stats), size], [0], p + "_rows", opset)
-    nodes += more
-    rows = []
-    for k, out in enumerate(outs):
-        index = _const(f"{out}_row", np.array(k, np.int64))
-        nodes.append(mk("Gather", [p + "_rows", index.name], [out], axis=0))
-        rows.append(index)
-    return nodes, [root, flat, *inits, *rows]
-
-
 SPLIT = float(2**23 + 1)  # Veltkamp's splitting factor for float32: rounds to 1 significant bit
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -346,19 +323,9 @@ def add_statistics(
     if any(x.tensor not in grads or x.tensor not in shapes for x in everything):
         raise InternalError("a statistic names a tensor that is not scored")
     bases = _add_bases(g, stats.groups, grads, shapes, opset)
-    stacks = _stacks(stats.weighted)
     for i, stat in enumerate(everything):
         out = f"fitonnx_stat{i}"
         grad = grads[stat.tensor]
-        if isinstance(stat, WeightedStat) and stat.tensor in stacks:
-            pairs.append((stat.key, out))
-            members = stacks[stat.tensor]
-            if stat is members[0][1]:  # the first of the weight's statistics builds the whole stack
-                outs = [f"fitonnx_stat{len(stats.groups) + j}" for j, _ in members]
-                nodes, inits = stacked_weighted_nodes([x for _, x in members], grad, outs, opset)
-                g.node.extend(nodes)
-                g.initializer.extend(inits)
-            continue
         if isinstance(stat, GroupStat) and stat.tensor in bases:
             nodes, inits = derived_group_nodes(stat, bases[stat.tensor], out, opset)
         elif isinstance(stat, GroupStat):
@@ -374,14 +341,6 @@ def add_statistics(
     if stats.noise:
         g.initializer.extend(shared_initializers())
     return pairs
-
-
-def _stacks(weighted: Sequence[WeightedStat]) -> dict[str, list[tuple[int, WeightedStat]]]:
-    """The weights with several ``WeightedStat``s (each with its index in ``weighted``): one stacked pass each."""
-    by_tensor: dict[str, list[tuple[int, WeightedStat]]] = {}
-    for j, x in enumerate(weighted):
-        by_tensor.setdefault(x.tensor, []).append((j, x))
-    return {t: xs for t, xs in by_tensor.items() if len(xs) > 1}
 
 
 def _add_bases(
