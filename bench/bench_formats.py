@@ -20,6 +20,7 @@ process's CPU time (every onnxruntime thread included): on a machine shared with
 the steadier measure of the work added.
 
     python bench/bench_formats.py [--nets resnet18,bert] [--samples resnet18=16,bert=16] [--rounds 3]
+        [--variants fp8]  # a subset of the variants (per-tensor is always timed)
 """
 
 from __future__ import annotations
