@@ -20,6 +20,7 @@ process's CPU time (every onnxruntime thread included): on a machine shared with
 the steadier measure of the work added.
 
     python bench/bench_formats.py [--nets resnet18,bert] [--samples resnet18=16,bert=16] [--rounds 3]
+        [--variants fp8]  # a subset of the variants (per-tensor is always timed)
 """
 
 from __future__ import annotations
@@ -80,12 +81,12 @@ def _path(net: str, layers: int) -> Path:
 Times = dict[str, list[tuple[float, float]]]  # per variant: (wall s, CPU s) per round
 
 
-def run_net(net: str, n: int, rounds: int, layers: int) -> tuple[Times, list[str]]:
-    """(wall, CPU) seconds per variant and round, and the checks' lines."""
+def run_net(net: str, n: int, rounds: int, layers: int, only: set[str] | None = None) -> tuple[Times, list[str]]:
+    """(wall, CPU) seconds per variant (``only`` those, per-tensor always) and round, and the checks' lines."""
     print(f"[{net}] opening the model", flush=True)
     s = api.open_model(_path(net, layers), _data(net, n, 0))
     opts = FisherOptions(max_samples=n)
-    variants = VARIANTS[net]
+    variants = {k: v for k, v in VARIANTS[net].items() if only is None or k in only or k == "per-tensor"}
     times: Times = {v: [] for v in variants}
     traces: dict[str, np.ndarray] = {}
     for r in range(rounds):
@@ -125,6 +126,7 @@ def main() -> None:
     parser.add_argument("--samples", default="resnet18=16,bert=16")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--bert-layers", type=int, default=4)
+    parser.add_argument("--variants", default="", help="comma-separated variants to time (default: all)")
     args = parser.parse_args()
     samples = dict(item.split("=") for item in args.samples.split(","))
     warnings.simplefilter("ignore")
@@ -135,7 +137,13 @@ def main() -> None:
     )
     out, checks = [], []
     for net in args.nets.split(","):
-        times, lines = run_net(net, int(samples[net]), args.rounds, args.bert_layers)
+        times, lines = run_net(
+            net,
+            int(samples[net]),
+            args.rounds,
+            args.bert_layers,
+            set(args.variants.split(",")) if args.variants else None,
+        )
         out.append(table(net, int(samples[net]), times))
         checks += lines
     print("\n".join(out + checks))
