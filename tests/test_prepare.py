@@ -21,7 +21,7 @@ from fitonnx.cli.main import cli
 from fitonnx.errors import ModelError, UnsupportedError
 from fitonnx.fisher.engines import AUTO, get_engine
 from fitonnx.fisher.options import FisherOptions
-from fitonnx.model.graph import Kind, find_quantizable
+from fitonnx.model.graph import Kind, find_quantizable, walk_upstream
 from fitonnx.prepare import Change, prepare, verify
 from fitonnx.prepare.opset import convert_opset, opset_of
 from fitonnx.prepare.passes.batchnorm import fold_batchnorm
@@ -832,3 +832,14 @@ def test_verify_accepts_scalar_inputs_given_as_numpy_scalars() -> None:
     model = make_model([helper.make_node("Mul", ["x", "s"], ["y"])], {"x": (2, 3), "s": ()}, ["y"])
     prepared = prepare(model, passes=[lambda m: (m, [Change("rewrite", "none", "forces a comparison")])])
     verify(prepared, [{"x": f32(2, 3), "s": np.float32(2.0)}])
+
+
+def test_walk_upstream_visits_each_tensor_once_in_input_order_and_can_stop() -> None:
+    # d = f(b, c), b = g(a, c): a depth-first walk from d reaches b's inputs before c, and c only once.
+    graph = {"d": ["b", "c"], "b": ["a", "c", ""], "a": [], "c": []}
+    seen: list[str] = []
+    assert walk_upstream("d", lambda name: seen.append(name) or graph[name])
+    assert seen == ["d", "b", "a", "c"]
+    stopped: list[str] = []
+    assert not walk_upstream("d", lambda name: stopped.append(name) or (None if name == "a" else graph[name]))
+    assert stopped == ["d", "b", "a"]

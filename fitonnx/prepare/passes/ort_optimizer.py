@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ import onnxruntime as ort
 
 from fitonnx.errors import UnsupportedError
 from fitonnx.model import external
-from fitonnx.model.graph import FLOAT_TYPES, LAYOUT_OPS
+from fitonnx.model.graph import FLOAT_TYPES, LAYOUT_OPS, walk_upstream
 from fitonnx.model.graph import producers as graph_producers
 from fitonnx.model.runtime import CPU_PROVIDERS, session_options
 from fitonnx.prepare.types import Change, ChangeKind
@@ -132,18 +133,16 @@ def _const_sources(model: onnx.ModelProto, name: str) -> tuple[tuple[str, ...], 
     inits = {t.name for t in model.graph.initializer}
     sources: list[str] = []
     ops: set[str] = set()
-    stack, seen = [name], set()
-    while stack:
-        current = stack.pop()
-        if current in seen or not current:
-            continue
-        seen.add(current)
+
+    def expand(current: str) -> Iterable[str]:
         node = producers.get(current)
         if current in inits or node is None or node.op_type == "Constant":
             sources.append(current)
-            continue
+            return ()
         ops.add(node.op_type)
-        stack.extend(reversed(node.input))
+        return node.input
+
+    walk_upstream(name, expand)
     return tuple(sources), ops
 
 
