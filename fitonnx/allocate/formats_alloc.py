@@ -22,18 +22,18 @@ import numpy as np
 import onnx
 
 from fitonnx.allocate.knapsack import (
-    PARETO_IN_RECOMMENDATION,
+    ActivationChoice,
     Allocation,
     Budget,
     Front,
     Item,
     UniformConfig,
-    _front_sample,
+    make_allocation,
     pareto_front,
     pick,
     weight_bytes,
 )
-from fitonnx.allocate.recommendation import ParetoPoint, Recommendation
+from fitonnx.allocate.recommendation import ParetoPoint
 from fitonnx.allocate.targets import Target, activation_format_fit, get_target
 from fitonnx.errors import FitonnxError
 from fitonnx.formats import Format, Granularity, get_format, parse_format, storage_bits
@@ -185,34 +185,19 @@ def allocate_formats(
     a_fit = float(sum(a_fits.values()))
     front = pareto_front(w_items, options.tolerance)
     chosen = pick(front, budget, fit_offset=a_fit)
-    formats = front.formats(chosen.index)
-    order = [t.name for t in report.tensors]
-    budget_dict = {budget.kind.value: float(budget.value), "tolerance": options.tolerance}
     per_format: dict[str, Mapping[str, float]] = {it.name: dict(zip(it.formats, it.fit, strict=True)) for it in w_items}
     per_format.update({name: {act.name: value} for name, value in a_fits.items()})
-    sample = np.union1d(_front_sample(front, PARETO_IN_RECOMMENDATION), [chosen.index])
-    rec = Recommendation(
-        model=report.model,
-        target=target.name,
-        weight_bits={n: chosen.bits[n] for n in order if n in chosen.bits},
-        activation_bits={t.name: act.bits for t in acts},
-        fit=chosen.fit + a_fit,
-        weight_bytes=weight_bytes(chosen.size_bits),
-        ranges={t.name: (t.min, t.max) for t in report.tensors},
-        budget=budget_dict,
-        noise_model=report.noise_model,
-        pareto=_front_points(front, a_fit, sample),
-        weight_formats={n: formats[n] for n in order if n in formats},
+    activations = ActivationChoice({t.name: act.bits for t in acts}, a_fit)
+    return make_allocation(
+        report,
+        target,
+        budget,
+        front,
+        chosen,
+        activations,
+        _uniform(w_items, a_fit),
+        _front_points,
+        weight_formats=front.formats(chosen.index),
         activation_formats={t.name: act.name for t in acts},
-        fit_per_format={n: per_format[n] for n in order if n in per_format},
-    )
-    return Allocation(
-        recommendation=rec,
-        target=target,
-        budget=budget,
-        front=front,
-        chosen=chosen,
-        activation_fit=a_fit,
-        total_numel=sum(item.numel for item in w_items),
-        uniform=_uniform(w_items, a_fit),
+        fit_per_format=per_format,
     )

@@ -21,10 +21,11 @@ non-zero FIT, whatever the number of distinct sizes.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 
@@ -429,6 +430,64 @@ def pareto_points(front: Front, activation_fit: float, indices: np.ndarray | Non
     )
 
 
+@dataclass(frozen=True)
+class ActivationChoice:
+    """The activations' configuration, chosen before the weights: bits per tensor, their total FIT,
+    and the average-bits budget they were allocated under (None: one width for all)."""
+
+    bits: Mapping[str, int]
+    fit: float
+    avg_bits: float | None = None
+
+
+def make_allocation(
+    report: ScoreReport,
+    target: Target,
+    budget: Budget,
+    front: Front,
+    chosen: Pick,
+    activations: ActivationChoice,
+    uniform: tuple[UniformConfig, ...],
+    pareto: Callable[[Front, float, np.ndarray], tuple[ParetoPoint, ...]] = pareto_points,
+    **per_tensor: Mapping[str, Any],
+) -> Allocation:
+    """The Allocation of ``chosen`` on the weights' ``front``, with its Recommendation: tensors in the
+    report's order (most sensitive first, as ``fitonnx score`` lists them), ``per_tensor`` being more
+    Recommendation fields keyed by tensor name, and a sample of the front drawn by ``pareto``."""
+    order = [t.name for t in report.tensors]
+
+    def in_order(by_name: Mapping[str, Any]) -> dict[str, Any]:
+        return {n: by_name[n] for n in order if n in by_name}
+
+    budget_dict = {budget.kind.value: float(budget.value), "tolerance": front.tolerance}
+    if activations.avg_bits is not None:
+        budget_dict["act_avg_bits"] = float(activations.avg_bits)
+    sample = np.union1d(_front_sample(front, PARETO_IN_RECOMMENDATION), [chosen.index])
+    rec = Recommendation(
+        model=report.model,
+        target=target.name,
+        weight_bits=in_order(chosen.bits),
+        activation_bits=in_order(activations.bits),
+        fit=chosen.fit + activations.fit,
+        weight_bytes=weight_bytes(chosen.size_bits),
+        ranges={t.name: (t.min, t.max) for t in report.tensors},
+        budget=budget_dict,
+        noise_model=report.noise_model,
+        pareto=pareto(front, activations.fit, sample),
+        **{field_name: in_order(value) for field_name, value in per_tensor.items()},
+    )
+    return Allocation(
+        recommendation=rec,
+        target=target,
+        budget=budget,
+        front=front,
+        chosen=chosen,
+        activation_fit=activations.fit,
+        total_numel=sum(item.numel for item in front.items),
+        uniform=uniform,
+    )
+
+
 def allocate(
     report: ScoreReport,
     target: Target | str,
@@ -462,35 +521,6 @@ def allocate(
         UniformConfig(b, weight_bytes(b * total_numel), sum(it.fit[it.bits.index(b)] for it in w_items) + a_fit)
         for b in w_bits
     )
-    order = [t.name for t in report.tensors]  # most sensitive first, as `fitonnx score` lists them
-    rank = {name: i for i, name in enumerate(order)}
-    budget_dict = {budget.kind.value: float(budget.value), "tolerance": tolerance}
-    if act_avg_bits is not None:
-        budget_dict["act_avg_bits"] = float(act_avg_bits)
-    per_tensor = {
-        it.name: dict(zip(it.bits, it.fit, strict=True))
-        for it in sorted([*w_items, *a_items], key=lambda i: rank[i.name])
-    }
-    rec = Recommendation(
-        model=report.model,
-        target=target.name,
-        weight_bits={n: chosen.bits[n] for n in order if n in chosen.bits},
-        activation_bits={n: a_config[n] for n in order if n in a_config},
-        fit=chosen.fit + a_fit,
-        weight_bytes=weight_bytes(chosen.size_bits),
-        ranges={t.name: (t.min, t.max) for t in report.tensors},
-        budget=budget_dict,
-        fit_per_tensor=per_tensor,
-        noise_model=report.noise_model,
-        pareto=pareto_points(front, a_fit, np.union1d(_front_sample(front, PARETO_IN_RECOMMENDATION), [chosen.index])),
-    )
-    return Allocation(
-        recommendation=rec,
-        target=target,
-        budget=budget,
-        front=front,
-        chosen=chosen,
-        activation_fit=a_fit,
-        total_numel=total_numel,
-        uniform=uniform,
-    )
+    per_tensor = {it.name: dict(zip(it.bits, it.fit, strict=True)) for it in [*w_items, *a_items]}
+    activations = ActivationChoice(a_config, a_fit, act_avg_bits)
+    return make_allocation(report, target, budget, front, chosen, activations, uniform, fit_per_tensor=per_tensor)
