@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fitonnx.allocate import knapsack as allocate
-from fitonnx.allocate.formats_alloc import FormatOptions, allocate_formats, requested_formats
+from fitonnx.allocate.formats_alloc import FormatOptions, allocate_formats, least_storage, requested_formats
 from fitonnx.allocate.knapsack import AllocationOptions, Budget, BudgetKind, budget_from
 from fitonnx.analysis.compare import CompareReport, compare
 from fitonnx.analysis.inspection import Inspection, inspect_model
@@ -177,10 +177,11 @@ def recommend(
     as_progress(progress).start(1, "Loading and preparing the model")
     s = open_model(model, data, seed=opts.seed, max_samples=opts.max_samples)
     if isinstance(choices, FormatOptions):
-        lowest = min(f.bits for f in requested_formats(tgt, choices.weight_formats))
+        least, total = least_storage(s.prepared.model, s.tensors, choices)
+        allocate.check_least(budget, least, total, allocate.SMALLEST_FORMATS)
     else:
         lowest = min(choices.weight_bits or tgt.weight_bits)
-    allocate.check_budget(budget, [t.numel or 0 for t in s.tensors if t.kind is Kind.WEIGHT], lowest)
+        allocate.check_budget(budget, [t.numel or 0 for t in s.tensors if t.kind is Kind.WEIGHT], lowest)
     out = None if out_dir is None else prepare_out_dir(out_dir, s.loaded.path, s.loaded.name)
     report = score_session(
         s,

@@ -298,31 +298,42 @@ def pick(front: Front, budget: Budget, *, fit_offset: float = 0.0, what: str = "
     else:
         index = front.best_within(budget.max_bits(total_numel))
         if index < 0:
-            raise _too_small(budget, int(front.sizes[0]), total_numel, what)
+            scaled = any(item.sizes for item in front.items)
+            raise too_small(budget, int(front.sizes[0]), total_numel, SMALLEST_FORMATS if scaled else LOWEST_BITS, what)
     return Pick(index, front.config(index), int(front.sizes[index]), float(front.fits[index]))
 
 
-def _too_small(budget: Budget, least: int, total_numel: int, what: str) -> FitonnxError:
+LOWEST_BITS = "all {what} at the lowest bits"
+SMALLEST_FORMATS = "all {what} in their smallest formats, scales and zero points included"
+
+
+def too_small(budget: Budget, least: int, total_numel: int, how: str, what: str = "weights") -> FitonnxError:
+    """The error of a size budget below ``least`` bits over ``total_numel`` elements; ``how`` (with
+    ``{what}``) says what that smallest configuration is. The minimum is rounded up, so that a budget
+    of the figure it names fits."""
+    why = how.format(what=what)
     if budget.kind is BudgetKind.AVG_BITS:
-        need = f"{least / max(total_numel, 1):.6g}"
-        return FitonnxError(
-            f"expected an average of at least {need} bits (all {what} at the lowest bits); found {budget.value:g}"
-        )
+        need = math.ceil(Fraction(least, max(total_numel, 1)) * 10**5)
+        text = f"{need // 10**5}.{need % 10**5:05d}".rstrip("0").rstrip(".")
+        return FitonnxError(f"expected an average of at least {text} bits ({why}); found {budget.value:g}")
     return FitonnxError(
         f"expected a budget of at least {math.ceil(weight_bytes(least) / BYTES_PER_KB * 1000) / 1000:g} KB "
-        f"(all {what} at the lowest bits); found {budget.value:g} KB"
+        f"({why}); found {budget.value:g} KB"
     )
 
 
 def check_budget(budget: Budget, numels: Sequence[int], lowest_bits: int, what: str = "weights") -> None:
     """Fail before any scoring when a size budget is below every weight at ``lowest_bits`` (a FIT
     budget needs the scores and is checked by ``pick``)."""
-    if budget.kind is BudgetKind.MAX_FIT:
-        return
     total = int(sum(numels))
-    least = total * int(lowest_bits)
-    if total and least > budget.max_bits(total):
-        raise _too_small(budget, least, total, what)
+    check_least(budget, total * int(lowest_bits), total, LOWEST_BITS, what)
+
+
+def check_least(budget: Budget, least: int, total_numel: int, how: str, what: str = "weights") -> None:
+    """Fail when a size budget is below ``least`` bits, the smallest configuration (``how``) of
+    ``total_numel`` elements (a FIT budget needs the scores and is checked by ``pick``)."""
+    if budget.kind is not BudgetKind.MAX_FIT and total_numel and least > budget.max_bits(total_numel):
+        raise too_small(budget, least, total_numel, how, what)
 
 
 # --- from a FIT report to a recommendation ---------------------------------------------------
