@@ -1,0 +1,217 @@
+"""HAWQ's weight sensitivity: each weight tensor's Hessian trace by Hutchinson's estimator.
+
+HAWQ-v2 (Dong et al., "HAWQ-V2: Hessian Aware trace-Weighted Quantization of Neural Networks",
+NeurIPS 2020, §3) ranks a weight tensor t by Ω_t = (Tr(H_t)/n_t)·‖Q(w_t) − w_t‖², its average
+Hessian trace times the squared quantization perturbation (HAWQ-v3 keeps the form); here with the
+measured ‖Q(w_t) − w_t‖² of every candidate. HAWQ is weight-only: activations contribute nothing.
+
+H is the Hessian of the mean calibration loss L(w) = (1/N)·Σ_i ℓ_i(w): cross-entropy against the
+data's labels (HAWQ's training loss) or, without labels, against the float model's own decisions
+(argmax; p > ½; a real-valued output is its own target). Hutchinson: Tr(H_tt) = E[v_tᵀH_tt v_t] for
+Rademacher v_t. One probe v spans all weights at once (independent blocks v_t) and each tensor reads
+its block of one product: E[v_tᵀ(Hδ)_t]/ε_t = Tr(H_tt) + Σ_{s≠t} (ε_s/ε_t)·E[v_tᵀH_ts v_s] = Tr(H_tt),
+since the blocks are independent and zero-mean. So 2m gradients give every tensor's trace (probes
+restricted to one tensor would take 2mT), at the price of the variance the off-diagonal blocks add,
+Σ_{s≠t} (ε_s/ε_t)²‖H_ts‖_F² per probe; the standard error over probes shows it.
+
+Products come by central differences through the gradient graph fitonnx builds (``fisher``), its
+weights fed as overridable initializers: Hδ ≈ (g(w + δ) − g(w − δ))/2 with δ_t = ε_t·v_t and
+ε_t = ``eps_scale``·‖w_t‖/√n_t (a fixed share of the tensor's RMS value: the O(ε²) truncation error
+is then alike for every tensor, while float32 rounding of the gradients stays far below the difference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from fitonnx.errors import FitonnxError, InternalError, ModelError
+from fitonnx.fisher import engine, instrument, losses
+from fitonnx.fisher import session as api
+from fitonnx.fisher.losses import LABELS, Likelihood, OutputTarget
+from fitonnx.fisher.options import FisherOptions
+from fitonnx.model.data import Dataset
+from fitonnx.model.graph import Kind
+from fitonnx.model.runtime import make_session
+
+DEFAULT_PROBES = 16
+EPS_SCALE = 1e-3  # ε_t as a share of the weight's RMS value (bench/validate_study.py --hessian-eps checks it)
+
+
+@dataclass(frozen=True)
+class HessianOptions:
+    """Hutchinson probes, the finite-difference step and the calibration samples of the loss."""
+
+    probes: int = DEFAULT_PROBES
+    eps_scale: float = EPS_SCALE
+    max_samples: int | None = None  # None: every calibration sample
+
+    def __post_init__(self) -> None:
+        if self.probes < 1:
+            raise FitonnxError(f"expected at least 1 Hutchinson probe; found {self.probes}")
+        if not self.eps_scale > 0:
+            raise FitonnxError(f"expected a positive finite-difference step; found {self.eps_scale}")
+
+
+@dataclass(frozen=True)
+class HessianTraces:
+    """Per weight tensor (``names`` order) Hutchinson's estimates of Tr(H_t), one row per probe."""
+
+    names: tuple[str, ...]
+    numels: tuple[int, ...]
+    estimates: np.ndarray  # [probes, tensors] float64
+    eps: tuple[float, ...]  # the finite-difference step of each tensor
+    samples: int
+    passes: int  # forward+backward passes of the gradient graph (2·probes·samples)
+    seconds: float
+    labels: str  # what the loss was taken against
+
+    def trace(self) -> np.ndarray:
+        return self.estimates.mean(axis=0)
+
+    def trace_se(self) -> np.ndarray:
+        m = self.estimates.shape[0]
+        return self.estimates.std(axis=0, ddof=1) / np.sqrt(m) if m > 1 else np.full(len(self.names), np.nan)
+
+    def average(self) -> dict[str, float]:
+        """Tr(H_t)/n_t per tensor: HAWQ-v2's average Hessian trace."""
+        return {n: float(t) / k for n, t, k in zip(self.names, self.trace(), self.numels, strict=True)}
+
+
+def decisions(target: OutputTarget, z: np.ndarray) -> np.ndarray:
+    """The float model's decisions on one sample's loss tap ``z``, as labels of the empirical head:
+    class indices (categorical), 0/1 (Bernoulli), the values themselves (real-valued)."""
+    if target.likelihood is Likelihood.CATEGORICAL:
+        if target.class_axis is None:
+            raise InternalError("categorical target without class axis")
+        return np.moveaxis(z, target.class_axis, -1).argmax(axis=-1).astype(np.int64)
+    if target.likelihood is Likelihood.BERNOULLI:
+        return (z > (0.5 if target.probabilities else 0.0)).astype(np.float32)
+    return np.asarray(z, np.float32)
+
+
+def labelled(s: api.Session, target: OutputTarget, threads: int = 0) -> tuple[Dataset, str]:
+    """The calibration data with labels: its own, or the float model's decisions (and which)."""
+    if s.data.labels is not None:
+        return s.data, "the data's labels"
+    probe, names = instrument.build_probe(s.prepared.model, [], [target.tap])
+    session = make_session(probe, threads)
+    rows = []
+    for i in range(s.data.num_samples):
+        feed = {k: v for k, v in s.data.sample(i, s.specs).items() if k in s.specs}
+        rows.append(decisions(target, np.asarray(session.run([target.tap], feed)[0])))
+    labels = np.stack(rows) if s.data.whole_samples(s.specs) else np.concatenate(rows, axis=0)
+    return dataclasses.replace(s.data, labels=labels), "the float model's decisions"
+
+
+def overridable(model_bytes: bytes, names: Sequence[str]) -> tuple[bytes, dict[str, np.ndarray]]:
+    """The model with initializers ``names`` declared as graph inputs too (onnxruntime then lets a
+    run feed other values for them), and their values."""
+    model = onnx.load_from_string(model_bytes)
+    inits = {t.name: t for t in model.graph.initializer}
+    missing = [n for n in names if n not in inits]
+    if missing:
+        raise InternalError(f"weights must be initializers of the gradient model; not found: {missing[:3]}")
+    declared = {i.name for i in model.graph.input}
+    for name in names:
+        if name not in declared:
+            model.graph.input.append(helper.make_tensor_value_info(name, inits[name].data_type, inits[name].dims))
+    values = {n: numpy_helper.to_array(inits[n]) for n in names}
+    return model.SerializeToString(), values
+
+
+def gradient_session(s: api.Session, target: OutputTarget, opts: FisherOptions):
+    """The weight-only gradient model of the labelled loss (``labelled``) on ``target``'s output,
+    its session with weights overridable, the weights, the data and what the labels are."""
+    data, labels = labelled(s, target)
+    weights_only = dataclasses.replace(s, data=data, tensors=tuple(t for t in s.tensors if t.kind is Kind.WEIGHT))
+    mode_opts = opts.replace(
+        fisher=losses.FisherMode.EMPIRICAL,
+        output=target.output,
+        likelihood=target.likelihood,
+        class_axis=target.class_axis,
+    )
+    gm, got, _ = api.gradient_model(weights_only, mode_opts, keep_gradients=True)
+    if got.tap != target.tap:
+        raise InternalError(f"the Hessian's loss reads {got.tap!r}, the Fisher's {target.tap!r}")
+    names = [t.name for t in gm.tensors]
+    model_bytes, weights = overridable(gm.model_bytes, names)
+    return gm, make_session(model_bytes, opts.run_options().threads), weights, data, labels
+
+
+def _mean_gradient(session, grads: Sequence[str], feeds: Sequence[dict], point: Mapping[str, np.ndarray]):
+    """(1/N)·Σ_i ∂ℓ_i/∂w at weights ``point``, float64, one array per weight."""
+    total = [np.zeros(point[n].shape, np.float64) for n in point]
+    for i, feed in enumerate(feeds):
+        try:
+            values = session.run(list(grads), {**feed, **point})
+        except Exception as exc:
+            raise ModelError(f"onnxruntime failed on sample {i}: {str(exc).splitlines()[0][:300]}") from None
+        for acc, v in zip(total, values, strict=True):
+            acc += np.asarray(v, np.float64).reshape(acc.shape)
+    return [acc / len(feeds) for acc in total]
+
+
+def hutchinson(
+    session,
+    grads: Sequence[str],
+    feeds: Sequence[dict],
+    weights: Mapping[str, np.ndarray],
+    options: HessianOptions,
+    seed: int,
+) -> tuple[np.ndarray, tuple[float, ...]]:
+    """[probes, tensors] estimates v_tᵀ(g(w + δ) − g(w − δ))_t/(2ε_t), δ_t = ε_t·v_t (module docstring),
+    and each tensor's ε_t; ``grads`` are the gradient outputs of ``weights`` in their order."""
+    rng = np.random.default_rng(seed)
+    w = {n: np.asarray(v, np.float64) for n, v in weights.items()}
+    eps = tuple(options.eps_scale * (float(np.sqrt(np.mean(v * v))) or 1.0) for v in w.values())
+    out = np.zeros((options.probes, len(w)))
+    for k in range(options.probes):
+        v = [rng.integers(0, 2, size=a.shape).astype(np.float64) * 2 - 1 for a in w.values()]
+        plus = {n: (a + e * p).astype(np.float32) for (n, a), e, p in zip(w.items(), eps, v, strict=True)}
+        minus = {n: (a - e * p).astype(np.float32) for (n, a), e, p in zip(w.items(), eps, v, strict=True)}
+        g_plus = _mean_gradient(session, grads, feeds, plus)
+        g_minus = _mean_gradient(session, grads, feeds, minus)
+        for j, (p, gp, gm, e) in enumerate(zip(v, g_plus, g_minus, eps, strict=True)):
+            out[k, j] = float(np.sum(p * (gp - gm))) / (2.0 * e)
+    return out, eps
+
+
+def hessian_traces(
+    s: api.Session, target: OutputTarget, opts: FisherOptions, options: HessianOptions | None = None
+) -> HessianTraces:
+    """Every weight's Hessian trace of the mean calibration loss on ``target`` (module docstring)."""
+    hopts = options or HessianOptions()
+    started = time.perf_counter()
+    gm, session, weights, data, labels = gradient_session(s, target, opts)
+    n = data.num_samples if hopts.max_samples is None else min(hopts.max_samples, data.num_samples)
+    feeds = []
+    for i in range(n):
+        feed = {k: v for k, v in data.sample(i, s.specs).items() if k in s.specs}
+        feeds.append({**feed, LABELS: data.sample_labels(i, s.specs)})
+    estimates, eps = hutchinson(session, gm.grad_outputs, feeds, weights, hopts, opts.seed)
+    return HessianTraces(
+        names=tuple(weights),
+        numels=tuple(int(v.size) for v in weights.values()),
+        estimates=estimates,
+        eps=eps,
+        samples=n,
+        passes=2 * hopts.probes * n,
+        seconds=time.perf_counter() - started,
+        labels=labels,
+    )
+
+
+def table(traces: HessianTraces, names: Sequence[str], weight_error: np.ndarray) -> np.ndarray:
+    """HAWQ-v2's Ω [tensor, choice]: Tr(H_t)/n_t·‖Q(w_t) − w_t‖² from the measured rounding error
+    table ``weight_error`` (rows ``names``); 0 for tensors without a trace (activations: HAWQ is
+    weight-only), NaN where the choice is not a candidate."""
+    average = traces.average()
+    scale = np.array([average.get(name, 0.0) for name in names])
+    return np.where(np.isnan(weight_error), np.nan, scale[:, None] * np.nan_to_num(weight_error))
