@@ -6,6 +6,8 @@ float64 numpy twin of an onnx.helper MLP (tests/models.py), independent of fiton
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -86,18 +88,18 @@ def test_hutchinson_through_the_gradient_graph_is_numpy_hutchinson_with_the_same
     got = hessian_traces(s, target, FisherOptions(seed=SEED), HessianOptions(probes=6))
     assert got.names == model.weights and got.samples == N and got.passes == 2 * 6 * N
     want = _same_probes(model, hess, sizes, 6, hessian.EPS_SCALE)
-    # Central differences of float32 gradients at ε = 1e-3·RMS(w): rounding ~1e-7·|g|/(ε·|Hv|)
-    # ≈ 1e-4 relative, truncation O(ε²) ≈ 1e-6; the numpy Hessian's own error is ~1e-8. Measured:
-    # 6e-5 of the largest estimate (1.5e-4 at ε = 1e-2·RMS, 4e-4 at 1e-4·RMS, 1.5e-2 at 1e-1·RMS).
+    # Central differences of float32 gradients at ε = 1e-2·RMS(w): rounding ~1e-7·|g|/(ε·|Hv|)
+    # ≈ 1e-5 relative, truncation O(ε²) ≈ 1e-4; the numpy Hessian's own error is ~1e-8. Measured:
+    # 1.5e-4 of the largest estimate (6e-5 at ε = 1e-3·RMS, 4e-4 at 1e-4·RMS, 1.5e-2 at 1e-1·RMS).
     scale = np.abs(want).max()
     np.testing.assert_allclose(got.estimates, want, rtol=0, atol=5e-4 * scale)
     assert got.labels == "the data's labels"
 
 
 def test_the_estimate_converges_to_each_tensors_exact_trace(mlp_case) -> None:
-    model, s, target, _, _, hess, sizes = mlp_case
+    _model, s, target, _, _, hess, sizes = mlp_case
     bounds = np.cumsum([0, *sizes])
-    exact = np.array([np.trace(hess[a:b, a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+    exact = np.array([np.trace(hess[a:b, a:b]) for a, b in itertools.pairwise(bounds)])
     got = hessian_traces(s, target, FisherOptions(seed=SEED), HessianOptions(probes=1200))
     # The estimator is unbiased: the mean over 1200 probes is within 4 standard errors of Tr(H_tt)
     # (a 6e-5 chance per tensor to fail for an unbiased estimate), and the standard error is small.
