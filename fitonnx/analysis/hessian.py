@@ -31,6 +31,7 @@ import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -132,7 +133,9 @@ def overridable(model_bytes: bytes, names: Sequence[str]) -> tuple[bytes, dict[s
     return model.SerializeToString(), values
 
 
-def gradient_session(s: api.Session, target: OutputTarget, opts: FisherOptions):
+def gradient_session(
+    s: api.Session, target: OutputTarget, opts: FisherOptions
+) -> tuple[instrument.GradientModel, Any, dict[str, np.ndarray], Dataset, str]:
     """The weight-only gradient model of the labelled loss (``labelled``) on ``target``'s output,
     its session with weights overridable, the weights, the data and what the labels are."""
     data, labels = labelled(s, target)
@@ -151,7 +154,9 @@ def gradient_session(s: api.Session, target: OutputTarget, opts: FisherOptions):
     return gm, make_session(model_bytes, opts.run_options().threads), weights, data, labels
 
 
-def _mean_gradient(session, grads: Sequence[str], feeds: Sequence[dict], point: Mapping[str, np.ndarray]):
+def _mean_gradient(
+    session: Any, grads: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]], point: Mapping[str, np.ndarray]
+) -> list[np.ndarray]:
     """(1/N)·Σ_i ∂ℓ_i/∂w at weights ``point``, float64, one array per weight."""
     total = [np.zeros(point[n].shape, np.float64) for n in point]
     for i, feed in enumerate(feeds):
@@ -165,9 +170,9 @@ def _mean_gradient(session, grads: Sequence[str], feeds: Sequence[dict], point: 
 
 
 def hutchinson(
-    session,
+    session: Any,
     grads: Sequence[str],
-    feeds: Sequence[dict],
+    feeds: Sequence[Mapping[str, np.ndarray]],
     weights: Mapping[str, np.ndarray],
     options: HessianOptions,
     seed: int,

@@ -10,7 +10,9 @@ a budget is drawn in that band and each tensor takes a choice near it. Configura
 threshold are flagged and counted, and ρ is reported for all and for the working ones. ``random``
 (the old sampler) draws every tensor's choice uniformly. With formats (``SimulationOptions.formats``)
 each family of formats gets its own configurations and its own ρ. ``harness`` holds the stage before
-any configuration; the views of the report are in ``fitonnx.render.validate``.
+any configuration; the views of the report are in ``fitonnx.render.validate``. Expensive peers
+(``harness.Baseline``: HAWQ's Hessian trace) are ranked only when asked; every predictor's cost is
+reported (``ValidationReport.costs``).
 """
 
 from __future__ import annotations
