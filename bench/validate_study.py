@@ -25,7 +25,7 @@ import numpy as np
 
 from fitonnx.analysis import hessian
 from fitonnx.analysis.damage import Measure
-from fitonnx.analysis.harness import Baseline, SimulationOptions, harness
+from fitonnx.analysis.harness import Baseline, BaselineOptions, SimulationOptions, harness
 from fitonnx.analysis.predictors import Predictor
 from fitonnx.analysis.simulate import Config
 from fitonnx.analysis.validate import SamplingOptions, validate_harness
@@ -145,7 +145,7 @@ def study(
     t0 = time.perf_counter()
     h0 = harness(
         ZOO / f"{name}.onnx", calib, held, simulation=sim, options=FisherOptions(fisher=default, seed=seed),
-        baselines=[Baseline.HESSIAN] if hopts else [], hessian=hopts,
+        baselines=BaselineOptions((Baseline.HESSIAN,), hopts) if hopts else None,
     )  # fmt: skip
     t_harness = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -27,7 +27,7 @@ from fitonnx.analysis.hessian import table as hessian_table
 from fitonnx.analysis.output_space import measure_output_space
 from fitonnx.analysis.predictors import Predictor, PredictorTables, predictor_tables
 from fitonnx.analysis.simulate import Config, GridScheme
-from fitonnx.errors import DataError, InternalError
+from fitonnx.errors import DataError, FitonnxError, InternalError
 from fitonnx.fisher import engine, losses, parallel
 from fitonnx.fisher import session as api
 from fitonnx.fisher.checks import check_traces
@@ -55,6 +55,24 @@ class Baseline(TextEnum):
     """Peers ``validate`` computes only when asked (``--baseline``): they cost many more passes."""
 
     HESSIAN = "hessian"  # HAWQ-v2's Hutchinson Hessian trace, ``Predictor.HESSIAN``
+
+
+@dataclass(frozen=True)
+class BaselineOptions:
+    """Which expensive peers ``validate`` ranks too (none by default) and how: ``hessian`` holds the
+    Hessian baseline's probes, step and samples. Strings are accepted for the baselines."""
+
+    baselines: tuple[Baseline, ...] = ()
+    hessian: HessianOptions = dataclasses.field(default_factory=HessianOptions)
+
+    def __post_init__(self) -> None:
+        try:
+            asked = tuple(dict.fromkeys(Baseline(b) for b in self.baselines))
+        except ValueError:
+            raise FitonnxError(
+                f"expected baselines among {[b.value for b in Baseline]}; found {list(self.baselines)}"
+            ) from None
+        object.__setattr__(self, "baselines", asked)
 
 
 class Stage(TextEnum):
@@ -161,7 +179,7 @@ class Harness:
         read the calibration pass's ranges)."""
         if predictor not in PREDICTOR_STAGES:
             raise InternalError(f"expected a cost for every predictor; {predictor} has none in PREDICTOR_STAGES")
-        needs = PREDICTOR_STAGES[predictor] or ((Stage.CALIBRATION,) if self.activations else ())
+        needs = PREDICTOR_STAGES[predictor] or ((Stage.CALIBRATION,) if self.activation_bits else ())
         return sum((self.stages[k] for k in needs), Cost(0, 0.0))
 
     def measure(self, config: Config) -> Damage:
@@ -246,17 +264,16 @@ def harness(
     options: FisherOptions | None = None,
     progress: Progress | None = None,
     session: api.Session | None = None,
-    baselines: Sequence[Baseline | str] = (),
-    hessian: HessianOptions | None = None,
+    baselines: BaselineOptions | None = None,
 ) -> Harness:
     """Run the calibration passes and build the simulator: the stage of ``validate`` before any
     configuration, for callers that measure configurations of their own.
 
     ``data`` is the calibration data (``RandomData(n)`` for a smoke test); ``eval_data`` defaults
     to ``<model>.heldout.npz`` beside the model. ``progress`` sees both calibration passes.
-    ``baselines`` adds those peers' tables (``hessian``: the Hessian baseline's probes and step).
+    ``baselines`` adds those peers' tables.
     """
-    asked = tuple(dict.fromkeys(Baseline(b) for b in baselines))
+    peers = baselines or BaselineOptions()
     opts = options or FisherOptions()
     sim = (simulation or SimulationOptions()).checked()
     if session is None:
@@ -286,9 +303,9 @@ def harness(
     stages[Stage.OUTPUT_SPACE] = Cost(_passes(cal), time.perf_counter() - started)
     tables = predictor_tables(cal.report, traces, simulator, errors, weight_choices, act_choices, out_space)
     hess = None
-    if Baseline.HESSIAN in asked:
+    if Baseline.HESSIAN in peers.baselines:
         as_progress(progress).start(1, "Hutchinson Hessian trace (HAWQ baseline)")
-        hess = hessian_traces(s, cal.target, opts, hessian)
+        hess = hessian_traces(s, cal.target, opts, peers.hessian)
         as_progress(progress).advance(1)
         stages[Stage.HESSIAN] = Cost(hess.passes, hess.seconds)
         table = hessian_table(hess, tables.names, tables.values[Predictor.WEIGHT_ERROR])

@@ -32,8 +32,16 @@ from fitonnx.analysis.damage import (
     per_sample_measures,
     reliability,
 )
-from fitonnx.analysis.harness import Baseline, Cost, EvalSource, Harness, SimulationOptions, harness, measure_all
-from fitonnx.analysis.hessian import HessianOptions
+from fitonnx.analysis.harness import (
+    Baseline,
+    BaselineOptions,
+    Cost,
+    EvalSource,
+    Harness,
+    SimulationOptions,
+    harness,
+    measure_all,
+)
 from fitonnx.analysis.predictors import ON_REQUEST, Predictor
 from fitonnx.analysis.simulate import Config, GridScheme
 from fitonnx.errors import FitonnxError
@@ -73,6 +81,7 @@ class SamplingOptions:
     sampler: Sampler = Sampler.BUDGET
     threshold: Threshold = field(default_factory=Threshold)
     predictor: Predictor = DEFAULT_PREDICTOR  # the one the report leads with (the paper's FIT beside it)
+    baselines: BaselineOptions = field(default_factory=BaselineOptions)  # expensive peers ranked too
 
 
 @dataclass(frozen=True)
@@ -330,8 +339,6 @@ def validate(
     options: FisherOptions | None = None,
     progress: Progress | None = None,
     session: api.Session | None = None,
-    baselines: Sequence[Baseline | str] = (),
-    hessian: HessianOptions | None = None,
 ) -> ValidationReport:
     """Simulate ``sampling.configs`` mixed-precision configurations per family (plus uniform ones)
     on held-out data and rank FIT and baselines against the damage each one does (``harness``
@@ -341,15 +348,15 @@ def validate(
         raise FitonnxError(f"expected a non-negative number of configurations; found {samp.configs}")
     opts = options or FisherOptions()
     seed = opts.seed
-    asked = {Baseline(b) for b in baselines}
+    asked = samp.baselines.baselines
     if samp.predictor in ON_REQUEST and Baseline(samp.predictor.value) not in asked:
         raise FitonnxError(
-            f"expected the {samp.predictor} baseline asked for to lead with it; found baselines {sorted(asked)}",
+            f"expected the {samp.predictor} baseline asked for to lead with it; found baselines {list(asked)}",
             hint=f"add --baseline {samp.predictor}",
         )
     h = harness(
         model, data, eval_data, simulation=simulation, options=opts, progress=progress, session=session,
-        baselines=baselines, hessian=hessian,
+        baselines=samp.baselines,
     )  # fmt: skip
     return validate_harness(h, samp, seed, progress, opts.workers)
 

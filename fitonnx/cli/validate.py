@@ -9,7 +9,7 @@ import click
 from fitonnx.analysis import simulate
 from fitonnx.analysis.choices import ALL
 from fitonnx.analysis.damage import DEFAULT_MIN_AGREEMENT, Threshold
-from fitonnx.analysis.harness import DEFAULT_BATCH_SIZE, DEFAULT_BITS, Baseline, SimulationOptions
+from fitonnx.analysis.harness import DEFAULT_BATCH_SIZE, DEFAULT_BITS, Baseline, BaselineOptions, SimulationOptions
 from fitonnx.analysis.hessian import DEFAULT_PROBES, HessianOptions
 from fitonnx.analysis.predictors import Predictor
 from fitonnx.analysis.validate import (
@@ -184,11 +184,10 @@ def validate_command(
                 sampler=Sampler(sampler),
                 threshold=Threshold(min_agreement, max_kl),
                 predictor=Predictor(predictor),
+                baselines=BaselineOptions(baselines, HessianOptions(probes=hessian_probes)),
             ),
             options=options,
             progress=bars,
-            baselines=baselines,
-            hessian=HessianOptions(probes=hessian_probes),
         )
     echo(view.format_report(result))
     echo(f"\n{len(result.configs)} configurations validated in {time.perf_counter() - started:.1f} s")
