@@ -185,7 +185,7 @@ def study(
         result["hessian"] = {
             "labels": hs.labels, "samples": hs.samples, "probes": int(hs.estimates.shape[0]), "eps_scale": hs.eps_scale,
             "median_relative_se": float(np.median(rel)), "negative_traces": int(np.sum(hs.trace() < 0)),
-            "tensors": len(hs.names), "rank_vs_fisher_trace": _rank_vs_fisher(h0),
+            "tensors": len(hs.names), "rank_vs_fisher_trace": _rank_vs_fisher(h0), "per_tensor": hopts.per_tensor,
         }  # fmt: skip
         print(f"{name:<20} hessian: {result['hessian']}", flush=True)
         if steps:
@@ -246,8 +246,15 @@ def main() -> None:
     parser.add_argument("--hessian-probes", type=int, default=hessian.DEFAULT_PROBES)
     parser.add_argument("--hessian-samples", type=int, help="calibration samples of the Hessian's loss (default all)")
     parser.add_argument("--hessian-eps", type=float, nargs="*", default=[], help="other steps (× RMS) to check")
+    parser.add_argument("--hessian-per-tensor", action="store_true", help="probes one tensor at a time")
     args = parser.parse_args()
-    hopts = hessian.HessianOptions(args.hessian_probes, max_samples=args.hessian_samples) if args.hessian else None
+    hopts = (
+        hessian.HessianOptions(
+            args.hessian_probes, max_samples=args.hessian_samples, per_tensor=args.hessian_per_tensor
+        )
+        if args.hessian
+        else None
+    )
     results = []
     for name in args.models:
         results.append(

@@ -68,8 +68,11 @@ def mlp_case():
     return model, s, target, x, y, hess, sizes
 
 
-def _same_probes(model: SmallModel, hess: np.ndarray, sizes: list[int], probes: int, eps_scale: float) -> np.ndarray:
-    """numpy's v_tᵀ(Hδ)_t/ε_t with the probes ``hessian.hutchinson`` draws (same seed and order)."""
+def _same_probes(
+    model: SmallModel, hess: np.ndarray, sizes: list[int], probes: int, eps_scale: float, per_tensor: bool = False
+) -> np.ndarray:
+    """numpy's v_tᵀ(Hδ)_t/ε_t with the probes ``hessian.hutchinson`` draws (same seed and order);
+    ``per_tensor``: δ holds only tensor t's block, v_tᵀH_tt v_t."""
     rng = np.random.default_rng(SEED)
     w = [model.params[n].astype(np.float64) for n in model.weights]
     eps = [eps_scale * float(np.sqrt(np.mean(a * a))) for a in w]
@@ -79,7 +82,9 @@ def _same_probes(model: SmallModel, hess: np.ndarray, sizes: list[int], probes: 
         v = [(rng.integers(0, 2, size=a.shape).astype(np.float64) * 2 - 1).ravel() for a in w]
         hd = hess @ np.concatenate([e * p for e, p in zip(eps, v, strict=True)])
         for t in range(len(w)):
-            out[k, t] = float(v[t] @ hd[bounds[t] : bounds[t + 1]]) / eps[t]
+            block = slice(bounds[t], bounds[t + 1])
+            own = hess[block, block] @ (eps[t] * v[t])
+            out[k, t] = float(v[t] @ (own if per_tensor else hd[block])) / eps[t]
     return out
 
 
@@ -94,6 +99,16 @@ def test_hutchinson_through_the_gradient_graph_is_numpy_hutchinson_with_the_same
     scale = np.abs(want).max()
     np.testing.assert_allclose(got.estimates, want, rtol=0, atol=5e-4 * scale)
     assert got.labels == "the data's labels"
+
+
+def test_probes_restricted_to_one_tensor_read_its_own_block(mlp_case) -> None:
+    model, s, target, _, _, hess, sizes = mlp_case
+    got = hessian_traces(s, target, FisherOptions(seed=SEED), HessianOptions(probes=3, per_tensor=True))
+    assert got.passes == 2 * 3 * N * 2
+    want = _same_probes(model, hess, sizes, 3, hessian.EPS_SCALE, per_tensor=True)
+    np.testing.assert_allclose(got.estimates, want, rtol=0, atol=5e-4 * np.abs(want).max())
+    joint = _same_probes(model, hess, sizes, 3, hessian.EPS_SCALE)
+    assert np.abs(joint - want).max() > 100 * 5e-4 * np.abs(want).max()  # the cross terms are not small here
 
 
 def test_the_estimate_converges_to_each_tensors_exact_trace(mlp_case) -> None:

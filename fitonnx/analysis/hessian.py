@@ -12,7 +12,8 @@ Rademacher v_t. One probe v spans all weights at once (independent blocks v_t) a
 its block of one product: E[v_tᵀ(Hδ)_t]/ε_t = Tr(H_tt) + Σ_{s≠t} (ε_s/ε_t)·E[v_tᵀH_ts v_s] = Tr(H_tt),
 since the blocks are independent and zero-mean. So 2m gradients give every tensor's trace (probes
 restricted to one tensor would take 2mT), at the price of the variance the off-diagonal blocks add,
-Σ_{s≠t} (ε_s/ε_t)²‖H_ts‖_F² per probe; the standard error over probes shows it.
+Σ_{s≠t} (ε_s/ε_t)²‖H_ts‖_F² per probe; the standard error over probes shows it (``per_tensor``
+probes one tensor at a time instead: no cross terms, T times the passes).
 
 Products come by central differences through the gradient graph fitonnx builds (``fisher``), its
 weights fed as overridable initializers: Hδ ≈ (g(w + δ) − g(w − δ))/2 with δ_t = ε_t·v_t and
@@ -57,6 +58,7 @@ class HessianOptions:
     probes: int = DEFAULT_PROBES
     eps_scale: float = EPS_SCALE
     max_samples: int | None = None  # None: every calibration sample
+    per_tensor: bool = False  # probes restricted to one tensor at a time (T times the passes)
 
     def __post_init__(self) -> None:
         if self.probes < 1:
@@ -74,7 +76,7 @@ class HessianTraces:
     estimates: np.ndarray  # [probes, tensors] float64
     eps: tuple[float, ...]  # the finite-difference step of each tensor
     samples: int
-    passes: int  # forward+backward passes of the gradient graph (2·probes·samples)
+    passes: int  # forward+backward passes of the gradient graph (2·probes·samples, ×T per tensor)
     seconds: float
     labels: str  # what the loss was taken against
     eps_scale: float = EPS_SCALE
@@ -169,6 +171,20 @@ def _mean_gradient(
     return [acc / len(feeds) for acc in total]
 
 
+def _difference(
+    session: Any,
+    grads: Sequence[str],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    w: Mapping[str, np.ndarray],
+    steps: Sequence[np.ndarray | None],
+) -> list[np.ndarray]:
+    """g(w + δ) − g(w − δ) per weight, δ = ``steps`` (None: that weight unperturbed)."""
+    plus = {n: (a if d is None else a + d).astype(np.float32) for (n, a), d in zip(w.items(), steps, strict=True)}
+    minus = {n: (a if d is None else a - d).astype(np.float32) for (n, a), d in zip(w.items(), steps, strict=True)}
+    g_plus = _mean_gradient(session, grads, feeds, plus)
+    return [gp - gm for gp, gm in zip(g_plus, _mean_gradient(session, grads, feeds, minus), strict=True)]  # fmt: skip
+
+
 def hutchinson(
     session: Any,
     grads: Sequence[str],
@@ -178,19 +194,22 @@ def hutchinson(
     seed: int,
 ) -> tuple[np.ndarray, tuple[float, ...]]:
     """[probes, tensors] estimates v_tᵀ(g(w + δ) − g(w − δ))_t/(2ε_t), δ_t = ε_t·v_t (module docstring),
-    and each tensor's ε_t; ``grads`` are the gradient outputs of ``weights`` in their order."""
+    and each tensor's ε_t; ``grads`` are the gradient outputs of ``weights`` in their order. With
+    ``options.per_tensor`` each probe perturbs one tensor at a time (T times the passes, no cross terms)."""
     rng = np.random.default_rng(seed)
     w = {n: np.asarray(v, np.float64) for n, v in weights.items()}
     eps = tuple(options.eps_scale * (float(np.sqrt(np.mean(v * v))) or 1.0) for v in w.values())
     out = np.zeros((options.probes, len(w)))
     for k in range(options.probes):
         v = [rng.integers(0, 2, size=a.shape).astype(np.float64) * 2 - 1 for a in w.values()]
-        plus = {n: (a + e * p).astype(np.float32) for (n, a), e, p in zip(w.items(), eps, v, strict=True)}
-        minus = {n: (a - e * p).astype(np.float32) for (n, a), e, p in zip(w.items(), eps, v, strict=True)}
-        g_plus = _mean_gradient(session, grads, feeds, plus)
-        g_minus = _mean_gradient(session, grads, feeds, minus)
-        for j, (p, gp, gm, e) in enumerate(zip(v, g_plus, g_minus, eps, strict=True)):
-            out[k, j] = float(np.sum(p * (gp - gm))) / (2.0 * e)
+        steps = [e * p for e, p in zip(eps, v, strict=True)]
+        if options.per_tensor:
+            for j in range(len(w)):
+                diff = _difference(session, grads, feeds, w, [d if i == j else None for i, d in enumerate(steps)])
+                out[k, j] = float(np.sum(v[j] * diff[j])) / (2.0 * eps[j])
+            continue
+        diff = _difference(session, grads, feeds, w, steps)
+        out[k] = [float(np.sum(p * d)) / (2.0 * e) for p, d, e in zip(v, diff, eps, strict=True)]
     return out, eps
 
 
@@ -213,7 +232,7 @@ def hessian_traces(
         estimates=estimates,
         eps=eps,
         samples=n,
-        passes=2 * hopts.probes * n,
+        passes=2 * hopts.probes * n * (len(weights) if hopts.per_tensor else 1),
         seconds=time.perf_counter() - started,
         labels=labels,
         eps_scale=hopts.eps_scale,
