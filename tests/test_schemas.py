@@ -100,7 +100,20 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
     formats = ("--format", "int4/ch,fp8e4m3", "--format", "nvfp4/16", "--target", "ort")  # FP weights and activations
     run("score", cnn, "--max-samples", "4", *formats, "--json", d / "score4.json")
     run("inspect", MODELS / "zoo" / "mbv3_small_ts.onnx", "--json", d / "inspect.json")
-    run("validate", mlp, "--configs", "3", "--resamples", "20", "--json", d / "validate.json")
+    run(
+        "validate",
+        mlp,
+        "--configs",
+        "3",
+        "--resamples",
+        "20",
+        "--json",
+        d / "validate.json",
+        "--baseline",
+        "hessian",
+        "--hessian-probes",
+        "2",
+    )
     pair = MODELS / "pair"
     run("compare", pair / "cnn_torch.onnx", pair / "cnn_jax.onnx", "--max-samples", "4", "--json", d / "compare.json")
     run("recommend", cnn, "--avg-bits", "5", "--target", "ort", "-o", d / "ort")
