@@ -70,14 +70,32 @@ def assignments(
     ]
 
 
-def oracle(h: Harness, budgets: Sequence[float], scorers: Mapping[str, Scorer]) -> list[OracleResult]:
+def measure_assignments(h: Harness, budgets: Sequence[float]) -> dict[tuple[int, ...], float]:
+    """The measured KL of every assignment within the largest budget, keyed by its widths in
+    ``h.weights`` order (what ``oracle`` takes as ``measured``; a caller may store it)."""
+    names = list(h.weights)
+    numels = [int(h.simulator.sim.weights[w].size) for w in names]
+    widths = [b for b in h.weight_bits if isinstance(b, int)]
+    return {tuple(a.values()): h.measure(Config(a, {})).kl for a in assignments(names, numels, widths, max(budgets))}
+
+
+def oracle(
+    h: Harness,
+    budgets: Sequence[float],
+    scorers: Mapping[str, Scorer],
+    measured: Mapping[tuple[int, ...], float] | None = None,
+) -> list[OracleResult]:
     """The oracle and each scorer's recommendation at each budget (weights only, the harness's
-    integer candidate widths; activations stay float). Each assignment is simulated once."""
+    integer candidate widths; activations stay float). Each assignment is simulated once, or
+    read from ``measured`` (``measure_assignments``'s answer, e.g. stored by a previous run)."""
     names = list(h.weights)
     numels = [int(h.simulator.sim.weights[w].size) for w in names]
     widths = [b for b in h.weight_bits if isinstance(b, int)]
     every = assignments(names, numels, widths, max(budgets))
-    kl = {tuple(a.values()): h.measure(Config(a, {})).kl for a in every}
+    kl = dict(measured) if measured is not None else measure_assignments(h, budgets)
+    missing = [a for a in every if tuple(a.values()) not in kl]
+    if missing:
+        raise FitonnxError(f"expected a measured KL for every assignment; {len(missing)} missing, e.g. {missing[0]}")
     out = []
     for budget in budgets:
         inside = [a for a in every if average_bits(list(a.values()), numels) <= budget + 1e-9]

@@ -1,0 +1,146 @@
+"""Refining a recommendation by measurement on the calibration data.
+
+The predictors are additive over tensors and second order, and the damage is neither: tensors'
+rounding errors interact, and the knapsack's exact answer for the predicted damage is not the
+least damaging assignment the budget allows (``oracle`` measures by how much). The refinement
+takes the knapsack's answer and its neighbours within the same size bound (assignments that
+differ from it in at most ``moves`` tensors, any widths), keeps the ``k`` the predictor scores
+lowest, simulates each on the CALIBRATION samples and returns the one with the least measured
+KL. Its cost is ``k`` simulations (one of which, the answer itself, only confirms it); it never
+reads held-out data, so the held-out damage still judges it fairly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fitonnx.allocate.knapsack import Item
+from fitonnx.analysis import simulate
+from fitonnx.analysis.damage import Reference, damage, reference
+from fitonnx.analysis.simulate import Config
+from fitonnx.errors import FitonnxError
+from fitonnx.fisher.losses import OutputTarget
+from fitonnx.model.data import Dataset
+
+DEFAULT_MOVES = 2
+MAX_NEIGHBOURS = 5_000_000  # two-tensor moves scored at once: n²·k²/2 floats
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """The candidates (``[0]`` the knapsack's answer), what the predictor and the calibration
+    simulation said of each, and the index of the one kept (least measured KL)."""
+
+    candidates: tuple[dict[str, int], ...]
+    predicted: tuple[float, ...]
+    measured: tuple[float, ...]
+    chosen: int
+
+    @property
+    def simulations(self) -> int:
+        return len(self.candidates)
+
+    @property
+    def best(self) -> dict[str, int]:
+        return self.candidates[self.chosen]
+
+
+def _size(item: Item, j: int) -> int:
+    return int(item.sizes[j]) if item.sizes else item.numel * item.bits[j]
+
+
+def _tables(items: Sequence[Item], start: Mapping[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per item and candidate (padded with +inf): size and predicted change from ``start``, and
+    the index of the start's candidate."""
+    width = max(len(it.bits) for it in items)
+    dsize = np.full((len(items), width), np.inf)
+    dfit = np.full((len(items), width), np.inf)
+    at = np.zeros(len(items), np.int64)
+    for row, it in enumerate(items):
+        if start[it.name] not in it.bits:
+            raise FitonnxError(f"expected {it.name!r} at one of its candidates {it.bits}; found {start[it.name]}")
+        at[row] = it.bits.index(start[it.name])
+        for j in range(len(it.bits)):
+            dsize[row, j] = _size(it, j) - _size(it, at[row])
+            dfit[row, j] = it.fit[j] - it.fit[at[row]]
+    return dsize, dfit, at
+
+
+def neighbours(
+    items: Sequence[Item], start: Mapping[str, int], max_size: int, k: int, moves: int = DEFAULT_MOVES
+) -> list[tuple[dict[str, int], float]]:
+    """``start`` and the ``k − 1`` assignments differing from it in 1..``moves`` (1 or 2) tensors,
+    of total size ≤ ``max_size``, that the items' additive FIT scores lowest; (assignment, FIT)
+    pairs in ascending FIT (ties: fewer moves first), ``start`` always first."""
+    if moves not in (1, 2):
+        raise FitonnxError(f"expected 1 or 2 tensors changed per neighbour; found {moves}")
+    dsize, dfit, at = _tables(items, start)
+    n, w = dfit.shape
+    base_size = sum(_size(it, int(at[r])) for r, it in enumerate(items))
+    base_fit = float(sum(it.fit[int(at[r])] for r, it in enumerate(items)))
+    slack = max_size - base_size
+    same = np.arange(w)[None, :] == at[:, None]
+    found: list[tuple[float, int, tuple[tuple[int, int], ...]]] = []
+    ok1 = (~same) & (dsize <= slack) & np.isfinite(dfit)
+    found += [(float(dfit[r, j]), 1, ((r, j),)) for r, j in zip(*np.nonzero(ok1), strict=True)]
+    if moves == 2 and n > 1:
+        if n * n * w * w // 2 > MAX_NEIGHBOURS:
+            raise FitonnxError(f"expected at most {MAX_NEIGHBOURS} two-tensor moves; {n} tensors give more")
+        s = dsize[:, :, None, None] + dsize[None, None, :, :]
+        f = dfit[:, :, None, None] + dfit[None, None, :, :]
+        upper = np.triu(np.ones((n, n), bool), 1)[:, None, :, None]
+        ok = upper & (~same)[:, :, None, None] & (~same)[None, None, :, :] & (s <= slack) & np.isfinite(f)
+        idx = np.nonzero(ok)
+        order = np.argsort(f[idx], kind="stable")[: max(k - 1, 0)]
+        found += [
+            (float(f[idx][q]), 2, ((int(idx[0][q]), int(idx[1][q])), (int(idx[2][q]), int(idx[3][q])))) for q in order
+        ]
+    found.sort(key=lambda c: (c[0], c[1]))
+    out = [(dict(start), base_fit)]
+    for delta, _, changes in found[: max(k - 1, 0)]:
+        a = dict(start)
+        for r, j in changes:
+            a[items[r].name] = items[r].bits[j]
+        out.append((a, base_fit + delta))
+    return out
+
+
+def refine(
+    candidates: Sequence[tuple[dict[str, int], float]], measure: Callable[[dict[str, int]], float]
+) -> Refinement:
+    """Measure every candidate (``measure``: its KL on the calibration data) and keep the least
+    damaging; a tie keeps the earlier candidate (the predictor's preference)."""
+    if not candidates:
+        raise FitonnxError("expected at least one candidate assignment to refine")
+    measured = tuple(float(measure(a)) for a, _ in candidates)
+    return Refinement(
+        candidates=tuple(dict(a) for a, _ in candidates),
+        predicted=tuple(float(p) for _, p in candidates),
+        measured=measured,
+        chosen=int(np.argmin(measured)),
+    )
+
+
+@dataclass(frozen=True)
+class Measurer:
+    """KL of a configuration against the float model on fixed data (a simulator and its reference)."""
+
+    simulator: simulate.Simulator
+    reference: Reference
+    fixed: Mapping[str, int]  # activation widths every configuration keeps (empty: float)
+
+    def kl(self, weight_bits: Mapping[str, int]) -> float:
+        return damage(self.reference, self.simulator.run(Config(dict(weight_bits), dict(self.fixed)))).kl
+
+
+def measurer(
+    simulator: simulate.Simulator, data: Dataset, target: OutputTarget, fixed: Mapping[str, int] | None = None
+) -> Measurer:
+    """A ``Measurer`` of ``simulator``'s model on ``data`` (the calibration samples), the float
+    reference computed here."""
+    sim = simulator.on(data)
+    ref = reference(target, sim.run(Config.floating()), None, data.source)
+    return Measurer(sim, ref, dict(fixed or {}))
