@@ -17,6 +17,7 @@ from fitonnx.allocate.formats_alloc import FormatOptions, allocate_formats, requ
 from fitonnx.allocate.knapsack import AllocationOptions, Budget, BudgetKind, budget_from
 from fitonnx.analysis.compare import CompareReport, compare
 from fitonnx.analysis.inspection import Inspection, inspect_model
+from fitonnx.analysis.refine import Refinement, check_refine, refine_allocation
 from fitonnx.analysis.validate import ValidationReport, validate
 from fitonnx.errors import FitonnxError
 from fitonnx.export import export_recommendation
@@ -120,11 +121,14 @@ def score(
 
 @dataclass(frozen=True)
 class RecommendResult:
-    """What ``recommend`` chose (``allocation``), the FIT report it used, and the files it wrote."""
+    """What ``recommend`` chose (``allocation``), the FIT report it used, the files it wrote, and
+    with ``refine`` > 1 the candidates measured on the calibration data (and a note on them)."""
 
     allocation: allocate.Allocation
     report: ScoreReport
     written: Written | None
+    refinement: Refinement | None = None
+    refine_note: str | None = None
 
 
 def build_data(
@@ -158,6 +162,7 @@ def recommend(
     options: FisherOptions | None = None,
     noise_model: noise.NoiseModel | str = noise.NoiseModel.UNIFORM,
     progress: Progress | None = None,
+    refine: int = 1,
 ) -> RecommendResult:
     """Per-tensor bit widths under ``budget`` (``allocate.budget_from(avg_bits=..., size_kb=... or
     max_fit=...)``) among ``choices``, and, with ``out_dir``, every output of ``fitonnx recommend``
@@ -167,10 +172,15 @@ def recommend(
     With ``FormatOptions`` as ``choices`` it chooses per-tensor FORMATS of the target's menu
     (per channel, per block, FP8, ...) with their exact storage costs instead (``formats_alloc``).
 
+    ``refine`` > 1 simulates the knapsack's answer and its ``refine − 1`` best-predicted neighbours
+    (at most two weights changed, same budget) on the calibration data and keeps the least measured
+    KL (``analysis.refine``): ``refine`` more simulations, for damage FIT's additive model misses.
+
     Every option and the output folder are checked before any work."""
     choices = choices or allocate.AllocationOptions()
     tgt = choices.check()
     by_format = isinstance(choices, FormatOptions)
+    check_refine(refine, tgt, () if by_format else (choices.weight_bits or tgt.weight_bits), by_format)
     if by_format and noise.NoiseModel(noise_model) is not noise.NoiseModel.UNIFORM:
         raise FitonnxError("expected --noise-model uniform with --formats; the grid model is for bit widths")
     opts = options or FisherOptions()
@@ -192,6 +202,11 @@ def recommend(
         progress=progress,
     )
     alloc = _allocate(s, report, budget, choices)
+    refinement, refine_note = None, None
+    if refine > 1:
+        as_progress(progress).start(1, f"Simulating {refine} candidates on the calibration data")
+        alloc, refinement, refine_note = refine_allocation(s, alloc, refine, opts)
+        as_progress(progress).advance(1)
     if out is not None and s.data.synthetic:
         warnings.warn(RANDOM_CALIBRATION, RandomDataWarning, stacklevel=2)  # the bundle's QDQ models
     written = (
@@ -208,7 +223,7 @@ def recommend(
             front=_write_front,
         )
     )
-    return RecommendResult(allocation=alloc, report=report, written=written)
+    return RecommendResult(alloc, report, written, refinement, refine_note)
 
 
 def _allocate(

@@ -20,6 +20,7 @@ non-zero FIT, whatever the number of distinct sizes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -494,3 +495,24 @@ def allocate(
         total_numel=total_numel,
         uniform=uniform,
     )
+
+
+def with_weights(alloc: Allocation, bits: Mapping[str, int], refine: int) -> Allocation:
+    """``alloc`` with other weight widths (``recommend --refine``'s measured choice among ``refine``
+    candidates), size and FIT recomputed from the front's items. The front and its chosen index stay
+    the knapsack's (the plots mark the point it was refined from); the budget records ``refine``."""
+    items = {item.name: item for item in alloc.front.items}
+    if set(bits) != set(items):
+        raise InternalError(f"expected widths for the weights {sorted(items)}; found {sorted(bits)}")
+    at = {name: items[name].bits.index(b) for name, b in bits.items()}
+    size = sum(int(items[n].sizes[j]) if items[n].sizes else items[n].numel * items[n].bits[j] for n, j in at.items())
+    fit = float(sum(items[n].fit[j] for n, j in at.items()))
+    rec = alloc.recommendation
+    rec = dataclasses.replace(
+        rec,
+        weight_bits={n: int(bits[n]) for n in rec.weight_bits},
+        fit=fit + alloc.activation_fit,
+        weight_bytes=weight_bytes(size),
+        budget={**rec.budget, "refine": float(refine)},
+    )
+    return dataclasses.replace(alloc, recommendation=rec, chosen=Pick(alloc.chosen.index, dict(bits), size, fit))

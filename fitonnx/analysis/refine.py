@@ -17,12 +17,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fitonnx.allocate.knapsack import Item
+from fitonnx.allocate.knapsack import Allocation, BudgetKind, Item, with_weights
+from fitonnx.allocate.targets import Scheme, Target
 from fitonnx.analysis import simulate
 from fitonnx.analysis.damage import Reference, damage, reference
 from fitonnx.analysis.simulate import Config
 from fitonnx.errors import FitonnxError
+from fitonnx.fisher import session as fisher_session
 from fitonnx.fisher.losses import OutputTarget
+from fitonnx.fisher.options import FisherOptions
+from fitonnx.fisher.session import Session
 from fitonnx.model.data import Dataset
 
 DEFAULT_MOVES = 2
@@ -144,3 +148,62 @@ def measurer(
     sim = simulator.on(data)
     ref = reference(target, sim.run(Config.floating()), None, data.source)
     return Measurer(sim, ref, dict(fixed or {}))
+
+
+def _session_measurer(s: Session, alloc: Allocation, options: FisherOptions) -> tuple[Measurer, str | None]:
+    """A measurer of ``s``'s model on its calibration data with ``alloc``'s target grids, and a note
+    when the activations are simulated in float (their grid scheme differs from the weights')."""
+    target = alloc.target
+    gm, out, _ = fisher_session.gradient_model(s, options)
+    symmetric = target.weight_scheme is Scheme.SYMMETRIC
+    rec = alloc.recommendation
+    acts = {t.name: rec.activation_bits[t.name] for t in gm.tensors if t.name in rec.activation_bits}
+    note = None
+    if acts and target.activation_scheme is not target.weight_scheme:
+        acts, note = {}, "activations simulated in float (the target's activation grid is not its weights')"
+    ranges = {name: rec.ranges[name] for name in acts}
+    sim = simulate.Simulator(
+        simulate.build(s.prepared.model, gm.tensors, out.tap, s.specs),
+        s.prepared.model,
+        gm.tensors,
+        ranges,
+        simulate.GridScheme(symmetric=symmetric),
+        s.data,
+        s.specs,
+    )
+    ref = reference(out, sim.run(Config.floating()), None, s.data.source)
+    return Measurer(sim, ref, acts), note
+
+
+def check_refine(k: int, target: Target, weight_bits: Sequence[int], by_format: bool) -> None:
+    """Fail before any work when ``recommend --refine k`` cannot be simulated: formats, float widths."""
+    if k < 1:
+        raise FitonnxError(f"expected --refine of at least 1 candidate; found {k}")
+    if k > 1 and by_format:
+        raise FitonnxError("expected bit widths with --refine; a --formats recommendation is not refined")
+    floats = sorted(set(weight_bits) & set(target.float_bits))
+    if k > 1 and floats:
+        raise FitonnxError(
+            f"expected integer widths with --refine; target {target.name!r} stores {floats} bits as float",
+            hint="restrict --weight-bits to the integer widths",
+        )
+
+
+def refine_allocation(
+    s: Session, alloc: Allocation, k: int, options: FisherOptions, moves: int = DEFAULT_MOVES
+) -> tuple[Allocation, Refinement, str | None]:
+    """``alloc`` refined by measurement on ``s``'s calibration data: its knapsack answer and the
+    ``k − 1`` best-predicted neighbours within the same size simulated, the least damaging kept
+    (``with_weights``); also the refinement and a note on how activations were simulated."""
+    check_refine(k, alloc.target, [b for it in alloc.front.items for b in it.bits], alloc.recommendation.by_format)
+    if alloc.budget.kind is BudgetKind.MAX_FIT:
+        max_size = alloc.chosen.size_bits  # no larger than the knapsack's answer
+    else:
+        max_size = alloc.budget.max_bits(alloc.total_numel)
+    candidates = neighbours(alloc.front.items, alloc.chosen.bits, max_size, k, moves)
+    if alloc.budget.kind is BudgetKind.MAX_FIT:  # neighbours within the FIT budget too
+        limit = alloc.budget.value - alloc.activation_fit
+        candidates = [c for i, c in enumerate(candidates) if i == 0 or c[1] <= limit]
+    measure, note = _session_measurer(s, alloc, options)
+    r = refine(candidates, measure.kl)
+    return with_weights(alloc, r.best, k), r, note
