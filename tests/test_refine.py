@@ -4,16 +4,23 @@ brute-force enumeration, the measurement against a numpy forward pass on the cal
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
-from fitonnx.allocate.knapsack import Item, pareto_front
+from fitonnx import api
+from fitonnx.allocate.knapsack import Item, budget_from, pareto_front
 from fitonnx.analysis.harness import SimulationOptions, harness
 from fitonnx.analysis.refine import measurer, neighbours, refine
 from fitonnx.analysis.simulate import Config
+from fitonnx.cli.main import cli
 from fitonnx.errors import FitonnxError
 from fitonnx.model.data import Dataset
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+CNN = MODELS / "mnist_cnn.onnx"
 
 
 def _items(rng: np.random.Generator) -> list[Item]:
@@ -81,3 +88,35 @@ def test_measurer_simulates_on_the_data_it_is_given() -> None:
         want = float(np.mean(np.sum(np.exp(ref) * (ref - lq), axis=1)))
         assert m.kl(a) == pytest.approx(want, rel=1e-4)
         assert h.measure(Config(a, {})).kl != pytest.approx(want, rel=1e-2)  # the held-out samples differ
+
+
+def test_recommend_refine_keeps_the_least_calibration_kl_within_the_budget(tmp_path: Path) -> None:
+    """``recommend(refine=4)`` on the bundled CNN: four candidates within the budget, the one kept is
+    the least measured, each measurement equal to validate's harness simulating the same
+    configuration on the calibration samples (activations at the chosen 8 bits)."""
+    calib = MODELS / "mnist_cnn.calib.npz"
+    result = api.recommend(CNN, calib, budget=budget_from(avg_bits=3.5), refine=4)
+    r, rec = result.refinement, result.allocation.recommendation
+    assert r is not None and r.simulations == 4 and rec.budget["refine"] == 4.0
+    assert dict(rec.weight_bits) == r.best and r.measured[r.chosen] == min(r.measured)
+    numel = {t.name: t.numel for t in result.report.tensors}
+    for a in r.candidates:
+        assert sum(numel[w] * b for w, b in a.items()) <= 3.5 * sum(numel[w] for w in a)
+    assert rec.fit == pytest.approx(
+        sum(rec.fit_per_tensor[w][b] for w, b in {**rec.weight_bits, **rec.activation_bits}.items()), rel=1e-9
+    )
+    h = harness(
+        CNN, calib, calib, simulation=SimulationOptions(weight_bits=(2, 3, 4, 5, 6, 7, 8), activation_bits=(8,))
+    )
+    acts = {name: 8 for name in h.activations}
+    for a, kl in zip(r.candidates, r.measured, strict=True):
+        assert kl == pytest.approx(h.measure(Config(a, acts)).kl, rel=1e-6)
+
+
+def test_refine_refuses_formats_and_float_widths_before_any_work() -> None:
+    runner = CliRunner()
+    for extra in (["--formats"], ["--target", "tensorrt"]):
+        out = runner.invoke(
+            cli, ["recommend", str(CNN), "--avg-bits", "6", "--refine", "3", "-o", "/nonexistent/x", *extra]
+        )
+        assert out.exit_code == 2 and "--refine" in out.output and "Traceback" not in out.output, out.output
