@@ -28,9 +28,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from fitonnx.allocate.knapsack import Budget, BudgetKind, Item, pareto_front
 from fitonnx.analysis.harness import Harness, SimulationOptions, harness
-from fitonnx.analysis.oracle import measure_assignments, one_at_a_time, oracle, predictor_scorers
+from fitonnx.analysis.oracle import average_bits, measure_assignments, one_at_a_time, oracle, predictor_scorers
 from fitonnx.analysis.predictors import Predictor
 from fitonnx.analysis.refine import measurer, neighbours, refine
 from fitonnx.fisher.options import FisherOptions
@@ -41,6 +43,7 @@ WIDTHS = (2, 3, 4, 5, 6, 7, 8)
 SHOWN = (Predictor.FIT, Predictor.FIT_MEASURED, Predictor.QUADRATIC, Predictor.OUTPUT_SPACE, Predictor.NOISE_ONLY)
 REFINED = (Predictor.FIT, Predictor.QUADRATIC, Predictor.OUTPUT_SPACE)
 KS = (2, 4, 8, 16, 32)
+ZS = (0.0, 2.0)
 Cache = dict[tuple[int, ...], float]
 
 
@@ -69,8 +72,8 @@ def items_of(h: Harness, predictor: Predictor) -> list[Item]:
     ]
 
 
-def refined(h: Harness, calib: Callable[[dict[str, int]], float], held: Cache) -> list[dict]:
-    """Per budget, predictor and K: the refined choice's held-out KL (and the knapsack answer's)."""
+def refined(h: Harness, calib: Callable[[dict[str, int]], np.ndarray], held: Cache) -> list[dict]:
+    """Per budget, predictor, K and z: the refined choice's held-out KL (and the knapsack answer's)."""
     rows = []
     total = sum(int(h.simulator.sim.weights[w].size) for w in h.weights)
     for p in REFINED:
@@ -80,10 +83,30 @@ def refined(h: Harness, calib: Callable[[dict[str, int]], float], held: Cache) -
             max_size = Budget(BudgetKind.AVG_BITS, budget).max_bits(total)
             start = front.config(front.best_within(max_size))
             for k in KS:
-                r = refine(neighbours(items, start, max_size, k), calib)
-                key = tuple(r.best[w] for w in h.weights)
-                rows.append({"predictor": p.value, "budget": budget, "k": k, "kl": held[key], "bits": list(key)})
+                for z in ZS:
+                    r = refine(neighbours(items, start, max_size, k), calib, z)
+                    key = tuple(r.best[w] for w in h.weights)
+                    rows.append(
+                        {"predictor": p.value, "budget": budget, "k": k, "z": z, "kl": held[key], "bits": list(key)}
+                    )
     return rows
+
+
+def calibration_samples(path: Path | None, h: Harness, keys: list[tuple[int, ...]]) -> tuple[dict, float]:
+    """Every assignment's per-sample KL on the calibration data: read from ``path`` (.npz) when
+    stored there, else simulated (and stored)."""
+    if path is not None and path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            return {tuple(int(b) for b in row): kl for row, kl in zip(z["bits"], z["kl"], strict=True)}, float(
+                z["seconds"]
+            )
+    cal = measurer(h.simulator, h.session.data, h.target)
+    t0 = time.perf_counter()
+    out = {k: cal.samples(dict(zip(h.weights, k, strict=True))) for k in keys}
+    seconds = time.perf_counter() - t0
+    if path is not None:
+        np.savez(path, bits=np.array(keys), kl=np.stack([out[k] for k in keys]), seconds=seconds)
+    return out, seconds
 
 
 def main() -> None:
@@ -104,11 +127,7 @@ def main() -> None:
     single, runs = one_at_a_time(h, WIDTHS)
     t_single = time.perf_counter() - t0
     held, t_oracle = cached(args.cache and args.cache / "heldout.json", lambda: measure_assignments(h, BUDGETS))
-    cal = measurer(h.simulator, h.session.data, h.target)
-    calib, t_calib = cached(
-        args.cache and args.cache / f"calib_{args.fisher}.json",
-        lambda: {k: cal.kl(dict(zip(h.weights, k, strict=True))) for k in held},
-    )
+    calib, t_calib = calibration_samples(args.cache and args.cache / f"calib_{args.fisher}.npz", h, list(held))
     results = oracle(h, BUDGETS, {**predictor_scorers(h, SHOWN), "one_at_a_time": single}, measured=held)
     sizes = [int(h.simulator.sim.weights[w].size) for w in h.weights]
     print(
@@ -119,22 +138,29 @@ def main() -> None:
         f"oracle {len(held)} simulations {t_oracle:.1f} s; calibration KL of all {t_calib:.1f} s"
     )
     best = {r.budget: r.best_kl for r in results}
+    cal_oracle = {}
+    for budget in BUDGETS:
+        inside = [k for k in held if average_bits(k, sizes) <= budget + 1e-9]
+        k = min(inside, key=lambda k: float(calib[k].mean()))
+        cal_oracle[budget] = f"{held[k] / best[budget]:.3f} {list(k)}"
     for r in results:
         cells = "  ".join(f"{k} {r.regret[k]:.3f} (#{r.rank[k]})" for k in r.regret)
         print(
             f"{r.budget} bits: {r.assignments} assignments, best KL {r.best_kl:.4g} {list(r.best.values())}; regret {cells}"
         )
     rows = refined(h, lambda a: calib[tuple(a[w] for w in h.weights)], held)
+    print(f"calibration oracle (every assignment simulated on the calibration data, least mean KL kept): {cal_oracle}")
     for row in rows:
         row["regret"] = row["kl"] / best[row["budget"]]
     for p in REFINED:
         for k in KS:
-            cells = "  ".join(
-                f"{r['budget']}: {r['regret']:.3f} {r['bits']}"
-                for r in rows
-                if r["predictor"] == p.value and r["k"] == k
-            )
-            print(f"refined {p.value} K={k} (K calibration simulations): {cells}")
+            for z in ZS:
+                cells = "  ".join(
+                    f"{r['budget']}: {r['regret']:.3f} {r['bits']}"
+                    for r in rows
+                    if r["predictor"] == p.value and r["k"] == k and r["z"] == z
+                )
+                print(f"refined {p.value} K={k} z={z:g} (K calibration simulations): {cells}")
     if args.json:
         doc = {"results": [dataclasses.asdict(r) for r in results], "time_predictors_s": t_cal, "refined": rows}
         doc |= {"time_one_at_a_time_s": t_single, "one_at_a_time_runs": runs, "time_oracle_s": t_oracle}

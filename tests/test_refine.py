@@ -64,9 +64,26 @@ def test_refine_keeps_the_least_measured_and_the_predictors_order_on_ties() -> N
     r = refine(cands, lambda a: measured[a["a"]])
     assert r.chosen == 1 and r.best == {"a": 3} and r.simulations == 4 and r.measured == (0.3, 0.1, 0.1, 0.5)
     with pytest.raises(FitonnxError):
-        refine([], lambda a: 0.0)
+        refine([], lambda a: np.zeros(1))
     with pytest.raises(FitonnxError):
         neighbours(_items(np.random.default_rng(0)), {"t0": 2}, 10**6, 3, moves=3)
+
+
+def test_refine_moves_only_on_a_significant_paired_improvement() -> None:
+    """Per-sample KL: candidate 1 is lower on average but within the noise of the paired difference,
+    candidate 2 lower by far more than two standard errors of it: z = 2 keeps 2, z = 0 keeps 1."""
+    rng = np.random.default_rng(1)
+    base = rng.gamma(2.0, 0.01, 400)
+    e = rng.normal(0, 0.05, 400)
+    noisy = base + (e - e.mean()) - 0.003  # mean difference −0.003, standard error ≈ 0.05/20
+    better = base * 0.9  # −10% on every sample: mean difference ≈ −0.002
+    samples = {4: base, 3: noisy, 5: better}
+    cands = [({"a": 4}, 1.0), ({"a": 3}, 2.0), ({"a": 5}, 3.0)]
+    d = noisy - base
+    assert d.mean() + 2 * d.std(ddof=1) / 20 > 0 > d.mean() and noisy.mean() < better.mean()  # the premise
+    assert refine(cands, lambda a: samples[a["a"]], z=2.0).chosen == 2
+    assert refine(cands, lambda a: samples[a["a"]], z=0.0).chosen == 1
+    assert refine(cands[:2], lambda a: samples[a["a"]], z=2.0).chosen == 0
 
 
 def test_measurer_simulates_on_the_data_it_is_given() -> None:
@@ -91,14 +108,14 @@ def test_measurer_simulates_on_the_data_it_is_given() -> None:
 
 
 def test_recommend_refine_keeps_the_least_calibration_kl_within_the_budget(tmp_path: Path) -> None:
-    """``recommend(refine=4)`` on the bundled CNN: four candidates within the budget, the one kept is
-    the least measured, each measurement equal to validate's harness simulating the same
+    """``recommend(refine=4)`` on the bundled CNN: four candidates within the budget, the one kept no
+    worse than FIT's answer on the calibration data, each measurement equal to validate's harness simulating the same
     configuration on the calibration samples (activations at the chosen 8 bits)."""
     calib = MODELS / "mnist_cnn.calib.npz"
     result = api.recommend(CNN, calib, budget=budget_from(avg_bits=3.5), refine=4)
     r, rec = result.refinement, result.allocation.recommendation
     assert r is not None and r.simulations == 4 and rec.budget["refine"] == 4.0
-    assert dict(rec.weight_bits) == r.best and r.measured[r.chosen] == min(r.measured)
+    assert dict(rec.weight_bits) == r.best and r.measured[r.chosen] <= r.measured[0]
     numel = {t.name: t.numel for t in result.report.tensors}
     for a in r.candidates:
         assert sum(numel[w] * b for w, b in a.items()) <= 3.5 * sum(numel[w] for w in a)

@@ -30,6 +30,7 @@ from fitonnx.fisher.session import Session
 from fitonnx.model.data import Dataset
 
 DEFAULT_MOVES = 2
+DEFAULT_Z = 2.0  # a candidate replaces the knapsack's answer only if better by 2 paired standard errors
 MAX_NEIGHBOURS = 5_000_000  # two-tensor moves scored at once: n²·k²/2 floats
 
 
@@ -112,19 +113,36 @@ def neighbours(
     return out
 
 
+def _kept(samples: Sequence[np.ndarray], z: float) -> int:
+    """The candidate kept: the least mean among those whose per-sample KL is below the first
+    candidate's by more than ``z`` paired standard errors (the first when none is)."""
+    base = samples[0]
+    best, best_mean = 0, float(base.mean())
+    for i, x in enumerate(samples[1:], start=1):
+        d = x - base
+        se = float(d.std(ddof=1)) / np.sqrt(d.size) if d.size > 1 else 0.0
+        if float(d.mean()) + z * se < 0 and float(x.mean()) < best_mean:
+            best, best_mean = i, float(x.mean())
+    return best
+
+
 def refine(
-    candidates: Sequence[tuple[dict[str, int], float]], measure: Callable[[dict[str, int]], float]
+    candidates: Sequence[tuple[dict[str, int], float]],
+    measure: Callable[[dict[str, int]], np.ndarray],
+    z: float = DEFAULT_Z,
 ) -> Refinement:
-    """Measure every candidate (``measure``: its KL on the calibration data) and keep the least
-    damaging; a tie keeps the earlier candidate (the predictor's preference)."""
+    """Measure every candidate (``measure``: its per-sample KL on the calibration data) and keep
+    the least damaging among those measurably better than the first (the knapsack's answer) by a
+    paired one-sided test at ``z`` standard errors; ``z = 0``: the least mean KL, ties the earlier.
+    The test keeps sampling noise from moving the answer: the candidates are often within it."""
     if not candidates:
         raise FitonnxError("expected at least one candidate assignment to refine")
-    measured = tuple(float(measure(a)) for a, _ in candidates)
+    samples = [np.asarray(measure(a), np.float64).reshape(-1) for a, _ in candidates]
     return Refinement(
         candidates=tuple(dict(a) for a, _ in candidates),
         predicted=tuple(float(p) for _, p in candidates),
-        measured=measured,
-        chosen=int(np.argmin(measured)),
+        measured=tuple(float(x.mean()) for x in samples),
+        chosen=_kept(samples, z),
     )
 
 
@@ -136,8 +154,12 @@ class Measurer:
     reference: Reference
     fixed: Mapping[str, int]  # activation widths every configuration keeps (empty: float)
 
+    def samples(self, weight_bits: Mapping[str, int]) -> np.ndarray:
+        """Per-sample KL of the weights at ``weight_bits`` (activations as ``fixed``)."""
+        return damage(self.reference, self.simulator.run(Config(dict(weight_bits), dict(self.fixed)))).sample_kl
+
     def kl(self, weight_bits: Mapping[str, int]) -> float:
-        return damage(self.reference, self.simulator.run(Config(dict(weight_bits), dict(self.fixed)))).kl
+        return float(self.samples(weight_bits).mean())
 
 
 def measurer(
@@ -190,7 +212,7 @@ def check_refine(k: int, target: Target, weight_bits: Sequence[int], by_format: 
 
 
 def refine_allocation(
-    s: Session, alloc: Allocation, k: int, options: FisherOptions, moves: int = DEFAULT_MOVES
+    s: Session, alloc: Allocation, k: int, options: FisherOptions, z: float = DEFAULT_Z
 ) -> tuple[Allocation, Refinement, str | None]:
     """``alloc`` refined by measurement on ``s``'s calibration data: its knapsack answer and the
     ``k − 1`` best-predicted neighbours within the same size simulated, the least damaging kept
@@ -200,10 +222,10 @@ def refine_allocation(
         max_size = alloc.chosen.size_bits  # no larger than the knapsack's answer
     else:
         max_size = alloc.budget.max_bits(alloc.total_numel)
-    candidates = neighbours(alloc.front.items, alloc.chosen.bits, max_size, k, moves)
+    candidates = neighbours(alloc.front.items, alloc.chosen.bits, max_size, k)
     if alloc.budget.kind is BudgetKind.MAX_FIT:  # neighbours within the FIT budget too
         limit = alloc.budget.value - alloc.activation_fit
         candidates = [c for i, c in enumerate(candidates) if i == 0 or c[1] <= limit]
     measure, note = _session_measurer(s, alloc, options)
-    r = refine(candidates, measure.kl)
+    r = refine(candidates, measure.samples, z)
     return with_weights(alloc, r.best, k), r, note
