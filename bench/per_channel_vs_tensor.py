@@ -46,7 +46,12 @@ REAL = (
     ("ppocr_cls_mbv3", (75.0, 85.0, 100.0), "probabilities"),
     ("silero_vad_16k_op15", (95.0, 110.0, 130.0), "bernoulli"),
 )
-MENUS = {"per-tensor": ("int4", "int8", "int16"), "per-channel": ("int4/ch", "int8/ch", "int16/ch")}
+MENUS = {
+    "per-tensor": ("int4", "int8", "int16"),
+    "per-channel": ("int4/ch", "int8/ch", "int16/ch"),
+    # each weight per tensor or per channel, whichever the knapsack finds worth its scales
+    "either": ("int4", "int8", "int16", "int4/ch", "int8/ch", "int16/ch"),
+}
 
 
 def kl(p: np.ndarray, q: np.ndarray, kind: str = "logits") -> float:
@@ -94,18 +99,22 @@ def cases(zoo_data: Path | None) -> list[tuple[Path, Path, Path, tuple[float, ..
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--menus", default=",".join(MENUS))
+    parser.add_argument("--only", help="comma-separated model stems (default: all)")
     parser.add_argument("--data", type=Path, help="scripts/data/build_data.py's folder: adds the real zoo models")
     args = parser.parse_args()
     rows = []
     for path, calib, evaluation, budgets, kind in cases(args.data):
         model = path.stem
+        if args.only and model not in args.only.split(","):
+            continue
         proto = onnx.load(path)
         data = load_npz(evaluation)
         feed = feeds_of(proto, data)
         output = proto.graph.output[0].name
         floating = run(path, feed, output)
         for kb in budgets:
-            for label, menu in MENUS.items():
+            for label, menu in ((m, MENUS[m]) for m in args.menus.split(",")):
                 with tempfile.TemporaryDirectory() as tmp:
                     result = api.recommend(
                         path,

@@ -4,6 +4,7 @@ For each real trained model (authors' weights) and average-bits budget, weights 
 float, on one grid family: the exact knapsack's assignment for
 
 - ``fit``: the paper's FIT table (three calibration passes; the harness's);
+- ``output_space``: ModelOpt AutoQuantize's output-space score (the harness's third pass);
 - ``one_at_a_time``: each weight alone at each width simulated on the CALIBRATION data, the KL
   summed (the AIMET / Quark / ModelOpt-KL allocation; n_weights × n_widths simulations);
 - ``fit+refine K``: FIT's answer and its K − 1 best-predicted neighbours simulated on the
@@ -55,7 +56,7 @@ def study(model: str, data: Path, family: str) -> list[dict]:
     t0 = time.perf_counter()
     single, runs = one_at_a_time(h, widths, lambda c: cal.kl(c.weight_bits))
     t_single = time.perf_counter() - t0
-    tables = {"fit": predictor_scorers(h, (Predictor.FIT,))["fit"], "one_at_a_time": single}
+    tables = {**predictor_scorers(h, (Predictor.FIT, Predictor.OUTPUT_SPACE)), "one_at_a_time": single}
     print(
         f"{model} {family}: {len(h.weights)} weights, calibration {h.session.data.num_samples}, "
         f"held-out {h.held_out.num_samples}; FIT passes {t_fit:.0f} s; one-at-a-time {runs} simulations {t_single:.0f} s",

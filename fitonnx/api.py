@@ -14,10 +14,10 @@ from pathlib import Path
 
 from fitonnx.allocate import knapsack as allocate
 from fitonnx.allocate.formats_alloc import FormatOptions, allocate_formats, requested_formats
-from fitonnx.allocate.knapsack import AllocationOptions, Budget, BudgetKind, budget_from
+from fitonnx.allocate.knapsack import AllocationOptions, Budget, BudgetKind, Objective, budget_from
 from fitonnx.analysis.compare import CompareReport, compare
 from fitonnx.analysis.inspection import Inspection, inspect_model
-from fitonnx.analysis.refine import Refinement, check_refine, refine_allocation
+from fitonnx.analysis.refine import Refinement, Rework, check_refine, rework_allocation
 from fitonnx.analysis.validate import ValidationReport, validate
 from fitonnx.errors import FitonnxError
 from fitonnx.export import export_recommendation
@@ -162,7 +162,6 @@ def recommend(
     options: FisherOptions | None = None,
     noise_model: noise.NoiseModel | str = noise.NoiseModel.UNIFORM,
     progress: Progress | None = None,
-    refine: int = 1,
 ) -> RecommendResult:
     """Per-tensor bit widths under ``budget`` (``allocate.budget_from(avg_bits=..., size_kb=... or
     max_fit=...)``) among ``choices``, and, with ``out_dir``, every output of ``fitonnx recommend``
@@ -172,15 +171,19 @@ def recommend(
     With ``FormatOptions`` as ``choices`` it chooses per-tensor FORMATS of the target's menu
     (per channel, per block, FP8, ...) with their exact storage costs instead (``formats_alloc``).
 
-    ``refine`` > 1 simulates the knapsack's answer and its ``refine − 1`` best-predicted neighbours
-    (at most two weights changed, same budget) on the calibration data and keeps the least measured
-    KL (``analysis.refine``): ``refine`` more simulations, for damage FIT's additive model misses.
+    ``AllocationOptions(objective="output_space")`` has the knapsack minimise ModelOpt's output-space
+    score (one more calibration pass) instead of FIT; ``AllocationOptions(refine=K)`` simulates the knapsack's
+    answer and its K − 1 best-predicted neighbours (at most two weights changed, same budget) on the
+    calibration data and keeps a measurably less damaging one (``analysis.refine``): K simulations,
+    for the tensors' interactions an additive score misses.
 
     Every option and the output folder are checked before any work."""
     choices = choices or allocate.AllocationOptions()
     tgt = choices.check()
     by_format = isinstance(choices, FormatOptions)
-    check_refine(refine, tgt, () if by_format else (choices.weight_bits or tgt.weight_bits), by_format)
+    rework = Rework() if by_format else Rework(Objective(choices.objective), choices.refine)
+    widths = () if by_format else (choices.weight_bits or tgt.weight_bits)
+    check_refine(rework.refine, tgt, widths, by_format, rework.objective, budget)
     if by_format and noise.NoiseModel(noise_model) is not noise.NoiseModel.UNIFORM:
         raise FitonnxError("expected --noise-model uniform with --formats; the grid model is for bit widths")
     opts = options or FisherOptions()
@@ -203,9 +206,9 @@ def recommend(
     )
     alloc = _allocate(s, report, budget, choices)
     refinement, refine_note = None, None
-    if refine > 1:
-        as_progress(progress).start(1, f"Simulating {refine} candidates on the calibration data")
-        alloc, refinement, refine_note = refine_allocation(s, alloc, refine, opts)
+    if rework.active:
+        as_progress(progress).start(1, f"Measuring on the calibration data ({rework.refine} candidates)")
+        alloc, refinement, refine_note = rework_allocation(s, alloc, opts, rework, progress)
         as_progress(progress).advance(1)
     if out is not None and s.data.synthetic:
         warnings.warn(RANDOM_CALIBRATION, RandomDataWarning, stacklevel=2)  # the bundle's QDQ models

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from fitonnx import api
-from fitonnx.allocate.knapsack import Item, budget_from, pareto_front
+from fitonnx.allocate.knapsack import AllocationOptions, Item, budget_from, pareto_front
 from fitonnx.analysis.harness import SimulationOptions, harness
 from fitonnx.analysis.refine import measurer, neighbours, refine
 from fitonnx.analysis.simulate import Config
@@ -112,7 +112,7 @@ def test_recommend_refine_keeps_the_least_calibration_kl_within_the_budget(tmp_p
     worse than FIT's answer on the calibration data, each measurement equal to validate's harness simulating the same
     configuration on the calibration samples (activations at the chosen 8 bits)."""
     calib = MODELS / "mnist_cnn.calib.npz"
-    result = api.recommend(CNN, calib, budget=budget_from(avg_bits=3.5), refine=4)
+    result = api.recommend(CNN, calib, budget=budget_from(avg_bits=3.5), choices=AllocationOptions(refine=4))
     r, rec = result.refinement, result.allocation.recommendation
     assert r is not None and r.simulations == 4 and rec.budget["refine"] == 4.0
     assert dict(rec.weight_bits) == r.best and r.measured[r.chosen] <= r.measured[0]

@@ -12,22 +12,36 @@ reads held-out data, so the held-out damage still judges it fairly.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from fitonnx.allocate.knapsack import Allocation, BudgetKind, Item, with_weights
+from fitonnx.allocate.knapsack import (
+    Allocation,
+    Budget,
+    BudgetKind,
+    Item,
+    Objective,
+    pareto_front,
+    pick,
+    with_weights,
+)
 from fitonnx.allocate.targets import Scheme, Target
 from fitonnx.analysis import simulate
 from fitonnx.analysis.damage import Reference, damage, reference
+from fitonnx.analysis.output_space import measure_output_space
 from fitonnx.analysis.simulate import Config
 from fitonnx.errors import FitonnxError
+from fitonnx.fisher import engine, parallel
 from fitonnx.fisher import session as fisher_session
+from fitonnx.fisher.instrument import GradientModel
 from fitonnx.fisher.losses import OutputTarget
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.fisher.session import Session
 from fitonnx.model.data import Dataset
+from fitonnx.progress import Progress
 
 DEFAULT_MOVES = 2
 DEFAULT_Z = 2.0  # a candidate replaces the knapsack's answer only if better by 2 paired standard errors
@@ -172,11 +186,12 @@ def measurer(
     return Measurer(sim, ref, dict(fixed or {}))
 
 
-def _session_measurer(s: Session, alloc: Allocation, options: FisherOptions) -> tuple[Measurer, str | None]:
+def _session_measurer(
+    s: Session, alloc: Allocation, gm: GradientModel, out: OutputTarget
+) -> tuple[Measurer, str | None]:
     """A measurer of ``s``'s model on its calibration data with ``alloc``'s target grids, and a note
     when the activations are simulated in float (their grid scheme differs from the weights')."""
     target = alloc.target
-    gm, out, _ = fisher_session.gradient_model(s, options)
     symmetric = target.weight_scheme is Scheme.SYMMETRIC
     rec = alloc.recommendation
     acts = {t.name: rec.activation_bits[t.name] for t in gm.tensors if t.name in rec.activation_bits}
@@ -197,35 +212,80 @@ def _session_measurer(s: Session, alloc: Allocation, options: FisherOptions) -> 
     return Measurer(sim, ref, acts), note
 
 
-def check_refine(k: int, target: Target, weight_bits: Sequence[int], by_format: bool) -> None:
-    """Fail before any work when ``recommend --refine k`` cannot be simulated: formats, float widths."""
+def check_refine(
+    k: int, target: Target, weight_bits: Sequence[int], by_format: bool, objective: Objective, budget: Budget
+) -> None:
+    """Fail before any work when ``recommend --refine k`` / ``--objective`` cannot be simulated:
+    formats, float widths, an output-space objective under a FIT budget."""
     if k < 1:
         raise FitonnxError(f"expected --refine of at least 1 candidate; found {k}")
-    if k > 1 and by_format:
-        raise FitonnxError("expected bit widths with --refine; a --formats recommendation is not refined")
+    measured = k > 1 or objective is not Objective.FIT
+    if measured and by_format:
+        raise FitonnxError("expected bit widths with --refine/--objective; a --formats recommendation is FIT's")
     floats = sorted(set(weight_bits) & set(target.float_bits))
-    if k > 1 and floats:
+    if measured and floats:
         raise FitonnxError(
-            f"expected integer widths with --refine; target {target.name!r} stores {floats} bits as float",
+            f"expected integer widths with --refine/--objective; target {target.name!r} stores {floats} bits as float",
             hint="restrict --weight-bits to the integer widths",
         )
+    if objective is not Objective.FIT and budget.kind is BudgetKind.MAX_FIT:
+        raise FitonnxError(f"expected a size budget (--avg-bits, --size-kb) with --objective {objective.value}")
 
 
-def refine_allocation(
-    s: Session, alloc: Allocation, k: int, options: FisherOptions, z: float = DEFAULT_Z
-) -> tuple[Allocation, Refinement, str | None]:
-    """``alloc`` refined by measurement on ``s``'s calibration data: its knapsack answer and the
-    ``k − 1`` best-predicted neighbours within the same size simulated, the least damaging kept
-    (``with_weights``); also the refinement and a note on how activations were simulated."""
-    check_refine(k, alloc.target, [b for it in alloc.front.items for b in it.bits], alloc.recommendation.by_format)
+def _output_space_items(
+    s: Session, options: FisherOptions, m: Measurer, items: Sequence[Item], progress: Progress | None
+) -> list[Item]:
+    """The weights' menus with the output-space score of each width instead of FIT (one pass)."""
+
+    def run(gm: GradientModel, extra: Sequence[str]) -> engine.FisherTraces:
+        return parallel.run(gm, s.data, s.specs, options.run_options(), options.workers, progress, extra_outputs=extra)
+
+    widths = sorted({b for it in items for b in it.bits})
+    scores = measure_output_space(s, options, m.simulator, (widths, ()), run)
+    return [
+        dataclasses.replace(it, fit=tuple(max(0.0, scores.get((it.name, b), 0.0)) for b in it.bits)) for it in items
+    ]
+
+
+def rework_allocation(
+    s: Session, alloc: Allocation, options: FisherOptions, request: Rework, progress: Progress | None = None
+) -> tuple[Allocation, Refinement | None, str | None]:
+    """``alloc`` re-chosen by measurement on ``s``'s calibration data: the knapsack's answer for
+    ``request.objective``, then its ``request.refine − 1`` best-predicted neighbours within the same
+    size simulated with it (``refine``); also the refinement (None without) and a note."""
+    check_refine(
+        request.refine, alloc.target, [b for it in alloc.front.items for b in it.bits],
+        alloc.recommendation.by_format, request.objective, alloc.budget,
+    )  # fmt: skip
+    gm, out, _ = fisher_session.gradient_model(s, options)
+    measure, note = _session_measurer(s, alloc, gm, out)
+    items, start = list(alloc.front.items), dict(alloc.chosen.bits)
+    if request.objective is Objective.OUTPUT_SPACE:
+        items = _output_space_items(s, options, measure, items, progress)
+        start = dict(pick(pareto_front(items, alloc.front.tolerance), alloc.budget).bits)
     if alloc.budget.kind is BudgetKind.MAX_FIT:
         max_size = alloc.chosen.size_bits  # no larger than the knapsack's answer
     else:
         max_size = alloc.budget.max_bits(alloc.total_numel)
-    candidates = neighbours(alloc.front.items, alloc.chosen.bits, max_size, k)
-    if alloc.budget.kind is BudgetKind.MAX_FIT:  # neighbours within the FIT budget too
-        limit = alloc.budget.value - alloc.activation_fit
-        candidates = [c for i, c in enumerate(candidates) if i == 0 or c[1] <= limit]
-    measure, note = _session_measurer(s, alloc, options)
-    r = refine(candidates, measure.samples, z)
-    return with_weights(alloc, r.best, k), r, note
+    r = None
+    if request.refine > 1:
+        candidates = neighbours(items, start, max_size, request.refine)
+        if alloc.budget.kind is BudgetKind.MAX_FIT:  # neighbours within the FIT budget too
+            limit = alloc.budget.value - alloc.activation_fit
+            candidates = [c for i, c in enumerate(candidates) if i == 0 or c[1] <= limit]
+        r = refine(candidates, measure.samples, request.z)
+    record = {"refine": float(request.refine), "output_space_objective": float(request.objective is not Objective.FIT)}
+    return with_weights(alloc, r.best if r else start, record), r, note
+
+
+@dataclass(frozen=True)
+class Rework:
+    """``recommend``'s measured stage: the knapsack's objective, candidates to simulate, the test's z."""
+
+    objective: Objective = Objective.FIT
+    refine: int = 1
+    z: float = DEFAULT_Z
+
+    @property
+    def active(self) -> bool:
+        return self.refine > 1 or self.objective is not Objective.FIT

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
 
 from fitonnx import api
 from fitonnx.allocate.formats_alloc import FormatOptions
-from fitonnx.allocate.knapsack import BYTES_PER_KB, Allocation, AllocationOptions, budget_from
+from fitonnx.allocate.knapsack import BYTES_PER_KB, Allocation, AllocationOptions, Objective, budget_from
 from fitonnx.allocate.targets import DEFAULT_TARGET, TARGETS
 from fitonnx.analysis.refine import Refinement
 from fitonnx.cli.common import data_source, echo_warnings, note, output_plan, table_width, wide_option
@@ -160,6 +161,14 @@ def _choices(
     "interactions FIT's additive model misses. 1: FIT's answer as it is.",
 )
 @click.option(
+    "--objective",
+    type=click.Choice([o.value for o in Objective]),
+    default=Objective.FIT.value,
+    show_default=True,
+    help="What the knapsack minimises: fit (the paper's FIT) or output_space (NVIDIA ModelOpt AutoQuantize's "
+    "Σ(∂ℓ/∂y·Δy)² at each weight's op outputs; one more calibration pass). Size budgets only.",
+)
+@click.option(
     "-o",
     "--out",
     "out_dir",
@@ -189,6 +198,7 @@ def recommend_command(
     act_format: str | None,
     tolerance: float,
     refine: int,
+    objective: str,
     out_dir: str,
     top: int | None,
     wide: bool,
@@ -197,6 +207,11 @@ def recommend_command(
     """Choose per-tensor bit widths for MODEL under one budget (--avg-bits, --size-kb or --max-fit)."""
     budget = budget_from(avg_bits=avg_bits, size_kb=size_kb, max_fit=max_fit)
     choices = _choices(target, weight_bits, act_bits, act_avg_bits, by_format, weight_formats, act_format, tolerance)
+    if isinstance(choices, FormatOptions):
+        if refine > 1 or objective != Objective.FIT.value:
+            raise click.UsageError("--refine and --objective choose bit widths; a --formats recommendation is FIT's")
+    else:
+        choices = dataclasses.replace(choices, objective=Objective(objective), refine=refine)
     out = output_plan([model], [data], force=force).folder("--out", out_dir)
     assert out is not None and out.path is not None  # --out is required
     with StagedFolder(out.path) as staging, echo_warnings(), progress_bars() as bars:
@@ -209,7 +224,6 @@ def recommend_command(
             options=options,
             noise_model=noise_model,
             progress=bars,
-            refine=refine,
         )
     click.echo(format_summary(result, limit=top, width=table_width(wide)))
     if result.refinement is not None:
