@@ -11,8 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from fitonnx import api
-from fitonnx.allocate.knapsack import AllocationOptions, Item, budget_from, pareto_front
+from fitonnx.allocate.knapsack import AllocationOptions, Item, Objective, budget_from, pareto_front
 from fitonnx.analysis.harness import SimulationOptions, harness
+from fitonnx.analysis.predictors import Predictor
 from fitonnx.analysis.refine import measurer, neighbours, refine
 from fitonnx.analysis.simulate import Config
 from fitonnx.cli.main import cli
@@ -137,3 +138,23 @@ def test_refine_refuses_formats_and_float_widths_before_any_work() -> None:
             cli, ["recommend", str(CNN), "--avg-bits", "6", "--refine", "3", "-o", "/nonexistent/x", *extra]
         )
         assert out.exit_code == 2 and "--refine" in out.output and "Traceback" not in out.output, out.output
+
+
+def test_output_space_objective_is_the_knapsack_optimum_of_validates_output_space_table() -> None:
+    """``objective=output_space``: the weights' widths minimise, within the budget, the sum of the
+    output-space scores validate's harness computes for the same grids and calibration samples
+    (checked by enumerating every assignment)."""
+    calib, widths = MODELS / "mnist_cnn.calib.npz", (2, 4, 8)
+    opts = AllocationOptions(weight_bits=widths, objective=Objective.OUTPUT_SPACE)
+    rec = api.recommend(CNN, calib, budget=budget_from(avg_bits=4.0), choices=opts).allocation.recommendation
+    assert rec.budget["output_space_objective"] == 1.0
+    h = harness(CNN, calib, simulation=SimulationOptions(weight_bits=widths, weights_only=True))
+    table = h.tables.values[Predictor.OUTPUT_SPACE]
+    numel = {w: int(h.simulator.sim.weights[w].size) for w in h.weights}
+    best, best_score = None, np.inf
+    for combo in itertools.product(widths, repeat=len(h.weights)):
+        a = dict(zip(h.weights, combo, strict=True))
+        if sum(numel[w] * b for w, b in a.items()) <= 4.0 * sum(numel.values()):
+            score = sum(table[h.tables.names.index(w), h.tables.bits.index(b)] for w, b in a.items())
+            best, best_score = (a, score) if score < best_score else (best, best_score)
+    assert dict(rec.weight_bits) == best

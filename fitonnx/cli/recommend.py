@@ -71,7 +71,9 @@ def format_summary(result: api.RecommendResult, limit: int | None = None, width:
 
 def refine_summary(r: Refinement) -> str:
     """What ``--refine`` measured: how many candidates, which was kept, its KL against FIT's answer's."""
-    kept = "FIT's answer" if r.chosen == 0 else f"candidate {r.chosen + 1} (FIT's answer measured {r.measured[0]:.4g})"
+    kept = "the knapsack's answer"
+    if r.chosen:
+        kept = f"candidate {r.chosen + 1} (the knapsack's answer measured {r.measured[0]:.4g})"
     return (
         f"refined by measurement: {r.simulations} candidates simulated on the calibration data; kept {kept}, "
         f"calibration KL {r.measured[r.chosen]:.4g}"
