@@ -35,12 +35,17 @@ from fitonnx.analysis.harness import Harness, SimulationOptions, harness
 from fitonnx.analysis.oracle import average_bits, measure_assignments, one_at_a_time, oracle, predictor_scorers
 from fitonnx.analysis.predictors import Predictor
 from fitonnx.analysis.refine import measurer, neighbours, refine
+from fitonnx.analysis.simulate import Config
 from fitonnx.fisher.options import FisherOptions
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 BUDGETS = (3.0, 3.5, 4.0, 4.5)
 WIDTHS = (2, 3, 4, 5, 6, 7, 8)
-SHOWN = (Predictor.FIT, Predictor.FIT_MEASURED, Predictor.QUADRATIC, Predictor.OUTPUT_SPACE, Predictor.NOISE_ONLY)
+SHOWN = (
+    Predictor.FIT, Predictor.FIT_MEASURED, Predictor.QUADRATIC, Predictor.OUTPUT_SPACE, Predictor.NOISE_ONLY,
+    Predictor.JOINT, Predictor.JOINT_KL, Predictor.SUPERPOSED,
+)  # fmt: skip
+RERANK = (Predictor.JOINT, Predictor.JOINT_KL, Predictor.SUPERPOSED)  # non-additive: re-rank the neighbours
 REFINED = (Predictor.FIT, Predictor.QUADRATIC, Predictor.OUTPUT_SPACE)
 KS = (2, 4, 8, 16, 32)
 ZS = (0.0, 2.0)
@@ -83,11 +88,25 @@ def refined(h: Harness, calib: Callable[[dict[str, int]], np.ndarray], held: Cac
             max_size = Budget(BudgetKind.AVG_BITS, budget).max_bits(total)
             start = front.config(front.best_within(max_size))
             for k in KS:
+                cands = neighbours(items, start, max_size, k)
                 for z in ZS:
-                    r = refine(neighbours(items, start, max_size, k), calib, z)
+                    r = refine(cands, calib, z)
                     key = tuple(r.best[w] for w in h.weights)
                     rows.append(
                         {"predictor": p.value, "budget": budget, "k": k, "z": z, "kl": held[key], "bits": list(key)}
+                    )
+                for q in RERANK:  # no simulation: the candidate a non-additive predictor scores lowest
+                    r = refine(cands, lambda a, q=q: np.array([h.tables.total(q, Config(a, {}))]), 0.0)
+                    key = tuple(r.best[w] for w in h.weights)
+                    rows.append(
+                        {
+                            "predictor": p.value,
+                            "budget": budget,
+                            "k": k,
+                            "z": q.value,
+                            "kl": held[key],
+                            "bits": list(key),
+                        }
                     )
     return rows
 
@@ -154,13 +173,14 @@ def main() -> None:
         row["regret"] = row["kl"] / best[row["budget"]]
     for p in REFINED:
         for k in KS:
-            for z in ZS:
+            for z in (*ZS, *(q.value for q in RERANK)):
                 cells = "  ".join(
                     f"{r['budget']}: {r['regret']:.3f} {r['bits']}"
                     for r in rows
                     if r["predictor"] == p.value and r["k"] == k and r["z"] == z
                 )
-                print(f"refined {p.value} K={k} z={z:g} (K calibration simulations): {cells}")
+                how = f"z={z:g} (K calibration simulations)" if isinstance(z, float) else f"re-ranked by {z}"
+                print(f"refined {p.value} K={k} {how}: {cells}")
     if args.json:
         doc = {"results": [dataclasses.asdict(r) for r in results], "time_predictors_s": t_cal, "refined": rows}
         doc |= {"time_one_at_a_time_s": t_single, "one_at_a_time_runs": runs, "time_oracle_s": t_oracle}
