@@ -160,7 +160,8 @@ def _choices(
     show_default=True,
     help="Simulate the knapsack's answer and its K-1 best-predicted neighbours (at most two weights changed, "
     "same budget) on the calibration data and keep the least measured KL: K simulations, for the tensors' "
-    "interactions FIT's additive model misses. 1: FIT's answer as it is.",
+    "interactions FIT's additive model misses (a neighbour replaces it only if lower by 2 paired standard "
+    "errors). 1: the knapsack's answer as it is; 16 measured best on the bundled CNN (BENCHMARKS.md).",
 )
 @click.option(
     "--objective",
