@@ -41,11 +41,10 @@ from fitonnx.fisher.options import FisherOptions
 MODELS = Path(__file__).resolve().parent.parent / "models"
 BUDGETS = (3.0, 3.5, 4.0, 4.5)
 WIDTHS = (2, 3, 4, 5, 6, 7, 8)
-SHOWN = (
-    Predictor.FIT, Predictor.FIT_MEASURED, Predictor.QUADRATIC, Predictor.OUTPUT_SPACE, Predictor.NOISE_ONLY,
-    Predictor.JOINT, Predictor.JOINT_KL, Predictor.SUPERPOSED,
-)  # fmt: skip
-RERANK = (Predictor.JOINT, Predictor.JOINT_KL, Predictor.SUPERPOSED)  # non-additive: re-rank the neighbours
+SHOWN = (Predictor.FIT, Predictor.FIT_MEASURED, Predictor.QUADRATIC, Predictor.OUTPUT_SPACE, Predictor.NOISE_ONLY)
+# The interaction-aware predictors of branch `joint` (fitonnx.analysis.joint), where it is merged:
+# not additive, so searched over every assignment and used to re-rank the refinement's candidates.
+RERANK = tuple(Predictor(n) for n in ("joint", "joint_kl", "superposed") if n in {p.value for p in Predictor})
 REFINED = (Predictor.FIT, Predictor.QUADRATIC, Predictor.OUTPUT_SPACE)
 KS = (2, 4, 8, 16, 32)
 ZS = (0.0, 2.0)
@@ -147,7 +146,7 @@ def main() -> None:
     t_single = time.perf_counter() - t0
     held, t_oracle = cached(args.cache and args.cache / "heldout.json", lambda: measure_assignments(h, BUDGETS))
     calib, t_calib = calibration_samples(args.cache and args.cache / f"calib_{args.fisher}.npz", h, list(held))
-    results = oracle(h, BUDGETS, {**predictor_scorers(h, SHOWN), "one_at_a_time": single}, measured=held)
+    results = oracle(h, BUDGETS, {**predictor_scorers(h, (*SHOWN, *RERANK)), "one_at_a_time": single}, measured=held)
     sizes = [int(h.simulator.sim.weights[w].size) for w in h.weights]
     print(
         f"mnist_cnn: weights {sizes}, {args.fisher} Fisher from {h.samples} samples, damage on {h.held_out.num_samples}"
