@@ -158,3 +158,23 @@ def test_output_space_objective_is_the_knapsack_optimum_of_validates_output_spac
             score = sum(table[h.tables.names.index(w), h.tables.bits.index(b)] for w, b in a.items())
             best, best_score = (a, score) if score < best_score else (best, best_score)
     assert dict(rec.weight_bits) == best
+
+
+def test_neighbours_of_a_large_model_pair_only_the_most_promising_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_NEIGHBOURS two-tensor moves the pairs are drawn from a subset: still valid
+    candidates within the budget, sorted, the start first."""
+    from fitonnx.analysis import refine as refine_mod
+
+    rng = np.random.default_rng(4)
+    items = [*_items(rng), *_items(rng)]
+    items = [Item(f"u{k}", it.numel, it.bits, it.fit) for k, it in enumerate(items)]
+    total = sum(it.numel for it in items)
+    front = pareto_front(items)
+    start = front.config(front.best_within(int(4 * total)))
+    monkeypatch.setattr(refine_mod, "MAX_NEIGHBOURS", 200)  # 10 tensors, 4 widths: 800 pairs
+    got = neighbours(items, start, int(4 * total), 10)
+    assert got[0][0] == start and len(got) == 10
+    assert [f for _, f in got] == sorted(f for _, f in got)
+    for a, _ in got[1:]:
+        assert 1 <= sum(a[n] != start[n] for n in a) <= 2
+        assert sum(it.numel * a[it.name] for it in items) <= 4 * total

@@ -5,9 +5,10 @@ rounding errors interact, and the knapsack's exact answer for the predicted dama
 least damaging assignment the budget allows (``oracle`` measures by how much). The refinement
 takes the knapsack's answer and its neighbours within the same size bound (assignments that
 differ from it in at most ``moves`` tensors, any widths), keeps the ``k`` the predictor scores
-lowest, simulates each on the CALIBRATION samples and returns the one with the least measured
-KL. Its cost is ``k`` simulations (one of which, the answer itself, only confirms it); it never
-reads held-out data, so the held-out damage still judges it fairly.
+lowest, simulates each on the CALIBRATION samples and keeps the one with the least measured KL
+among those lower than the answer's by more than z paired standard errors (the answer when none
+is). Its cost is ``k`` simulations; it never reads held-out data, so the held-out damage still
+judges it fairly.
 """
 
 from __future__ import annotations
@@ -106,17 +107,7 @@ def neighbours(
     ok1 = (~same) & (dsize <= slack) & np.isfinite(dfit)
     found += [(float(dfit[r, j]), 1, ((r, j),)) for r, j in zip(*np.nonzero(ok1), strict=True)]
     if moves == 2 and n > 1:
-        if n * n * w * w // 2 > MAX_NEIGHBOURS:
-            raise FitonnxError(f"expected at most {MAX_NEIGHBOURS} two-tensor moves; {n} tensors give more")
-        s = dsize[:, :, None, None] + dsize[None, None, :, :]
-        f = dfit[:, :, None, None] + dfit[None, None, :, :]
-        upper = np.triu(np.ones((n, n), bool), 1)[:, None, :, None]
-        ok = upper & (~same)[:, :, None, None] & (~same)[None, None, :, :] & (s <= slack) & np.isfinite(f)
-        idx = np.nonzero(ok)
-        order = np.argsort(f[idx], kind="stable")[: max(k - 1, 0)]
-        found += [
-            (float(f[idx][q]), 2, ((int(idx[0][q]), int(idx[1][q])), (int(idx[2][q]), int(idx[3][q])))) for q in order
-        ]
+        found += _pair_moves(dsize, dfit, same, slack, k)
     found.sort(key=lambda c: (c[0], c[1]))
     out = [(dict(start), base_fit)]
     for delta, _, changes in found[: max(k - 1, 0)]:
@@ -138,6 +129,29 @@ def _kept(samples: Sequence[np.ndarray], z: float) -> int:
         if float(d.mean()) + z * se < 0 and float(x.mean()) < best_mean:
             best, best_mean = i, float(x.mean())
     return best
+
+
+def _pair_moves(
+    dsize: np.ndarray, dfit: np.ndarray, same: np.ndarray, slack: float, k: int
+) -> list[tuple[float, int, tuple[tuple[int, int], ...]]]:
+    """The ``k − 1`` best two-tensor moves within ``slack``. Past ``MAX_NEIGHBOURS`` pairs, only
+    among the tensors whose best single change predicts the least damage (a large model)."""
+    n, w = dfit.shape
+    rows = np.arange(n)
+    if n * n * w * w // 2 > MAX_NEIGHBOURS:
+        keep = max(2, int(np.sqrt(2 * MAX_NEIGHBOURS)) // w)
+        rows = np.sort(np.argsort(np.where(same, np.inf, dfit).min(axis=1), kind="stable")[:keep])
+    ds, df, sm = dsize[rows], dfit[rows], same[rows]
+    s = ds[:, :, None, None] + ds[None, None, :, :]
+    f = df[:, :, None, None] + df[None, None, :, :]
+    upper = np.triu(np.ones((rows.size, rows.size), bool), 1)[:, None, :, None]
+    ok = upper & (~sm)[:, :, None, None] & (~sm)[None, None, :, :] & (s <= slack) & np.isfinite(f)
+    idx = np.nonzero(ok)
+    order = np.argsort(f[idx], kind="stable")[: max(k - 1, 0)]
+    return [
+        (float(f[idx][q]), 2, ((int(rows[idx[0][q]]), int(idx[1][q])), (int(rows[idx[2][q]]), int(idx[3][q]))))
+        for q in order
+    ]
 
 
 def refine(
