@@ -20,6 +20,7 @@ non-zero FIT, whatever the number of distinct sizes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -211,9 +212,18 @@ def budget_from(*, avg_bits: float | None = None, size_kb: float | None = None, 
     return Budget(kind, float(value))
 
 
+class Objective(str, Enum):
+    """What ``recommend``'s knapsack minimises over the weights (``analysis.refine`` measures the others)."""
+
+    FIT = "fit"  # the paper's FIT (the score report's)
+    OUTPUT_SPACE = "output_space"  # ModelOpt AutoQuantize's output-space score (one more pass)
+
+
 @dataclass(frozen=True)
 class AllocationOptions:
-    """What ``allocate`` may choose from: the target, its weight bit widths, the activations' rule."""
+    """What ``allocate`` may choose from: the target, its weight bit widths, the activations' rule;
+    and how ``recommend`` measures after it: the knapsack's ``objective`` and ``refine`` candidates
+    simulated on the calibration data (1: none; ``analysis.refine``)."""
 
     target: str = DEFAULT_TARGET
     weight_bits: tuple[int, ...] | None = None  # None: the target's own
@@ -221,6 +231,8 @@ class AllocationOptions:
     act_bits: int | tuple[int, ...] | None = None
     act_avg_bits: float | None = None  # or an exact allocation of activation bits under this average
     tolerance: float = 0.0  # accept a front within (1 + tolerance) of the optimum
+    objective: Objective = Objective.FIT
+    refine: int = 1
 
     def check(self) -> Target:
         """The target, once every option is known to be valid for it."""
@@ -535,3 +547,24 @@ def allocate(
     per_tensor = {it.name: dict(zip(it.bits, it.fit, strict=True)) for it in [*w_items, *a_items]}
     activations = ActivationChoice(a_config, a_fit, act_avg_bits)
     return make_allocation(report, target, budget, front, chosen, activations, uniform, fit_per_tensor=per_tensor)
+
+
+def with_weights(alloc: Allocation, bits: Mapping[str, int], record: Mapping[str, float]) -> Allocation:
+    """``alloc`` with other weight widths (``recommend --refine``'s measured choice), size and FIT
+    recomputed from the front's items. The front and its chosen index stay FIT's knapsack's (the
+    plots mark that point); the recommendation's budget adds ``record`` (how it was chosen)."""
+    items = {item.name: item for item in alloc.front.items}
+    if set(bits) != set(items):
+        raise InternalError(f"expected widths for the weights {sorted(items)}; found {sorted(bits)}")
+    at = {name: items[name].bits.index(b) for name, b in bits.items()}
+    size = sum(int(items[n].sizes[j]) if items[n].sizes else items[n].numel * items[n].bits[j] for n, j in at.items())
+    fit = float(sum(items[n].fit[j] for n, j in at.items()))
+    rec = alloc.recommendation
+    rec = dataclasses.replace(
+        rec,
+        weight_bits={n: int(bits[n]) for n in rec.weight_bits},
+        fit=fit + alloc.activation_fit,
+        weight_bytes=weight_bytes(size),
+        budget={**rec.budget, **record},
+    )
+    return dataclasses.replace(alloc, recommendation=rec, chosen=Pick(alloc.chosen.index, dict(bits), size, fit))

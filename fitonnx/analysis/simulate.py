@@ -424,6 +424,11 @@ class Simulator:
         # Sent to a worker (validate --workers/--ray) as what built it: the worker opens its own session.
         return (Simulator, self._args)
 
+    def on(self, data: Dataset) -> Simulator:
+        """The same simulation over other samples (e.g. the calibration data), in its own session."""
+        sim, model, tensors, act_ranges, scheme, _, specs, batch_size = self._args
+        return Simulator(sim, model, tensors, act_ranges, scheme, data, specs, batch_size)
+
     def _batching_works(self) -> bool:
         """Whether a batch gives what its samples give one by one (a prepared model may have folded
         shape arithmetic for batch 1, which then fails or mixes samples)."""

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
 
 from fitonnx import api
 from fitonnx.allocate.formats_alloc import FormatOptions
-from fitonnx.allocate.knapsack import BYTES_PER_KB, Allocation, AllocationOptions, Budget
+from fitonnx.allocate.knapsack import BYTES_PER_KB, Allocation, AllocationOptions, Budget, Objective
+from fitonnx.analysis.refine import Refinement
 from fitonnx.cli.common import data_source, echo_warnings, note, output_plan, table_width, wide_option
 from fitonnx.cli.options import (
     allocation_options,
@@ -73,6 +75,17 @@ def format_summary(result: api.RecommendResult, limit: int | None = None, width:
     return "\n".join(lines)
 
 
+def refine_summary(r: Refinement) -> str:
+    """What ``--refine`` measured: how many candidates, which was kept, its KL against FIT's answer's."""
+    kept = "the knapsack's answer"
+    if r.chosen:
+        kept = f"candidate {r.chosen + 1} (the knapsack's answer measured {r.measured[0]:.4g})"
+    return (
+        f"refined by measurement: {r.simulations} candidates simulated on the calibration data; kept {kept}, "
+        f"calibration KL {r.measured[r.chosen]:.4g}"
+    )
+
+
 @click.command("recommend")
 @click.argument("model", type=click.Path(dir_okay=False))
 @data_options
@@ -80,6 +93,24 @@ def format_summary(result: api.RecommendResult, limit: int | None = None, width:
 @noise_model_option
 @budget_options
 @allocation_options
+@click.option(
+    "--refine",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Simulate the knapsack's answer and its K-1 best-predicted neighbours (at most two weights changed, "
+    "same budget) on the calibration data and keep the least measured KL: K simulations, for the tensors' "
+    "interactions FIT's additive model misses (a neighbour replaces it only if lower by 2 paired standard "
+    "errors). 1: the knapsack's answer as it is; 16 measured best on the bundled CNN (BENCHMARKS.md).",
+)
+@click.option(
+    "--objective",
+    type=click.Choice([o.value for o in Objective]),
+    default=Objective.FIT.value,
+    show_default=True,
+    help="What the knapsack minimises: fit (the paper's FIT) or output_space (NVIDIA ModelOpt AutoQuantize's "
+    "Σ(∂ℓ/∂y·Δy)² at each weight's op outputs; one more calibration pass). Size budgets only.",
+)
 @click.option(
     "-o",
     "--out",
@@ -100,12 +131,19 @@ def recommend_command(
     noise_model: str,
     budget: Budget,
     choices: AllocationOptions | FormatOptions,
+    refine: int,
+    objective: str,
     out_dir: str,
     top: int | None,
     wide: bool,
     force: bool,
 ) -> None:
     """Choose per-tensor bit widths for MODEL under one budget (--avg-bits, --size-kb or --max-fit)."""
+    if isinstance(choices, FormatOptions):
+        if refine > 1 or objective != Objective.FIT.value:
+            raise click.UsageError("--refine and --objective choose bit widths; a --formats recommendation is FIT's")
+    else:
+        choices = dataclasses.replace(choices, objective=Objective(objective), refine=refine)
     out = output_plan([model], [data], force=force).folder("--out", out_dir)
     assert out is not None and out.path is not None  # --out is required
     with StagedFolder(out.path) as staging, echo_warnings(), progress_bars() as bars:
@@ -120,6 +158,10 @@ def recommend_command(
             progress=bars,
         )
     click.echo(format_summary(result, limit=top, width=table_width(wide)))
+    if result.refinement is not None:
+        click.echo(refine_summary(result.refinement))
+    if result.refine_note:
+        note(result.refine_note)
     if result.written is not None:
         for message in result.written.notes:
             note(message)
