@@ -6,14 +6,15 @@ the damage against the float reference), and, interleaved in the same process, t
 over the same held-out samples in the same batches once per configuration: a plain onnxruntime session
 of the model file at onnxruntime's default settings, as a user would run it. The ratio of the two sums
 is validate's cost in plain inference runs; wall and CPU (process) time are both reported, with the
-load average, since the machine is shared.
+load average, since the machine is shared. ``--plain-every K`` runs the plain pass after every K-th
+configuration only and scales its sum to N (for long runs on a loaded machine).
 
 Families: ``weights`` (weights only, 3-8 bits per tensor: no activation quantizer), ``acts`` (weights
 and activations 3-8 bits: validate's default), ``fp8`` (fp8e4m3 weights and activations: the floating
 quantizer on every activation).
 
     python bench/validate_speed.py [--data DIR] [--models mnist_cnn ppocr_cls_mbv3] [--configs 20 100]
-        [--families weights acts] [--json out.json]
+        [--families weights acts] [--plain-every K] [--json out.json]
 
 ``--data DIR``: ``scripts/data/build_data.py --scale 25 --out DIR ppocr_cls_mbv3`` (1000 held-out text
 lines, 400 calibration lines); without it the zoo's 40 shipped held-out lines are tiled to 1000 samples.
@@ -86,7 +87,9 @@ def plain_runner(model: Path, h: Harness, batch: int) -> tuple[ort.InferenceSess
     return make_session(model.read_bytes()), feeds
 
 
-def time_family(name: str, fam: str, configs: Sequence[int], data: Path | None, seed: int) -> list[dict]:
+def time_family(
+    name: str, fam: str, configs: Sequence[int], data: Path | None, seed: int, every: int = 1
+) -> list[dict]:
     model, _ = MODELS[name]
     calib, held_path, label = data_paths(name, data)
     held, how = held_out(held_path)
@@ -103,26 +106,31 @@ def time_family(name: str, fam: str, configs: Sequence[int], data: Path | None, 
         ]
         start_load = load()
         sim_wall = sim_cpu = plain_wall = plain_cpu = 0.0
-        for config in drawn:  # interleaved: one configuration, then one plain pass over the same samples
+        for k, config in enumerate(drawn):  # interleaved: a configuration, then a plain pass over the same samples
             w, c = time.perf_counter(), time.process_time()
             measure_all(h, [config])
             sim_wall, sim_cpu = sim_wall + time.perf_counter() - w, sim_cpu + time.process_time() - c
+            if k % every:
+                continue
             w, c = time.perf_counter(), time.process_time()
             for feed in feeds:
                 session.run(None, feed)
             plain_wall, plain_cpu = plain_wall + time.perf_counter() - w, plain_cpu + time.process_time() - c
+        plain_runs = len(range(0, n, every))
+        plain_wall, plain_cpu = plain_wall * n / plain_runs, plain_cpu * n / plain_runs
         row = {
             "model": name, "family": fam, "configs": n, "samples": h.held_out.num_samples, "held_out": f"{label} ({how})",
             "batches": len(h.simulator.data.feeds), "tensors": f"{len(h.weights)} weights, {len(h.activations)} activations",
             "sim_wall": sim_wall, "plain_wall": plain_wall, "sim_cpu": sim_cpu, "plain_cpu": plain_cpu,
             "ratio_wall": sim_wall / plain_wall, "ratio_cpu": sim_cpu / plain_cpu,
-            "load_start": start_load, "load_end": load(), "harness_s": t_harness,
+            "plain_runs": plain_runs, "load_start": start_load, "load_end": load(), "harness_s": t_harness,
         }  # fmt: skip
         rows.append(row)
         print(
             f"{name:15s} {fam:8s} N={n:4d} x {row['samples']} samples ({row['batches']} batches): "
             f"validate {sim_wall:7.1f} s wall / {sim_cpu:7.1f} s CPU, plain {plain_wall:7.1f} / {plain_cpu:7.1f}, "
-            f"ratio {row['ratio_wall']:.2f} wall / {row['ratio_cpu']:.2f} CPU; load {start_load} -> {row['load_end']}",
+            f"ratio {row['ratio_wall']:.2f} wall / {row['ratio_cpu']:.2f} CPU; load {start_load} -> {row['load_end']}"
+            + ("" if every == 1 else f" (plain: {plain_runs} passes, scaled to {n})"),
             flush=True,
         )
     return rows
@@ -135,6 +143,7 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=["weights", "acts"], choices=list(FAMILIES))
     parser.add_argument("--configs", nargs="+", type=int, default=[20, 100])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plain-every", type=int, default=1, help="a plain pass after every k-th configuration only")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, onnxruntime {ort.__version__}")
@@ -143,7 +152,7 @@ def main() -> None:
         row
         for name in args.models
         for fam in args.families
-        for row in time_family(name, fam, args.configs, args.data, args.seed)
+        for row in time_family(name, fam, args.configs, args.data, args.seed, args.plain_every)
     ]
     print(f"load average at end {load()}")
     if args.json:
