@@ -4,10 +4,19 @@ One simulation model per prepared model serves every configuration:
 
 - each quantizable weight becomes a graph input, fed its quantized-dequantized values (computed
   here in numpy, cached per tensor and bit width);
-- each quantizable activation ``a`` is replaced, for all its consumers, by
-  ``Where(on, lo + step·clip(round((a − lo)/step), 0, levels), a)`` whose ``lo``, ``step``,
-  ``levels`` and ``on`` are graph inputs, so a configuration is a feed, not a new model, and
-  ``on = False`` gives back the float activation bit for bit.
+- each quantized activation ``a`` is replaced, for all its consumers, by
+  ``clip(round(a/step), kmin, kmax)·step`` (``kmin = −zero_point``, ``kmax = levels − zero_point``,
+  the same values as QuantizeLinear→DequantizeLinear on ``clip(round(a/step) + zero_point, 0,
+  levels)``: integers below 2^24 are exact in float32) or by the floating grid's quantizer, whose
+  ``step``, ``kmin``, ``kmax`` (or scale, mantissa bits, …) are graph inputs, so a configuration is
+  a feed, not a new model.
+
+Which activations are quantized, and on which kind of grid, is the model's structure: each such
+pattern (``ActMode`` per activation) gets its own session, built on first use and kept
+(``MAX_SESSIONS``), with no node at all on float activations. Configurations of one family share
+one pattern (weights only: none quantized), so in practice a handful of sessions serve them all,
+and a float activation costs nothing (a single model with every quantizer behind ``Where`` ran all
+of them every time: ~5× plain inference on a MobileNet, BENCHMARKS.md).
 
 Written with plain arithmetic ops rather than QuantizeLinear/DequantizeLinear because those
 only offer 4-, 8- and 16-bit integer types, and validation needs every width from 2 to 16.
@@ -20,6 +29,7 @@ Rounding is to nearest, ties to even (ONNX Round and numpy agree).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -39,10 +49,13 @@ from fitonnx.model.graph import InputSpec, Kind, QuantTensor
 from fitonnx.model.runtime import CPU_PROVIDERS, session_options
 from fitonnx.score import noise
 from fitonnx.score.formats_fit import format_axis
+from fitonnx.values import TextEnum
 
 MIN_BITS = 2
 # float32 holds every integer level exactly up to 2^24; 16 bits keeps round((x − lo)/step) exact.
 MAX_BITS = 16
+# Sessions a simulator keeps, one per pattern of quantized activations (least recently used dropped).
+MAX_SESSIONS = 4
 
 
 @dataclass(frozen=True)
@@ -156,11 +169,22 @@ class Config:
         return Config(weight_bits={}, activation_bits={})
 
 
+class ActMode(TextEnum):
+    """How a configuration treats one activation: kept in float, on an integer grid, on a floating grid."""
+
+    KEPT = "kept"
+    INTEGER = "integer"
+    FLOATING = "floating"
+
+
 @dataclass(frozen=True)
 class ActivationInputs:
-    """The graph inputs that set one activation's fake quantizer."""
+    """The names that set one activation's fake quantizer. ``Simulator.feed`` writes the settings
+    (``on``/``fp`` pick the mode; zero point and levels give the integer grid); a model variant's
+    graph inputs are ``step``, ``kmin``, ``kmax`` (integer grid) or ``fscale`` … ``ftop`` (floating)."""
 
     name: str
+    prefix: str
     zero_point: str
     step: str
     levels: str
@@ -171,11 +195,21 @@ class ActivationInputs:
     fmant: str
     femin: str
     ftop: str
+    kmin: str
+    kmax: str
+
+
+def _activation_inputs(i: int, name: str, elem: int) -> ActivationInputs:
+    p = f"{PREFIX}sim{i}_"
+    fields = ("zero_point", "step", "levels", "on", "fp", "fscale", "fmant", "femin", "ftop", "kmin", "kmax")
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
+    return ActivationInputs(name=name, prefix=p, dtype=dtype, **{f: p + f for f in fields})
 
 
 @dataclass(frozen=True)
 class SimulationModel:
-    """The serialized simulation model and the names a configuration feeds."""
+    """The serialized simulation model (weights as inputs, every activation in float: ``variant``
+    adds fake quantizers) and the names a configuration feeds."""
 
     model_bytes: bytes
     weights: Mapping[str, np.ndarray]  # float values of the weights that became inputs
@@ -259,65 +293,62 @@ def float_constants(p: str, dtype: np.dtype) -> list[onnx.TensorProto]:
     ]
 
 
-def _fake_quantizer(
-    g: onnx.GraphProto, i: int, act: QuantTensor, elem: int
-) -> tuple[ActivationInputs, list[onnx.NodeProto]]:
-    """The inputs (declared in ``g``) and nodes of activation ``act``'s fake quantizer, output ``<p>out``:
-    the integer grid when ``on``, the floating one when ``fp``, else the activation itself."""
-    p = f"{PREFIX}sim{i}_"
-    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
-    ai = ActivationInputs(
-        act.name, p + "zp", p + "step", p + "levels", p + "on", dtype,
-        p + "fp", p + "fscale", p + "fmant", p + "femin", p + "ftop",
-    )  # fmt: skip
-    for name in (ai.zero_point, ai.step, ai.levels, ai.fscale, ai.fmant, ai.femin, ai.ftop):
-        g.input.append(helper.make_tensor_value_info(name, elem, []))
-    for name in (ai.on, ai.fp):
-        g.input.append(helper.make_tensor_value_info(name, TensorProto.BOOL, []))
-    g.initializer.append(numpy_helper.from_array(np.zeros((), ai.dtype), p + "zero"))
-    g.initializer.extend(float_constants(p, dtype))
-    n = helper.make_node
-    nodes = [
-        n("Div", [act.name, ai.step], [p + "scaled"], name=p + "div"),
-        n("Round", [p + "scaled"], [p + "rounded"], name=p + "round"),
-        n("Add", [p + "rounded", ai.zero_point], [p + "shifted"], name=p + "add"),
-        n("Clip", [p + "shifted", p + "zero", ai.levels], [p + "q"], name=p + "clip"),
-        n("Sub", [p + "q", ai.zero_point], [p + "centred"], name=p + "sub"),
-        n("Mul", [p + "centred", ai.step], [p + "fq_int"], name=p + "mul"),
-        n("Where", [ai.on, p + "fq_int", act.name], [p + "int_out"], name=p + "where"),
-        *float_quantizer_nodes(act.name, p, ai.fscale, ai.fmant, ai.femin, ai.ftop),
-        n("Where", [ai.fp, p + "fout", p + "int_out"], [p + "out"], name=p + "fwhere"),
-    ]
-    return ai, nodes
+def _fake_quantizer(g: onnx.GraphProto, ai: ActivationInputs, mode: ActMode) -> list[onnx.NodeProto]:
+    """The nodes of activation ``ai``'s fake quantizer in ``mode`` (its inputs declared in ``g``);
+    the last node's output is the quantized activation."""
+    p, elem = ai.prefix, helper.np_dtype_to_tensor_dtype(ai.dtype)
+    if mode is ActMode.FLOATING:
+        names = (ai.fscale, ai.fmant, ai.femin, ai.ftop)
+        g.initializer.extend(float_constants(p, ai.dtype))
+        nodes = float_quantizer_nodes(ai.name, p, *names)
+    elif mode is ActMode.INTEGER:
+        names = (ai.step, ai.kmin, ai.kmax)
+        n = helper.make_node
+        nodes = [
+            n("Div", [ai.name, ai.step], [p + "scaled"], name=p + "div"),
+            n("Round", [p + "scaled"], [p + "rounded"], name=p + "round"),
+            n("Clip", [p + "rounded", ai.kmin, ai.kmax], [p + "q"], name=p + "clip"),
+            n("Mul", [p + "q", ai.step], [p + "out"], name=p + "mul"),
+        ]
+    else:
+        raise InternalError(f"no fake quantizer for mode {mode}")
+    g.input.extend(helper.make_tensor_value_info(name, elem, []) for name in names)
+    return nodes
 
 
-def _insert_fake_quantizers(
-    g: onnx.GraphProto, activations: Sequence[QuantTensor], types: Mapping[str, int]
-) -> tuple[ActivationInputs, ...]:
-    """Route every consumer of each activation through its fake quantizer, placed right after the
-    activation's producer so that the graph stays in topological order."""
+def _insert_fake_quantizers(g: onnx.GraphProto, chosen: Sequence[tuple[ActivationInputs, ActMode]]) -> None:
+    """Route every consumer of each chosen activation through its fake quantizer, placed right
+    after the activation's producer so that the graph stays in topological order."""
     renames: dict[str, str] = {}
     groups: list[list[onnx.NodeProto]] = []
-    act_inputs: list[ActivationInputs] = []
-    for i, act in enumerate(activations):
-        ai, nodes = _fake_quantizer(g, i, act, types.get(act.name, TensorProto.FLOAT))
-        renames[act.name] = nodes[-1].output[0]
+    for ai, mode in chosen:
+        nodes = _fake_quantizer(g, ai, mode)
+        renames[ai.name] = nodes[-1].output[0]
         groups.append(nodes)
-        act_inputs.append(ai)
     for node in g.node:
         for slot, name in enumerate(node.input):
             if name in renames:
                 node.input[slot] = renames[name]
     position = graph.producer_positions(g.node)
     nodes = list(g.node)
-    for act, group in sorted(
-        zip(activations, groups, strict=True), key=lambda pair: position.get(pair[0].name, -1), reverse=True
+    for (ai, _), group in sorted(
+        zip(chosen, groups, strict=True), key=lambda pair: position.get(pair[0][0].name, -1), reverse=True
     ):
-        at = position.get(act.name, -1) + 1
+        at = position.get(ai.name, -1) + 1
         nodes[at:at] = group
     del g.node[:]
     g.node.extend(nodes)
-    return tuple(act_inputs)
+
+
+def variant(sim: SimulationModel, modes: Sequence[ActMode]) -> bytes:
+    """The simulation model with a fake quantizer on each activation (order of ``sim.activations``)
+    whose mode is not KEPT."""
+    chosen = [(a, m) for a, m in zip(sim.activations, modes, strict=True) if m is not ActMode.KEPT]
+    if not chosen:
+        return sim.model_bytes
+    work = onnx.load_from_string(sim.model_bytes)
+    _insert_fake_quantizers(work.graph, chosen)
+    return work.SerializeToString()
 
 
 def build(
@@ -338,8 +369,11 @@ def build(
     if inputs is not None:
         _free_batch_axes(g, inputs)
     values = _weights_as_inputs(g, [t for t in tensors if t.kind is Kind.WEIGHT])
+    types = _elem_types(model)
     activations = [t for t in tensors if t.kind is Kind.ACTIVATION]
-    act_inputs = _insert_fake_quantizers(g, activations, _elem_types(model))
+    act_inputs = tuple(
+        _activation_inputs(i, t.name, types.get(t.name, TensorProto.FLOAT)) for i, t in enumerate(activations)
+    )
     if output not in {o.name for o in g.output} and output not in graph.producer_positions(g.node):
         raise ModelError(f"expected {output!r} to be a tensor of the model; found no producer")
     del g.output[:]
@@ -397,7 +431,10 @@ class Simulator:
         self._args = (sim, model, tensors, act_ranges, scheme, data, specs, batch_size)
         self.sim = sim
         self.scheme = scheme
-        self.session = session(sim.model_bytes)
+        self.session = session(sim.model_bytes)  # every activation in float
+        self._sessions: OrderedDict[tuple[ActMode, ...], ort.InferenceSession] = OrderedDict(
+            [((ActMode.KEPT,) * len(sim.activations), self.session)]
+        )
         self.act_ranges = dict(act_ranges)
         # Per channel where a weight's channels are known; a weight that reaches its op through
         # layout ops (an unrolled recurrent cell's R) or whose consumers disagree stays per tensor.
@@ -437,10 +474,11 @@ class Simulator:
         if self.data.stack or n < 2:
             return True
         settings = self.feed(Config.floating())
+        inputs = self._inputs(settings, self.modes(settings))
         try:
-            (batched,) = self.session.run([self.sim.output], {**first, **settings})
+            (batched,) = self.session.run([self.sim.output], {**first, **inputs})
             singles = [
-                self.session.run([self.sim.output], {**{k: v[i : i + 1] for k, v in first.items()}, **settings})[0]
+                self.session.run([self.sim.output], {**{k: v[i : i + 1] for k, v in first.items()}, **inputs})[0]
                 for i in (0, n - 1)
             ]
         except Exception:
@@ -561,16 +599,48 @@ class Simulator:
 
     def run_feed(self, settings: Mapping[str, np.ndarray]) -> np.ndarray:
         """The output over all held-out samples for settings made by ``feed`` (or ``format_feed``)."""
+        modes = self.modes(settings)
+        run, inputs = self._session(modes), self._inputs(settings, modes)
         outs = []
         for batch in self.data.feeds:
             try:
-                (value,) = self.session.run([self.sim.output], {**batch, **settings})
+                (value,) = run.run([self.sim.output], {**batch, **inputs})
             except Exception as exc:
                 raise ModelError(
                     f"onnxruntime failed on the simulation model: {str(exc).splitlines()[0][:300]}"
                 ) from None
             outs.append(np.asarray(value))
         return np.stack(outs) if self.data.stack else np.concatenate(outs, axis=0)
+
+    def modes(self, settings: Mapping[str, np.ndarray]) -> tuple[ActMode, ...]:
+        """Each activation's mode in ``settings`` (order of ``sim.activations``)."""
+        return tuple(
+            ActMode.FLOATING if bool(settings[a.fp]) else ActMode.INTEGER if bool(settings[a.on]) else ActMode.KEPT
+            for a in self.sim.activations
+        )
+
+    def _session(self, modes: tuple[ActMode, ...]) -> ort.InferenceSession:
+        """The session of the model variant quantizing activations as ``modes`` says (built once, kept)."""
+        if modes in self._sessions:
+            self._sessions.move_to_end(modes)
+        else:
+            self._sessions[modes] = session(variant(self.sim, modes))
+            if len(self._sessions) > MAX_SESSIONS:
+                self._sessions.popitem(last=False)
+        return self._sessions[modes]
+
+    def _inputs(self, settings: Mapping[str, np.ndarray], modes: Sequence[ActMode]) -> dict[str, np.ndarray]:
+        """The graph inputs of the variant for ``modes``: weights, then each quantizer's grid."""
+        inputs = {name: settings[name] for name in self.sim.weights}
+        for a, mode in zip(self.sim.activations, modes, strict=True):
+            if mode is ActMode.INTEGER:
+                zp = np.float64(settings[a.zero_point])
+                inputs[a.step] = settings[a.step]
+                inputs[a.kmin] = np.array(-zp, a.dtype)
+                inputs[a.kmax] = np.array(np.float64(settings[a.levels]) - zp, a.dtype)
+            elif mode is ActMode.FLOATING:
+                inputs |= {k: settings[k] for k in (a.fscale, a.fmant, a.femin, a.ftop)}
+        return inputs
 
 
 def format_feed(
