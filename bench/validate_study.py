@@ -50,9 +50,12 @@ SHOWN = (
     Predictor.FIT_MEASURED,
     Predictor.QUADRATIC,
     Predictor.OUTPUT_SPACE,
+    Predictor.JOINT,
+    Predictor.JOINT_KL,
     Predictor.WEIGHT_ERROR,
     Predictor.NOISE_ONLY,
 )
+LABELS = "joint_labels"  # ``joint`` from the Fisher's own labels (the error pass), beside the enumerated one
 
 
 def one_at_a_time(h, report) -> tuple[dict[str, dict[str, float]], int, float]:
@@ -82,8 +85,12 @@ def rho_table(h, report, working: bool) -> dict[str, dict[str, float]]:
         if len(rows) < 5:
             continue
         kl = np.array([r.kl for r in rows])
-        preds = [h.predict(Config(r.weight_bits, r.activation_bits)) for r in rows]
+        configs = [Config(r.weight_bits, r.activation_bits) for r in rows]
+        preds = [h.predict(c) for c in configs]
         out[fam.name] = {p.value: spearman(np.array([q[p] for q in preds]), kl) for p in SHOWN}
+        if h.label_projections is not None:
+            own = [h.label_projections.quadratic(*h.tables.cells(c)) for c in configs]
+            out[fam.name][LABELS] = spearman(np.array(own), kl)
         out[fam.name]["n"] = len(rows)
     return out
 
@@ -123,6 +130,16 @@ def study(name: str, data: Path, configs: int, seed: int, only: set[str] | None 
             for f in report.families
         },
         "kl_range": [min(r.kl for r in report.configs), max(r.kl for r in report.configs)],
+        "rows": [  # every configuration, to re-predict without simulating again
+            {
+                "family": r.family,
+                "working": r.working,
+                "kl": r.kl,
+                "weights": {k: str(v) for k, v in r.weight_bits.items()},
+                "predicted": {p.value: v for p, v in r.predicted.items()},
+            }
+            for r in report.configs
+        ],
         "estimates": {
             default: {"working": rho_table(h0, report, True), "all": rho_table(h0, report, False), "time_s": t_harness}
         },
@@ -156,6 +173,7 @@ def print_estimate(name: str, label: str, est: dict, result: dict) -> None:
     for fam, row in est["working"].items():
         f = result["families"][fam]
         cells = "  ".join(f"{p.value} {row[p.value]:+.3f}" for p in SHOWN)
+        cells += f"  {LABELS} {row[LABELS]:+.3f}" if LABELS in row else ""
         ceiling = f["ceiling"]
         print(
             f"{name:<20} {label:<16} {fam:<7} working {row['n']:>3}/{f['configs']:<3} {cells}  "

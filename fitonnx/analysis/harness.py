@@ -3,7 +3,9 @@ tables and the float reference on held-out data, for callers that measure config
 
 The calibration pass runs three times: once for traces and ranges, once more for the measured
 rounding errors (``error_model``), which need those ranges, and once for the output-space
-sensitivity (``output_space``), whose gradient model also taps every quantized op's outputs.
+sensitivity (``output_space``), whose gradient model also taps every quantized op's outputs; when
+the output holds one small distribution per sample, once more per outcome for the ``joint``
+predictors' enumerated projections (``joint``).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from fitonnx.analysis import choices, simulate
 from fitonnx.analysis.choices import Choice, Family
 from fitonnx.analysis.damage import Damage, Reference, damage, reference
 from fitonnx.analysis.error_model import measure_errors
+from fitonnx.analysis.joint import enumerated_projections
 from fitonnx.analysis.output_space import measure_output_space
-from fitonnx.analysis.predictors import Predictor, PredictorTables, predictor_tables
+from fitonnx.analysis.predictors import Predictor, PredictorTables, Projections, predictor_tables, stack_projections
 from fitonnx.analysis.simulate import Config, GridScheme
 from fitonnx.errors import DataError
 from fitonnx.fisher import engine, losses, parallel
@@ -106,6 +109,9 @@ class Harness:
     tables: PredictorTables
     reference: Reference
     traces: engine.FisherTraces  # the first pass's (diagonal Fisher, ranges), for callers' own predictors
+    # The error pass's per-sample projections with the Fisher's own labels (the tables may hold the
+    # enumerated ones instead), for studies that compare the two.
+    label_projections: Projections | None = None
 
     def measure(self, config: Config) -> Damage:
         """The damage ``config`` does on the held-out data."""
@@ -189,9 +195,13 @@ def harness(
     options: FisherOptions | None = None,
     progress: Progress | None = None,
     session: api.Session | None = None,
+    enumerate_outcomes: bool = True,
 ) -> Harness:
     """Run the calibration passes and build the simulator: the stage of ``validate`` before any
     configuration, for callers that measure configurations of their own.
+
+    ``enumerate_outcomes``: the ``joint`` predictors' projections over every outcome of an output
+    holding one small distribution per sample (one more pass per outcome), else the Fisher's labels.
 
     ``data`` is the calibration data (``RandomData(n)`` for a smoke test); ``eval_data`` defaults
     to ``<model>.heldout.npz`` beside the model. ``progress`` sees both calibration passes.
@@ -217,7 +227,17 @@ def harness(
     act_choices = choices.sorted_choices(c for f in families for c in f.activations)
     errors = measure_errors(cal.gm, simulator, weight_choices, act_choices, second_pass)
     out_space = measure_output_space(s, opts, simulator, (weight_choices, act_choices), second_pass)
-    tables = predictor_tables(cal.report, traces, simulator, errors, weight_choices, act_choices, out_space)
+
+    def run_on(gm: GradientModel, data: Dataset, extra: Sequence[str]) -> engine.FisherTraces:
+        return parallel.run(gm, data, s.specs, opts.run_options(), opts.workers, progress, extra_outputs=extra)
+
+    rows = (tuple(t.name for t in cal.report.tensors), choices.sorted_choices([*weight_choices, *act_choices]))
+    enumerated = (
+        enumerated_projections(s, opts, cal.gm, simulator, rows, (weight_choices, act_choices), run_on)
+        if enumerate_outcomes
+        else None
+    )
+    tables = predictor_tables(cal.report, traces, simulator, errors, weight_choices, act_choices, out_space, enumerated)
     return Harness(
         session=s,
         target=cal.target,
@@ -234,6 +254,7 @@ def harness(
         tables=tables,
         reference=reference(cal.target, simulator.run(Config.floating()), held_out.labels, held_out.source),
         traces=traces,
+        label_projections=stack_projections(*rows, errors.projections),
     )
 
 
