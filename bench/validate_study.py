@@ -52,6 +52,7 @@ SHOWN = (
     Predictor.OUTPUT_SPACE,
     Predictor.JOINT,
     Predictor.JOINT_KL,
+    Predictor.SUPERPOSED,
     Predictor.WEIGHT_ERROR,
     Predictor.NOISE_ONLY,
 )
@@ -182,6 +183,33 @@ def print_estimate(name: str, label: str, est: dict, result: dict) -> None:
         )
 
 
+def reuse(name: str, data: Path, previous: Path, seed: int) -> dict:
+    """Re-predict the configurations measured by an earlier run (its ``--json``) with this
+    checkout's predictors: the calibration passes only, no simulation."""
+    old = next(r for r in json.loads(previous.read_text()) if r["model"] == name)
+    default = MODELS[name][0]
+    calib, held = data / f"{name}.calib.npz", data / f"{name}.heldout.npz"
+    sim = SimulationOptions(formats=FORMATS, weights_only=True)
+    t0 = time.perf_counter()
+    h = harness(ZOO / f"{name}.onnx", calib, held, simulation=sim, options=FisherOptions(fisher=default, seed=seed))
+    seconds = time.perf_counter() - t0
+    working: dict[str, dict[str, float]] = {}
+    for fam in old["families"]:
+        rows = [r for r in old["rows"] if r["family"] == fam and r["working"]]
+        if len(rows) < 5:
+            continue
+        kl = np.array([r["kl"] for r in rows])
+        configs = [Config(r["weights"], {}) for r in rows]
+        preds = [h.predict(c) for c in configs]
+        working[fam] = {p.value: spearman(np.array([q[p] for q in preds]), kl) for p in SHOWN} | {"n": len(rows)}
+        if h.label_projections is not None:
+            own = [h.label_projections.quadratic(*h.tables.cells(c)) for c in configs]
+            working[fam][LABELS] = spearman(np.array(own), kl)
+    est = {"working": working, "time_s": seconds}
+    print_estimate(name, default + " (reused)", est, old)
+    return old | {"estimates": {**old["estimates"], default + " (reused)": est}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=Path, required=True)
@@ -191,8 +219,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--only", nargs="*", help="run only these estimates beside the default")
     parser.add_argument("--one-at-a-time", action="store_true", help="also the one-tensor-at-a-time KL baseline")
+    parser.add_argument("--reuse", type=Path, help="re-predict the configurations of an earlier --json (no simulation)")
     args = parser.parse_args()
     results = []
+    if args.reuse:
+        results = [reuse(name, args.data, args.reuse, args.seed) for name in args.models]
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1, default=float))
+        return
     for name in args.models:
         results.append(study(name, args.data, args.configs, args.seed, set(args.only or ()), args.one_at_a_time))
         print(

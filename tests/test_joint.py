@@ -107,3 +107,27 @@ def test_joint_kl_is_twice_the_measured_kl_for_small_errors() -> None:
     kl = np.mean(np.sum(np.exp(ref) * (ref - moved), axis=1))
     assert h.tables.total(Predictor.JOINT, c) == pytest.approx(2 * kl, rel=0.05)
     assert h.tables.total(Predictor.JOINT_KL, c) == pytest.approx(kl, rel=0.05)
+
+
+def test_superposed_adds_each_tensors_measured_output_shift(
+    mlp_case: tuple,  # noqa: F811
+    harnesses: tuple[Harness, Harness],
+) -> None:
+    _, p64, calib, _ = mlp_case
+    h, _ = harnesses
+    x = calib.arrays["x"]
+    ranges, base = _ranges(p64, x), np_forward(p64, x)["z"]
+    ref = log_softmax(base)
+    for c in CONFIGS:
+        z = base.copy()
+        for k, b in c.weight_bits.items():  # each tensor alone, measured
+            z += np_forward(p64 | {k: np_quant(p64[k], *ranges[k], b)}, x)["z"] - base
+        for k, b in c.activation_bits.items():
+            z += np_forward(p64, x, {k: lambda t, k=k, b=b: np_quant(t, *ranges[k], b)})["z"] - base
+        expected = np.mean(np.sum(np.exp(ref) * (ref - log_softmax(z)), axis=1))
+        assert h.tables.total(Predictor.SUPERPOSED, c) == pytest.approx(expected, rel=1e-3)
+    # One tensor alone: the measured KL of that configuration on the calibration samples.
+    alone = Config({"w1": 3}, {})
+    zq = np_forward(p64 | {"w1": np_quant(p64["w1"], *ranges["w1"], 3)}, x)["z"]
+    kl = np.mean(np.sum(np.exp(ref) * (ref - log_softmax(zq)), axis=1))
+    assert h.tables.total(Predictor.SUPERPOSED, alone) == pytest.approx(kl, rel=1e-3)

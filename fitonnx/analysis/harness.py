@@ -25,6 +25,8 @@ from fitonnx.analysis.joint import enumerated_projections
 from fitonnx.analysis.output_space import measure_output_space
 from fitonnx.analysis.predictors import Predictor, PredictorTables, Projections, predictor_tables, stack_projections
 from fitonnx.analysis.simulate import Config, GridScheme
+from fitonnx.analysis.superpose import MIN_SAMPLES as MIN_SUPERPOSE_SAMPLES
+from fitonnx.analysis.superpose import Superposition, samples_within, superposition
 from fitonnx.errors import DataError
 from fitonnx.fisher import engine, losses, parallel
 from fitonnx.fisher import session as api
@@ -196,12 +198,15 @@ def harness(
     progress: Progress | None = None,
     session: api.Session | None = None,
     enumerate_outcomes: bool = True,
+    superpose: bool = True,
 ) -> Harness:
     """Run the calibration passes and build the simulator: the stage of ``validate`` before any
     configuration, for callers that measure configurations of their own.
 
     ``enumerate_outcomes``: the ``joint`` predictors' projections over every outcome of an output
     holding one small distribution per sample (one more pass per outcome), else the Fisher's labels.
+    ``superpose``: measure each tensor's output shift alone on a few calibration samples
+    (``superpose``: one simulation run per tensor and candidate) for the ``superposed`` predictor.
 
     ``data`` is the calibration data (``RandomData(n)`` for a smoke test); ``eval_data`` defaults
     to ``<model>.heldout.npz`` beside the model. ``progress`` sees both calibration passes.
@@ -237,7 +242,11 @@ def harness(
         if enumerate_outcomes
         else None
     )
-    tables = predictor_tables(cal.report, traces, simulator, errors, weight_choices, act_choices, out_space, enumerated)
+    ref = reference(cal.target, simulator.run(Config.floating()), held_out.labels, held_out.source)
+    superposed = _superposed(s, cal, sim, simulator, ref, (weight_choices, act_choices)) if superpose else None
+    tables = predictor_tables(
+        cal.report, traces, simulator, errors, weight_choices, act_choices, out_space, enumerated, superposed
+    )
     return Harness(
         session=s,
         target=cal.target,
@@ -252,10 +261,36 @@ def harness(
         activations=tuple(t.name for t in cal.gm.tensors if t.kind is Kind.ACTIVATION),
         simulator=simulator,
         tables=tables,
-        reference=reference(cal.target, simulator.run(Config.floating()), held_out.labels, held_out.source),
+        reference=ref,
         traces=traces,
         label_projections=stack_projections(*rows, errors.projections),
     )
+
+
+def _superposed(
+    s: api.Session,
+    cal: _Calibration,
+    sim: SimulationOptions,
+    held: simulate.Simulator,
+    ref: Reference,
+    choices_: tuple[Sequence[Choice], Sequence[Choice]],
+) -> Superposition | None:
+    """Each simulated tensor's output shift at each candidate, on the first calibration samples
+    (as many as ``superpose.MAX_BYTES`` allow; None below ``superpose.MIN_SAMPLES``)."""
+    weights, acts = set(held.sim.weights), set(held.act_ranges)
+    candidates = {
+        t.name: choices_[0] if t.name in weights else choices_[1]
+        for t in cal.report.tensors
+        if t.name in weights or t.name in acts
+    }
+    candidates = {name: cs for name, cs in candidates.items() if cs}
+    per_sample = int(ref.out.size // max(1, ref.out.shape[0]))
+    n = samples_within(per_sample, sum(len(cs) for cs in candidates.values()), s.data.num_samples)
+    if n < MIN_SUPERPOSE_SAMPLES:
+        return None
+    calib = s.data.head(n)
+    simulator = _simulator(s, cal, sim, calib)
+    return superposition(simulator, lambda z: reference(cal.target, z, None, calib.source), candidates, weights)
 
 
 def _measure_setup(context: tuple[simulate.Simulator, Reference]) -> tuple[simulate.Simulator, Reference]:

@@ -28,6 +28,9 @@ errors, ``Projections``), and their tables hold each tensor's value alone:
   KL(softmax(log p) ‖ softmax(log p + Δz)) with Δz_c = −Σ_t s[i,c,t,b_t] (the centred logit shift:
   ∂ℓ_c = −∂ log p_c), beyond second order; needs every outcome enumerated (one categorical or
   Bernoulli distribution per sample), elsewhere ½·``joint``;
+- ``superposed``: the KL of the float outputs against z + Σ_t Δz_t(b_t), each tensor's measured
+  output shift alone on a few calibration samples (``superpose``): exact per tensor, its tensors'
+  moves adding in the outputs (where it was not measured: ``joint_kl``);
 - ``weight_error``: Σ_j (Q(t)_j − t_j)², the measured rounding error with every element weighted
   alike (data-free for weights, as NNCF's weight-compression criterion; activations: Σ_j E[δ_j²],
   the noise model's);
@@ -48,6 +51,7 @@ from fitonnx.analysis import simulate
 from fitonnx.analysis.choices import Choice, cost_bits, sorted_choices
 from fitonnx.analysis.error_model import MeasuredErrors
 from fitonnx.analysis.simulate import Config
+from fitonnx.analysis.superpose import Superposition
 from fitonnx.errors import InternalError
 from fitonnx.fisher import engine
 from fitonnx.formats import fit_expected, fit_measured, noise_power
@@ -67,6 +71,7 @@ class Predictor(TextEnum):
     OUTPUT_SPACE = "output_space"
     JOINT = "joint"
     JOINT_KL = "joint_kl"
+    SUPERPOSED = "superposed"
     WEIGHT_ERROR = "weight_error"
     NOISE_ONLY = "noise_only"
     TRACE_ONLY = "trace_only"
@@ -85,6 +90,7 @@ PREDICTORS: dict[Predictor, str] = {
     Predictor.OUTPUT_SPACE: "Σ (∂ℓ/∂y ⊙ Δy)² at each reader's output y, ModelOpt AutoQuantize's score",
     Predictor.JOINT: "(1/N)Σ_i (Σ_t ∇_t ℓ_i·e_t)², Fisher quadratic form of the whole error (tensors' cross terms)",
     Predictor.JOINT_KL: "KL of the outputs moved by the linearised change Σ_t J_t·e_t (every outcome; else joint/2)",
+    Predictor.SUPERPOSED: "KL of the outputs moved by Σ_t Δz_t, each tensor's measured output shift alone (calibration)",
     Predictor.WEIGHT_ERROR: "Σ (Q(w) − w)², measured rounding error without Fisher (data-free, as NNCF)",
     Predictor.NOISE_ONLY: "Σ numel·Δ², rounding noise without Fisher",
     Predictor.TRACE_ONLY: "Σ Tr(F)/(2^b − 1)², Fisher trace without ranges",
@@ -92,7 +98,7 @@ PREDICTORS: dict[Predictor, str] = {
 }
 
 
-NON_ADDITIVE = (Predictor.JOINT, Predictor.JOINT_KL)
+NON_ADDITIVE = (Predictor.JOINT, Predictor.JOINT_KL, Predictor.SUPERPOSED)
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,7 @@ class PredictorTables:
     bits: tuple[Choice, ...]  # the columns: bit widths and/or format names
     values: Mapping[Predictor, np.ndarray]
     projections: Projections | None = None
+    superposition: Superposition | None = None
 
     def cells(self, config: Config) -> tuple[list[int], list[int]]:
         """The (row, column) of every tensor ``config`` quantizes."""
@@ -151,6 +158,10 @@ class PredictorTables:
         """What ``predictor`` says of ``config``: its table summed along the configuration (or, for
         a non-additive predictor, its value on the configuration's whole error)."""
         p = Predictor(predictor)
+        if p is Predictor.SUPERPOSED:
+            if self.superposition is not None:
+                return self.superposition.kl(config)
+            p = Predictor.JOINT_KL
         rows, cols = self.cells(config)
         if p in NON_ADDITIVE and self.projections is not None:
             if p is Predictor.JOINT:
@@ -267,9 +278,11 @@ def predictor_tables(
     activation_bits: Sequence[Choice],
     output_space: Mapping[tuple[str, Choice], float],
     projections: Projections | None = None,
+    superposition: Superposition | None = None,
 ) -> PredictorTables:
     """Each predictor per tensor and candidate choice (NaN where a choice is not a candidate).
-    ``projections`` (enumerated outcomes) replace the error pass's own per-sample projections."""
+    ``projections`` (enumerated outcomes) replace the error pass's own per-sample projections;
+    ``superposition`` gives ``superposed`` (else it is ``joint_kl``)."""
     if traces.diag is None or traces.points is None:
         raise InternalError("validate needs the diagonal Fisher (keep_gradients) and point statistics (exact_points)")
     column = {t.name: j for j, t in enumerate(traces.tensors)}
@@ -291,6 +304,8 @@ def predictor_tables(
                 Predictor.JOINT: errors.quadratic[(t.name, b)] if proj is None else proj.quadratic([row], [col]),
                 Predictor.JOINT_KL: 0.5 * errors.quadratic[(t.name, b)] if proj is None else proj.kl([row], [col]),
             }
+            alone = Config({t.name: b}, {}) if t.kind is Kind.WEIGHT else Config({}, {t.name: b})
+            cell[Predictor.SUPERPOSED] = cell[Predictor.JOINT_KL] if superposition is None else superposition.kl(alone)
             if t.kind is Kind.WEIGHT:
                 cell |= _weight_cell(t, b, traces, simulator)
             elif (t.name, b) in errors.expected:  # a floating format: its noise model ran in the graph
@@ -307,4 +322,4 @@ def predictor_tables(
                 cell[Predictor.WEIGHT_ERROR] = cell[Predictor.NOISE_ONLY] / 12.0
             for p, v in cell.items():
                 values[p][row, col] = v
-    return PredictorTables(names, bits, values, proj)
+    return PredictorTables(names, bits, values, proj, superposition)
