@@ -109,25 +109,34 @@ def test_joint_kl_is_twice_the_measured_kl_for_small_errors() -> None:
     assert h.tables.total(Predictor.JOINT_KL, c) == pytest.approx(kl, rel=0.05)
 
 
-def test_superposed_adds_each_tensors_measured_output_shift(
+def _z(p64: dict, x: np.ndarray, states: dict[str, int | None]) -> np.ndarray:
+    """The MLP's logits with each tensor at its bits (None: float), by numpy."""
+    ranges = _ranges(p64, x)
+    pq = p64 | {k: np_quant(p64[k], *ranges[k], b) for k, b in states.items() if k in p64 and b is not None}
+    quant = {k: (lambda t, k=k, b=b: np_quant(t, *ranges[k], b)) for k, b in states.items() if k not in p64 and b}
+    return np_forward(pq, x, quant)["z"]
+
+
+def test_superposed_adds_each_tensors_measured_output_shift_from_the_base(
     mlp_case: tuple,  # noqa: F811
     harnesses: tuple[Harness, Harness],
 ) -> None:
     _, p64, calib, _ = mlp_case
     h, _ = harnesses
     x = calib.arrays["x"]
-    ranges, base = _ranges(p64, x), np_forward(p64, x)["z"]
-    ref = log_softmax(base)
-    for c in CONFIGS:
-        z = base.copy()
-        for k, b in c.weight_bits.items():  # each tensor alone, measured
-            z += np_forward(p64 | {k: np_quant(p64[k], *ranges[k], b)}, x)["z"] - base
-        for k, b in c.activation_bits.items():
-            z += np_forward(p64, x, {k: lambda t, k=k, b=b: np_quant(t, *ranges[k], b)})["z"] - base
+    ref = log_softmax(np_forward(p64, x)["z"])
+    base = {k: 8 for k in ("w1", "w2", "x", "r")}  # the family's dearest uniform configuration
+    z_base = _z(p64, x, base)
+    for c in (*CONFIGS, Config({"w1": 3}, {})):
+        bits = {**c.weight_bits, **c.activation_bits}
+        z = z_base.copy()
+        for k in base:  # each change from the base alone, measured (to float where c leaves k float)
+            if bits.get(k) != 8:
+                z += _z(p64, x, base | {k: bits.get(k)}) - z_base
         expected = np.mean(np.sum(np.exp(ref) * (ref - log_softmax(z)), axis=1))
         assert h.tables.total(Predictor.SUPERPOSED, c) == pytest.approx(expected, rel=1e-3)
-    # One tensor alone: the measured KL of that configuration on the calibration samples.
-    alone = Config({"w1": 3}, {})
-    zq = np_forward(p64 | {"w1": np_quant(p64["w1"], *ranges["w1"], 3)}, x)["z"]
-    kl = np.mean(np.sum(np.exp(ref) * (ref - log_softmax(zq)), axis=1))
-    assert h.tables.total(Predictor.SUPERPOSED, alone) == pytest.approx(kl, rel=1e-3)
+    # The base itself: its measured KL on the calibration samples.
+    kl = np.mean(np.sum(np.exp(ref) * (ref - log_softmax(z_base)), axis=1))
+    assert h.tables.total(Predictor.SUPERPOSED, Config({"w1": 8, "w2": 8}, {"x": 8, "r": 8})) == pytest.approx(
+        kl, rel=1e-3
+    )

@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from fitonnx.analysis import choices, simulate
 from fitonnx.analysis.choices import Choice, Family
 from fitonnx.analysis.damage import Damage, Reference, damage, reference
@@ -243,7 +245,7 @@ def harness(
         else None
     )
     ref = reference(cal.target, simulator.run(Config.floating()), held_out.labels, held_out.source)
-    superposed = _superposed(s, cal, sim, simulator, ref, (weight_choices, act_choices)) if superpose else None
+    superposed = _superposed(s, cal, sim, simulator, ref) if superpose else None
     tables = predictor_tables(
         cal.report, traces, simulator, errors, weight_choices, act_choices, out_space, enumerated, superposed
     )
@@ -273,24 +275,31 @@ def _superposed(
     sim: SimulationOptions,
     held: simulate.Simulator,
     ref: Reference,
-    choices_: tuple[Sequence[Choice], Sequence[Choice]],
 ) -> Superposition | None:
-    """Each simulated tensor's output shift at each candidate, on the first calibration samples
-    (as many as ``superpose.MAX_BYTES`` allow; None below ``superpose.MIN_SAMPLES``)."""
-    weights, acts = set(held.sim.weights), set(held.act_ranges)
-    candidates = {
-        t.name: choices_[0] if t.name in weights else choices_[1]
-        for t in cal.report.tensors
-        if t.name in weights or t.name in acts
-    }
-    candidates = {name: cs for name, cs in candidates.items() if cs}
+    """Each family's base and every simulated tensor's shifts from it, on calibration samples spread
+    over the data (as many as ``superpose.MAX_BYTES`` allow; None below ``superpose.MIN_SAMPLES``)."""
+    names = [t.name for t in cal.report.tensors]
+    weights = [n for n in names if n in held.sim.weights]
+    acts = [n for n in names if n in held.act_ranges]
+    families = sim.families()
+    cells = sum(
+        len(weights) * len(f.weights) + (len(acts) * len(f.activations) if f.activations else 0) for f in families
+    )
     per_sample = int(ref.out.size // max(1, ref.out.shape[0]))
-    n = samples_within(per_sample, sum(len(cs) for cs in candidates.values()), s.data.num_samples)
+    n = samples_within(per_sample, cells, s.data.num_samples)
     if n < MIN_SUPERPOSE_SAMPLES:
         return None
-    calib = s.data.head(n)
+    calib = _spread(s.data, n)
     simulator = _simulator(s, cal, sim, calib)
-    return superposition(simulator, lambda z: reference(cal.target, z, None, calib.source), candidates, weights)
+    return superposition(simulator, lambda z: reference(cal.target, z, None, calib.source), families, (weights, acts))
+
+
+def _spread(d: Dataset, n: int) -> Dataset:
+    """``n`` samples of ``d`` evenly spaced over it (calibration data in stream order, as a VAD's
+    chunks, is not alike from start to end)."""
+    pick = np.linspace(0, d.num_samples - 1, n).round().astype(np.int64)
+    labels = None if d.labels is None else d.labels[pick]
+    return Dataset({k: v[pick] for k, v in d.arrays.items()}, labels, f"{d.source} ({n} spread)", d.synthetic)
 
 
 def _measure_setup(context: tuple[simulate.Simulator, Reference]) -> tuple[simulate.Simulator, Reference]:
