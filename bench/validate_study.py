@@ -8,6 +8,11 @@ same configurations. Prints ρ(predictor, KL) per family over the working config
 measurement's split-half ceiling, and the time of each stage; ``--json`` writes everything.
 
     python bench/validate_study.py --data /tmp/fitdata [--models ppocr_cls_mbv3 ...] [--configs 30] [--json out.json]
+    python bench/validate_study.py --data /tmp/fitdata --models M --reuse out.json [--transfer]
+
+``--reuse`` re-predicts the configurations an earlier ``--json`` measured (this checkout's
+predictors, calibration passes only); ``--transfer`` adds ρ(KL measured on the calibration data,
+held-out KL): what a predictor that reads only the calibration data can at best reach.
 """
 
 from __future__ import annotations
@@ -108,7 +113,14 @@ def study(name: str, data: Path, configs: int, seed: int, only: set[str] | None 
     calib, held = data / f"{name}.calib.npz", data / f"{name}.heldout.npz"
     sim = SimulationOptions(formats=FORMATS, weights_only=True)
     t0 = time.perf_counter()
-    h0 = harness(ZOO / f"{name}.onnx", calib, held, simulation=sim, options=FisherOptions(fisher=default, seed=seed))
+    h0 = harness(
+        ZOO / f"{name}.onnx",
+        calib,
+        held,
+        simulation=sim,
+        options=FisherOptions(fisher=default, seed=seed),
+        superpose=True,
+    )
     t_harness = time.perf_counter() - t0
     t0 = time.perf_counter()
     report = validate_harness(h0, SamplingOptions(configs=configs, resamples=0), seed)
@@ -201,7 +213,14 @@ def reuse(name: str, data: Path, previous: Path, seed: int, transfer: bool = Fal
     calib, held = data / f"{name}.calib.npz", data / f"{name}.heldout.npz"
     sim = SimulationOptions(formats=FORMATS, weights_only=True)
     t0 = time.perf_counter()
-    h = harness(ZOO / f"{name}.onnx", calib, held, simulation=sim, options=FisherOptions(fisher=default, seed=seed))
+    h = harness(
+        ZOO / f"{name}.onnx",
+        calib,
+        held,
+        simulation=sim,
+        options=FisherOptions(fisher=default, seed=seed),
+        superpose=True,
+    )
     seconds = time.perf_counter() - t0
     while not previous.exists():  # the earlier run may still be simulating: its predictions can wait
         time.sleep(30)

@@ -24,7 +24,7 @@ CONFIGS = (
 @pytest.fixture(scope="module")
 def harnesses(mlp_case: tuple) -> tuple[Harness, Harness]:  # noqa: F811
     model, _, calib, held = mlp_case
-    enumerated = harness(model, calib, held, simulation=SIM)
+    enumerated = harness(model, calib, held, simulation=SIM, superpose=True)
     labels = harness(model, calib, held, simulation=SIM, enumerate_outcomes=False, session=enumerated.session)
     return enumerated, labels
 

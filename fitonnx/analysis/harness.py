@@ -200,15 +200,17 @@ def harness(
     progress: Progress | None = None,
     session: api.Session | None = None,
     enumerate_outcomes: bool = True,
-    superpose: bool = True,
+    superpose: bool = False,
 ) -> Harness:
     """Run the calibration passes and build the simulator: the stage of ``validate`` before any
     configuration, for callers that measure configurations of their own.
 
     ``enumerate_outcomes``: the ``joint`` predictors' projections over every outcome of an output
     holding one small distribution per sample (one more pass per outcome), else the Fisher's labels.
-    ``superpose``: measure each tensor's output shift alone on a few calibration samples
-    (``superpose``: one simulation run per tensor and candidate) for the ``superposed`` predictor.
+    ``superpose``: measure each tensor's output shifts from each family's base on a few calibration
+    samples (``superpose``: one simulation run per tensor, state and family) for the ``superposed``
+    predictor (off by default: it costs about what the one-at-a-time baseline costs; without it
+    ``superposed`` is ``joint_kl``).
 
     ``data`` is the calibration data (``RandomData(n)`` for a smoke test); ``eval_data`` defaults
     to ``<model>.heldout.npz`` beside the model. ``progress`` sees both calibration passes.

@@ -30,7 +30,9 @@ errors, ``Projections``), and their tables hold each tensor's value alone:
   Bernoulli distribution per sample), elsewhere ½·``joint``;
 - ``superposed``: the KL of the float outputs against z + Σ_t Δz_t(b_t), each tensor's measured
   output shift alone on a few calibration samples (``superpose``): exact per tensor, its tensors'
-  moves adding in the outputs (where it was not measured: ``joint_kl``);
+  moves adding in the outputs, around each family's dearest uniform configuration (opt-in,
+  ``harness(superpose=True)``: one simulation run per tensor and state; where it was not measured
+  it is ``joint_kl``);
 - ``weight_error``: Σ_j (Q(t)_j − t_j)², the measured rounding error with every element weighted
   alike (data-free for weights, as NNCF's weight-compression criterion; activations: Σ_j E[δ_j²],
   the noise model's);
