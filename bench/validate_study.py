@@ -120,6 +120,7 @@ def study(name: str, data: Path, configs: int, seed: int, only: set[str] | None 
         simulation=sim,
         options=FisherOptions(fisher=default, seed=seed),
         superpose=True,
+        enumerate_outcomes=True,
     )
     t_harness = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -220,6 +221,7 @@ def reuse(name: str, data: Path, previous: Path, seed: int, transfer: bool = Fal
         simulation=sim,
         options=FisherOptions(fisher=default, seed=seed),
         superpose=True,
+        enumerate_outcomes=True,
     )
     seconds = time.perf_counter() - t0
     while not previous.exists():  # the earlier run may still be simulating: its predictions can wait

@@ -199,14 +199,15 @@ def harness(
     options: FisherOptions | None = None,
     progress: Progress | None = None,
     session: api.Session | None = None,
-    enumerate_outcomes: bool = True,
+    enumerate_outcomes: bool | None = None,
     superpose: bool = False,
 ) -> Harness:
     """Run the calibration passes and build the simulator: the stage of ``validate`` before any
     configuration, for callers that measure configurations of their own.
 
     ``enumerate_outcomes``: the ``joint`` predictors' projections over every outcome of an output
-    holding one small distribution per sample (one more pass per outcome), else the Fisher's labels.
+    holding one small distribution per sample (one more pass per outcome), else the Fisher's labels;
+    None (default): only with the exact Fisher, whose error pass sums the projections over classes.
     ``superpose``: measure each tensor's output shifts from each family's base on a few calibration
     samples (``superpose``: one simulation run per tensor, state and family) for the ``superposed``
     predictor (off by default: it costs about what the one-at-a-time baseline costs; without it
@@ -243,7 +244,7 @@ def harness(
     rows = (tuple(t.name for t in cal.report.tensors), choices.sorted_choices([*weight_choices, *act_choices]))
     enumerated = (
         enumerated_projections(s, opts, cal.gm, simulator, rows, (weight_choices, act_choices), run_on)
-        if enumerate_outcomes
+        if (cal.mode is losses.FisherMode.EXACT if enumerate_outcomes is None else enumerate_outcomes)
         else None
     )
     ref = reference(cal.target, simulator.run(Config.floating()), held_out.labels, held_out.source)
