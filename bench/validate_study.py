@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from fitonnx.analysis.damage import Measure, damage, reference
-from fitonnx.analysis.harness import SimulationOptions, harness
+from fitonnx.analysis.harness import Extras, SimulationOptions, harness
 from fitonnx.analysis.predictors import Predictor
 from fitonnx.analysis.simulate import Config, Simulator
 from fitonnx.analysis.validate import SamplingOptions, validate_harness
@@ -119,8 +119,7 @@ def study(name: str, data: Path, configs: int, seed: int, only: set[str] | None 
         held,
         simulation=sim,
         options=FisherOptions(fisher=default, seed=seed),
-        superpose=True,
-        enumerate_outcomes=True,
+        extras=Extras(enumerate_outcomes=True, superpose=True),
     )
     t_harness = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -220,8 +219,7 @@ def reuse(name: str, data: Path, previous: Path, seed: int, transfer: bool = Fal
         held,
         simulation=sim,
         options=FisherOptions(fisher=default, seed=seed),
-        superpose=True,
-        enumerate_outcomes=True,
+        extras=Extras(enumerate_outcomes=True, superpose=True),
     )
     seconds = time.perf_counter() - t0
     while not previous.exists():  # the earlier run may still be simulating: its predictions can wait

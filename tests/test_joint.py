@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fitonnx.analysis.harness import Harness, SimulationOptions, harness
+from fitonnx.analysis.harness import Extras, Harness, SimulationOptions, harness
 from fitonnx.analysis.predictors import Predictor, Projections
 from fitonnx.analysis.simulate import Config
 from fitonnx.model.data import Dataset
@@ -24,8 +24,10 @@ CONFIGS = (
 @pytest.fixture(scope="module")
 def harnesses(mlp_case: tuple) -> tuple[Harness, Harness]:  # noqa: F811
     model, _, calib, held = mlp_case
-    enumerated = harness(model, calib, held, simulation=SIM, superpose=True, enumerate_outcomes=True)
-    labels = harness(model, calib, held, simulation=SIM, enumerate_outcomes=False, session=enumerated.session)
+    enumerated = harness(model, calib, held, simulation=SIM, extras=Extras(enumerate_outcomes=True, superpose=True))
+    labels = harness(
+        model, calib, held, simulation=SIM, extras=Extras(enumerate_outcomes=False), session=enumerated.session
+    )
     return enumerated, labels
 
 
@@ -101,7 +103,11 @@ def test_joint_kl_is_twice_the_measured_kl_for_small_errors() -> None:
     x = np.random.default_rng(3).normal(size=(24, 5)).astype(np.float32)
     data = Dataset({"x": x}, np_forward(p64, x)["z"].argmax(1).astype(np.int64), "calib")
     h = harness(
-        model, data, data, simulation=SimulationOptions(weight_bits=(8,), activation_bits=(8,)), enumerate_outcomes=True
+        model,
+        data,
+        data,
+        simulation=SimulationOptions(weight_bits=(8,), activation_bits=(8,)),
+        extras=Extras(enumerate_outcomes=True),
     )
     c = Config({"w1": 8, "w2": 8}, {})
     pq = dict(p64) | {k: np_quant(p64[k], p64[k].min(), p64[k].max(), 8) for k in ("w1", "w2")}

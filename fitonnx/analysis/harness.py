@@ -25,7 +25,14 @@ from fitonnx.analysis.damage import Damage, Reference, damage, reference
 from fitonnx.analysis.error_model import measure_errors
 from fitonnx.analysis.joint import enumerated_projections
 from fitonnx.analysis.output_space import measure_output_space
-from fitonnx.analysis.predictors import Predictor, PredictorTables, Projections, predictor_tables, stack_projections
+from fitonnx.analysis.predictors import (
+    NonAdditive,
+    Predictor,
+    PredictorTables,
+    Projections,
+    predictor_tables,
+    stack_projections,
+)
 from fitonnx.analysis.simulate import Config, GridScheme
 from fitonnx.analysis.superpose import MIN_SAMPLES as MIN_SUPERPOSE_SAMPLES
 from fitonnx.analysis.superpose import Superposition, samples_within, superposition
@@ -91,6 +98,23 @@ class SimulationOptions:
             return choices.families(self.formats, self.weights_only)
         name = f"{'symmetric' if self.symmetric else 'minmax'}{'/ch' if self.per_channel else ''} bits"
         return (Family(name, tuple(self.weight_bits), tuple(self.activation_bits)),)
+
+
+@dataclass(frozen=True)
+class Extras:
+    """Optional passes of the non-additive predictors.
+
+    ``enumerate_outcomes``: the ``joint`` predictors' projections over every outcome of an output
+    holding one small distribution per sample (one more pass per outcome), else the Fisher's labels;
+    None (default): only with the exact Fisher, whose error pass sums the projections over classes.
+    ``superpose``: measure each tensor's output shifts from each family's base on a few calibration
+    samples (``superpose``: one simulation run per tensor, state and family) for the ``superposed``
+    predictor (off by default: it costs about what the one-at-a-time baseline costs; without it
+    ``superposed`` is ``joint_kl``).
+    """
+
+    enumerate_outcomes: bool | None = None
+    superpose: bool = False
 
 
 @dataclass(frozen=True)
@@ -199,24 +223,18 @@ def harness(
     options: FisherOptions | None = None,
     progress: Progress | None = None,
     session: api.Session | None = None,
-    enumerate_outcomes: bool | None = None,
-    superpose: bool = False,
+    extras: Extras | None = None,
 ) -> Harness:
     """Run the calibration passes and build the simulator: the stage of ``validate`` before any
     configuration, for callers that measure configurations of their own.
 
-    ``enumerate_outcomes``: the ``joint`` predictors' projections over every outcome of an output
-    holding one small distribution per sample (one more pass per outcome), else the Fisher's labels;
-    None (default): only with the exact Fisher, whose error pass sums the projections over classes.
-    ``superpose``: measure each tensor's output shifts from each family's base on a few calibration
-    samples (``superpose``: one simulation run per tensor, state and family) for the ``superposed``
-    predictor (off by default: it costs about what the one-at-a-time baseline costs; without it
-    ``superposed`` is ``joint_kl``).
+    ``extras``: the non-additive predictors' optional passes (``Extras``).
 
     ``data`` is the calibration data (``RandomData(n)`` for a smoke test); ``eval_data`` defaults
     to ``<model>.heldout.npz`` beside the model. ``progress`` sees both calibration passes.
     """
     opts = options or FisherOptions()
+    ext = extras or Extras()
     sim = (simulation or SimulationOptions()).checked()
     if session is None:
         as_progress(progress).start(1, "Loading and preparing the model")
@@ -237,20 +255,20 @@ def harness(
     act_choices = choices.sorted_choices(c for f in families for c in f.activations)
     errors = measure_errors(cal.gm, simulator, weight_choices, act_choices, second_pass)
     out_space = measure_output_space(s, opts, simulator, (weight_choices, act_choices), second_pass)
-
-    def run_on(gm: GradientModel, data: Dataset, extra: Sequence[str]) -> engine.FisherTraces:
-        return parallel.run(gm, data, s.specs, opts.run_options(), opts.workers, progress, extra_outputs=extra)
-
     rows = (tuple(t.name for t in cal.report.tensors), choices.sorted_choices([*weight_choices, *act_choices]))
-    enumerated = (
-        enumerated_projections(s, opts, cal.gm, simulator, rows, (weight_choices, act_choices), run_on)
-        if (cal.mode is losses.FisherMode.EXACT if enumerate_outcomes is None else enumerate_outcomes)
-        else None
-    )
+    wanted = cal.mode is losses.FisherMode.EXACT if ext.enumerate_outcomes is None else ext.enumerate_outcomes
+    enumerated = _enumerated(s, opts, cal, simulator, rows, (weight_choices, act_choices), progress) if wanted else None
     ref = reference(cal.target, simulator.run(Config.floating()), held_out.labels, held_out.source)
-    superposed = _superposed(s, cal, sim, simulator, ref) if superpose else None
+    superposed = _superposed(s, cal, sim, simulator, ref) if ext.superpose else None
     tables = predictor_tables(
-        cal.report, traces, simulator, errors, weight_choices, act_choices, out_space, enumerated, superposed
+        cal.report,
+        traces,
+        simulator,
+        errors,
+        weight_choices,
+        act_choices,
+        out_space,
+        NonAdditive(enumerated, superposed),
     )
     return Harness(
         session=s,
@@ -270,6 +288,23 @@ def harness(
         traces=traces,
         label_projections=stack_projections(*rows, errors.projections),
     )
+
+
+def _enumerated(
+    s: api.Session,
+    opts: FisherOptions,
+    cal: _Calibration,
+    simulator: simulate.Simulator,
+    rows: tuple[Sequence[str], Sequence[Choice]],
+    choices_: tuple[Sequence[Choice], Sequence[Choice]],
+    progress: Progress | None,
+) -> Projections | None:
+    """The ``joint`` predictors' projections over every outcome of the output (``joint``)."""
+
+    def run_on(gm: GradientModel, data: Dataset, extra: Sequence[str]) -> engine.FisherTraces:
+        return parallel.run(gm, data, s.specs, opts.run_options(), opts.workers, progress, extra_outputs=extra)
+
+    return enumerated_projections(s, opts, cal.gm, simulator, rows, choices_, run_on)
 
 
 def _superposed(

@@ -31,7 +31,7 @@ errors, ``Projections``), and their tables hold each tensor's value alone:
 - ``superposed``: the KL of the float outputs against z + Σ_t Δz_t(b_t), each tensor's measured
   output shift alone on a few calibration samples (``superpose``): exact per tensor, its tensors'
   moves adding in the outputs, around each family's dearest uniform configuration (opt-in,
-  ``harness(superpose=True)``: one simulation run per tensor and state; where it was not measured
+  ``harness(extras=Extras(superpose=True))``: one simulation run per tensor and state; where it was not measured
   it is ``joint_kl``);
 - ``weight_error``: Σ_j (Q(t)_j − t_j)², the measured rounding error with every element weighted
   alike (data-free for weights, as NNCF's weight-compression criterion; activations: Σ_j E[δ_j²],
@@ -249,6 +249,15 @@ def _activation_cell(
     }
 
 
+@dataclass(frozen=True)
+class NonAdditive:
+    """What the non-additive predictors read beyond the error pass: enumerated projections and the
+    measured superposition (each None when not computed)."""
+
+    projections: Projections | None = None
+    superposition: Superposition | None = None
+
+
 def stack_projections(
     names: Sequence[str],
     bits: Sequence[Choice],
@@ -279,12 +288,13 @@ def predictor_tables(
     weight_bits: Sequence[Choice],
     activation_bits: Sequence[Choice],
     output_space: Mapping[tuple[str, Choice], float],
-    projections: Projections | None = None,
-    superposition: Superposition | None = None,
+    extra: NonAdditive | None = None,
 ) -> PredictorTables:
     """Each predictor per tensor and candidate choice (NaN where a choice is not a candidate).
-    ``projections`` (enumerated outcomes) replace the error pass's own per-sample projections;
-    ``superposition`` gives ``superposed`` (else it is ``joint_kl``)."""
+    ``extra.projections`` (enumerated outcomes) replace the error pass's own per-sample projections;
+    ``extra.superposition`` gives ``superposed`` (else it is ``joint_kl``)."""
+    projections = None if extra is None else extra.projections
+    superposition = None if extra is None else extra.superposition
     if traces.diag is None or traces.points is None:
         raise InternalError("validate needs the diagonal Fisher (keep_gradients) and point statistics (exact_points)")
     column = {t.name: j for j, t in enumerate(traces.tensors)}
