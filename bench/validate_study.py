@@ -11,6 +11,11 @@ measurement's split-half ceiling, and the time of each stage; ``--json`` writes 
 
     python bench/validate_study.py --data /tmp/fitdata [--models ppocr_cls_mbv3 ...] [--configs 30] [--json out.json]
         [--hessian --hessian-probes 128 --hessian-samples 16 --hessian-eps 3e-3 3e-2]
+    python bench/validate_study.py --data /tmp/fitdata --models M --reuse out.json [--transfer]
+
+``--reuse`` re-predicts the configurations an earlier ``--json`` measured (this checkout's
+predictors, calibration passes only); ``--transfer`` adds ρ(KL measured on the calibration data,
+held-out KL): what a predictor that reads only the calibration data can at best reach.
 """
 
 from __future__ import annotations
@@ -24,10 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from fitonnx.analysis import hessian
-from fitonnx.analysis.damage import Measure
-from fitonnx.analysis.harness import Baseline, BaselineOptions, SimulationOptions, harness
+from fitonnx.analysis.damage import Measure, damage, reference
+from fitonnx.analysis.harness import Baseline, BaselineOptions, Extras, SimulationOptions, harness
 from fitonnx.analysis.predictors import Predictor
-from fitonnx.analysis.simulate import Config
+from fitonnx.analysis.simulate import Config, Simulator
 from fitonnx.analysis.validate import SamplingOptions, validate_harness
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.model.data import Dataset, load_npz
@@ -55,10 +60,14 @@ SHOWN = (
     Predictor.FIT_MEASURED,
     Predictor.QUADRATIC,
     Predictor.OUTPUT_SPACE,
+    Predictor.JOINT,
+    Predictor.JOINT_KL,
+    Predictor.SUPERPOSED,
     Predictor.WEIGHT_ERROR,
     Predictor.NOISE_ONLY,
     Predictor.HESSIAN,  # with --hessian
 )
+LABELS = "joint_labels"  # ``joint`` from the Fisher's own labels (the error pass), beside the enumerated one
 
 
 def one_at_a_time(h, report) -> tuple[dict[str, dict[str, float]], int, float]:
@@ -88,8 +97,12 @@ def rho_table(h, report, working: bool) -> dict[str, dict[str, float]]:
         if len(rows) < 5:
             continue
         kl = np.array([r.kl for r in rows])
-        preds = [h.predict(Config(r.weight_bits, r.activation_bits)) for r in rows]
+        configs = [Config(r.weight_bits, r.activation_bits) for r in rows]
+        preds = [h.predict(c) for c in configs]
         out[fam.name] = {p.value: spearman(np.array([q[p] for q in preds]), kl) for p in SHOWN if p in preds[0]}
+        if h.label_projections is not None:
+            own = [h.label_projections.quadratic(*h.tables.cells(c)) for c in configs]
+            out[fam.name][LABELS] = spearman(np.array(own), kl)
         out[fam.name]["n"] = len(rows)
     return out
 
@@ -144,9 +157,17 @@ def study(
     sim = SimulationOptions(formats=FORMATS, weights_only=True)
     t0 = time.perf_counter()
     h0 = harness(
-        ZOO / f"{name}.onnx", calib, held, simulation=sim, options=FisherOptions(fisher=default, seed=seed),
-        baselines=BaselineOptions((Baseline.HESSIAN,), hopts) if hopts else None,
-    )  # fmt: skip
+        ZOO / f"{name}.onnx",
+        calib,
+        held,
+        simulation=sim,
+        options=FisherOptions(fisher=default, seed=seed),
+        baselines=BaselineOptions(
+            (Baseline.HESSIAN,) if hopts else (),
+            hessian=hopts or hessian.HessianOptions(),
+            extras=Extras(enumerate_outcomes=True, superpose=True),
+        ),
+    )
     t_harness = time.perf_counter() - t0
     t0 = time.perf_counter()
     report = validate_harness(h0, SamplingOptions(configs=configs, resamples=0), seed)
@@ -169,6 +190,16 @@ def study(
             for f in report.families
         },
         "kl_range": [min(r.kl for r in report.configs), max(r.kl for r in report.configs)],
+        "rows": [  # every configuration, to re-predict without simulating again
+            {
+                "family": r.family,
+                "working": r.working,
+                "kl": r.kl,
+                "weights": {k: str(v) for k, v in r.weight_bits.items()},
+                "predicted": {p.value: v for p, v in r.predicted.items()},
+            }
+            for r in report.configs
+        ],
         "estimates": {
             default: {"working": rho_table(h0, report, True), "all": rho_table(h0, report, False), "time_s": t_harness}
         },
@@ -225,12 +256,62 @@ def print_estimate(name: str, label: str, est: dict, result: dict) -> None:
     for fam, row in est["working"].items():
         f = result["families"][fam]
         cells = "  ".join(f"{p.value} {row[p.value]:+.3f}" for p in SHOWN)
+        cells += f"  {LABELS} {row[LABELS]:+.3f}" if LABELS in row else ""
+        cells += f"  transfer {row['transfer']:+.3f}" if "transfer" in row else ""
         ceiling = f["ceiling"]
         print(
             f"{name:<20} {label:<16} {fam:<7} working {row['n']:>3}/{f['configs']:<3} {cells}  "
             f"ceiling {ceiling if ceiling is None else round(ceiling, 3)}  ({est['time_s']:.0f} s)",
             flush=True,
         )
+
+
+def on_calibration(h, configs: list[Config]) -> list[float]:
+    """Each configuration's KL measured on the calibration samples instead of the held-out ones:
+    what any predictor that reads only the calibration data can at best know (its ρ with the
+    held-out KL is the calibration-to-held-out transfer, beside the held-out split-half ceiling)."""
+    args = h.simulator._args  # (sim, model, tensors, act_ranges, scheme, data, specs, batch_size)
+    sim = Simulator(*args[:5], h.session.data, *args[6:])
+    ref = reference(h.target, sim.run(Config.floating()), None, "calibration")
+    return [damage(ref, sim.run(c)).kl for c in configs]
+
+
+def reuse(name: str, data: Path, previous: Path, seed: int, transfer: bool = False) -> dict:
+    """Re-predict the configurations measured by an earlier run (its ``--json``) with this
+    checkout's predictors: the calibration passes only, no simulation."""
+    default = MODELS[name][0]
+    calib, held = data / f"{name}.calib.npz", data / f"{name}.heldout.npz"
+    sim = SimulationOptions(formats=FORMATS, weights_only=True)
+    t0 = time.perf_counter()
+    h = harness(
+        ZOO / f"{name}.onnx",
+        calib,
+        held,
+        simulation=sim,
+        options=FisherOptions(fisher=default, seed=seed),
+        baselines=BaselineOptions(extras=Extras(enumerate_outcomes=True, superpose=True)),
+    )
+    seconds = time.perf_counter() - t0
+    while not previous.exists():  # the earlier run may still be simulating: its predictions can wait
+        time.sleep(30)
+    old = next(r for r in json.loads(previous.read_text()) if r["model"] == name)
+    working: dict[str, dict[str, float]] = {}
+    for fam in old["families"]:
+        rows = [r for r in old["rows"] if r["family"] == fam and r["working"]]
+        if len(rows) < 5:
+            continue
+        kl = np.array([r["kl"] for r in rows])
+        configs = [Config(r["weights"], {}) for r in rows]
+        preds = [h.predict(c) for c in configs]
+        working[fam] = {p.value: spearman(np.array([q[p] for q in preds]), kl) for p in SHOWN} | {"n": len(rows)}
+        if transfer:
+            working[fam]["transfer"] = spearman(np.array(on_calibration(h, configs)), kl)
+        if h.label_projections is not None:
+            own = [h.label_projections.quadratic(*h.tables.cells(c)) for c in configs]
+            working[fam][LABELS] = spearman(np.array(own), kl)
+    est = {"working": working, "time_s": seconds}
+    print_estimate(name, default + " (reused)", est, old)
+    return old | {"estimates": {**old["estimates"], default + " (reused)": est}}
 
 
 def main() -> None:
@@ -247,6 +328,10 @@ def main() -> None:
     parser.add_argument("--hessian-samples", type=int, help="calibration samples of the Hessian's loss (default all)")
     parser.add_argument("--hessian-eps", type=float, nargs="*", default=[], help="other steps (× RMS) to check")
     parser.add_argument("--hessian-per-tensor", action="store_true", help="probes one tensor at a time")
+    parser.add_argument("--reuse", type=Path, help="re-predict the configurations of an earlier --json (no simulation)")
+    parser.add_argument(
+        "--transfer", action="store_true", help="with --reuse: the configurations' KL on the calibration data"
+    )
     args = parser.parse_args()
     hopts = (
         hessian.HessianOptions(
@@ -256,6 +341,11 @@ def main() -> None:
         else None
     )
     results = []
+    if args.reuse:
+        results = [reuse(name, args.data, args.reuse, args.seed, args.transfer) for name in args.models]
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1, default=float))
+        return
     for name in args.models:
         results.append(
             study(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -37,6 +37,7 @@ class ErrorOutputs:
     quadratic: Mapping[tuple[str, Choice], str]  # every tensor: (Σ_j g_j·e_j)²
     expected: Mapping[tuple[str, Choice], str]  # floating activations: Σ_j g_j²·s_j²/12 (s_j: spacing)
     noise: Mapping[tuple[str, Choice], str]  # floating activations: Σ_j s_j²
+    projection: Mapping[tuple[str, Choice], str] = field(default_factory=dict)  # every tensor: Σ_j g_j·e_j
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class MeasuredErrors:
     quadratic: Mapping[tuple[str, Choice], float]  # every tensor: eᵀFe
     expected: Mapping[tuple[str, Choice], float]  # floating activations: FIT of the binade noise model
     noise: Mapping[tuple[str, Choice], float]  # floating activations: Σ_j s_j², mean over samples
+    # Every tensor, per calibration sample: the projection g_i·e_i (Σ_j ∂ℓ_i/∂t_j·e_ij), the first-order
+    # change of the sample's loss; empty when the engine summed it over enumerated labels (exact Fisher).
+    projections: Mapping[tuple[str, Choice], np.ndarray] = field(default_factory=dict)
 
 
 def _int_quantized(g: onnx.GraphProto, name: str, p: str, grid: simulate.Grid, dtype: np.dtype) -> str:
@@ -117,7 +121,7 @@ def _float_quantized_error(
 
 
 def _weighted_error(g: onnx.GraphProto, p: str, g64: str, diagonal: bool) -> None:
-    """Outputs ``p + "quad"`` = (g·e)² and, with ``diagonal``, ``p + "out"`` = Σ_j (g_j·e_j)²."""
+    """Outputs ``p + "dot"`` = g·e, ``p + "quad"`` = (g·e)² and, with ``diagonal``, ``p + "out"`` = Σ_j (g_j·e_j)²."""
     n = helper.make_node
     g.node.extend(
         [
@@ -127,6 +131,7 @@ def _weighted_error(g: onnx.GraphProto, p: str, g64: str, diagonal: bool) -> Non
         ]
     )
     g.output.append(helper.make_tensor_value_info(p + "quad", TensorProto.DOUBLE, []))
+    g.output.append(helper.make_tensor_value_info(p + "dot", TensorProto.DOUBLE, []))
     if diagonal:
         g.node.append(n("ReduceSumSquare", [p + "weighted"], [p + "out"], keepdims=0))
         g.output.append(helper.make_tensor_value_info(p + "out", TensorProto.DOUBLE, []))
@@ -163,20 +168,19 @@ def error_model(
                 _fake_quantized_error(g, t.name, p, grids[key], dtypes[t.name])
             _weighted_error(g, p, g64, diagonal=t.kind is Kind.ACTIVATION)
             outs.quadratic[key] = p + "quad"  # type: ignore[index]
+            outs.projection[key] = p + "dot"  # type: ignore[index]
             if t.kind is Kind.ACTIVATION:
                 outs.diagonal[key] = p + "out"  # type: ignore[index]
     return dataclasses.replace(gm, model_bytes=model.SerializeToString()), outs
 
 
-def measure_errors(
+def simulated_error_model(
     gm: GradientModel,
     simulator: simulate.Simulator,
     weight_choices: Sequence[Choice],
     activation_choices: Sequence[Choice],
-    run: RunPass,
-) -> MeasuredErrors:
-    """Run the error model of every simulated tensor at every candidate choice over the calibration
-    data (``run``) and average its outputs over the samples."""
+) -> tuple[GradientModel, ErrorOutputs]:
+    """``error_model`` of every simulated tensor at every candidate choice, with the simulator's grids."""
     acts = [a.name for a in simulator.sim.activations]
     grids: dict[tuple[str, Choice], simulate.Grid | FloatGrid] = {}
     for a in acts:
@@ -189,9 +193,23 @@ def measure_errors(
         for w, value in simulator.sim.weights.items()
         for c in weight_choices
     }
-    gm2, outs = error_model(gm, grids, dtypes, weight_errors)
+    return error_model(gm, grids, dtypes, weight_errors)
+
+
+def measure_errors(
+    gm: GradientModel,
+    simulator: simulate.Simulator,
+    weight_choices: Sequence[Choice],
+    activation_choices: Sequence[Choice],
+    run: RunPass,
+) -> MeasuredErrors:
+    """Run the error model of every simulated tensor at every candidate choice over the calibration
+    data (``run``) and average its outputs over the samples (the projections kept per sample, unless
+    the head enumerates labels: the engine's Σ_c p_c·g_c·e is the expected score, zero)."""
+    gm2, outs = simulated_error_model(gm, simulator, weight_choices, activation_choices)
+    keep = {} if gm.head.enumerate_labels else outs.projection
     fetched = [*outs.diagonal.values(), *outs.quadratic.values(), *outs.expected.values(), *outs.noise.values()]
-    second = run(gm2, fetched)
+    second = run(gm2, [*fetched, *keep.values()])
     if second.extra is None:
         raise InternalError("engine returned no extra outputs")
     extra = second.extra
@@ -199,4 +217,7 @@ def measure_errors(
     def means(names: Mapping[tuple[str, Choice], str]) -> dict[tuple[str, Choice], float]:
         return {key: float(extra[name].mean()) for key, name in names.items()}
 
-    return MeasuredErrors(means(outs.diagonal), means(outs.quadratic), means(outs.expected), means(outs.noise))
+    projections = {key: np.asarray(extra[name], np.float64) for key, name in keep.items()}
+    return MeasuredErrors(
+        means(outs.diagonal), means(outs.quadratic), means(outs.expected), means(outs.noise), projections
+    )

@@ -6,6 +6,8 @@ rounding errors (``error_model``), which need those ranges, and once for the out
 sensitivity (``output_space``), whose gradient model also taps every quantized op's outputs.
 Baselines asked for (``Baseline``: HAWQ's Hessian trace, ``hessian``) run after them. Each stage's
 cost (gradient passes, seconds) is kept, and each predictor's is the sum of the stages it needs.
+When the output holds one small distribution per sample, it runs once more per outcome for the
+``joint`` predictors' enumerated projections (``joint``).
 """
 
 from __future__ import annotations
@@ -18,15 +20,27 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from fitonnx.analysis import choices, simulate
 from fitonnx.analysis.choices import Choice, Family
 from fitonnx.analysis.damage import Damage, Reference, damage, reference
 from fitonnx.analysis.error_model import measure_errors
 from fitonnx.analysis.hessian import HessianOptions, HessianTraces, hessian_traces
 from fitonnx.analysis.hessian import table as hessian_table
+from fitonnx.analysis.joint import enumerated_projections
 from fitonnx.analysis.output_space import measure_output_space
-from fitonnx.analysis.predictors import Predictor, PredictorTables, predictor_tables
+from fitonnx.analysis.predictors import (
+    NonAdditive,
+    Predictor,
+    PredictorTables,
+    Projections,
+    predictor_tables,
+    stack_projections,
+)
 from fitonnx.analysis.simulate import Config, GridScheme
+from fitonnx.analysis.superpose import MIN_SAMPLES as MIN_SUPERPOSE_SAMPLES
+from fitonnx.analysis.superpose import Superposition, samples_within, superposition
 from fitonnx.errors import DataError, FitonnxError, InternalError
 from fitonnx.fisher import engine, losses, parallel
 from fitonnx.fisher import session as api
@@ -58,12 +72,30 @@ class Baseline(TextEnum):
 
 
 @dataclass(frozen=True)
+class Extras:
+    """Optional passes of the non-additive predictors.
+
+    ``enumerate_outcomes``: the ``joint`` predictors' projections over every outcome of an output
+    holding one small distribution per sample (one more pass per outcome), else the Fisher's labels;
+    None (default): only with the exact Fisher, whose error pass sums the projections over classes.
+    ``superpose``: measure each tensor's output shifts from each family's base on a few calibration
+    samples (``superpose``: one simulation run per tensor, state and family) for the ``superposed``
+    predictor (off by default: it costs about what the one-at-a-time baseline costs; without it
+    ``superposed`` is ``joint_kl``).
+    """
+
+    enumerate_outcomes: bool | None = None
+    superpose: bool = False
+
+
+@dataclass(frozen=True)
 class BaselineOptions:
     """Which expensive peers ``validate`` ranks too (none by default) and how: ``hessian`` holds the
     Hessian baseline's probes, step and samples. Strings are accepted for the baselines."""
 
     baselines: tuple[Baseline, ...] = ()
     hessian: HessianOptions = dataclasses.field(default_factory=HessianOptions)
+    extras: Extras = dataclasses.field(default_factory=Extras)
 
     def __post_init__(self) -> None:
         try:
@@ -82,6 +114,8 @@ class Stage(TextEnum):
     ERRORS = "errors"  # measured rounding errors (``error_model``)
     OUTPUT_SPACE = "output_space"
     HESSIAN = "hessian"
+    OUTCOMES = "outcomes"  # the joint predictors' projections over every outcome (``Extras``)
+    SUPERPOSE = "superpose"  # each tensor's measured output shifts (simulation runs, no gradients)
 
 
 @dataclass(frozen=True)
@@ -107,6 +141,9 @@ PREDICTOR_STAGES: dict[Predictor, tuple[Stage, ...]] = {
     Predictor.NOISE_ONLY: (),
     Predictor.SIZE_ONLY: (),
     Predictor.HESSIAN: (Stage.HESSIAN,),
+    Predictor.JOINT: (Stage.CALIBRATION, Stage.ERRORS, Stage.OUTCOMES),
+    Predictor.JOINT_KL: (Stage.CALIBRATION, Stage.ERRORS, Stage.OUTCOMES),
+    Predictor.SUPERPOSED: (Stage.CALIBRATION, Stage.ERRORS, Stage.OUTCOMES, Stage.SUPERPOSE),
 }
 
 
@@ -180,7 +217,11 @@ class Harness:
         if predictor not in PREDICTOR_STAGES:
             raise InternalError(f"expected a cost for every predictor; {predictor} has none in PREDICTOR_STAGES")
         needs = PREDICTOR_STAGES[predictor] or ((Stage.CALIBRATION,) if self.activation_bits else ())
-        return sum((self.stages[k] for k in needs), Cost(0, 0.0))
+        return sum((self.stages[k] for k in needs if k in self.stages), Cost(0, 0.0))
+
+    # The error pass's per-sample projections with the Fisher's own labels (the tables may hold the
+    # enumerated ones instead), for studies that compare the two.
+    label_projections: Projections | None = None
 
     def measure(self, config: Config) -> Damage:
         """The damage ``config`` does on the held-out data."""
@@ -271,10 +312,11 @@ def harness(
 
     ``data`` is the calibration data (``RandomData(n)`` for a smoke test); ``eval_data`` defaults
     to ``<model>.heldout.npz`` beside the model. ``progress`` sees both calibration passes.
-    ``baselines`` adds those peers' tables.
+    ``baselines`` adds those peers' tables, and its ``extras`` the non-additive predictors' passes.
     """
     peers = baselines or BaselineOptions()
     opts = options or FisherOptions()
+    ext = peers.extras
     sim = (simulation or SimulationOptions()).checked()
     if session is None:
         as_progress(progress).start(1, "Loading and preparing the model")
@@ -301,15 +343,19 @@ def harness(
     started = time.perf_counter()
     out_space = measure_output_space(s, opts, simulator, (weight_choices, act_choices), second_pass)
     stages[Stage.OUTPUT_SPACE] = Cost(_passes(cal), time.perf_counter() - started)
-    tables = predictor_tables(cal.report, traces, simulator, errors, weight_choices, act_choices, out_space)
-    hess = None
-    if Baseline.HESSIAN in peers.baselines:
-        as_progress(progress).start(1, "Hutchinson Hessian trace (HAWQ baseline)")
-        hess = hessian_traces(s, cal.target, opts, peers.hessian)
-        as_progress(progress).advance(1)
-        stages[Stage.HESSIAN] = Cost(hess.passes, hess.seconds)
-        table = hessian_table(hess, tables.names, tables.values[Predictor.WEIGHT_ERROR])
-        tables = dataclasses.replace(tables, values={**tables.values, Predictor.HESSIAN: table})
+    rows = (tuple(t.name for t in cal.report.tensors), choices.sorted_choices([*weight_choices, *act_choices]))
+    started = time.perf_counter()
+    enumerated = _enumerated(s, opts, cal, simulator, rows, (weight_choices, act_choices), progress, ext)
+    if enumerated is not None:  # one pass per outcome
+        stages[Stage.OUTCOMES] = Cost(_passes(cal) * enumerated.weights.shape[1], time.perf_counter() - started)
+    ref = reference(cal.target, simulator.run(Config.floating()), held_out.labels, held_out.source)
+    started = time.perf_counter()
+    superposed = _superposed(s, cal, sim, simulator, ref) if ext.superpose else None
+    if superposed is not None:
+        stages[Stage.SUPERPOSE] = Cost(0, time.perf_counter() - started)
+    extra = NonAdditive(enumerated, superposed)
+    tables = predictor_tables(cal.report, traces, simulator, errors, weight_choices, act_choices, out_space, extra)
+    tables, hess = _with_hessian(s, cal, opts, peers, tables, stages, progress)
     return Harness(
         session=s,
         target=cal.target,
@@ -324,11 +370,32 @@ def harness(
         activations=tuple(t.name for t in cal.gm.tensors if t.kind is Kind.ACTIVATION),
         simulator=simulator,
         tables=tables,
-        reference=reference(cal.target, simulator.run(Config.floating()), held_out.labels, held_out.source),
+        reference=ref,
         traces=traces,
         stages=stages,
         hessian=hess,
+        label_projections=stack_projections(*rows, errors.projections),
     )
+
+
+def _with_hessian(
+    s: api.Session,
+    cal: _Calibration,
+    opts: FisherOptions,
+    peers: BaselineOptions,
+    tables: PredictorTables,
+    stages: dict[Stage, Cost],
+    progress: Progress | None,
+) -> tuple[PredictorTables, HessianTraces | None]:
+    """``tables`` with HAWQ's Hessian table when ``peers`` asks for it (its cost into ``stages``)."""
+    if Baseline.HESSIAN not in peers.baselines:
+        return tables, None
+    as_progress(progress).start(1, "Hutchinson Hessian trace (HAWQ baseline)")
+    hess = hessian_traces(s, cal.target, opts, peers.hessian)
+    as_progress(progress).advance(1)
+    stages[Stage.HESSIAN] = Cost(hess.passes, hess.seconds)
+    table = hessian_table(hess, tables.names, tables.values[Predictor.WEIGHT_ERROR])
+    return dataclasses.replace(tables, values={**tables.values, Predictor.HESSIAN: table}), hess
 
 
 def _passes(cal: _Calibration) -> int:
@@ -341,6 +408,61 @@ def _classes(cal: _Calibration) -> int:
     shapes = cal.gm.sample_shapes
     tap, axis = cal.target.tap, cal.target.class_axis
     return int(shapes[tap][axis]) if tap in shapes and axis is not None else 1
+
+
+def _enumerated(
+    s: api.Session,
+    opts: FisherOptions,
+    cal: _Calibration,
+    simulator: simulate.Simulator,
+    rows: tuple[Sequence[str], Sequence[Choice]],
+    choices_: tuple[Sequence[Choice], Sequence[Choice]],
+    progress: Progress | None,
+    ext: Extras,
+) -> Projections | None:
+    """The ``joint`` predictors' projections over every outcome of the output (``joint``), when
+    ``ext`` asks for them (by default only with the exact Fisher)."""
+    wanted = cal.mode is losses.FisherMode.EXACT if ext.enumerate_outcomes is None else ext.enumerate_outcomes
+    if not wanted:
+        return None
+
+    def run_on(gm: GradientModel, data: Dataset, extra: Sequence[str]) -> engine.FisherTraces:
+        return parallel.run(gm, data, s.specs, opts.run_options(), opts.workers, progress, extra_outputs=extra)
+
+    return enumerated_projections(s, opts, cal.gm, simulator, rows, choices_, run_on)
+
+
+def _superposed(
+    s: api.Session,
+    cal: _Calibration,
+    sim: SimulationOptions,
+    held: simulate.Simulator,
+    ref: Reference,
+) -> Superposition | None:
+    """Each family's base and every simulated tensor's shifts from it, on calibration samples spread
+    over the data (as many as ``superpose.MAX_BYTES`` allow; None below ``superpose.MIN_SAMPLES``)."""
+    names = [t.name for t in cal.report.tensors]
+    weights = [n for n in names if n in held.sim.weights]
+    acts = [n for n in names if n in held.act_ranges]
+    families = sim.families()
+    cells = sum(
+        len(weights) * len(f.weights) + (len(acts) * len(f.activations) if f.activations else 0) for f in families
+    )
+    per_sample = int(ref.out.size // max(1, ref.out.shape[0]))
+    n = samples_within(per_sample, cells, s.data.num_samples)
+    if n < MIN_SUPERPOSE_SAMPLES:
+        return None
+    calib = _spread(s.data, n)
+    simulator = _simulator(s, cal, sim, calib)
+    return superposition(simulator, lambda z: reference(cal.target, z, None, calib.source), families, (weights, acts))
+
+
+def _spread(d: Dataset, n: int) -> Dataset:
+    """``n`` samples of ``d`` evenly spaced over it (calibration data in stream order, as a VAD's
+    chunks, is not alike from start to end)."""
+    pick = np.linspace(0, d.num_samples - 1, n).round().astype(np.int64)
+    labels = None if d.labels is None else d.labels[pick]
+    return Dataset({k: v[pick] for k, v in d.arrays.items()}, labels, f"{d.source} ({n} spread)", d.synthetic)
 
 
 def _measure_setup(context: tuple[simulate.Simulator, Reference]) -> tuple[simulate.Simulator, Reference]:

@@ -1,7 +1,8 @@
 """What ``validate`` ranks against the measured damage: the predictors, each a table [tensor, bits].
 
-Every predictor is additive over tensors, so each is a table [tensor, bit width] summed along a
-configuration:
+Most predictors are additive over tensors, so each is a table [tensor, bit width] summed along a
+configuration; ``joint`` and ``joint_kl`` are not (they see the interactions between tensors'
+errors, ``Projections``), and their tables hold each tensor's value alone:
 
 - ``fit``: Σ_t Tr(F_t)·Δ_t(b_t)²/12, the paper's FIT (per-channel weights: Σ_c Tr(F_t,c)·Δ_c²/12);
 - ``fit_grid``: FIT with the grid noise model (``fitonnx.score.noise``): elements whose value is a
@@ -18,6 +19,20 @@ configuration:
 - ``output_space``: NVIDIA ModelOpt AutoQuantize's score, (1/N)·Σ_i Σ_j (∂ℓ_i/∂y_j · Δy_j)² at the
   output y of each op reading the tensor, Δy the move of y when the tensor alone is quantized
   (``output_space``);
+- ``joint``: (1/N)·Σ_i (Σ_t ∂ℓ_i/∂t · e_t)², the Fisher quadratic form of the configuration's whole
+  error vector: ``quadratic`` plus the cross terms between tensors (weights' rounding errors are
+  deterministic, so they do not cancel). From per-sample projections s[i,t,b] = ∂ℓ_i/∂t·e_t(b) kept
+  by the error pass (no extra pass); with enumerated outcomes (``Projections.enumerated``) it is
+  Σ_i Σ_c p_ic·(Σ_t s[i,c,t,b_t])², twice the exact second-order KL;
+- ``joint_kl``: the KL of the outputs moved by the configuration's linearised change,
+  KL(softmax(log p) ‖ softmax(log p + Δz)) with Δz_c = −Σ_t s[i,c,t,b_t] (the centred logit shift:
+  ∂ℓ_c = −∂ log p_c), beyond second order; needs every outcome enumerated (one categorical or
+  Bernoulli distribution per sample), elsewhere ½·``joint``;
+- ``superposed``: the KL of the float outputs against z + Σ_t Δz_t(b_t), each tensor's measured
+  output shift alone on a few calibration samples (``superpose``): exact per tensor, its tensors'
+  moves adding in the outputs, around each family's dearest uniform configuration (opt-in,
+  ``harness(baselines=BaselineOptions(extras=Extras(superpose=True)))``: one run per tensor and state; where not measured
+  it is ``joint_kl``);
 - ``weight_error``: Σ_j (Q(t)_j − t_j)², the measured rounding error with every element weighted
   alike (data-free for weights, as NNCF's weight-compression criterion; activations: Σ_j E[δ_j²],
   the noise model's);
@@ -40,6 +55,7 @@ from fitonnx.analysis import simulate
 from fitonnx.analysis.choices import Choice, cost_bits, sorted_choices
 from fitonnx.analysis.error_model import MeasuredErrors
 from fitonnx.analysis.simulate import Config
+from fitonnx.analysis.superpose import Superposition
 from fitonnx.errors import InternalError
 from fitonnx.fisher import engine
 from fitonnx.formats import fit_expected, fit_measured, noise_power
@@ -57,6 +73,9 @@ class Predictor(TextEnum):
     FIT_MEASURED = "fit_measured"
     QUADRATIC = "quadratic"
     OUTPUT_SPACE = "output_space"
+    JOINT = "joint"
+    JOINT_KL = "joint_kl"
+    SUPERPOSED = "superposed"
     WEIGHT_ERROR = "weight_error"
     NOISE_ONLY = "noise_only"
     TRACE_ONLY = "trace_only"
@@ -74,6 +93,9 @@ PREDICTORS: dict[Predictor, str] = {
     Predictor.FIT_MEASURED: "Σ diag(F)·(Q(t) − t)², measured rounding error (FIT.md refinement)",
     Predictor.QUADRATIC: "Σ eᵀFe, Fisher quadratic form of the real rounding error e (2·KL to second order)",
     Predictor.OUTPUT_SPACE: "Σ (∂ℓ/∂y ⊙ Δy)² at each reader's output y, ModelOpt AutoQuantize's score",
+    Predictor.JOINT: "(1/N)Σ_i (Σ_t ∇_t ℓ_i·e_t)², Fisher quadratic form of the whole error (tensors' cross terms)",
+    Predictor.JOINT_KL: "KL of the outputs moved by the linearised change Σ_t J_t·e_t (every outcome; else joint/2)",
+    Predictor.SUPERPOSED: "KL of the outputs moved by Σ_t Δz_t, each tensor's measured output shift alone (calibration)",
     Predictor.WEIGHT_ERROR: "Σ (Q(w) − w)², measured rounding error without Fisher (data-free, as NNCF)",
     Predictor.NOISE_ONLY: "Σ numel·Δ², rounding noise without Fisher",
     Predictor.TRACE_ONLY: "Σ Tr(F)/(2^b − 1)², Fisher trace without ranges",
@@ -84,21 +106,77 @@ PREDICTORS: dict[Predictor, str] = {
 ON_REQUEST = frozenset({Predictor.HESSIAN})
 
 
+NON_ADDITIVE = (Predictor.JOINT, Predictor.JOINT_KL, Predictor.SUPERPOSED)
+
+
+@dataclass(frozen=True)
+class Projections:
+    """Per calibration sample i and fed label k, each tensor's first-order change of the loss
+    s[i,k,t,b] = ∂ℓ_ik/∂t · e_t(b) (rows and columns of ``PredictorTables``; 0 where b is not a
+    candidate of t), with the labels' weights: one true or sampled label of weight 1, or every outcome
+    c of the output with weight p_ic (``enumerated``: then −Σ_t s[i,c,t,b_t] is the linearised shift
+    of log p_ic up to a constant, the output's whole first-order move)."""
+
+    values: np.ndarray  # [N, K, T, B] float64
+    weights: np.ndarray  # [N, K]
+    enumerated: bool
+
+    def summed(self, rows: Sequence[int], cols: Sequence[int]) -> np.ndarray:
+        """Σ_t s[i,k,t,b_t] over the configuration's (row, column) pairs: [N, K]."""
+        if not rows:
+            return np.zeros(self.weights.shape)
+        return self.values[:, :, list(rows), list(cols)].sum(axis=2)
+
+    def quadratic(self, rows: Sequence[int], cols: Sequence[int]) -> float:
+        """(1/N)·Σ_i Σ_k w_ik·(Σ_t s[i,k,t,b_t])²."""
+        d = self.summed(rows, cols)
+        return float(np.mean(np.sum(self.weights * d * d, axis=1)))
+
+    def kl(self, rows: Sequence[int], cols: Sequence[int]) -> float:
+        """Mean KL(p_i ‖ softmax(log p_i − Σ_t s_i)) over samples (enumerated outcomes; else ½·quadratic)."""
+        if not self.enumerated:
+            return 0.5 * self.quadratic(rows, cols)
+        logp = np.log(np.maximum(self.weights, np.finfo(np.float64).tiny))
+        z = logp - self.summed(rows, cols)
+        logq = z - z.max(axis=1, keepdims=True)
+        logq -= np.log(np.exp(logq).sum(axis=1, keepdims=True))
+        return float(np.mean(np.sum(self.weights * (logp - logq), axis=1)))
+
+
 @dataclass(frozen=True)
 class PredictorTables:
     """Every predictor per tensor and candidate choice: arrays [tensor, choice index], rows in
-    ``names`` order, NaN where a choice is not a candidate; a configuration's prediction is a sum."""
+    ``names`` order, NaN where a choice is not a candidate; a configuration's prediction is a sum,
+    but for ``NON_ADDITIVE`` predictors, which read ``projections`` (their tables: each tensor alone)."""
 
     names: tuple[str, ...]
     bits: tuple[Choice, ...]  # the columns: bit widths and/or format names
     values: Mapping[Predictor, np.ndarray]
+    projections: Projections | None = None
+    superposition: Superposition | None = None
 
-    def total(self, predictor: Predictor | str, config: Config) -> float:
-        """What ``predictor`` says of ``config``: its table summed along the configuration."""
-        table = self.values[Predictor(predictor)]
+    def cells(self, config: Config) -> tuple[list[int], list[int]]:
+        """The (row, column) of every tensor ``config`` quantizes."""
         merged = {**config.weight_bits, **config.activation_bits}
         col = {b: k for k, b in enumerate(self.bits)}
-        return float(sum(table[row, col[merged[name]]] for row, name in enumerate(self.names) if name in merged))
+        pairs = [(row, col[merged[name]]) for row, name in enumerate(self.names) if name in merged]
+        return [r for r, _ in pairs], [c for _, c in pairs]
+
+    def total(self, predictor: Predictor | str, config: Config) -> float:
+        """What ``predictor`` says of ``config``: its table summed along the configuration (or, for
+        a non-additive predictor, its value on the configuration's whole error)."""
+        p = Predictor(predictor)
+        if p is Predictor.SUPERPOSED:
+            if self.superposition is not None:
+                return self.superposition.kl(config)
+            p = Predictor.JOINT_KL
+        rows, cols = self.cells(config)
+        if p in NON_ADDITIVE and self.projections is not None:
+            if p is Predictor.JOINT:
+                return self.projections.quadratic(rows, cols)
+            return self.projections.kl(rows, cols)
+        table = self.values[p]
+        return float(sum(table[r, c] for r, c in zip(rows, cols, strict=True)))
 
     def predict(self, config: Config) -> dict[Predictor, float]:
         """What every predictor with a table says of ``config``."""
@@ -177,6 +255,37 @@ def _activation_cell(
     }
 
 
+@dataclass(frozen=True)
+class NonAdditive:
+    """What the non-additive predictors read beyond the error pass: enumerated projections and the
+    measured superposition (each None when not computed)."""
+
+    projections: Projections | None = None
+    superposition: Superposition | None = None
+
+
+def stack_projections(
+    names: Sequence[str],
+    bits: Sequence[Choice],
+    per_key: Mapping[tuple[str, Choice], np.ndarray],
+    weights: np.ndarray | None = None,
+    enumerated: bool = False,
+) -> Projections | None:
+    """``Projections`` from per-(tensor, choice) arrays [N] (one label) or [N, K] (K labels with
+    ``weights`` [N, K]); None when there are none."""
+    if not per_key:
+        return None
+    first = np.asarray(next(iter(per_key.values())))
+    n, k = first.shape[0], 1 if first.ndim == 1 else first.shape[1]
+    values = np.zeros((n, k, len(names), len(bits)))
+    row, col = {t: r for r, t in enumerate(names)}, {b: c for c, b in enumerate(bits)}
+    for (t, b), v in per_key.items():
+        if t in row and b in col:
+            values[:, :, row[t], col[b]] = np.asarray(v, np.float64).reshape(n, k)
+    w = np.ones((n, k)) if weights is None else np.asarray(weights, np.float64).reshape(n, k)
+    return Projections(values, w, enumerated)
+
+
 def predictor_tables(
     report: ScoreReport,
     traces: engine.FisherTraces,
@@ -185,14 +294,20 @@ def predictor_tables(
     weight_bits: Sequence[Choice],
     activation_bits: Sequence[Choice],
     output_space: Mapping[tuple[str, Choice], float],
+    extra: NonAdditive | None = None,
 ) -> PredictorTables:
-    """Each predictor per tensor and candidate choice (NaN where a choice is not a candidate)."""
+    """Each predictor per tensor and candidate choice (NaN where a choice is not a candidate).
+    ``extra.projections`` (enumerated outcomes) replace the error pass's own per-sample projections;
+    ``extra.superposition`` gives ``superposed`` (else it is ``joint_kl``)."""
+    projections = None if extra is None else extra.projections
+    superposition = None if extra is None else extra.superposition
     if traces.diag is None or traces.points is None:
         raise InternalError("validate needs the diagonal Fisher (keep_gradients) and point statistics (exact_points)")
     column = {t.name: j for j, t in enumerate(traces.tensors)}
     names = tuple(t.name for t in report.tensors)
     bits = sorted_choices([*weight_bits, *activation_bits])
     values = {p: np.full((len(names), len(bits)), np.nan) for p in Predictor if p not in ON_REQUEST}
+    proj = projections if projections is not None else stack_projections(names, bits, errors.projections)
     for row, t in enumerate(report.tensors):
         candidates = weight_bits if t.kind is Kind.WEIGHT else activation_bits
         for col, b in enumerate(bits):
@@ -204,7 +319,11 @@ def predictor_tables(
                 Predictor.OUTPUT_SPACE: output_space.get((t.name, b), 0.0),
                 Predictor.TRACE_ONLY: t.ef_trace / levels**2,
                 Predictor.SIZE_ONLY: t.numel / levels**2,
+                Predictor.JOINT: errors.quadratic[(t.name, b)] if proj is None else proj.quadratic([row], [col]),
+                Predictor.JOINT_KL: 0.5 * errors.quadratic[(t.name, b)] if proj is None else proj.kl([row], [col]),
             }
+            alone = Config({t.name: b}, {}) if t.kind is Kind.WEIGHT else Config({}, {t.name: b})
+            cell[Predictor.SUPERPOSED] = cell[Predictor.JOINT_KL] if superposition is None else superposition.kl(alone)
             if t.kind is Kind.WEIGHT:
                 cell |= _weight_cell(t, b, traces, simulator)
             elif (t.name, b) in errors.expected:  # a floating format: its noise model ran in the graph
@@ -221,4 +340,4 @@ def predictor_tables(
                 cell[Predictor.WEIGHT_ERROR] = cell[Predictor.NOISE_ONLY] / 12.0
             for p, v in cell.items():
                 values[p][row, col] = v
-    return PredictorTables(names, bits, values)
+    return PredictorTables(names, bits, values, proj, superposition)
