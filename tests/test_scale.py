@@ -175,6 +175,23 @@ def test_a_worker_killed_halfway_through_its_reply_twice_fails_the_run() -> None
     assert not multiprocessing.active_children()
 
 
+def _slow_work(context: object, task: int) -> int:
+    """Task 0 at once; the others take ten minutes."""
+    del context
+    time.sleep(600 if task else 0)
+    return task
+
+
+def test_leaving_a_pool_early_stops_its_busy_workers() -> None:
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="stopped"), Pool(TWO, Job(None, _identity, _slow_work)) as pool:
+        for _ in pool.ordered(range(4)):  # task 0's result, while task 1 runs on the other worker
+            assert len(multiprocessing.active_children()) == 2
+            raise RuntimeError("stopped")
+    assert not multiprocessing.active_children()
+    assert time.monotonic() - start < 60  # terminated, not awaited (the task sleeps 600 s)
+
+
 @pytest.fixture(scope="module")
 def harness_and_configs(cnn_path: Path):
     h = harness(cnn_path, options=FisherOptions(max_samples=16))

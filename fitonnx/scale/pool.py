@@ -164,14 +164,14 @@ class _Processes:
     def __init__(self, workers: Workers, job: Job) -> None:
         self.slots, self.job = workers.processes, job
         self.token = uuid.uuid4().hex
-        self.context = _context()
+        self.mp = _context()
         self.restarts = 0
         self.handles = itertools.count()
         self.queue: deque[tuple[int, Any]] = deque()  # tasks waiting for an idle worker
         self.workers: list[_Worker] = []
         try:
             while len(self.workers) < self.slots:
-                self.workers.append(_Worker(self.context, self.token, job))
+                self.workers.append(_Worker(self.mp, self.token, job))
         except BaseException:
             self.close(abort=True)
             raise
@@ -248,10 +248,11 @@ class _Processes:
             f"a worker process died; resubmitting {len(lost)} unfinished task(s) to new workers", stacklevel=3
         )
         self.queue.extendleft(reversed(lost))
+        self.workers = [w for w in self.workers if w not in dead]
         _stop([w.process for w in dead], grace=0.0)
         for worker in dead:
             worker.conn.close()
-            self.workers[self.workers.index(worker)] = _Worker(self.context, self.token, self.job)
+            self.workers.append(_Worker(self.mp, self.token, self.job))
 
     def close(self, abort: bool = False) -> None:
         """Stop the workers: asked to (``abort``: terminated at once), killed if they have not exited
