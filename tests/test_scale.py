@@ -93,11 +93,16 @@ def test_tol_stops_the_whole_run_at_the_same_sample(cnn) -> None:
     assert_same(one, parallel.run(gm, s.data, s.specs, options, TWO))
 
 
+_KILLED: set[int] = set()  # workers already sent SIGKILL (one still exiting is not killed "again")
+
+
 def _kill_a_worker(n: int) -> None:
     del n
-    children = multiprocessing.active_children()
-    assert children, "expected worker processes to kill"
-    os.kill(children[0].pid, signal.SIGKILL)
+    children = [child for child in multiprocessing.active_children() if child.pid not in _KILLED]
+    assert children or _KILLED, "expected worker processes to kill"
+    if children:
+        _KILLED.add(children[0].pid)
+        os.kill(children[0].pid, signal.SIGKILL)
 
 
 def test_a_killed_worker_is_retried(cnn, single) -> None:
