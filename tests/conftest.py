@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import faulthandler
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +15,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
+HANG = 300.0  # seconds: a test using ``deadline`` that runs longer is hung (they take seconds to a minute)
+EXIT_HANG = 120.0  # seconds: a test run still exiting this long after its last test is hung
+
+
+def pytest_unconfigure() -> None:
+    """Past the last test, an interpreter that does not exit within ``EXIT_HANG`` seconds (a thread
+    it joins at exit is stuck) prints every thread's stack and exits 1: a failure, not a stall."""
+    faulthandler.dump_traceback_later(EXIT_HANG, exit=True)
 
 
 @pytest.fixture(scope="session")
@@ -62,3 +74,24 @@ def tiny_data(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.npz"
     np.savez(path, x=rng.normal(size=(20, 4)).astype(np.float32), labels=rng.integers(0, 3, 20))
     return path
+
+
+@pytest.fixture()
+def deadline() -> Iterator[None]:
+    """Fail the test after ``HANG`` seconds, with every thread's stack on stderr: a hang becomes a
+    failure instead of a stalled run. SIGALRM interrupts even a blocked wait (POSIX, main thread)."""
+    if not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        faulthandler.dump_traceback(all_threads=True)
+        raise TimeoutError(f"expected the test to end within {HANG:.0f} s; it hung (its stacks are above)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, HANG)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

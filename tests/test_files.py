@@ -327,6 +327,24 @@ def test_sigint_inside_staging_raises_interrupted_and_cleans(tmp_path: Path) -> 
     assert listing(tmp_path) == []
 
 
+def test_a_signal_just_after_the_staging_folder_is_made_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    """The signal lands once the folder exists but before its maker has returned its name (a CLI
+    run under load was once SIGTERMed there and left the folder)."""
+    mkdir = os.mkdir
+
+    def mkdir_then_signal(path, *args, **kwargs) -> None:
+        mkdir(path, *args, **kwargs)
+        if str(path).endswith(".staging"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler raises here
+
+    monkeypatch.setattr(os, "mkdir", mkdir_then_signal)
+    with pytest.raises(Interrupted) as err, StagedFolder(tmp_path / "o"):
+        pass
+    assert err.value.exit_code == 143
+    assert listing(tmp_path) == []
+
+
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_real_signal_to_a_subprocess_cleans_the_staging(tmp_path: Path, sig: int, code: int) -> None:
     script = textwrap.dedent(

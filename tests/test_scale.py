@@ -15,6 +15,8 @@ import os
 import pickle
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,9 @@ from fitonnx.errors import DataError, FitonnxError, WorkerError
 from fitonnx.fisher import engine, parallel
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.progress import Ticks
-from fitonnx.scale import Workers
+from fitonnx.scale import Job, Pool, Workers
+
+pytestmark = pytest.mark.usefixtures("deadline")  # a hung pool fails its test (conftest.HANG) instead of the run
 
 SAMPLES = 40
 TWO = Workers(processes=2)
@@ -89,11 +93,16 @@ def test_tol_stops_the_whole_run_at_the_same_sample(cnn) -> None:
     assert_same(one, parallel.run(gm, s.data, s.specs, options, TWO))
 
 
+_KILLED: set[int] = set()  # workers already sent SIGKILL (one still exiting is not killed "again")
+
+
 def _kill_a_worker(n: int) -> None:
     del n
-    children = multiprocessing.active_children()
-    assert children, "expected worker processes to kill"
-    os.kill(children[0].pid, signal.SIGKILL)
+    children = [child for child in multiprocessing.active_children() if child.pid not in _KILLED]
+    assert children or _KILLED, "expected worker processes to kill"
+    if children:
+        _KILLED.add(children[0].pid)
+        os.kill(children[0].pid, signal.SIGKILL)
 
 
 def test_a_killed_worker_is_retried(cnn, single) -> None:
@@ -120,6 +129,72 @@ def test_workers_dying_twice_fail_the_run(cnn) -> None:
             gm, s.data, s.specs, engine.RunOptions(threads=THREADS, max_samples=SAMPLES), TWO, Ticks(_kill_a_worker)
         )
     assert not multiprocessing.active_children()  # the pool is gone
+
+
+class _DiesReplying:
+    """A result that, once pickled in a worker, has the worker SIGKILLed while it sends the 32 MB."""
+
+    def __reduce__(self) -> tuple:
+        threading.Thread(target=_kill_me_while_sending, daemon=True).start()
+        return bytes, (bytes(32 << 20),)
+
+
+def _kill_me_while_sending() -> None:
+    """SIGKILL this process once its main thread is writing a message's body (``Connection._send``)."""
+    main = threading.main_thread().ident
+    while True:
+        frame = sys._current_frames().get(main)
+        while frame is not None and frame.f_code.co_name != "_send":
+            frame = frame.f_back
+        if frame is not None and len(frame.f_locals.get("buf", b"")) > 1 << 20:
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(0.0002)
+
+
+def _identity(context: object) -> object:
+    return context
+
+
+def _dying_work(marker: Path, task: int) -> object:
+    """``task`` squared, except task 1, which dies halfway through its reply while ``marker`` is
+    missing (``marker`` None: always); the marker file is made first, so the retry lives."""
+    if task != 1 or (marker is not None and marker.exists()):
+        return task * task
+    if marker is not None:
+        marker.touch()
+    return _DiesReplying()
+
+
+def test_a_worker_killed_halfway_through_its_reply_is_retried(tmp_path: Path) -> None:
+    job = Job(tmp_path / "died", _identity, _dying_work)
+    with pytest.warns(UserWarning, match="resubmitting 1 unfinished task"), Pool(TWO, job) as pool:
+        assert list(pool.ordered(range(4))) == [0, 1, 4, 9]
+    assert (tmp_path / "died").exists() and not multiprocessing.active_children()
+
+
+def test_a_worker_killed_halfway_through_its_reply_twice_fails_the_run() -> None:
+    job = Job(None, _identity, _dying_work)
+    died = pytest.warns(UserWarning, match="a worker process died")
+    with died, pytest.raises(WorkerError, match="died again"), Pool(TWO, job) as pool:
+        list(pool.ordered(range(4)))
+    assert not multiprocessing.active_children()
+
+
+def _slow_work(context: object, task: int) -> int:
+    """Task 0 at once; the others take ten minutes."""
+    del context
+    time.sleep(600 if task else 0)
+    return task
+
+
+def test_leaving_a_pool_early_stops_its_busy_workers() -> None:
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="stopped"), Pool(TWO, Job(None, _identity, _slow_work)) as pool:
+        for _ in pool.ordered(range(4)):  # task 0's result, while task 1 runs on the other worker
+            assert len(multiprocessing.active_children()) == 2
+            raise RuntimeError("stopped")
+    assert not multiprocessing.active_children()
+    assert time.monotonic() - start < 60  # terminated, not awaited (the task sleeps 600 s)
 
 
 @pytest.fixture(scope="module")

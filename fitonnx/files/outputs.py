@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import secrets
 import shutil
 import signal
 import stat
@@ -413,7 +414,7 @@ class StagedFolder:
             self._made = [p for p in reversed(self.path.parent.parents) if p.is_relative_to(top) and p != top]
             self._made += [] if self.path.parent == top else [self.path.parent]
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.staging = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".staging"))
+            self._make_staging()
             os.chmod(self.staging, 0o777 & ~current_umask())
             (self.staging / MARKER).write_text("written by fitonnx; the folder is replaced whole on the next run\n")
         except BaseException as exc:
@@ -423,6 +424,20 @@ class StagedFolder:
                 raise FitonnxError(f"{self.path}: could not create a folder beside it ({exc.strerror})") from None
             raise
         return self.staging
+
+    def _make_staging(self) -> None:
+        """Make the staging folder, its name recorded before it exists: a signal at any point leaves
+        nothing ``_cleanup`` misses (``tempfile.mkdtemp`` gives the name only after the folder is made,
+        and blocking signals in this thread does not defer one that another thread takes)."""
+        for attempt in range(100):
+            self.staging = self.path.parent / f".{self.path.name}.{secrets.token_hex(6)}.staging"
+            try:
+                self.staging.mkdir(mode=0o700)
+                return
+            except FileExistsError:
+                self.staging = None  # another's folder: never removed as ours
+                if attempt == 99:
+                    raise
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         committed = False

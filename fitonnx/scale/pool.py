@@ -1,39 +1,49 @@
 """Run a job's tasks on local worker processes or as Ray tasks, and hand the results back in order.
 
 A ``Job`` is a context, a ``setup`` and a ``work`` function (module-level, so they travel by name).
-The context goes to each worker once (process initializer arguments; one Ray object), ``setup``
+The context goes to each worker once (the worker process's arguments; one Ray object), ``setup``
 turns it into the worker's state once per worker process (sessions are built there, not per
 task), and ``work(state, task)`` runs per task. ``ordered`` keeps a bounded window of tasks in
 flight and yields their results in task order, so a caller may stop early (``--tol``): leaving
 the ``Pool``'s ``with`` block cancels the rest.
 
-A worker that dies is retried: Ray retries the task on another worker (``RAY_RETRIES``); a broken
-process pool is started again once and its unfinished tasks resubmitted. When that is not enough
-the run fails with ``WorkerError``: a partial result is never handed back as a whole one.
+A worker that dies is retried: Ray retries the task on another worker (``RAY_RETRIES``); a dead
+local worker is replaced once and its unfinished task resubmitted. When that is not enough the run
+fails with ``WorkerError``: a partial result is never handed back as a whole one. No wait on a local
+worker outlives it: each has a pipe of its own (no shared queue or lock a killed worker can leave
+taken or half-written), the driver waits on those and on the processes' sentinels, and stopping a
+worker ends in SIGKILL after bounded grace periods (no thread of the driver is left to join at exit).
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
+import contextlib
+import itertools
 import logging
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.forkserver
+import multiprocessing.process
 import signal
 import time
+import traceback
 import uuid
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing import connection
+from multiprocessing.connection import Connection
 from typing import Any
 
-from fitonnx.errors import FitonnxError, WorkerError
+from fitonnx.errors import FitonnxError, InternalError, WorkerError
 from fitonnx.model.runtime import quiet_stderr
 from fitonnx.scale.workers import Workers
 
 RAY_RETRIES = 3  # Ray task retries after a worker or node dies
-PROCESS_RESTARTS = 1  # a broken local pool is started again this many times
+PROCESS_RESTARTS = 1  # local workers dying are replaced this many times (deaths seen together: once)
+STOP_GRACE = 10.0  # seconds a local worker gets to exit after it is asked to, then after SIGTERM
+TICK = 1.0  # the longest single wait for a local worker (Ctrl-C is seen between waits on Windows too)
 RAY_HINT = "install it with pip install 'fitonnx[ray]'"
 
 SetupFn = Callable[[Any], Any]
@@ -50,7 +60,6 @@ class Job:
 
 
 _STATES: dict[str, Any] = {}  # this worker process's state, by job token (one job at a time)
-_CONTEXTS: dict[str, tuple[Any, SetupFn]] = {}  # a local worker's context, from its initializer
 
 
 def _state(token: str, load: Callable[[], tuple[Any, SetupFn]]) -> Any:
@@ -60,16 +69,6 @@ def _state(token: str, load: Callable[[], tuple[Any, SetupFn]]) -> Any:
         context, setup = load()
         _STATES[token] = setup(context)
     return _STATES[token]
-
-
-def _process_init(token: str, context: Any, setup: SetupFn) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the driver, which stops the pool
-    _CONTEXTS.clear()
-    _CONTEXTS[token] = (context, setup)
-
-
-def _process_call(token: str, work: WorkFn, task: Any) -> Any:
-    return work(_state(token, lambda: _CONTEXTS[token]), task)
 
 
 def _ray_call(token: str, boxed: list[Any], setup: SetupFn, work: WorkFn, task: Any) -> Any:
@@ -83,7 +82,6 @@ def _ray_call(token: str, boxed: list[Any], setup: SetupFn, work: WorkFn, task: 
 # What a local worker imports before it is forked from the fork server: the modules whose functions
 # the jobs run (their imports bring numpy, onnx and onnxruntime), so a new worker starts in
 # milliseconds and the imports are paid once per driver, while it is still preparing the model.
-ABORT_GRACE = 30.0  # seconds a worker may take to finish its shard when a run is aborted
 PRELOAD = ("fitonnx.fisher.parallel", "fitonnx.analysis.harness")
 
 
@@ -107,84 +105,184 @@ def warm_up(workers: Workers) -> None:
         multiprocessing.forkserver.ensure_running()
 
 
+class _Worker:
+    """One local worker process and the pipe its tasks go out and its results come back on. Only the
+    worker holds the pipe's other end, so its death reads as an end of file here (no shared queue a
+    death could leave locked or holding half a message)."""
+
+    def __init__(self, context: multiprocessing.context.BaseContext, token: str, job: Job) -> None:
+        self.conn, theirs = context.Pipe()
+        self.process = context.Process(target=_serve, args=(theirs, token, job), daemon=True)
+        self.process.start()
+        theirs.close()
+        self.task: tuple[int, Any] | None = None  # the (handle, task) it runs
+
+    def send(self, handle: int, task: Any) -> None:
+        """Give it a task; a dead worker is found by ``_Processes.collect``, which resubmits the task."""
+        self.task = (handle, task)
+        with contextlib.suppress(OSError):
+            self.conn.send((task,))
+
+
+def _serve(conn: Connection, token: str, job: Job) -> None:
+    """A worker's loop: run each task received and send back (True, result) or (False, error, traceback),
+    until the driver sends None or is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the driver, which stops the pool
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        try:
+            reply = (True, job.work(_state(token, lambda: (job.context, job.setup)), message[0]))
+        except Exception as exc:
+            reply = (False, exc, traceback.format_exc())
+        try:
+            conn.send(reply)
+        except OSError:  # the driver is gone
+            return
+        except Exception as exc:  # the result or the error would not pickle: say so instead
+            conn.send(
+                (False, InternalError(f"a worker's reply could not be sent back: {exc!r}"), traceback.format_exc())
+            )
+
+
+class _RemoteTraceback(Exception):
+    """The traceback of an error raised in a worker, chained to it in the driver."""
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.args[0]}"""'
+
+
 class _Processes:
-    """A pool of local worker processes (see ``_context``)."""
+    """Local worker processes (see ``_context``), each fed one task at a time over its own pipe. Every
+    wait is bounded or ends when a worker dies: a dead worker (its pipe at end of file, or its process
+    sentinel set) is replaced and its task resubmitted, once; a second death fails the run."""
 
     def __init__(self, workers: Workers, job: Job) -> None:
         self.slots, self.job = workers.processes, job
         self.token = uuid.uuid4().hex
+        self.mp = _context()
         self.restarts = 0
-        self.pool = self._start()
-
-    def _start(self) -> cf.ProcessPoolExecutor:
-        return cf.ProcessPoolExecutor(
-            self.slots,
-            mp_context=_context(),
-            initializer=_process_init,
-            initargs=(self.token, self.job.context, self.job.setup),
-        )
-
-    def submit(self, task: Any) -> cf.Future:
-        """The task's future; on a pool a dead worker has broken, a future holding that error, so that
-        ``collect`` restarts the pool (once) as for any other task the death took."""
+        self.handles = itertools.count()
+        self.queue: deque[tuple[int, Any]] = deque()  # tasks waiting for an idle worker
+        self.workers: list[_Worker] = []
         try:
-            return self.pool.submit(_process_call, self.token, self.job.work, task)
-        except BrokenProcessPool as exc:
-            failed: cf.Future = cf.Future()
-            failed.set_exception(exc)
-            return failed
+            while len(self.workers) < self.slots:
+                self.workers.append(_Worker(self.mp, self.token, job))
+        except BaseException:
+            self.close(abort=True)
+            raise
 
-    def collect(self, pending: dict[int, cf.Future], tasks: Sequence[Any]) -> dict[int, Any]:
-        """Wait for at least one task; its result (or those of several). A dead worker breaks the
-        whole pool: it is started again once and every unfinished task resubmitted."""
-        finished = cf.wait(list(pending.values()), return_when=cf.FIRST_COMPLETED).done
+    def submit(self, task: Any) -> int:
+        """Queue ``task``; its handle, under which ``collect`` returns its result."""
+        handle = next(self.handles)
+        self.queue.append((handle, task))
+        self._dispatch()
+        return handle
+
+    def _dispatch(self) -> None:
+        for worker in self.workers:
+            if self.queue and worker.task is None:
+                worker.send(*self.queue.popleft())
+
+    def collect(self, pending: dict[int, int], tasks: Sequence[Any]) -> dict[int, Any]:
+        """Wait for at least one task (or a death); the results received, by index (popped from
+        ``pending``; a task no longer pending, left by an ``ordered`` stopped early, is dropped). A
+        task's error is raised here; a dead worker's task is resubmitted."""
+        del tasks  # a lost task is resent from the worker's own record
+        index_of = {handle: index for index, handle in pending.items()}
+        waits: dict[Any, _Worker] = {w.process.sentinel: w for w in self.workers}
+        waits.update({w.conn: w for w in self.workers if w.task is not None})
+        ready: list[Any] = []
+        while not ready:
+            ready = connection.wait(list(waits), timeout=TICK)
         out: dict[int, Any] = {}
-        broken = False
-        for index, future in list(pending.items()):
-            if future not in finished:
+        dead: list[_Worker] = []
+        for worker in dict.fromkeys(waits[r] for r in ready):
+            reply = self._receive(worker)
+            if reply is None:
+                if worker.task is not None or not worker.process.is_alive():
+                    dead.append(worker)
                 continue
-            try:
-                out[index] = future.result()
-            except BrokenProcessPool:
-                broken = True
+            handle, (ok, value, *remote) = reply
+            if handle not in index_of:  # left by an ``ordered`` stopped early: nobody reads it
                 continue
-            del pending[index]
-        if broken:
-            self._restart(len(pending))
-            for index in pending:
-                pending[index] = self.submit(tasks[index])
+            if not ok:
+                raise value from _RemoteTraceback(remote[0])
+            out[index_of[handle]] = value
+            del pending[index_of[handle]]
+        if dead:
+            self._replace(dead, len(pending))
+        self._dispatch()
         return out
 
-    def _restart(self, lost: int) -> None:
+    @staticmethod
+    def _receive(worker: _Worker) -> tuple[int, tuple] | None:
+        """The handle of the worker's task and its reply, or None: it was idle or died instead."""
+        if worker.task is None:
+            return None
+        try:
+            reply = worker.conn.recv() if worker.conn.poll() else None
+        except (EOFError, OSError):  # died, perhaps half-way through its reply
+            return None
+        if reply is None:
+            return None
+        handle, worker.task = worker.task[0], None
+        return handle, reply
+
+    def _replace(self, dead: list[_Worker], unfinished: int) -> None:
+        """Start new workers for the dead ones (whose tasks go first), or fail if they died once already."""
         if self.restarts >= PROCESS_RESTARTS:
             raise WorkerError(
-                f"expected the worker processes to finish; they died again after a restart, with {lost} "
+                f"expected the worker processes to finish; they died again after a restart, with {unfinished} "
                 "task(s) unfinished (no result was written)",
                 hint="a worker may run out of memory: try fewer --workers; from Python, start workers under "
                 "if __name__ == '__main__': (each worker imports the main module)",
             )
         self.restarts += 1
-        warnings.warn(f"a worker process died; resubmitting {lost} unfinished task(s) to new workers", stacklevel=2)
-        self.close(abort=True)
-        self.pool = self._start()
+        lost = [w.task for w in dead if w.task is not None]
+        warnings.warn(
+            f"a worker process died; resubmitting {len(lost)} unfinished task(s) to new workers", stacklevel=3
+        )
+        self.queue.extendleft(reversed(lost))
+        self.workers = [w for w in self.workers if w not in dead]
+        _stop([w.process for w in dead], grace=0.0)
+        for worker in dead:
+            worker.conn.close()
+            self.workers.append(_Worker(self.mp, self.token, self.job))
 
     def close(self, abort: bool = False) -> None:
-        """Stop the pool; ``abort``: drop the tasks not yet started and stop the workers. A worker is
-        given ``ABORT_GRACE`` seconds to finish its shard before it is terminated: one killed while it
-        writes its result leaves a partial message that the pool's manager thread then waits on for
-        ever (the interpreter hangs at exit)."""
+        """Stop the workers: asked to (``abort``: terminated at once), killed if they have not exited
+        within ``STOP_GRACE`` seconds; every wait bounded."""
         if not abort:
-            self.pool.shutdown(wait=True)
-            return
-        processes = list((getattr(self.pool, "_processes", None) or {}).values())
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        deadline = time.monotonic() + ABORT_GRACE
-        for process in processes:
+            for worker in self.workers:
+                with contextlib.suppress(OSError):
+                    worker.conn.send(None)
+        _stop([w.process for w in self.workers], grace=0.0 if abort else STOP_GRACE)
+        for worker in self.workers:
+            worker.conn.close()
+        self.workers, self.queue = [], deque()
+
+
+def _stop(processes: list[multiprocessing.process.BaseProcess], grace: float) -> None:
+    """Give ``processes`` ``grace`` seconds to exit, then terminate them, then kill them, each step's
+    wait bounded; the dead ones are closed (so they leave ``multiprocessing.active_children``)."""
+    for step, seconds in ((None, grace), ("terminate", STOP_GRACE), ("kill", STOP_GRACE)):
+        alive = [p for p in processes if p.is_alive()]
+        if not alive:
+            break
+        deadline = time.monotonic() + seconds
+        for process in alive:
+            if step is not None:
+                getattr(process, step)()
+        for process in alive:
             process.join(timeout=max(deadline - time.monotonic(), 0.0))
-        for process in processes:
-            if process.is_alive():
-                process.terminate()
-                process.join(timeout=10)
+    for process in processes:
+        if not process.is_alive():
+            process.close()
 
 
 class _Ray:
