@@ -89,9 +89,14 @@ def _mx_params(fmt: Format, amax: np.ndarray) -> QParams:
     return QParams(scale, np.zeros(scale.shape, np.int64), stored_scale=scale.astype(E8M0))
 
 
+def nvfp4_tensor_scale(tensor_max: float) -> np.float32:
+    """NVFP4's float32 per-tensor scale for a tensor's max|x|: max/(6·448), 1 for an all-zero tensor."""
+    top = np.float32(tensor_max)
+    return np.float32(1.0) if top == 0 else np.float32(top / np.float32(NVFP4_GLOBAL))
+
+
 def _nv_params(amax: np.ndarray, calibrated: float | None = None) -> QParams:
-    tensor_max = np.float32(amax.max() if calibrated is None else calibrated)
-    s = np.float32(1.0) if tensor_max == 0 else np.float32(tensor_max / np.float32(NVFP4_GLOBAL))
+    s = nvfp4_tensor_scale(float(amax.max()) if calibrated is None else calibrated)
     block = (amax.astype(np.float32) / np.float32(6.0)) / s
     block = np.where(amax == 0, np.float32(1.0), np.minimum(block, np.float32(448.0))).astype(np.float32)
     stored = block.astype(E4M3)
