@@ -234,7 +234,9 @@ def test_mxfp8_dynamic_qdq_equals_onnxruntime_blocked_quantize_linear(axis: int)
     got = _graph_qdq("mxfp8/32", x, axis, 1.0)
     want = _ort_blocked_qdq(x, _numpy_scales("mxfp8/32", x, axis, 1.0), axis, 32)
     differ = np.flatnonzero(bits_of(got) != bits_of(want))
-    assert differ.size == 0, list(zip(x.ravel()[differ][:5], got.ravel()[differ][:5], want.ravel()[differ][:5]))
+    assert differ.size == 0, list(
+        zip(x.ravel()[differ][:5], got.ravel()[differ][:5], want.ravel()[differ][:5], strict=True)
+    )
     assert np.signbit(got[1, :3]).all() and (got[0, :40] == 0).all()
 
 
@@ -252,7 +254,9 @@ def test_dynamic_qdq_equals_ml_dtypes(fmt_name: str, axis: int) -> None:
     want = np.clip(x / spread, -top, top).astype(ELEMENTS[kind]).astype(np.float32) * spread
     got = _graph_qdq(fmt_name, x, axis, calibrated)
     differ = np.flatnonzero(bits_of(got) != bits_of(want))
-    assert differ.size == 0, list(zip(x.ravel()[differ][:5], got.ravel()[differ][:5], want.ravel()[differ][:5]))
+    assert differ.size == 0, list(
+        zip(x.ravel()[differ][:5], got.ravel()[differ][:5], want.ravel()[differ][:5], strict=True)
+    )
     if fmt_name == "nvfp4/16":
         assert np.any(np.abs(x / spread) > top)  # saturation was exercised
 
