@@ -20,7 +20,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from fitonnx import api
+from fitonnx.analysis import simulate
 from fitonnx.fisher import engine, instrument
+from fitonnx.fisher.losses import PREFIX
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.fisher.statistics import activation_absmax
 from fitonnx.formats import parse_format
@@ -247,18 +249,49 @@ def test_dynamic_qdq_equals_ml_dtypes(fmt_name: str, axis: int) -> None:
     tensor scale is calibrated on a narrower range, so some blocks clamp at e4m3's 448 and saturate."""
     x = nasty((6, 70), seed=10 + axis)
     calibrated = 0.25 * float(np.abs(x[np.abs(x) < 1e3]).max())
-    kind = fmt_name.split("/")[0]
-    top = np.float32(ml_dtypes.finfo(ELEMENTS[kind]).max)
-    scale = _numpy_scales(fmt_name, x, axis, calibrated)
-    spread = np.take(np.repeat(scale, int(fmt_name.split("/")[1]), axis=axis), np.arange(x.shape[axis]), axis=axis)
-    want = np.clip(x / spread, -top, top).astype(ELEMENTS[kind]).astype(np.float32) * spread
+    want, v = _numpy_qdq(fmt_name, x, axis, calibrated)
     got = _graph_qdq(fmt_name, x, axis, calibrated)
     differ = np.flatnonzero(bits_of(got) != bits_of(want))
     assert differ.size == 0, list(
         zip(x.ravel()[differ][:5], got.ravel()[differ][:5], want.ravel()[differ][:5], strict=True)
     )
     if fmt_name == "nvfp4/16":
-        assert np.any(np.abs(x / spread) > top)  # saturation was exercised
+        assert np.any(np.abs(v) > 6.0)  # saturation was exercised
+
+
+def _numpy_qdq(fmt_name: str, x: np.ndarray, axis: int, calibrated: float) -> tuple[np.ndarray, np.ndarray]:
+    """(Q(x), x/scale): numpy's scales spread onto the elements, then ml_dtypes' saturated cast."""
+    kind, size = fmt_name.split("/")
+    top = np.float32(ml_dtypes.finfo(ELEMENTS[kind]).max)
+    scale = _numpy_scales(fmt_name, x, axis, calibrated)
+    spread = np.take(np.repeat(scale, int(size), axis=axis), np.arange(x.shape[axis]), axis=axis)
+    with np.errstate(over="ignore"):
+        v = x / spread
+    return np.clip(v, -top, top).astype(ELEMENTS[kind]).astype(np.float32) * spread, v
+
+
+def test_validate_simulates_activation_block_formats() -> None:
+    """The simulation's block branch of activation q (blocks of 32/16 along its 40 channels, the last
+    one short) gives numpy's dynamic quantize-dequantize of each held-out sample, bit for bit but for
+    the sign of zeros (onnxruntime 1.32's Where with a scalar true condition turns −0 into +0)."""
+    rng = np.random.default_rng(5)
+    data = Dataset({"x": rng.normal(0, 1, (3, 1, 4, 48)).astype(np.float32)}, rng.integers(0, 10, (3, 1)))
+    s = api.open_model(_attention(), data)
+    i = next(k for k, t in enumerate(t for t in s.tensors if t.kind is Kind.ACTIVATION) if t.name == "q")
+    fmts = [parse_format(f) for f in BLOCK_FORMATS]
+    sim = simulate.build(s.prepared.model, s.tensors, f"{PREFIX}sim{i}_bout", s.specs, fmts)
+    ranges = {t.name: (-3.0, 2.0) for t in s.tensors if t.kind is Kind.ACTIVATION}
+    simulator = simulate.Simulator(sim, s.prepared.model, s.tensors, ranges, simulate.GridScheme(), data, s.specs)
+    probe, names = instrument.build_probe(s.prepared.model, [t for t in s.tensors if t.name == "q"], None)
+    q = np.stack([engine.probe_values(probe, names, data.sample(k, s.specs))["q"] for k in range(3)])
+    assert np.array_equal(bits_of(simulator.run(simulate.Config({}, {}))), bits_of(q))
+    for f in BLOCK_FORMATS:
+        assert simulator.activation_format("q", f).name == f
+        got = simulator.run(simulate.Config({}, {"q": f}))
+        want = np.stack([_numpy_qdq(f, q[k], 2, 3.0)[0] for k in range(3)])
+        zero = want == 0  # onnxruntime's Where, which selects the branch, returns +0 for a chosen −0
+        assert np.array_equal(bits_of(got)[~zero], bits_of(want)[~zero]) and np.all(got[zero] == 0), f
+        assert not np.array_equal(got, q)
 
 
 def test_score_names_the_activation_block_columns() -> None:

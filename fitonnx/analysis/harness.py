@@ -29,6 +29,8 @@ from fitonnx.fisher.checks import check_traces
 from fitonnx.fisher.instrument import GradientModel
 from fitonnx.fisher.losses import OutputTarget
 from fitonnx.fisher.options import FisherOptions
+from fitonnx.formats import Format, parse_format
+from fitonnx.formats.block_nodes import is_dynamic_block
 from fitonnx.model import data as data_mod
 from fitonnx.model.data import Dataset
 from fitonnx.model.graph import Kind
@@ -169,7 +171,7 @@ def _simulator(s: api.Session, cal: _Calibration, sim: SimulationOptions, held_o
     traces = cal.traces
     act_ranges = {name: (traces.act_min[name], traces.act_max[name]) for name in traces.act_min}
     return simulate.Simulator(
-        simulate.build(s.prepared.model, cal.gm.tensors, cal.target.tap, s.specs),
+        simulate.build(s.prepared.model, cal.gm.tensors, cal.target.tap, s.specs, _block_formats(sim)),
         s.prepared.model,
         cal.gm.tensors,
         act_ranges,
@@ -178,6 +180,12 @@ def _simulator(s: api.Session, cal: _Calibration, sim: SimulationOptions, held_o
         s.specs,
         sim.batch_size,
     )
+
+
+def _block_formats(sim: SimulationOptions) -> tuple[Format, ...]:
+    """The dynamic block formats (MX, NVFP4) among the activations' candidates: the simulation's branches."""
+    names = dict.fromkeys(c for f in sim.families() for c in f.activations if isinstance(c, str))
+    return tuple(f for f in (parse_format(n) for n in names) if is_dynamic_block(f))
 
 
 def harness(

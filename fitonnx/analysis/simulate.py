@@ -20,6 +20,7 @@ Rounding is to nearest, ties to even (ONNX Round and numpy agree).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -28,17 +29,27 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from fitonnx.analysis.choices import Choice, FloatGrid, float_grid, per_tensor
+from fitonnx.analysis.choices import BlockGrid, Choice, FloatGrid, float_grid, per_tensor
 from fitonnx.errors import FitonnxError, InternalError, ModelError, UnsupportedError
 from fitonnx.fisher.losses import PREFIX
-from fitonnx.formats import Format, Granularity, QParams, params_from_range, parse_format, quantize_dequantize
-from fitonnx.formats.quantize import int_limits
+from fitonnx.formats import (
+    Format,
+    Granularity,
+    QParams,
+    ScaleType,
+    block_nodes,
+    params_from_range,
+    parse_format,
+    quantize_dequantize,
+)
+from fitonnx.formats.block_nodes import is_dynamic_block
+from fitonnx.formats.quantize import int_limits, nvfp4_tensor_scale
 from fitonnx.model import graph
 from fitonnx.model.data import Dataset
 from fitonnx.model.graph import InputSpec, Kind, QuantTensor
 from fitonnx.model.runtime import CPU_PROVIDERS, session_options
 from fitonnx.score import noise
-from fitonnx.score.formats_fit import format_axis
+from fitonnx.score.formats_fit import activation_axis, format_axis
 
 MIN_BITS = 2
 # float32 holds every integer level exactly up to 2^24; 16 bits keeps round((x − lo)/step) exact.
@@ -171,6 +182,18 @@ class ActivationInputs:
     fmant: str
     femin: str
     ftop: str
+    blocks: tuple[BlockInputs, ...] = ()  # one branch per dynamic block format built in (``build``)
+
+
+@dataclass(frozen=True)
+class BlockInputs:
+    """The inputs of one dynamic block branch of an activation's fake quantizer (``formats.block_nodes``):
+    ``on`` selects it, ``tensor_scale`` is NVFP4's float32 tensor scale (unused by MX)."""
+
+    format: str
+    axis: int
+    on: str
+    tensor_scale: str
 
 
 @dataclass(frozen=True)
@@ -291,8 +314,45 @@ def _fake_quantizer(
     return ai, nodes
 
 
+def _block_branches(
+    g: onnx.GraphProto, i: int, act: QuantTensor, ai: ActivationInputs, blocks: BlockPlan
+) -> tuple[ActivationInputs, list[onnx.NodeProto]]:
+    """Dynamic block branches after activation ``act``'s fake quantizer (output ``<p>out``), one per
+    format of ``blocks`` that applies to it (a float32 activation whose consumers agree on a reduction
+    axis, at opset ≥ 11): ``Where(on, blockQDQ(a), previous)``, the last one renamed ``<p>bout``."""
+    p = f"{PREFIX}sim{i}_"
+    axis = activation_axis(blocks.model, act.name, len(act.shape or ())) if act.shape else None
+    usable = axis is not None and ai.dtype == np.float32 and blocks.opset >= block_nodes.MIN_OPSET
+    fmts = [f for f in blocks.formats if usable]
+    nodes: list[onnx.NodeProto] = []
+    branches: list[BlockInputs] = []
+    prev = p + "out"
+    for k, fmt in enumerate(fmts):
+        q = f"{p}blk{k}_"
+        bi = BlockInputs(fmt.name, int(axis or 0), q + "on", q + "ts")
+        g.input.append(helper.make_tensor_value_info(bi.on, TensorProto.BOOL, []))
+        g.input.append(helper.make_tensor_value_info(bi.tensor_scale, TensorProto.FLOAT, []))
+        layout = block_nodes.block_layout(act.shape or (), int(axis or 0), fmt.block_size or 1)
+        more, inits = block_nodes.block_qdq_nodes(act.name, q, fmt, layout, blocks.opset, bi.tensor_scale)
+        g.initializer.extend(inits)
+        nodes += [*more, helper.make_node("Where", [bi.on, q + "out", prev], [q + "sel"], name=q + "where")]
+        prev = q + "sel"
+        branches.append(bi)
+    nodes.append(helper.make_node("Identity", [prev], [p + "bout"], name=p + "bout"))
+    return dataclasses.replace(ai, blocks=tuple(branches)), nodes
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """The dynamic block formats the simulation builds branches for, with what places them."""
+
+    formats: tuple[Format, ...] = ()
+    model: onnx.ModelProto | None = None
+    opset: int = 0
+
+
 def _insert_fake_quantizers(
-    g: onnx.GraphProto, activations: Sequence[QuantTensor], types: Mapping[str, int]
+    g: onnx.GraphProto, activations: Sequence[QuantTensor], types: Mapping[str, int], blocks: BlockPlan
 ) -> tuple[ActivationInputs, ...]:
     """Route every consumer of each activation through its fake quantizer, placed right after the
     activation's producer so that the graph stays in topological order."""
@@ -301,6 +361,9 @@ def _insert_fake_quantizers(
     act_inputs: list[ActivationInputs] = []
     for i, act in enumerate(activations):
         ai, nodes = _fake_quantizer(g, i, act, types.get(act.name, TensorProto.FLOAT))
+        if blocks.formats:
+            ai, more = _block_branches(g, i, act, ai, blocks)
+            nodes += more
         renames[act.name] = nodes[-1].output[0]
         groups.append(nodes)
         act_inputs.append(ai)
@@ -325,12 +388,14 @@ def build(
     tensors: Sequence[QuantTensor],
     output: str,
     inputs: Mapping[str, InputSpec] | None = None,
+    block_formats: Sequence[Format] = (),
 ) -> SimulationModel:
     """The simulation model of ``model`` (a new model; ``model`` is untouched) whose only output is ``output``.
 
     ``inputs`` (the original model's input declarations) replace the prepared model's, which may
     be fixed to one sample's shape; stored intermediate shapes go with them, so a batch axis the
     original declares is free again (``Simulator`` checks that batching gives per-sample results).
+    ``block_formats``: the dynamic block formats (MX, NVFP4) activations may take (a branch each).
     """
     work = onnx.ModelProto()
     work.CopyFrom(model)
@@ -339,7 +404,8 @@ def build(
         _free_batch_axes(g, inputs)
     values = _weights_as_inputs(g, [t for t in tensors if t.kind is Kind.WEIGHT])
     activations = [t for t in tensors if t.kind is Kind.ACTIVATION]
-    act_inputs = _insert_fake_quantizers(g, activations, _elem_types(model))
+    plan = BlockPlan(tuple(f for f in block_formats if is_dynamic_block(f)), model, graph.default_opset(model))
+    act_inputs = _insert_fake_quantizers(g, activations, _elem_types(model), plan)
     if output not in {o.name for o in g.output} and output not in graph.producer_positions(g.node):
         raise ModelError(f"expected {output!r} to be a tensor of the model; found no producer")
     del g.output[:]
@@ -414,6 +480,7 @@ class Simulator:
                     self.notes.append(f"quantized per tensor, not per channel: {exc.message}")
             self.axes[t.name] = axis
         self.model = model
+        self._shapes = {t.name: tuple(t.shape) for t in tensors if t.kind is Kind.ACTIVATION and t.shape}
         self._weights: dict[tuple[str, Choice], np.ndarray] = {}
         self._formats: dict[tuple[str, str], tuple[Format, int | None]] = {}
         self.data = batches(data, specs, batch_size)
@@ -473,8 +540,26 @@ class Simulator:
         return self._formats[key]
 
     def activation_format(self, name: str, choice: str) -> Format:
-        """The per-tensor format an activation gets for ``choice`` (activations have one scale)."""
-        return per_tensor(parse_format(choice))
+        """The format an activation gets for ``choice``: a dynamic block format (MX, NVFP4) where the
+        simulation has its branch for the activation, else the same element per tensor."""
+        fmt = parse_format(choice)
+        if is_dynamic_block(fmt) and self._block_inputs(name, fmt.name) is not None:
+            return fmt
+        return per_tensor(fmt)
+
+    def _block_inputs(self, name: str, fmt_name: str) -> BlockInputs | None:
+        a = next((a for a in self.sim.activations if a.name == name), None)
+        return None if a is None else next((b for b in a.blocks if b.format == fmt_name), None)
+
+    def activation_block(self, name: str, fmt: Format) -> BlockGrid:
+        """The dynamic block quantizer of activation ``name`` (NVFP4: tensor scale from the calibrated range)."""
+        bi = self._block_inputs(name, fmt.name)
+        shape = self._shapes.get(name)
+        if bi is None or shape is None:
+            raise InternalError(f"the simulation has no {fmt.name} branch for activation {name!r}")
+        lo, hi = self.act_ranges[name]
+        scale = float(nvfp4_tensor_scale(max(abs(lo), abs(hi)))) if fmt.scale is ScaleType.E4M3 else 1.0
+        return BlockGrid(fmt, shape, bi.axis, scale, graph.default_opset(self.model))
 
     def activation_grid(self, name: str, choice: Choice) -> Grid:
         """The integer grid of activation ``name`` (bits of the min/max grid, or an integer format)."""
@@ -491,13 +576,16 @@ class Simulator:
             np.asarray(zp, np.float64), np.asarray(float(np.asarray(params.scale).reshape(())), np.float64), qmax - qmin
         )
 
-    def activation_float(self, name: str, choice: Choice) -> FloatGrid | None:
-        """The floating grid of activation ``name`` for a floating format, None for integer choices."""
+    def activation_float(self, name: str, choice: Choice) -> FloatGrid | BlockGrid | None:
+        """The floating quantizer of activation ``name`` for a floating format (a per-tensor grid, or
+        a dynamic block one for MX/NVFP4), None for integer choices."""
         if isinstance(choice, int):
             return None
         fmt = self.activation_format(name, choice)
         if fmt.is_int:
             return None
+        if is_dynamic_block(fmt):
+            return self.activation_block(name, fmt)
         lo, hi = self.act_ranges[name]
         return float_grid(fmt, float(np.asarray(params_from_range(fmt, lo, hi).scale).reshape(())))
 
@@ -516,7 +604,9 @@ class Simulator:
         """The fake quantizer's inputs for one activation: float, integer grid or floating grid."""
         zero_point, step, levels, on = 0.0, 1.0, 1.0, False
         fg = None if choice is None else self.activation_float(a.name, choice)
-        if choice is not None and fg is None:
+        block = fg if isinstance(fg, BlockGrid) else None
+        fg = None if block is not None else fg
+        if choice is not None and fg is None and block is None:
             grid = self.activation_grid(a.name, choice)
             zero_point, step, levels, on = float(grid.zero_point), float(grid.step), float(grid.levels), True
         f = fg or FloatGrid(1.0, 0, 0, 1.0)
@@ -527,6 +617,10 @@ class Simulator:
         feed = {k: np.array(v, a.dtype) for k, v in values.items()}
         feed[a.on] = np.array(on)
         feed[a.fp] = np.array(fg is not None)
+        for b in a.blocks:
+            chosen = block is not None and block.fmt.name == b.format
+            feed[b.on] = np.array(chosen)
+            feed[b.tensor_scale] = np.array(block.tensor_scale if chosen and block else 1.0, np.float32)
         return feed
 
     def feed(self, config: Config, weights: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
