@@ -24,7 +24,6 @@ largest float32. Needs opset ≥ 11 (Round, Pad with input pads).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -63,7 +62,7 @@ class BlockLayout:
         return self.blocks * self.block - self.length
 
 
-def block_layout(shape: Sequence[int], axis: int, block: int) -> BlockLayout:
+def block_layout(shape: tuple[int, ...], axis: int, block: int) -> BlockLayout:
     """The layout of blocks of ``block`` along ``axis`` of a tensor of ``shape`` (one sample's shape,
     axis 0 the batch axis when rank ≥ 2: other batch sizes fit the same view)."""
     shape = [int(d) for d in shape]
