@@ -161,6 +161,11 @@ def test_block_axes_follow_the_consumers_reduction() -> None:
     assert activation_axis(model, "m", 2) == 1  # Gemm's A without transA
     cnn = onnx.load(CNN)
     assert activation_axis(cnn, "/pool/MaxPool_output_0", 4) == 1  # Conv: the input channels
+    residual = onnx.ModelProto()
+    residual.CopyFrom(model)
+    residual.graph.node.append(helper.make_node("Add", ["q", "q"], ["q2"]))  # a float reader beside the GEMM
+    residual.graph.node.append(helper.make_node("Gemm", ["m", "w2"], ["g2"], transA=1))  # m reduced along 2 axes
+    assert activation_axis(residual, "q", 3) == 2 and activation_axis(residual, "m", 2) is None
 
 
 def nasty(shape: tuple[int, ...], seed: int) -> np.ndarray:

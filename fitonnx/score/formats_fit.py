@@ -122,10 +122,14 @@ def _activation_axis(node: onnx.NodeProto, slot: int, rank: int) -> int | None:
 
 def activation_axis(model: onnx.ModelProto, name: str, rank: int) -> int | None:
     """The axis an activation's dynamic blocks run along: its consumers' reduction axis (MatMul/Gemm:
-    K; Conv/ConvTranspose: the input channels, the only reduced axis stored contiguously per pixel, as
-    the OCP MX spec blocks convolutions), or None when consumers disagree or are other ops."""
-    axes = {_activation_axis(n, slot, rank) for n, slot in _consumers(model, name)}
+    K; Conv/ConvTranspose: the input channels, as the MX paper blocks convolutions), or None when
+    those readers disagree or none reads it (LSTM/GRU inputs, or no such reader)."""
+    readers = [(n, slot) for n, slot in _consumers(model, name) if n.op_type in _BLOCKED_READERS]
+    axes = {_activation_axis(n, slot, rank) for n, slot in readers}  # other readers (a residual Add) read it in float
     return axes.pop() if len(axes) == 1 else None
+
+
+_BLOCKED_READERS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 
 
 def weight_format_fits(
