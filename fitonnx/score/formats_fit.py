@@ -163,8 +163,10 @@ def weight_format_fits(
 # weights only, so one list serves weights and activations.
 TARGET_FORMATS: dict[str, tuple[str, ...]] = {
     # per-channel symmetric INT8/INT4 weights, FP8 E4M3 weights and activations, NVFP4 weights,
-    # per-tensor INT8/FP8 activations, FP16 for what stays in float
-    "tensorrt": ("int8/ch", "int4/ch", "int8", "fp8e4m3", "nvfp4/16", "fp16"),
+    # per-tensor INT8/FP8 activations, FP16 for what stays in float; NVFP4 (block 16, FP8 scales) and
+    # MXFP8 (block 32, E8M0 scales) activations quantized dynamically per block (TensorRT's
+    # DynamicQuantize; "Quantization Schemes": MXFP8 "is a dynamic per-block quantization scheme")
+    "tensorrt": ("int8/ch", "int4/ch", "int8", "fp8e4m3", "nvfp4/16", "mxfp8/32", "fp16"),
     # per-channel INT4/8/16 weights, UINT8/16 activations
     "qnn": ("int4/ch", "int8/ch", "int16/ch", "uint8", "uint16"),
     # QDQ (per tensor, per channel when asked), MatMulNBits INT4 weights in blocks (asymmetric by default)
