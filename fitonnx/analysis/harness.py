@@ -170,10 +170,16 @@ def _simulator(s: api.Session, cal: _Calibration, sim: SimulationOptions, held_o
     """The simulator of the loss's tap on the held-out data, activation grids from the calibration ranges."""
     traces = cal.traces
     act_ranges = {name: (traces.act_min[name], traces.act_max[name]) for name in traces.act_min}
+    # Block branches need each activation's per-sample shape: the one the first sample showed.
+    seen = traces.act_shapes
+    tensors = [
+        dataclasses.replace(t, shape=tuple(seen[t.name])) if t.kind is Kind.ACTIVATION and t.name in seen else t
+        for t in cal.gm.tensors
+    ]
     return simulate.Simulator(
-        simulate.build(s.prepared.model, cal.gm.tensors, cal.target.tap, s.specs, _block_formats(sim)),
+        simulate.build(s.prepared.model, tensors, cal.target.tap, s.specs, _block_formats(sim)),
         s.prepared.model,
-        cal.gm.tensors,
+        tensors,
         act_ranges,
         sim.scheme,
         held_out,

@@ -322,7 +322,10 @@ def _block_branches(
     axis, at opset ≥ 11): ``Where(on, blockQDQ(a), previous)``, the last one renamed ``<p>bout``."""
     p = f"{PREFIX}sim{i}_"
     axis = activation_axis(blocks.model, act.name, len(act.shape or ())) if act.shape else None
-    usable = axis is not None and ai.dtype == np.float32 and blocks.opset >= block_nodes.MIN_OPSET
+    rank = len(act.shape or ())
+    usable = (
+        axis is not None and -rank <= axis < rank and ai.dtype == np.float32 and blocks.opset >= block_nodes.MIN_OPSET
+    )
     fmts = [f for f in blocks.formats if usable]
     nodes: list[onnx.NodeProto] = []
     branches: list[BlockInputs] = []

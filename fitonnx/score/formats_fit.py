@@ -104,23 +104,22 @@ def format_axis(model: onnx.ModelProto, weight: str, fmt: Format, rank: int) -> 
     return channel if fmt.granularity is Granularity.CHANNEL else reduction
 
 
-def _activation_axis(node: onnx.NodeProto, slot: int, rank: int) -> int | None:
-    """The reduction axis of ``node``'s float data input ``slot`` (None where no toolchain blocks it)."""
+def _activation_axis(node: onnx.NodeProto, slot: int, rank: int | None) -> int | None:
+    """The reduction axis of ``node``'s float data input ``slot`` (None where no toolchain blocks it);
+    MatMul's counts from the end, so that it holds whatever the rank (``rank`` None: unknown)."""
     trans = {a.name: a.i for a in node.attribute if a.name in ("transA", "transB")}
-    if node.op_type == "MatMul" and slot in (0, 1) and rank >= 2:
-        return rank - 1 if slot == 0 else rank - 2
-    if node.op_type == "MatMul" and rank == 1:
-        return 0
+    if node.op_type == "MatMul" and slot in (0, 1):
+        return -1 if slot == 0 or rank == 1 else -2
     if node.op_type == "Gemm" and slot == 0:
         return 0 if trans.get("transA", 0) else 1
     if node.op_type == "Gemm" and slot == 1:
         return 1 if trans.get("transB", 0) else 0
-    if node.op_type in ("Conv", "ConvTranspose") and slot == 0 and rank >= 2:
+    if node.op_type in ("Conv", "ConvTranspose") and slot == 0:
         return 1
     return None
 
 
-def activation_axis(model: onnx.ModelProto, name: str, rank: int) -> int | None:
+def activation_axis(model: onnx.ModelProto, name: str, rank: int | None = None) -> int | None:
     """The axis an activation's dynamic blocks run along: its consumers' reduction axis (MatMul/Gemm:
     K; Conv/ConvTranspose: the input channels, as the MX paper blocks convolutions), or None when
     those readers disagree or none reads it (LSTM/GRU inputs, or no such reader)."""
@@ -202,8 +201,10 @@ class FormatFit:
 def applies(model: onnx.ModelProto, t: QuantTensor, fmt: Format, shape: tuple[int, ...]) -> tuple[bool, int | None]:
     """Whether ``fmt`` applies to tensor ``t`` of ``shape`` (see the module docstring), and its axis."""
     if t.kind is Kind.ACTIVATION and is_dynamic_block(fmt):
-        axis = activation_axis(model, t.name, len(shape)) if shape else None
-        return axis is not None, axis
+        axis = activation_axis(model, t.name, len(shape) if shape else None)
+        if axis is None or not shape:
+            return axis is not None, axis  # the shape is unknown before the first sample: axis as the op says
+        return -len(shape) <= axis < len(shape), axis % len(shape)
     if t.kind is Kind.ACTIVATION:
         return fmt.granularity is Granularity.TENSOR and fmt.scale in (ScaleType.FLOAT32, ScaleType.NONE), None
     axis = format_axis(model, t.name, fmt, len(shape))
@@ -388,7 +389,7 @@ def format_fits(
             else:
                 expected, measured = _activation_fit(traces, fmt, t.name, trace[t.name]), None
             # An activation is not stored: its cost is the element width (and its block scales).
-            stored = t.kind is Kind.WEIGHT or is_dynamic_block(fmt)
+            stored = t.kind is Kind.WEIGHT or (is_dynamic_block(fmt) and bool(shape))
             bits = bits_per_element(fmt, shape, axis) if stored else float(fmt.bits)
             out[(t.name, fmt.name)] = FormatFit(t.name, fmt.name, axis, expected, measured, bits)
     return out
