@@ -321,7 +321,8 @@ def _block_branches(
     format of ``blocks`` that applies to it (a float32 activation whose consumers agree on a reduction
     axis, at opset ≥ 11): ``Where(on, blockQDQ(a), previous)``, the last one renamed ``<p>bout``."""
     p = f"{PREFIX}sim{i}_"
-    axis = activation_axis(blocks.model, act.name, len(act.shape or ())) if act.shape else None
+    known = bool(act.shape) and all(isinstance(d, int) for d in act.shape or ())
+    axis = activation_axis(blocks.model, act.name, len(act.shape or ())) if known else None
     rank = len(act.shape or ())
     usable = (
         axis is not None and -rank <= axis < rank and ai.dtype == np.float32 and blocks.opset >= block_nodes.MIN_OPSET
