@@ -154,6 +154,27 @@ def test_block_statistics_equal_numpy_over_the_dumped_samples(source: str) -> No
         assert expected > 0 and measured > 0
 
 
+def test_a_plan_without_activation_shapes_gives_the_same_statistics() -> None:
+    """Where shape inference leaves an activation's shape unknown (a real SVTR does), the plan still
+    blocks MatMul inputs along K (counted from the end) and the sums are those of a plan with shapes."""
+    rng = np.random.default_rng(6)
+    data = Dataset({"x": rng.normal(0, 1, (2, 1, 4, 48)).astype(np.float32)}, rng.integers(0, 10, (2, 1)))
+    s = api.open_model(_attention(), data)
+    acts = [t.name for t in s.tensors if t.kind is Kind.ACTIVATION]
+    feeds = [{k: v for k, v in data.sample(i, s.specs).items() if k in s.specs} for i in range(2)]
+    absmax = activation_absmax(s.prepared.model, acts, feeds)
+    fmts = [parse_format(f) for f in BLOCK_FORMATS]
+    blind = [dataclasses.replace(t, shape=None) if t.kind is Kind.ACTIVATION else t for t in s.tensors]
+    with_shapes = plan_statistics(s.prepared.model, s.tensors, fmts, absmax)
+    without = plan_statistics(s.prepared.model, blind, fmts, absmax)
+    assert {b.key for b in without.blocks} == {b.key for b in with_shapes.blocks} and len(without.blocks) == 18
+    one, _, _ = api.fisher_traces(s, FisherOptions(max_samples=2), statistics=with_shapes)
+    two, _, _ = api.fisher_traces(s, FisherOptions(max_samples=2), statistics=without)
+    assert one.sums is not None and two.sums is not None
+    for key, value in one.sums.items():
+        assert float(two.sums[key]) == float(value), key
+
+
 def test_block_axes_follow_the_consumers_reduction() -> None:
     model = _attention()
     axes = {n: activation_axis(model, n) % 3 for n in ("x", "q", "kt", "att", "v")}  # MatMul's count from the end
