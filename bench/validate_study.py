@@ -6,21 +6,26 @@ format families: per-tensor min/max INT, per-channel symmetric INT, FP8 with FP1
 estimates beside it (empirical / mc / exact, and fewer calibration samples), each re-predicting the
 same configurations. Prints ρ(predictor, KL) per family over the working configurations, the
 measurement's split-half ceiling, and the time of each stage; ``--json`` writes everything.
+``--hessian`` adds HAWQ's Hutchinson baseline (``Baseline.HESSIAN``) with its cost, and
+``--hessian-eps`` the same probes at other finite-difference steps (how much the step matters).
 
     python bench/validate_study.py --data /tmp/fitdata [--models ppocr_cls_mbv3 ...] [--configs 30] [--json out.json]
+        [--hessian --hessian-probes 128 --hessian-samples 16 --hessian-eps 3e-3 3e-2]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
+from fitonnx.analysis import hessian
 from fitonnx.analysis.damage import Measure
-from fitonnx.analysis.harness import SimulationOptions, harness
+from fitonnx.analysis.harness import Baseline, BaselineOptions, SimulationOptions, harness
 from fitonnx.analysis.predictors import Predictor
 from fitonnx.analysis.simulate import Config
 from fitonnx.analysis.validate import SamplingOptions, validate_harness
@@ -52,6 +57,7 @@ SHOWN = (
     Predictor.OUTPUT_SPACE,
     Predictor.WEIGHT_ERROR,
     Predictor.NOISE_ONLY,
+    Predictor.HESSIAN,  # with --hessian
 )
 
 
@@ -83,7 +89,7 @@ def rho_table(h, report, working: bool) -> dict[str, dict[str, float]]:
             continue
         kl = np.array([r.kl for r in rows])
         preds = [h.predict(Config(r.weight_bits, r.activation_bits)) for r in rows]
-        out[fam.name] = {p.value: spearman(np.array([q[p] for q in preds]), kl) for p in SHOWN}
+        out[fam.name] = {p.value: spearman(np.array([q[p] for q in preds]), kl) for p in SHOWN if p in preds[0]}
         out[fam.name]["n"] = len(rows)
     return out
 
@@ -95,12 +101,52 @@ def repeated(d: Dataset, k: int) -> Dataset:
     return Dataset(arrays, labels, f"{d.source} x{k}")
 
 
-def study(name: str, data: Path, configs: int, seed: int, only: set[str] | None = None, peers: bool = False) -> dict:
+def hessian_steps(h, report, hopts: hessian.HessianOptions, scales: list[float], seed: int) -> dict:
+    """The Hessian baseline again at other steps ``scales`` × RMS (same probes and samples): each
+    tensor's trace against the default step's (in its standard errors) and ρ per family (working)."""
+    base = h.hessian
+    out = {}
+    for scale in scales:
+        opts = FisherOptions(fisher=h.fisher.value, output=h.target.output, seed=seed)
+        hs = hessian.hessian_traces(h.session, h.target, opts, dataclasses.replace(hopts, eps_scale=scale))
+        table = hessian.table(hs, h.tables.names, h.tables.values[Predictor.WEIGHT_ERROR])
+        alt = dataclasses.replace(h.tables, values={**h.tables.values, Predictor.HESSIAN: table})
+        se = np.hypot(base.trace_se(), hs.trace_se())
+        rho = {}
+        for fam in report.families:
+            rows = [r for r in report.configs if r.family == fam.name and r.working]
+            if len(rows) >= 5:
+                pred = [alt.total(Predictor.HESSIAN, Config(r.weight_bits, r.activation_bits)) for r in rows]
+                rho[fam.name] = spearman(np.array(pred), np.array([r.kl for r in rows]))
+        out[str(scale)] = {
+            "working_rho": rho,
+            "median_abs_diff_in_se": float(np.median(np.abs(hs.trace() - base.trace()) / se)),
+            "rank_agreement_of_traces": spearman(hs.trace(), base.trace()),
+            "seconds": hs.seconds,
+            "passes": hs.passes,
+        }
+        print(f"{h.session.loaded.name:<20} hessian step {scale:g}: {out[str(scale)]}", flush=True)
+    return out
+
+
+def study(
+    name: str,
+    data: Path,
+    configs: int,
+    seed: int,
+    only: set[str] | None = None,
+    peers: bool = False,
+    hopts: hessian.HessianOptions | None = None,
+    steps: list[float] | None = None,
+) -> dict:
     default, others = MODELS[name]
     calib, held = data / f"{name}.calib.npz", data / f"{name}.heldout.npz"
     sim = SimulationOptions(formats=FORMATS, weights_only=True)
     t0 = time.perf_counter()
-    h0 = harness(ZOO / f"{name}.onnx", calib, held, simulation=sim, options=FisherOptions(fisher=default, seed=seed))
+    h0 = harness(
+        ZOO / f"{name}.onnx", calib, held, simulation=sim, options=FisherOptions(fisher=default, seed=seed),
+        baselines=BaselineOptions((Baseline.HESSIAN,), hopts) if hopts else None,
+    )  # fmt: skip
     t_harness = time.perf_counter() - t0
     t0 = time.perf_counter()
     report = validate_harness(h0, SamplingOptions(configs=configs, resamples=0), seed)
@@ -127,7 +173,23 @@ def study(name: str, data: Path, configs: int, seed: int, only: set[str] | None 
             default: {"working": rho_table(h0, report, True), "all": rho_table(h0, report, False), "time_s": t_harness}
         },
     }
+    result["costs"] = {p.value: dataclasses.asdict(h0.cost(p)) for p in h0.tables.values}
     print_estimate(name, default, result["estimates"][default], result)
+    print(
+        f"{name:<20} costs (passes, s): "
+        + ", ".join(f"{p} {c['passes']} {c['seconds']:.0f}" for p, c in result["costs"].items())
+    )
+    if h0.hessian is not None:
+        hs = h0.hessian
+        rel = hs.trace_se() / np.maximum(np.abs(hs.trace()), 1e-300)
+        result["hessian"] = {
+            "labels": hs.labels, "samples": hs.samples, "probes": int(hs.estimates.shape[0]), "eps_scale": hs.eps_scale,
+            "median_relative_se": float(np.median(rel)), "negative_traces": int(np.sum(hs.trace() < 0)),
+            "tensors": len(hs.names), "rank_vs_fisher_trace": _rank_vs_fisher(h0), "per_tensor": hopts.per_tensor,
+        }  # fmt: skip
+        print(f"{name:<20} hessian: {result['hessian']}", flush=True)
+        if steps:
+            result["hessian"]["steps"] = hessian_steps(h0, report, hopts, steps, seed)
     if peers:
         rho, runs, seconds = one_at_a_time(h0, report)
         result["one_at_a_time"] = {"working": rho, "simulations": runs, "time_s": seconds}
@@ -152,6 +214,13 @@ def study(name: str, data: Path, configs: int, seed: int, only: set[str] | None 
     return result
 
 
+def _rank_vs_fisher(h) -> float:
+    """Spearman of the Hessian traces against the Fisher traces of the same weights."""
+    fisher = dict(zip((t.name for t in h.traces.tensors), h.traces.trace(), strict=True))
+    hs = h.hessian
+    return spearman(hs.trace(), np.array([fisher[n] for n in hs.names]))
+
+
 def print_estimate(name: str, label: str, est: dict, result: dict) -> None:
     for fam, row in est["working"].items():
         f = result["families"][fam]
@@ -173,10 +242,33 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--only", nargs="*", help="run only these estimates beside the default")
     parser.add_argument("--one-at-a-time", action="store_true", help="also the one-tensor-at-a-time KL baseline")
+    parser.add_argument("--hessian", action="store_true", help="also HAWQ's Hutchinson Hessian-trace baseline")
+    parser.add_argument("--hessian-probes", type=int, default=hessian.DEFAULT_PROBES)
+    parser.add_argument("--hessian-samples", type=int, help="calibration samples of the Hessian's loss (default all)")
+    parser.add_argument("--hessian-eps", type=float, nargs="*", default=[], help="other steps (× RMS) to check")
+    parser.add_argument("--hessian-per-tensor", action="store_true", help="probes one tensor at a time")
     args = parser.parse_args()
+    hopts = (
+        hessian.HessianOptions(
+            args.hessian_probes, max_samples=args.hessian_samples, per_tensor=args.hessian_per_tensor
+        )
+        if args.hessian
+        else None
+    )
     results = []
     for name in args.models:
-        results.append(study(name, args.data, args.configs, args.seed, set(args.only or ()), args.one_at_a_time))
+        results.append(
+            study(
+                name,
+                args.data,
+                args.configs,
+                args.seed,
+                set(args.only or ()),
+                args.one_at_a_time,
+                hopts,
+                args.hessian_eps,
+            )
+        )
         print(
             f"{name}: {results[-1]['configs']} configurations, KL {results[-1]['kl_range'][0]:.3g}..{results[-1]['kl_range'][1]:.3g}; "
             f"calibration {results[-1]['time_calibration_s']:.0f} s, simulation {results[-1]['time_simulation_s']:.0f} s",

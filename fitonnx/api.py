@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fitonnx.allocate import knapsack as allocate
-from fitonnx.allocate.formats_alloc import FormatOptions, allocate_formats, requested_formats
-from fitonnx.allocate.knapsack import AllocationOptions, Budget, BudgetKind, budget_from
+from fitonnx.allocate.formats_alloc import FormatOptions, allocate_formats, least_storage, requested_formats
+from fitonnx.allocate.knapsack import AllocationOptions, Budget, BudgetKind, Objective, budget_from
 from fitonnx.analysis.compare import CompareReport, compare
 from fitonnx.analysis.inspection import Inspection, inspect_model
+from fitonnx.analysis.refine import Refinement, Rework, check_refine, rework_allocation
 from fitonnx.analysis.validate import ValidationReport, validate
 from fitonnx.errors import FitonnxError
 from fitonnx.export import export_recommendation
@@ -120,11 +121,14 @@ def score(
 
 @dataclass(frozen=True)
 class RecommendResult:
-    """What ``recommend`` chose (``allocation``), the FIT report it used, and the files it wrote."""
+    """What ``recommend`` chose (``allocation``), the FIT report it used, the files it wrote, and
+    with ``refine`` > 1 the candidates measured on the calibration data (and a note on them)."""
 
     allocation: allocate.Allocation
     report: ScoreReport
     written: Written | None
+    refinement: Refinement | None = None
+    refine_note: str | None = None
 
 
 def build_data(
@@ -167,20 +171,30 @@ def recommend(
     With ``FormatOptions`` as ``choices`` it chooses per-tensor FORMATS of the target's menu
     (per channel, per block, FP8, ...) with their exact storage costs instead (``formats_alloc``).
 
+    ``AllocationOptions(objective="output_space")`` has the knapsack minimise ModelOpt's output-space
+    score (one more calibration pass) instead of FIT; ``AllocationOptions(refine=K)`` simulates the knapsack's
+    answer and its K − 1 best-predicted neighbours (at most two weights changed, same budget) on the
+    calibration data and keeps a measurably less damaging one (``analysis.refine``): K simulations,
+    for the tensors' interactions an additive score misses.
+
     Every option and the output folder are checked before any work."""
     choices = choices or allocate.AllocationOptions()
     tgt = choices.check()
     by_format = isinstance(choices, FormatOptions)
+    rework = Rework() if by_format else Rework(Objective(choices.objective), choices.refine)
+    widths = () if by_format else (choices.weight_bits or tgt.weight_bits)
+    check_refine(rework.refine, tgt, widths, by_format, rework.objective, budget)
     if by_format and noise.NoiseModel(noise_model) is not noise.NoiseModel.UNIFORM:
         raise FitonnxError("expected --noise-model uniform with --formats; the grid model is for bit widths")
     opts = options or FisherOptions()
     as_progress(progress).start(1, "Loading and preparing the model")
     s = open_model(model, data, seed=opts.seed, max_samples=opts.max_samples)
     if isinstance(choices, FormatOptions):
-        lowest = min(f.bits for f in requested_formats(tgt, choices.weight_formats))
+        least, total = least_storage(s.prepared.model, s.tensors, choices)
+        allocate.check_least(budget, least, total, allocate.SMALLEST_FORMATS)
     else:
         lowest = min(choices.weight_bits or tgt.weight_bits)
-    allocate.check_budget(budget, [t.numel or 0 for t in s.tensors if t.kind is Kind.WEIGHT], lowest)
+        allocate.check_budget(budget, [t.numel or 0 for t in s.tensors if t.kind is Kind.WEIGHT], lowest)
     out = None if out_dir is None else prepare_out_dir(out_dir, s.loaded.path, s.loaded.name)
     report = score_session(
         s,
@@ -192,6 +206,11 @@ def recommend(
         progress=progress,
     )
     alloc = _allocate(s, report, budget, choices)
+    refinement, refine_note = None, None
+    if rework.active:
+        as_progress(progress).start(1, f"Measuring on the calibration data ({rework.refine} candidates)")
+        alloc, refinement, refine_note = rework_allocation(s, alloc, opts, rework, progress)
+        as_progress(progress).advance(1)
     if out is not None and s.data.synthetic:
         warnings.warn(RANDOM_CALIBRATION, RandomDataWarning, stacklevel=2)  # the bundle's QDQ models
     written = (
@@ -208,7 +227,7 @@ def recommend(
             front=_write_front,
         )
     )
-    return RecommendResult(allocation=alloc, report=report, written=written)
+    return RecommendResult(alloc, report, written, refinement, refine_note)
 
 
 def _allocate(

@@ -81,7 +81,7 @@ def test_a_tied_table_runs_at_batch_1_with_a_note() -> None:
     s = open_model(path, path.with_suffix(".calib.npz"), max_samples=3)
     many, _, _ = fisher_traces(s, FisherOptions(engine="onnx", batch_size=4, max_samples=3))
     assert many.batch_size == 1
-    assert any("word.weight" in note and "batch size 1" in note for note in many.notes), many.notes
+    assert "word.weight" in many.batch_note and not any("word.weight" in note for note in many.notes)
 
 
 def test_tol_stops_at_the_same_sample(cnn_path: Path) -> None:
@@ -95,7 +95,7 @@ def test_tol_stops_at_the_same_sample(cnn_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "why"),
     [
-        ("encoder_shared_ln_ts", "input 'input_ids' has a fixed batch size (1)"),
+        ("encoder_shared_ln_ts", "input 'input_ids' has a fixed batch size of 1"),
         ("shared_layernorm", "expected weight 'tied.w' to be read by one node"),  # tied: norms do not add
     ],
 )
@@ -104,7 +104,7 @@ def test_models_that_cannot_batch_run_at_batch_1_with_a_note(name: str, why: str
     s = open_model(path, path.with_suffix(".calib.npz"), max_samples=3)
     one, many = _both(s, 4, max_samples=3)
     assert many.batch_size == 1
-    assert any(note.startswith("batch size 1: ") and why in note for note in many.notes), many.notes
+    assert why in many.batch_note and not any(why in note for note in many.notes), many.notes
     np.testing.assert_array_equal(one.per_sample, many.per_sample)
 
 
@@ -112,3 +112,34 @@ def test_cli_batch_size_is_checked(cnn_path: Path) -> None:
     result = CliRunner().invoke(cli, ["score", str(cnn_path), "--batch-size", "0"])
     assert result.exit_code == 2
     assert "--batch-size" in result.output
+
+
+def test_a_fixed_batch_model_says_why_once_beside_the_batch_size(tmp_path: Path) -> None:
+    """The reason batching is off is stated once, in the header line with the batch size, not as a
+    note repeated among the report's notes (text and JSON)."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "fixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "fixed.onnx")
+    np.savez(tmp_path / "fixed.npz", x=np.random.default_rng(1).standard_normal((6, 1, 4)).astype(np.float32))
+    args = ["score", str(tmp_path / "fixed.onnx"), "--data", str(tmp_path / "fixed.npz"), "--engine", "onnx"]
+    result = CliRunner().invoke(cli, [*args, "--output-kind", "y=hidden", "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    why = "input 'x' has a fixed batch size of 1"
+    assert result.stdout.count(why) == 1
+    assert f"batch 1 ({why})" in result.stdout.splitlines()[0]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["batch_size"] == 1 and report["batch_note"] == why
+    assert not any(why in note for note in report["notes"])

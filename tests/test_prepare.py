@@ -21,7 +21,7 @@ from fitonnx.cli.main import cli
 from fitonnx.errors import ModelError, UnsupportedError
 from fitonnx.fisher.engines import AUTO, get_engine
 from fitonnx.fisher.options import FisherOptions
-from fitonnx.model.graph import Kind, find_quantizable
+from fitonnx.model.graph import Kind, find_quantizable, walk_upstream
 from fitonnx.prepare import Change, prepare, verify
 from fitonnx.prepare.opset import convert_opset, opset_of
 from fitonnx.prepare.passes.batchnorm import fold_batchnorm
@@ -832,3 +832,47 @@ def test_verify_accepts_scalar_inputs_given_as_numpy_scalars() -> None:
     model = make_model([helper.make_node("Mul", ["x", "s"], ["y"])], {"x": (2, 3), "s": ()}, ["y"])
     prepared = prepare(model, passes=[lambda m: (m, [Change("rewrite", "none", "forces a comparison")])])
     verify(prepared, [{"x": f32(2, 3), "s": np.float32(2.0)}])
+
+
+def test_walk_upstream_visits_each_tensor_once_in_input_order_and_can_stop() -> None:
+    # d = f(b, c), b = g(a, c): a depth-first walk from d reaches b's inputs before c, and c only once.
+    graph = {"d": ["b", "c"], "b": ["a", "c", ""], "a": [], "c": []}
+    seen: list[str] = []
+    assert walk_upstream("d", lambda name: seen.append(name) or graph[name])
+    assert seen == ["d", "b", "a", "c"]
+    stopped: list[str] = []
+    assert not walk_upstream("d", lambda name: stopped.append(name) or (None if name == "a" else graph[name]))
+    assert stopped == ["d", "b", "a"]
+
+
+def _fusing_linears(tmp_path: Path) -> tuple[Path, Path]:
+    """(x @ w + b) + (z @ w2 + b2) on x [B, 5, 4] and z [1, 5, 4]. onnxruntime's optimizer fuses
+    the static one into Reshape-Gemm-Reshape at once; x's only once prepare has fixed the data's shapes,
+    in the next session that optimizes the prepared model (which then reuses the fusion's names)."""
+    n = helper.make_node
+    nodes = [n("MatMul", ["x", "w"], ["xw"]), n("Add", ["xw", "b"], ["y"])]
+    nodes += [n("MatMul", ["z", "w2"], ["zw"]), n("Add", ["zw", "b2"], ["y2"]), n("Add", ["y", "y2"], ["out"])]
+    inits = {"w": f32(4, 3), "b": f32(3), "w2": f32(4, 3), "b2": f32(3)}
+    model = make_model(nodes, {"x": ("B", 5, 4), "z": (1, 5, 4)}, ["out"], inits)
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("out", TensorProto.FLOAT, ["B", 5, 3]))
+    path, data = tmp_path / "linears.onnx", tmp_path / "linears.npz"
+    onnx.save(model, path)
+    np.savez(data, x=f32(6, 5, 4), z=f32(6, 5, 4))
+    return path, data
+
+
+def test_a_3d_matmul_add_fused_by_onnxruntime_scores_as_the_unfused_model(tmp_path: Path, monkeypatch) -> None:
+    path, data = _fusing_linears(tmp_path)
+    options = FisherOptions(fisher="mc", likelihood="gaussian", engine="onnx")
+    fused_model = prepare(onnx.load(path), input_shapes={"x": (1, 5, 4), "z": (1, 5, 4)}).model
+    assert [nd.op_type for nd in fused_model.graph.node].count("Gemm") == 1
+    fused = {t.name: t for t in api.score(str(path), str(data), options=options).tensors}
+    from fitonnx.prepare.passes import ort_optimizer
+
+    monkeypatch.setattr(ort_optimizer, "DISABLED", (*ort_optimizer.DISABLED, "MatMulAddFusion"))
+    assert "Gemm" not in {nd.op_type for nd in prepare(onnx.load(path)).model.graph.node}
+    unfused = {t.name: t for t in api.score(str(path), str(data), options=options).tensors}
+    assert set(fused) == set(unfused) == {"x", "z", "w", "w2"}
+    for name, t in unfused.items():
+        assert fused[name].ef_trace == pytest.approx(t.ef_trace, rel=1e-5), name
+        assert (fused[name].min, fused[name].max) == (t.min, t.max)

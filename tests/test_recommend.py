@@ -235,6 +235,8 @@ def test_max_fit_gives_the_smallest_weights_within_it(tmp_path: Path) -> None:
         (("--avg-bits", "4", "--act-bits", "4,8"), "expected one --act-bits width for every activation"),
         (("--avg-bits", "4", "--act-bits", "8", "--act-avg-bits", "6"), "average of at least 8 bits (all activations"),
         (("--max-fit", "1e-30"), "expected --max-fit of at least"),
+        (("--avg-bits", "4", "--formats", "--weight-bits", "4"), "--weight-bits choose bit widths; with --formats"),
+        (("--avg-bits", "4", "--act-format", "int8", "--act-avg-bits", "6"), "--act-avg-bits choose bit widths"),
     ],
 )
 def test_budget_and_option_errors_are_one_line(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
@@ -443,3 +445,33 @@ def test_a_tied_table_is_scored_and_exported_once(tmp_path: Path) -> None:
     written = rec_mod.load(tmp_path / "out" / "recommendation.json")
     assert "t" not in scored and "t" not in written.weight_bits
     assert written.weight_bits["word.weight"] == scored["word.weight"]
+
+
+@pytest.mark.parametrize(
+    ("budget", "least", "found"),
+    [
+        # int4 per output channel, a float32 scale each: w1 [4, 6] (MatMul, 6 channels) 24·4 + 6·32 = 288
+        # bits, w2 [3, 6] (Gemm transB, 3 channels) 18·4 + 3·32 = 168: 456 bits over 42 elements.
+        (("--avg-bits", "10"), "an average of at least 10.85715 bits", "10"),  # 456/42 = 10.857142..., rounded up
+        (("--size-kb", "0.05"), "a budget of at least 0.056 KB", "0.05 KB"),  # 57 bytes = 0.0557 KB
+    ],
+)
+def test_an_infeasible_formats_budget_states_the_minimum_with_scales(
+    tmp_path: Path, budget: tuple[str, ...], least: str, found: str
+) -> None:
+    path, data = tiny(tmp_path, ir_version=9)
+    args = ["recommend", str(path), "--data", str(data), "--weight-formats", "int4/ch", "-o", str(tmp_path / "o")]
+    code, _, err = run(*args, *budget)
+    why = "(all weights in their smallest formats, scales and zero points included)"
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [f"error: expected {least} {why}; found {found}"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_stated_formats_minimum_is_feasible(tmp_path: Path) -> None:
+    path, data = tiny(tmp_path, ir_version=9)
+    args = ["recommend", str(path), "--data", str(data), "--weight-formats", "int4/ch", "-o", str(tmp_path / "o")]
+    code, _, err = run(*args, "--avg-bits", "10.85715")
+    assert code == 0, err
+    rec = json.loads((tmp_path / "o" / "recommendation.json").read_text())
+    assert rec["weight_bytes"] == 57

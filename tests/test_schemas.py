@@ -35,8 +35,14 @@ def _is(value: Any, kind: str) -> bool:
     return isinstance(value, TYPES[kind])
 
 
-def small_validate(value: Any, schema: dict[str, Any], where: str = "$") -> None:
-    """type, enum, properties, required, additionalProperties, propertyNames.pattern, items, minItems."""
+def small_validate(value: Any, schema: dict[str, Any], where: str = "$", root: dict[str, Any] | None = None) -> None:
+    """type, enum, properties, required, additionalProperties, propertyNames.pattern, items, minItems,
+    and ``$ref`` to ``#/$defs/NAME`` of ``root`` (the whole schema; default ``schema``)."""
+    root = schema if root is None else root
+    if "$ref" in schema:
+        name = schema["$ref"].removeprefix("#/$defs/")
+        assert name in root.get("$defs", {}), f"{where}: unknown $ref {schema['$ref']!r}"
+        schema = root["$defs"][name]
     if "enum" in schema:
         assert value in schema["enum"], f"{where}: expected one of {schema['enum']}, found {value!r}"
     kinds = schema.get("type")
@@ -53,16 +59,16 @@ def small_validate(value: Any, schema: dict[str, Any], where: str = "$") -> None
             if pattern is not None:
                 assert re.search(pattern, key), f"{where}: key {key!r} does not match {pattern}"
             if key in props:
-                small_validate(item, props[key], f"{where}.{key}")
+                small_validate(item, props[key], f"{where}.{key}", root)
             elif isinstance(extra, dict):
-                small_validate(item, extra, f"{where}.{key}")
+                small_validate(item, extra, f"{where}.{key}", root)
             else:
                 assert extra is not False, f"{where}: unexpected key {key!r}"
     if isinstance(value, list):
         assert len(value) >= schema.get("minItems", 0), f"{where}: expected at least {schema['minItems']} items"
     if isinstance(value, list) and isinstance(schema.get("items"), dict):
         for i, item in enumerate(value):
-            small_validate(item, schema["items"], f"{where}[{i}]")
+            small_validate(item, schema["items"], f"{where}[{i}]", root)
 
 
 def check(path: Path, schema_name: str) -> None:
@@ -94,7 +100,20 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
     formats = ("--format", "int4/ch,fp8e4m3", "--format", "nvfp4/16", "--target", "ort")  # FP weights and activations
     run("score", cnn, "--max-samples", "4", *formats, "--json", d / "score4.json")
     run("inspect", MODELS / "zoo" / "mbv3_small_ts.onnx", "--json", d / "inspect.json")
-    run("validate", mlp, "--configs", "3", "--resamples", "20", "--json", d / "validate.json")
+    run(
+        "validate",
+        mlp,
+        "--configs",
+        "3",
+        "--resamples",
+        "20",
+        "--json",
+        d / "validate.json",
+        "--baseline",
+        "hessian",
+        "--hessian-probes",
+        "2",
+    )
     pair = MODELS / "pair"
     run("compare", pair / "cnn_torch.onnx", pair / "cnn_jax.onnx", "--max-samples", "4", "--json", d / "compare.json")
     run("recommend", cnn, "--avg-bits", "5", "--target", "ort", "-o", d / "ort")
@@ -154,3 +173,39 @@ def test_the_small_validator_catches_what_matters() -> None:
         small_validate({k: None for k in schema["required"] if k != "tensors"}, schema)
     with pytest.raises(AssertionError, match="expected"):
         small_validate({"a": [{"quant_type": 4}]}, json.loads((SCHEMAS / "ort_overrides.schema.json").read_text()))
+
+
+@pytest.mark.parametrize(
+    ("path", "broken", "message"),
+    [
+        (("correlation", "kl", "fit", "spearman"), "high", "expected"),  # through two $refs
+        (("families", 0, "correlation", "dloss", "fit"), None, "expected"),
+        (("families", 0, "working_correlation", "kl", "fit_grid", "kendall_ci"), {}, "expected"),
+        (("reliability", "kl", "splits"), 2.5, "expected"),
+    ],
+)
+def test_a_broken_validate_document_is_rejected(
+    outputs: dict[str, list[Path]], path: tuple[str | int, ...], broken: Any, message: str
+) -> None:
+    """The shared definitions ($defs) still check every place that refers to them."""
+    schema = json.loads((SCHEMAS / "validate.schema.json").read_text(encoding="utf-8"))
+    doc = json.loads(outputs["validate.schema.json"][0].read_text(encoding="utf-8"))
+    small_validate(doc, schema)  # the real document passes
+    parent = doc
+    for key in path[:-1]:
+        parent = parent[key]
+    assert path[-1] in parent  # the field exists in the real output
+    parent[path[-1]] = broken
+    with pytest.raises(AssertionError, match=message):
+        small_validate(doc, schema)
+    jsonschema = pytest.importorskip("jsonschema")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(doc, schema, cls=jsonschema.Draft202012Validator)
+
+
+def test_a_missing_required_field_under_a_ref_is_rejected(outputs: dict[str, list[Path]]) -> None:
+    schema = json.loads((SCHEMAS / "validate.schema.json").read_text(encoding="utf-8"))
+    doc = json.loads(outputs["validate.schema.json"][0].read_text(encoding="utf-8"))
+    del doc["families"][0]["correlation"]["kl"]["quadratic"]["kendall"]
+    with pytest.raises(AssertionError, match="missing 'kendall'"):
+        small_validate(doc, schema)

@@ -315,11 +315,12 @@ def test_report_says_when_the_damage_is_beyond_second_order(mlp_report: Validati
 
 
 def test_report_correlations_are_those_of_its_columns(mlp_report: ValidationReport) -> None:
-    cols = {p: [c.predicted[p] for c in mlp_report.configs] for p in PREDICTORS}
+    assert set(mlp_report.predictors) == set(PREDICTORS) - {Predictor.HESSIAN}  # a baseline on request only
+    cols = {p: [c.predicted[p] for c in mlp_report.configs] for p in mlp_report.predictors}
     kl = [c.kl for c in mlp_report.configs]
     drop = [mlp_report.float_accuracy - c.accuracy for c in mlp_report.configs]
     assert set(mlp_report.measures) == {"kl", "dloss", "accuracy_drop"}
-    for p in PREDICTORS:
+    for p in mlp_report.predictors:
         assert mlp_report.correlation(p, "kl").spearman == pytest.approx(spearman(cols[p], kl))
         assert mlp_report.correlation(p, "accuracy_drop").kendall == pytest.approx(kendall(cols[p], drop))
     d = to_dict(mlp_report)
@@ -472,6 +473,10 @@ def test_cli_writes_json_and_png(mlp_files: tuple[Path, Path, Path], tmp_path: P
         str(tmp_path / "v.json"),
         "--plot",
         str(tmp_path / "v.png"),
+        "--baseline",
+        "hessian",
+        "--hessian-probes",
+        "2",
     ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
@@ -481,7 +486,12 @@ def test_cli_writes_json_and_png(mlp_files: tuple[Path, Path, Path], tmp_path: P
     first = data["configs"][0]
     assert set(first["weight_bits"]) == {"w1", "w2"} and set(first["activation_bits"]) == {"x", "r"}
     assert {"fit", "kl", "dloss", "accuracy"} <= set(first)
-    assert set(data["correlation"]["kl"]) == set(PREDICTORS)
+    assert set(data["correlation"]["kl"]) == set(PREDICTORS)  # the hessian baseline asked for included
+    calibration = data["costs"]["fit"]["passes"]
+    assert calibration == data["samples"] > 0 and data["costs"]["quadratic"]["passes"] == 2 * calibration
+    assert data["costs"]["hessian"]["passes"] == 2 * 2 * data["samples"]  # ± per probe and sample
+    assert data["costs"]["weight_error"]["passes"] == calibration  # activations: the calibration ranges
+    assert "hessian (HAWQ-v2)" in result.stdout and "Cost of each predictor" in result.stdout
     assert set(data["reliability"]) == {"kl", "dloss"}  # accuracy moves in whole samples: no split-half
     assert 0 < data["reliability"]["kl"]["ceiling"] <= 1 and "Measurement reliability" in result.stdout
     assert (tmp_path / "v.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -494,6 +504,7 @@ def test_cli_writes_json_and_png(mlp_files: tuple[Path, Path, Path], tmp_path: P
         (["--bits", "1,4"], "expected bit widths between 2 and 16"),
         (["--eval-data", "missing.npz"], "expected a calibration file"),
         ([], "expected held-out data for m.onnx"),
+        (["--predictor", "hessian"], "expected the hessian baseline asked for to lead with it"),
     ],
 )
 def test_cli_user_errors(mlp_files: tuple[Path, Path, Path], extra: list[str], message: str) -> None:

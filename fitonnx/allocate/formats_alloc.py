@@ -15,6 +15,7 @@ per tensor: all at one format (the target's default or ``act_format``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -22,24 +23,24 @@ import numpy as np
 import onnx
 
 from fitonnx.allocate.knapsack import (
-    PARETO_IN_RECOMMENDATION,
+    ActivationChoice,
     Allocation,
     Budget,
     Front,
     Item,
     UniformConfig,
-    _front_sample,
+    make_allocation,
     pareto_front,
     pick,
     weight_bytes,
 )
-from fitonnx.allocate.recommendation import ParetoPoint, Recommendation
+from fitonnx.allocate.recommendation import ParetoPoint
 from fitonnx.allocate.targets import Target, activation_format_fit, get_target
 from fitonnx.errors import FitonnxError
 from fitonnx.formats import Format, Granularity, get_format, parse_format, storage_bits
-from fitonnx.model.graph import Kind
-from fitonnx.score.fit import ScoreReport
-from fitonnx.score.formats_fit import WeightFormatFit
+from fitonnx.model.graph import Kind, QuantTensor
+from fitonnx.score.fit import ScoreReport, TensorScore
+from fitonnx.score.formats_fit import WeightFormatFit, applies
 
 WEIGHT_SLOT = 1  # Conv/Gemm/MatMul read their weight at input 1
 
@@ -99,7 +100,11 @@ def _weight_ops(model: onnx.ModelProto) -> dict[str, frozenset[str]]:
 
 
 def weight_items(
-    model: onnx.ModelProto, report: ScoreReport, fits: Sequence[WeightFormatFit], target: Target, options: FormatOptions
+    model: onnx.ModelProto,
+    tensors: Sequence[TensorScore | QuantTensor],
+    fits: Sequence[WeightFormatFit],
+    target: Target,
+    options: FormatOptions,
 ) -> list[Item]:
     """Each weight's candidate formats with FIT (the noise model's expected value) and exact storage."""
     shapes = {t.name: tuple(int(d) for d in t.dims) for t in model.graph.initializer}
@@ -109,7 +114,7 @@ def weight_items(
     for f in fits:
         by_weight.setdefault(f.name, {})[f.format] = f
     items = []
-    for t in report.tensors:
+    for t in tensors:
         if t.kind is not Kind.WEIGHT:
             continue
         rows = by_weight.get(t.name, {})
@@ -137,6 +142,24 @@ def weight_items(
             )
         )
     return items
+
+
+def least_storage(model: onnx.ModelProto, tensors: Sequence[QuantTensor], options: FormatOptions) -> tuple[int, int]:
+    """The smallest exact storage in bits (scales and zero points included) the weights among
+    ``tensors`` of the prepared ``model`` can take on the menu, and their element count: each weight
+    in its smallest candidate, the candidates ``allocate_formats`` will have (before any scoring)."""
+    target = options.check()
+    weights = [t for t in tensors if t.kind is Kind.WEIGHT]
+    shapes = {t.name: tuple(int(d) for d in t.dims) for t in model.graph.initializer}
+    candidates = [
+        WeightFormatFit(t.name, fmt.name, axis, 0.0, math.nan)
+        for t in weights
+        for fmt in requested_formats(target, options.weight_formats)
+        for ok, axis in [applies(model, t, fmt, shapes[t.name])]
+        if ok
+    ]
+    items = weight_items(model, weights, candidates, target, options)
+    return sum(min(item.sizes) for item in items), sum(item.numel for item in items)
 
 
 def _front_points(front: Front, activation_fit: float, indices: np.ndarray) -> tuple[ParetoPoint, ...]:
@@ -176,7 +199,7 @@ def allocate_formats(
     model the ``fits`` (``score.formats_fit.weight_fits`` of ``format_fits``) were computed on."""
     target = options.check()
     menu = target.format_menu()
-    w_items = weight_items(model, report, fits, target, options)
+    w_items = weight_items(model, report.tensors, fits, target, options)
     if not w_items:
         raise FitonnxError(f"expected quantizable weights in {report.model}; found none")
     act = get_format(parse_format(options.act_format).name if options.act_format else menu.default_activation)
@@ -185,34 +208,19 @@ def allocate_formats(
     a_fit = float(sum(a_fits.values()))
     front = pareto_front(w_items, options.tolerance)
     chosen = pick(front, budget, fit_offset=a_fit)
-    formats = front.formats(chosen.index)
-    order = [t.name for t in report.tensors]
-    budget_dict = {budget.kind.value: float(budget.value), "tolerance": options.tolerance}
     per_format: dict[str, Mapping[str, float]] = {it.name: dict(zip(it.formats, it.fit, strict=True)) for it in w_items}
     per_format.update({name: {act.name: value} for name, value in a_fits.items()})
-    sample = np.union1d(_front_sample(front, PARETO_IN_RECOMMENDATION), [chosen.index])
-    rec = Recommendation(
-        model=report.model,
-        target=target.name,
-        weight_bits={n: chosen.bits[n] for n in order if n in chosen.bits},
-        activation_bits={t.name: act.bits for t in acts},
-        fit=chosen.fit + a_fit,
-        weight_bytes=weight_bytes(chosen.size_bits),
-        ranges={t.name: (t.min, t.max) for t in report.tensors},
-        budget=budget_dict,
-        noise_model=report.noise_model,
-        pareto=_front_points(front, a_fit, sample),
-        weight_formats={n: formats[n] for n in order if n in formats},
+    activations = ActivationChoice({t.name: act.bits for t in acts}, a_fit)
+    return make_allocation(
+        report,
+        target,
+        budget,
+        front,
+        chosen,
+        activations,
+        _uniform(w_items, a_fit),
+        _front_points,
+        weight_formats=front.formats(chosen.index),
         activation_formats={t.name: act.name for t in acts},
-        fit_per_format={n: per_format[n] for n in order if n in per_format},
-    )
-    return Allocation(
-        recommendation=rec,
-        target=target,
-        budget=budget,
-        front=front,
-        chosen=chosen,
-        activation_fit=a_fit,
-        total_numel=sum(item.numel for item in w_items),
-        uniform=_uniform(w_items, a_fit),
+        fit_per_format=per_format,
     )

@@ -20,11 +20,13 @@ non-zero FIT, whatever the number of distinct sizes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 
@@ -210,9 +212,18 @@ def budget_from(*, avg_bits: float | None = None, size_kb: float | None = None, 
     return Budget(kind, float(value))
 
 
+class Objective(str, Enum):
+    """What ``recommend``'s knapsack minimises over the weights (``analysis.refine`` measures the others)."""
+
+    FIT = "fit"  # the paper's FIT (the score report's)
+    OUTPUT_SPACE = "output_space"  # ModelOpt AutoQuantize's output-space score (one more pass)
+
+
 @dataclass(frozen=True)
 class AllocationOptions:
-    """What ``allocate`` may choose from: the target, its weight bit widths, the activations' rule."""
+    """What ``allocate`` may choose from: the target, its weight bit widths, the activations' rule;
+    and how ``recommend`` measures after it: the knapsack's ``objective`` and ``refine`` candidates
+    simulated on the calibration data (1: none; ``analysis.refine``)."""
 
     target: str = DEFAULT_TARGET
     weight_bits: tuple[int, ...] | None = None  # None: the target's own
@@ -220,6 +231,8 @@ class AllocationOptions:
     act_bits: int | tuple[int, ...] | None = None
     act_avg_bits: float | None = None  # or an exact allocation of activation bits under this average
     tolerance: float = 0.0  # accept a front within (1 + tolerance) of the optimum
+    objective: Objective = Objective.FIT
+    refine: int = 1
 
     def check(self) -> Target:
         """The target, once every option is known to be valid for it."""
@@ -297,31 +310,42 @@ def pick(front: Front, budget: Budget, *, fit_offset: float = 0.0, what: str = "
     else:
         index = front.best_within(budget.max_bits(total_numel))
         if index < 0:
-            raise _too_small(budget, int(front.sizes[0]), total_numel, what)
+            scaled = any(item.sizes for item in front.items)
+            raise too_small(budget, int(front.sizes[0]), total_numel, SMALLEST_FORMATS if scaled else LOWEST_BITS, what)
     return Pick(index, front.config(index), int(front.sizes[index]), float(front.fits[index]))
 
 
-def _too_small(budget: Budget, least: int, total_numel: int, what: str) -> FitonnxError:
+LOWEST_BITS = "all {what} at the lowest bits"
+SMALLEST_FORMATS = "all {what} in their smallest formats, scales and zero points included"
+
+
+def too_small(budget: Budget, least: int, total_numel: int, how: str, what: str = "weights") -> FitonnxError:
+    """The error of a size budget below ``least`` bits over ``total_numel`` elements; ``how`` (with
+    ``{what}``) says what that smallest configuration is. The minimum is rounded up, so that a budget
+    of the figure it names fits."""
+    why = how.format(what=what)
     if budget.kind is BudgetKind.AVG_BITS:
-        need = f"{least / max(total_numel, 1):.6g}"
-        return FitonnxError(
-            f"expected an average of at least {need} bits (all {what} at the lowest bits); found {budget.value:g}"
-        )
+        need = math.ceil(Fraction(least, max(total_numel, 1)) * 10**5)
+        text = f"{need // 10**5}.{need % 10**5:05d}".rstrip("0").rstrip(".")
+        return FitonnxError(f"expected an average of at least {text} bits ({why}); found {budget.value:g}")
     return FitonnxError(
         f"expected a budget of at least {math.ceil(weight_bytes(least) / BYTES_PER_KB * 1000) / 1000:g} KB "
-        f"(all {what} at the lowest bits); found {budget.value:g} KB"
+        f"({why}); found {budget.value:g} KB"
     )
 
 
 def check_budget(budget: Budget, numels: Sequence[int], lowest_bits: int, what: str = "weights") -> None:
     """Fail before any scoring when a size budget is below every weight at ``lowest_bits`` (a FIT
     budget needs the scores and is checked by ``pick``)."""
-    if budget.kind is BudgetKind.MAX_FIT:
-        return
     total = int(sum(numels))
-    least = total * int(lowest_bits)
-    if total and least > budget.max_bits(total):
-        raise _too_small(budget, least, total, what)
+    check_least(budget, total * int(lowest_bits), total, LOWEST_BITS, what)
+
+
+def check_least(budget: Budget, least: int, total_numel: int, how: str, what: str = "weights") -> None:
+    """Fail when a size budget is below ``least`` bits, the smallest configuration (``how``) of
+    ``total_numel`` elements (a FIT budget needs the scores and is checked by ``pick``)."""
+    if budget.kind is not BudgetKind.MAX_FIT and total_numel and least > budget.max_bits(total_numel):
+        raise too_small(budget, least, total_numel, how, what)
 
 
 # --- from a FIT report to a recommendation ---------------------------------------------------
@@ -429,6 +453,64 @@ def pareto_points(front: Front, activation_fit: float, indices: np.ndarray | Non
     )
 
 
+@dataclass(frozen=True)
+class ActivationChoice:
+    """The activations' configuration, chosen before the weights: bits per tensor, their total FIT,
+    and the average-bits budget they were allocated under (None: one width for all)."""
+
+    bits: Mapping[str, int]
+    fit: float
+    avg_bits: float | None = None
+
+
+def make_allocation(
+    report: ScoreReport,
+    target: Target,
+    budget: Budget,
+    front: Front,
+    chosen: Pick,
+    activations: ActivationChoice,
+    uniform: tuple[UniformConfig, ...],
+    pareto: Callable[[Front, float, np.ndarray], tuple[ParetoPoint, ...]] = pareto_points,
+    **per_tensor: Mapping[str, Any],
+) -> Allocation:
+    """The Allocation of ``chosen`` on the weights' ``front``, with its Recommendation: tensors in the
+    report's order (most sensitive first, as ``fitonnx score`` lists them), ``per_tensor`` being more
+    Recommendation fields keyed by tensor name, and a sample of the front drawn by ``pareto``."""
+    order = [t.name for t in report.tensors]
+
+    def in_order(by_name: Mapping[str, Any]) -> dict[str, Any]:
+        return {n: by_name[n] for n in order if n in by_name}
+
+    budget_dict = {budget.kind.value: float(budget.value), "tolerance": front.tolerance}
+    if activations.avg_bits is not None:
+        budget_dict["act_avg_bits"] = float(activations.avg_bits)
+    sample = np.union1d(_front_sample(front, PARETO_IN_RECOMMENDATION), [chosen.index])
+    rec = Recommendation(
+        model=report.model,
+        target=target.name,
+        weight_bits=in_order(chosen.bits),
+        activation_bits=in_order(activations.bits),
+        fit=chosen.fit + activations.fit,
+        weight_bytes=weight_bytes(chosen.size_bits),
+        ranges={t.name: (t.min, t.max) for t in report.tensors},
+        budget=budget_dict,
+        noise_model=report.noise_model,
+        pareto=pareto(front, activations.fit, sample),
+        **{field_name: in_order(value) for field_name, value in per_tensor.items()},
+    )
+    return Allocation(
+        recommendation=rec,
+        target=target,
+        budget=budget,
+        front=front,
+        chosen=chosen,
+        activation_fit=activations.fit,
+        total_numel=sum(item.numel for item in front.items),
+        uniform=uniform,
+    )
+
+
 def allocate(
     report: ScoreReport,
     target: Target | str,
@@ -462,35 +544,27 @@ def allocate(
         UniformConfig(b, weight_bytes(b * total_numel), sum(it.fit[it.bits.index(b)] for it in w_items) + a_fit)
         for b in w_bits
     )
-    order = [t.name for t in report.tensors]  # most sensitive first, as `fitonnx score` lists them
-    rank = {name: i for i, name in enumerate(order)}
-    budget_dict = {budget.kind.value: float(budget.value), "tolerance": tolerance}
-    if act_avg_bits is not None:
-        budget_dict["act_avg_bits"] = float(act_avg_bits)
-    per_tensor = {
-        it.name: dict(zip(it.bits, it.fit, strict=True))
-        for it in sorted([*w_items, *a_items], key=lambda i: rank[i.name])
-    }
-    rec = Recommendation(
-        model=report.model,
-        target=target.name,
-        weight_bits={n: chosen.bits[n] for n in order if n in chosen.bits},
-        activation_bits={n: a_config[n] for n in order if n in a_config},
-        fit=chosen.fit + a_fit,
-        weight_bytes=weight_bytes(chosen.size_bits),
-        ranges={t.name: (t.min, t.max) for t in report.tensors},
-        budget=budget_dict,
-        fit_per_tensor=per_tensor,
-        noise_model=report.noise_model,
-        pareto=pareto_points(front, a_fit, np.union1d(_front_sample(front, PARETO_IN_RECOMMENDATION), [chosen.index])),
+    per_tensor = {it.name: dict(zip(it.bits, it.fit, strict=True)) for it in [*w_items, *a_items]}
+    activations = ActivationChoice(a_config, a_fit, act_avg_bits)
+    return make_allocation(report, target, budget, front, chosen, activations, uniform, fit_per_tensor=per_tensor)
+
+
+def with_weights(alloc: Allocation, bits: Mapping[str, int], record: Mapping[str, float]) -> Allocation:
+    """``alloc`` with other weight widths (``recommend --refine``'s measured choice), size and FIT
+    recomputed from the front's items. The front and its chosen index stay FIT's knapsack's (the
+    plots mark that point); the recommendation's budget adds ``record`` (how it was chosen)."""
+    items = {item.name: item for item in alloc.front.items}
+    if set(bits) != set(items):
+        raise InternalError(f"expected widths for the weights {sorted(items)}; found {sorted(bits)}")
+    at = {name: items[name].bits.index(b) for name, b in bits.items()}
+    size = sum(int(items[n].sizes[j]) if items[n].sizes else items[n].numel * items[n].bits[j] for n, j in at.items())
+    fit = float(sum(items[n].fit[j] for n, j in at.items()))
+    rec = alloc.recommendation
+    rec = dataclasses.replace(
+        rec,
+        weight_bits={n: int(bits[n]) for n in rec.weight_bits},
+        fit=fit + alloc.activation_fit,
+        weight_bytes=weight_bytes(size),
+        budget={**rec.budget, **record},
     )
-    return Allocation(
-        recommendation=rec,
-        target=target,
-        budget=budget,
-        front=front,
-        chosen=chosen,
-        activation_fit=a_fit,
-        total_numel=total_numel,
-        uniform=uniform,
-    )
+    return dataclasses.replace(alloc, recommendation=rec, chosen=Pick(alloc.chosen.index, dict(bits), size, fit))

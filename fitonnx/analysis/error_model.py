@@ -80,7 +80,7 @@ def _float_quantized(g: onnx.GraphProto, name: str, p: str, grid: FloatGrid, dty
 
 
 def _block_quantized(g: onnx.GraphProto, name: str, p: str, grid: BlockGrid) -> str:
-    """Nodes computing ``p + "bq_out"`` = Q(a) under a dynamic block format (the simulation's own branch)."""
+    """Nodes computing ``p + "bq_out"`` = Q(a) under a dynamic block format (the simulation's own block quantizer)."""
     q = p + "bq_"
     g.initializer.append(helper.make_tensor(q + "ts", TensorProto.FLOAT, [], [grid.tensor_scale]))
     nodes, inits = block_nodes.block_qdq_nodes(name, q, grid.fmt, grid.layout, grid.opset, q + "ts")

@@ -4,6 +4,8 @@ tables and the float reference on held-out data, for callers that measure config
 The calibration pass runs three times: once for traces and ranges, once more for the measured
 rounding errors (``error_model``), which need those ranges, and once for the output-space
 sensitivity (``output_space``), whose gradient model also taps every quantized op's outputs.
+Baselines asked for (``Baseline``: HAWQ's Hessian trace, ``hessian``) run after them. Each stage's
+cost (gradient passes, seconds) is kept, and each predictor's is the sum of the stages it needs.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +22,12 @@ from fitonnx.analysis import choices, simulate
 from fitonnx.analysis.choices import Choice, Family
 from fitonnx.analysis.damage import Damage, Reference, damage, reference
 from fitonnx.analysis.error_model import measure_errors
+from fitonnx.analysis.hessian import HessianOptions, HessianTraces, hessian_traces
+from fitonnx.analysis.hessian import table as hessian_table
 from fitonnx.analysis.output_space import measure_output_space
 from fitonnx.analysis.predictors import Predictor, PredictorTables, predictor_tables
 from fitonnx.analysis.simulate import Config, GridScheme
-from fitonnx.errors import DataError
+from fitonnx.errors import DataError, FitonnxError, InternalError
 from fitonnx.fisher import engine, losses, parallel
 from fitonnx.fisher import session as api
 from fitonnx.fisher.checks import check_traces
@@ -39,12 +44,72 @@ from fitonnx.progress import Progress, as_progress
 from fitonnx.scale import Job, Pool, Workers, warm_up
 from fitonnx.score.fit import ScoreReport, build_report
 from fitonnx.score.run import provenance
+from fitonnx.values import TextEnum
 
 DEFAULT_BITS: tuple[int, ...] = (3, 4, 5, 6, 7, 8)
 DEFAULT_BATCH_SIZE = 256
 MAX_CONFIGS_PER_TASK = 8  # configurations a worker measures per task at most (progress, balance)
 EVAL_SUFFIX = ".heldout.npz"
 EvalSource = str | os.PathLike[str] | Dataset | None
+
+
+class Baseline(TextEnum):
+    """Peers ``validate`` computes only when asked (``--baseline``): they cost many more passes."""
+
+    HESSIAN = "hessian"  # HAWQ-v2's Hutchinson Hessian trace, ``Predictor.HESSIAN``
+
+
+@dataclass(frozen=True)
+class BaselineOptions:
+    """Which expensive peers ``validate`` ranks too (none by default) and how: ``hessian`` holds the
+    Hessian baseline's probes, step and samples. Strings are accepted for the baselines."""
+
+    baselines: tuple[Baseline, ...] = ()
+    hessian: HessianOptions = dataclasses.field(default_factory=HessianOptions)
+
+    def __post_init__(self) -> None:
+        try:
+            asked = tuple(dict.fromkeys(Baseline(b) for b in self.baselines))
+        except ValueError:
+            raise FitonnxError(
+                f"expected baselines among {[b.value for b in Baseline]}; found {list(self.baselines)}"
+            ) from None
+        object.__setattr__(self, "baselines", asked)
+
+
+class Stage(TextEnum):
+    """The passes of ``harness`` whose cost is kept."""
+
+    CALIBRATION = "calibration"  # traces, diagonal Fisher, ranges
+    ERRORS = "errors"  # measured rounding errors (``error_model``)
+    OUTPUT_SPACE = "output_space"
+    HESSIAN = "hessian"
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Forward+backward passes of a gradient graph (0: data-free) and the seconds they took."""
+
+    passes: int
+    seconds: float
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.passes + other.passes, self.seconds + other.seconds)
+
+
+# The stages each predictor's table needs (predictors of weights only need no pass: data-free).
+PREDICTOR_STAGES: dict[Predictor, tuple[Stage, ...]] = {
+    Predictor.FIT: (Stage.CALIBRATION,),
+    Predictor.FIT_GRID: (Stage.CALIBRATION,),
+    Predictor.TRACE_ONLY: (Stage.CALIBRATION,),
+    Predictor.FIT_MEASURED: (Stage.CALIBRATION, Stage.ERRORS),
+    Predictor.QUADRATIC: (Stage.CALIBRATION, Stage.ERRORS),
+    Predictor.OUTPUT_SPACE: (Stage.CALIBRATION, Stage.OUTPUT_SPACE),
+    Predictor.WEIGHT_ERROR: (),
+    Predictor.NOISE_ONLY: (),
+    Predictor.SIZE_ONLY: (),
+    Predictor.HESSIAN: (Stage.HESSIAN,),
+}
 
 
 @dataclass(frozen=True)
@@ -108,6 +173,16 @@ class Harness:
     tables: PredictorTables
     reference: Reference
     traces: engine.FisherTraces  # the first pass's (diagonal Fisher, ranges), for callers' own predictors
+    stages: dict[Stage, Cost] = dataclasses.field(default_factory=dict)
+    hessian: HessianTraces | None = None  # with ``Baseline.HESSIAN``
+
+    def cost(self, predictor: Predictor) -> Cost:
+        """The passes and seconds ``predictor``'s table took (activations' data-free predictors
+        read the calibration pass's ranges)."""
+        if predictor not in PREDICTOR_STAGES:
+            raise InternalError(f"expected a cost for every predictor; {predictor} has none in PREDICTOR_STAGES")
+        needs = PREDICTOR_STAGES[predictor] or ((Stage.CALIBRATION,) if self.activation_bits else ())
+        return sum((self.stages[k] for k in needs), Cost(0, 0.0))
 
     def measure(self, config: Config) -> Damage:
         """The damage ``config`` does on the held-out data."""
@@ -170,7 +245,7 @@ def _simulator(s: api.Session, cal: _Calibration, sim: SimulationOptions, held_o
     """The simulator of the loss's tap on the held-out data, activation grids from the calibration ranges."""
     traces = cal.traces
     act_ranges = {name: (traces.act_min[name], traces.act_max[name]) for name in traces.act_min}
-    # Block branches need each activation's per-sample shape: the one the first sample showed.
+    # Block quantizers need each activation's per-sample shape: the one the first sample showed.
     seen = traces.act_shapes
     tensors = [
         dataclasses.replace(t, shape=tuple(seen[t.name])) if t.kind is Kind.ACTIVATION and t.name in seen else t
@@ -189,7 +264,7 @@ def _simulator(s: api.Session, cal: _Calibration, sim: SimulationOptions, held_o
 
 
 def _block_formats(sim: SimulationOptions) -> tuple[Format, ...]:
-    """The dynamic block formats (MX, NVFP4) among the activations' candidates: the simulation's branches."""
+    """The dynamic block formats (MX, NVFP4) among the activations' candidates: the simulation's block modes."""
     names = dict.fromkeys(c for f in sim.families() for c in f.activations if isinstance(c, str))
     return tuple(f for f in (parse_format(n) for n in names) if is_dynamic_block(f))
 
@@ -203,13 +278,16 @@ def harness(
     options: FisherOptions | None = None,
     progress: Progress | None = None,
     session: api.Session | None = None,
+    baselines: BaselineOptions | None = None,
 ) -> Harness:
     """Run the calibration passes and build the simulator: the stage of ``validate`` before any
     configuration, for callers that measure configurations of their own.
 
     ``data`` is the calibration data (``RandomData(n)`` for a smoke test); ``eval_data`` defaults
     to ``<model>.heldout.npz`` beside the model. ``progress`` sees both calibration passes.
+    ``baselines`` adds those peers' tables.
     """
+    peers = baselines or BaselineOptions()
     opts = options or FisherOptions()
     sim = (simulation or SimulationOptions()).checked()
     if session is None:
@@ -219,8 +297,10 @@ def harness(
     held_out = _eval_dataset(s, eval_data)
     if opts.output is None:  # the damage is measured on one output: the Fisher's loss reads that one
         opts = opts.replace(output=losses.pick_output(s.prepared.model, None))
+    started = time.perf_counter()
     cal = _calibrate(s, opts, sim, progress)
     traces = cal.traces
+    stages = {Stage.CALIBRATION: Cost(_passes(cal), time.perf_counter() - started)}
     simulator = _simulator(s, cal, sim, held_out)
 
     def second_pass(gm: GradientModel, extra: Sequence[str]) -> engine.FisherTraces:
@@ -229,9 +309,21 @@ def harness(
     families = sim.families()
     weight_choices = choices.sorted_choices(c for f in families for c in f.weights)
     act_choices = choices.sorted_choices(c for f in families for c in f.activations)
+    started = time.perf_counter()
     errors = measure_errors(cal.gm, simulator, weight_choices, act_choices, second_pass)
+    stages[Stage.ERRORS] = Cost(_passes(cal), time.perf_counter() - started)
+    started = time.perf_counter()
     out_space = measure_output_space(s, opts, simulator, (weight_choices, act_choices), second_pass)
+    stages[Stage.OUTPUT_SPACE] = Cost(_passes(cal), time.perf_counter() - started)
     tables = predictor_tables(cal.report, traces, simulator, errors, weight_choices, act_choices, out_space)
+    hess = None
+    if Baseline.HESSIAN in peers.baselines:
+        as_progress(progress).start(1, "Hutchinson Hessian trace (HAWQ baseline)")
+        hess = hessian_traces(s, cal.target, opts, peers.hessian)
+        as_progress(progress).advance(1)
+        stages[Stage.HESSIAN] = Cost(hess.passes, hess.seconds)
+        table = hessian_table(hess, tables.names, tables.values[Predictor.WEIGHT_ERROR])
+        tables = dataclasses.replace(tables, values={**tables.values, Predictor.HESSIAN: table})
     return Harness(
         session=s,
         target=cal.target,
@@ -248,7 +340,21 @@ def harness(
         tables=tables,
         reference=reference(cal.target, simulator.run(Config.floating()), held_out.labels, held_out.source),
         traces=traces,
+        stages=stages,
+        hessian=hess,
     )
+
+
+def _passes(cal: _Calibration) -> int:
+    """Forward+backward passes of one pass over the calibration samples (the exact Fisher: one per class)."""
+    per_sample = _classes(cal) if cal.mode is losses.FisherMode.EXACT else 1
+    return cal.traces.samples * per_sample
+
+
+def _classes(cal: _Calibration) -> int:
+    shapes = cal.gm.sample_shapes
+    tap, axis = cal.target.tap, cal.target.class_axis
+    return int(shapes[tap][axis]) if tap in shapes and axis is not None else 1
 
 
 def _measure_setup(context: tuple[simulate.Simulator, Reference]) -> tuple[simulate.Simulator, Reference]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fitonnx.allocate.knapsack import Budget, BudgetKind, Item, pareto_front
 from fitonnx.analysis.harness import Harness
 from fitonnx.analysis.predictors import Predictor
 from fitonnx.analysis.simulate import Config
@@ -45,11 +46,34 @@ def predictor_scorers(h: Harness, predictors: Sequence[Predictor]) -> dict[str, 
     return {p.value: (lambda a, p=p: h.tables.total(p, Config(dict(a), {}))) for p in predictors}
 
 
-def one_at_a_time(h: Harness, widths: Sequence[int]) -> tuple[Scorer, int]:
-    """The AIMET/Quark baseline: each weight alone at each width measured, summed over an
-    assignment; returns the scorer and how many simulations it took."""
-    single = {(w, b): h.measure(Config({w: b}, {})).kl for w in h.weights for b in widths}
+def one_at_a_time(
+    h: Harness, widths: Sequence[int], measure: Callable[[Config], float] | None = None
+) -> tuple[Scorer, int]:
+    """The AIMET/Quark baseline: each weight alone at each width measured (``measure``, default the
+    held-out KL; AIMET measures on calibration data), summed over an assignment; returns the scorer
+    and how many simulations it took."""
+    kl = measure or (lambda c: h.measure(c).kl)
+    single = {(w, b): kl(Config({w: b}, {})) for w in h.weights for b in widths}
     return (lambda a: sum(single[(w, b)] for w, b in a.items())), len(single)
+
+
+def scorer_items(h: Harness, widths: Sequence[int], score: Scorer) -> list[Item]:
+    """The knapsack's menu of every weight at every width, each cell ``score`` of that weight
+    alone at that width (an additive scorer's table: a predictor's, the one-at-a-time KL)."""
+    return [
+        Item(w, int(h.simulator.sim.weights[w].size), tuple(widths), tuple(max(0.0, score({w: b})) for b in widths))
+        for w in h.weights
+    ]
+
+
+def knapsack_answer(items: Sequence[Item], avg_bits: float) -> tuple[dict[str, int], int]:
+    """The exact knapsack's assignment within ``avg_bits`` average bits and the size bound in bits."""
+    max_size = Budget(BudgetKind.AVG_BITS, avg_bits).max_bits(sum(it.numel for it in items))
+    front = pareto_front(items)
+    index = front.best_within(max_size)
+    if index < 0:
+        raise FitonnxError(f"expected an assignment within {avg_bits} bits; every weight at its lowest is larger")
+    return front.config(index), max_size
 
 
 def average_bits(bits: Sequence[int], numels: Sequence[int]) -> float:
@@ -70,14 +94,32 @@ def assignments(
     ]
 
 
-def oracle(h: Harness, budgets: Sequence[float], scorers: Mapping[str, Scorer]) -> list[OracleResult]:
+def measure_assignments(h: Harness, budgets: Sequence[float]) -> dict[tuple[int, ...], float]:
+    """The measured KL of every assignment within the largest budget, keyed by its widths in
+    ``h.weights`` order (what ``oracle`` takes as ``measured``; a caller may store it)."""
+    names = list(h.weights)
+    numels = [int(h.simulator.sim.weights[w].size) for w in names]
+    widths = [b for b in h.weight_bits if isinstance(b, int)]
+    return {tuple(a.values()): h.measure(Config(a, {})).kl for a in assignments(names, numels, widths, max(budgets))}
+
+
+def oracle(
+    h: Harness,
+    budgets: Sequence[float],
+    scorers: Mapping[str, Scorer],
+    measured: Mapping[tuple[int, ...], float] | None = None,
+) -> list[OracleResult]:
     """The oracle and each scorer's recommendation at each budget (weights only, the harness's
-    integer candidate widths; activations stay float). Each assignment is simulated once."""
+    integer candidate widths; activations stay float). Each assignment is simulated once, or
+    read from ``measured`` (``measure_assignments``'s answer, e.g. stored by a previous run)."""
     names = list(h.weights)
     numels = [int(h.simulator.sim.weights[w].size) for w in names]
     widths = [b for b in h.weight_bits if isinstance(b, int)]
     every = assignments(names, numels, widths, max(budgets))
-    kl = {tuple(a.values()): h.measure(Config(a, {})).kl for a in every}
+    kl = dict(measured) if measured is not None else measure_assignments(h, budgets)
+    missing = [a for a in every if tuple(a.values()) not in kl]
+    if missing:
+        raise FitonnxError(f"expected a measured KL for every assignment; {len(missing)} missing, e.g. {missing[0]}")
     out = []
     for budget in budgets:
         inside = [a for a in every if average_bits(list(a.values()), numels) <= budget + 1e-9]

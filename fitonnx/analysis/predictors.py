@@ -24,7 +24,9 @@ configuration:
 - ``noise_only``: Σ_t numel_t·Δ_t(b_t)², the total squared rounding error, every element weighted alike;
 - ``trace_only``: Σ_t Tr(F_t)/(2^b_t − 1)², sensitivity without the tensor's range;
 - ``size_only``: Σ_t numel_t/(2^b_t − 1)², neither sensitivity nor range: only how many values
-  lose how many bits.
+  lose how many bits;
+- ``hessian``: HAWQ-v2's Σ_t Tr(H_t)/n_t·‖Q(w_t) − w_t‖², the average Hessian trace of the loss by
+  Hutchinson's estimator (``hessian``), weights only; computed on request (``ON_REQUEST``).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class Predictor(TextEnum):
     NOISE_ONLY = "noise_only"
     TRACE_ONLY = "trace_only"
     SIZE_ONLY = "size_only"
+    HESSIAN = "hessian"
 
     @property
     def description(self) -> str:
@@ -75,7 +78,10 @@ PREDICTORS: dict[Predictor, str] = {
     Predictor.NOISE_ONLY: "Σ numel·Δ², rounding noise without Fisher",
     Predictor.TRACE_ONLY: "Σ Tr(F)/(2^b − 1)², Fisher trace without ranges",
     Predictor.SIZE_ONLY: "Σ numel/(2^b − 1)², tensor sizes and bits only",
+    Predictor.HESSIAN: "Σ Tr(H)/n·(Q(w) − w)², HAWQ-v2's Hutchinson Hessian trace (weights only)",
 }
+# Predictors whose tables are built only when asked (validate's baselines): the others always are.
+ON_REQUEST = frozenset({Predictor.HESSIAN})
 
 
 @dataclass(frozen=True)
@@ -95,8 +101,8 @@ class PredictorTables:
         return float(sum(table[row, col[merged[name]]] for row, name in enumerate(self.names) if name in merged))
 
     def predict(self, config: Config) -> dict[Predictor, float]:
-        """What every predictor says of ``config``."""
-        return {p: self.total(p, config) for p in Predictor}
+        """What every predictor with a table says of ``config``."""
+        return {p: self.total(p, config) for p in self.values}
 
 
 def exact_elements(w: np.ndarray, grid: simulate.Grid, axis: int | None) -> np.ndarray:
@@ -186,7 +192,7 @@ def predictor_tables(
     column = {t.name: j for j, t in enumerate(traces.tensors)}
     names = tuple(t.name for t in report.tensors)
     bits = sorted_choices([*weight_bits, *activation_bits])
-    values = {p: np.full((len(names), len(bits)), np.nan) for p in Predictor}
+    values = {p: np.full((len(names), len(bits)), np.nan) for p in Predictor if p not in ON_REQUEST}
     for row, t in enumerate(report.tensors):
         candidates = weight_bits if t.kind is Kind.WEIGHT else activation_bits
         for col, b in enumerate(bits):

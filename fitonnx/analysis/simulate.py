@@ -4,10 +4,20 @@ One simulation model per prepared model serves every configuration:
 
 - each quantizable weight becomes a graph input, fed its quantized-dequantized values (computed
   here in numpy, cached per tensor and bit width);
-- each quantizable activation ``a`` is replaced, for all its consumers, by
-  ``Where(on, lo + step·clip(round((a − lo)/step), 0, levels), a)`` whose ``lo``, ``step``,
-  ``levels`` and ``on`` are graph inputs, so a configuration is a feed, not a new model, and
-  ``on = False`` gives back the float activation bit for bit.
+- each quantized activation ``a`` is replaced, for all its consumers, by
+  ``clip(round(a/step), kmin, kmax)·step`` (``kmin = −zero_point``, ``kmax = levels − zero_point``,
+  the same values as QuantizeLinear→DequantizeLinear on ``clip(round(a/step) + zero_point, 0,
+  levels)``: integers below 2^24 are exact in float32) or by the floating grid's quantizer, whose
+  ``step``, ``kmin``, ``kmax`` (or scale, mantissa bits, …) are graph inputs, so a configuration is
+  a feed, not a new model.
+
+Which activations are quantized, and on which kind of grid, is the model's structure: each such
+pattern (``ActMode`` per activation) gets its own session, built on first use and kept
+(``MAX_SESSIONS``), with no node at all on float activations. Configurations of one family share
+one pattern (weights only: none quantized), so in practice a handful of sessions serve them all,
+and a float activation costs nothing (a single model with every quantizer behind ``Where`` ran all
+of them every time: ~5× plain inference on a MobileNet, BENCHMARKS.md). A dynamic block format
+(MX, NVFP4) is a mode of its own: the activation gets only its block quantizer (``block_sim``).
 
 Written with plain arithmetic ops rather than QuantizeLinear/DequantizeLinear because those
 only offer 4-, 8- and 16-bit integer types, and validation needs every width from 2 to 16.
@@ -20,7 +30,7 @@ Rounding is to nearest, ties to even (ONNX Round and numpy agree).
 
 from __future__ import annotations
 
-import dataclasses
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -29,31 +39,27 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from fitonnx.analysis import block_sim
+from fitonnx.analysis.block_sim import BlockInputs, BlockMode, BlockPlan
 from fitonnx.analysis.choices import BlockGrid, Choice, FloatGrid, float_grid, per_tensor
 from fitonnx.errors import FitonnxError, InternalError, ModelError, UnsupportedError
 from fitonnx.fisher.losses import PREFIX
-from fitonnx.formats import (
-    Format,
-    Granularity,
-    QParams,
-    ScaleType,
-    block_nodes,
-    params_from_range,
-    parse_format,
-    quantize_dequantize,
-)
+from fitonnx.formats import Format, Granularity, QParams, params_from_range, parse_format, quantize_dequantize
 from fitonnx.formats.block_nodes import is_dynamic_block
-from fitonnx.formats.quantize import int_limits, nvfp4_tensor_scale
+from fitonnx.formats.quantize import int_limits
 from fitonnx.model import graph
 from fitonnx.model.data import Dataset
 from fitonnx.model.graph import InputSpec, Kind, QuantTensor
 from fitonnx.model.runtime import CPU_PROVIDERS, session_options
 from fitonnx.score import noise
-from fitonnx.score.formats_fit import activation_axis, format_axis
+from fitonnx.score.formats_fit import format_axis
+from fitonnx.values import TextEnum
 
 MIN_BITS = 2
 # float32 holds every integer level exactly up to 2^24; 16 bits keeps round((x − lo)/step) exact.
 MAX_BITS = 16
+# Sessions a simulator keeps, one per pattern of quantized activations (least recently used dropped).
+MAX_SESSIONS = 4
 
 
 @dataclass(frozen=True)
@@ -167,11 +173,25 @@ class Config:
         return Config(weight_bits={}, activation_bits={})
 
 
+class ActMode(TextEnum):
+    """How a configuration treats one activation: kept in float, on an integer grid, on a floating grid."""
+
+    KEPT = "kept"
+    INTEGER = "integer"
+    FLOATING = "floating"
+
+
+Mode = ActMode | BlockMode  # an activation's mode in a pattern (BlockMode: a dynamic block format)
+
+
 @dataclass(frozen=True)
 class ActivationInputs:
-    """The graph inputs that set one activation's fake quantizer."""
+    """The names that set one activation's fake quantizer. ``Simulator.feed`` writes the settings
+    (``on``/``fp`` pick the mode; zero point and levels give the integer grid); a model variant's
+    graph inputs are ``step``, ``kmin``, ``kmax`` (integer grid) or ``fscale`` … ``ftop`` (floating)."""
 
     name: str
+    prefix: str
     zero_point: str
     step: str
     levels: str
@@ -182,23 +202,24 @@ class ActivationInputs:
     fmant: str
     femin: str
     ftop: str
-    blocks: tuple[BlockInputs, ...] = ()  # one branch per dynamic block format built in (``build``)
+    kmin: str
+    kmax: str
+    bout: str  # the activation as its consumers see it (``build``'s output may name it)
+    blocks: tuple[BlockInputs, ...] = ()  # the dynamic block formats it may take
 
 
-@dataclass(frozen=True)
-class BlockInputs:
-    """The inputs of one dynamic block branch of an activation's fake quantizer (``formats.block_nodes``):
-    ``on`` selects it, ``tensor_scale`` is NVFP4's float32 tensor scale (unused by MX)."""
-
-    format: str
-    axis: int
-    on: str
-    tensor_scale: str
+def _activation_inputs(i: int, act: QuantTensor, elem: int, plan: BlockPlan) -> ActivationInputs:
+    p = f"{PREFIX}sim{i}_"
+    fields = ("zero_point", "step", "levels", "on", "fp", "fscale", "fmant", "femin", "ftop", "kmin", "kmax", "bout")
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
+    blocks = block_sim.block_inputs(p, act, dtype, plan)
+    return ActivationInputs(name=act.name, prefix=p, dtype=dtype, blocks=blocks, **{f: p + f for f in fields})
 
 
 @dataclass(frozen=True)
 class SimulationModel:
-    """The serialized simulation model and the names a configuration feeds."""
+    """The serialized simulation model (weights as inputs, every activation in float: ``variant``
+    adds fake quantizers) and the names a configuration feeds."""
 
     model_bytes: bytes
     weights: Mapping[str, np.ndarray]  # float values of the weights that became inputs
@@ -282,109 +303,64 @@ def float_constants(p: str, dtype: np.dtype) -> list[onnx.TensorProto]:
     ]
 
 
-def _fake_quantizer(
-    g: onnx.GraphProto, i: int, act: QuantTensor, elem: int
-) -> tuple[ActivationInputs, list[onnx.NodeProto]]:
-    """The inputs (declared in ``g``) and nodes of activation ``act``'s fake quantizer, output ``<p>out``:
-    the integer grid when ``on``, the floating one when ``fp``, else the activation itself."""
-    p = f"{PREFIX}sim{i}_"
-    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
-    ai = ActivationInputs(
-        act.name, p + "zp", p + "step", p + "levels", p + "on", dtype,
-        p + "fp", p + "fscale", p + "fmant", p + "femin", p + "ftop",
-    )  # fmt: skip
-    for name in (ai.zero_point, ai.step, ai.levels, ai.fscale, ai.fmant, ai.femin, ai.ftop):
-        g.input.append(helper.make_tensor_value_info(name, elem, []))
-    for name in (ai.on, ai.fp):
-        g.input.append(helper.make_tensor_value_info(name, TensorProto.BOOL, []))
-    g.initializer.append(numpy_helper.from_array(np.zeros((), ai.dtype), p + "zero"))
-    g.initializer.extend(float_constants(p, dtype))
-    n = helper.make_node
-    nodes = [
-        n("Div", [act.name, ai.step], [p + "scaled"], name=p + "div"),
-        n("Round", [p + "scaled"], [p + "rounded"], name=p + "round"),
-        n("Add", [p + "rounded", ai.zero_point], [p + "shifted"], name=p + "add"),
-        n("Clip", [p + "shifted", p + "zero", ai.levels], [p + "q"], name=p + "clip"),
-        n("Sub", [p + "q", ai.zero_point], [p + "centred"], name=p + "sub"),
-        n("Mul", [p + "centred", ai.step], [p + "fq_int"], name=p + "mul"),
-        n("Where", [ai.on, p + "fq_int", act.name], [p + "int_out"], name=p + "where"),
-        *float_quantizer_nodes(act.name, p, ai.fscale, ai.fmant, ai.femin, ai.ftop),
-        n("Where", [ai.fp, p + "fout", p + "int_out"], [p + "out"], name=p + "fwhere"),
-    ]
-    return ai, nodes
+def _fake_quantizer(g: onnx.GraphProto, ai: ActivationInputs, mode: Mode) -> list[onnx.NodeProto]:
+    """The nodes of activation ``ai``'s fake quantizer in ``mode`` (its inputs declared in ``g``);
+    the last node's output is the quantized activation."""
+    p, elem = ai.prefix, helper.np_dtype_to_tensor_dtype(ai.dtype)
+    if isinstance(mode, BlockMode):
+        return block_sim.block_quantizer(g, ai.name, p, block_sim.mode_inputs(ai.blocks, mode))
+    if mode is ActMode.FLOATING:
+        names = (ai.fscale, ai.fmant, ai.femin, ai.ftop)
+        g.initializer.extend(float_constants(p, ai.dtype))
+        nodes = float_quantizer_nodes(ai.name, p, *names)
+    elif mode is ActMode.INTEGER:
+        names = (ai.step, ai.kmin, ai.kmax)
+        n = helper.make_node
+        nodes = [
+            n("Div", [ai.name, ai.step], [p + "scaled"], name=p + "div"),
+            n("Round", [p + "scaled"], [p + "rounded"], name=p + "round"),
+            n("Clip", [p + "rounded", ai.kmin, ai.kmax], [p + "q"], name=p + "clip"),
+            n("Mul", [p + "q", ai.step], [p + "out"], name=p + "mul"),
+        ]
+    else:
+        raise InternalError(f"no fake quantizer for mode {mode}")
+    g.input.extend(helper.make_tensor_value_info(name, elem, []) for name in names)
+    return nodes
 
 
-def _block_branches(
-    g: onnx.GraphProto, i: int, act: QuantTensor, ai: ActivationInputs, blocks: BlockPlan
-) -> tuple[ActivationInputs, list[onnx.NodeProto]]:
-    """Dynamic block branches after activation ``act``'s fake quantizer (output ``<p>out``), one per
-    format of ``blocks`` that applies to it (a float32 activation whose consumers agree on a reduction
-    axis, at opset ≥ 11): ``Where(on, blockQDQ(a), previous)``, the last one renamed ``<p>bout``."""
-    p = f"{PREFIX}sim{i}_"
-    known = bool(act.shape) and all(isinstance(d, int) for d in act.shape or ())
-    axis = activation_axis(blocks.model, act.name, len(act.shape or ())) if known else None
-    rank = len(act.shape or ())
-    usable = (
-        axis is not None and -rank <= axis < rank and ai.dtype == np.float32 and blocks.opset >= block_nodes.MIN_OPSET
-    )
-    fmts = [f for f in blocks.formats if usable]
-    nodes: list[onnx.NodeProto] = []
-    branches: list[BlockInputs] = []
-    prev = p + "out"
-    for k, fmt in enumerate(fmts):
-        q = f"{p}blk{k}_"
-        bi = BlockInputs(fmt.name, int(axis or 0), q + "on", q + "ts")
-        g.input.append(helper.make_tensor_value_info(bi.on, TensorProto.BOOL, []))
-        g.input.append(helper.make_tensor_value_info(bi.tensor_scale, TensorProto.FLOAT, []))
-        layout = block_nodes.block_layout(act.shape or (), int(axis or 0), fmt.block_size or 1)
-        more, inits = block_nodes.block_qdq_nodes(act.name, q, fmt, layout, blocks.opset, bi.tensor_scale)
-        g.initializer.extend(inits)
-        nodes += [*more, helper.make_node("Where", [bi.on, q + "out", prev], [q + "sel"], name=q + "where")]
-        prev = q + "sel"
-        branches.append(bi)
-    nodes.append(helper.make_node("Identity", [prev], [p + "bout"], name=p + "bout"))
-    return dataclasses.replace(ai, blocks=tuple(branches)), nodes
-
-
-@dataclass(frozen=True)
-class BlockPlan:
-    """The dynamic block formats the simulation builds branches for, with what places them."""
-
-    formats: tuple[Format, ...] = ()
-    model: onnx.ModelProto | None = None
-    opset: int = 0
-
-
-def _insert_fake_quantizers(
-    g: onnx.GraphProto, activations: Sequence[QuantTensor], types: Mapping[str, int], blocks: BlockPlan
-) -> tuple[ActivationInputs, ...]:
-    """Route every consumer of each activation through its fake quantizer, placed right after the
-    activation's producer so that the graph stays in topological order."""
+def _insert_fake_quantizers(g: onnx.GraphProto, chosen: Sequence[tuple[ActivationInputs, Mode]]) -> None:
+    """Route every consumer of each chosen activation through its fake quantizer, placed right
+    after the activation's producer so that the graph stays in topological order."""
     renames: dict[str, str] = {}
     groups: list[list[onnx.NodeProto]] = []
-    act_inputs: list[ActivationInputs] = []
-    for i, act in enumerate(activations):
-        ai, nodes = _fake_quantizer(g, i, act, types.get(act.name, TensorProto.FLOAT))
-        if blocks.formats:
-            ai, more = _block_branches(g, i, act, ai, blocks)
-            nodes += more
-        renames[act.name] = nodes[-1].output[0]
+    for ai, mode in chosen:
+        nodes = _fake_quantizer(g, ai, mode)
+        renames[ai.name] = nodes[-1].output[0]
         groups.append(nodes)
-        act_inputs.append(ai)
     for node in g.node:
         for slot, name in enumerate(node.input):
             if name in renames:
                 node.input[slot] = renames[name]
     position = graph.producer_positions(g.node)
     nodes = list(g.node)
-    for act, group in sorted(
-        zip(activations, groups, strict=True), key=lambda pair: position.get(pair[0].name, -1), reverse=True
+    for (ai, _), group in sorted(
+        zip(chosen, groups, strict=True), key=lambda pair: position.get(pair[0][0].name, -1), reverse=True
     ):
-        at = position.get(act.name, -1) + 1
+        at = position.get(ai.name, -1) + 1
         nodes[at:at] = group
     del g.node[:]
     g.node.extend(nodes)
-    return tuple(act_inputs)
+
+
+def variant(sim: SimulationModel, modes: Sequence[Mode]) -> bytes:
+    """The simulation model with a fake quantizer on each activation (order of ``sim.activations``)
+    whose mode is not KEPT."""
+    chosen = [(a, m) for a, m in zip(sim.activations, modes, strict=True) if m is not ActMode.KEPT]
+    if not chosen:
+        return sim.model_bytes
+    work = onnx.load_from_string(sim.model_bytes)
+    _insert_fake_quantizers(work.graph, chosen)
+    return work.SerializeToString()
 
 
 def build(
@@ -399,7 +375,7 @@ def build(
     ``inputs`` (the original model's input declarations) replace the prepared model's, which may
     be fixed to one sample's shape; stored intermediate shapes go with them, so a batch axis the
     original declares is free again (``Simulator`` checks that batching gives per-sample results).
-    ``block_formats``: the dynamic block formats (MX, NVFP4) activations may take (a branch each).
+    ``block_formats``: the dynamic block formats (MX, NVFP4) activations may take (``block_sim``).
     """
     work = onnx.ModelProto()
     work.CopyFrom(model)
@@ -407,9 +383,13 @@ def build(
     if inputs is not None:
         _free_batch_axes(g, inputs)
     values = _weights_as_inputs(g, [t for t in tensors if t.kind is Kind.WEIGHT])
+    types, plan = _elem_types(model), BlockPlan.of(model, block_formats)
     activations = [t for t in tensors if t.kind is Kind.ACTIVATION]
-    plan = BlockPlan(tuple(f for f in block_formats if is_dynamic_block(f)), model, graph.default_opset(model))
-    act_inputs = _insert_fake_quantizers(g, activations, _elem_types(model), plan)
+    act_inputs = tuple(
+        _activation_inputs(i, t, types.get(t.name, TensorProto.FLOAT), plan) for i, t in enumerate(activations)
+    )
+    for a in (a for a in act_inputs if a.bout == output):  # a reader like any: quantized in a variant
+        g.node.append(helper.make_node("Identity", [a.name], [output], name=output))
     if output not in {o.name for o in g.output} and output not in graph.producer_positions(g.node):
         raise ModelError(f"expected {output!r} to be a tensor of the model; found no producer")
     del g.output[:]
@@ -467,7 +447,10 @@ class Simulator:
         self._args = (sim, model, tensors, act_ranges, scheme, data, specs, batch_size)
         self.sim = sim
         self.scheme = scheme
-        self.session = session(sim.model_bytes)
+        self.session = session(sim.model_bytes)  # every activation in float
+        self._sessions: OrderedDict[tuple[Mode, ...], ort.InferenceSession] = OrderedDict(
+            [((ActMode.KEPT,) * len(sim.activations), self.session)]
+        )
         self.act_ranges = dict(act_ranges)
         # Per channel where a weight's channels are known; a weight that reaches its op through
         # layout ops (an unrolled recurrent cell's R) or whose consumers disagree stays per tensor.
@@ -484,7 +467,7 @@ class Simulator:
                     self.notes.append(f"quantized per tensor, not per channel: {exc.message}")
             self.axes[t.name] = axis
         self.model = model
-        self._shapes = {t.name: tuple(t.shape) for t in tensors if t.kind is Kind.ACTIVATION and t.shape}
+        self._blocks = {a.name: a.blocks for a in sim.activations}
         self._weights: dict[tuple[str, Choice], np.ndarray] = {}
         self._formats: dict[tuple[str, str], tuple[Format, int | None]] = {}
         self.data = batches(data, specs, batch_size)
@@ -495,6 +478,11 @@ class Simulator:
         # Sent to a worker (validate --workers/--ray) as what built it: the worker opens its own session.
         return (Simulator, self._args)
 
+    def on(self, data: Dataset) -> Simulator:
+        """The same simulation over other samples (e.g. the calibration data), in its own session."""
+        sim, model, tensors, act_ranges, scheme, _, specs, batch_size = self._args
+        return Simulator(sim, model, tensors, act_ranges, scheme, data, specs, batch_size)
+
     def _batching_works(self) -> bool:
         """Whether a batch gives what its samples give one by one (a prepared model may have folded
         shape arithmetic for batch 1, which then fails or mixes samples)."""
@@ -503,10 +491,11 @@ class Simulator:
         if self.data.stack or n < 2:
             return True
         settings = self.feed(Config.floating())
+        inputs = self._inputs(settings, self.modes(settings))
         try:
-            (batched,) = self.session.run([self.sim.output], {**first, **settings})
+            (batched,) = self.session.run([self.sim.output], {**first, **inputs})
             singles = [
-                self.session.run([self.sim.output], {**{k: v[i : i + 1] for k, v in first.items()}, **settings})[0]
+                self.session.run([self.sim.output], {**{k: v[i : i + 1] for k, v in first.items()}, **inputs})[0]
                 for i in (0, n - 1)
             ]
         except Exception:
@@ -545,25 +534,9 @@ class Simulator:
 
     def activation_format(self, name: str, choice: str) -> Format:
         """The format an activation gets for ``choice``: a dynamic block format (MX, NVFP4) where the
-        simulation has its branch for the activation, else the same element per tensor."""
+        simulation has its block quantizer for the activation, else the same element per tensor."""
         fmt = parse_format(choice)
-        if is_dynamic_block(fmt) and self._block_inputs(name, fmt.name) is not None:
-            return fmt
-        return per_tensor(fmt)
-
-    def _block_inputs(self, name: str, fmt_name: str) -> BlockInputs | None:
-        a = next((a for a in self.sim.activations if a.name == name), None)
-        return None if a is None else next((b for b in a.blocks if b.format == fmt_name), None)
-
-    def activation_block(self, name: str, fmt: Format) -> BlockGrid:
-        """The dynamic block quantizer of activation ``name`` (NVFP4: tensor scale from the calibrated range)."""
-        bi = self._block_inputs(name, fmt.name)
-        shape = self._shapes.get(name)
-        if bi is None or shape is None:
-            raise InternalError(f"the simulation has no {fmt.name} branch for activation {name!r}")
-        lo, hi = self.act_ranges[name]
-        scale = float(nvfp4_tensor_scale(max(abs(lo), abs(hi)))) if fmt.scale is ScaleType.E4M3 else 1.0
-        return BlockGrid(fmt, shape, bi.axis, scale, graph.default_opset(self.model))
+        return fmt if block_sim.find(self._blocks.get(name, ()), fmt.name) else per_tensor(fmt)
 
     def activation_grid(self, name: str, choice: Choice) -> Grid:
         """The integer grid of activation ``name`` (bits of the min/max grid, or an integer format)."""
@@ -588,8 +561,8 @@ class Simulator:
         fmt = self.activation_format(name, choice)
         if fmt.is_int:
             return None
-        if is_dynamic_block(fmt):
-            return self.activation_block(name, fmt)
+        if is_dynamic_block(fmt):  # NVFP4's tensor scale from the calibrated range
+            return block_sim.block_grid(self._blocks.get(name, ()), fmt, self.act_ranges[name])
         lo, hi = self.act_ranges[name]
         return float_grid(fmt, float(np.asarray(params_from_range(fmt, lo, hi).scale).reshape(())))
 
@@ -605,11 +578,10 @@ class Simulator:
         return self._weights[key]
 
     def _activation_feed(self, a: ActivationInputs, choice: Choice | None) -> dict[str, np.ndarray]:
-        """The fake quantizer's inputs for one activation: float, integer grid or floating grid."""
+        """The fake quantizer's settings for one activation: float, integer, floating grid or blocks."""
         zero_point, step, levels, on = 0.0, 1.0, 1.0, False
         fg = None if choice is None else self.activation_float(a.name, choice)
-        block = fg if isinstance(fg, BlockGrid) else None
-        fg = None if block is not None else fg
+        block, fg = (fg, None) if isinstance(fg, BlockGrid) else (None, fg)
         if choice is not None and fg is None and block is None:
             grid = self.activation_grid(a.name, choice)
             zero_point, step, levels, on = float(grid.zero_point), float(grid.step), float(grid.levels), True
@@ -621,11 +593,7 @@ class Simulator:
         feed = {k: np.array(v, a.dtype) for k, v in values.items()}
         feed[a.on] = np.array(on)
         feed[a.fp] = np.array(fg is not None)
-        for b in a.blocks:
-            chosen = block is not None and block.fmt.name == b.format
-            feed[b.on] = np.array(chosen)
-            feed[b.tensor_scale] = np.array(block.tensor_scale if chosen and block else 1.0, np.float32)
-        return feed
+        return feed | block_sim.block_settings(a.blocks, block)
 
     def feed(self, config: Config, weights: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Weight values and fake-quantizer settings for ``config``; ``weights`` replaces the values
@@ -654,16 +622,51 @@ class Simulator:
 
     def run_feed(self, settings: Mapping[str, np.ndarray]) -> np.ndarray:
         """The output over all held-out samples for settings made by ``feed`` (or ``format_feed``)."""
+        modes = self.modes(settings)
+        run, inputs = self._session(modes), self._inputs(settings, modes)
         outs = []
         for batch in self.data.feeds:
             try:
-                (value,) = self.session.run([self.sim.output], {**batch, **settings})
+                (value,) = run.run([self.sim.output], {**batch, **inputs})
             except Exception as exc:
                 raise ModelError(
                     f"onnxruntime failed on the simulation model: {str(exc).splitlines()[0][:300]}"
                 ) from None
             outs.append(np.asarray(value))
         return np.stack(outs) if self.data.stack else np.concatenate(outs, axis=0)
+
+    def modes(self, settings: Mapping[str, np.ndarray]) -> tuple[Mode, ...]:
+        """Each activation's mode in ``settings`` (order of ``sim.activations``)."""
+        return tuple(
+            block_sim.picked(a.blocks, settings)
+            or (ActMode.FLOATING if bool(settings[a.fp]) else ActMode.INTEGER if bool(settings[a.on]) else ActMode.KEPT)
+            for a in self.sim.activations
+        )
+
+    def _session(self, modes: tuple[Mode, ...]) -> ort.InferenceSession:
+        """The session of the model variant quantizing activations as ``modes`` says (built once, kept)."""
+        if modes in self._sessions:
+            self._sessions.move_to_end(modes)
+        else:
+            self._sessions[modes] = session(variant(self.sim, modes))
+            if len(self._sessions) > MAX_SESSIONS:
+                self._sessions.popitem(last=False)
+        return self._sessions[modes]
+
+    def _inputs(self, settings: Mapping[str, np.ndarray], modes: Sequence[Mode]) -> dict[str, np.ndarray]:
+        """The graph inputs of the variant for ``modes``: weights, then each quantizer's grid."""
+        inputs = {name: settings[name] for name in self.sim.weights}
+        for a, mode in zip(self.sim.activations, modes, strict=True):
+            if mode is ActMode.INTEGER:
+                zp = np.float64(settings[a.zero_point])
+                inputs[a.step] = settings[a.step]
+                inputs[a.kmin] = np.array(-zp, a.dtype)
+                inputs[a.kmax] = np.array(np.float64(settings[a.levels]) - zp, a.dtype)
+            elif mode is ActMode.FLOATING:
+                inputs |= {k: settings[k] for k in (a.fscale, a.fmant, a.femin, a.ftop)}
+            elif isinstance(mode, BlockMode):
+                inputs |= block_sim.graph_inputs(a.blocks, mode, settings)
+        return inputs
 
 
 def format_feed(

@@ -10,7 +10,9 @@ a budget is drawn in that band and each tensor takes a choice near it. Configura
 threshold are flagged and counted, and ρ is reported for all and for the working ones. ``random``
 (the old sampler) draws every tensor's choice uniformly. With formats (``SimulationOptions.formats``)
 each family of formats gets its own configurations and its own ρ. ``harness`` holds the stage before
-any configuration; the views of the report are in ``fitonnx.render.validate``.
+any configuration; the views of the report are in ``fitonnx.render.validate``. Expensive peers
+(``harness.Baseline``: HAWQ's Hessian trace) are ranked only when asked; every predictor's cost is
+reported (``ValidationReport.costs``).
 """
 
 from __future__ import annotations
@@ -30,8 +32,17 @@ from fitonnx.analysis.damage import (
     per_sample_measures,
     reliability,
 )
-from fitonnx.analysis.harness import EvalSource, Harness, SimulationOptions, harness, measure_all
-from fitonnx.analysis.predictors import Predictor
+from fitonnx.analysis.harness import (
+    Baseline,
+    BaselineOptions,
+    Cost,
+    EvalSource,
+    Harness,
+    SimulationOptions,
+    harness,
+    measure_all,
+)
+from fitonnx.analysis.predictors import ON_REQUEST, Predictor
 from fitonnx.analysis.simulate import Config, GridScheme
 from fitonnx.errors import FitonnxError
 from fitonnx.fisher import session as api
@@ -70,6 +81,7 @@ class SamplingOptions:
     sampler: Sampler = Sampler.BUDGET
     threshold: Threshold = field(default_factory=Threshold)
     predictor: Predictor = DEFAULT_PREDICTOR  # the one the report leads with (the paper's FIT beside it)
+    baselines: BaselineOptions = field(default_factory=BaselineOptions)  # expensive peers ranked too
 
 
 @dataclass(frozen=True)
@@ -137,6 +149,9 @@ class ValidationReport:
     threshold: Threshold = field(default_factory=Threshold)
     families: tuple[FamilySummary, ...] = ()
     default_predictor: Predictor = DEFAULT_PREDICTOR
+    # The predictors computed (baselines only when asked), and what each cost: gradient passes, seconds.
+    predictors: tuple[Predictor, ...] = tuple(p for p in Predictor if p not in ON_REQUEST)
+    costs: Mapping[Predictor, Cost] = field(default_factory=dict)
 
     @property
     def rejected(self) -> int:
@@ -333,7 +348,16 @@ def validate(
         raise FitonnxError(f"expected a non-negative number of configurations; found {samp.configs}")
     opts = options or FisherOptions()
     seed = opts.seed
-    h = harness(model, data, eval_data, simulation=simulation, options=opts, progress=progress, session=session)
+    asked = samp.baselines.baselines
+    if samp.predictor in ON_REQUEST and Baseline(samp.predictor.value) not in asked:
+        raise FitonnxError(
+            f"expected the {samp.predictor} baseline asked for to lead with it; found baselines {list(asked)}",
+            hint=f"add --baseline {samp.predictor}",
+        )
+    h = harness(
+        model, data, eval_data, simulation=simulation, options=opts, progress=progress, session=session,
+        baselines=samp.baselines,
+    )  # fmt: skip
     return validate_harness(h, samp, seed, progress, opts.workers)
 
 
@@ -384,12 +408,28 @@ def _report(
         configs=tuple(results),
         correlations=_correlations(results, ref.accuracy, samp.resamples, seed),
         reliability=reliability(per_sample_measures(ref, damages), seed=seed) if len(results) >= 3 else (),
-        notes=tuple(dict.fromkeys(h.simulator.notes)),
+        notes=tuple(dict.fromkeys((*h.simulator.notes, *_baseline_notes(h)))),
         sampler=samp.sampler,
         threshold=samp.threshold,
         families=families,
         default_predictor=Predictor(samp.predictor),
+        predictors=tuple(h.tables.values),
+        costs={p: h.cost(p) for p in h.tables.values},
     )
+
+
+def _baseline_notes(h: Harness) -> list[str]:
+    """What the report must say of the baselines computed (the Hessian's loss and probes)."""
+    hs = h.hessian
+    if hs is None:
+        return []
+    rel = np.median(hs.trace_se() / np.maximum(np.abs(hs.trace()), 1e-300)) if hs.estimates.shape[0] > 1 else np.nan
+    return [
+        f"hessian (HAWQ-v2): Hutchinson trace of the Hessian of the negative log-likelihood against {hs.labels} "
+        f"over {hs.samples} calibration samples, {hs.estimates.shape[0]} Rademacher probes over all weights "
+        f"at once (median relative standard error of a tensor's trace {rel:.2g}), central differences of "
+        f"the gradient with steps of {hs.eps_scale:g} × each weight's RMS; weights only: activations contribute 0"
+    ]
 
 
 def _correlations(
@@ -397,5 +437,5 @@ def _correlations(
 ) -> tuple[Correlation, ...]:
     if len(results) < 2:
         return ()
-    predictors = {p: np.array([r.predicted[p] for r in results]) for p in Predictor}
+    predictors = {p: np.array([r.predicted[p] for r in results]) for p in results[0].predicted}
     return rank_correlations(predictors, measures_of(results, float_accuracy), resamples, seed)

@@ -8,6 +8,9 @@ from typing import Any, TypeVar
 
 import click
 
+from fitonnx.allocate.formats_alloc import FormatOptions
+from fitonnx.allocate.knapsack import AllocationOptions, BudgetKind, budget_from
+from fitonnx.allocate.targets import DEFAULT_TARGET, TARGETS
 from fitonnx.errors import FitonnxError
 from fitonnx.files.readers import DEFAULT_LIMIT_MB, LIMIT_OPTION, Limit
 from fitonnx.fisher import batched, engines
@@ -332,3 +335,98 @@ def format_options(f: F) -> F:
             + ".",
         ),
     )(collect)  # type: ignore[arg-type]
+
+
+BUDGET_HELP = {
+    BudgetKind.AVG_BITS: "Budget: average bits per weight element (e.g. 4).",
+    BudgetKind.SIZE_KB: "Budget: total weight size in KB (1 KB = 1024 bytes, weights packed).",
+    BudgetKind.MAX_FIT: "Budget: the smallest weights whose total FIT stays within this.",
+}
+
+
+def budget_options(f: F) -> F:
+    """One option per ``BudgetKind`` (--avg-bits, --size-kb, --max-fit), handed to the command as its one
+    ``budget: Budget``."""
+
+    @functools.wraps(f)
+    def collect(*args: Any, **kwargs: Any) -> Any:
+        given = {kind.value: kwargs.pop(kind.value) for kind in BudgetKind}
+        return f(*args, budget=budget_from(**given), **kwargs)
+
+    flags = [
+        click.option(f"--{kind.value.replace('_', '-')}", type=float, help=BUDGET_HELP[kind]) for kind in BudgetKind
+    ]
+    return _compose(*flags)(collect)  # type: ignore[arg-type]
+
+
+def _allocation_choices(kwargs: dict[str, Any]) -> AllocationOptions | FormatOptions:
+    """Bit-width choices, or format choices with --formats/--weight-formats/--act-format (the options'
+    values are taken out of ``kwargs``)."""
+    common = {"target": kwargs.pop("target"), "tolerance": kwargs.pop("tolerance")}
+    bits = {name: kwargs.pop(name) for name in ("weight_bits", "act_bits", "act_avg_bits")}
+    formats = {name: kwargs.pop(name) for name in ("weight_formats", "act_format")}
+    if not (kwargs.pop("by_format") or any(v is not None for v in formats.values())):
+        return AllocationOptions(**common, **bits)
+    mixed = ", ".join(f"--{name.replace('_', '-')}" for name, value in bits.items() if value)
+    if mixed:
+        raise click.UsageError(f"{mixed} choose bit widths; with --formats use --weight-formats/--act-format")
+    return FormatOptions(**common, **formats)
+
+
+def allocation_options(f: F) -> F:
+    """--target and what it may choose: bit widths, or with --formats the formats of its menu; handed to
+    the command as one ``choices: AllocationOptions | FormatOptions``."""
+
+    @functools.wraps(f)
+    def collect(*args: Any, **kwargs: Any) -> Any:
+        return f(*args, choices=_allocation_choices(kwargs), **kwargs)
+
+    return _compose(
+        click.option(
+            "--target",
+            type=click.Choice(sorted(TARGETS)),
+            default=DEFAULT_TARGET,
+            show_default=True,
+            help="Deployment toolchain: its bit widths, grid and export files. "
+            + "; ".join(f"{t.name}: {t.summary}" for t in TARGETS.values()),
+        ),
+        click.option("--weight-bits", type=BitsList(), help="Restrict the target's weight bit widths, e.g. 4,8."),
+        click.option(
+            "--act-bits",
+            type=BitsList(),
+            help=f"Bits of every activation (one width), or with --act-avg-bits the candidate widths (e.g. 8,16). "
+            f"Default: the target's ({TARGETS[DEFAULT_TARGET].default_activation_bits}).",
+        ),
+        click.option(
+            "--act-avg-bits",
+            type=float,
+            help="Choose activation bits under this average (exact), among --act-bits if given.",
+        ),
+        *_format_choice_options(),
+        click.option(
+            "--tolerance",
+            type=click.FloatRange(min=0),
+            default=AllocationOptions.tolerance,
+            show_default=True,
+            help="0: exact optimum. ε > 0: FIT within a factor 1+ε of optimal, with a smaller front (for huge models).",
+        ),
+    )(collect)  # type: ignore[arg-type]
+
+
+def _format_choice_options() -> tuple[Callable[[F], F], ...]:
+    """--formats, --weight-formats and --act-format: allocate over the target's format menu."""
+    return (
+        click.option(
+            "--formats",
+            "by_format",
+            is_flag=True,
+            help="Choose per-tensor FORMATS from the target's menu (per channel, per block, FP8, NVFP4, MatMulNBits "
+            "...) with exact storage costs (scales and zero points counted in the budget) instead of bit widths.",
+        ),
+        click.option(
+            "--weight-formats",
+            type=FormatList(),
+            help="With --formats: restrict the weights' candidates, e.g. int8/ch,int4/ch (implies --formats).",
+        ),
+        click.option("--act-format", help="With --formats: the format of every activation (default: the target's)."),
+    )

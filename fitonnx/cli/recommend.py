@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
 
 from fitonnx import api
 from fitonnx.allocate.formats_alloc import FormatOptions
-from fitonnx.allocate.knapsack import BYTES_PER_KB, Allocation, AllocationOptions, budget_from
-from fitonnx.allocate.targets import DEFAULT_TARGET, TARGETS
+from fitonnx.allocate.knapsack import BYTES_PER_KB, Allocation, AllocationOptions, Budget, Objective
+from fitonnx.analysis.refine import Refinement
 from fitonnx.cli.common import data_source, echo_warnings, note, output_plan, table_width, wide_option
-from fitonnx.cli.options import BitsList, FormatList, data_options, fisher_options, force_option, noise_model_option
+from fitonnx.cli.options import (
+    allocation_options,
+    budget_options,
+    data_options,
+    fisher_options,
+    force_option,
+    noise_model_option,
+)
 from fitonnx.cli.progress import info, progress_bars
 from fitonnx.files import StagedFolder
 from fitonnx.fisher.options import FisherOptions
@@ -67,30 +75,14 @@ def format_summary(result: api.RecommendResult, limit: int | None = None, width:
     return "\n".join(lines)
 
 
-def _choices(
-    target: str,
-    weight_bits: tuple[int, ...] | None,
-    act_bits: tuple[int, ...] | None,
-    act_avg_bits: float | None,
-    by_format: bool,
-    weight_formats: tuple[str, ...] | None,
-    act_format: str | None,
-    tolerance: float,
-) -> AllocationOptions | FormatOptions:
-    """Bit-width choices, or format choices with --formats/--weight-formats/--act-format."""
-    if by_format or weight_formats is not None or act_format is not None:
-        mixed = [
-            n
-            for n, v in (("--weight-bits", weight_bits), ("--act-bits", act_bits), ("--act-avg-bits", act_avg_bits))
-            if v
-        ]
-        if mixed:
-            raise click.UsageError(
-                f"{', '.join(mixed)} choose bit widths; with --formats use --weight-formats/--act-format"
-            )
-        return FormatOptions(target=target, weight_formats=weight_formats, act_format=act_format, tolerance=tolerance)
-    return AllocationOptions(
-        target=target, weight_bits=weight_bits, act_bits=act_bits, act_avg_bits=act_avg_bits, tolerance=tolerance
+def refine_summary(r: Refinement) -> str:
+    """What ``--refine`` measured: how many candidates, which was kept, its KL against FIT's answer's."""
+    kept = "the knapsack's answer"
+    if r.chosen:
+        kept = f"candidate {r.chosen + 1} (the knapsack's answer measured {r.measured[0]:.4g})"
+    return (
+        f"refined by measurement: {r.simulations} candidates simulated on the calibration data; kept {kept}, "
+        f"calibration KL {r.measured[r.chosen]:.4g}"
     )
 
 
@@ -99,46 +91,25 @@ def _choices(
 @data_options
 @fisher_options
 @noise_model_option
-@click.option("--avg-bits", type=float, help="Budget: average bits per weight element (e.g. 4).")
-@click.option("--size-kb", type=float, help="Budget: total weight size in KB (1 KB = 1024 bytes, weights packed).")
-@click.option("--max-fit", type=float, help="Budget: the smallest weights whose total FIT stays within this.")
+@budget_options
+@allocation_options
 @click.option(
-    "--target",
-    type=click.Choice(sorted(TARGETS)),
-    default=DEFAULT_TARGET,
+    "--refine",
+    type=click.IntRange(min=1),
+    default=1,
     show_default=True,
-    help="Deployment toolchain: its bit widths, grid and export files. "
-    + "; ".join(f"{t.name}: {t.summary}" for t in TARGETS.values()),
-)
-@click.option("--weight-bits", type=BitsList(), help="Restrict the target's weight bit widths, e.g. 4,8.")
-@click.option(
-    "--act-bits",
-    type=BitsList(),
-    help=f"Bits of every activation (one width), or with --act-avg-bits the candidate widths (e.g. 8,16). "
-    f"Default: the target's ({TARGETS[DEFAULT_TARGET].default_activation_bits}).",
+    help="Simulate the knapsack's answer and its K-1 best-predicted neighbours (at most two weights changed, "
+    "same budget) on the calibration data and keep the least measured KL: K simulations, for the tensors' "
+    "interactions FIT's additive model misses (a neighbour replaces it only if lower by 2 paired standard "
+    "errors). 1: the knapsack's answer as it is; 16 measured best on the bundled CNN (BENCHMARKS.md).",
 )
 @click.option(
-    "--act-avg-bits", type=float, help="Choose activation bits under this average (exact), among --act-bits if given."
-)
-@click.option(
-    "--formats",
-    "by_format",
-    is_flag=True,
-    help="Choose per-tensor FORMATS from the target's menu (per channel, per block, FP8, NVFP4, MatMulNBits ...) "
-    "with exact storage costs (scales and zero points counted in the budget) instead of bit widths.",
-)
-@click.option(
-    "--weight-formats",
-    type=FormatList(),
-    help="With --formats: restrict the weights' candidates, e.g. int8/ch,int4/ch (implies --formats).",
-)
-@click.option("--act-format", help="With --formats: the format of every activation (default: the target's).")
-@click.option(
-    "--tolerance",
-    type=click.FloatRange(min=0),
-    default=0.0,
+    "--objective",
+    type=click.Choice([o.value for o in Objective]),
+    default=Objective.FIT.value,
     show_default=True,
-    help="0: exact optimum. ε > 0: FIT within a factor 1+ε of optimal, with a smaller front (for huge models).",
+    help="What the knapsack minimises: fit (the paper's FIT) or output_space (NVIDIA ModelOpt AutoQuantize's "
+    "Σ(∂ℓ/∂y·Δy)² at each weight's op outputs; one more calibration pass). Size budgets only.",
 )
 @click.option(
     "-o",
@@ -158,25 +129,21 @@ def recommend_command(
     random_samples: int | None,
     options: FisherOptions,
     noise_model: str,
-    avg_bits: float | None,
-    size_kb: float | None,
-    max_fit: float | None,
-    target: str,
-    weight_bits: tuple[int, ...] | None,
-    act_bits: tuple[int, ...] | None,
-    act_avg_bits: float | None,
-    by_format: bool,
-    weight_formats: tuple[str, ...] | None,
-    act_format: str | None,
-    tolerance: float,
+    budget: Budget,
+    choices: AllocationOptions | FormatOptions,
+    refine: int,
+    objective: str,
     out_dir: str,
     top: int | None,
     wide: bool,
     force: bool,
 ) -> None:
     """Choose per-tensor bit widths for MODEL under one budget (--avg-bits, --size-kb or --max-fit)."""
-    budget = budget_from(avg_bits=avg_bits, size_kb=size_kb, max_fit=max_fit)
-    choices = _choices(target, weight_bits, act_bits, act_avg_bits, by_format, weight_formats, act_format, tolerance)
+    if isinstance(choices, FormatOptions):
+        if refine > 1 or objective != Objective.FIT.value:
+            raise click.UsageError("--refine and --objective choose bit widths; a --formats recommendation is FIT's")
+    else:
+        choices = dataclasses.replace(choices, objective=Objective(objective), refine=refine)
     out = output_plan([model], [data], force=force).folder("--out", out_dir)
     assert out is not None and out.path is not None  # --out is required
     with StagedFolder(out.path) as staging, echo_warnings(), progress_bars() as bars:
@@ -191,6 +158,10 @@ def recommend_command(
             progress=bars,
         )
     click.echo(format_summary(result, limit=top, width=table_width(wide)))
+    if result.refinement is not None:
+        click.echo(refine_summary(result.refinement))
+    if result.refine_note:
+        note(result.refine_note)
     if result.written is not None:
         for message in result.written.notes:
             note(message)

@@ -9,7 +9,8 @@ import click
 from fitonnx.analysis import simulate
 from fitonnx.analysis.choices import ALL
 from fitonnx.analysis.damage import DEFAULT_MIN_AGREEMENT, Threshold
-from fitonnx.analysis.harness import DEFAULT_BATCH_SIZE, DEFAULT_BITS, SimulationOptions
+from fitonnx.analysis.harness import DEFAULT_BATCH_SIZE, DEFAULT_BITS, Baseline, BaselineOptions, SimulationOptions
+from fitonnx.analysis.hessian import DEFAULT_PROBES, HessianOptions
 from fitonnx.analysis.predictors import Predictor
 from fitonnx.analysis.validate import (
     DEFAULT_CONFIGS,
@@ -68,6 +69,21 @@ from fitonnx.render import validate as view
     help="The predictor the report leads with and plots (the paper's fit is shown beside it).",
 )
 @click.option(
+    "--baseline",
+    "baselines",
+    multiple=True,
+    type=click.Choice([b.value for b in Baseline]),
+    help="Also rank this peer, with its cost (off by default: expensive). hessian: HAWQ-v2's Hutchinson "
+    "Hessian trace by central differences of the gradient (2 passes per probe and calibration sample). Repeatable.",
+)
+@click.option(
+    "--hessian-probes",
+    type=click.IntRange(min=1),
+    default=DEFAULT_PROBES,
+    show_default=True,
+    help="Rademacher probes of the hessian baseline.",
+)
+@click.option(
     "--format",
     "formats",
     multiple=True,
@@ -122,6 +138,8 @@ def validate_command(
     min_agreement: float,
     max_kl: float | None,
     predictor: str,
+    baselines: tuple[str, ...],
+    hessian_probes: int,
     formats: tuple[str, ...],
     weights_only: bool,
     bits: tuple[int, ...],
@@ -166,6 +184,7 @@ def validate_command(
                 sampler=Sampler(sampler),
                 threshold=Threshold(min_agreement, max_kl),
                 predictor=Predictor(predictor),
+                baselines=BaselineOptions(baselines, HessianOptions(probes=hessian_probes)),
             ),
             options=options,
             progress=bars,

@@ -85,7 +85,7 @@ def batch_plan(
         why = "the loss reads an output whose first axis is not the batch"
     else:
         why = _batch_axis_problem(gm, data, specs)
-    return (1, f"batch size 1: {why}") if why else (batch, None)
+    return (1, why) if why else (batch, None)
 
 
 def _batch_axis_problem(gm: instrument.GradientModel, data: Dataset, specs: Mapping[str, InputSpec]) -> str | None:
@@ -94,7 +94,7 @@ def _batch_axis_problem(gm: instrument.GradientModel, data: Dataset, specs: Mapp
         (n, s.shape[0] if s.shape else "a scalar") for n, s in specs.items() if not s.shape or s.shape[0] is not None
     ]
     if fixed:
-        return f"input {fixed[0][0]!r} has a fixed batch size ({fixed[0][1]})"
+        return f"input {fixed[0][0]!r} has a fixed batch size of {fixed[0][1]}"
     first = {k: v for k, v in data.sample(0, specs).items() if k in specs}
     if gm.head.needs_labels and data.labels is not None:
         first["labels"] = np.asarray(data.sample_labels(0, specs))
@@ -207,13 +207,13 @@ def build(r: BatchRequest) -> BatchedModel | str:
     gm = r.gm
     shapes = _batched_shapes(gm.sample_shapes, r.batch)
     if shapes is None or not all(name in gm.sample_shapes for name in (*r.specs, *gm.probe_outputs)):
-        return "batch size 1: the per-sample shapes do not all start with a batch axis of 1"
+        return "the per-sample shapes do not all start with a batch axis of 1"
     weights = [t.name for t in gm.tensors if t.kind is Kind.WEIGHT]
     if r.batch > 1:
         try:  # before the model is prepared and probed at batch B: tied weights fail here, cheaply
             weight_readers(r.prepared, weights, r.batch)
         except FitonnxError as exc:
-            return f"batch size 1: {exc.message}"
+            return exc.message
     if r.batch == 1:
         prepared = r.prepared
     else:
@@ -222,17 +222,17 @@ def build(r: BatchRequest) -> BatchedModel | str:
         try:
             prepared = prepare(r.source, input_shapes={n: shapes[n] for n in r.specs}, feeds=feeds).model
         except FitonnxError as exc:
-            return f"batch size 1: the model does not prepare at batch {r.batch} ({exc.message})"
+            return f"the model does not prepare at batch {r.batch} ({exc.message})"
         mismatch = _probe_matches(gm, prepared, r.data, r.specs, r.batch, r.threads)
         if mismatch:
-            return f"batch size 1: {mismatch}"
+            return mismatch
     ranks = {name: len(shape) for name, shape in shapes.items()}
     try:
         aug = instrument.augment(prepared, gm.tensors, gm.head, r.labels_dtype, ranks, shapes)
         zeros = [zero for _, zero in aug.perturbations]
         model = per_sample_sqnorms(aug.model, LOSS, weights, zeros, batch=r.batch)
     except FitonnxError as exc:
-        return f"batch size 1: {exc.message}"
+        return exc.message
     names = {t.name: t.name for t in gm.tensors} | dict(aug.perturbations)
     sq = [f"{names[t.name]}_sqnorm" for t in gm.tensors]
     ranges = _add_ranges(model.graph, [a.name for a in gm.activations], ranks, default_opset(model))

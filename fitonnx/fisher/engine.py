@@ -74,6 +74,7 @@ class FisherTraces:
     targets: tuple[OutputTarget, ...] = ()  # the outputs of the loss and how each was read
     notes: tuple[str, ...] = ()  # the gradient model's notes on the loss (``GradientModel.notes``)
     batch_size: int = 1  # samples per run (``fisher.batched``)
+    batch_note: str = ""  # why the run is at batch 1 when a larger batch was asked for ("" otherwise)
     engine: str = ""  # the gradient engine that computed them (``fisher.engines``)
     device: str = "cpu"
     sums: Mapping[str, np.ndarray] | None = None  # mean over samples of ``GradientModel.sum_outputs``, by key

@@ -132,7 +132,7 @@ def _run(
     single_only: str | None,
 ) -> engine.FisherTraces:
     """The per-sample loop: batched where the engine and the model allow it (``fisher.batched``),
-    else one sample per run, with a note saying why when a batch was asked for."""
+    else one sample per run, saying why (``batch_note``) when a batch was asked for."""
     name = engines.get_engine(opts.engine).name
     default = batched.DEFAULT_BATCH_SIZE if name == "onnx" else 1
     if opts.workers.parallel:  # workers score one sample per run
@@ -159,14 +159,11 @@ def _run(
         built = batched.build(request)
         if not isinstance(built, str):
             traces = batched.run(built, gm, s.data, s.specs, opts.run_options(threads), progress)
-            notes = (*traces.notes, *([note] if note else []))
-            return dataclasses.replace(traces, batch_size=batch, notes=notes, engine=name, device=opts.device)
+            why = note or ""
+            return dataclasses.replace(traces, batch_size=batch, batch_note=why, engine=name, device=opts.device)
         note = note or built
     single = parallel.run(gm, s.data, s.specs, opts.run_options(threads), opts.workers, progress)
-    traces = dataclasses.replace(single, engine=name, device=opts.device)
-    if note:
-        traces = dataclasses.replace(traces, notes=(*traces.notes, note))
-    return traces
+    return dataclasses.replace(single, engine=name, device=opts.device, batch_note=note or "")
 
 
 def gradient_model(

@@ -189,6 +189,25 @@ def producers(nodes: Iterable[onnx.NodeProto]) -> dict[str, onnx.NodeProto]:
     return {name: node for node in nodes for name in node.output}
 
 
+def walk_upstream(name: str, expand: Callable[[str], Iterable[str] | None]) -> bool:
+    """Walk depth-first from tensor ``name`` towards the tensors it is computed from.
+
+    ``expand`` is called once for each non-empty name reached and returns the names to walk on to,
+    visited in that order (none for a leaf), or None to abandon the walk. True when it completed.
+    """
+    stack, seen = [name], set()
+    while stack:
+        current = stack.pop()
+        if current in seen or not current:
+            continue
+        seen.add(current)
+        following = expand(current)
+        if following is None:
+            return False
+        stack.extend(reversed(list(following)))
+    return True
+
+
 def producer_positions(nodes: Iterable[onnx.NodeProto]) -> dict[str, int]:
     """The index of the node that writes each tensor name (the last one, should two claim it)."""
     return {name: i for i, node in enumerate(nodes) for name in node.output}

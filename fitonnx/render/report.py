@@ -21,6 +21,7 @@ def to_dict(report: ScoreReport) -> dict[str, Any]:
         "engine": report.engine,
         "device": report.device,
         "batch_size": report.batch_size,
+        "batch_note": report.batch_note or None,
         "weight_bits": list(report.weight_bits),
         "activation_bits": list(report.activation_bits),
         "noise_model": report.noise_model,
@@ -150,7 +151,8 @@ def format_table(report: ScoreReport, limit: int | None = None, width: int | Non
         f"{report.model}: {report.fisher} Fisher ({report.likelihood} on {report.output!r}), "
         f"{report.samples} samples from {report.data_source} [{report.stop_reason}]"
         + ("" if report.noise_model == "uniform" else f"; {report.noise_model} noise model")
-        + (f"; {report.engine} engine on {report.device}, batch {report.batch_size}" if report.engine else ""),
+        + (f"; {report.engine} engine on {report.device}, batch {report.batch_size}" if report.engine else "")
+        + (f" ({report.batch_note})" if report.engine and report.batch_note else ""),
         head,
         "-" * len(head),
     ]

@@ -38,7 +38,7 @@ def _config_dict(r: ConfigResult) -> dict[str, Any]:
         "weight_bits": dict(r.weight_bits),
         "activation_bits": dict(r.activation_bits),
         "uniform": r.uniform,
-        **{p.value: r.predicted[p] for p in Predictor},
+        **{p.value: v for p, v in r.predicted.items()},
         "kl": r.kl,
         "dloss": r.dloss,
         "accuracy": r.accuracy,
@@ -102,7 +102,8 @@ def to_dict(report: ValidationReport) -> dict[str, Any]:
         "default_predictor": report.default_predictor.value,
         "rejected": report.rejected,
         "float": {"loss": report.float_loss, "accuracy": report.float_accuracy},
-        "predictors": {p.value: d for p, d in PREDICTORS.items()},
+        "predictors": {p.value: PREDICTORS[p] for p in report.predictors},
+        "costs": {p.value: {"passes": c.passes, "seconds": c.seconds} for p, c in report.costs.items()},
         "measures": {m: MEASURES[Measure(m)] for m in report.measures},
         "configs": [_config_dict(r) for r in report.configs],
         "correlation": _correlations_dict(report.correlations),
@@ -168,7 +169,7 @@ def _correlation_table(
 ) -> list[str]:
     head = f"{'predictor':<14}" + "".join(f"{m:>{CELL_WIDTH}}" for m in report.measures)
     lines = ["", title, head, "-" * len(head)]
-    for p in Predictor:
+    for p in report.predictors:
         cells = [_cell(report.correlation(p, m), which) for m in report.measures]
         lines.append(f"{p:<14}" + "".join(f"{cell:>{CELL_WIDTH}}" for cell in cells))
     return lines
@@ -212,12 +213,24 @@ def _family_lines(report: ValidationReport) -> list[str]:
     for f in report.families:
         band = "random" if f.band is None else f"{f.band[0]}..{f.band[1]}"
         ceiling = next((r.ceiling for r in f.working_reliability if r.measure == Measure.KL), float("nan"))
-        others = [(rho(f.working, p), p) for p in Predictor if p not in (lead, Predictor.FIT)]
+        others = [(rho(f.working, p), p) for p in report.predictors if p not in (lead, Predictor.FIT)]
         best = max((o for o in others if math.isfinite(o[0])), default=None, key=lambda o: o[0])
         best_cell = "n/a" if best is None else f"{best[1].value} {best[0]:+.3f}"
         lines.append(
             f"{f.name:<16}{band:>18}{f.configs:>9}{f.rejected:>6}{cell(rho(f.correlations, lead)):>18}"
             f"{cell(rho(f.working, lead)):>22}{cell(rho(f.working, Predictor.FIT)):>13}{best_cell:>30}{cell(ceiling):>9}"
+        )
+    return lines
+
+
+def _cost_lines(report: ValidationReport) -> list[str]:
+    """Each predictor's cost: forward+backward passes of a gradient graph and seconds (0: data-free)."""
+    if not report.costs:
+        return []
+    lines = ["", "Cost of each predictor (forward+backward passes over calibration samples, seconds)"]
+    for p, c in report.costs.items():
+        lines.append(
+            f"  {p.value:<14}{c.passes:>9} passes {c.seconds:>9.1f} s" if c.passes else f"  {p.value:<14}data-free"
         )
     return lines
 
@@ -236,8 +249,9 @@ def format_report(report: ValidationReport) -> str:
     )
     lines += _correlation_table(report, "Kendall τ-b", lambda c: (c.kendall, c.kendall_ci))
     lines += _reliability_lines(report)
+    lines += _cost_lines(report)
     lines.append("")
-    lines += [f"  {p}: {d}" for p, d in PREDICTORS.items()]
+    lines += [f"  {p}: {PREDICTORS[p]}" for p in report.predictors]
     lines += [f"  {m}: {MEASURES[Measure(m)]}" for m in report.measures]
     return "\n".join(lines)
 

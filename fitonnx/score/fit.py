@@ -88,6 +88,7 @@ class ScoreReport:
     engine: str = ""  # the gradient engine, the device its session ran on, and samples per run
     device: str = "cpu"
     batch_size: int = 1
+    batch_note: str = ""  # why the run was at batch 1 though a larger batch was asked for
     formats: tuple[str, ...] = ()  # ``score --format``: the formats scored, in the order asked
     format_totals: Mapping[str, float] = dataclasses.field(default_factory=dict)  # Σ over tensors it applies to
 
@@ -241,4 +242,5 @@ def build_report(
         engine=traces.engine,
         device=traces.device,
         batch_size=traces.batch_size,
+        batch_note=traces.batch_note,
     )

@@ -29,8 +29,6 @@ espeak-ng program. Run from the repository root::
 
 from __future__ import annotations
 
-import math
-import re
 import shutil
 import subprocess
 import sys
@@ -40,14 +38,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "zoo"))
+import zoo_common
 from sentences import SENTENCES
 
-REPO = Path(__file__).resolve().parents[2]
-ZOO = REPO / "models" / "zoo"
+ZOO = zoo_common.ZOO
 OUT = ZOO / "data"
 SEED = 17
 VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-us+f3", "en-gb-x-rp", "en-us+m4", "en-029", "en-gb-x-gbclan")
@@ -64,63 +62,30 @@ def snippets(sentences: list[str], max_chars: int, count: int, rng: np.random.Ge
     """``count`` word-boundary pieces of at most ``max_chars`` characters (cycling through the sentences)."""
     out: list[str] = []
     while len(out) < count:
-        words = sentences[int(rng.integers(len(sentences)))].split()
-        start = int(rng.integers(0, max(1, len(words) - 2)))
-        line = ""
-        for word in words[start:]:
-            if len(line) + len(word) + 1 > max_chars:
-                break
-            line = f"{line} {word}".strip()
+        line = zoo_common.word_snippet(sentences[int(rng.integers(len(sentences)))], max_chars, rng)
         if len(line) >= 5:
             out.append(line)
     return out
 
 
-def render_line(text: str, height: int, rng: np.random.Generator) -> np.ndarray:
+PLAIN_LINE = zoo_common.LineStyle(font_share=(0.55, 0.72), ink_max=90, blur_max=0.9)
+
+
+def line_renderer(rng: np.random.Generator) -> Callable[[str, int], np.ndarray]:
     """Dark ink on a plain paper colour, slightly blurred (uint8 RGB). Plain paper keeps the shipped
     files small: RapidOCR's bilinear resize already gives every line many distinct float values."""
-    font = ImageFont.load_default(size=round(height * rng.uniform(0.55, 0.72)))
-    left, top, right, bottom = font.getbbox(text)
-    margin = int(rng.integers(2, max(3, height // 4)))
-    width = right - left + 2 * margin
-    paper = tuple(int(v) for v in rng.uniform(175, 250, size=3))
-    canvas = Image.new("RGB", (width, height), paper)
-    ink = tuple(int(v) for v in rng.uniform(0, 90, size=3))
-    y = (height - (bottom - top)) // 2 - top
-    ImageDraw.Draw(canvas).text((margin - left, y), text, font=font, fill=ink)
-    canvas = canvas.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.0, 0.9))))
-    return np.asarray(canvas, dtype=np.uint8)
 
+    def paper(height: int, width: int) -> Image.Image:
+        return Image.new("RGB", (width, height), tuple(int(v) for v in rng.uniform(175, 250, size=3)))
 
-def ocr_tensor(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
-    """RapidOCR's cls/rec input: BGR, resize to ``height`` keeping the aspect (width capped), (x/255-0.5)/0.5, right zero-padding."""
-    h, w = rgb.shape[:2]
-    resized_w = min(width, math.ceil(height * w / h))
-    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
-    resized = np.asarray(Image.fromarray(bgr).resize((resized_w, height), Image.BILINEAR), dtype=np.float32)
-    chw = ((resized / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
-    out = np.zeros((3, height, width), dtype=np.float32)
-    out[:, :, :resized_w] = chw
-    return out
-
-
-def session(name: str) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(ZOO / f"{name}.onnx"), options, providers=["CPUExecutionProvider"])
+    return lambda text, height: np.asarray(zoo_common.draw_text_line(text, height, rng, PLAIN_LINE, paper), np.uint8)
 
 
 def ppocr_cls(sentences: list[str], count: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    lines, labels = [], []
-    for k, text in enumerate(snippets(sentences, 26, count, rng)):
-        image = render_line(text, int(rng.integers(32, 64)), rng)
-        if k % 2:
-            image = image[::-1, ::-1]
-        lines.append(ocr_tensor(image, 48, 192))
-        labels.append(k % 2)
-    x, y = np.stack(lines), np.array(labels, dtype=np.int64)
-    p = session("ppocr_cls_mbv3").run(None, {"x": x})[0]
+    x = zoo_common.ocr_lines(snippets(sentences, 26, count, rng), 192, rng, line_renderer(rng), turn_odd=True)
+    y = np.arange(count, dtype=np.int64) % 2
+    p = zoo_common.session("ppocr_cls_mbv3").run(None, {"x": x})[0]
     print(
         f"  direction classifier accuracy {np.mean(p.argmax(1) == y):.3f}, mean max probability {p.max(1).mean():.3f}"
     )
@@ -130,14 +95,8 @@ def ppocr_cls(sentences: list[str], count: int, seed: int) -> dict[str, np.ndarr
 def ppocr_rec(sentences: list[str], count: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     texts = snippets(sentences, 28, count, rng)
-    x = np.stack([ocr_tensor(render_line(t, int(rng.integers(32, 64)), rng), 48, 320) for t in texts])
-    rec = session("ppocrv4_rec_svtr")
-    characters = ["<blank>", *rec.get_modelmeta().custom_metadata_map["character"].splitlines(), " "]
-    probabilities = rec.run(None, {"x": x})[0]
-    exact = 0
-    for text, row in zip(texts, probabilities.argmax(-1), strict=True):
-        keep = [int(c) for i, c in enumerate(row) if c != 0 and (i == 0 or c != row[i - 1])]
-        exact += "".join(characters[c] for c in keep).replace(" ", "") == text.replace(" ", "")
+    x = zoo_common.ocr_lines(texts, 320, rng, line_renderer(rng), turn_odd=False)
+    exact, _ = zoo_common.ctc_read(zoo_common.session("ppocrv4_rec_svtr"), x, texts)
     print(f"  recogniser reads {exact}/{count} lines exactly (spaces ignored)")
     return {"x": x}
 
@@ -188,19 +147,15 @@ def formant_voice(seconds: float, rng: np.random.Generator) -> np.ndarray:
 def speech_stream(sentences: list[str], seconds: float, rng: np.random.Generator) -> tuple[np.ndarray, str]:
     """About ``seconds`` of 16 kHz audio: utterances separated by 0.2-1.5 s pauses, over low noise."""
     real = shutil.which("espeak-ng") is not None
-    pieces, total = [], 0
-    while total < seconds * 16000:
-        pause = np.zeros(int(rng.uniform(0.2, 1.5) * 16000), np.float32)
-        if real:
-            voice = VOICES[int(rng.integers(len(VOICES)))]
-            text = sentences[int(rng.integers(len(sentences)))]
-            utterance = espeak(text, voice, int(rng.integers(130, 200)), int(rng.integers(25, 75)))
-        else:
-            utterance = formant_voice(rng.uniform(0.8, 2.5), rng)
-        utterance *= rng.uniform(0.1, 0.8) / max(1e-6, float(np.abs(utterance).max()))
-        pieces += [pause, utterance]
-        total += pause.size + utterance.size
-    audio = np.concatenate(pieces)[: int(seconds * 16000)]
+
+    def speak() -> np.ndarray:
+        if not real:
+            return formant_voice(rng.uniform(0.8, 2.5), rng)
+        voice = VOICES[int(rng.integers(len(VOICES)))]
+        text = sentences[int(rng.integers(len(sentences)))]
+        return espeak(text, voice, int(rng.integers(130, 200)), int(rng.integers(25, 75)))
+
+    audio = zoo_common.utterances(seconds, rng, speak)
     noise = np.convolve(rng.normal(0, 1, audio.size), np.ones(8) / 8, mode="same")
     audio = audio + rng.uniform(0.002, 0.01) * noise / noise.std()
     return audio.astype(np.float32), ("espeak-ng speech" if real else "voiced synthetic formant signals (no espeak-ng)")
@@ -209,25 +164,12 @@ def speech_stream(sentences: list[str], seconds: float, rng: np.random.Generator
 def silero(sentences: list[str], count: int, seed: int, name: str = "silero_vad_16k_op15") -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     audio, kind = speech_stream(sentences, count * 0.032 * 1.6 + 2.0, rng)
-    frames = audio[: audio.size // 512 * 512].reshape(-1, 512)
-    chunks = np.concatenate([np.concatenate([np.zeros((1, 64), np.float32), frames[:-1, -64:]]), frames], axis=1)
-    model = session(name)
-    state = np.zeros((2, 1, 128), np.float32)
-    states, probs = [], []
-    for chunk in chunks:
-        states.append(state)
-        p, state = model.run(None, {"input": chunk[None], "state": state, "sr": np.array(16000, np.int64)})
-        probs.append(float(p[0, 0]))
-    keep = np.linspace(8, len(chunks) - 1, count).round().astype(int)
-    kept = np.array(probs)[keep]
+    chunks = zoo_common.vad_chunks(audio)
+    arrays, kept = zoo_common.vad_samples(name, chunks, count)
     print(
         f"  {kind}: {len(chunks)} chunks, kept {count}: {np.mean(kept > 0.5):.2f} called speech, p {kept.min():.3f}..{kept.max():.3f}"
     )
-    return {
-        "input": chunks[keep][:, None, :].astype(np.float32),
-        "state": np.stack([states[i] for i in keep]).astype(np.float32),
-        "sr": np.full(count, 16000, dtype=np.int64),
-    }
+    return arrays
 
 
 def tiny_bert(sentences: list[str], count: int, seed: int, length: int = 32) -> dict[str, np.ndarray]:
@@ -238,14 +180,10 @@ def tiny_bert(sentences: list[str], count: int, seed: int, length: int = 32) -> 
     mask = np.zeros((count, length), dtype=np.int64)
     unknown = total = 0
     for row in range(count):
-        text = sentences[row % len(sentences)].lower()
-        words = [index.get(t, index["[UNK]"]) for t in re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text)]
+        words = zoo_common.bert_words(sentences[row % len(sentences)], index)
         unknown += sum(w == index["[UNK]"] for w in words)
         total += len(words)
-        words = [index["[MASK]"] if rng.random() < 0.15 else w for w in words[: length - 2]]
-        tokens = [index["[CLS]"], *words, index["[SEP]"]]
-        ids[row, : len(tokens)] = tokens
-        mask[row, : len(tokens)] = 1
+        zoo_common.bert_row(words, index, rng, ids[row], mask[row])
     print(f"  {total} words, {unknown / max(total, 1):.0%} unknown to the 512-token vocabulary")
     return {"input_ids": ids, "attention_mask": mask}
 

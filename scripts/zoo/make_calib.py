@@ -32,13 +32,11 @@ espeak-ng program (``apt-get install espeak-ng``). Run after fetch_wheels.py and
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,39 +46,16 @@ SEED = 0
 ZOO = zoo_common.ZOO
 
 
-def session(name: str) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(ZOO / f"{name}.onnx"), options, providers=["CPUExecutionProvider"])
-
-
-def ocr_normalize(bgr: np.ndarray) -> np.ndarray:
-    """RapidOCR's normalisation: uint8 HWC -> float32 CHW in [-1, 1]."""
-    return ((bgr.astype(np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1)
-
-
-def ocr_line_tensor(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
-    """RapidOCR's cls/rec resize: keep the aspect ratio at ``height``, cap at ``width``, zero-pad on the right."""
-    h, w = rgb.shape[:2]
-    resized_w = min(width, math.ceil(height * w / h))
-    chw = ocr_normalize(zoo_common.resize(np.ascontiguousarray(rgb[:, :, ::-1]), height, resized_w))
-    padded = np.zeros((3, height, width), dtype=np.float32)
-    padded[:, :, :resized_w] = chw
-    return padded
+def _photo_line(rng: np.random.Generator) -> Callable[[str, int], np.ndarray]:
+    return lambda text, height: zoo_common.render_text_line(text, height, rng).image
 
 
 def calib_ppocr_cls(count: int = 32) -> dict[str, np.ndarray]:
     """Text lines at 3x48x192, every other one rotated by 180 degrees; labels 0 (upright) / 1 (rotated)."""
     rng = np.random.default_rng(SEED)
-    lines, labels = [], []
-    for index, text in enumerate(zoo_common.text_snippets(24, count, rng)):
-        image = zoo_common.render_text_line(text, int(rng.integers(32, 64)), rng).image
-        if index % 2:
-            image = image[::-1, ::-1]
-        lines.append(ocr_line_tensor(image, 48, 192))
-        labels.append(index % 2)
-    x, y = np.stack(lines), np.array(labels, dtype=np.int64)
-    probabilities = session("ppocr_cls_mbv3").run(None, {"x": x})[0]
+    x = zoo_common.ocr_lines(zoo_common.text_snippets(24, count, rng), 192, rng, _photo_line(rng), turn_odd=True)
+    y = np.arange(count, dtype=np.int64) % 2
+    probabilities = zoo_common.session("ppocr_cls_mbv3").run(None, {"x": x})[0]
     print(f"  direction classifier accuracy on these lines: {np.mean(probabilities.argmax(1) == y):.3f}")
     return {"x": x, "labels": y}
 
@@ -89,16 +64,8 @@ def calib_ppocrv4_rec(count: int = 32) -> dict[str, np.ndarray]:
     """Text lines at 3x48x320 (RapidOCR's rec shape); prints the greedy CTC read-out accuracy."""
     rng = np.random.default_rng(SEED + 1)
     texts = zoo_common.text_snippets(28, count, rng)
-    x = np.stack(
-        [ocr_line_tensor(zoo_common.render_text_line(t, int(rng.integers(32, 64)), rng).image, 48, 320) for t in texts]
-    )
-    rec = session("ppocrv4_rec_svtr")
-    characters = ["<blank>", *rec.get_modelmeta().custom_metadata_map["character"].splitlines(), " "]
-    probabilities = rec.run(None, {"x": x})[0]
-    correct = 0
-    for text, row in zip(texts, probabilities.argmax(-1), strict=True):
-        keep = [int(c) for i, c in enumerate(row) if c != 0 and (i == 0 or c != row[i - 1])]
-        correct += "".join(characters[c] for c in keep).replace(" ", "") == text.replace(" ", "")
+    x = zoo_common.ocr_lines(texts, 320, rng, _photo_line(rng), turn_odd=False)
+    correct, probabilities = zoo_common.ctc_read(zoo_common.session("ppocrv4_rec_svtr"), x, texts)
     print(f"  recogniser reads {correct}/{count} lines exactly (spaces ignored); output {list(probabilities.shape)}")
     return {"x": x}
 
@@ -125,10 +92,10 @@ def calib_ppocrv4_det(count: int = 16, size: int = 160) -> dict[str, np.ndarray]
             y += bottom + int(rng.integers(6, 24))
             if y > size - 26:
                 break
-        images.append(ocr_normalize(np.asarray(canvas)[:, :, ::-1]))
+        images.append(zoo_common.ocr_normalize(np.asarray(canvas)[:, :, ::-1]))
         masks.append(mask)
     x = np.stack(images)
-    maps = session("ppocrv4_det_dbnet").run(None, {"x": x})[0][:, 0]
+    maps = zoo_common.session("ppocrv4_det_dbnet").run(None, {"x": x})[0][:, 0]
     on, off = maps[np.stack(masks)].mean(), maps[~np.stack(masks)].mean()
     print(f"  detector probability: {on:.3f} on text boxes, {off:.4f} elsewhere; output {list(maps.shape)}")
     return {"x": x}
@@ -139,39 +106,20 @@ def vad_stream() -> np.ndarray:
     return zoo_common.speech_stream(20.0, np.random.default_rng(SEED + 3))
 
 
-def vad_chunks(audio: np.ndarray, frame: int = 512, context: int = 64) -> np.ndarray:
-    """Streaming frames with the previous frame's last ``context`` samples prepended: [chunks, context + frame]."""
-    frames = audio[: audio.size // frame * frame].reshape(-1, frame)
-    contexts = np.concatenate([np.zeros((1, context), np.float32), frames[:-1, -context:]])
-    return np.concatenate([contexts, frames], axis=1)
-
-
 def calib_silero_streaming(name: str, count: int = 32) -> dict[str, np.ndarray]:
     """Run the streaming model over the stream (state carried), keep ``count`` evenly spaced chunks."""
-    model = session(name)
-    chunks = vad_chunks(vad_stream())
-    state = np.zeros((2, 1, 128), np.float32)
-    states, probabilities = [], []
-    for chunk in chunks:
-        states.append(state)
-        probability, state = model.run(None, {"input": chunk[None], "state": state, "sr": np.array(16000, np.int64)})
-        probabilities.append(float(probability[0, 0]))
-    keep = np.linspace(8, len(chunks) - 1, count).round().astype(int)
-    kept = np.array(probabilities)[keep]
+    chunks = zoo_common.vad_chunks(vad_stream())
+    arrays, kept = zoo_common.vad_samples(name, chunks, count)
     print(
         f"  {len(chunks)} chunks; kept {count}: {np.mean(kept > 0.5):.2f} called speech (p > 0.5), p from {kept.min():.3f} to {kept.max():.3f}"
     )
-    return {
-        "input": chunks[keep][:, None, :].astype(np.float32),
-        "state": np.stack([states[i] for i in keep]).astype(np.float32),
-        "sr": np.full(count, 16000, dtype=np.int64),
-    }
+    return arrays
 
 
 def calib_silero_sequence(count: int = 16, frames: int = 16) -> dict[str, np.ndarray]:
     """Blocks of ``frames`` chunks, each with the LSTM (h, c) the model carried in from the blocks before."""
-    model = session("silero_vad_16k_sequence")
-    chunks = vad_chunks(vad_stream())
+    model = zoo_common.session("silero_vad_16k_sequence")
+    chunks = zoo_common.vad_chunks(vad_stream())
     blocks = chunks[: len(chunks) // frames * frames].reshape(-1, frames, chunks.shape[1])
     h = np.zeros((1, 1, 128), np.float32)
     c = np.zeros((1, 1, 128), np.float32)
@@ -200,15 +148,13 @@ def calib_mbv3(count: int = 32, size: int = 96) -> dict[str, np.ndarray]:
     mean = np.array([0.485, 0.456, 0.406], dtype=np.float32)
     std = np.array([0.229, 0.224, 0.225], dtype=np.float32)
     x = ((crops.astype(np.float32) / 255 - mean) / std).transpose(0, 3, 1, 2).copy()
-    logits = session("mbv3_small_ts").run(None, {"input": x})[0]
+    logits = zoo_common.session("mbv3_small_ts").run(None, {"input": x})[0]
     print(f"  logits std {logits.std():.3f}, {len(set(logits.argmax(1).tolist()))} distinct argmax classes")
     return {"input": x}
 
 
 def calib_tiny_bert(count: int = 32, length: int = 32) -> dict[str, np.ndarray]:
     """Word-tokenised sentences with 15% [MASK], [CLS]/[SEP], padded to ``length``."""
-    import re
-
     vocab = (ZOO / "tiny_bert_dynamo.vocab.txt").read_text().splitlines()
     index = {token: i for i, token in enumerate(vocab)}
     rng = np.random.default_rng(SEED + 4)
@@ -216,12 +162,8 @@ def calib_tiny_bert(count: int = 32, length: int = 32) -> dict[str, np.ndarray]:
     mask = np.zeros((count, length), dtype=np.int64)
     sentences = zoo_common.english_sentences()
     for row, pick in enumerate(rng.permutation(len(sentences))[:count]):
-        words = [index.get(t, index["[UNK]"]) for t in re.findall(r"[a-z0-9]+|[^\sa-z0-9]", sentences[pick].lower())]
-        words = [index["[MASK]"] if rng.random() < 0.15 else w for w in words[: length - 2]]
-        tokens = [index["[CLS]"], *words, index["[SEP]"]]
-        ids[row, : len(tokens)] = tokens
-        mask[row, : len(tokens)] = 1
-    logits = session("tiny_bert_dynamo").run(None, {"input_ids": ids, "attention_mask": mask})[0]
+        zoo_common.bert_row(zoo_common.bert_words(sentences[pick], index), index, rng, ids[row], mask[row])
+    logits = zoo_common.session("tiny_bert_dynamo").run(None, {"input_ids": ids, "attention_mask": mask})[0]
     print(f"  {int(mask.sum())} real tokens of {mask.size}; logits {list(logits.shape)} std {logits.std():.3f}")
     return {"input_ids": ids, "attention_mask": mask}
 
@@ -234,7 +176,7 @@ def calib_char_gru(count: int = 32, length: int = 24) -> dict[str, np.ndarray]:
     text = " ".join(zoo_common.english_sentences())
     codes = np.array([ord(ch) - 31 if 32 <= ord(ch) < 127 else 0 for ch in text], dtype=np.int64)
     windows = codes[: codes.size // length * length].reshape(-1, length)
-    model = session("gru_charlm_dynamo")
+    model = zoo_common.session("gru_charlm_dynamo")
     h = np.zeros((1, 1, 64), np.float32)
     states = []
     for window in windows:
@@ -262,7 +204,7 @@ CALIBRATIONS: dict[str, Callable[[], dict[str, np.ndarray]]] = {
 
 def check_runs(name: str, arrays: dict[str, np.ndarray]) -> None:
     """Every sample runs in onnxruntime and gives finite outputs (extra-axis layout when ranks say so)."""
-    model = session(name)
+    model = zoo_common.session(name)
     ranks = {i.name: len(i.shape) for i in model.get_inputs()}
     count = len(next(iter(arrays.values())))
     for sample in range(count):

@@ -12,12 +12,18 @@ import codecs
 import contextlib
 import importlib
 import io
+import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 REPO = Path(__file__).resolve().parents[2]
 ZOO = REPO / "models" / "zoo"
@@ -63,18 +69,24 @@ def english_sentences() -> list[str]:
     return sentences
 
 
+def word_snippet(sentence: str, max_chars: int, rng: np.random.Generator) -> str:
+    """The words of ``sentence`` from a random one on, as many as fit in ``max_chars`` characters."""
+    words = sentence.split()
+    start = int(rng.integers(0, max(1, len(words) - 2)))
+    line = ""
+    for word in words[start:]:
+        if len(line) + len(word) + 1 > max_chars:
+            break
+        line = f"{line} {word}".strip()
+    return line
+
+
 def text_snippets(max_chars: int, count: int, rng: np.random.Generator) -> list[str]:
     """``count`` word-boundary snippets of at most ``max_chars`` characters from ``english_sentences``."""
     snippets: list[str] = []
     sentences = english_sentences()
     for index in rng.permutation(len(sentences)):
-        words = sentences[index].split()
-        start = int(rng.integers(0, max(1, len(words) - 2)))
-        line = ""
-        for word in words[start:]:
-            if len(line) + len(word) + 1 > max_chars:
-                break
-            line = f"{line} {word}".strip()
+        line = word_snippet(sentences[index], max_chars, rng)
         if len(line) >= 6:
             snippets.append(line)
         if len(snippets) == count:
@@ -110,22 +122,58 @@ class RenderedLine:
     text: str
 
 
-def render_text_line(text: str, height: int, rng: np.random.Generator) -> RenderedLine:
-    """Dark text on a light, slightly textured background (a faded photo crop), like a scanned or photographed line."""
-    font = ImageFont.load_default(size=round(height * rng.uniform(0.55, 0.7)))
+@dataclass(frozen=True)
+class LineStyle:
+    """How ``draw_text_line`` draws: the glyphs' share of the line height (a range), the darkest ink
+    channel's upper bound and the largest Gaussian blur radius."""
+
+    font_share: tuple[float, float]
+    ink_max: float
+    blur_max: float
+
+
+def draw_text_line(
+    text: str, height: int, rng: np.random.Generator, style: LineStyle, paper: Callable[[int, int], Image.Image]
+) -> Image.Image:
+    """``text`` in Pillow's embedded font, dark ink on ``paper(height, width)``, between random margins,
+    then blurred: the steps of every rendered text line, in the order they draw from ``rng``."""
+    font = ImageFont.load_default(size=round(height * rng.uniform(*style.font_share)))
     left, top, right, bottom = font.getbbox(text)
     margin = int(rng.integers(2, max(3, height // 4)))
-    width = right - left + 2 * margin
-    background = photo_crop((height, width), rng, scale=rng.uniform(0.5, 2.0)).astype(np.float32)
-    paper = rng.uniform(190, 250, size=3)
-    fade = rng.uniform(0.75, 0.95)
-    canvas = Image.fromarray(np.clip(fade * paper + (1 - fade) * background, 0, 255).astype(np.uint8))
-    ink = tuple(int(v) for v in rng.uniform(0, 80, size=3))
+    canvas = paper(height, right - left + 2 * margin)
+    ink = tuple(int(v) for v in rng.uniform(0, style.ink_max, size=3))
     y = (height - (bottom - top)) // 2 - top
     ImageDraw.Draw(canvas).text((margin - left, y), text, font=font, fill=ink)
-    canvas = canvas.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.0, 0.8))))
-    pixels = np.asarray(canvas, dtype=np.float32) + rng.normal(0, 3, size=(height, width, 3))
+    return canvas.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.0, style.blur_max))))
+
+
+PHOTO_LINE = LineStyle(font_share=(0.55, 0.7), ink_max=80, blur_max=0.8)
+
+
+def render_text_line(text: str, height: int, rng: np.random.Generator) -> RenderedLine:
+    """Dark text on a light, slightly textured background (a faded photo crop), like a scanned or photographed line."""
+
+    def faded_photo(height: int, width: int) -> Image.Image:
+        background = photo_crop((height, width), rng, scale=rng.uniform(0.5, 2.0)).astype(np.float32)
+        paper = rng.uniform(190, 250, size=3)
+        fade = rng.uniform(0.75, 0.95)
+        return Image.fromarray(np.clip(fade * paper + (1 - fade) * background, 0, 255).astype(np.uint8))
+
+    canvas = draw_text_line(text, height, rng, PHOTO_LINE, faded_photo)
+    pixels = np.asarray(canvas, dtype=np.float32) + rng.normal(0, 3, size=(height, canvas.width, 3))
     return RenderedLine(image=np.clip(pixels, 0, 255).astype(np.uint8), text=text)
+
+
+def ocr_lines(
+    texts: list[str], width: int, rng: np.random.Generator, render: Callable[[str, int], np.ndarray], turn_odd: bool
+) -> np.ndarray:
+    """RapidOCR cls/rec inputs [N, 3, 48, width] of ``texts``, each rendered by ``render(text, height)``
+    32-63 px high; with ``turn_odd`` every other line is turned by 180 degrees."""
+    lines = []
+    for k, text in enumerate(texts):
+        image = render(text, int(rng.integers(32, 64)))
+        lines.append(ocr_line_tensor(image[::-1, ::-1] if turn_odd and k % 2 else image, 48, width))
+    return np.stack(lines)
 
 
 def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -172,23 +220,110 @@ def espeak_utterance(text: str, voice: str, speed: int, pitch: int) -> np.ndarra
     return resample_poly(samples.astype(np.float32) / 32768.0, 320, 441).astype(np.float32)
 
 
+def utterances(seconds: float, rng: np.random.Generator, speak: Callable[[], np.ndarray]) -> np.ndarray:
+    """``seconds`` of 16 kHz audio: ``speak()``'s utterances at random loudness, each after a 0.2-1.5 s pause."""
+    pieces: list[np.ndarray] = []
+    total = 0
+    while total < seconds * 16000:
+        pause = np.zeros(int(rng.uniform(0.2, 1.5) * 16000), dtype=np.float32)
+        utterance = speak()
+        utterance *= rng.uniform(0.1, 0.8) / max(1e-6, float(np.abs(utterance).max()))
+        pieces += [pause, utterance]
+        total += pause.size + utterance.size
+    return np.concatenate(pieces)[: int(seconds * 16000)]
+
+
 def speech_stream(seconds: float, rng: np.random.Generator) -> np.ndarray:
     """About ``seconds`` of 16 kHz audio: espeak-ng sentences (several voices, speeds, loudness) separated
     by 0.2-1.5 s pauses, over low coloured background noise, like a microphone recording of speech."""
     voices = ("en-us", "en-gb", "en-gb-scotland", "en-us+f3", "en-gb-x-rp", "en-us+m4")
-    pieces: list[np.ndarray] = []
-    total = 0
     sentences = english_sentences()
-    while total < seconds * 16000:
-        pause = np.zeros(int(rng.uniform(0.2, 1.5) * 16000), dtype=np.float32)
+
+    def speak() -> np.ndarray:
         voice = voices[int(rng.integers(len(voices)))]
-        utterance = espeak_utterance(
-            sentences[int(rng.integers(len(sentences)))], voice, int(rng.integers(130, 200)), int(rng.integers(30, 70))
-        )
-        utterance *= rng.uniform(0.1, 0.8) / max(1e-6, float(np.abs(utterance).max()))
-        pieces += [pause, utterance]
-        total += pause.size + utterance.size
-    audio = np.concatenate(pieces)[: int(seconds * 16000)]
+        text = sentences[int(rng.integers(len(sentences)))]
+        return espeak_utterance(text, voice, int(rng.integers(130, 200)), int(rng.integers(30, 70)))
+
+    audio = utterances(seconds, rng, speak)
     white = rng.normal(0, 1, audio.size).astype(np.float32)
     coloured = np.convolve(white, np.ones(8, dtype=np.float32) / 8, mode="same")  # low-passed: room/fan-like noise
     return (audio + rng.uniform(0.002, 0.01) * coloured / coloured.std()).astype(np.float32)
+
+
+def session(name: str) -> ort.InferenceSession:
+    """The zoo model ``name`` in onnxruntime on the CPU, its log quiet."""
+    import onnxruntime as ort  # only the scripts that run models need it
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(ZOO / f"{name}.onnx"), options, providers=["CPUExecutionProvider"])
+
+
+def ocr_normalize(bgr: np.ndarray) -> np.ndarray:
+    """RapidOCR's normalisation: uint8 HWC -> float32 CHW in [-1, 1]."""
+    return ((bgr.astype(np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1)
+
+
+def ocr_line_tensor(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
+    """RapidOCR's cls/rec input: BGR, resized to ``height`` keeping the aspect ratio (width capped at
+    ``width``), normalised, zero-padded on the right."""
+    h, w = rgb.shape[:2]
+    resized_w = min(width, math.ceil(height * w / h))
+    chw = ocr_normalize(resize(np.ascontiguousarray(rgb[:, :, ::-1]), height, resized_w))
+    padded = np.zeros((3, height, width), dtype=np.float32)
+    padded[:, :, :resized_w] = chw
+    return padded
+
+
+def ctc_read(rec: ort.InferenceSession, x: np.ndarray, texts: list[str]) -> tuple[int, np.ndarray]:
+    """How many of ``texts`` the PaddleOCR recogniser reads exactly from ``x`` by greedy CTC (spaces
+    ignored), and its output probabilities."""
+    characters = ["<blank>", *rec.get_modelmeta().custom_metadata_map["character"].splitlines(), " "]
+    probabilities = rec.run(None, {"x": x})[0]
+    exact = 0
+    for text, row in zip(texts, probabilities.argmax(-1), strict=True):
+        keep = [int(c) for i, c in enumerate(row) if c != 0 and (i == 0 or c != row[i - 1])]
+        exact += "".join(characters[c] for c in keep).replace(" ", "") == text.replace(" ", "")
+    return exact, probabilities
+
+
+def vad_chunks(audio: np.ndarray, frame: int = 512, context: int = 64) -> np.ndarray:
+    """Streaming frames with the previous frame's last ``context`` samples prepended: [chunks, context + frame]."""
+    frames = audio[: audio.size // frame * frame].reshape(-1, frame)
+    contexts = np.concatenate([np.zeros((1, context), np.float32), frames[:-1, -context:]])
+    return np.concatenate([contexts, frames], axis=1)
+
+
+def vad_samples(name: str, chunks: np.ndarray, count: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Run the streaming Silero model ``name`` over ``chunks`` (state carried) and keep ``count`` evenly
+    spaced chunks with the state it carried into each; also their speech probabilities."""
+    model = session(name)
+    state = np.zeros((2, 1, 128), np.float32)
+    states, probabilities = [], []
+    for chunk in chunks:
+        states.append(state)
+        probability, state = model.run(None, {"input": chunk[None], "state": state, "sr": np.array(16000, np.int64)})
+        probabilities.append(float(probability[0, 0]))
+    keep = np.linspace(8, len(chunks) - 1, count).round().astype(int)
+    arrays = {
+        "input": chunks[keep][:, None, :].astype(np.float32),
+        "state": np.stack([states[i] for i in keep]).astype(np.float32),
+        "sr": np.full(count, 16000, dtype=np.int64),
+    }
+    return arrays, np.array(probabilities)[keep]
+
+
+def bert_words(text: str, index: dict[str, int]) -> list[int]:
+    """``text`` word-tokenised (lower case, words and single punctuation marks) into vocabulary ids."""
+    return [index.get(t, index["[UNK]"]) for t in re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())]
+
+
+def bert_row(
+    words: list[int], index: dict[str, int], rng: np.random.Generator, ids: np.ndarray, mask: np.ndarray
+) -> None:
+    """Write ``words`` into the rows ``ids``/``mask`` (in place) as [CLS] ... [SEP], 15% of them [MASK]ed,
+    cut to the row's length."""
+    words = [index["[MASK]"] if rng.random() < 0.15 else w for w in words[: ids.size - 2]]
+    tokens = [index["[CLS]"], *words, index["[SEP]"]]
+    ids[: len(tokens)] = tokens
+    mask[: len(tokens)] = 1

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ import onnxruntime as ort
 
 from fitonnx.errors import UnsupportedError
 from fitonnx.model import external
-from fitonnx.model.graph import FLOAT_TYPES, LAYOUT_OPS
+from fitonnx.model.graph import FLOAT_TYPES, LAYOUT_OPS, PREPARE_PASSTHROUGH, tensor_names, walk_upstream
 from fitonnx.model.graph import producers as graph_producers
 from fitonnx.model.runtime import CPU_PROVIDERS, session_options
 from fitonnx.prepare.types import Change, ChangeKind
@@ -43,6 +44,7 @@ DISABLED = (
     "MatMul_BatchNormalization_Fusion",
     "ConstantSharing",
 )
+MADE_UP_PREFIX = "ort_optimizer/"  # before the names onnxruntime's optimizer gives new tensors
 MAX_BYTES = 1 << 31  # protobuf cannot serialize a model of 2 GB or more in one piece
 
 
@@ -58,6 +60,7 @@ def ort_basic_optimize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Ch
     if protected:
         _drop_inputs(optimized, protected)
     optimized = _drop_unused_domains(optimized, model)
+    _own_made_up_names(optimized, model)
     renames = _restore_layout_names(optimized, model)
     return optimized, _describe(model, optimized, renames)
 
@@ -116,6 +119,30 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def _own_made_up_names(optimized: onnx.ModelProto, model: onnx.ModelProto) -> None:
+    """Prefix the tensor names onnxruntime made up with ``MADE_UP_PREFIX``, and mark the Reshapes it
+    added as looked through (in place).
+
+    Its MatMulAddFusion turns a 3-D MatMul+Add into Reshape-Gemm-Reshape with initializers named
+    ``gemm_input_shape``/``gemm_output_shape``; a later session that fuses another MatMul+Add (one
+    whose shapes became static after this pass) makes up the same names and fails with "Attempt to
+    replace the existing tensor". The added Reshape only flattens the activation the Gemm reads,
+    so ``find_quantizable`` reports that activation under the model's own name.
+    """
+    known = tensor_names(model.graph)
+    made_up = {t.name for t in optimized.graph.initializer} | {o for n in optimized.graph.node for o in n.output}
+    renames = {name: MADE_UP_PREFIX + name for name in made_up - known if name}
+    if not renames:
+        return
+    for tensor in optimized.graph.initializer:
+        tensor.name = renames.get(tensor.name, tensor.name)
+    for node in optimized.graph.node:
+        node.input[:] = [renames.get(name, name) for name in node.input]
+        node.output[:] = [renames.get(name, name) for name in node.output]
+        if node.op_type == "Reshape" and node.domain in ("", "ai.onnx") and node.output[0] in renames.values():
+            node.doc_string = PREPARE_PASSTHROUGH
+
+
 def _drop_unused_domains(optimized: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProto:
     """ONNX Runtime imports every domain it knows; keep the model's own and those a node uses."""
     used = {n.domain for n in optimized.graph.node} | {o.domain for o in model.opset_import}
@@ -132,18 +159,16 @@ def _const_sources(model: onnx.ModelProto, name: str) -> tuple[tuple[str, ...], 
     inits = {t.name for t in model.graph.initializer}
     sources: list[str] = []
     ops: set[str] = set()
-    stack, seen = [name], set()
-    while stack:
-        current = stack.pop()
-        if current in seen or not current:
-            continue
-        seen.add(current)
+
+    def expand(current: str) -> Iterable[str]:
         node = producers.get(current)
         if current in inits or node is None or node.op_type == "Constant":
             sources.append(current)
-            continue
+            return ()
         ops.add(node.op_type)
-        stack.extend(reversed(node.input))
+        return node.input
+
+    walk_upstream(name, expand)
     return tuple(sources), ops
 
 
@@ -207,6 +232,8 @@ def _describe(model: onnx.ModelProto, optimized: onnx.ModelProto, renames: dict[
         if tensor.name in before_inits:
             continue
         folded = back.get(tensor.name, tensor.name)
+        if tensor.name.startswith(MADE_UP_PREFIX):
+            continue  # a fusion's own constant (its ops are counted below)
         sources, ops = _const_sources(model, folded)
         if not ops:
             promoted.append(tensor.name)

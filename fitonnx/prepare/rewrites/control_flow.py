@@ -21,12 +21,14 @@ which assumption fails, and the node is reported as a blocker.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from fitonnx.model.graph import PREPARE_WEIGHTS_ONLY, WEIGHT_INPUTS, bodies
+from fitonnx.model.graph import PREPARE_WEIGHTS_ONLY, WEIGHT_INPUTS, bodies, walk_upstream
 from fitonnx.prepare.rewrites.base import Builder, NoRewrite, rewrite
 
 MAX_STEPS = 1024
@@ -168,27 +170,29 @@ def _static_value(b: Builder, name: str) -> np.ndarray | None:
     tensor whose shape inference knows every size), by onnx's reference evaluator; else None."""
     nodes: list[onnx.NodeProto] = []
     constants: dict[str, np.ndarray] = {}
-    stack, seen = [name], set()
-    while stack:
-        current = stack.pop()
-        if current in seen or not current:
-            continue
-        seen.add(current)
+
+    def expand(current: str) -> Iterable[str] | None:
         value = b.constant_value(current)
         node = b.ctx.producers.get(current)
         if value is not None:
             constants[current] = value
-        elif node is not None and node.op_type == "Shape" and node.domain in ("", "ai.onnx"):
+            return ()
+        if node is None or node.domain not in ("", "ai.onnx"):
+            return None
+        if node.op_type == "Shape":
             known = b.ctx.types.get(node.input[0])
             if known is None or known.static_shape is None:
                 return None
             start, end = (next((a.i for a in node.attribute if a.name == k), None) for k in ("start", "end"))
             constants[current] = np.asarray(known.static_shape[start:end], np.int64)
-        elif node is not None and node.op_type in SHAPE_ARITHMETIC and node.domain in ("", "ai.onnx"):
+            return ()
+        if node.op_type in SHAPE_ARITHMETIC:
             nodes.append(node)
-            stack.extend(node.input)
-        else:
-            return None
+            return reversed(node.input)  # last input first, the order this walk always took
+        return None
+
+    if not walk_upstream(name, expand):
+        return None
     graph = helper.make_graph(
         nodes[::-1],
         "trip_count",
