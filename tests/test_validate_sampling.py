@@ -86,7 +86,8 @@ def test_families_group_formats_and_pair_single_float_widths_with_fp16() -> None
     assert fams["int/ch"].weights == ("int4/ch", "int8/ch") and fams["int/ch"].activations == ("int4", "int8")
     assert fams["uint"].weights == ("uint4",)
     assert fams["fp8"].weights == ("fp8e4m3", "fp16") and fams["fp8"].activations == ("fp8e4m3", "fp16")
-    assert fams["nvfp4/16"].weights == ("nvfp4/16", "fp16") and fams["nvfp4/16"].activations == ("fp16",)
+    # MX/NVFP4 activations take the block format itself: scales per block of each sample (test_activation_blocks)
+    assert fams["nvfp4/16"].weights == ("nvfp4/16", "fp16") and fams["nvfp4/16"].activations == ("nvfp4/16", "fp16")
     assert all(f.activations == () for f in choices.families(["all"], True))
 
 

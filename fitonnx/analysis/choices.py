@@ -19,6 +19,7 @@ import numpy as np
 
 from fitonnx.errors import FitonnxError
 from fitonnx.formats import FORMATS, ElementKind, Format, Granularity, ScaleType, parse_format
+from fitonnx.formats.block_nodes import BlockLayout, block_layout, is_dynamic_block
 
 Choice = int | str
 
@@ -71,9 +72,12 @@ class Family:
 
 
 def _activation_choice(fmt: Format) -> str | None:
-    """The format an activation gets for a weight format of the family (None: stays float)."""
-    if fmt.scale in (ScaleType.E8M0, ScaleType.E4M3) or fmt.element is ElementKind.FP4_E2M1:
-        return None  # block-scaled activations need scales computed at run time: not simulated
+    """The format an activation gets for a weight format of the family (None: stays float): MX and
+    NVFP4 themselves (their block scales are computed per sample at run time), the others per tensor."""
+    if is_dynamic_block(fmt):
+        return fmt.name
+    if fmt.element is ElementKind.FP4_E2M1:
+        return None  # fp4 with one float32 scale per tensor: no toolchain quantizes activations so
     return per_tensor(fmt).name
 
 
@@ -113,6 +117,23 @@ class FloatGrid:
     mant: int
     emin: int
     top: float
+
+
+@dataclass(frozen=True)
+class BlockGrid:
+    """A dynamic block format on one activation of per-sample ``shape`` (``formats.block_nodes``):
+    blocks along ``axis``, scales from each sample's block maxima, ``tensor_scale`` NVFP4's calibrated
+    float32 scale (1 for MX); ``opset`` is the graph's, which the node spelling follows."""
+
+    fmt: Format
+    shape: tuple[int, ...]
+    axis: int
+    tensor_scale: float
+    opset: int
+
+    @property
+    def layout(self) -> BlockLayout:
+        return block_layout(self.shape, self.axis, self.fmt.block_size or 1)
 
 
 def float_grid(fmt: Format, scale: float) -> FloatGrid:

@@ -18,11 +18,13 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from fitonnx.analysis import simulate
-from fitonnx.analysis.choices import Choice, FloatGrid
+from fitonnx.analysis.choices import BlockGrid, Choice, FloatGrid
 from fitonnx.errors import InternalError
 from fitonnx.fisher import engine
 from fitonnx.fisher.instrument import GradientModel
 from fitonnx.fisher.losses import PREFIX
+from fitonnx.fisher.statistics import BlockStat, block_stat_nodes
+from fitonnx.formats import block_nodes
 from fitonnx.model.graph import Kind
 
 # Runs a gradient model over the calibration data, fetching the named extra outputs.
@@ -81,8 +83,44 @@ def _float_quantized(g: onnx.GraphProto, name: str, p: str, grid: FloatGrid, dty
     return p + "fout"
 
 
-def fake_quantized(g: onnx.GraphProto, name: str, p: str, grid: simulate.Grid | FloatGrid, dtype: np.dtype) -> str:
-    """Nodes computing Q(a) for activation ``name`` on ``grid`` (integer or floating); returns its name."""
+def _block_quantized(g: onnx.GraphProto, name: str, p: str, grid: BlockGrid) -> str:
+    """Nodes computing ``p + "bq_out"`` = Q(a) under a dynamic block format (the simulation's own block quantizer)."""
+    q = p + "bq_"
+    g.initializer.append(helper.make_tensor(q + "ts", TensorProto.FLOAT, [], [grid.tensor_scale]))
+    nodes, inits = block_nodes.block_qdq_nodes(name, q, grid.fmt, grid.layout, grid.opset, q + "ts")
+    g.node.extend(nodes)
+    g.initializer.extend(inits)
+    return q + "out"
+
+
+def _block_quantized_error(g: onnx.GraphProto, name: str, p: str, grid: BlockGrid, grad: str) -> tuple[str, str]:
+    """Nodes computing ``p + "err64"`` under a dynamic block format, and the outputs Σ_j g_j²·E[δ_j²]
+    (``fisher.statistics.block_stat_nodes``, the statistic ``score --format`` sums) and Σ_j E[δ_j²]."""
+    n = helper.make_node
+    fq = _block_quantized(g, name, p, grid)
+    g.node.extend([n("Sub", [fq, name], [p + "err"]), n("Cast", [p + "err"], [p + "err64"], to=TensorProto.DOUBLE)])
+    stat = BlockStat(name, grid.fmt, grid.axis, grid.tensor_scale)
+    nodes, inits, (expected, _) = block_stat_nodes(stat, grad, grid.shape, p + "bs_", grid.opset)
+    mant = block_nodes.element_constants(grid.fmt)[0]
+    factor = numpy_helper.from_array(np.array(4.0 ** (-mant) / 12.0, np.float64), p + "bs_nfactor")
+    nodes += [
+        n("Cast", [p + "bs_rs"], [p + "bs_rs64"], to=TensorProto.DOUBLE),
+        n("ReduceSumSquare", [p + "bs_rs64"], [p + "bs_rsq"], keepdims=0),
+        n("Mul", [p + "bs_rsq", factor.name], [p + "noise"]),
+    ]
+    g.node.extend(nodes)
+    g.initializer.extend([*inits, factor])
+    for out in (expected, p + "noise"):
+        g.output.append(helper.make_tensor_value_info(out, TensorProto.DOUBLE, []))
+    return expected, p + "noise"
+
+
+def fake_quantized(
+    g: onnx.GraphProto, name: str, p: str, grid: simulate.Grid | FloatGrid | BlockGrid, dtype: np.dtype
+) -> str:
+    """Nodes computing Q(a) for activation ``name`` on ``grid`` (integer, floating or block); returns its name."""
+    if isinstance(grid, BlockGrid):
+        return _block_quantized(g, name, p, grid)
     if isinstance(grid, FloatGrid):
         return _float_quantized(g, name, p, grid, dtype)
     return _int_quantized(g, name, p, grid, dtype)
@@ -139,7 +177,7 @@ def _weighted_error(g: onnx.GraphProto, p: str, g64: str, diagonal: bool) -> Non
 
 def error_model(
     gm: GradientModel,
-    grids: Mapping[tuple[str, Choice], simulate.Grid | FloatGrid],
+    grids: Mapping[tuple[str, Choice], simulate.Grid | FloatGrid | BlockGrid],
     dtypes: Mapping[str, np.dtype],
     weight_errors: Mapping[tuple[str, Choice], np.ndarray],
 ) -> tuple[GradientModel, ErrorOutputs]:
@@ -161,6 +199,9 @@ def error_model(
             if t.kind is Kind.WEIGHT:
                 err = weight_errors[key].astype(np.float64)
                 g.initializer.append(numpy_helper.from_array(err, p + "err64"))
+            elif isinstance(grids[key], BlockGrid):
+                expected, noise_out = _block_quantized_error(g, t.name, p, grids[key], grads[t.name])
+                outs.expected[key], outs.noise[key] = expected, noise_out  # type: ignore[index]
             elif isinstance(grids[key], FloatGrid):
                 expected, noise_out = _float_quantized_error(g, t.name, p, grids[key], dtypes[t.name], g64)
                 outs.expected[key], outs.noise[key] = expected, noise_out  # type: ignore[index]
@@ -182,7 +223,7 @@ def simulated_error_model(
 ) -> tuple[GradientModel, ErrorOutputs]:
     """``error_model`` of every simulated tensor at every candidate choice, with the simulator's grids."""
     acts = [a.name for a in simulator.sim.activations]
-    grids: dict[tuple[str, Choice], simulate.Grid | FloatGrid] = {}
+    grids: dict[tuple[str, Choice], simulate.Grid | FloatGrid | BlockGrid] = {}
     for a in acts:
         for c in activation_choices:
             fg = simulator.activation_float(a, c)

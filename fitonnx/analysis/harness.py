@@ -48,6 +48,8 @@ from fitonnx.fisher.checks import check_traces
 from fitonnx.fisher.instrument import GradientModel
 from fitonnx.fisher.losses import OutputTarget
 from fitonnx.fisher.options import FisherOptions
+from fitonnx.formats import Format, parse_format
+from fitonnx.formats.block_nodes import is_dynamic_block
 from fitonnx.model import data as data_mod
 from fitonnx.model.data import Dataset
 from fitonnx.model.graph import Kind
@@ -284,16 +286,28 @@ def _simulator(s: api.Session, cal: _Calibration, sim: SimulationOptions, held_o
     """The simulator of the loss's tap on the held-out data, activation grids from the calibration ranges."""
     traces = cal.traces
     act_ranges = {name: (traces.act_min[name], traces.act_max[name]) for name in traces.act_min}
+    # Block quantizers need each activation's per-sample shape: the one the first sample showed.
+    seen = traces.act_shapes
+    tensors = [
+        dataclasses.replace(t, shape=tuple(seen[t.name])) if t.kind is Kind.ACTIVATION and t.name in seen else t
+        for t in cal.gm.tensors
+    ]
     return simulate.Simulator(
-        simulate.build(s.prepared.model, cal.gm.tensors, cal.target.tap, s.specs),
+        simulate.build(s.prepared.model, tensors, cal.target.tap, s.specs, _block_formats(sim)),
         s.prepared.model,
-        cal.gm.tensors,
+        tensors,
         act_ranges,
         sim.scheme,
         held_out,
         s.specs,
         sim.batch_size,
     )
+
+
+def _block_formats(sim: SimulationOptions) -> tuple[Format, ...]:
+    """The dynamic block formats (MX, NVFP4) among the activations' candidates: the simulation's block modes."""
+    names = dict.fromkeys(c for f in sim.families() for c in f.activations if isinstance(c, str))
+    return tuple(f for f in (parse_format(n) for n in names) if is_dynamic_block(f))
 
 
 def harness(

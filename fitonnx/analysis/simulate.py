@@ -16,7 +16,8 @@ pattern (``ActMode`` per activation) gets its own session, built on first use an
 (``MAX_SESSIONS``), with no node at all on float activations. Configurations of one family share
 one pattern (weights only: none quantized), so in practice a handful of sessions serve them all,
 and a float activation costs nothing (a single model with every quantizer behind ``Where`` ran all
-of them every time: ~5× plain inference on a MobileNet, BENCHMARKS.md).
+of them every time: ~5× plain inference on a MobileNet, BENCHMARKS.md). A dynamic block format
+(MX, NVFP4) is a mode of its own: the activation gets only its block quantizer (``block_sim``).
 
 Written with plain arithmetic ops rather than QuantizeLinear/DequantizeLinear because those
 only offer 4-, 8- and 16-bit integer types, and validation needs every width from 2 to 16.
@@ -38,10 +39,13 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from fitonnx.analysis.choices import Choice, FloatGrid, float_grid, per_tensor
+from fitonnx.analysis import block_sim
+from fitonnx.analysis.block_sim import BlockInputs, BlockMode, BlockPlan
+from fitonnx.analysis.choices import BlockGrid, Choice, FloatGrid, float_grid, per_tensor
 from fitonnx.errors import FitonnxError, InternalError, ModelError, UnsupportedError
 from fitonnx.fisher.losses import PREFIX
 from fitonnx.formats import Format, Granularity, QParams, params_from_range, parse_format, quantize_dequantize
+from fitonnx.formats.block_nodes import is_dynamic_block
 from fitonnx.formats.quantize import int_limits
 from fitonnx.model import graph
 from fitonnx.model.data import Dataset
@@ -177,6 +181,9 @@ class ActMode(TextEnum):
     FLOATING = "floating"
 
 
+Mode = ActMode | BlockMode  # an activation's mode in a pattern (BlockMode: a dynamic block format)
+
+
 @dataclass(frozen=True)
 class ActivationInputs:
     """The names that set one activation's fake quantizer. ``Simulator.feed`` writes the settings
@@ -197,13 +204,16 @@ class ActivationInputs:
     ftop: str
     kmin: str
     kmax: str
+    bout: str  # the activation as its consumers see it (``build``'s output may name it)
+    blocks: tuple[BlockInputs, ...] = ()  # the dynamic block formats it may take
 
 
-def _activation_inputs(i: int, name: str, elem: int) -> ActivationInputs:
+def _activation_inputs(i: int, act: QuantTensor, elem: int, plan: BlockPlan) -> ActivationInputs:
     p = f"{PREFIX}sim{i}_"
-    fields = ("zero_point", "step", "levels", "on", "fp", "fscale", "fmant", "femin", "ftop", "kmin", "kmax")
+    fields = ("zero_point", "step", "levels", "on", "fp", "fscale", "fmant", "femin", "ftop", "kmin", "kmax", "bout")
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
-    return ActivationInputs(name=name, prefix=p, dtype=dtype, **{f: p + f for f in fields})
+    blocks = block_sim.block_inputs(p, act, dtype, plan)
+    return ActivationInputs(name=act.name, prefix=p, dtype=dtype, blocks=blocks, **{f: p + f for f in fields})
 
 
 @dataclass(frozen=True)
@@ -293,10 +303,12 @@ def float_constants(p: str, dtype: np.dtype) -> list[onnx.TensorProto]:
     ]
 
 
-def _fake_quantizer(g: onnx.GraphProto, ai: ActivationInputs, mode: ActMode) -> list[onnx.NodeProto]:
+def _fake_quantizer(g: onnx.GraphProto, ai: ActivationInputs, mode: Mode) -> list[onnx.NodeProto]:
     """The nodes of activation ``ai``'s fake quantizer in ``mode`` (its inputs declared in ``g``);
     the last node's output is the quantized activation."""
     p, elem = ai.prefix, helper.np_dtype_to_tensor_dtype(ai.dtype)
+    if isinstance(mode, BlockMode):
+        return block_sim.block_quantizer(g, ai.name, p, block_sim.mode_inputs(ai.blocks, mode))
     if mode is ActMode.FLOATING:
         names = (ai.fscale, ai.fmant, ai.femin, ai.ftop)
         g.initializer.extend(float_constants(p, ai.dtype))
@@ -316,7 +328,7 @@ def _fake_quantizer(g: onnx.GraphProto, ai: ActivationInputs, mode: ActMode) -> 
     return nodes
 
 
-def _insert_fake_quantizers(g: onnx.GraphProto, chosen: Sequence[tuple[ActivationInputs, ActMode]]) -> None:
+def _insert_fake_quantizers(g: onnx.GraphProto, chosen: Sequence[tuple[ActivationInputs, Mode]]) -> None:
     """Route every consumer of each chosen activation through its fake quantizer, placed right
     after the activation's producer so that the graph stays in topological order."""
     renames: dict[str, str] = {}
@@ -340,7 +352,7 @@ def _insert_fake_quantizers(g: onnx.GraphProto, chosen: Sequence[tuple[Activatio
     g.node.extend(nodes)
 
 
-def variant(sim: SimulationModel, modes: Sequence[ActMode]) -> bytes:
+def variant(sim: SimulationModel, modes: Sequence[Mode]) -> bytes:
     """The simulation model with a fake quantizer on each activation (order of ``sim.activations``)
     whose mode is not KEPT."""
     chosen = [(a, m) for a, m in zip(sim.activations, modes, strict=True) if m is not ActMode.KEPT]
@@ -356,12 +368,14 @@ def build(
     tensors: Sequence[QuantTensor],
     output: str,
     inputs: Mapping[str, InputSpec] | None = None,
+    block_formats: Sequence[Format] = (),
 ) -> SimulationModel:
     """The simulation model of ``model`` (a new model; ``model`` is untouched) whose only output is ``output``.
 
     ``inputs`` (the original model's input declarations) replace the prepared model's, which may
     be fixed to one sample's shape; stored intermediate shapes go with them, so a batch axis the
     original declares is free again (``Simulator`` checks that batching gives per-sample results).
+    ``block_formats``: the dynamic block formats (MX, NVFP4) activations may take (``block_sim``).
     """
     work = onnx.ModelProto()
     work.CopyFrom(model)
@@ -369,11 +383,13 @@ def build(
     if inputs is not None:
         _free_batch_axes(g, inputs)
     values = _weights_as_inputs(g, [t for t in tensors if t.kind is Kind.WEIGHT])
-    types = _elem_types(model)
+    types, plan = _elem_types(model), BlockPlan.of(model, block_formats)
     activations = [t for t in tensors if t.kind is Kind.ACTIVATION]
     act_inputs = tuple(
-        _activation_inputs(i, t.name, types.get(t.name, TensorProto.FLOAT)) for i, t in enumerate(activations)
+        _activation_inputs(i, t, types.get(t.name, TensorProto.FLOAT), plan) for i, t in enumerate(activations)
     )
+    for a in (a for a in act_inputs if a.bout == output):  # a reader like any: quantized in a variant
+        g.node.append(helper.make_node("Identity", [a.name], [output], name=output))
     if output not in {o.name for o in g.output} and output not in graph.producer_positions(g.node):
         raise ModelError(f"expected {output!r} to be a tensor of the model; found no producer")
     del g.output[:]
@@ -432,7 +448,7 @@ class Simulator:
         self.sim = sim
         self.scheme = scheme
         self.session = session(sim.model_bytes)  # every activation in float
-        self._sessions: OrderedDict[tuple[ActMode, ...], ort.InferenceSession] = OrderedDict(
+        self._sessions: OrderedDict[tuple[Mode, ...], ort.InferenceSession] = OrderedDict(
             [((ActMode.KEPT,) * len(sim.activations), self.session)]
         )
         self.act_ranges = dict(act_ranges)
@@ -451,6 +467,7 @@ class Simulator:
                     self.notes.append(f"quantized per tensor, not per channel: {exc.message}")
             self.axes[t.name] = axis
         self.model = model
+        self._blocks = {a.name: a.blocks for a in sim.activations}
         self._weights: dict[tuple[str, Choice], np.ndarray] = {}
         self._formats: dict[tuple[str, str], tuple[Format, int | None]] = {}
         self.data = batches(data, specs, batch_size)
@@ -516,8 +533,10 @@ class Simulator:
         return self._formats[key]
 
     def activation_format(self, name: str, choice: str) -> Format:
-        """The per-tensor format an activation gets for ``choice`` (activations have one scale)."""
-        return per_tensor(parse_format(choice))
+        """The format an activation gets for ``choice``: a dynamic block format (MX, NVFP4) where the
+        simulation has its block quantizer for the activation, else the same element per tensor."""
+        fmt = parse_format(choice)
+        return fmt if block_sim.find(self._blocks.get(name, ()), fmt.name) else per_tensor(fmt)
 
     def activation_grid(self, name: str, choice: Choice) -> Grid:
         """The integer grid of activation ``name`` (bits of the min/max grid, or an integer format)."""
@@ -534,13 +553,16 @@ class Simulator:
             np.asarray(zp, np.float64), np.asarray(float(np.asarray(params.scale).reshape(())), np.float64), qmax - qmin
         )
 
-    def activation_float(self, name: str, choice: Choice) -> FloatGrid | None:
-        """The floating grid of activation ``name`` for a floating format, None for integer choices."""
+    def activation_float(self, name: str, choice: Choice) -> FloatGrid | BlockGrid | None:
+        """The floating quantizer of activation ``name`` for a floating format (a per-tensor grid, or
+        a dynamic block one for MX/NVFP4), None for integer choices."""
         if isinstance(choice, int):
             return None
         fmt = self.activation_format(name, choice)
         if fmt.is_int:
             return None
+        if is_dynamic_block(fmt):  # NVFP4's tensor scale from the calibrated range
+            return block_sim.block_grid(self._blocks.get(name, ()), fmt, self.act_ranges[name])
         lo, hi = self.act_ranges[name]
         return float_grid(fmt, float(np.asarray(params_from_range(fmt, lo, hi).scale).reshape(())))
 
@@ -556,10 +578,11 @@ class Simulator:
         return self._weights[key]
 
     def _activation_feed(self, a: ActivationInputs, choice: Choice | None) -> dict[str, np.ndarray]:
-        """The fake quantizer's inputs for one activation: float, integer grid or floating grid."""
+        """The fake quantizer's settings for one activation: float, integer, floating grid or blocks."""
         zero_point, step, levels, on = 0.0, 1.0, 1.0, False
         fg = None if choice is None else self.activation_float(a.name, choice)
-        if choice is not None and fg is None:
+        block, fg = (fg, None) if isinstance(fg, BlockGrid) else (None, fg)
+        if choice is not None and fg is None and block is None:
             grid = self.activation_grid(a.name, choice)
             zero_point, step, levels, on = float(grid.zero_point), float(grid.step), float(grid.levels), True
         f = fg or FloatGrid(1.0, 0, 0, 1.0)
@@ -570,7 +593,7 @@ class Simulator:
         feed = {k: np.array(v, a.dtype) for k, v in values.items()}
         feed[a.on] = np.array(on)
         feed[a.fp] = np.array(fg is not None)
-        return feed
+        return feed | block_sim.block_settings(a.blocks, block)
 
     def feed(self, config: Config, weights: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Weight values and fake-quantizer settings for ``config``; ``weights`` replaces the values
@@ -612,14 +635,15 @@ class Simulator:
             outs.append(np.asarray(value))
         return np.stack(outs) if self.data.stack else np.concatenate(outs, axis=0)
 
-    def modes(self, settings: Mapping[str, np.ndarray]) -> tuple[ActMode, ...]:
+    def modes(self, settings: Mapping[str, np.ndarray]) -> tuple[Mode, ...]:
         """Each activation's mode in ``settings`` (order of ``sim.activations``)."""
         return tuple(
-            ActMode.FLOATING if bool(settings[a.fp]) else ActMode.INTEGER if bool(settings[a.on]) else ActMode.KEPT
+            block_sim.picked(a.blocks, settings)
+            or (ActMode.FLOATING if bool(settings[a.fp]) else ActMode.INTEGER if bool(settings[a.on]) else ActMode.KEPT)
             for a in self.sim.activations
         )
 
-    def _session(self, modes: tuple[ActMode, ...]) -> ort.InferenceSession:
+    def _session(self, modes: tuple[Mode, ...]) -> ort.InferenceSession:
         """The session of the model variant quantizing activations as ``modes`` says (built once, kept)."""
         if modes in self._sessions:
             self._sessions.move_to_end(modes)
@@ -629,7 +653,7 @@ class Simulator:
                 self._sessions.popitem(last=False)
         return self._sessions[modes]
 
-    def _inputs(self, settings: Mapping[str, np.ndarray], modes: Sequence[ActMode]) -> dict[str, np.ndarray]:
+    def _inputs(self, settings: Mapping[str, np.ndarray], modes: Sequence[Mode]) -> dict[str, np.ndarray]:
         """The graph inputs of the variant for ``modes``: weights, then each quantizer's grid."""
         inputs = {name: settings[name] for name in self.sim.weights}
         for a, mode in zip(self.sim.activations, modes, strict=True):
@@ -640,6 +664,8 @@ class Simulator:
                 inputs[a.kmax] = np.array(np.float64(settings[a.levels]) - zp, a.dtype)
             elif mode is ActMode.FLOATING:
                 inputs |= {k: settings[k] for k in (a.fscale, a.fmant, a.femin, a.ftop)}
+            elif isinstance(mode, BlockMode):
+                inputs |= block_sim.graph_inputs(a.blocks, mode, settings)
         return inputs
 
 

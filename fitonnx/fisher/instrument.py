@@ -329,6 +329,7 @@ def _add_statistics(g: onnx.GraphProto, r: GradientRequest, grads: Sequence[str]
         tuple(x for x in r.statistics.groups if x.tensor in scored),
         tuple(x for x in r.statistics.weighted if x.tensor in scored),
         tuple(x for x in r.statistics.noise if x.tensor in scored),
+        tuple(x for x in r.statistics.blocks if x.tensor in scored),
     )
     return add_statistics(g, stats, dict(zip((t.name for t in r.tensors), grads, strict=True)), shapes, opset)
 

@@ -15,6 +15,9 @@ tensor instead of copying every gradient out. The engine sums them in float64 ov
 - ``NoiseStat``: Σ_j g_ij² · E[δ²](a_ij) of an activation under a floating format with a fixed
   float32 scale s (calibrated beforehand): the spacing of the binade of |a/s|, squared, over 12,
   times s² (``formats.fit.noise_power``), with the saturation error beyond the largest element.
+- ``BlockStat``: the same noise, and the measured Σ_j g_ij²·(Q(a_ij) − a_ij)², of an activation under
+  a dynamic block format (MX, NVFP4) whose scales each sample's own block maxima set in the graph
+  (``formats.block_nodes``).
 
 Sums run in float32 over runs of at most ``CHUNK`` consecutive elements, then in float64 (the
 precision rule of ``instrument.MIN_BLOCK``); where no run length divides, the gradient is cast to
@@ -33,7 +36,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from fitonnx.errors import InternalError
-from fitonnx.formats import Format, ScaleType
+from fitonnx.formats import Format, ScaleType, block_nodes
 from fitonnx.model.runtime import make_session
 
 CHUNK = 32  # longest float32 run summed before float64 (≤ 32·2⁻²⁴ relative)
@@ -89,19 +92,41 @@ class NoiseStat:
 
 
 @dataclass(frozen=True)
+class BlockStat:
+    """Σ_j g_j² · E[δ_j²] and Σ_j g_j² · (Q(a_j) − a_j)² of activation ``tensor`` under a dynamic block
+    format ``fmt`` (MX, NVFP4: ``formats.block_nodes``), blocks along ``axis`` of its per-sample shape,
+    each block's scale from the sample's own block max; ``tensor_scale`` is NVFP4's float32 per-tensor
+    scale (from the calibrated max|a|; 1 for MX, which has none)."""
+
+    tensor: str
+    fmt: Format
+    axis: int
+    tensor_scale: float = 1.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.tensor}|{self.fmt.name}:noise"
+
+    @property
+    def measured_key(self) -> str:
+        return f"{self.tensor}|{self.fmt.name}:measured"
+
+
+@dataclass(frozen=True)
 class Statistics:
     """Every statistic one gradient model computes."""
 
     groups: tuple[GroupStat, ...] = ()
     weighted: tuple[WeightedStat, ...] = ()
     noise: tuple[NoiseStat, ...] = ()
+    blocks: tuple[BlockStat, ...] = ()
 
     @property
     def tensors(self) -> set[str]:
-        return {s.tensor for s in (*self.groups, *self.weighted, *self.noise)}
+        return {s.tensor for s in (*self.groups, *self.weighted, *self.noise, *self.blocks)}
 
     def __bool__(self) -> bool:
-        return bool(self.groups or self.weighted or self.noise)
+        return bool(self.groups or self.weighted or self.noise or self.blocks)
 
 
 NO_STATISTICS = Statistics()
@@ -320,7 +345,7 @@ def add_statistics(
     ``grads``: the gradient output of each tensor; ``shapes``: each tensor's (per-sample) shape."""
     pairs: list[tuple[str, str]] = []
     everything: list[GroupStat | WeightedStat | NoiseStat] = [*stats.groups, *stats.weighted, *stats.noise]
-    if any(x.tensor not in grads or x.tensor not in shapes for x in everything):
+    if any(x.tensor not in grads or x.tensor not in shapes for x in (*everything, *stats.blocks)):
         raise InternalError("a statistic names a tensor that is not scored")
     bases = _add_bases(g, stats.groups, grads, shapes, opset)
     for i, stat in enumerate(everything):
@@ -340,6 +365,13 @@ def add_statistics(
         pairs.append((stat.key, out))
     if stats.noise:
         g.initializer.extend(shared_initializers())
+    for j, stat in enumerate(stats.blocks):
+        nodes, inits, outs = block_stat_nodes(
+            stat, grads[stat.tensor], shapes[stat.tensor], f"fitonnx_bstat{j}_", opset
+        )
+        g.node.extend(nodes)
+        g.initializer.extend(inits)
+        pairs += [(stat.key, outs[0]), (stat.measured_key, outs[1])]
     return pairs
 
 
@@ -394,3 +426,51 @@ def activation_absmax(
     for feed in feeds:
         np.maximum(best, np.array(session.run(outs, dict(feed)), np.float64), out=best)
     return dict(zip(names, best.tolist(), strict=True))
+
+
+def block_stat_nodes(
+    stat: BlockStat, grad: str, shape: Sequence[int], p: str, opset: int
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], tuple[str, str]]:
+    """Nodes computing (noise, measured) float64 scalars of ``stat`` for one sample of ``shape``.
+
+    The activation and its gradient are cut into the same zero-padded blocks (``formats.block_nodes``);
+    with s_b each block's dynamic scale, v = a/s_b, p_j the binade power of |v_j| (floored at the
+    subnormal one) and m the element's mantissa bits: noise = Σ (g · r · s_b)² · 4^(−m)/12 with r = p_j
+    in range and (|v_j| − max)·√(12·4^m) beyond (``noise_nodes``' rule per block); measured =
+    Σ (g · (Q(a) − a))², Q(a) the block quantize-dequantize itself."""
+    layout = block_nodes.block_layout(shape, stat.axis, stat.fmt.block_size or 1)
+    mant, _, top = block_nodes.element_constants(stat.fmt)
+    mk = helper.make_node
+    nodes, inits = block_nodes.blocked_nodes(stat.tensor, p + "a_", layout, opset)
+    more, more_inits = block_nodes.blocked_nodes(grad, p + "g_", layout, opset)
+    nodes, inits = nodes + more, inits + more_inits
+    scale = None
+    if stat.fmt.scale is ScaleType.E4M3:
+        scale = p + "ts"
+        inits.append(helper.make_tensor(scale, TensorProto.FLOAT, [], [stat.tensor_scale]))
+    more, more_inits = block_nodes.scale_nodes(p + "a_b", p, stat.fmt, opset, scale)
+    rnd, rnd_inits = block_nodes.round_nodes(p + "v", p + "el_", *block_nodes.element_constants(stat.fmt))
+    nodes += [*more, mk("Div", [p + "a_b", p + "scale"], [p + "v"]), *rnd]
+    x, pw = p + "el_x", p + "el_pw"
+    nodes += [
+        mk("Sub", [x, p + "top"], [p + "over"]),
+        mk("Mul", [p + "over", p + "sat"], [p + "r_sat"]),
+        mk("Greater", [x, p + "top"], [p + "beyond"]),
+        mk("Where", [p + "beyond", p + "r_sat", pw], [p + "root"]),
+        mk("Mul", [p + "root", p + "scale"], [p + "rs"]),
+        mk("Mul", [p + "g_b", p + "rs"], [p + "gw"]),
+        mk("Mul", [p + "el_q", p + "scale"], [p + "dq"]),
+        mk("Sub", [p + "dq", p + "a_b"], [p + "err"]),
+        mk("Mul", [p + "g_b", p + "err"], [p + "ge"]),
+    ]
+    consts = [
+        helper.make_tensor(p + k, TensorProto.FLOAT, [], [v])
+        for k, v in (("top", top), ("sat", math.sqrt(12.0 * 4.0**mant)))
+    ]
+    numel = max(math.prod(int(d) for d in shape) // layout.length * layout.blocks * layout.block, 1)
+    noise, noise_inits = _chunked_square_sum(p + "gw", [numel], [], p + "units", opset)
+    measured, measured_inits = _chunked_square_sum(p + "ge", [numel], [], p + "measured", opset)
+    factor = helper.make_tensor(p + "factor", TensorProto.DOUBLE, [], [4.0 ** (-mant) / 12.0])
+    nodes += [*noise, *measured, mk("Mul", [p + "units", factor.name], [p + "noise"])]
+    inits += [*more_inits, *rnd_inits, *consts, *noise_inits, *measured_inits, factor]
+    return nodes, inits, (p + "noise", p + "measured")

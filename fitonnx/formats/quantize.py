@@ -89,9 +89,14 @@ def _mx_params(fmt: Format, amax: np.ndarray) -> QParams:
     return QParams(scale, np.zeros(scale.shape, np.int64), stored_scale=scale.astype(E8M0))
 
 
-def _nv_params(amax: np.ndarray) -> QParams:
-    tensor_max = np.float32(amax.max())
-    s = np.float32(1.0) if tensor_max == 0 else np.float32(tensor_max / np.float32(NVFP4_GLOBAL))
+def nvfp4_tensor_scale(tensor_max: float) -> np.float32:
+    """NVFP4's float32 per-tensor scale for a tensor's max|x|: max/(6·448), 1 for an all-zero tensor."""
+    top = np.float32(tensor_max)
+    return np.float32(1.0) if top == 0 else np.float32(top / np.float32(NVFP4_GLOBAL))
+
+
+def _nv_params(amax: np.ndarray, calibrated: float | None = None) -> QParams:
+    s = nvfp4_tensor_scale(float(amax.max()) if calibrated is None else calibrated)
     block = (amax.astype(np.float32) / np.float32(6.0)) / s
     block = np.where(amax == 0, np.float32(1.0), np.minimum(block, np.float32(448.0))).astype(np.float32)
     stored = block.astype(E4M3)
@@ -123,6 +128,22 @@ def qparams(x: np.ndarray, fmt: Format, axis: int | None) -> QParams:
     """The parameters a toolchain derives from the tensor itself (a weight), per group."""
     x = np.asarray(x, np.float32)
     return params_from_range(fmt, groups.group_min(fmt, x, axis), groups.group_max(fmt, x, axis))
+
+
+def dynamic_qparams(x: np.ndarray, fmt: Format, axis: int, tensor_amax: float | None = None) -> QParams:
+    """The parameters a toolchain derives at run time for one sample's activation ``x`` under a block
+    format with MX or NVFP4 scales: each block's scale from its own max|x|; NVFP4's float32 tensor
+    scale from ``tensor_amax``, the max|a| calibrated beforehand (ModelOpt: amax/(6·448))."""
+    if fmt.scale not in (ScaleType.E8M0, ScaleType.E4M3):
+        raise FitonnxError(f"{fmt.name} has no dynamic block scales (expected an MX or NVFP4 format)")
+    x = np.asarray(x, np.float32)
+    if fmt.scale is ScaleType.E8M0:
+        return qparams(x, fmt, axis)
+    if tensor_amax is None or not math.isfinite(tensor_amax):
+        raise FitonnxError(f"{fmt.name} on an activation needs its calibrated max|a|; found {tensor_amax}")
+    lo, hi = groups.group_min(fmt, x, axis), groups.group_max(fmt, x, axis)
+    amax = np.maximum(np.abs(lo.astype(np.float64)), np.abs(hi.astype(np.float64)))
+    return _nv_params(amax, tensor_amax)
 
 
 def _check_params(fmt: Format, params: QParams, shape: tuple[int, ...], axis: int | None) -> None:

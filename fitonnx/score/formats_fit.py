@@ -16,7 +16,13 @@ Which formats apply: every format to a weight read by Conv/ConvTranspose/Gemm/Ma
 when the block size divides the axis); to other weights (embedding tables read by Gather, recurrent
 weights) integer grids per tensor and fp16/bf16 casts, since the scaled floating formats (FP8, FP4,
 MX, NVFP4) are what toolchains use for GEMM/convolution weights; to an activation the per-tensor
-formats whose scale is one float32 (integers, fp8/fp4 with a calibrated max|a|, fp16/bf16).
+formats whose scale is one float32 (integers, fp8/fp4 with a calibrated max|a|, fp16/bf16), and the
+dynamic block formats (``mxfp8/32``, ``mxfp4/32``, ``nvfp4/16``: e8m0 or e4m3 scales computed per
+sample from each block's own max|a|, as TensorRT's DynamicQuantize and the OCP MX spec do) along the
+consumer's reduction axis (``activation_axis``), the last block zero-padded when B does not divide
+it (ONNX's short last block). Their expected and measured FIT (Σ g²·E[δ²], Σ g²·(Q(a) − a)²) are
+summed per sample in the gradient graph (``fisher.statistics.BlockStat``); their bits count the
+block scales.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import onnx
 
 from fitonnx.errors import FitonnxError, InternalError
 from fitonnx.fisher.engine import FisherTraces
-from fitonnx.fisher.statistics import GroupStat, NoiseStat, Statistics, WeightedStat, noise_needs_scale
+from fitonnx.fisher.statistics import BlockStat, GroupStat, NoiseStat, Statistics, WeightedStat, noise_needs_scale
 from fitonnx.formats import (
     Format,
     Granularity,
@@ -47,6 +53,8 @@ from fitonnx.formats import (
     qparams,
     quantize_dequantize,
 )
+from fitonnx.formats.block_nodes import is_dynamic_block
+from fitonnx.formats.quantize import nvfp4_tensor_scale
 from fitonnx.model import external
 from fitonnx.model.graph import Kind, QuantTensor
 
@@ -96,6 +104,33 @@ def format_axis(model: onnx.ModelProto, weight: str, fmt: Format, rank: int) -> 
     return channel if fmt.granularity is Granularity.CHANNEL else reduction
 
 
+def _activation_axis(node: onnx.NodeProto, slot: int, rank: int | None) -> int | None:
+    """The reduction axis of ``node``'s float data input ``slot`` (None where no toolchain blocks it);
+    MatMul's counts from the end, so that it holds whatever the rank (``rank`` None: unknown)."""
+    trans = {a.name: a.i for a in node.attribute if a.name in ("transA", "transB")}
+    if node.op_type == "MatMul" and slot in (0, 1):
+        return -1 if slot == 0 or rank == 1 else -2
+    if node.op_type == "Gemm" and slot == 0:
+        return 0 if trans.get("transA", 0) else 1
+    if node.op_type == "Gemm" and slot == 1:
+        return 1 if trans.get("transB", 0) else 0
+    if node.op_type in ("Conv", "ConvTranspose") and slot == 0:
+        return 1
+    return None
+
+
+def activation_axis(model: onnx.ModelProto, name: str, rank: int | None = None) -> int | None:
+    """The axis an activation's dynamic blocks run along: its consumers' reduction axis (MatMul/Gemm:
+    K; Conv/ConvTranspose: the input channels, as the MX paper blocks convolutions), or None when
+    those readers disagree or none reads it (LSTM/GRU inputs, or no such reader)."""
+    readers = [(n, slot) for n, slot in _consumers(model, name) if n.op_type in _BLOCKED_READERS]
+    axes = {_activation_axis(n, slot, rank) for n, slot in readers}  # other readers (a residual Add) read it in float
+    return axes.pop() if len(axes) == 1 else None
+
+
+_BLOCKED_READERS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+
+
 def weight_format_fits(
     model: onnx.ModelProto, diag: Mapping[str, np.ndarray], formats: Sequence[Format]
 ) -> list[WeightFormatFit]:
@@ -127,8 +162,10 @@ def weight_format_fits(
 # weights only, so one list serves weights and activations.
 TARGET_FORMATS: dict[str, tuple[str, ...]] = {
     # per-channel symmetric INT8/INT4 weights, FP8 E4M3 weights and activations, NVFP4 weights,
-    # per-tensor INT8/FP8 activations, FP16 for what stays in float
-    "tensorrt": ("int8/ch", "int4/ch", "int8", "fp8e4m3", "nvfp4/16", "fp16"),
+    # per-tensor INT8/FP8 activations, FP16 for what stays in float; NVFP4 (block 16, FP8 scales) and
+    # MXFP8 (block 32, E8M0 scales) activations quantized dynamically per block (TensorRT's
+    # DynamicQuantize; "Quantization Schemes": MXFP8 "is a dynamic per-block quantization scheme")
+    "tensorrt": ("int8/ch", "int4/ch", "int8", "fp8e4m3", "nvfp4/16", "mxfp8/32", "fp16"),
     # per-channel INT4/8/16 weights, UINT8/16 activations
     "qnn": ("int4/ch", "int8/ch", "int16/ch", "uint8", "uint16"),
     # QDQ (per tensor, per channel when asked), MatMulNBits INT4 weights in blocks (asymmetric by default)
@@ -148,7 +185,8 @@ class FormatFit:
     """One tensor under one format, from the in-graph statistics.
 
     ``expected``: Σ_j F_jj · E[δ_j²] under the format's noise model (integers: Σ_g mass_g · Δ_g²/12);
-    ``measured``: Σ_j F_jj · (Q(w_j) − w_j)² for a weight under a floating format (None otherwise);
+    ``measured``: Σ_j F_jj · (Q(w_j) − w_j)² for a weight under a floating format, (1/N)·Σ_i Σ_j
+    g_ij²·(Q(a_ij) − a_ij)² for an activation under a dynamic block format (None otherwise);
     ``bits``: storage bits per element, scales and zero points included (``formats.bits_per_element``).
     """
 
@@ -162,6 +200,11 @@ class FormatFit:
 
 def applies(model: onnx.ModelProto, t: QuantTensor, fmt: Format, shape: tuple[int, ...]) -> tuple[bool, int | None]:
     """Whether ``fmt`` applies to tensor ``t`` of ``shape`` (see the module docstring), and its axis."""
+    if t.kind is Kind.ACTIVATION and is_dynamic_block(fmt):
+        axis = activation_axis(model, t.name, len(shape) if shape else None)
+        if axis is None or not shape:
+            return axis is not None, axis  # the shape is unknown before the first sample: axis as the op says
+        return -len(shape) <= axis < len(shape), axis % len(shape)
     if t.kind is Kind.ACTIVATION:
         return fmt.granularity is Granularity.TENSOR and fmt.scale in (ScaleType.FLOAT32, ScaleType.NONE), None
     axis = format_axis(model, t.name, fmt, len(shape))
@@ -238,7 +281,10 @@ def activation_scale(fmt: Format, absmax: float) -> float:
 
 def scaled_activations(tensors: Sequence[QuantTensor], formats: Sequence[Format]) -> list[str]:
     """Activations whose floating formats need a calibrated max|a| before the gradient run."""
-    if not any(not f.is_int and noise_needs_scale(f) and f.granularity is Granularity.TENSOR for f in formats):
+    if not any(
+        not f.is_int and noise_needs_scale(f) and (f.granularity is Granularity.TENSOR or f.scale is ScaleType.E4M3)
+        for f in formats
+    ):
         return []
     return [t.name for t in tensors if t.kind is Kind.ACTIVATION]
 
@@ -257,11 +303,15 @@ def plan_statistics(
     groups: dict[str, GroupStat] = {}
     weighted: list[WeightedStat] = []
     noise: list[NoiseStat] = []
+    blocks: list[BlockStat] = []
     for t in tensors:
         for fmt in formats:
-            shape = values[t.name].shape if t.kind is Kind.WEIGHT else ()
+            shape = values[t.name].shape if t.kind is Kind.WEIGHT else tuple(t.shape or ())
             ok, axis = applies(model, t, fmt, shape)
             if not ok or (t.kind is Kind.ACTIVATION and fmt.is_int):
+                continue
+            if t.kind is Kind.ACTIVATION and is_dynamic_block(fmt):
+                blocks.append(_block_stat(t.name, fmt, axis, absmax))
                 continue
             if t.kind is Kind.WEIGHT:
                 for stat in _weight_stats(fmt, t.name, values[t.name], axis):
@@ -274,7 +324,19 @@ def plan_statistics(
                 raise InternalError(f"activation {t.name!r} under {fmt.name} needs its calibrated max|a|")
             scale = activation_scale(fmt, absmax[t.name]) if absmax is not None and noise_needs_scale(fmt) else 1.0
             noise.append(NoiseStat(t.name, fmt, scale))
-    return Statistics(tuple(groups.values()), tuple(weighted), tuple(noise))
+    return Statistics(tuple(groups.values()), tuple(weighted), tuple(noise), tuple(blocks))
+
+
+def _block_stat(name: str, fmt: Format, axis: int | None, absmax: Mapping[str, float] | None) -> BlockStat:
+    """The in-graph statistic of activation ``name`` under dynamic block ``fmt`` (NVFP4: its tensor
+    scale from the calibrated max|a|, ModelOpt's amax/(6·448))."""
+    if axis is None:
+        raise InternalError(f"activation {name!r} under {fmt.name} has no block axis")
+    if fmt.scale is not ScaleType.E4M3:
+        return BlockStat(name, fmt, axis)
+    if absmax is None or name not in absmax:
+        raise InternalError(f"activation {name!r} under {fmt.name} needs its calibrated max|a|")
+    return BlockStat(name, fmt, axis, float(nvfp4_tensor_scale(absmax[name])))
 
 
 def _sum(traces: FisherTraces, key: str) -> np.ndarray:
@@ -322,10 +384,13 @@ def format_fits(
                 continue
             if t.kind is Kind.WEIGHT:
                 expected, measured = _weight_fit(traces, fmt, t.name, values[t.name], axis, trace[t.name])
+            elif is_dynamic_block(fmt):
+                expected, measured = _block_activation_fit(traces, fmt, t.name, axis)
             else:
                 expected, measured = _activation_fit(traces, fmt, t.name, trace[t.name]), None
-            # An activation is not stored: its cost is the element width.
-            bits = bits_per_element(fmt, shape, axis) if t.kind is Kind.WEIGHT else float(fmt.bits)
+            # An activation is not stored: its cost is the element width (and its block scales).
+            stored = t.kind is Kind.WEIGHT or (is_dynamic_block(fmt) and bool(shape))
+            bits = bits_per_element(fmt, shape, axis) if stored else float(fmt.bits)
             out[(t.name, fmt.name)] = FormatFit(t.name, fmt.name, axis, expected, measured, bits)
     return out
 
@@ -338,6 +403,12 @@ def _activation_fit(traces: FisherTraces, fmt: Format, name: str, trace: float) 
     if fmt.scale is ScaleType.NONE and _overflows(fmt, lo, hi):
         return math.inf
     return float(_sum(traces, NoiseStat(name, fmt, 1.0).key))
+
+
+def _block_activation_fit(traces: FisherTraces, fmt: Format, name: str, axis: int | None) -> tuple[float, float]:
+    """(expected, measured) FIT of an activation under a dynamic block format, from its in-graph sums."""
+    stat = BlockStat(name, fmt, axis if axis is not None else -1)
+    return float(_sum(traces, stat.key)), float(_sum(traces, stat.measured_key))
 
 
 def weight_fits(fits: Mapping[tuple[str, str], FormatFit], model: onnx.ModelProto) -> list[WeightFormatFit]:
