@@ -204,8 +204,11 @@ class _Accumulator:
         for k, grad in enumerate(values[lay.grads]):
             sq = np.asarray(grad, np.float64) if squared else np.square(np.asarray(grad, np.float64))
             self.diag[k] = sq if i == 0 else self.diag[k] + sq
-        for k, value in enumerate(values[lay.sums]):
-            self.sums[k] = np.asarray(value, np.float64) + (self.sums[k] if i else 0.0)
+        for k, value in enumerate(values[lay.sums]):  # in place: a weight's g² is as large as the weight
+            if i:
+                np.add(self.sums[k], value, out=self.sums[k])
+            else:
+                self.sums[k] = np.array(value, np.float64)
         self.done = i + 1
         total = row.sum()
         self.s1 += total

@@ -119,8 +119,12 @@ def _work(w: _Worker, shard: _Shard) -> _Rows:
         summed = [
             g if ctx.enumeration is not None else np.square(g)  # an enumerating head squares them
             for g in (np.asarray(grad, np.float64) for grad in values[layout.grads])
-        ] + [np.asarray(v, np.float64) for v in values[layout.sums]]
-        diag = summed if local == 0 else [a + b for a, b in zip(diag, summed, strict=True)]
+        ] + list(values[layout.sums])
+        if local == 0:
+            diag = [np.array(v, np.float64) for v in summed]
+        else:  # in place: a weight's g² (format statistics) is as large as the weight
+            for total, v in zip(diag, summed, strict=True):
+                np.add(total, v, out=total)
         arrays = range(layout.grads.start, layout.grads.stop), range(layout.sums.start, layout.sums.stop)
         kept = [v for k, v in enumerate(values) if k not in arrays[0] and k not in arrays[1]]
         rows.append(np.array([float(np.asarray(v).reshape(())) for v in kept], np.float64))

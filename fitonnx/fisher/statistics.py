@@ -11,7 +11,12 @@ tensor instead of copying every gradient out. The engine sums them in float64 ov
   ``formats.groups.group_shape`` (``groups.group_sums`` is the numpy twin).
 - ``WeightedStat``: Σ_j g_ij² · c_j for a constant c of the weight's shape, e.g. a format's
   measured error (Q(w) − w)² or its expected noise power; it holds √c in float32 (half the
-  memory of c in float64; ``WeightedStat.of`` takes c) and the graph squares g·√c.
+  memory of c in float64; ``WeightedStat.of`` takes c). Summed over samples it is Σ_j c_j · Σ_i g_ij²,
+  so the graph never holds c: it outputs g² once per weight (``diag_key``), the engine sums it in
+  float64 like every statistic, and ``finish_weighted`` takes the dot product with c afterwards.
+  One pass over g per sample serves every floating format of the weight, and the gradient model
+  carries no constant of the weight's size (serializing and loading those was most of the fixed
+  cost of FP8 statistics).
 - ``NoiseStat``: Σ_j g_ij² · E[δ²](a_ij) of an activation under a floating format with a fixed
   float32 scale s (calibrated beforehand): the spacing of the binade of |a/s|, squared, over 12,
   times s² (``formats.fit.noise_power``), with the saturation error beyond the largest element.
@@ -30,7 +35,7 @@ from dataclasses import dataclass, field
 import ml_dtypes
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from fitonnx.errors import InternalError
 from fitonnx.formats import Format, ScaleType
@@ -220,12 +225,32 @@ def derived_group_nodes(stat: GroupStat, base: ChunkBase, out: str, opset: int) 
     return nodes, [*keep_shape, *inits, flat]
 
 
-def weighted_nodes(stat: WeightedStat, grad: str, out: str, opset: int) -> Nodes:
-    """Nodes computing ``out`` = Σ g² · c (float64 scalar) as ‖g ⊙ √c‖²."""
-    root = numpy_helper.from_array(np.asarray(stat.root, np.float32), out + "_root")
-    nodes = [helper.make_node("Mul", [grad, root.name], [out + "_gw"])]
-    more, inits = _chunked_square_sum(out + "_gw", [max(stat.root.size, 1)], [], out, opset)
-    return nodes + more, [root, *inits]
+DIAG = "|fisher-diag"
+
+
+def diag_key(tensor: str) -> str:
+    """The key of ``tensor``'s summed g² in the engine's sums, until ``finish_weighted`` replaces it."""
+    return tensor + DIAG
+
+
+def diag_nodes(grad: str, out: str) -> Nodes:
+    """Nodes computing ``out`` = g² elementwise (float32; the engine sums it over samples in float64)."""
+    return [helper.make_node("Mul", [grad, grad], [out])], []
+
+
+def finish_weighted(sums: Mapping[str, np.ndarray], weighted: Sequence[WeightedStat]) -> dict[str, np.ndarray]:
+    """``sums`` (means over samples) with every weighted statistic Σ_j c_j · mean_i g_ij² computed in
+    float64 from its weight's summed g² (a weight the loss does not reach has none: left out), and
+    the g² arrays dropped."""
+    out = {k: v for k, v in sums.items() if not k.endswith(DIAG)}
+    for stat in weighted:
+        diag = sums.get(diag_key(stat.tensor))
+        if diag is None:
+            continue
+        c = np.asarray(stat.root, np.float64).ravel()
+        np.multiply(c, c, out=c)
+        out[stat.key] = np.asarray(np.dot(c, np.asarray(diag, np.float64).ravel()))
+    return out
 
 
 SPLIT = float(2**23 + 1)  # Veltkamp's splitting factor for float32: rounds to 1 significant bit
@@ -315,7 +340,8 @@ def add_statistics(
     shapes: Mapping[str, tuple[int, ...]],
     opset: int,
 ) -> list[tuple[str, str]]:
-    """Append every statistic's nodes to ``g``; return (key, output name) pairs, in request order.
+    """Append every statistic's nodes to ``g``; return (key, output name) pairs: the group statistics,
+    one ``diag_key`` per weight with weighted statistics (``finish_weighted``), the noise statistics.
 
     ``grads``: the gradient output of each tensor; ``shapes``: each tensor's (per-sample) shape."""
     pairs: list[tuple[str, str]] = []
@@ -323,21 +349,22 @@ def add_statistics(
     if any(x.tensor not in grads or x.tensor not in shapes for x in everything):
         raise InternalError("a statistic names a tensor that is not scored")
     bases = _add_bases(g, stats.groups, grads, shapes, opset)
-    for i, stat in enumerate(everything):
+    diags = list(dict.fromkeys(x.tensor for x in stats.weighted))  # one g² per weight, for all its constants
+    todo: list[GroupStat | NoiseStat | str] = [*stats.groups, *diags, *stats.noise]
+    for i, stat in enumerate(todo):
         out = f"fitonnx_stat{i}"
-        grad = grads[stat.tensor]
-        if isinstance(stat, GroupStat) and stat.tensor in bases:
-            nodes, inits = derived_group_nodes(stat, bases[stat.tensor], out, opset)
+        if isinstance(stat, str):
+            (nodes, inits), key = diag_nodes(grads[stat], out), diag_key(stat)
+        elif isinstance(stat, GroupStat) and stat.tensor in bases:
+            (nodes, inits), key = derived_group_nodes(stat, bases[stat.tensor], out, opset), stat.key
         elif isinstance(stat, GroupStat):
-            nodes, inits = group_nodes(stat, grad, shapes[stat.tensor], out, opset)
-        elif isinstance(stat, WeightedStat):
-            nodes, inits = weighted_nodes(stat, grad, out, opset)
+            (nodes, inits), key = group_nodes(stat, grads[stat.tensor], shapes[stat.tensor], out, opset), stat.key
         else:
             numel = math.prod(shapes[stat.tensor])
-            nodes, inits = noise_nodes(stat, grad, stat.tensor, numel, out, opset)
+            (nodes, inits), key = noise_nodes(stat, grads[stat.tensor], stat.tensor, numel, out, opset), stat.key
         g.node.extend(nodes)
         g.initializer.extend(inits)
-        pairs.append((stat.key, out))
+        pairs.append((key, out))
     if stats.noise:
         g.initializer.extend(shared_initializers())
     return pairs
