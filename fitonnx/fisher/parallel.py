@@ -107,7 +107,7 @@ def _work(w: _Worker, shard: _Shard) -> _Rows:
     ctx, data = w.ctx, shard.data
     gm, layout = ctx.gm, ctx.layout
     rows: list[np.ndarray] = []
-    diag: list[np.ndarray] = []
+    sums: list[engine.RunningSum] = []
     for local in range(data.num_samples):
         i = shard.start + local
         feed = {k: v for k, v in data.sample(local, ctx.specs).items() if k in ctx.specs}
@@ -121,14 +121,13 @@ def _work(w: _Worker, shard: _Shard) -> _Rows:
             for g in (np.asarray(grad, np.float64) for grad in values[layout.grads])
         ] + list(values[layout.sums])
         if local == 0:
-            diag = [np.array(v, np.float64) for v in summed]
-        else:  # in place: a weight's g² (format statistics) is as large as the weight
-            for total, v in zip(diag, summed, strict=True):
-                np.add(total, v, out=total)
+            sums = [engine.RunningSum() for _ in summed]
+        for total, v in zip(sums, summed, strict=True):
+            total.add(v)
         arrays = range(layout.grads.start, layout.grads.stop), range(layout.sums.start, layout.sums.stop)
         kept = [v for k, v in enumerate(values) if k not in arrays[0] and k not in arrays[1]]
         rows.append(np.array([float(np.asarray(v).reshape(())) for v in kept], np.float64))
-    return _Rows(shard.start, np.stack(rows), tuple(diag))
+    return _Rows(shard.start, np.stack(rows), tuple(total.value() for total in sums))
 
 
 def _scalar_layout(layout: engine.FetchLayout) -> engine.FetchLayout:

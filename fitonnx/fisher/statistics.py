@@ -247,9 +247,8 @@ def finish_weighted(sums: Mapping[str, np.ndarray], weighted: Sequence[WeightedS
         diag = sums.get(diag_key(stat.tensor))
         if diag is None:
             continue
-        c = np.asarray(stat.root, np.float64).ravel()
-        np.multiply(c, c, out=c)
-        out[stat.key] = np.asarray(np.dot(c, np.asarray(diag, np.float64).ravel()))
+        c = np.square(np.ravel(stat.root), dtype=np.float64)
+        out[stat.key] = np.asarray(np.dot(c, np.ravel(diag)))
     return out
 
 
