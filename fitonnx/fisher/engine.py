@@ -200,7 +200,10 @@ class RunningSum:
         self.part, self.run = None, 0
 
     def value(self) -> np.ndarray:
-        """The float64 sum so far."""
+        """The sum so far: float64, or the float32 partial sum itself when no run has ended (its
+        float64 value is the same; the caller's float64 arithmetic converts it)."""
+        if self.total is None and self.part is not None:
+            return self.part
         self._flush()
         assert self.total is not None
         return self.total
@@ -281,7 +284,9 @@ class _Accumulator:
                 if self.points.shape[1]
                 else None
             ),
-            sums={key: s / n for (key, _), s in zip(gm.sum_outputs, self._sums(), strict=True)}
+            sums={
+                key: np.divide(s, n, dtype=np.float64) for (key, _), s in zip(gm.sum_outputs, self._sums(), strict=True)
+            }
             if gm.sum_outputs
             else None,
         )

@@ -127,7 +127,7 @@ def _work(w: _Worker, shard: _Shard) -> _Rows:
         arrays = range(layout.grads.start, layout.grads.stop), range(layout.sums.start, layout.sums.stop)
         kept = [v for k, v in enumerate(values) if k not in arrays[0] and k not in arrays[1]]
         rows.append(np.array([float(np.asarray(v).reshape(())) for v in kept], np.float64))
-    return _Rows(shard.start, np.stack(rows), tuple(total.value() for total in sums))
+    return _Rows(shard.start, np.stack(rows), tuple(np.asarray(total.value(), np.float64) for total in sums))
 
 
 def _scalar_layout(layout: engine.FetchLayout) -> engine.FetchLayout:

@@ -39,6 +39,7 @@ from onnx import TensorProto, helper
 
 from fitonnx.errors import InternalError
 from fitonnx.formats import Format, ScaleType
+from fitonnx.model import external
 from fitonnx.model.runtime import make_session
 
 CHUNK = 32  # longest float32 run summed before float64 (≤ 32·2⁻²⁴ relative)
@@ -405,8 +406,7 @@ def activation_absmax(
 ) -> dict[str, float]:
     """max |a| of each activation over ``feeds``: one forward pass per sample through a copy of
     ``model`` whose outputs are ReduceMax(Abs(a)) (the calibration a toolchain runs before scaling)."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe, weights = external.detached(model)  # the weights reach onnxruntime unserialized
     del probe.graph.output[:]
     outs = []
     for i, name in enumerate(names):
@@ -415,7 +415,7 @@ def activation_absmax(
         probe.graph.node.append(helper.make_node("ReduceMax", [out + "_abs"], [out], keepdims=0))
         probe.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, []))
         outs.append(out)
-    session = make_session(probe.SerializeToString(), threads)
+    session = make_session(probe.SerializeToString(), threads, initializers=weights)
     best = np.zeros(len(names), np.float64)
     for feed in feeds:
         np.maximum(best, np.array(session.run(outs, dict(feed)), np.float64), out=best)

@@ -181,7 +181,11 @@ def _matmul_like(model: onnx.ModelProto, weight: str, rank: int) -> bool:
 
 
 def _weights(model: onnx.ModelProto, names: set[str]) -> dict[str, np.ndarray]:
-    return {t.name: external.tensor_array(t).astype(np.float32) for t in model.graph.initializer if t.name in names}
+    return {
+        t.name: external.tensor_array(t).astype(np.float32, copy=False)
+        for t in model.graph.initializer
+        if t.name in names
+    }
 
 
 def _weight_stats(fmt: Format, name: str, w: np.ndarray, axis: int | None) -> list[GroupStat | WeightedStat]:
