@@ -17,7 +17,7 @@ import numpy as np
 from fitonnx.errors import DataError, InternalError, ModelError, UnsupportedError
 from fitonnx.fisher.instrument import GradientModel
 from fitonnx.fisher.losses import LABELS, Likelihood, OutputTarget, draw_noise
-from fitonnx.fisher.statistics import CHUNK
+from fitonnx.fisher.statistics import CHUNK, DIAG
 from fitonnx.model.data import Dataset
 from fitonnx.model.graph import InputSpec, QuantTensor
 from fitonnx.model.runtime import make_session
@@ -77,7 +77,9 @@ class FisherTraces:
     batch_size: int = 1  # samples per run (``fisher.batched``)
     engine: str = ""  # the gradient engine that computed them (``fisher.engines``)
     device: str = "cpu"
-    sums: Mapping[str, np.ndarray] | None = None  # mean over samples of ``GradientModel.sum_outputs``, by key
+    # Mean over samples of ``GradientModel.sum_outputs``, by key (a weight's g², ``statistics.diag_key``,
+    # summed: ``fisher_traces`` replaces it with its weighted statistics).
+    sums: Mapping[str, np.ndarray] | None = None
 
     @property
     def samples(self) -> int:
@@ -285,7 +287,9 @@ class _Accumulator:
                 else None
             ),
             sums={
-                key: np.divide(s, n, dtype=np.float64) for (key, _), s in zip(gm.sum_outputs, self._sums(), strict=True)
+                # a weight's g² stays a total: finish_weighted divides its products
+                key: s if key.endswith(DIAG) else np.divide(s, n, dtype=np.float64)
+                for (key, _), s in zip(gm.sum_outputs, self._sums(), strict=True)
             }
             if gm.sum_outputs
             else None,

@@ -120,7 +120,8 @@ def fisher_traces(
     )
     traces = _run(s, gm, opts, threads, progress, single_only)
     if traces.sums is not None:
-        traces = dataclasses.replace(traces, sums=finish_weighted(traces.sums, statistics.weighted))
+        sums = finish_weighted(traces.sums, statistics.weighted, traces.samples)
+        traces = dataclasses.replace(traces, sums=sums)
     feed = {k: v for k, v in s.data.sample(0, s.specs).items() if k in s.specs}
     return check_traces(traces, gm, feed, threads), target, mode
 

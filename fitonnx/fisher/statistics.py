@@ -12,8 +12,8 @@ tensor instead of copying every gradient out. The engine sums them in float64 ov
 - ``WeightedStat``: Σ_j g_ij² · c_j for a constant c of the weight's shape, e.g. a format's
   measured error (Q(w) − w)² or its expected noise power; it holds √c in float32 (half the
   memory of c in float64; ``WeightedStat.of`` takes c). Summed over samples it is Σ_j c_j · Σ_i g_ij²,
-  so the graph never holds c: it outputs g² once per weight (``diag_key``), the engine sums it in
-  float64 like every statistic, and ``finish_weighted`` takes the dot product with c afterwards.
+  so the graph never holds c: it outputs g² once per weight (``diag_key``), the engine sums it over
+  samples (``engine.RunningSum``), and ``finish_weighted`` takes the dot product with c afterwards.
   One pass over g per sample serves every floating format of the weight, and the gradient model
   carries no constant of the weight's size (serializing and loading those was most of the fixed
   cost of FP8 statistics).
@@ -239,17 +239,30 @@ def diag_nodes(grad: str, out: str) -> Nodes:
     return [helper.make_node("Mul", [grad, grad], [out])], []
 
 
-def finish_weighted(sums: Mapping[str, np.ndarray], weighted: Sequence[WeightedStat]) -> dict[str, np.ndarray]:
-    """``sums`` (means over samples) with every weighted statistic Σ_j c_j · mean_i g_ij² computed in
-    float64 from its weight's summed g² (a weight the loss does not reach has none: left out), and
-    the g² arrays dropped."""
+BLOCK = 1 << 18  # elements per step of finish_weighted's float64 products (kept in cache)
+
+
+def finish_weighted(
+    sums: Mapping[str, np.ndarray], weighted: Sequence[WeightedStat], samples: int
+) -> dict[str, np.ndarray]:
+    """``sums`` with every weighted statistic: Σ_j c_j · Σ_i g_ij² / ``samples`` in float64 from its
+    weight's g² summed over the samples (``diag_key``, a total, not a mean; a weight the loss does
+    not reach has none: left out), the g² totals dropped. The products run in blocks of ``BLOCK``
+    elements, so no float64 copy of a weight-sized array is made."""
     out = {k: v for k, v in sums.items() if not k.endswith(DIAG)}
+    by_tensor: dict[str, list[WeightedStat]] = {}
     for stat in weighted:
-        diag = sums.get(diag_key(stat.tensor))
-        if diag is None:
-            continue
-        c = np.square(np.ravel(stat.root), dtype=np.float64)
-        out[stat.key] = np.asarray(np.dot(c, np.ravel(diag)))
+        if diag_key(stat.tensor) in sums:
+            by_tensor.setdefault(stat.tensor, []).append(stat)
+    for tensor, stats in by_tensor.items():
+        diag = np.ravel(sums[diag_key(tensor)])
+        roots = [np.ravel(x.root) for x in stats]
+        totals = [0.0] * len(stats)
+        for a in range(0, diag.size, BLOCK):
+            d = diag[a : a + BLOCK].astype(np.float64)
+            for k, root in enumerate(roots):
+                totals[k] += float(np.dot(np.square(root[a : a + BLOCK], dtype=np.float64), d))
+        out |= {x.key: np.asarray(t / samples) for x, t in zip(stats, totals, strict=True)}
     return out
 
 
