@@ -7,11 +7,12 @@ Two networks with random weights, random inputs and random labels (so the empiri
   vocabulary, ``--bert-layers`` layers).
 
 Variants, each ``api.score`` on one already open session (loading and preparing are the same for
-all and left out): ``per-tensor`` (no formats: today's score), ``int ch+block`` (per-channel
-int4/int8 and, on the encoder, per-block uint4/b32 and uint4/b128 weights: one per-group Fisher
-statistic per grouping), ``fp8`` (fp8e4m3 weights and activations: the weights' expected and
-measured noise, each activation's binade noise per sample after a max|a| calibration pass), and
-``all`` (both). Each time includes what score does for formats: planning the statistics (the
+all and left out): ``per-tensor`` (no formats: today's score), ``int/ch`` (per-channel int4/int8
+weights: one per-channel Fisher statistic per weight), ``int/block`` (per-block weights along the
+reduction axis: int4/b32 on ResNet-18, where it applies to every Conv but the first, uint4/b32 and
+uint4/b128 on the encoder), ``fp8`` (fp8e4m3 weights and activations: the weights' expected and
+measured noise from their summed g², each activation's binade noise per sample after a max|a|
+calibration pass), and ``all`` (every one of them). Each time includes what score does for formats: planning the statistics (the
 weights' noise and errors in numpy), the larger gradient graph and its session, the calibration
 pass and the report. Rounds are interleaved (order reversed every other round); the table gives
 medians and each median's ratio to ``per-tensor``. The per-tensor traces of every variant are
@@ -48,13 +49,15 @@ OUT = Path(__file__).resolve().parent / "out"
 VARIANTS: dict[str, dict[str, tuple[str, ...]]] = {
     "resnet18": {
         "per-tensor": (),
-        "int ch+block": ("int4/ch", "int8/ch"),
+        "int/ch": ("int4/ch", "int8/ch"),
+        "int/block": ("int4/b32",),
         "fp8": ("fp8e4m3",),
-        "all": ("int4/ch", "int8/ch", "fp8e4m3"),
+        "all": ("int4/ch", "int8/ch", "int4/b32", "fp8e4m3"),
     },
     "bert": {
         "per-tensor": (),
-        "int ch+block": ("int4/ch", "int8/ch", "uint4/b32", "uint4/b128"),
+        "int/ch": ("int4/ch", "int8/ch"),
+        "int/block": ("uint4/b32", "uint4/b128"),
         "fp8": ("fp8e4m3",),
         "all": ("int4/ch", "int8/ch", "uint4/b32", "uint4/b128", "fp8e4m3"),
     },

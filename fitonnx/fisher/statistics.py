@@ -1,9 +1,9 @@
 """Fisher statistics beyond the per-tensor trace, reduced inside the gradient graph (issue 11).
 
 Scoring per-channel, per-block and floating-point formats needs more of the Fisher diagonal than
-its trace, but never the diagonal itself: each statistic here is a reduction of the per-sample
-squared gradient g_ij² that the gradient graph computes, so the engine fetches a few numbers per
-tensor instead of copying every gradient out. The engine sums them in float64 over samples
+its trace: each statistic here is a reduction of the per-sample squared gradient g_ij² that the
+gradient graph computes, so the engine fetches a few numbers per tensor (the diagonal itself only
+for a weight with floating formats, ``WeightedStat``). The engine sums them in float64 over samples
 (``FisherTraces.sums``, the mean over samples, like the traces).
 
 - ``GroupStat``: per-group Fisher mass Σ_{j∈g} g_ij² of a weight, one group per index along an
@@ -11,7 +11,7 @@ tensor instead of copying every gradient out. The engine sums them in float64 ov
   ``formats.groups.group_shape`` (``groups.group_sums`` is the numpy twin).
 - ``WeightedStat``: Σ_j g_ij² · c_j for a constant c of the weight's shape, e.g. a format's
   measured error (Q(w) − w)² or its expected noise power; it holds √c in float32 (half the
-  memory of c in float64; ``WeightedStat.of`` takes c). Summed over samples it is Σ_j c_j · Σ_i g_ij²,
+  memory of c in float64; ``WeightedStat.of`` takes c). Summed over samples it is Σ_j c_j·Σ_i g_ij²,
   so the graph never holds c: it outputs g² once per weight (``diag_key``), the engine sums it over
   samples (``engine.RunningSum``), and ``finish_weighted`` takes the dot product with c afterwards.
   One pass over g per sample serves every floating format of the weight, and the gradient model
