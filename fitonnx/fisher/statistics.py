@@ -260,8 +260,9 @@ def finish_weighted(
         totals = [0.0] * len(stats)
         for a in range(0, diag.size, BLOCK):
             d = diag[a : a + BLOCK].astype(np.float64)
-            for k, root in enumerate(roots):
-                totals[k] += float(np.dot(np.square(root[a : a + BLOCK], dtype=np.float64), d))
+            for k, root in enumerate(roots):  # not np.dot: BLAS threads cost more than the product here
+                c = np.square(root[a : a + BLOCK], dtype=np.float64)
+                totals[k] += float(np.multiply(c, d, out=c).sum())
         out |= {x.key: np.asarray(t / samples) for x, t in zip(stats, totals, strict=True)}
     return out
 
