@@ -272,28 +272,31 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def split_nodes(x: str, p: str) -> list[onnx.NodeProto]:
-    """Nodes computing ``p + "pow"`` = 2^⌊log2 x⌋ for finite x ≥ 0 whose x·SPLIT is finite (0 for 0).
+    """Nodes computing ``p + "pow"`` = 2^⌊log2 x⌋ for finite normal x ≥ 0 whose x·SPLIT is finite
+    (at most 2^-126 for a subnormal x, 0 for 0).
 
-    Veltkamp's split h = (x − x·σ) + x·σ, σ = 2^23 + 1, rounds x to one significant bit in float32
-    arithmetic, so h is 2^e or 2^(e+1) for x in [2^e, 2^(e+1)); halving it where h > x leaves 2^e.
-    Five elementwise ops instead of Log, Floor and Pow (which cost 30 times more in onnxruntime)."""
+    Veltkamp's split h = (y − y·σ) + y·σ, σ = 2^23 + 1, rounds y to one significant bit (to nearest)
+    in float32 arithmetic. For x in [2^e, 2^(e+1)), y = fl(¾·x) lies in [¾·2^e, 1.5·2^e − ulp], whose
+    nearest one-bit value is 2^e (the tie ¾·2^e rounds up). Four elementwise ops instead of Log,
+    Floor and Pow (which cost 30 times more in onnxruntime)."""
     mk = helper.make_node
     return [
-        mk("Mul", [x, "fitonnx_split"], [p + "xs"]),
-        mk("Sub", [x, p + "xs"], [p + "d"]),
-        mk("Add", [p + "d", p + "xs"], [p + "h"]),
-        mk("Greater", [p + "h", x], [p + "high"]),
-        mk("Mul", [p + "h", "fitonnx_half"], [p + "h2"]),
-        mk("Where", [p + "high", p + "h2", p + "h"], [p + "pow"]),
+        mk("Mul", [x, "fitonnx_three_quarters"], [p + "y"]),
+        mk("Mul", [p + "y", "fitonnx_split"], [p + "ys"]),
+        mk("Sub", [p + "y", p + "ys"], [p + "d"]),
+        mk("Add", [p + "d", p + "ys"], [p + "pow"]),
     ]
 
 
-def binade_nodes(x: str, p: str, top: float) -> list[onnx.NodeProto]:
+def binade_nodes(x: str, p: str, top: float, floor: bool = False) -> list[onnx.NodeProto]:
     """Nodes computing ``p + "pow"`` = 2^⌊log2 x⌋ for 0 ≤ x (x clipped to ``top`` first, so x·SPLIT
     stays finite; where ``top``·SPLIT overflows, as for bf16, the large values are split after a
-    scaling by 2^−64 and the small ones, whose scaled value would be subnormal, directly)."""
+    scaling by 2^−64 and the small ones, whose scaled value would be subnormal, directly).
+    ``floor``: x is first raised to the power of two ``p + "tiny"`` too (one Clip for both bounds),
+    so the result is at least that (the binade of a value below it is the floor's)."""
     mk = helper.make_node
-    nodes = [mk("Min", [x, p + "top"], [p + "xc"])]
+    bounds = [p + "tiny", p + "top"] if floor else [p + "top"]
+    nodes = [mk("Clip" if floor else "Min", [x, *bounds], [p + "xc"])]
     if top * SPLIT <= FLOAT32_MAX:
         return nodes + split_nodes(p + "xc", p)
     nodes += [mk("Mul", [p + "xc", p + "down"], [p + "xd"])]
@@ -322,15 +325,17 @@ def noise_nodes(stat: NoiseStat, grad: str, value: str, numel: int, out: str, op
         consts |= {"down": 2.0**-64, "up": 2.0**64, "cut": 2.0**-62}
     inits = [helper.make_tensor(p + k, TensorProto.FLOAT, [], [v]) for k, v in consts.items()]
     mk = helper.make_node
+    clip = opset >= 11
     nodes = [
         mk("Div", [value, p + "s"], [p + "v"]),
         mk("Abs", [p + "v"], [p + "x"]),
-        *binade_nodes(p + "x", p, top),
-        mk("Max", [p + "pow", p + "tiny"], [p + "pw"]),  # subnormals (and 0) share the lowest binade's spacing
+        # subnormals (and 0) share the lowest binade's spacing: x is floored at it (Clip from opset 11)
+        *(binade_nodes(p + "x", p, top, floor=True) if clip else binade_nodes(p + "x", p, top)),
+        *([] if clip else [mk("Max", [p + "pow", p + "tiny"], [p + "pw"])]),
         mk("Sub", [p + "x", p + "top"], [p + "over"]),
         mk("Mul", [p + "over", p + "sat"], [p + "r_sat"]),
         mk("Greater", [p + "x", p + "top"], [p + "beyond"]),
-        mk("Where", [p + "beyond", p + "r_sat", p + "pw"], [p + "root"]),
+        mk("Where", [p + "beyond", p + "r_sat", p + ("pow" if clip else "pw")], [p + "root"]),
         mk("Mul", [grad, p + "root"], [p + "gw"]),
     ]
     more, more_inits = _chunked_square_sum(p + "gw", [max(numel, 1)], [], p + "units", opset)
@@ -343,7 +348,7 @@ def shared_initializers() -> list[onnx.TensorProto]:
     """The constants every noise statistic reads (added once per graph)."""
     return [
         helper.make_tensor("fitonnx_split", TensorProto.FLOAT, [], [SPLIT]),
-        helper.make_tensor("fitonnx_half", TensorProto.FLOAT, [], [0.5]),
+        helper.make_tensor("fitonnx_three_quarters", TensorProto.FLOAT, [], [0.75]),
     ]
 
 
