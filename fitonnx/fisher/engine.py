@@ -17,6 +17,7 @@ import numpy as np
 from fitonnx.errors import DataError, InternalError, ModelError, UnsupportedError
 from fitonnx.fisher.instrument import GradientModel
 from fitonnx.fisher.losses import LABELS, Likelihood, OutputTarget, draw_noise
+from fitonnx.fisher.statistics import CHUNK, DIAG
 from fitonnx.model.data import Dataset
 from fitonnx.model.graph import InputSpec, QuantTensor
 from fitonnx.model.runtime import make_session
@@ -77,7 +78,9 @@ class FisherTraces:
     batch_note: str = ""  # why the run is at batch 1 when a larger batch was asked for ("" otherwise)
     engine: str = ""  # the gradient engine that computed them (``fisher.engines``)
     device: str = "cpu"
-    sums: Mapping[str, np.ndarray] | None = None  # mean over samples of ``GradientModel.sum_outputs``, by key
+    # Mean over samples of ``GradientModel.sum_outputs``, by key (a weight's g², ``statistics.diag_key``,
+    # summed: ``fisher_traces`` replaces it with its weighted statistics).
+    sums: Mapping[str, np.ndarray] | None = None
 
     @property
     def samples(self) -> int:
@@ -169,6 +172,46 @@ class FetchLayout:
         return cls(tuple(n for g in groups for n in g), *cuts)
 
 
+class RunningSum:
+    """Σ over samples of one format statistic in float64. A float32 array (a weight's g²) is summed in
+    float32 over runs of at most ``CHUNK`` samples first, as the graph sums elements (half the memory
+    traffic of a float64 sum per sample, ≤ CHUNK·2⁻²⁴ relative); anything else in float64 directly."""
+
+    def __init__(self) -> None:
+        self.total: np.ndarray | None = None
+        self.part: np.ndarray | None = None  # float32 partial sum of the current run
+        self.run = 0
+
+    def add(self, value: Any) -> None:
+        v = np.asarray(value)
+        if v.dtype == np.float32 and v.ndim:
+            if self.part is None:
+                self.part = np.array(v)
+            else:
+                np.add(self.part, v, out=self.part)
+            self.run += 1
+            if self.run == CHUNK:
+                self._flush()
+        elif self.total is None:
+            self.total = np.array(v, np.float64)
+        else:
+            np.add(self.total, v, out=self.total)
+
+    def _flush(self) -> None:
+        if self.part is not None:
+            self.total = self.part.astype(np.float64) if self.total is None else self.total + self.part
+        self.part, self.run = None, 0
+
+    def value(self) -> np.ndarray:
+        """The sum so far: float64, or the float32 partial sum itself when no run has ended (its
+        float64 value is the same; the caller's float64 arithmetic converts it)."""
+        if self.total is None and self.part is not None:
+            return self.part
+        self._flush()
+        assert self.total is not None
+        return self.total
+
+
 class _Accumulator:
     """Per-sample rows of every fetched statistic, and the running sums the stop rule reads."""
 
@@ -181,7 +224,8 @@ class _Accumulator:
         self.extra = np.zeros((total, layout.extra.stop - layout.extra.start))
         self.points = np.zeros((total, layout.points.stop - layout.points.start))
         self.diag: list[np.ndarray] = [np.zeros(0)] * len(gm.grad_outputs)
-        self.sums: list[np.ndarray] = [np.zeros(0)] * len(gm.sum_outputs)  # float64 running sums
+        self.running = [RunningSum() for _ in range(layout.sums.stop - layout.sums.start)]
+        self.sums: list[np.ndarray] | None = None  # float64 sums, set by a parallel run's merge
         self.done, self.s1, self.s2 = 0, 0.0, 0.0
 
     def add(self, i: int, values: Sequence[Any], squared: bool) -> None:
@@ -205,12 +249,15 @@ class _Accumulator:
         for k, grad in enumerate(values[lay.grads]):
             sq = np.asarray(grad, np.float64) if squared else np.square(np.asarray(grad, np.float64))
             self.diag[k] = sq if i == 0 else self.diag[k] + sq
-        for k, value in enumerate(values[lay.sums]):
-            self.sums[k] = np.asarray(value, np.float64) + (self.sums[k] if i else 0.0)
+        for total, value in zip(self.running, values[lay.sums], strict=True):
+            total.add(value)
         self.done = i + 1
         total = row.sum()
         self.s1 += total
         self.s2 += total * total
+
+    def _sums(self) -> list[np.ndarray]:
+        return self.sums if self.sums is not None else [r.value() for r in self.running]
 
     def converged(self, options: RunOptions) -> bool:
         """The relative standard error of the total trace is below ``options.tol``."""
@@ -240,7 +287,11 @@ class _Accumulator:
                 if self.points.shape[1]
                 else None
             ),
-            sums={key: s / n for (key, _), s in zip(gm.sum_outputs, self.sums, strict=True)}
+            sums={
+                # a weight's g² stays a total: finish_weighted divides its products
+                key: s if key.endswith(DIAG) else np.divide(s, n, dtype=np.float64)
+                for (key, _), s in zip(gm.sum_outputs, self._sums(), strict=True)
+            }
             if gm.sum_outputs
             else None,
         )

@@ -107,7 +107,7 @@ def _work(w: _Worker, shard: _Shard) -> _Rows:
     ctx, data = w.ctx, shard.data
     gm, layout = ctx.gm, ctx.layout
     rows: list[np.ndarray] = []
-    diag: list[np.ndarray] = []
+    sums: list[engine.RunningSum] = []
     for local in range(data.num_samples):
         i = shard.start + local
         feed = {k: v for k, v in data.sample(local, ctx.specs).items() if k in ctx.specs}
@@ -119,12 +119,15 @@ def _work(w: _Worker, shard: _Shard) -> _Rows:
         summed = [
             g if ctx.enumeration is not None else np.square(g)  # an enumerating head squares them
             for g in (np.asarray(grad, np.float64) for grad in values[layout.grads])
-        ] + [np.asarray(v, np.float64) for v in values[layout.sums]]
-        diag = summed if local == 0 else [a + b for a, b in zip(diag, summed, strict=True)]
+        ] + list(values[layout.sums])
+        if local == 0:
+            sums = [engine.RunningSum() for _ in summed]
+        for total, v in zip(sums, summed, strict=True):
+            total.add(v)
         arrays = range(layout.grads.start, layout.grads.stop), range(layout.sums.start, layout.sums.stop)
         kept = [v for k, v in enumerate(values) if k not in arrays[0] and k not in arrays[1]]
         rows.append(np.array([float(np.asarray(v).reshape(())) for v in kept], np.float64))
-    return _Rows(shard.start, np.stack(rows), tuple(diag))
+    return _Rows(shard.start, np.stack(rows), tuple(np.asarray(total.value(), np.float64) for total in sums))
 
 
 def _scalar_layout(layout: engine.FetchLayout) -> engine.FetchLayout:

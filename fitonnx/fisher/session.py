@@ -16,7 +16,7 @@ from fitonnx.errors import DataError
 from fitonnx.fisher import batched, engine, engines, instrument, losses, outputs, parallel
 from fitonnx.fisher.checks import check_traces
 from fitonnx.fisher.options import FisherOptions
-from fitonnx.fisher.statistics import NO_STATISTICS, Statistics
+from fitonnx.fisher.statistics import NO_STATISTICS, Statistics, finish_weighted
 from fitonnx.model import data as data_mod
 from fitonnx.model import external, graph
 from fitonnx.model.data import Dataset
@@ -119,6 +119,9 @@ def fisher_traces(
         else None
     )
     traces = _run(s, gm, opts, threads, progress, single_only)
+    if traces.sums is not None:
+        sums = finish_weighted(traces.sums, statistics.weighted, traces.samples)
+        traces = dataclasses.replace(traces, sums=sums)
     feed = {k: v for k, v in s.data.sample(0, s.specs).items() if k in s.specs}
     return check_traces(traces, gm, feed, threads), target, mode
 

@@ -1,9 +1,9 @@
 """Fisher statistics beyond the per-tensor trace, reduced inside the gradient graph (issue 11).
 
 Scoring per-channel, per-block and floating-point formats needs more of the Fisher diagonal than
-its trace, but never the diagonal itself: each statistic here is a reduction of the per-sample
-squared gradient g_ij² that the gradient graph computes, so the engine fetches a few numbers per
-tensor instead of copying every gradient out. The engine sums them in float64 over samples
+its trace: each statistic here is a reduction of the per-sample squared gradient g_ij² that the
+gradient graph computes, so the engine fetches a few numbers per tensor (the diagonal itself only
+for a weight with floating formats, ``WeightedStat``). The engine sums them in float64 over samples
 (``FisherTraces.sums``, the mean over samples, like the traces).
 
 - ``GroupStat``: per-group Fisher mass Σ_{j∈g} g_ij² of a weight, one group per index along an
@@ -11,7 +11,12 @@ tensor instead of copying every gradient out. The engine sums them in float64 ov
   ``formats.groups.group_shape`` (``groups.group_sums`` is the numpy twin).
 - ``WeightedStat``: Σ_j g_ij² · c_j for a constant c of the weight's shape, e.g. a format's
   measured error (Q(w) − w)² or its expected noise power; it holds √c in float32 (half the
-  memory of c in float64; ``WeightedStat.of`` takes c) and the graph squares g·√c.
+  memory of c in float64; ``WeightedStat.of`` takes c). Summed over samples it is Σ_j c_j·Σ_i g_ij²,
+  so the graph never holds c: it outputs g² once per weight (``diag_key``), the engine sums it over
+  samples (``engine.RunningSum``), and ``finish_weighted`` takes the dot product with c afterwards.
+  One pass over g per sample serves every floating format of the weight, and the gradient model
+  carries no constant of the weight's size (serializing and loading those was most of the fixed
+  cost of FP8 statistics).
 - ``NoiseStat``: Σ_j g_ij² · E[δ²](a_ij) of an activation under a floating format with a fixed
   float32 scale s (calibrated beforehand): the spacing of the binade of |a/s|, squared, over 12,
   times s² (``formats.fit.noise_power``), with the saturation error beyond the largest element.
@@ -33,10 +38,11 @@ from dataclasses import dataclass, field
 import ml_dtypes
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from fitonnx.errors import InternalError
 from fitonnx.formats import Format, ScaleType, block_nodes
+from fitonnx.model import external
 from fitonnx.model.runtime import make_session
 
 CHUNK = 32  # longest float32 run summed before float64 (≤ 32·2⁻²⁴ relative)
@@ -245,12 +251,45 @@ def derived_group_nodes(stat: GroupStat, base: ChunkBase, out: str, opset: int) 
     return nodes, [*keep_shape, *inits, flat]
 
 
-def weighted_nodes(stat: WeightedStat, grad: str, out: str, opset: int) -> Nodes:
-    """Nodes computing ``out`` = Σ g² · c (float64 scalar) as ‖g ⊙ √c‖²."""
-    root = numpy_helper.from_array(np.asarray(stat.root, np.float32), out + "_root")
-    nodes = [helper.make_node("Mul", [grad, root.name], [out + "_gw"])]
-    more, inits = _chunked_square_sum(out + "_gw", [max(stat.root.size, 1)], [], out, opset)
-    return nodes + more, [root, *inits]
+DIAG = "|fisher-diag"
+
+
+def diag_key(tensor: str) -> str:
+    """The key of ``tensor``'s summed g² in the engine's sums, until ``finish_weighted`` replaces it."""
+    return tensor + DIAG
+
+
+def diag_nodes(grad: str, out: str) -> Nodes:
+    """Nodes computing ``out`` = g² elementwise (float32; the engine sums it over samples in float64)."""
+    return [helper.make_node("Mul", [grad, grad], [out])], []
+
+
+BLOCK = 1 << 18  # elements per step of finish_weighted's float64 products (kept in cache)
+
+
+def finish_weighted(
+    sums: Mapping[str, np.ndarray], weighted: Sequence[WeightedStat], samples: int
+) -> dict[str, np.ndarray]:
+    """``sums`` with every weighted statistic: Σ_j c_j · Σ_i g_ij² / ``samples`` in float64 from its
+    weight's g² summed over the samples (``diag_key``, a total, not a mean; a weight the loss does
+    not reach has none: left out), the g² totals dropped. The products run in blocks of ``BLOCK``
+    elements, so no float64 copy of a weight-sized array is made."""
+    out = {k: v for k, v in sums.items() if not k.endswith(DIAG)}
+    by_tensor: dict[str, list[WeightedStat]] = {}
+    for stat in weighted:
+        if diag_key(stat.tensor) in sums:
+            by_tensor.setdefault(stat.tensor, []).append(stat)
+    for tensor, stats in by_tensor.items():
+        diag = np.ravel(sums[diag_key(tensor)])
+        roots = [np.ravel(x.root) for x in stats]
+        totals = [0.0] * len(stats)
+        for a in range(0, diag.size, BLOCK):
+            d = diag[a : a + BLOCK].astype(np.float64)
+            for k, root in enumerate(roots):  # not np.dot: BLAS threads cost more than the product here
+                c = np.square(root[a : a + BLOCK], dtype=np.float64)
+                totals[k] += float(np.multiply(c, d, out=c).sum())
+        out |= {x.key: np.asarray(t / samples) for x, t in zip(stats, totals, strict=True)}
+    return out
 
 
 SPLIT = float(2**23 + 1)  # Veltkamp's splitting factor for float32: rounds to 1 significant bit
@@ -258,28 +297,31 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def split_nodes(x: str, p: str) -> list[onnx.NodeProto]:
-    """Nodes computing ``p + "pow"`` = 2^⌊log2 x⌋ for finite x ≥ 0 whose x·SPLIT is finite (0 for 0).
+    """Nodes computing ``p + "pow"`` = 2^⌊log2 x⌋ for finite normal x ≥ 0 whose x·SPLIT is finite
+    (at most 2^-126 for a subnormal x, 0 for 0).
 
-    Veltkamp's split h = (x − x·σ) + x·σ, σ = 2^23 + 1, rounds x to one significant bit in float32
-    arithmetic, so h is 2^e or 2^(e+1) for x in [2^e, 2^(e+1)); halving it where h > x leaves 2^e.
-    Five elementwise ops instead of Log, Floor and Pow (which cost 30 times more in onnxruntime)."""
+    Veltkamp's split h = (y − y·σ) + y·σ, σ = 2^23 + 1, rounds y to one significant bit (to nearest)
+    in float32 arithmetic. For x in [2^e, 2^(e+1)), y = fl(¾·x) lies in [¾·2^e, 1.5·2^e − ulp], whose
+    nearest one-bit value is 2^e (the tie ¾·2^e rounds up). Four elementwise ops instead of Log,
+    Floor and Pow (which cost 30 times more in onnxruntime)."""
     mk = helper.make_node
     return [
-        mk("Mul", [x, "fitonnx_split"], [p + "xs"]),
-        mk("Sub", [x, p + "xs"], [p + "d"]),
-        mk("Add", [p + "d", p + "xs"], [p + "h"]),
-        mk("Greater", [p + "h", x], [p + "high"]),
-        mk("Mul", [p + "h", "fitonnx_half"], [p + "h2"]),
-        mk("Where", [p + "high", p + "h2", p + "h"], [p + "pow"]),
+        mk("Mul", [x, "fitonnx_three_quarters"], [p + "y"]),
+        mk("Mul", [p + "y", "fitonnx_split"], [p + "ys"]),
+        mk("Sub", [p + "y", p + "ys"], [p + "d"]),
+        mk("Add", [p + "d", p + "ys"], [p + "pow"]),
     ]
 
 
-def binade_nodes(x: str, p: str, top: float) -> list[onnx.NodeProto]:
+def binade_nodes(x: str, p: str, top: float, floor: bool = False) -> list[onnx.NodeProto]:
     """Nodes computing ``p + "pow"`` = 2^⌊log2 x⌋ for 0 ≤ x (x clipped to ``top`` first, so x·SPLIT
     stays finite; where ``top``·SPLIT overflows, as for bf16, the large values are split after a
-    scaling by 2^−64 and the small ones, whose scaled value would be subnormal, directly)."""
+    scaling by 2^−64 and the small ones, whose scaled value would be subnormal, directly).
+    ``floor``: x is first raised to the power of two ``p + "tiny"`` too (one Clip for both bounds),
+    so the result is at least that (the binade of a value below it is the floor's)."""
     mk = helper.make_node
-    nodes = [mk("Min", [x, p + "top"], [p + "xc"])]
+    bounds = [p + "tiny", p + "top"] if floor else [p + "top"]
+    nodes = [mk("Clip" if floor else "Min", [x, *bounds], [p + "xc"])]
     if top * SPLIT <= FLOAT32_MAX:
         return nodes + split_nodes(p + "xc", p)
     nodes += [mk("Mul", [p + "xc", p + "down"], [p + "xd"])]
@@ -308,15 +350,17 @@ def noise_nodes(stat: NoiseStat, grad: str, value: str, numel: int, out: str, op
         consts |= {"down": 2.0**-64, "up": 2.0**64, "cut": 2.0**-62}
     inits = [helper.make_tensor(p + k, TensorProto.FLOAT, [], [v]) for k, v in consts.items()]
     mk = helper.make_node
+    clip = opset >= 11
     nodes = [
         mk("Div", [value, p + "s"], [p + "v"]),
         mk("Abs", [p + "v"], [p + "x"]),
-        *binade_nodes(p + "x", p, top),
-        mk("Max", [p + "pow", p + "tiny"], [p + "pw"]),  # subnormals (and 0) share the lowest binade's spacing
+        # subnormals (and 0) share the lowest binade's spacing: x is floored at it (Clip from opset 11)
+        *(binade_nodes(p + "x", p, top, floor=True) if clip else binade_nodes(p + "x", p, top)),
+        *([] if clip else [mk("Max", [p + "pow", p + "tiny"], [p + "pw"])]),
         mk("Sub", [p + "x", p + "top"], [p + "over"]),
         mk("Mul", [p + "over", p + "sat"], [p + "r_sat"]),
         mk("Greater", [p + "x", p + "top"], [p + "beyond"]),
-        mk("Where", [p + "beyond", p + "r_sat", p + "pw"], [p + "root"]),
+        mk("Where", [p + "beyond", p + "r_sat", p + ("pow" if clip else "pw")], [p + "root"]),
         mk("Mul", [grad, p + "root"], [p + "gw"]),
     ]
     more, more_inits = _chunked_square_sum(p + "gw", [max(numel, 1)], [], p + "units", opset)
@@ -329,7 +373,7 @@ def shared_initializers() -> list[onnx.TensorProto]:
     """The constants every noise statistic reads (added once per graph)."""
     return [
         helper.make_tensor("fitonnx_split", TensorProto.FLOAT, [], [SPLIT]),
-        helper.make_tensor("fitonnx_half", TensorProto.FLOAT, [], [0.5]),
+        helper.make_tensor("fitonnx_three_quarters", TensorProto.FLOAT, [], [0.75]),
     ]
 
 
@@ -340,7 +384,8 @@ def add_statistics(
     shapes: Mapping[str, tuple[int, ...]],
     opset: int,
 ) -> list[tuple[str, str]]:
-    """Append every statistic's nodes to ``g``; return (key, output name) pairs, in request order.
+    """Append every statistic's nodes to ``g``; return (key, output name) pairs: the group statistics,
+    one ``diag_key`` per weight with weighted statistics (``finish_weighted``), the noise statistics.
 
     ``grads``: the gradient output of each tensor; ``shapes``: each tensor's (per-sample) shape."""
     pairs: list[tuple[str, str]] = []
@@ -348,21 +393,22 @@ def add_statistics(
     if any(x.tensor not in grads or x.tensor not in shapes for x in (*everything, *stats.blocks)):
         raise InternalError("a statistic names a tensor that is not scored")
     bases = _add_bases(g, stats.groups, grads, shapes, opset)
-    for i, stat in enumerate(everything):
+    diags = list(dict.fromkeys(x.tensor for x in stats.weighted))  # one g² per weight, for all its constants
+    todo: list[GroupStat | NoiseStat | str] = [*stats.groups, *diags, *stats.noise]
+    for i, stat in enumerate(todo):
         out = f"fitonnx_stat{i}"
-        grad = grads[stat.tensor]
-        if isinstance(stat, GroupStat) and stat.tensor in bases:
-            nodes, inits = derived_group_nodes(stat, bases[stat.tensor], out, opset)
+        if isinstance(stat, str):
+            (nodes, inits), key = diag_nodes(grads[stat], out), diag_key(stat)
+        elif isinstance(stat, GroupStat) and stat.tensor in bases:
+            (nodes, inits), key = derived_group_nodes(stat, bases[stat.tensor], out, opset), stat.key
         elif isinstance(stat, GroupStat):
-            nodes, inits = group_nodes(stat, grad, shapes[stat.tensor], out, opset)
-        elif isinstance(stat, WeightedStat):
-            nodes, inits = weighted_nodes(stat, grad, out, opset)
+            (nodes, inits), key = group_nodes(stat, grads[stat.tensor], shapes[stat.tensor], out, opset), stat.key
         else:
             numel = math.prod(shapes[stat.tensor])
-            nodes, inits = noise_nodes(stat, grad, stat.tensor, numel, out, opset)
+            (nodes, inits), key = noise_nodes(stat, grads[stat.tensor], stat.tensor, numel, out, opset), stat.key
         g.node.extend(nodes)
         g.initializer.extend(inits)
-        pairs.append((stat.key, out))
+        pairs.append((key, out))
     if stats.noise:
         g.initializer.extend(shared_initializers())
     for j, stat in enumerate(stats.blocks):
@@ -411,8 +457,7 @@ def activation_absmax(
 ) -> dict[str, float]:
     """max |a| of each activation over ``feeds``: one forward pass per sample through a copy of
     ``model`` whose outputs are ReduceMax(Abs(a)) (the calibration a toolchain runs before scaling)."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe, weights = external.detached(model)  # the weights reach onnxruntime unserialized
     del probe.graph.output[:]
     outs = []
     for i, name in enumerate(names):
@@ -421,7 +466,7 @@ def activation_absmax(
         probe.graph.node.append(helper.make_node("ReduceMax", [out + "_abs"], [out], keepdims=0))
         probe.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, []))
         outs.append(out)
-    session = make_session(probe.SerializeToString(), threads)
+    session = make_session(probe.SerializeToString(), threads, initializers=weights)
     best = np.zeros(len(names), np.float64)
     for feed in feeds:
         np.maximum(best, np.array(session.run(outs, dict(feed)), np.float64), out=best)

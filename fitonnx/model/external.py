@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import external_data_helper, helper, numpy_helper
+from google.protobuf.message import Message
+from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from fitonnx.errors import InternalError
 
@@ -36,8 +37,54 @@ def keep(folder: Path) -> None:
 
 
 def external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    """Every tensor of ``model`` (subgraphs included) whose data is external."""
-    return [t for t in external_data_helper._get_all_tensors(model) if external_data_helper.uses_external_data(t)]
+    """Every tensor of ``model`` (subgraphs included) whose data is in an external file (not ``MEMORY``)."""
+    return [
+        t
+        for t in external_data_helper._get_all_tensors(model)
+        if external_data_helper.uses_external_data(t) and _location(t) != MEMORY
+    ]
+
+
+# The location of initializers handed to onnxruntime as values, not serialized (``detached``).
+MEMORY = "fitonnx-memory"
+DETACH_BYTES = 1 << 16  # smaller initializers stay in the protobuf
+_DETACHABLE = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.INT64, TensorProto.INT32)
+
+
+def _copy_fields(dst: Message, src: Message, skip: str) -> None:
+    """Copy every set field of ``src`` except ``skip`` into ``dst`` (a message of the same type)."""
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        if repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
+def detached(model: onnx.ModelProto, min_bytes: int = DETACH_BYTES) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A copy of ``model`` whose main-graph initializers of at least ``min_bytes`` (held in the protobuf)
+    are references to ``MEMORY``, and their values by name, for ``runtime.make_session(initializers=)``:
+    neither the copy nor the session's protobuf carries the weights (``model`` is not changed)."""
+    slim = onnx.ModelProto()
+    _copy_fields(slim, model, "graph")
+    _copy_fields(slim.graph, model.graph, "initializer")
+    values: dict[str, np.ndarray] = {}
+    for t in model.graph.initializer:
+        dtype = helper.tensor_dtype_to_np_dtype(t.data_type) if t.data_type in _DETACHABLE else None
+        size = int(np.prod(t.dims, dtype=np.int64)) * (dtype.itemsize if dtype is not None else 0)
+        if dtype is None or size < min_bytes or not t.HasField("raw_data"):
+            slim.graph.initializer.append(t)
+            continue
+        values[t.name] = np.frombuffer(t.raw_data, dtype=dtype).reshape(tuple(t.dims))
+        ref = slim.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+        ref.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", MEMORY), ("offset", "0"), ("length", str(size))):
+            ref.external_data.add(key=key, value=value)
+    return slim, values
 
 
 def _location(tensor: onnx.TensorProto) -> str:

@@ -6,8 +6,9 @@ import contextlib
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
+import numpy as np
 import onnxruntime as ort
 
 from fitonnx.errors import FitonnxError
@@ -74,16 +75,24 @@ def check_device(device: str) -> str:
 
 
 def make_session(
-    model_bytes: bytes, threads: int = 0, *, optimize: bool = True, device: str = "cpu"
+    model_bytes: bytes,
+    threads: int = 0,
+    *,
+    optimize: bool = True,
+    device: str = "cpu",
+    initializers: Mapping[str, np.ndarray] | None = None,
 ) -> ort.InferenceSession:
     """An InferenceSession with fitonnx's settings (shared by engine and benchmarks), on the CPU or
     ``device``'s execution provider; ``optimize=False`` turns onnxruntime's graph optimizations off.
     Weights kept as external data are read from their own files (``model.external``), not from a
-    copy in the protobuf."""
+    copy in the protobuf; ``initializers``: the values of a ``external.detached`` model's references."""
     level = None if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     original = model_bytes
     model_bytes, folder = external.session_folder(model_bytes)
     options = session_options(threads, level=level)
+    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for v in (initializers or {}).values()]
+    if values:
+        options.add_external_initializers(list(initializers or {}), values)
     if folder is not None:
         options.add_session_config_entry(EXTERNAL_FOLDER_KEY, folder)
     if folder is not None or model_bytes is not original:
@@ -93,7 +102,9 @@ def make_session(
         # and its buffers are freed as the run goes (an arena grows to the sum of what it ever held).
         options.enable_cpu_mem_arena = False
         options.enable_mem_pattern = False
-    return ort.InferenceSession(model_bytes, options, providers=list(DEVICE_PROVIDERS[check_device(device)]))
+    session = ort.InferenceSession(model_bytes, options, providers=list(DEVICE_PROVIDERS[check_device(device)]))
+    session.fitonnx_initializers = values  # onnxruntime may read them for the session's lifetime
+    return session
 
 
 @contextlib.contextmanager

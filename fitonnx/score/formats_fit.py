@@ -5,10 +5,10 @@ elements along the consuming op's output-channel axis, a per-block format along 
 axis (the axis a toolchain blocks: MatMulNBits' K); per tensor it is the paper's Tr(F)·Δ²/12.
 
 Two ways to the same numbers:
-- ``plan_statistics`` + ``format_fits``: the statistics each format needs are reduced inside the
-  gradient graph (``fisher.statistics``: per-group Fisher mass for integer grids, Σ g²·c for a
-  weight's floating-format noise and measured error, Σ g²·E[δ²](a) per sample for activations),
-  so nothing per element leaves the session. This is what ``score --format`` runs.
+- ``plan_statistics`` + ``format_fits``: the statistics each format needs (``fisher.statistics``:
+  per-group Fisher mass for integer grids reduced inside the gradient graph, Σ_j F_jj·c_j for a
+  weight's floating-format noise and measured error from its summed g², Σ g²·E[δ²](a) per sample
+  for activations in the graph). This is what ``score --format`` runs.
 - ``weight_format_fits``: weights only, from a full diagonal kept with ``keep_gradients``
   (``FisherTraces.diag``); the independent check of the first.
 
@@ -224,7 +224,11 @@ def _matmul_like(model: onnx.ModelProto, weight: str, rank: int) -> bool:
 
 
 def _weights(model: onnx.ModelProto, names: set[str]) -> dict[str, np.ndarray]:
-    return {t.name: external.tensor_array(t).astype(np.float32) for t in model.graph.initializer if t.name in names}
+    return {
+        t.name: external.tensor_array(t).astype(np.float32, copy=False)
+        for t in model.graph.initializer
+        if t.name in names
+    }
 
 
 def _weight_stats(fmt: Format, name: str, w: np.ndarray, axis: int | None) -> list[GroupStat | WeightedStat]:
