@@ -255,7 +255,7 @@ def _rank_vs_fisher(h) -> float:
 def print_estimate(name: str, label: str, est: dict, result: dict) -> None:
     for fam, row in est["working"].items():
         f = result["families"][fam]
-        cells = "  ".join(f"{p.value} {row[p.value]:+.3f}" for p in SHOWN)
+        cells = "  ".join(f"{p.value} {row[p.value]:+.3f}" for p in SHOWN if p.value in row)
         cells += f"  {LABELS} {row[LABELS]:+.3f}" if LABELS in row else ""
         cells += f"  transfer {row['transfer']:+.3f}" if "transfer" in row else ""
         ceiling = f["ceiling"]
@@ -303,7 +303,9 @@ def reuse(name: str, data: Path, previous: Path, seed: int, transfer: bool = Fal
         kl = np.array([r["kl"] for r in rows])
         configs = [Config(r["weights"], {}) for r in rows]
         preds = [h.predict(c) for c in configs]
-        working[fam] = {p.value: spearman(np.array([q[p] for q in preds]), kl) for p in SHOWN} | {"n": len(rows)}
+        working[fam] = {p.value: spearman(np.array([q[p] for q in preds]), kl) for p in SHOWN if p in preds[0]} | {
+            "n": len(rows)
+        }
         if transfer:
             working[fam]["transfer"] = spearman(np.array(on_calibration(h, configs)), kl)
         if h.label_projections is not None:
