@@ -63,6 +63,10 @@ class Item:
         if self.numel < 0 or any(not math.isfinite(f) or f < 0 for f in self.fit):
             raise InternalError(f"item {self.name!r}: expected numel ≥ 0 and finite FIT ≥ 0; found {self}")
 
+    def size(self, j: int) -> int:
+        """Storage of candidate ``j`` in bits: its exact size if given, else numel·bits."""
+        return int(self.sizes[j]) if self.sizes else self.numel * self.bits[j]
+
 
 @dataclass(frozen=True)
 class Front:
@@ -149,7 +153,7 @@ def pareto_front(items: Sequence[Item], tolerance: float = 0.0, max_points: int 
     steps: list[tuple[np.ndarray, np.ndarray]] = []
     for item in items:
         k = len(item.bits)
-        add_size = np.array(item.sizes or [item.numel * b for b in item.bits], np.int64)
+        add_size = np.array([item.size(j) for j in range(k)], np.int64)
         add_fit = np.array(item.fit, np.float64)
         cand_size = (sizes[:, None] + add_size[None, :]).ravel()
         cand_fit = (fits[:, None] + add_fit[None, :]).ravel()
@@ -557,7 +561,7 @@ def with_weights(alloc: Allocation, bits: Mapping[str, int], record: Mapping[str
     if set(bits) != set(items):
         raise InternalError(f"expected widths for the weights {sorted(items)}; found {sorted(bits)}")
     at = {name: items[name].bits.index(b) for name, b in bits.items()}
-    size = sum(int(items[n].sizes[j]) if items[n].sizes else items[n].numel * items[n].bits[j] for n, j in at.items())
+    size = sum(items[n].size(j) for n, j in at.items())
     fit = float(sum(items[n].fit[j] for n, j in at.items()))
     rec = alloc.recommendation
     rec = dataclasses.replace(

@@ -68,10 +68,6 @@ class Refinement:
         return self.candidates[self.chosen]
 
 
-def _size(item: Item, j: int) -> int:
-    return int(item.sizes[j]) if item.sizes else item.numel * item.bits[j]
-
-
 def _tables(items: Sequence[Item], start: Mapping[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per item and candidate (padded with +inf): size and predicted change from ``start``, and
     the index of the start's candidate."""
@@ -84,7 +80,7 @@ def _tables(items: Sequence[Item], start: Mapping[str, int]) -> tuple[np.ndarray
             raise FitonnxError(f"expected {it.name!r} at one of its candidates {it.bits}; found {start[it.name]}")
         at[row] = it.bits.index(start[it.name])
         for j in range(len(it.bits)):
-            dsize[row, j] = _size(it, j) - _size(it, at[row])
+            dsize[row, j] = it.size(j) - it.size(int(at[row]))
             dfit[row, j] = it.fit[j] - it.fit[at[row]]
     return dsize, dfit, at
 
@@ -99,7 +95,7 @@ def neighbours(
         raise FitonnxError(f"expected 1 or 2 tensors changed per neighbour; found {moves}")
     dsize, dfit, at = _tables(items, start)
     n, w = dfit.shape
-    base_size = sum(_size(it, int(at[r])) for r, it in enumerate(items))
+    base_size = sum(it.size(int(at[r])) for r, it in enumerate(items))
     base_fit = float(sum(it.fit[int(at[r])] for r, it in enumerate(items)))
     slack = max_size - base_size
     same = np.arange(w)[None, :] == at[:, None]
