@@ -132,6 +132,8 @@ class Cost:
 
 
 # The stages each predictor's table needs (predictors of weights only need no pass: data-free).
+# Stages that run only when asked for (``Extras``); a predictor that may use one costs it only then.
+OPTIONAL_STAGES = frozenset({Stage.OUTCOMES, Stage.SUPERPOSE})
 PREDICTOR_STAGES: dict[Predictor, tuple[Stage, ...]] = {
     Predictor.FIT: (Stage.CALIBRATION,),
     Predictor.FIT_GRID: (Stage.CALIBRATION,),
@@ -219,7 +221,7 @@ class Harness:
         if predictor not in PREDICTOR_STAGES:
             raise InternalError(f"expected a cost for every predictor; {predictor} has none in PREDICTOR_STAGES")
         needs = PREDICTOR_STAGES[predictor] or ((Stage.CALIBRATION,) if self.activation_bits else ())
-        return sum((self.stages[k] for k in needs if k in self.stages), Cost(0, 0.0))
+        return sum((self.stages[k] for k in needs if k in self.stages or k not in OPTIONAL_STAGES), Cost(0, 0.0))
 
     # The error pass's per-sample projections with the Fisher's own labels (the tables may hold the
     # enumerated ones instead), for studies that compare the two.
@@ -361,7 +363,7 @@ def harness(
     started = time.perf_counter()
     enumerated = _enumerated(s, opts, cal, simulator, rows, (weight_choices, act_choices), progress, ext)
     if enumerated is not None:  # one pass per outcome
-        stages[Stage.OUTCOMES] = Cost(_passes(cal) * enumerated.weights.shape[1], time.perf_counter() - started)
+        stages[Stage.OUTCOMES] = Cost(cal.traces.samples * enumerated.weights.shape[1], time.perf_counter() - started)
     ref = reference(cal.target, simulator.run(Config.floating()), held_out.labels, held_out.source)
     started = time.perf_counter()
     superposed = _superposed(s, cal, sim, simulator, ref) if ext.superpose else None
