@@ -151,14 +151,19 @@ def score_session(
     noise_model: noise.NoiseModel | str = noise.NoiseModel.UNIFORM,
     formats: Sequence[Format | str] = (),
     progress: engine.Progress | None = None,
+    activation_formats: Sequence[Format | str] | None = None,
 ) -> ScoreReport:
     """``score_model`` on an open session, and with ``formats``: number formats (or their names,
     ``int4/ch``, ``fp8e4m3``, ``nvfp4/16``) to score every tensor under besides the bit widths
-    (``TensorScore.formats``, ``ScoreReport.format_totals``; see ``score.formats_fit``)."""
+    (``TensorScore.formats``, ``ScoreReport.format_totals``; see ``score.formats_fit``).
+    ``activation_formats``: the only formats scored on activations, added to ``formats`` (None:
+    every format of ``formats`` on activations too)."""
     opts = options or FisherOptions()
     kind = noise.NoiseModel(noise_model)
-    fmts = _unique([f if isinstance(f, Format) else parse_format(f) for f in formats])
-    plan = format_statistics(s, fmts, opts) if fmts else NO_STATISTICS
+    acts = None if activation_formats is None else _unique([_format(f) for f in activation_formats])
+    fmts = _unique([_format(f) for f in formats] + (acts or []))
+    act_names = None if acts is None else frozenset(f.name for f in acts)
+    plan = format_statistics(s, fmts, opts, act_formats=act_names) if fmts else NO_STATISTICS
     traces, target, mode = fisher_traces(
         s, opts, progress=progress, exact_points=kind is noise.NoiseModel.GRID, statistics=plan
     )
@@ -171,7 +176,8 @@ def score_session(
         noise_model=kind,
     )
     if fmts:
-        report = with_formats(report, formats_fit.format_fits(traces, s.prepared.model, fmts), fmts)
+        fits = formats_fit.format_fits(traces, s.prepared.model, fmts, act_names)
+        report = with_formats(report, fits, fmts)
     return dataclasses.replace(report, notes=_report_notes(s, report, traces, target))
 
 
@@ -198,16 +204,24 @@ def _unique(fmts: list[Format]) -> list[Format]:
     return list(dict.fromkeys(fmts))
 
 
-def format_statistics(s: Session, fmts: Sequence[Format], opts: FisherOptions, threads: int = 0) -> Statistics:
-    """The in-graph statistics ``fmts`` need on session ``s``; floating activation formats first get
-    each activation's max|a| from a forward pass over the samples the Fisher will read."""
-    names = formats_fit.scaled_activations(s.tensors, fmts)
+def _format(f: Format | str) -> Format:
+    return f if isinstance(f, Format) else parse_format(f)
+
+
+def format_statistics(
+    s: Session, fmts: Sequence[Format], opts: FisherOptions, threads: int = 0, act_formats: frozenset[str] | None = None
+) -> Statistics:
+    """The in-graph statistics ``fmts`` need on session ``s`` (on activations only ``act_formats``
+    when given); floating activation formats first get each activation's max|a| from a forward pass
+    over the samples the Fisher will read."""
+    on_acts = fmts if act_formats is None else [f for f in fmts if f.name in act_formats]
+    names = formats_fit.scaled_activations(s.tensors, on_acts)
     absmax = None
     if names:
         n = s.data.num_samples if opts.max_samples is None else min(opts.max_samples, s.data.num_samples)
         feeds = ({k: v for k, v in s.data.sample(i, s.specs).items() if k in s.specs} for i in range(n))
         absmax = activation_absmax(s.prepared.model, names, feeds, threads)
-    return formats_fit.plan_statistics(s.prepared.model, s.tensors, fmts, absmax)
+    return formats_fit.plan_statistics(s.prepared.model, s.tensors, fmts, absmax, act_formats)
 
 
 def with_formats(
