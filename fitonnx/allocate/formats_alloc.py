@@ -102,7 +102,14 @@ class FormatOptions:
         if self.act_avg_bits is not None:
             if not math.isfinite(self.act_avg_bits) or self.act_avg_bits <= 0:
                 raise FitonnxError(f"expected a positive --act-avg-bits; found {self.act_avg_bits}")
-            return picked or menu.all_activations(), None
+            cands = picked or menu.all_activations()
+            narrowest = min(get_format(n).bits for n in cands)
+            if self.act_avg_bits < narrowest:
+                raise FitonnxError(
+                    f"expected --act-avg-bits of at least {narrowest} (the narrowest candidate activation format); "
+                    f"found {self.act_avg_bits:g}"
+                )
+            return cands, None
         if picked is not None and len(picked) > 1:
             raise FitonnxError(
                 f"expected one --act-format for every activation; found {','.join(picked)}",
