@@ -85,38 +85,37 @@ class FormatOptions:
     def activation_choices(self, target: Target) -> tuple[tuple[str, ...], str | None]:
         """The candidate activation formats and the one fixed format (None under ``act_avg_bits``)."""
         menu = target.format_menu()
-        names = (
-            None
-            if self.act_format is None
-            else (self.act_format,)
-            if isinstance(self.act_format, str)
-            else self.act_format
-        )
-        picked = None if names is None else tuple(dict.fromkeys(parse_format(n).name for n in names))
-        for name in picked or ():
-            if name not in menu.all_activations():
+        picked = self._activation_names(target)
+        if self.act_avg_bits is None:
+            if picked is not None and len(picked) > 1:
                 raise FitonnxError(
-                    f"expected activation formats among target {target.name!r}'s "
-                    f"{', '.join(menu.all_activations())}; found {name!r}"
+                    f"expected one --act-format for every activation; found {','.join(picked)}",
+                    hint="several formats are candidates only with --act-avg-bits (an average over activation elements)",
                 )
-        if self.act_avg_bits is not None:
-            if not math.isfinite(self.act_avg_bits) or self.act_avg_bits <= 0:
-                raise FitonnxError(f"expected a positive --act-avg-bits; found {self.act_avg_bits}")
-            cands = picked or menu.all_activations()
-            narrowest = min(get_format(n).bits for n in cands)
-            if self.act_avg_bits < narrowest:
-                raise FitonnxError(
-                    f"expected --act-avg-bits of at least {narrowest} (the narrowest candidate activation format); "
-                    f"found {self.act_avg_bits:g}"
-                )
-            return cands, None
-        if picked is not None and len(picked) > 1:
+            fixed = menu.default_activation if picked is None else picked[0]
+            return (fixed,), fixed
+        candidates = picked or menu.all_activations()
+        narrowest = min(get_format(n).bits for n in candidates)
+        if not math.isfinite(self.act_avg_bits) or self.act_avg_bits < narrowest:
             raise FitonnxError(
-                f"expected one --act-format for every activation; found {','.join(picked)}",
-                hint="several formats are candidates only with --act-avg-bits (an average over activation elements)",
+                f"expected --act-avg-bits of at least {narrowest} (the narrowest candidate activation format); "
+                f"found {self.act_avg_bits:g}"
             )
-        fixed = menu.default_activation if picked is None else picked[0]
-        return (fixed,), fixed
+        return candidates, None
+
+    def _activation_names(self, target: Target) -> tuple[str, ...] | None:
+        """The registry names of ``act_format`` (None when not given), each on the target's menu."""
+        if self.act_format is None:
+            return None
+        raw = (self.act_format,) if isinstance(self.act_format, str) else self.act_format
+        names = tuple(dict.fromkeys(parse_format(n).name for n in raw))
+        offered = target.format_menu().all_activations()
+        for name in names:
+            if name not in offered:
+                raise FitonnxError(
+                    f"expected activation formats among target {target.name!r}'s {', '.join(offered)}; found {name!r}"
+                )
+        return names
 
 
 def per_tensor_twin(fmt: Format) -> Format | None:

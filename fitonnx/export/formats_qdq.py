@@ -105,14 +105,17 @@ def format_plan(model: onnx.ModelProto, rec: Recommendation, skip: frozenset[str
             fmt = twin
         weights[name] = (fmt, axis)
     activations = {name: parse_format(f) for name, f in rec.activation_formats.items()}
-    blocks = {n: activation_blocks(model, n, f) for n, f in activations.items() if is_dynamic_block(f)}
+    dynamic = {n: f for n, f in activations.items() if is_dynamic_block(f)}
+    types = graph.value_types(model) if dynamic else {}
+    blocks = {n: activation_blocks(model, types, n, f) for n, f in dynamic.items()}
     return FormatPlan(weights, activations, tuple(notes), blocks)
 
 
-def activation_blocks(model: onnx.ModelProto, name: str, fmt: Format) -> BlockLayout:
+def activation_blocks(model: onnx.ModelProto, types: graph.ValueTypes, name: str, fmt: Format) -> BlockLayout:
     """How activation ``name`` of ``model`` is cut into ``fmt``'s blocks: along its readers'
-    reduction axis (``score.formats_fit.activation_axis``), the axis' length from shape inference."""
-    shape = graph.value_types(model).get(name, (0, None))[1]
+    reduction axis (``score.formats_fit.activation_axis``), the axis' length from shape inference
+    (``types``: ``graph.value_types(model)``)."""
+    shape = types.get(name, (0, None))[1]
     axis = None if shape is None else activation_axis(model, name, len(shape))
     if shape is None or axis is None or shape[axis] is None:
         raise FitonnxError(
