@@ -214,7 +214,7 @@ def cnn_rec() -> recommendation.Recommendation:
 
 
 def test_tensorrt_export_of_mx_and_fp8_activations_matches_the_simulation(cnn_rec, tmp_path: Path) -> None:
-    acts = {"/relu_2/Relu_output_0": "mxfp8/32", "/pool/MaxPool_output_0": "fp8e4m3", "input": "int8"}
+    acts = {"/relu_2/Relu_output_0": "mxfp8/32", "/flatten/Flatten_output_0": "fp8e4m3", "input": "int8"}
     rec = dataclasses.replace(cnn_rec, activation_formats=acts)
     heldout = load_npz(MODELS / "mnist_cnn.heldout.npz")
     path = export_recommendation(CNN, rec, "tensorrt", tmp_path / "m.onnx", data=heldout).path
@@ -238,6 +238,10 @@ def test_tensorrt_export_of_mx_and_fp8_activations_matches_the_simulation(cnn_re
     assert kl(floating, exported) == pytest.approx(kl(floating, simulated), rel=1e-3)
 
 
+@pytest.mark.skipif(
+    tuple(int(v) for v in ort.__version__.split(".")[:2]) < (1, 20),
+    reason="onnxruntime 1.19 loads up to opset 21 / IR 10 (FP4 needs 23)",
+)
 def test_nvfp4_activations_are_written_as_fp4_qdq(cnn_rec, tmp_path: Path) -> None:
     rec = dataclasses.replace(cnn_rec, activation_formats={"/relu_2/Relu_output_0": "nvfp4/16"})
     result = export_recommendation(
