@@ -143,7 +143,9 @@ def test_act_avg_bits_is_the_exact_optimum_over_the_menu(menu_rec) -> None:
     assert rec.budget["act_avg_bits"] == 6.5
 
 
-def test_default_is_one_format_and_no_unused_activation_statistics(menu_rec) -> None:
+def test_default_is_one_format_and_no_unused_statistics(menu_rec) -> None:
+    weights = [t for t in menu_rec[0].report.tensors if t.kind.value == "weight"]
+    assert all(set(t.formats) == {"int8/ch", "int8"} for t in weights)  # activation formats stay on activations
     _, result = menu_rec
     rec = result.allocation.recommendation
     assert set(rec.activation_formats.values()) == {"int8"}
@@ -152,7 +154,7 @@ def test_default_is_one_format_and_no_unused_activation_statistics(menu_rec) -> 
         if t.kind.value == "activation":
             assert set(t.formats) <= {"int8"}  # NVFP4/FP8 weights' formats are not scored on activations
         else:
-            assert "int8/ch" in t.formats
+            assert set(t.formats) == {"int8/ch", "int8"}
 
 
 def mx_reference(x: np.ndarray, axis: int, block: int = 32) -> np.ndarray:

@@ -28,7 +28,7 @@ block scales.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -293,10 +293,20 @@ def scaled_activations(tensors: Sequence[QuantTensor], formats: Sequence[Format]
     return [t.name for t in tensors if t.kind is Kind.ACTIVATION]
 
 
-def scored(t: QuantTensor, fmt: Format, act_formats: Collection[str] | None) -> bool:
-    """Whether ``fmt`` is to be scored on ``t`` at all: on activations only the formats named in
-    ``act_formats`` (None: every one)."""
-    return t.kind is not Kind.ACTIVATION or act_formats is None or fmt.name in act_formats
+@dataclass(frozen=True)
+class Roles:
+    """Which formats are scored on which tensors, by name: on weights ``weights``, on activations
+    ``activations`` (None: every format asked for)."""
+
+    weights: frozenset[str] | None = None
+    activations: frozenset[str] | None = None
+
+    def scores(self, t: QuantTensor, fmt: Format) -> bool:
+        names = self.weights if t.kind is Kind.WEIGHT else self.activations
+        return names is None or fmt.name in names
+
+
+EVERY_ROLE = Roles()
 
 
 def plan_statistics(
@@ -304,13 +314,13 @@ def plan_statistics(
     tensors: Sequence[QuantTensor],
     formats: Sequence[Format],
     absmax: Mapping[str, float] | None = None,
-    act_formats: Collection[str] | None = None,
+    roles: Roles = EVERY_ROLE,
 ) -> Statistics:
     """The in-graph statistics ``format_fits`` needs for ``formats`` over ``tensors``.
 
     ``absmax``: max|a| of each activation over the calibration samples (``fisher.statistics.
     activation_absmax``), needed for floating formats with a scale (``scaled_activations``).
-    ``act_formats``: the only format names scored on activations (None: all of ``formats``)."""
+    ``roles``: which of ``formats`` are scored on weights and which on activations."""
     values = _weights(model, {t.name for t in tensors if t.kind is Kind.WEIGHT})
     groups: dict[str, GroupStat] = {}
     weighted: list[WeightedStat] = []
@@ -320,7 +330,7 @@ def plan_statistics(
         for fmt in formats:
             shape = values[t.name].shape if t.kind is Kind.WEIGHT else tuple(t.shape or ())
             ok, axis = applies(model, t, fmt, shape)
-            if not ok or not scored(t, fmt, act_formats) or (t.kind is Kind.ACTIVATION and fmt.is_int):
+            if not ok or not roles.scores(t, fmt) or (t.kind is Kind.ACTIVATION and fmt.is_int):
                 continue
             if t.kind is Kind.ACTIVATION and is_dynamic_block(fmt):
                 blocks.append(_block_stat(t.name, fmt, axis, absmax))
@@ -382,12 +392,12 @@ def format_fits(
     traces: FisherTraces,
     model: onnx.ModelProto,
     formats: Sequence[Format],
-    act_formats: Collection[str] | None = None,
+    roles: Roles = EVERY_ROLE,
 ) -> dict[tuple[str, str], FormatFit]:
     """FIT of every scored tensor under every format that applies to it, keyed (tensor, format name).
 
     ``traces`` must come from a gradient model built with ``plan_statistics(model, traces.tensors,
-    formats, ..., act_formats)``; ``model`` is the prepared model (its weights define the weight grids)."""
+    formats, ..., roles)``; ``model`` is the prepared model (its weights define the weight grids)."""
     values = _weights(model, {t.name for t in traces.tensors if t.kind is Kind.WEIGHT})
     trace = dict(zip((t.name for t in traces.tensors), traces.trace().tolist(), strict=True))
     out: dict[tuple[str, str], FormatFit] = {}
@@ -395,7 +405,7 @@ def format_fits(
         shape = values[t.name].shape if t.kind is Kind.WEIGHT else tuple(traces.act_shapes.get(t.name, ()))
         for fmt in formats:
             ok, axis = applies(model, t, fmt, shape)
-            if not ok or not scored(t, fmt, act_formats):
+            if not ok or not roles.scores(t, fmt):
                 continue
             if t.kind is Kind.WEIGHT:
                 expected, measured = _weight_fit(traces, fmt, t.name, values[t.name], axis, trace[t.name])

@@ -156,14 +156,12 @@ def score_session(
     """``score_model`` on an open session, and with ``formats``: number formats (or their names,
     ``int4/ch``, ``fp8e4m3``, ``nvfp4/16``) to score every tensor under besides the bit widths
     (``TensorScore.formats``, ``ScoreReport.format_totals``; see ``score.formats_fit``).
-    ``activation_formats``: the only formats scored on activations, added to ``formats`` (None:
-    every format of ``formats`` on activations too)."""
+    ``activation_formats``: the formats scored on activations, ``formats`` then being scored on
+    weights only (None: every format of ``formats`` on both)."""
     opts = options or FisherOptions()
     kind = noise.NoiseModel(noise_model)
-    acts = None if activation_formats is None else _unique([_format(f) for f in activation_formats])
-    fmts = _unique([_format(f) for f in formats] + (acts or []))
-    act_names = None if acts is None else frozenset(f.name for f in acts)
-    plan = format_statistics(s, fmts, opts, act_formats=act_names) if fmts else NO_STATISTICS
+    fmts, roles = _formats_and_roles(formats, activation_formats)
+    plan = format_statistics(s, fmts, opts, roles=roles) if fmts else NO_STATISTICS
     traces, target, mode = fisher_traces(
         s, opts, progress=progress, exact_points=kind is noise.NoiseModel.GRID, statistics=plan
     )
@@ -176,7 +174,7 @@ def score_session(
         noise_model=kind,
     )
     if fmts:
-        fits = formats_fit.format_fits(traces, s.prepared.model, fmts, act_names)
+        fits = formats_fit.format_fits(traces, s.prepared.model, fmts, roles)
         report = with_formats(report, fits, fmts)
     return dataclasses.replace(report, notes=_report_notes(s, report, traces, target))
 
@@ -208,20 +206,36 @@ def _format(f: Format | str) -> Format:
     return f if isinstance(f, Format) else parse_format(f)
 
 
+def _formats_and_roles(
+    formats: Sequence[Format | str], activation_formats: Sequence[Format | str] | None
+) -> tuple[list[Format], formats_fit.Roles]:
+    """Every format to score, and which are scored on weights and which on activations."""
+    on_weights = _unique([_format(f) for f in formats])
+    if activation_formats is None:
+        return on_weights, formats_fit.EVERY_ROLE
+    on_acts = _unique([_format(f) for f in activation_formats])
+    roles = formats_fit.Roles(frozenset(f.name for f in on_weights), frozenset(f.name for f in on_acts))
+    return _unique(on_weights + on_acts), roles
+
+
 def format_statistics(
-    s: Session, fmts: Sequence[Format], opts: FisherOptions, threads: int = 0, act_formats: frozenset[str] | None = None
+    s: Session,
+    fmts: Sequence[Format],
+    opts: FisherOptions,
+    threads: int = 0,
+    roles: formats_fit.Roles = formats_fit.EVERY_ROLE,
 ) -> Statistics:
-    """The in-graph statistics ``fmts`` need on session ``s`` (on activations only ``act_formats``
-    when given); floating activation formats first get each activation's max|a| from a forward pass
-    over the samples the Fisher will read."""
-    on_acts = fmts if act_formats is None else [f for f in fmts if f.name in act_formats]
+    """The in-graph statistics ``fmts`` need on session ``s`` (each on the tensors ``roles`` give it);
+    floating activation formats first get each activation's max|a| from a forward pass over the
+    samples the Fisher will read."""
+    on_acts = [f for f in fmts if roles.activations is None or f.name in roles.activations]
     names = formats_fit.scaled_activations(s.tensors, on_acts)
     absmax = None
     if names:
         n = s.data.num_samples if opts.max_samples is None else min(opts.max_samples, s.data.num_samples)
         feeds = ({k: v for k, v in s.data.sample(i, s.specs).items() if k in s.specs} for i in range(n))
         absmax = activation_absmax(s.prepared.model, names, feeds, threads)
-    return formats_fit.plan_statistics(s.prepared.model, s.tensors, fmts, absmax, act_formats)
+    return formats_fit.plan_statistics(s.prepared.model, s.tensors, fmts, absmax, roles)
 
 
 def with_formats(
