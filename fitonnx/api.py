@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fitonnx.allocate import knapsack as allocate
-from fitonnx.allocate.formats_alloc import FormatOptions, allocate_formats, least_storage, requested_formats
+from fitonnx.allocate.formats_alloc import (
+    FormatOptions,
+    allocate_formats,
+    least_storage,
+    requested_activation_formats,
+    requested_formats,
+)
 from fitonnx.allocate.knapsack import AllocationOptions, Budget, BudgetKind, Objective, budget_from
 from fitonnx.analysis.compare import CompareReport, compare
 from fitonnx.analysis.inspection import Inspection, inspect_model
@@ -204,6 +210,7 @@ def recommend(
         noise_model=noise_model,
         formats=requested_formats(tgt, choices.weight_formats) if by_format else (),
         progress=progress,
+        activation_formats=requested_activation_formats(choices) if isinstance(choices, FormatOptions) else None,
     )
     alloc = _allocate(s, report, budget, choices)
     refinement, refine_note = None, None

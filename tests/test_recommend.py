@@ -236,7 +236,12 @@ def test_max_fit_gives_the_smallest_weights_within_it(tmp_path: Path) -> None:
         (("--avg-bits", "4", "--act-bits", "8", "--act-avg-bits", "6"), "average of at least 8 bits (all activations"),
         (("--max-fit", "1e-30"), "expected --max-fit of at least"),
         (("--avg-bits", "4", "--formats", "--weight-bits", "4"), "--weight-bits choose bit widths; with --formats"),
-        (("--avg-bits", "4", "--act-format", "int8", "--act-avg-bits", "6"), "--act-avg-bits choose bit widths"),
+        (
+            ("--avg-bits", "4", "--act-format", "int8", "--act-avg-bits", "6"),
+            "--act-avg-bits of at least 8 (the narrow",
+        ),
+        (("--avg-bits", "4", "--act-format", "int8,fp16"), "expected one --act-format for every activation"),
+        (("--avg-bits", "4", "--target", "qnn", "--act-format", "mxfp8/32"), "activation formats among target 'qnn'"),
     ],
 )
 def test_budget_and_option_errors_are_one_line(tmp_path: Path, args: tuple[str, ...], message: str) -> None:

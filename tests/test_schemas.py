@@ -119,7 +119,8 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
     run("recommend", cnn, "--avg-bits", "5", "--target", "ort", "-o", d / "ort")
     run("recommend", cnn, "--size-kb", "40", "--act-avg-bits", "10", "--target", "qnn", "-o", d / "qnn")
     run("recommend", cnn, "--max-fit", "1", "-o", d / "generic")
-    run("recommend", cnn, "--avg-bits", "8.03", "--target", "tensorrt", "--formats", "-o", d / "formats")
+    formats = ("--target", "tensorrt", "--formats", "--act-avg-bits", "8.5")  # int8, fp8, fp16, mxfp8, nvfp4
+    run("recommend", cnn, "--avg-bits", "8.03", *formats, "-o", d / "formats")
     run(
         "export",
         cnn,

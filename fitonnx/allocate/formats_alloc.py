@@ -9,8 +9,17 @@ against those sizes, so ``--avg-bits`` and ``--size-kb`` count the scales too.
 
 A per-channel or per-block format applies only where the weight's op gives it an axis (Conv,
 ConvTranspose, Gemm, MatMul) and, per block, where the axis divides into whole blocks; elsewhere
-the weight gets the format's per-tensor twin, as the toolchain would keep it. Activations are
-per tensor: all at one format (the target's default or ``act_format``).
+the weight gets the format's per-tensor twin, as the toolchain would keep it.
+
+Activations take the target's activation menu (``FormatMenu.all_activations``: per-tensor formats
+and, where the toolchain blocks them at run time, MX/NVFP4 blocks). They are not stored, so, as
+for bit widths (``knapsack.allocate``), they do not count toward the weight budget: one format for
+all (``act_format``, default the target's; a block format only where it applies, the others stay
+float), or with ``act_avg_bits`` their own exact allocation over the candidates (``act_format`` a
+tuple, default the whole menu) under an average of bits per activation element, block scales
+counted. Their FIT is the score's in-graph per-sample statistic (Σ g²·E[δ²](a): FP8/FP16 per
+tensor, MX/NVFP4 blocks) and, for integer grids only, the range model Tr(F)·Δ²/12
+(``ACTIVATION_FIT_MODELS``).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from fitonnx.allocate.knapsack import (
     ActivationChoice,
     Allocation,
     Budget,
+    BudgetKind,
     Front,
     Item,
     UniformConfig,
@@ -38,6 +48,7 @@ from fitonnx.allocate.recommendation import ParetoPoint
 from fitonnx.allocate.targets import Target, activation_format_fit, get_target
 from fitonnx.errors import FitonnxError
 from fitonnx.formats import Format, Granularity, get_format, parse_format, storage_bits
+from fitonnx.formats.block_nodes import is_dynamic_block
 from fitonnx.model.graph import Kind, QuantTensor
 from fitonnx.score.fit import ScoreReport, TensorScore
 from fitonnx.score.formats_fit import WeightFormatFit, applies
@@ -51,7 +62,9 @@ class FormatOptions:
 
     target: str
     weight_formats: tuple[str, ...] | None = None  # None: the target's menu
-    act_format: str | None = None  # None: the target's default activation format
+    # every activation in this format (None: the target's default); with act_avg_bits, the candidates
+    act_format: str | tuple[str, ...] | None = None
+    act_avg_bits: float | None = None  # or an exact allocation of activation formats under this average
     tolerance: float = 0.0
 
     def check(self) -> Target:
@@ -66,12 +79,43 @@ class FormatOptions:
                     f"expected weight formats among target {target.name!r}'s {', '.join(sorted(offered))}; "
                     f"found {name!r}"
                 )
-        if self.act_format is not None and parse_format(self.act_format).name not in menu.activations:
-            raise FitonnxError(
-                f"expected an activation format among target {target.name!r}'s {', '.join(menu.activations)}; "
-                f"found {self.act_format!r}"
-            )
+        self.activation_choices(target)
         return target
+
+    def activation_choices(self, target: Target) -> tuple[tuple[str, ...], str | None]:
+        """The candidate activation formats and the one fixed format (None under ``act_avg_bits``)."""
+        menu = target.format_menu()
+        picked = self._activation_names(target)
+        if self.act_avg_bits is None:
+            if picked is not None and len(picked) > 1:
+                raise FitonnxError(
+                    f"expected one --act-format for every activation; found {','.join(picked)}",
+                    hint="several formats are candidates only with --act-avg-bits (an average over activation elements)",
+                )
+            fixed = menu.default_activation if picked is None else picked[0]
+            return (fixed,), fixed
+        candidates = picked or menu.all_activations()
+        narrowest = min(get_format(n).bits for n in candidates)
+        if not math.isfinite(self.act_avg_bits) or self.act_avg_bits < narrowest:
+            raise FitonnxError(
+                f"expected --act-avg-bits of at least {narrowest} (the narrowest candidate activation format); "
+                f"found {self.act_avg_bits:g}"
+            )
+        return candidates, None
+
+    def _activation_names(self, target: Target) -> tuple[str, ...] | None:
+        """The registry names of ``act_format`` (None when not given), each on the target's menu."""
+        if self.act_format is None:
+            return None
+        raw = (self.act_format,) if isinstance(self.act_format, str) else self.act_format
+        names = tuple(dict.fromkeys(parse_format(n).name for n in raw))
+        offered = target.format_menu().all_activations()
+        for name in names:
+            if name not in offered:
+                raise FitonnxError(
+                    f"expected activation formats among target {target.name!r}'s {', '.join(offered)}; found {name!r}"
+                )
+        return names
 
 
 def per_tensor_twin(fmt: Format) -> Format | None:
@@ -82,6 +126,11 @@ def per_tensor_twin(fmt: Format) -> Format | None:
         return Format(fmt.element, fmt.bits, Granularity.TENSOR, None, fmt.scale, fmt.range_method)
     except FitonnxError:
         return None  # MX/NVFP4 exist only in blocks
+
+
+def requested_activation_formats(options: FormatOptions) -> tuple[Format, ...]:
+    """The formats the activations' FIT is needed for (``score_session(activation_formats=...)``)."""
+    return tuple(get_format(n) for n in options.activation_choices(options.check())[0])
 
 
 def requested_formats(target: Target, restrict: Sequence[str] | None = None) -> tuple[Format, ...]:
@@ -198,19 +247,18 @@ def allocate_formats(
     """Per-tensor formats for ``options.target`` under ``budget``; ``model`` is the scored (prepared)
     model the ``fits`` (``score.formats_fit.weight_fits`` of ``format_fits``) were computed on."""
     target = options.check()
-    menu = target.format_menu()
     w_items = weight_items(model, report.tensors, fits, target, options)
     if not w_items:
         raise FitonnxError(f"expected quantizable weights in {report.model}; found none")
-    act = get_format(parse_format(options.act_format).name if options.act_format else menu.default_activation)
-    acts = [t for t in report.tensors if t.kind is Kind.ACTIVATION]
-    a_fits = {t.name: activation_format_fit(act, t.ef_trace, t.min, t.max) for t in acts}
-    a_fit = float(sum(a_fits.values()))
+    a_items = activation_items(report, model, target, options.activation_choices(target)[0])
+    a_formats, a_fit = choose_activations(a_items, options, target)
     front = pareto_front(w_items, options.tolerance)
     chosen = pick(front, budget, fit_offset=a_fit)
-    per_format: dict[str, Mapping[str, float]] = {it.name: dict(zip(it.formats, it.fit, strict=True)) for it in w_items}
-    per_format.update({name: {act.name: value} for name, value in a_fits.items()})
-    activations = ActivationChoice({t.name: act.bits for t in acts}, a_fit)
+    per_format: dict[str, Mapping[str, float]] = {
+        it.name: dict(zip(it.formats, it.fit, strict=True)) for it in [*w_items, *a_items]
+    }
+    a_bits = {name: get_format(f).bits for name, f in a_formats.items()}
+    activations = ActivationChoice(a_bits, a_fit, options.act_avg_bits)
     return make_allocation(
         report,
         target,
@@ -221,6 +269,84 @@ def allocate_formats(
         _uniform(w_items, a_fit),
         _front_points,
         weight_formats=front.formats(chosen.index),
-        activation_formats={t.name: act.name for t in acts},
+        activation_formats=a_formats,
         fit_per_format=per_format,
+        activation_fit_models={name: fit_model(get_format(f)) for name, f in a_formats.items()},
     )
+
+
+IN_GRAPH = "in-graph"  # the score's per-sample Σ g²·E[δ²](a), summed in the gradient graph
+RANGE = "range"  # Tr(F)·Δ²/12 from the calibrated range (integer grids)
+ACTIVATION_FIT_MODELS = (IN_GRAPH, RANGE)
+
+
+def fit_model(fmt: Format) -> str:
+    """Where an activation's FIT under ``fmt`` comes from (``ACTIVATION_FIT_MODELS``)."""
+    return RANGE if fmt.is_int else IN_GRAPH
+
+
+def _activation_fit(t: TensorScore, fmt: Format) -> float | None:
+    """FIT of activation ``t`` under ``fmt`` (None where a block format does not apply to it)."""
+    row = t.formats.get(fmt.name)
+    if row is not None:
+        return float(row.expected)
+    if is_dynamic_block(fmt):
+        return None
+    if fmt.is_int:
+        return activation_format_fit(fmt, t.ef_trace, t.min, t.max)
+    raise FitonnxError(
+        f"expected the score report to hold activation {t.name!r} under {fmt.name} (score with that format); found none"
+    )
+
+
+def activation_items(report: ScoreReport, model: onnx.ModelProto, target: Target, names: Sequence[str]) -> list[Item]:
+    """Each activation's candidates among ``names``: per-tensor formats everywhere, block formats
+    where the target's ``dynamic`` rule admits the activation; sizes in bits per sample, block
+    scales included (``FormatFit.bits``). An activation without a candidate stays float."""
+    dynamic = target.format_menu().dynamic
+    ops = _reader_ops(model)
+    items = []
+    for t in (t for t in report.tensors if t.kind is Kind.ACTIVATION):
+        cands: dict[str, tuple[float, int]] = {}
+        for fmt in (get_format(n) for n in names):
+            fit = _activation_fit(t, fmt)
+            if fit is None or not math.isfinite(fit):
+                continue  # an fp16 overflow is no candidate
+            if is_dynamic_block(fmt):
+                row = t.formats[fmt.name]
+                if dynamic is None or not dynamic.admits(
+                    ops.get(t.name, frozenset()), t.shape, row.axis, fmt.block_size or 1
+                ):
+                    continue
+                cands[fmt.name] = (fit, round(t.numel * row.bits))
+            else:
+                cands[fmt.name] = (fit, t.numel * fmt.bits)
+        if cands:
+            formats = tuple(cands)
+            bits = tuple(get_format(n).bits for n in formats)
+            fits, sizes = zip(*cands.values(), strict=True)
+            items.append(Item(t.name, t.numel, bits, tuple(fits), tuple(sizes), formats))
+    return items
+
+
+def _reader_ops(model: onnx.ModelProto) -> dict[str, frozenset[str]]:
+    readers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    return {k: frozenset(v) for k, v in readers.items()}
+
+
+def choose_activations(items: Sequence[Item], options: FormatOptions, target: Target) -> tuple[dict[str, str], float]:
+    """The activations' formats and their total FIT: the fixed format where it applies, or the exact
+    allocation under ``act_avg_bits`` (average bits over the elements of the activations quantized)."""
+    _, fixed = options.activation_choices(target)
+    if fixed is None:
+        if not items:
+            raise FitonnxError("expected quantizable activations for --act-avg-bits; found none")
+        front = pareto_front(items, options.tolerance)
+        chosen = pick(front, Budget(BudgetKind.AVG_BITS, float(options.act_avg_bits or 0)), what="activations")
+        return front.formats(chosen.index), chosen.fit
+    formats = {it.name: fixed for it in items if fixed in it.formats}
+    fit = sum(it.fit[it.formats.index(fixed)] for it in items if fixed in it.formats)
+    return formats, float(fit)

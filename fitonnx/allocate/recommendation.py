@@ -59,6 +59,8 @@ class Recommendation:
     weight_formats: Mapping[str, str] = field(default_factory=dict)
     activation_formats: Mapping[str, str] = field(default_factory=dict)
     fit_per_format: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    # where each activation's FIT comes from: "in-graph" (per-sample statistics) or "range" (Tr(F)·Δ²/12)
+    activation_fit_models: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def by_format(self) -> bool:
@@ -70,6 +72,7 @@ class Recommendation:
             out["weight_formats"] = dict(self.weight_formats)
             out["activation_formats"] = dict(self.activation_formats)
             out["fit_per_format"] = {k: dict(v) for k, v in self.fit_per_format.items()}
+            out["activation_fit_models"] = dict(self.activation_fit_models)
             for point, entry in zip(self.pareto, out["pareto"], strict=True):
                 entry["weight_formats"] = dict(point.weight_formats)
         return out
@@ -131,6 +134,7 @@ class Recommendation:
                 fit_per_format={
                     str(k): {str(f): float(x) for f, x in v.items()} for k, v in d.get("fit_per_format", {}).items()
                 },
+                activation_fit_models={str(k): str(v) for k, v in d.get("activation_fit_models", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise FitonnxError(

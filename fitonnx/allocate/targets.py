@@ -17,12 +17,11 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
-import ml_dtypes
 import numpy as np
 
 from fitonnx.errors import FitonnxError
-from fitonnx.formats import FORMATS, Format, Granularity, ScaleType, get_format, params_from_range
-from fitonnx.formats.quantize import element_max
+from fitonnx.formats import FORMATS, Format, Granularity, get_format, params_from_range
+from fitonnx.formats.block_nodes import is_dynamic_block
 from fitonnx.model.graph import Kind
 from fitonnx.score import noise
 from fitonnx.score.fit import PointMass
@@ -38,25 +37,51 @@ class Scheme(str, Enum):
 
 
 @dataclass(frozen=True)
+class DynamicBlocks:
+    """Activation block formats a toolchain quantizes at run time (scales from each block's own
+    max|a|), and where: inputs of ``readers`` ops only, of ``ranks`` (with the batch axis; empty:
+    any), blocked along the reader's reduction axis, that axis a whole number of blocks if ``whole``."""
+
+    formats: tuple[str, ...]
+    readers: frozenset[str]
+    ranks: frozenset[int] = frozenset()
+    whole: bool = True
+
+    def admits(self, op_types: frozenset[str], shape: tuple[int, ...], axis: int | None, block: int) -> bool:
+        """Whether an activation read by ``op_types``, of ``shape``, blocked along ``axis`` qualifies."""
+        if axis is None or not shape or not op_types or not op_types <= self.readers:
+            return False
+        if self.ranks and len(shape) not in self.ranks:
+            return False
+        return not (self.whole and shape[axis] % block)
+
+
+@dataclass(frozen=True)
 class FormatMenu:
     """A toolchain's candidate formats (registry names) per tensor role.
 
     ``weights`` apply to every quantizable weight (a per-channel/per-block one only where the
     weight's op gives it an axis); ``by_op`` adds formats for the weights of one op type only
     (TensorRT's INT4 blocks and NVFP4 for GEMMs, ONNX Runtime's MatMulNBits for MatMul).
-    Activations are per tensor; ``default_activation`` is used when none is chosen.
+    ``activations`` are per tensor, ``default_activation`` the one used when none is chosen;
+    ``dynamic`` adds run-time block formats for the activations it admits (TensorRT's MXFP8/NVFP4).
     """
 
     weights: tuple[str, ...]
     activations: tuple[str, ...]
     default_activation: str
     by_op: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    dynamic: DynamicBlocks | None = None
 
     def __post_init__(self) -> None:
-        for name in (*self.weights, *self.activations, self.default_activation, *self.op_formats()):
+        for name in (*self.weights, *self.all_activations(), self.default_activation, *self.op_formats()):
             get_format(name)  # unknown names fail loudly, at import
         if self.default_activation not in self.activations:
             raise FitonnxError(f"default activation format {self.default_activation!r} is not among {self.activations}")
+        bad = [n for n in self.activations if get_format(n).granularity is not Granularity.TENSOR]
+        bad += [n for n in self.dynamic.formats if not is_dynamic_block(get_format(n))] if self.dynamic else []
+        if bad:
+            raise FitonnxError(f"activation formats must be per tensor, or dynamic blocks; found {bad}")
 
     def op_formats(self) -> tuple[str, ...]:
         return tuple(name for _, names in self.by_op for name in names)
@@ -71,32 +96,23 @@ class FormatMenu:
         return tuple(get_format(n) for n in dict.fromkeys([*self.weights, *self.op_formats()]))
 
     def activation_formats(self) -> tuple[Format, ...]:
+        """The per-tensor activation formats."""
         return tuple(get_format(n) for n in self.activations)
+
+    def all_activations(self) -> tuple[str, ...]:
+        """Every activation format name: per tensor, then the dynamic block ones."""
+        return (*self.activations, *(self.dynamic.formats if self.dynamic else ()))
 
 
 def activation_format_fit(fmt: Format, trace: float, lo: float, hi: float) -> float:
-    """FIT of an activation under a per-tensor format from its Fisher trace and calibrated range.
-
-    Integer grids: Tr(F)·Δ²/12 with the format's own Δ (``params_from_range``), the paper's FIT.
-    Floating formats: Tr(F)·(spacing of the top binade)²/12, the spacing at the range's largest
-    magnitude, an upper bound on every element's rounding step (as ``Target.step`` does for
-    float16). The per-sample binade statistics of the gradient graph would be exact; until the
-    score gives them, this is the bound.
-    """
-    if fmt.granularity is not Granularity.TENSOR:
-        raise FitonnxError(f"activations are quantized per tensor; found format {fmt.name}")
-    if fmt.is_int:
-        scale = float(np.asarray(params_from_range(fmt, lo, hi).scale).reshape(-1)[0])
-        return trace * scale**2 / 12.0
-    amax = max(abs(lo), abs(hi))
-    if amax == 0.0:
-        return 0.0
-    mant = int(ml_dtypes.finfo(fmt.dtype).nmant)
-    # the top element's value in the format's own units, and the scale that maps them back
-    scale = 1.0 if fmt.scale is ScaleType.NONE else amax / element_max(fmt)
-    top = amax / scale
-    spacing = scale * 2.0 ** (math.floor(math.log2(top)) - mant)
-    return trace * spacing**2 / 12.0
+    """FIT of an activation under a per-tensor INTEGER format from its Fisher trace and calibrated
+    range (the range model): Tr(F)·Δ²/12 with the format's own Δ (``params_from_range``), the paper's
+    FIT. Floating formats have no such model here: their noise depends on each element's binade,
+    which the score sums per sample inside the gradient graph (``score.formats_fit``)."""
+    if fmt.granularity is not Granularity.TENSOR or not fmt.is_int:
+        raise FitonnxError(f"the range model is for per-tensor integer activation formats; found {fmt.name}")
+    scale = float(np.asarray(params_from_range(fmt, lo, hi).scale).reshape(-1)[0])
+    return trace * scale**2 / 12.0
 
 
 @dataclass(frozen=True)
@@ -200,6 +216,11 @@ TARGETS: dict[str, Target] = {
                 weights=tuple(FORMATS),
                 activations=tuple(n for n, f in FORMATS.items() if f.granularity is Granularity.TENSOR),
                 default_activation="uint8",
+                dynamic=DynamicBlocks(
+                    tuple(n for n, f in FORMATS.items() if is_dynamic_block(f)),
+                    frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"}),
+                    whole=False,
+                ),
             ),
         ),
         Target(
@@ -249,6 +270,9 @@ TARGETS: dict[str, Target] = {
                 activations=("int8", "fp8e4m3", "fp16"),
                 default_activation="int8",
                 by_op=tuple((op, ("int4/b64", "int4/b128", "nvfp4/16")) for op in ("MatMul", "Gemm")),
+                # DynamicQuantize: GEMM inputs of rank 2-3, along the last or second-to-last axis,
+                # which must divide into blocks (README "Targets")
+                dynamic=DynamicBlocks(("mxfp8/32", "nvfp4/16"), frozenset({"MatMul", "Gemm"}), frozenset({2, 3})),
             ),
         ),
     )

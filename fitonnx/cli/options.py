@@ -363,14 +363,15 @@ def _allocation_choices(kwargs: dict[str, Any]) -> AllocationOptions | FormatOpt
     """Bit-width choices, or format choices with --formats/--weight-formats/--act-format (the options'
     values are taken out of ``kwargs``)."""
     common = {"target": kwargs.pop("target"), "tolerance": kwargs.pop("tolerance")}
-    bits = {name: kwargs.pop(name) for name in ("weight_bits", "act_bits", "act_avg_bits")}
+    bits = {name: kwargs.pop(name) for name in ("weight_bits", "act_bits")}
+    act_avg_bits = kwargs.pop("act_avg_bits")
     formats = {name: kwargs.pop(name) for name in ("weight_formats", "act_format")}
     if not (kwargs.pop("by_format") or any(v is not None for v in formats.values())):
-        return AllocationOptions(**common, **bits)
+        return AllocationOptions(**common, **bits, act_avg_bits=act_avg_bits)
     mixed = ", ".join(f"--{name.replace('_', '-')}" for name, value in bits.items() if value)
     if mixed:
         raise click.UsageError(f"{mixed} choose bit widths; with --formats use --weight-formats/--act-format")
-    return FormatOptions(**common, **formats)
+    return FormatOptions(**common, **formats, act_avg_bits=act_avg_bits)
 
 
 def allocation_options(f: F) -> F:
@@ -400,7 +401,8 @@ def allocation_options(f: F) -> F:
         click.option(
             "--act-avg-bits",
             type=float,
-            help="Choose activation bits under this average (exact), among --act-bits if given.",
+            help="Choose activation bits under this average (exact), among --act-bits if given; with --formats, "
+            "activation formats among --act-format if given, else the target's activation menu (block scales counted).",
         ),
         *_format_choice_options(),
         click.option(
@@ -428,5 +430,10 @@ def _format_choice_options() -> tuple[Callable[[F], F], ...]:
             type=FormatList(),
             help="With --formats: restrict the weights' candidates, e.g. int8/ch,int4/ch (implies --formats).",
         ),
-        click.option("--act-format", help="With --formats: the format of every activation (default: the target's)."),
+        click.option(
+            "--act-format",
+            type=FormatList(),
+            help="With --formats: the format of every activation (default: the target's), or with --act-avg-bits "
+            "the candidates (e.g. int8,fp8e4m3,mxfp8/32; a block format only on the activations the target blocks).",
+        ),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 
 import click
@@ -65,6 +66,8 @@ def format_summary(result: api.RecommendResult, limit: int | None = None, width:
         f"recommended: weights {_kb(rec.weight_bytes)} (average {alloc.avg_bits:.2f} bits), "
         f"FIT {rec.fit:.4g} (activations {alloc.activation_fit:.4g})"
     )
+    if rec.activation_fit_models:
+        lines.append(activation_models_line(rec.activation_formats, rec.activation_fit_models))
     uniform = alloc.comparable_uniform()
     if uniform is not None:
         ratio = f", {uniform.fit / rec.fit:.2f}× the recommended FIT" if rec.fit > 0 else ""
@@ -73,6 +76,16 @@ def format_summary(result: api.RecommendResult, limit: int | None = None, width:
     else:
         lines.append("no uniform bit width meets this budget")
     return "\n".join(lines)
+
+
+def activation_models_line(formats: Mapping[str, str], models: Mapping[str, str]) -> str:
+    """Which activation formats' FIT is the in-graph per-sample statistic and which the range model."""
+    by_model: dict[str, dict[str, None]] = {}
+    for name, fmt in formats.items():
+        by_model.setdefault(models.get(name, "?"), {})[fmt] = None
+    what = {"in-graph": "in-graph per-sample statistics", "range": "range model Tr(F)·Δ²/12"}
+    parts = [f"{what.get(m, m)} for {', '.join(fs)}" for m, fs in sorted(by_model.items())]
+    return f"activation FIT: {'; '.join(parts)}"
 
 
 def refine_summary(r: Refinement) -> str:

@@ -16,6 +16,7 @@ from fitonnx.allocate.recommendation import Recommendation
 from fitonnx.allocate.targets import Target, get_target
 from fitonnx.errors import DataError, FitonnxError, InternalError, ModelError
 from fitonnx.files.atomic import write_atomic
+from fitonnx.formats import Granularity, parse_format
 from fitonnx.model import graph
 from fitonnx.model.data import Dataset
 from fitonnx.model.graph import Kind
@@ -130,10 +131,23 @@ def check_names(model: onnx.ModelProto, rec: Recommendation) -> None:
         )
 
 
+def check_integer_activations(rec: Recommendation, writer: str) -> None:
+    """A writer of bit widths expresses a format recommendation's activations only on per-tensor integer
+    grids: any other activation format (FP8, MX, NVFP4, fp16) is a one-line error naming it."""
+    for name, fmt_name in rec.activation_formats.items():
+        fmt = parse_format(fmt_name)
+        if not fmt.is_int or fmt.granularity is not Granularity.TENSOR:
+            raise FitonnxError(
+                f"expected per-tensor integer activation formats for the {writer} export; found {fmt.name} for {name!r}",
+                hint="write it with --format tensorrt or qdq (formats as scored), or recommend another --act-format",
+            )
+
+
 def plan_export(model: onnx.ModelProto, rec: Recommendation, toolchain: Toolchain) -> ExportPlan:
     """Check ``rec`` against ``model`` and what ``toolchain`` can store, and resolve what stays float."""
     work = working_copy(model)
     check_names(work, rec)
+    check_integer_activations(rec, toolchain.name)
     target = get_target(rec.target)
     weights: dict[str, int] = {}
     activations: dict[str, int] = {}

@@ -16,12 +16,12 @@ onnxruntime.quantization's own ``MatMulNBitsQuantizer`` (``export.nbits``) befor
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper, version_converter
+from onnx import helper, numpy_helper, version_converter
 
 from fitonnx.allocate.formats_alloc import per_tensor_twin
 from fitonnx.allocate.recommendation import Recommendation
@@ -29,14 +29,31 @@ from fitonnx.errors import FitonnxError, UnsupportedError
 from fitonnx.export.common import ExportResult, check_names, check_runs, first_feed, save_model, working_copy
 from fitonnx.export.fusion import add_upstream_copies
 from fitonnx.export.nbits import apply_nbits, nbits_weights
-from fitonnx.formats import ElementKind, Format, Granularity, QdqPieces, activation_qdq, parse_format, weight_qdq
+from fitonnx.formats import (
+    ElementKind,
+    Format,
+    Granularity,
+    QdqPieces,
+    ScaleType,
+    activation_qdq,
+    block_nodes,
+    parse_format,
+    weight_qdq,
+)
+from fitonnx.formats.block_nodes import (
+    BlockLayout,
+    block_layout,
+    dynamic_qdq_nodes,
+    dynamic_qdq_opset,
+    is_dynamic_block,
+)
 from fitonnx.formats.onnx_nodes import min_opset
-from fitonnx.formats.quantize import params_from_range, quantize_dequantize
+from fitonnx.formats.quantize import nvfp4_tensor_scale, params_from_range, quantize_dequantize
 from fitonnx.model import graph
 from fitonnx.model.data import Dataset
 from fitonnx.model.runtime import make_session
 from fitonnx.prepare.opset import opset_of
-from fitonnx.score.formats_fit import format_axis
+from fitonnx.score.formats_fit import activation_axis, format_axis
 
 IR_FOR_OPSET = ((23, 11), (21, 10), (19, 9))  # the lowest IR version each opset needs
 
@@ -48,10 +65,17 @@ class FormatPlan:
     weights: Mapping[str, tuple[Format, int | None]]
     activations: Mapping[str, Format]
     notes: tuple[str, ...] = ()
+    blocks: Mapping[str, BlockLayout] = field(default_factory=dict)  # activations in dynamic block formats
 
     @property
     def formats(self) -> tuple[Format, ...]:
         return (*(f for f, _ in self.weights.values()), *self.activations.values())
+
+    def opset(self) -> int:
+        """The lowest opset whose Q/DQ express every format of the plan."""
+        need = [min_opset(f) for f, _ in self.weights.values()]
+        need += [dynamic_qdq_opset(f) if n in self.blocks else min_opset(f) for n, f in self.activations.items()]
+        return max(need, default=0)
 
 
 def format_plan(model: onnx.ModelProto, rec: Recommendation, skip: frozenset[str] = frozenset()) -> FormatPlan:
@@ -80,12 +104,34 @@ def format_plan(model: onnx.ModelProto, rec: Recommendation, skip: frozenset[str
                 continue
             fmt = twin
         weights[name] = (fmt, axis)
-    return FormatPlan(weights, {name: parse_format(f) for name, f in rec.activation_formats.items()}, tuple(notes))
+    activations = {name: parse_format(f) for name, f in rec.activation_formats.items()}
+    dynamic = {n: f for n, f in activations.items() if is_dynamic_block(f)}
+    types = graph.value_types(model) if dynamic else {}
+    blocks = {n: activation_blocks(model, types, n, f) for n, f in dynamic.items()}
+    return FormatPlan(weights, activations, tuple(notes), blocks)
 
 
-def lift_opset(model: onnx.ModelProto, formats: tuple[Format, ...]) -> tuple[onnx.ModelProto, list[str]]:
+def activation_blocks(model: onnx.ModelProto, types: graph.ValueTypes, name: str, fmt: Format) -> BlockLayout:
+    """How activation ``name`` of ``model`` is cut into ``fmt``'s blocks: along its readers'
+    reduction axis (``score.formats_fit.activation_axis``), the axis' length from shape inference
+    (``types``: ``graph.value_types(model)``)."""
+    shape = types.get(name, (0, None))[1]
+    axis = None if shape is None else activation_axis(model, name, len(shape))
+    if shape is None or axis is None or shape[axis] is None:
+        raise FitonnxError(
+            f"expected activation {name!r} read by MatMul/Gemm/Conv with a known length along their reduction axis "
+            f"for {fmt.name}; found shape {shape} and axis {axis}"
+        )
+    axis %= len(shape)
+    if axis >= 2 and any(d is None for d in shape[axis + 1 :]):
+        raise FitonnxError(f"expected known dimensions after axis {axis} of activation {name!r}; found {shape}")
+    return block_layout(tuple(1 if d is None else d for d in shape), axis, fmt.block_size or 1)
+
+
+def lift_opset(model: onnx.ModelProto, plan: FormatPlan) -> tuple[onnx.ModelProto, list[str]]:
     """``model`` at the lowest opset (≥ its own) whose Q/DQ express every format, and a note when lifted."""
-    need = max([opset_of(model), *(min_opset(f) for f in formats)])
+    formats = plan.formats
+    need = max(opset_of(model), plan.opset())
     if need == opset_of(model):
         return model, []
     try:
@@ -117,11 +163,30 @@ def _weight_pieces(fmt: Format, name: str, values: np.ndarray, axis: int | None,
     return weight_qdq(fmt, name, values, axis, runnable=runnable)
 
 
+def _dynamic_pieces(
+    fmt: Format, name: str, layout: BlockLayout, absmax: float, opset: int, runnable: bool
+) -> QdqPieces:
+    """An activation's dynamic block Q/DQ (``block_nodes.dynamic_qdq_nodes``; NVFP4's tensor scale from
+    the calibrated max|a|). ``runnable``: FP4, which onnxruntime lacks, as the same numbers in float
+    arithmetic (``block_nodes.block_qdq_nodes``), so that onnxruntime can check the rest of the model."""
+    p = f"{name}_{fmt.name.replace('/', '_')}_"
+    inits: list[onnx.TensorProto] = []
+    scale = None
+    if fmt.scale is ScaleType.E4M3:
+        scale = p + "tensor_scale"
+        inits.append(numpy_helper.from_array(np.asarray(nvfp4_tensor_scale(absmax), np.float32), scale))
+    make = block_nodes.block_qdq_nodes if runnable and fmt.element is ElementKind.FP4_E2M1 else dynamic_qdq_nodes
+    nodes, more = make(name, p, fmt, layout, opset, scale)
+    out = f"{name}_dequantized"
+    nodes.append(helper.make_node("Identity", [p + "out"], [out], name=f"{name}_dequantize"))
+    return QdqPieces(tuple(nodes), (*inits, *more), dynamic_qdq_opset(fmt), out)
+
+
 def apply_formats(
     model: onnx.ModelProto, rec: Recommendation, plan: FormatPlan, *, runnable: bool = True
 ) -> tuple[onnx.ModelProto, list[str]]:
     """A new model with ``plan``'s Q/DQ in place (``model`` untouched), and notes."""
-    work, notes = lift_opset(model, plan.formats)
+    work, notes = lift_opset(model, plan)
     out = onnx.ModelProto()
     out.CopyFrom(work)
     g = out.graph
@@ -147,7 +212,10 @@ def apply_formats(
                 f"expected a calibration range for activation {name!r} in the recommendation; found none"
             )
         lo, hi = rec.ranges[name]
-        pieces = activation_qdq(fmt, name, (), None, params_from_range(fmt, lo, hi), runnable=runnable)
+        if name in plan.blocks:
+            pieces = _dynamic_pieces(fmt, name, plan.blocks[name], max(abs(lo), abs(hi)), opset_of(work), runnable)
+        else:
+            pieces = activation_qdq(fmt, name, (), None, params_from_range(fmt, lo, hi), runnable=runnable)
         _reroute(g, name, pieces.output, {n.name for n in pieces.nodes})
         g.initializer.extend(pieces.initializers)
         after.setdefault(name, []).extend(pieces.nodes)
@@ -217,7 +285,8 @@ def write_format_model(
     check = apply_nbits(runnable, to_nbits) if has_fp4 else written
     if has_fp4:
         notes.append(
-            "onnxruntime has no FLOAT4E2M1 kernel: the model was checked with the FP4 weights' dequantized values"
+            "onnxruntime has no FLOAT4E2M1 kernel: the model was checked with the FP4 weights' dequantized values "
+            "and the FP4 activations' blocks in float arithmetic"
         )
     feed = None if data is None else first_feed(data, graph.input_specs(check))
     _check_loadable(check)

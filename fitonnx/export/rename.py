@@ -87,6 +87,7 @@ def for_original(
         weight_formats=keyed(rec.weight_formats),  # type: ignore[arg-type]
         activation_formats=keyed(rec.activation_formats),  # type: ignore[arg-type]
         fit_per_format=keyed(rec.fit_per_format),  # type: ignore[arg-type]
+        activation_fit_models=keyed(rec.activation_fit_models),  # type: ignore[arg-type]
         pareto=tuple(
             ParetoPoint(
                 p.weight_bytes,

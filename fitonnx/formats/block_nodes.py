@@ -31,7 +31,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from fitonnx.errors import FitonnxError, UnsupportedError
-from fitonnx.formats.types import Format, Granularity, ScaleType
+from fitonnx.formats.types import ElementKind, Format, Granularity, ScaleType
 
 MIN_OPSET = 11
 AMAX_CUT = 2.0**100
@@ -238,3 +238,41 @@ def block_qdq_nodes(
     nodes += [*rnd, helper.make_node("Mul", [p + "el_q", p + "scale"], [p + "dq"])]
     back, back_inits = unblocked_nodes(p + "dq", x, p, layout)
     return nodes + back, inits + more_inits + rnd_inits + back_inits
+
+
+QDQ_OPSET = 21  # QuantizeLinear's block_size and output_dtype
+ELEMENT_TYPES = {
+    ElementKind.FP8_E4M3FN: (TensorProto.FLOAT8E4M3FN, 21),
+    ElementKind.FP8_E5M2: (TensorProto.FLOAT8E5M2, 21),
+    ElementKind.FP4_E2M1: (TensorProto.FLOAT4E2M1, 23),
+}
+
+
+def dynamic_qdq_opset(fmt: Format) -> int:
+    """The lowest opset whose QuantizeLinear writes ``fmt``'s blocks with a scale computed at run time."""
+    if not is_dynamic_block(fmt):
+        raise FitonnxError(f"{fmt.name} is not a dynamic block format (MX or NVFP4)")
+    return ELEMENT_TYPES[fmt.element][1]
+
+
+def dynamic_qdq_nodes(
+    x: str, p: str, fmt: Format, layout: BlockLayout, opset: int, tensor_scale: str | None = None
+) -> Nodes:
+    """``p + "out"``: ``x`` through ``fmt``'s dynamic blocks as QuantizeLinear→DequantizeLinear: each
+    block's scale computed from its own max|x| (``scale_nodes``), the elements quantized by a blocked
+    QuantizeLinear (``block_size`` B along the blocked view's block axis, ``output_dtype`` the element
+    type, saturating), the same numbers as ``block_qdq_nodes``' arithmetic."""
+    need = dynamic_qdq_opset(fmt)
+    if opset < need:
+        raise UnsupportedError(f"{fmt.name} as blocked QuantizeLinear needs opset {need}; the model has {opset}")
+    nodes, inits = blocked_nodes(x, p, layout, opset)
+    more, more_inits = scale_nodes(p + "b", p, fmt, opset, tensor_scale)
+    attrs = {"axis": 2, "block_size": layout.block}
+    mk = helper.make_node
+    nodes += [
+        *more,
+        mk("QuantizeLinear", [p + "b", p + "scale"], [p + "q"], output_dtype=ELEMENT_TYPES[fmt.element][0], **attrs),
+        mk("DequantizeLinear", [p + "q", p + "scale"], [p + "dq"], **attrs),
+    ]
+    back, back_inits = unblocked_nodes(p + "dq", x, p, layout)
+    return nodes + back, inits + more_inits + back_inits

@@ -293,16 +293,34 @@ def scaled_activations(tensors: Sequence[QuantTensor], formats: Sequence[Format]
     return [t.name for t in tensors if t.kind is Kind.ACTIVATION]
 
 
+@dataclass(frozen=True)
+class Roles:
+    """Which formats are scored on which tensors, by name: on weights ``weights``, on activations
+    ``activations`` (None: every format asked for)."""
+
+    weights: frozenset[str] | None = None
+    activations: frozenset[str] | None = None
+
+    def scores(self, t: QuantTensor, fmt: Format) -> bool:
+        names = self.weights if t.kind is Kind.WEIGHT else self.activations
+        return names is None or fmt.name in names
+
+
+EVERY_ROLE = Roles()
+
+
 def plan_statistics(
     model: onnx.ModelProto,
     tensors: Sequence[QuantTensor],
     formats: Sequence[Format],
     absmax: Mapping[str, float] | None = None,
+    roles: Roles = EVERY_ROLE,
 ) -> Statistics:
     """The in-graph statistics ``format_fits`` needs for ``formats`` over ``tensors``.
 
     ``absmax``: max|a| of each activation over the calibration samples (``fisher.statistics.
-    activation_absmax``), needed for floating formats with a scale (``scaled_activations``)."""
+    activation_absmax``), needed for floating formats with a scale (``scaled_activations``).
+    ``roles``: which of ``formats`` are scored on weights and which on activations."""
     values = _weights(model, {t.name for t in tensors if t.kind is Kind.WEIGHT})
     groups: dict[str, GroupStat] = {}
     weighted: list[WeightedStat] = []
@@ -312,7 +330,7 @@ def plan_statistics(
         for fmt in formats:
             shape = values[t.name].shape if t.kind is Kind.WEIGHT else tuple(t.shape or ())
             ok, axis = applies(model, t, fmt, shape)
-            if not ok or (t.kind is Kind.ACTIVATION and fmt.is_int):
+            if not ok or not roles.scores(t, fmt) or (t.kind is Kind.ACTIVATION and fmt.is_int):
                 continue
             if t.kind is Kind.ACTIVATION and is_dynamic_block(fmt):
                 blocks.append(_block_stat(t.name, fmt, axis, absmax))
@@ -371,12 +389,15 @@ def _weight_fit(traces: FisherTraces, fmt: Format, name: str, w: np.ndarray, axi
 
 
 def format_fits(
-    traces: FisherTraces, model: onnx.ModelProto, formats: Sequence[Format]
+    traces: FisherTraces,
+    model: onnx.ModelProto,
+    formats: Sequence[Format],
+    roles: Roles = EVERY_ROLE,
 ) -> dict[tuple[str, str], FormatFit]:
     """FIT of every scored tensor under every format that applies to it, keyed (tensor, format name).
 
     ``traces`` must come from a gradient model built with ``plan_statistics(model, traces.tensors,
-    formats, ...)``; ``model`` is the prepared model (its weights define the weight grids)."""
+    formats, ..., roles)``; ``model`` is the prepared model (its weights define the weight grids)."""
     values = _weights(model, {t.name for t in traces.tensors if t.kind is Kind.WEIGHT})
     trace = dict(zip((t.name for t in traces.tensors), traces.trace().tolist(), strict=True))
     out: dict[tuple[str, str], FormatFit] = {}
@@ -384,7 +405,7 @@ def format_fits(
         shape = values[t.name].shape if t.kind is Kind.WEIGHT else tuple(traces.act_shapes.get(t.name, ()))
         for fmt in formats:
             ok, axis = applies(model, t, fmt, shape)
-            if not ok:
+            if not ok or not roles.scores(t, fmt):
                 continue
             if t.kind is Kind.WEIGHT:
                 expected, measured = _weight_fit(traces, fmt, t.name, values[t.name], axis, trace[t.name])

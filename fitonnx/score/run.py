@@ -151,14 +151,17 @@ def score_session(
     noise_model: noise.NoiseModel | str = noise.NoiseModel.UNIFORM,
     formats: Sequence[Format | str] = (),
     progress: engine.Progress | None = None,
+    activation_formats: Sequence[Format | str] | None = None,
 ) -> ScoreReport:
     """``score_model`` on an open session, and with ``formats``: number formats (or their names,
     ``int4/ch``, ``fp8e4m3``, ``nvfp4/16``) to score every tensor under besides the bit widths
-    (``TensorScore.formats``, ``ScoreReport.format_totals``; see ``score.formats_fit``)."""
+    (``TensorScore.formats``, ``ScoreReport.format_totals``; see ``score.formats_fit``).
+    ``activation_formats``: the formats scored on activations, ``formats`` then being scored on
+    weights only (None: every format of ``formats`` on both)."""
     opts = options or FisherOptions()
     kind = noise.NoiseModel(noise_model)
-    fmts = _unique([f if isinstance(f, Format) else parse_format(f) for f in formats])
-    plan = format_statistics(s, fmts, opts) if fmts else NO_STATISTICS
+    fmts, roles = _formats_and_roles(formats, activation_formats)
+    plan = format_statistics(s, fmts, opts, roles=roles) if fmts else NO_STATISTICS
     traces, target, mode = fisher_traces(
         s, opts, progress=progress, exact_points=kind is noise.NoiseModel.GRID, statistics=plan
     )
@@ -171,7 +174,8 @@ def score_session(
         noise_model=kind,
     )
     if fmts:
-        report = with_formats(report, formats_fit.format_fits(traces, s.prepared.model, fmts), fmts)
+        fits = formats_fit.format_fits(traces, s.prepared.model, fmts, roles)
+        report = with_formats(report, fits, fmts)
     return dataclasses.replace(report, notes=_report_notes(s, report, traces, target))
 
 
@@ -198,16 +202,40 @@ def _unique(fmts: list[Format]) -> list[Format]:
     return list(dict.fromkeys(fmts))
 
 
-def format_statistics(s: Session, fmts: Sequence[Format], opts: FisherOptions, threads: int = 0) -> Statistics:
-    """The in-graph statistics ``fmts`` need on session ``s``; floating activation formats first get
-    each activation's max|a| from a forward pass over the samples the Fisher will read."""
-    names = formats_fit.scaled_activations(s.tensors, fmts)
+def _format(f: Format | str) -> Format:
+    return f if isinstance(f, Format) else parse_format(f)
+
+
+def _formats_and_roles(
+    formats: Sequence[Format | str], activation_formats: Sequence[Format | str] | None
+) -> tuple[list[Format], formats_fit.Roles]:
+    """Every format to score, and which are scored on weights and which on activations."""
+    on_weights = _unique([_format(f) for f in formats])
+    if activation_formats is None:
+        return on_weights, formats_fit.EVERY_ROLE
+    on_acts = _unique([_format(f) for f in activation_formats])
+    roles = formats_fit.Roles(frozenset(f.name for f in on_weights), frozenset(f.name for f in on_acts))
+    return _unique(on_weights + on_acts), roles
+
+
+def format_statistics(
+    s: Session,
+    fmts: Sequence[Format],
+    opts: FisherOptions,
+    threads: int = 0,
+    roles: formats_fit.Roles = formats_fit.EVERY_ROLE,
+) -> Statistics:
+    """The in-graph statistics ``fmts`` need on session ``s`` (each on the tensors ``roles`` give it);
+    floating activation formats first get each activation's max|a| from a forward pass over the
+    samples the Fisher will read."""
+    on_acts = [f for f in fmts if roles.activations is None or f.name in roles.activations]
+    names = formats_fit.scaled_activations(s.tensors, on_acts)
     absmax = None
     if names:
         n = s.data.num_samples if opts.max_samples is None else min(opts.max_samples, s.data.num_samples)
         feeds = ({k: v for k, v in s.data.sample(i, s.specs).items() if k in s.specs} for i in range(n))
         absmax = activation_absmax(s.prepared.model, names, feeds, threads)
-    return formats_fit.plan_statistics(s.prepared.model, s.tensors, fmts, absmax)
+    return formats_fit.plan_statistics(s.prepared.model, s.tensors, fmts, absmax, roles)
 
 
 def with_formats(
