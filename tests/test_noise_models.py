@@ -246,7 +246,7 @@ def test_exact_fisher_needs_one_categorical_distribution_per_sample() -> None:
     reg = regression(25)
     data = Dataset({reg.input_name: np.random.default_rng(0).normal(size=(4, *reg.sample_shape)).astype(np.float32)})
     s = fitonnx.open_model(reg.proto, data)
-    with pytest.raises(UnsupportedError, match="expected a categorical output for --fisher exact"):
+    with pytest.raises(UnsupportedError, match="expected a categorical or Bernoulli output for --fisher exact"):
         fitonnx.fisher_traces(s, options=FisherOptions(fisher="exact", likelihood="gaussian"))
     tok = embedding(23, reduce="none")
     tokens = np.random.default_rng(1).integers(0, tok.params["E"].shape[0], (4, *tok.sample_shape)).astype(np.int64)

@@ -421,6 +421,8 @@ def _passes(cal: _Calibration) -> int:
 
 
 def _classes(cal: _Calibration) -> int:
+    if cal.target.likelihood is losses.Likelihood.BERNOULLI:  # one probability: labels 0 and 1
+        return 2
     shapes = cal.gm.sample_shapes
     tap, axis = cal.target.tap, cal.target.class_axis
     return int(shapes[tap][axis]) if tap in shapes and axis is not None else 1

@@ -232,7 +232,8 @@ def fisher_options(f: F) -> F:
             "--fisher",
             type=click.Choice([m.value for m in FisherMode]),
             help="empirical: cross-entropy against the data's labels; mc: labels sampled from the model; "
-            "exact: the true Fisher summed over every class (categorical outputs, one pass per class). "
+            "exact: the true Fisher summed over every class (categorical outputs, or one Bernoulli probability per "
+            "sample; one pass per class). "
             "Default: empirical when the data has labels, else mc.",
         ),
         click.option(

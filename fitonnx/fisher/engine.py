@@ -352,7 +352,7 @@ def _first_sample_checks(
         return None
     if gm.loss_output is None:
         raise InternalError("an enumerating head needs the loss as an output")
-    return _enumeration(tap_shape, head.perm)
+    return _enumeration(tap_shape, head.perm, head.target.likelihood)
 
 
 def _head_feeds(
@@ -394,9 +394,19 @@ def _run_one(
         raise ModelError(f"onnxruntime failed on sample {i}: {str(exc).splitlines()[0][:300]}") from None
 
 
-def _enumeration(tap_shape: tuple[int, ...], perm: tuple[int, ...] | None) -> tuple[tuple[int, ...], int]:
-    """Label shape and class count of a categorical output holding one class distribution per sample
-    (``--fisher exact``; more positions would need one pass per class and position)."""
+def _enumeration(
+    tap_shape: tuple[int, ...], perm: tuple[int, ...] | None, likelihood: Likelihood = Likelihood.CATEGORICAL
+) -> tuple[tuple[int, ...], int]:
+    """Label shape and class count of a categorical output holding one class distribution per sample,
+    or a Bernoulli output holding one probability (labels 0 and 1) (``--fisher exact``; more
+    positions would need one pass per class and position)."""
+    if likelihood is Likelihood.BERNOULLI:
+        if int(np.prod(tap_shape, dtype=np.int64)) != 1:
+            raise UnsupportedError(
+                f"expected one probability per sample for --fisher exact; found output shape {list(tap_shape)}",
+                hint="use --fisher mc",
+            )
+        return tuple(tap_shape), 2
     shape = tap_shape if perm is None else tuple(tap_shape[i] for i in perm)
     labels = (shape[0], *shape[2:]) if len(shape) >= 2 else (0,)
     if int(np.prod(labels, dtype=np.int64)) != 1:

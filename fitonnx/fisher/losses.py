@@ -9,7 +9,9 @@ makes it reproducible. Sampled labels pass through ArgMax/Less, which carry no g
 
 The exact true Fisher of a categorical output, E_y~p ‖∇ℓ_y‖² = Σ_c p_c·‖∇ℓ_c‖², has no label
 sampling noise: the head is the cross-entropy one, and the engine feeds every class c in turn
-and weights each pass by p_c = exp(−ℓ_c) (one backward pass per class).
+and weights each pass by p_c = exp(−ℓ_c) (one backward pass per class). A Bernoulli output holding
+one probability per sample is the two-class case: the head is the binary cross-entropy one, labels
+y = 0 and y = 1 weighted by exp(−ℓ_y) = 1 − p and p (two passes; p(1 − p)·‖∂z/∂t‖² on logits z).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ NOISE = PREFIX + "noise"
 class FisherMode(str, Enum):
     EMPIRICAL = "empirical"
     MC = "mc"
-    EXACT = "exact"  # the true Fisher summed over classes: categorical outputs only
+    EXACT = "exact"  # the true Fisher summed over classes: categorical, or one Bernoulli probability per sample
 
 
 class Likelihood(str, Enum):
@@ -370,12 +372,12 @@ def default_mode(labels: np.ndarray | None) -> FisherMode:
 def build_head(target: OutputTarget, mode: FisherMode, labels_dtype: np.dtype | None) -> LossHead:
     """Nodes computing the per-sample loss (reduction: sum over the sample's outputs)."""
     if mode is FisherMode.EXACT:
-        if target.likelihood is not Likelihood.CATEGORICAL:
+        if target.likelihood is Likelihood.GAUSSIAN:
             raise UnsupportedError(
-                f"expected a categorical output for --fisher exact; found {target.likelihood.value}",
+                f"expected a categorical or Bernoulli output for --fisher exact; found {target.likelihood.value}",
                 hint="use --fisher mc",
             )
-        head = build_head(target, FisherMode.EMPIRICAL, np.dtype(np.int64))
+        head = build_head(target, FisherMode.EMPIRICAL, np.dtype(np.int64))  # Bernoulli: Cast to float
         return dataclasses.replace(head, mode=FisherMode.EXACT, needs_labels=False, enumerate_labels=True)
     if mode is FisherMode.EMPIRICAL and labels_dtype is None:
         raise DataError("expected 'labels' in the data for --fisher empirical; found none", hint="use --fisher mc")
