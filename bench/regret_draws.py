@@ -3,7 +3,7 @@
 ``bench/oracle_regret.py`` judges every variant on one split: the 256 shipped calibration samples
 and the 1000 held-out ones. Here the two are pooled (1256 samples) and redrawn: draw 0 is the
 shipped split, draw d > 0 takes 256 calibration samples at random (seed d) and judges on the other
-1000. Every per-tensor assignment of 2–8 bits within 4.5 average bits (1029 of them) is simulated
+1000 (``--n-calib``: another count). Every per-tensor assignment of 2–8 bits within 4.5 average bits (1029 of them) is simulated
 once on the whole pool (per-sample KL, ``--cache``), so a draw costs only its calibration passes
 (FIT, measured error, output space), the one-at-a-time table on its calibration samples (28
 simulations) and nothing more: a refinement's candidates are read from the pool's per-sample KL
@@ -68,11 +68,13 @@ def pool_kl(cache: Path) -> tuple[np.ndarray, np.ndarray]:
         return z["bits"], np.concatenate([z["calib"], z["held"]], axis=1)
 
 
-def draw(d: int, data: dict[str, np.ndarray], bits: np.ndarray, kl: np.ndarray, tmp: Path) -> dict:
+def draw(
+    d: int, data: dict[str, np.ndarray], bits: np.ndarray, kl: np.ndarray, tmp: Path, n_calib: int = N_CALIB
+) -> dict:
     """One calibration draw: every variant's choice and regret at every budget."""
     n = data["labels"].shape[0]
     order = np.arange(n) if d == 0 else np.random.default_rng(d).permutation(n)
-    cal_idx, judge_idx = order[:N_CALIB], order[N_CALIB:]
+    cal_idx, judge_idx = order[:n_calib], order[n_calib:]
     tmp.mkdir(parents=True, exist_ok=True)
     np.savez(tmp / f"calib{d}.npz", **{k: v[cal_idx] for k, v in data.items()})
     np.savez(tmp / f"judge{d}.npz", **{k: v[judge_idx] for k, v in data.items()})
@@ -162,13 +164,14 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, required=True)
     parser.add_argument("--draws", type=int, default=5)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--n-calib", type=int, default=N_CALIB, help="calibration samples per draw (the rest judge)")
     args = parser.parse_args()
     bits, kl = pool_kl(args.cache)
     data = pool()
     assert kl.shape == (bits.shape[0], data["labels"].shape[0])
     docs = []
     for d in range(args.draws):
-        docs.append(draw(d, data, bits, kl, args.cache / "draws"))
+        docs.append(draw(d, data, bits, kl, args.cache / f"draws{args.n_calib}", args.n_calib))
         doc = docs[-1]
         print(
             f"draw {d}: passes {doc['passes_s']:.1f} s, one-at-a-time {doc['one_at_a_time_runs']} simulations {doc['one_at_a_time_s']:.1f} s",
