@@ -37,7 +37,7 @@ FAMILIES = {  # name: (simulation options, widths, budgets in average bits)
     "int/ch": (dict(per_channel=True, symmetric=True), (4, 5, 6, 8), (5.0, 6.0)),
     "uint": (dict(), (4, 5, 6, 7, 8), (6.0, 7.0)),
 }
-KS = (8, 16)
+KS = (8, 16, 32)
 ZS = (0.0, 2.0)  # the refinement's paired test: 0 = least mean KL
 
 
