@@ -131,3 +131,30 @@ def test_missing_matplotlib_is_a_note_in_recommend_and_compare(tmp_path: Path, m
     )
     assert result.exit_code == 0 and "note: no " in result.stderr and "matplotlib is not installed" in result.stderr
     assert (tmp_path / "c.json").is_file()
+
+
+def test_a_signal_inside_a_class_body_still_exits_143() -> None:
+    """A SIGTERM landing in a descriptor's ``__set_name__`` (e.g. while matplotlib is imported) reaches
+    the CLI wrapped in a RuntimeError on Python 3.11; it must still exit 143 with one line."""
+    import signal
+
+    import click
+
+    from fitonnx.cli.main import FitonnxGroup
+    from fitonnx.files import Interrupted
+
+    class Trap:
+        def __set_name__(self, owner: type, name: str) -> None:
+            raise Interrupted(signal.SIGTERM)
+
+    @click.group(cls=FitonnxGroup)
+    def group() -> None:
+        pass
+
+    @group.command("boom")
+    def boom() -> None:
+        type("Imported", (), {"field": Trap()})
+
+    result = CliRunner().invoke(group, ["boom"])
+    assert result.exit_code == 143, result.output
+    assert "interrupted by SIGTERM" in result.output and "Traceback" not in result.output

@@ -46,9 +46,25 @@ class FitonnxGroup(click.Group):
         except KeyboardInterrupt:
             _fail("interrupted; no partial output was left", None, EXIT_INTERRUPTED)
         except Exception as exc:
+            interrupted = _interruption(exc)
+            if interrupted is not None:
+                _fail(f"interrupted by {interrupted}; no partial output was left", None, interrupted.exit_code)
             if not is_onnxruntime_error(exc):
                 raise
             _fail(describe_onnxruntime_error(exc), ORT_HINT, EXIT_USER_ERROR)
+
+
+def _interruption(exc: BaseException) -> Interrupted | None:
+    """The ``Interrupted`` behind ``exc``, if a signal raised it inside code that wraps exceptions
+    (Python 3.11 turns one raised during a class's ``__set_name__``, e.g. mid-import, into a RuntimeError)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, Interrupted):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 @click.group(cls=FitonnxGroup, context_settings={"help_option_names": ["-h", "--help"]})
