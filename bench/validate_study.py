@@ -348,7 +348,9 @@ def main() -> None:
     )
     results = []
     if args.reuse:
-        results = [reuse(name, args.data, args.reuse, args.seed, args.transfer, not args.no_superpose) for name in args.models]
+        results = [
+            reuse(name, args.data, args.reuse, args.seed, args.transfer, not args.no_superpose) for name in args.models
+        ]
         if args.json:
             args.json.write_text(json.dumps(results, indent=1, default=float))
         return
