@@ -62,6 +62,7 @@ SHOWN = (
     Predictor.OUTPUT_SPACE,
     Predictor.JOINT,
     Predictor.JOINT_KL,
+    Predictor.JOINT_UNIFORM,
     Predictor.SUPERPOSED,
     Predictor.WEIGHT_ERROR,
     Predictor.NOISE_ONLY,
@@ -276,7 +277,7 @@ def on_calibration(h, configs: list[Config]) -> list[float]:
     return [damage(ref, sim.run(c)).kl for c in configs]
 
 
-def reuse(name: str, data: Path, previous: Path, seed: int, transfer: bool = False) -> dict:
+def reuse(name: str, data: Path, previous: Path, seed: int, transfer: bool = False, superpose: bool = True) -> dict:
     """Re-predict the configurations measured by an earlier run (its ``--json``) with this
     checkout's predictors: the calibration passes only, no simulation."""
     default = MODELS[name][0]
@@ -289,7 +290,7 @@ def reuse(name: str, data: Path, previous: Path, seed: int, transfer: bool = Fal
         held,
         simulation=sim,
         options=FisherOptions(fisher=default, seed=seed),
-        baselines=BaselineOptions(extras=Extras(enumerate_outcomes=True, superpose=True)),
+        baselines=BaselineOptions(extras=Extras(enumerate_outcomes=True, superpose=superpose)),
     )
     seconds = time.perf_counter() - t0
     while not previous.exists():  # the earlier run may still be simulating: its predictions can wait
@@ -334,6 +335,9 @@ def main() -> None:
     parser.add_argument(
         "--transfer", action="store_true", help="with --reuse: the configurations' KL on the calibration data"
     )
+    parser.add_argument(
+        "--no-superpose", action="store_true", help="with --reuse: skip the superposition's simulation runs"
+    )
     args = parser.parse_args()
     hopts = (
         hessian.HessianOptions(
@@ -344,7 +348,9 @@ def main() -> None:
     )
     results = []
     if args.reuse:
-        results = [reuse(name, args.data, args.reuse, args.seed, args.transfer) for name in args.models]
+        results = [
+            reuse(name, args.data, args.reuse, args.seed, args.transfer, not args.no_superpose) for name in args.models
+        ]
         if args.json:
             args.json.write_text(json.dumps(results, indent=1, default=float))
         return

@@ -85,6 +85,28 @@ def test_enumerated_joint_is_the_exact_second_order_and_the_moved_kl(
         assert h.tables.total(Predictor.JOINT_KL, c) == pytest.approx(moved, rel=1e-4)
 
 
+def test_joint_uniform_is_the_mean_squared_move_of_the_centred_logits(
+    mlp_case: tuple,  # noqa: F811
+    harnesses: tuple[Harness, Harness],
+) -> None:
+    _, p64, calib, _ = mlp_case
+    h, labels = harnesses
+    x = calib.arrays["x"]
+    for c in CONFIGS:
+        dz = _logit_shift(p64, x, _errors(p64, x, c))  # forward mode, numpy
+        expected = np.mean(np.var(dz, axis=1))  # every sample and class weighted alike
+        assert h.tables.total(Predictor.JOINT_UNIFORM, c) == pytest.approx(expected, rel=1e-4)
+        # It differs from the Fisher-weighted form, and without enumerated outcomes falls back to it.
+        assert abs(h.tables.total(Predictor.JOINT, c) / expected - 1) > 0.01
+        assert labels.tables.total(Predictor.JOINT_UNIFORM, c) == labels.tables.total(Predictor.JOINT, c)
+    one = Config({"w1": 3}, {})
+    dz = _logit_shift(p64, x, _errors(p64, x, one))
+    row = h.tables.names.index("w1")
+    assert h.tables.values[Predictor.JOINT_UNIFORM][row, h.tables.bits.index(3)] == pytest.approx(
+        np.mean(np.var(dz, axis=1)), rel=1e-4
+    )
+
+
 def test_joint_with_the_fisher_labels_is_the_whole_quadratic_form(
     mlp_case: tuple,  # noqa: F811
     harnesses: tuple[Harness, Harness],

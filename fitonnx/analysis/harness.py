@@ -147,6 +147,7 @@ PREDICTOR_STAGES: dict[Predictor, tuple[Stage, ...]] = {
     Predictor.HESSIAN: (Stage.HESSIAN,),
     Predictor.JOINT: (Stage.CALIBRATION, Stage.ERRORS, Stage.OUTCOMES),
     Predictor.JOINT_KL: (Stage.CALIBRATION, Stage.ERRORS, Stage.OUTCOMES),
+    Predictor.JOINT_UNIFORM: (Stage.CALIBRATION, Stage.ERRORS, Stage.OUTCOMES),
     Predictor.SUPERPOSED: (Stage.CALIBRATION, Stage.ERRORS, Stage.OUTCOMES, Stage.SUPERPOSE),
 }
 

@@ -28,6 +28,14 @@ errors, ``Projections``), and their tables hold each tensor's value alone:
   KL(softmax(log p) ‖ softmax(log p + Δz)) with Δz_c = −Σ_t s[i,c,t,b_t] (the centred logit shift:
   ∂ℓ_c = −∂ log p_c), beyond second order; needs every outcome enumerated (one categorical or
   Bernoulli distribution per sample), elsewhere ½·``joint``;
+- ``joint_uniform``: ``joint`` with every sample's output distribution taken as uniform,
+  (1/N)·Σ_i (1/K)·Σ_c (u_ic − ū_i)², u_ic = −Σ_t s[i,c,t,b_t] the linearised move of log p_ic and ū_i
+  its mean over the K outcomes: the mean squared move of the centred logits, every sample and
+  outcome weighted alike (the T → ∞ limit of the Fisher of softmax(z/T), scaled by T²). A
+  confident model's Fisher puts almost all its weight p_ic(1 − p_ic) on the few calibration samples
+  near the decision boundary (the PaddleOCR classifier: one of 64 lines holds 97%), so ``joint``
+  estimates the cross terms from about one sample; this reads the direction of every sample's
+  move. Needs every outcome enumerated, elsewhere it is ``joint``;
 - ``superposed``: the KL of the float outputs against z + Σ_t Δz_t(b_t), each tensor's measured
   output shift alone on a few calibration samples (``superpose``): exact per tensor, its tensors'
   moves adding in the outputs, around each family's dearest uniform configuration (opt-in,
@@ -75,6 +83,7 @@ class Predictor(TextEnum):
     OUTPUT_SPACE = "output_space"
     JOINT = "joint"
     JOINT_KL = "joint_kl"
+    JOINT_UNIFORM = "joint_uniform"
     SUPERPOSED = "superposed"
     WEIGHT_ERROR = "weight_error"
     NOISE_ONLY = "noise_only"
@@ -95,6 +104,7 @@ PREDICTORS: dict[Predictor, str] = {
     Predictor.OUTPUT_SPACE: "Σ (∂ℓ/∂y ⊙ Δy)² at each reader's output y, ModelOpt AutoQuantize's score",
     Predictor.JOINT: "(1/N)Σ_i (Σ_t ∇_t ℓ_i·e_t)², Fisher quadratic form of the whole error (tensors' cross terms)",
     Predictor.JOINT_KL: "KL of the outputs moved by the linearised change Σ_t J_t·e_t (every outcome; else joint/2)",
+    Predictor.JOINT_UNIFORM: "(1/N)Σ_i var_c(Σ_t Δz_ict), joint with uniform output weights (centred logit move²)",
     Predictor.SUPERPOSED: "KL of the outputs moved by Σ_t Δz_t, each tensor's measured output shift alone (calibration)",
     Predictor.WEIGHT_ERROR: "Σ (Q(w) − w)², measured rounding error without Fisher (data-free, as NNCF)",
     Predictor.NOISE_ONLY: "Σ numel·Δ², rounding noise without Fisher",
@@ -106,7 +116,7 @@ PREDICTORS: dict[Predictor, str] = {
 ON_REQUEST = frozenset({Predictor.HESSIAN})
 
 
-NON_ADDITIVE = (Predictor.JOINT, Predictor.JOINT_KL, Predictor.SUPERPOSED)
+NON_ADDITIVE = (Predictor.JOINT, Predictor.JOINT_KL, Predictor.JOINT_UNIFORM, Predictor.SUPERPOSED)
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,15 @@ class Projections:
         """(1/N)·Σ_i Σ_k w_ik·(Σ_t s[i,k,t,b_t])²."""
         d = self.summed(rows, cols)
         return float(np.mean(np.sum(self.weights * d * d, axis=1)))
+
+    def uniform(self, rows: Sequence[int], cols: Sequence[int]) -> float:
+        """(1/N)·Σ_i (1/K)·Σ_k (d_ik − mean_k d_ik)², d = Σ_t s[i,k,t,b_t] (enumerated outcomes: the
+        centred logits' move, every outcome weighted alike; else the labels' form, ``quadratic``)."""
+        if not self.enumerated:
+            return self.quadratic(rows, cols)
+        d = self.summed(rows, cols)
+        centred = d - d.mean(axis=1, keepdims=True)
+        return float(np.mean(np.mean(centred * centred, axis=1)))
 
     def kl(self, rows: Sequence[int], cols: Sequence[int]) -> float:
         """Mean KL(p_i ‖ softmax(log p_i − Σ_t s_i)) over samples (enumerated outcomes; else ½·quadratic)."""
@@ -174,6 +193,8 @@ class PredictorTables:
         if p in NON_ADDITIVE and self.projections is not None:
             if p is Predictor.JOINT:
                 return self.projections.quadratic(rows, cols)
+            if p is Predictor.JOINT_UNIFORM:
+                return self.projections.uniform(rows, cols)
             return self.projections.kl(rows, cols)
         table = self.values[p]
         return float(sum(table[r, c] for r, c in zip(rows, cols, strict=True)))
@@ -321,6 +342,7 @@ def predictor_tables(
                 Predictor.SIZE_ONLY: t.numel / levels**2,
                 Predictor.JOINT: errors.quadratic[(t.name, b)] if proj is None else proj.quadratic([row], [col]),
                 Predictor.JOINT_KL: 0.5 * errors.quadratic[(t.name, b)] if proj is None else proj.kl([row], [col]),
+                Predictor.JOINT_UNIFORM: errors.quadratic[(t.name, b)] if proj is None else proj.uniform([row], [col]),
             }
             alone = Config({t.name: b}, {}) if t.kind is Kind.WEIGHT else Config({}, {t.name: b})
             cell[Predictor.SUPERPOSED] = cell[Predictor.JOINT_KL] if superposition is None else superposition.kl(alone)
