@@ -109,16 +109,11 @@ def fisher_traces(
     gm, target, mode = gradient_model(
         s, opts, keep_gradients=keep_gradients, threads=threads, exact_points=exact_points, statistics=statistics
     )
-    single_only = (
-        "--keep-gradients"
-        if keep_gradients
-        else "the grid noise model"
-        if exact_points
-        else "--format statistics"
-        if statistics
-        else None
-    )
-    traces = _run(s, gm, opts, threads, progress, single_only)
+    single_only = "--keep-gradients" if keep_gradients else "the grid noise model" if exact_points else None
+    if single_only is None and statistics.weighted and opts.tol is not None:
+        # a weight's g² arrives as one total per batch: --tol could not stop inside a batch
+        single_only = "--tol with floating-format weight statistics"
+    traces = _run(s, gm, opts, threads, progress, single_only, statistics)
     if traces.sums is not None:
         sums = finish_weighted(traces.sums, statistics.weighted, traces.samples)
         traces = dataclasses.replace(traces, sums=sums)
@@ -133,6 +128,7 @@ def _run(
     threads: int,
     progress: Progress | None,
     single_only: str | None,
+    statistics: Statistics = NO_STATISTICS,
 ) -> engine.FisherTraces:
     """The per-sample loop: batched where the engine and the model allow it (``fisher.batched``),
     else one sample per run, saying why (``batch_note``) when a batch was asked for."""
@@ -158,7 +154,9 @@ def _run(
     if norms_only:
         attempts.append(1)
     for batch in attempts:
-        request = batched.BatchRequest(s.loaded.proto, s.prepared.model, gm, s.data, s.specs, batch, dtype, threads)
+        request = batched.BatchRequest(
+            s.loaded.proto, s.prepared.model, gm, s.data, s.specs, batch, dtype, threads, statistics
+        )
         built = batched.build(request)
         if not isinstance(built, str):
             traces = batched.run(built, gm, s.data, s.specs, opts.run_options(threads), progress)
