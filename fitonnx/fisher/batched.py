@@ -17,7 +17,7 @@ stops at the same sample as at batch 1, and the per-sample matrix has the same r
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +26,12 @@ from onnx import TensorProto, helper
 
 from fitonnx.errors import FitonnxError, ModelError
 from fitonnx.fisher import instrument
-from fitonnx.fisher.autodiff.per_sample import per_sample_sqnorms, sample_grad_name, weight_readers
+from fitonnx.fisher.autodiff.per_sample import (
+    per_sample_sqnorms,
+    sample_grad_name,
+    sample_grad_problem,
+    weight_readers,
+)
 from fitonnx.fisher.engine import (
     FetchLayout,
     FisherTraces,
@@ -219,13 +224,18 @@ def _add_format_statistics(
     return pairs
 
 
-def build(r: BatchRequest) -> BatchedModel | str:
-    """The batched gradient model, or why this model must run at batch 1."""
+def twin(r: BatchRequest) -> onnx.ModelProto | str:
+    """The source model prepared again at batch B and checked to compute, per sample, what the
+    batch-1 model does (``r.prepared`` itself at batch 1), or why this model must run at batch 1."""
     gm = r.gm
     shapes = _batched_shapes(gm.sample_shapes, r.batch)
     if shapes is None or not all(name in gm.sample_shapes for name in (*r.specs, *gm.probe_outputs)):
         return "the per-sample shapes do not all start with a batch axis of 1"
     weights = [t.name for t in gm.tensors if t.kind is Kind.WEIGHT]
+    stats = instrument.scored_statistics(r.statistics, gm.tensors)
+    problem = sample_grad_problem(r.prepared, list(dict.fromkeys(x.tensor for x in (*stats.groups, *stats.weighted))))
+    if problem:
+        return problem
     if r.batch > 1:
         try:  # before the model is prepared and probed at batch B: tied weights fail here, cheaply
             weight_readers(r.prepared, weights, r.batch)
@@ -243,6 +253,32 @@ def build(r: BatchRequest) -> BatchedModel | str:
         mismatch = _probe_matches(gm, prepared, r.data, r.specs, r.batch, r.threads)
         if mismatch:
             return mismatch
+    return prepared
+
+
+def batches(data: Dataset, specs: Mapping[str, InputSpec], total: int, batch: int) -> Iterator[dict[str, np.ndarray]]:
+    """The inputs of the first ``total`` samples stacked ``batch`` at a time (the last batch padded
+    with copies of its last sample), for a forward pass of a ``twin`` (e.g. the max|a| calibration)."""
+    for start in range(0, total, batch):
+        feeds = [
+            {k: v for k, v in data.sample(i, specs).items() if k in specs}
+            for i in range(start, min(start + batch, total))
+        ]
+        yield _stack(feeds, batch)
+
+
+def build(r: BatchRequest, prepared: onnx.ModelProto | None = None) -> BatchedModel | str:
+    """The batched gradient model on ``prepared`` (``twin(r)`` when not given), or why this model
+    must run at batch 1."""
+    gm = r.gm
+    if prepared is None:
+        found = twin(r)
+        if isinstance(found, str):
+            return found
+        prepared = found
+    shapes = _batched_shapes(gm.sample_shapes, r.batch)
+    assert shapes is not None  # twin checked it
+    weights = [t.name for t in gm.tensors if t.kind is Kind.WEIGHT]
     ranks = {name: len(shape) for name, shape in shapes.items()}
     stats = instrument.scored_statistics(r.statistics, gm.tensors)
     try:

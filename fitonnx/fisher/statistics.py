@@ -32,7 +32,7 @@ float64 first.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import ml_dtypes
@@ -136,6 +136,28 @@ class Statistics:
 
 
 NO_STATISTICS = Statistics()
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """Statistics of which the activations' need each activation in ``names``' max|a| over the
+    samples the Fisher reads first (``activation_absmax``): ``fixed`` holds the weights' (none of
+    them needs it), ``plan`` makes the activations' from it. ``fisher_traces`` calibrates on the
+    model it runs, at its batch size, so the calibration forward is batched as the loop is."""
+
+    names: tuple[str, ...]
+    fixed: Statistics = field(repr=False)
+    plan: Callable[[Mapping[str, float]], Statistics] = field(compare=False, repr=False)
+
+    def complete(self, absmax: Mapping[str, float]) -> Statistics:
+        """Every statistic, the activations' planned with ``absmax``."""
+        acts = self.plan(absmax)
+        return Statistics(self.fixed.groups, self.fixed.weighted, acts.noise, acts.blocks)
+
+    def placeholder(self) -> Statistics:
+        """The statistics at max|a| = 1 for every activation: the same keys, in the same order, for a
+        gradient model that is never run with them."""
+        return self.complete(dict.fromkeys(self.names, 1.0))
 
 
 def _chunk(n: int) -> int | None:

@@ -13,9 +13,9 @@ from fitonnx.errors import FitonnxError
 from fitonnx.fisher import engine, losses
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.fisher.session import Session, fisher_traces, open_model, prepare_notes
-from fitonnx.fisher.statistics import NO_STATISTICS, Statistics, activation_absmax
+from fitonnx.fisher.statistics import NO_STATISTICS, Deferred, Statistics
 from fitonnx.formats import Format, parse_format
-from fitonnx.model.graph import FLOAT_TYPES
+from fitonnx.model.graph import FLOAT_TYPES, Kind
 from fitonnx.model.source import DataSource, ModelSource
 from fitonnx.progress import as_progress
 from fitonnx.scale import warm_up
@@ -158,7 +158,7 @@ def score_session(
     opts = options or FisherOptions()
     kind = noise.NoiseModel(noise_model)
     fmts = _unique([f if isinstance(f, Format) else parse_format(f) for f in formats])
-    plan = format_statistics(s, fmts, opts) if fmts else NO_STATISTICS
+    plan = format_statistics(s, fmts) if fmts else NO_STATISTICS
     traces, target, mode = fisher_traces(
         s, opts, progress=progress, exact_points=kind is noise.NoiseModel.GRID, statistics=plan
     )
@@ -198,16 +198,17 @@ def _unique(fmts: list[Format]) -> list[Format]:
     return list(dict.fromkeys(fmts))
 
 
-def format_statistics(s: Session, fmts: Sequence[Format], opts: FisherOptions, threads: int = 0) -> Statistics:
-    """The in-graph statistics ``fmts`` need on session ``s``; floating activation formats first get
-    each activation's max|a| from a forward pass over the samples the Fisher will read."""
+def format_statistics(s: Session, fmts: Sequence[Format]) -> Statistics | Deferred:
+    """The in-graph statistics ``fmts`` need on session ``s``; where floating activation formats need
+    each activation's max|a| first, ``Deferred`` ones: ``fisher_traces`` calibrates on the samples
+    the Fisher reads, with the model and batch size of its loop."""
     names = formats_fit.scaled_activations(s.tensors, fmts)
-    absmax = None
-    if names:
-        n = s.data.num_samples if opts.max_samples is None else min(opts.max_samples, s.data.num_samples)
-        feeds = ({k: v for k, v in s.data.sample(i, s.specs).items() if k in s.specs} for i in range(n))
-        absmax = activation_absmax(s.prepared.model, names, feeds, threads)
-    return formats_fit.plan_statistics(s.prepared.model, s.tensors, fmts, absmax)
+    model = s.prepared.model
+    if not names:
+        return formats_fit.plan_statistics(model, s.tensors, fmts)
+    weights = formats_fit.plan_statistics(model, [t for t in s.tensors if t.kind is Kind.WEIGHT], fmts)
+    acts = [t for t in s.tensors if t.kind is Kind.ACTIVATION]
+    return Deferred(tuple(names), weights, lambda absmax: formats_fit.plan_statistics(model, acts, fmts, absmax))
 
 
 def with_formats(

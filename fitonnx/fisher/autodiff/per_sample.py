@@ -256,6 +256,28 @@ def _weight_grad(b: Builder, node: onnx.NodeProto, slot: int, g: str) -> str:
     raise UnsupportedError(f"expected a Conv/Gemm/MatMul weight for per-sample gradients at {describe(node)}")
 
 
+def sample_grad_problem(model: onnx.ModelProto, weights: Sequence[str]) -> str | None:
+    """Why ``_weight_grad`` cannot form the per-sample gradients of one of ``weights`` (from the ops
+    alone, before a batched model is built), or None."""
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node, k))
+    for w in weights:
+        found = readers.get(w, [])
+        node, slot = found[0] if len(found) == 1 else (None, 0)
+        op = node.op_type if node is not None else ""
+        ok = node is not None and (
+            (op == "Conv" and slot in (1, 2) and int(attr(node, "group", 1)) == 1)
+            or (op == "Gemm" and slot in (1, 2) and not int(attr(node, "transA", 0)))
+            or (op == "MatMul" and slot == 1)
+        )
+        if not ok:
+            where = f"input {slot} of {describe(node)}" if node is not None else f"read by {len(found)} nodes"
+            return f"the per-sample gradients of weight {w!r} ({where}) are not formed in a batch"
+    return None
+
+
 def _reader(readers: dict[str, list[tuple[onnx.NodeProto, int]]], w: str) -> tuple[onnx.NodeProto, int]:
     """The node and input slot that uses weight ``w``, looking through ops that only rearrange it."""
     name = w
@@ -380,7 +402,16 @@ def per_sample_sqnorms(
         g = grads[node.output[0]] if node is not None else grads[name]
         if g is None:
             raise UnsupportedError(f"expected the loss to depend on {name!r}")
-        if node is not None:
+        grad = None
+        if name in sample_grads:
+            if node is not None and node.input[slot] != name:
+                raise UnsupportedError(f"expected weight {name!r} to be read directly for per-sample gradients")
+            grad = _weight_grad(b, node, slot, g) if node is not None else g
+            b.nodes.append(helper.make_node("Identity", [grad], [sample_grad_name(name)]))
+            work.graph.output.append(helper.make_empty_tensor_value_info(sample_grad_name(name)))
+        if node is not None and grad is not None:  # the norm of the gradients at hand (no second pass)
+            norm = _sumsq(b, grad, int(np.prod([int(d) for d in b.static_shape(name) or ()])))
+        elif node is not None:
             norm = _weight_norm(b, node, slot, g)
         elif name in whole:  # batch 1: the weight's own gradient is the sample's
             norm = _sumsq(b, b.unsqueeze(g, [0]), int(np.prod(b.static_shape(name) or [0])) or None)
@@ -388,12 +419,6 @@ def per_sample_sqnorms(
             norm = _sumsq(b, g, _per_sample_numel(b.static_shape(name)))
         b.nodes.append(helper.make_node("Identity", [norm], [f"{name}_sqnorm"], name=f"{name}_sqnorm"))
         work.graph.output.append(helper.make_tensor_value_info(f"{name}_sqnorm", TensorProto.DOUBLE, [None]))
-        if name in sample_grads:
-            if node is not None and node.input[slot] != name:
-                raise UnsupportedError(f"expected weight {name!r} to be read directly for per-sample gradients")
-            grad = _weight_grad(b, node, slot, g) if node is not None else g
-            b.nodes.append(helper.make_node("Identity", [grad], [sample_grad_name(name)]))
-            work.graph.output.append(helper.make_empty_tensor_value_info(sample_grad_name(name)))
     nodes, inits = prune(b.nodes, b.inits, {o.name for o in work.graph.output})
     work.graph.node.extend(nodes)
     work.graph.initializer.extend(inits)
