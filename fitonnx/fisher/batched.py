@@ -43,7 +43,7 @@ from fitonnx.fisher.engine import (
     probe_values,
 )
 from fitonnx.fisher.losses import LOSS
-from fitonnx.fisher.statistics import BATCH_MASK, DIAG, NO_STATISTICS, Statistics, add_statistics
+from fitonnx.fisher.statistics import BATCH_MASK, DIAG, NO_STATISTICS, Statistics, add_statistics, masked
 from fitonnx.model.data import Dataset
 from fitonnx.model.graph import InputSpec, Kind, default_opset
 from fitonnx.model.runtime import make_session
@@ -64,7 +64,12 @@ class BatchedModel:
     batch: int
     layout: FetchLayout
     totals: frozenset[int] = frozenset()  # fetched outputs that are one total over the batch (a weight's g²)
-    masked: bool = False  # the model reads ``statistics.BATCH_MASK``
+    mask_input: bool = False  # the model reads ``statistics.BATCH_MASK``
+    partial: tuple[str, ...] = ()  # what a padded batch fetches: the totals over its real samples only
+
+    def fetch(self, samples: int) -> list[str]:
+        """The outputs to fetch for a batch of ``samples`` real samples."""
+        return list(self.layout.names if samples == self.batch or not self.partial else self.partial)
 
 
 def batch_plan(
@@ -302,7 +307,9 @@ def build(r: BatchRequest, prepared: onnx.ModelProto | None = None) -> BatchedMo
     empty = slice(m, m)
     layout = FetchLayout(tuple(fetched), slice(0, n), slice(n, m), empty, empty, empty, slice(m, len(fetched)))
     totals = frozenset(m + k for k, (key, _) in enumerate(sums) if key.endswith(DIAG))
-    return BatchedModel(model.SerializeToString(), r.batch, layout, totals, bool(stats.weighted))
+    partial = tuple(masked(name) if k in totals else name for k, name in enumerate(fetched))
+    model.graph.output.extend(helper.make_empty_tensor_value_info(masked(fetched[k])) for k in sorted(totals))
+    return BatchedModel(model.SerializeToString(), r.batch, layout, totals, bool(stats.weighted), partial)
 
 
 def run(
@@ -327,10 +334,10 @@ def run(
     for start in range(0, total, bm.batch):
         indices = list(range(start, min(start + bm.batch, total)))
         feed = _stack(_sample_feeds(gm, data, specs, indices, rng), bm.batch)
-        if bm.masked:
+        if bm.mask_input:
             feed[BATCH_MASK] = (np.arange(bm.batch) < len(indices)).astype(np.float32)
         try:
-            values = session.run(list(bm.layout.names), {**feed, **zeros})
+            values = session.run(bm.fetch(len(indices)), {**feed, **zeros})
         except Exception as exc:
             raise ModelError(
                 f"onnxruntime failed on samples {indices[0]}-{indices[-1]}: {str(exc).splitlines()[0][:300]}"

@@ -303,18 +303,26 @@ BATCH_MASK = "fitonnx_batch_mask"  # [batch] float32 input of a batched model: 1
 
 def diag_nodes(grad: str, out: str, opset: int, batch: int | None = None, rank: int = 0) -> Nodes:
     """Nodes computing ``out`` = g² elementwise (float32; the engine sums it over samples in float64).
-    With ``batch``: per-sample gradients [batch, ...] of a tensor of ``rank`` dims, summed over the
-    batch's real samples (``BATCH_MASK``) in float32, one batch total (the engine sums the totals)."""
+    With ``batch``: per-sample gradients [batch, ...] of a tensor of ``rank`` dims summed over the
+    batch in float32, one batch total (the engine sums the totals); ``masked(out)``, the same over
+    the real samples of a padded batch only (``BATCH_MASK``)."""
     if batch is None:
         return [helper.make_node("Mul", [grad, grad], [out])], []
     shape = _const(out + "_mask_shape", [batch] + [1] * rank)
-    red, inits = _reduce("ReduceSumSquare", out + "_masked", [0], out, opset)
+    full, inits = _reduce("ReduceSumSquare", grad, [0], out, opset)
+    part, more = _reduce("ReduceSumSquare", out + "_masked_g", [0], masked(out), opset)
     nodes = [
+        *full,
         helper.make_node("Reshape", [BATCH_MASK, shape.name], [out + "_mask"]),
-        helper.make_node("Mul", [grad, out + "_mask"], [out + "_masked"]),
-        *red,
+        helper.make_node("Mul", [grad, out + "_mask"], [out + "_masked_g"]),
+        *part,
     ]
-    return nodes, [shape, *inits]
+    return nodes, [shape, *inits, *more]
+
+
+def masked(out: str) -> str:
+    """The output of a batch total (``diag_nodes``) over the real samples of a padded batch."""
+    return out + "_masked"
 
 
 BLOCK = 1 << 18  # elements per step of finish_weighted's float64 products (kept in cache)

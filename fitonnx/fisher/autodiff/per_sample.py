@@ -268,7 +268,7 @@ def sample_grad_problem(model: onnx.ModelProto, weights: Sequence[str]) -> str |
         node, slot = found[0] if len(found) == 1 else (None, 0)
         op = node.op_type if node is not None else ""
         ok = node is not None and (
-            (op == "Conv" and slot in (1, 2) and int(attr(node, "group", 1)) == 1)
+            (op == "Conv" and (slot == 2 or (slot == 1 and int(attr(node, "group", 1)) == 1)))
             or (op == "Gemm" and slot in (1, 2) and not int(attr(node, "transA", 0)))
             or (op == "MatMul" and slot == 1)
         )
