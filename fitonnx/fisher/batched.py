@@ -13,6 +13,12 @@ batch-1 run gives; otherwise (a reshape that folds the batch, a fixed batch axis
 the loop runs at batch 1 and the report says why. A partial last batch is padded with copies of its
 last sample, whose values are dropped. Statistics are added one sample at a time, so ``--tol``
 stops at the same sample as at batch 1, and the per-sample matrix has the same rows.
+
+Format statistics (``fisher.statistics``) run here too: each sample's weight gradient is formed from
+the batch's layer input and output gradient (``per_sample_sqnorms``' ``sample_grads``), group and
+activation statistics are one row per sample, a weight's g² one float32 total per batch (over the
+real samples only for a padded batch, ``statistics.BATCH_MASK``); such a total cannot stop inside a
+batch, so ``--tol`` with those runs at batch 1.
 """
 
 from __future__ import annotations
