@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fitonnx.errors import UnsupportedError
 from fitonnx.fisher.autodiff import build_gradient_graph, per_sample_sqnorms
+from fitonnx.fisher.autodiff.per_sample import sample_grad_name, sample_grad_problem
 from tests.test_autodiff_harness import session
 from tests.test_autodiff_models import small_classifier
 
@@ -126,3 +127,63 @@ def test_grouped_conv_with_a_static_batch() -> None:
         for norm, grad in zip(norms, single.run(["w_grad", "b_grad"], {"x": x[i : i + 1]}), strict=True):
             want = float(np.sum(np.asarray(grad, np.float64) ** 2))
             assert abs(norm[i] - want) <= 1e-6 * want
+
+
+def _static(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+    """``model`` with its inputs' batch axis fixed to ``batch`` (per-sample gradients need static shapes)."""
+    static = onnx.ModelProto()
+    static.CopyFrom(model)
+    for value in static.graph.input:
+        dim = value.type.tensor_type.shape.dim[0]
+        dim.Clear()
+        dim.dim_value = batch
+    return static
+
+
+def _check_sample_grads(model: onnx.ModelProto, weights: list[str], feed: dict[str, np.ndarray]) -> None:
+    """Each weight's per-sample gradients from one batched pass equal the batch-1 graph's gradient
+    of each sample run alone (float32 both ways, other summation orders)."""
+    batch = len(next(iter(feed.values())))
+    built = per_sample_sqnorms(_static(model, batch), "loss", weights, batch=batch, sample_grads=weights)
+    together = session(built).run([sample_grad_name(w) for w in weights], feed)
+    single = session(build_gradient_graph(model, "loss", weights))
+    for i in range(batch):
+        alone = single.run([f"{w}_grad" for w in weights], {k: v[i : i + 1] for k, v in feed.items()})
+        for w, many, one in zip(weights, together, alone, strict=True):
+            assert many.shape == (batch, *one.shape), w
+            np.testing.assert_allclose(many[i], one, rtol=RTOL, atol=RTOL * float(np.abs(one).max()), err_msg=w)
+
+
+def test_per_sample_gradients_of_a_classifiers_conv_and_gemm() -> None:
+    """A 3×3 stride-2 padded Conv with bias, a Gemm with transB and bias (the patch and outer forms)."""
+    rng = np.random.default_rng(6)
+    feed = {"x": rng.normal(size=(4, 2, 9, 9)).astype(np.float32), "labels": rng.integers(0, 3, 4)}
+    _check_sample_grads(small_classifier(), ["cw", "cb", "fw", "fb"], feed)
+
+
+def test_per_sample_gradients_of_a_pointwise_conv_a_plain_gemm_and_a_matmul() -> None:
+    """1×1 Conv (the input is its own patches), Gemm with alpha/beta and B [K, M], MatMul on sequences."""
+    rng = np.random.default_rng(7)
+    nodes = [
+        n("Conv", ["x", "pw"], ["p"]),
+        n("Tanh", ["p"], ["t"]),
+        n("Reshape", ["t", "rows"], ["r"]),
+        n("MatMul", ["r", "mw"], ["m"]),
+        n("Reshape", ["m", "flat"], ["f"]),
+        n("Gemm", ["f", "gw", "gb"], ["y"], alpha=0.5, beta=2.0),
+        n("Tanh", ["y"], ["a"]),
+        n("ReduceSum", ["a"], ["loss"], keepdims=0),
+    ]
+    inits = {"pw": rng.normal(size=(3, 2, 1, 1)), "mw": rng.normal(size=(3, 4)), "gw": rng.normal(size=(60, 2)) * 0.1}
+    model = _model(nodes, [2, 5, 3], inits | {"gb": rng.normal(size=(1, 2))})
+    model.graph.initializer.extend(
+        [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in (("rows", [0, 15, 3]), ("flat", [0, 60]))]
+    )
+    feed = {"x": rng.normal(size=(3, 2, 5, 3)).astype(np.float32)}
+    _check_sample_grads(model, ["pw", "mw", "gw", "gb"], feed)
+
+
+def test_weights_without_batched_per_sample_gradients_are_named() -> None:
+    assert "'w'" in (sample_grad_problem(grouped_conv_model(), ["w"]) or "")
+    assert sample_grad_problem(grouped_conv_model(), ["b"]) is None  # a grouped Conv's bias is fine
+    assert sample_grad_problem(small_classifier(), ["cw", "cb", "fw", "fb"]) is None

@@ -143,3 +143,43 @@ def test_a_fixed_batch_model_says_why_once_beside_the_batch_size(tmp_path: Path)
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["batch_size"] == 1 and report["batch_note"] == why
     assert not any(why in note for note in report["notes"])
+
+
+FORMATS = ("int4/ch", "uint4/b32", "fp8e4m3", "fp16", "nvfp4/16", "mxfp8/32")
+
+
+@pytest.mark.parametrize("fixture", ["cnn_path", "mlp_path"])
+def test_format_statistics_batched_equal_batch_1(fixture: str, request: pytest.FixtureRequest) -> None:
+    """score --format at batch 4 over 10 samples (a padded last batch: its weight g² totals are the
+    masked ones), calibrated on the batched twin, against the batch-1 loop, whose per-sample weight
+    gradients come from the batch-1 gradient graph and whose max|a| from batch-1 forwards."""
+    from fitonnx.score.run import score_session
+
+    path = request.getfixturevalue(fixture)
+    s = open_model(path, path.with_suffix(".calib.npz"), max_samples=10)
+    one, many = (
+        score_session(s, options=FisherOptions(engine="onnx", batch_size=b, max_samples=10), formats=FORMATS)
+        for b in (1, 4)
+    )
+    assert (one.batch_size, many.batch_size) == (1, 4), many.batch_note
+    columns = 0
+    for a, b in zip(one.tensors, many.tensors, strict=True):
+        assert b.ef_trace == pytest.approx(a.ef_trace, rel=RTOL)
+        assert set(a.formats) == set(b.formats)
+        for name, fit in a.formats.items():
+            assert b.formats[name].expected == pytest.approx(fit.expected, rel=1e-6), (a.name, name)
+            if fit.measured is not None:
+                assert b.formats[name].measured == pytest.approx(fit.measured, rel=1e-6), (a.name, name)
+            columns += 1
+    assert columns > 20
+
+
+def test_tol_with_floating_weight_statistics_runs_at_batch_1(cnn_path: Path) -> None:
+    """A weight's g² arrives as one total per batch, so --tol (which may stop inside a batch) runs
+    the format statistics one sample per run and says why."""
+    s = open_model(cnn_path, cnn_path.with_suffix(".calib.npz"), max_samples=40)
+    from fitonnx.score.run import score_session
+
+    report = score_session(s, options=FisherOptions(engine="onnx", batch_size=8, tol=0.5), formats=("fp8e4m3",))
+    assert report.batch_size == 1
+    assert "--tol" in report.batch_note

@@ -13,11 +13,17 @@ batch-1 run gives; otherwise (a reshape that folds the batch, a fixed batch axis
 the loop runs at batch 1 and the report says why. A partial last batch is padded with copies of its
 last sample, whose values are dropped. Statistics are added one sample at a time, so ``--tol``
 stops at the same sample as at batch 1, and the per-sample matrix has the same rows.
+
+Format statistics (``fisher.statistics``) run here too: each sample's weight gradient is formed from
+the batch's layer input and output gradient (``per_sample_sqnorms``' ``sample_grads``), group and
+activation statistics are one row per sample, a weight's g² one float32 total per batch (over the
+real samples only for a padded batch, ``statistics.BATCH_MASK``); such a total cannot stop inside a
+batch, so ``--tol`` with those runs at batch 1.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +32,12 @@ from onnx import TensorProto, helper
 
 from fitonnx.errors import FitonnxError, ModelError
 from fitonnx.fisher import instrument
-from fitonnx.fisher.autodiff.per_sample import per_sample_sqnorms, weight_readers
+from fitonnx.fisher.autodiff.per_sample import (
+    per_sample_sqnorms,
+    sample_grad_name,
+    sample_grad_problem,
+    weight_readers,
+)
 from fitonnx.fisher.engine import (
     FetchLayout,
     FisherTraces,
@@ -38,6 +49,7 @@ from fitonnx.fisher.engine import (
     probe_values,
 )
 from fitonnx.fisher.losses import LOSS
+from fitonnx.fisher.statistics import BATCH_MASK, DIAG, NO_STATISTICS, Statistics, add_statistics, masked
 from fitonnx.model.data import Dataset
 from fitonnx.model.graph import InputSpec, Kind, default_opset
 from fitonnx.model.runtime import make_session
@@ -57,6 +69,13 @@ class BatchedModel:
     model_bytes: bytes
     batch: int
     layout: FetchLayout
+    totals: frozenset[int] = frozenset()  # fetched outputs that are one total over the batch (a weight's g²)
+    mask_input: bool = False  # the model reads ``statistics.BATCH_MASK``
+    partial: tuple[str, ...] = ()  # what a padded batch fetches: the totals over its real samples only
+
+    def fetch(self, samples: int) -> list[str]:
+        """The outputs to fetch for a batch of ``samples`` real samples."""
+        return list(self.layout.names if samples == self.batch or not self.partial else self.partial)
 
 
 def batch_plan(
@@ -200,15 +219,34 @@ class BatchRequest:
     batch: int
     labels_dtype: np.dtype | None
     threads: int = 0
+    statistics: Statistics = NO_STATISTICS  # the format statistics of ``gm.sum_outputs``
 
 
-def build(r: BatchRequest) -> BatchedModel | str:
-    """The batched gradient model, or why this model must run at batch 1."""
+def _add_format_statistics(
+    g: onnx.GraphProto, r: BatchRequest, stats: Statistics, zeros: Mapping[str, str], opset: int
+) -> list[tuple[str, str]]:
+    """``statistics.add_statistics`` on the batched graph from the per-sample gradients; the (key,
+    output) pairs, which must be ``gm.sum_outputs``' keys in their order."""
+    grads = {t.name: sample_grad_name(zeros.get(t.name, t.name)) for t in r.gm.tensors}
+    shapes = instrument.statistic_shapes(r.prepared, r.gm.tensors, r.gm.sample_shapes)
+    pairs = add_statistics(g, stats, grads, shapes, opset, batch=r.batch)
+    if [k for k, _ in pairs] != [k for k, _ in r.gm.sum_outputs]:
+        raise FitonnxError("the batched model's format statistics differ from the batch-1 model's")
+    return pairs
+
+
+def twin(r: BatchRequest) -> onnx.ModelProto | str:
+    """The source model prepared again at batch B and checked to compute, per sample, what the
+    batch-1 model does (``r.prepared`` itself at batch 1), or why this model must run at batch 1."""
     gm = r.gm
     shapes = _batched_shapes(gm.sample_shapes, r.batch)
     if shapes is None or not all(name in gm.sample_shapes for name in (*r.specs, *gm.probe_outputs)):
         return "the per-sample shapes do not all start with a batch axis of 1"
     weights = [t.name for t in gm.tensors if t.kind is Kind.WEIGHT]
+    stats = instrument.scored_statistics(r.statistics, gm.tensors)
+    problem = sample_grad_problem(r.prepared, list(dict.fromkeys(x.tensor for x in (*stats.groups, *stats.weighted))))
+    if problem:
+        return problem
     if r.batch > 1:
         try:  # before the model is prepared and probed at batch B: tied weights fail here, cheaply
             weight_readers(r.prepared, weights, r.batch)
@@ -226,24 +264,58 @@ def build(r: BatchRequest) -> BatchedModel | str:
         mismatch = _probe_matches(gm, prepared, r.data, r.specs, r.batch, r.threads)
         if mismatch:
             return mismatch
+    return prepared
+
+
+def batches(data: Dataset, specs: Mapping[str, InputSpec], total: int, batch: int) -> Iterator[dict[str, np.ndarray]]:
+    """The inputs of the first ``total`` samples stacked ``batch`` at a time (the last batch padded
+    with copies of its last sample), for a forward pass of a ``twin`` (e.g. the max|a| calibration)."""
+    for start in range(0, total, batch):
+        feeds = [
+            {k: v for k, v in data.sample(i, specs).items() if k in specs}
+            for i in range(start, min(start + batch, total))
+        ]
+        yield _stack(feeds, batch)
+
+
+def build(r: BatchRequest, prepared: onnx.ModelProto | None = None) -> BatchedModel | str:
+    """The batched gradient model on ``prepared`` (``twin(r)`` when not given), or why this model
+    must run at batch 1."""
+    gm = r.gm
+    if prepared is None:
+        found = twin(r)
+        if isinstance(found, str):
+            return found
+        prepared = found
+    shapes = _batched_shapes(gm.sample_shapes, r.batch)
+    assert shapes is not None  # twin checked it
+    weights = [t.name for t in gm.tensors if t.kind is Kind.WEIGHT]
     ranks = {name: len(shape) for name, shape in shapes.items()}
+    stats = instrument.scored_statistics(r.statistics, gm.tensors)
     try:
         aug = instrument.augment(prepared, gm.tensors, gm.head, r.labels_dtype, ranks, shapes)
         zeros = [zero for _, zero in aug.perturbations]
-        model = per_sample_sqnorms(aug.model, LOSS, weights, zeros, batch=r.batch)
+        by_act = dict(aug.perturbations)
+        own = [by_act.get(name, name) for name in dict.fromkeys(x.tensor for x in (*stats.groups, *stats.weighted))]
+        own += [by_act[name] for name in dict.fromkeys(x.tensor for x in (*stats.noise, *stats.blocks))]
+        model = per_sample_sqnorms(aug.model, LOSS, weights, zeros, batch=r.batch, sample_grads=own)
+        sums = _add_format_statistics(model.graph, r, stats, by_act, default_opset(model)) if stats else []
     except FitonnxError as exc:
         return exc.message
     names = {t.name: t.name for t in gm.tensors} | dict(aug.perturbations)
     sq = [f"{names[t.name]}_sqnorm" for t in gm.tensors]
     ranges = _add_ranges(model.graph, [a.name for a in gm.activations], ranks, default_opset(model))
     del model.graph.output[:]
-    for name in [*sq, *ranges]:
+    fetched = [*sq, *ranges, *(name for _, name in sums)]
+    for name in fetched:
         model.graph.output.append(helper.make_empty_tensor_value_info(name))
-    empty = slice(len(sq) + len(ranges), len(sq) + len(ranges))
-    layout = FetchLayout(
-        tuple(sq + ranges), slice(0, len(sq)), slice(len(sq), len(sq) + len(ranges)), empty, empty, empty, empty
-    )
-    return BatchedModel(model.SerializeToString(), r.batch, layout)
+    n, m = len(sq), len(sq) + len(ranges)
+    empty = slice(m, m)
+    layout = FetchLayout(tuple(fetched), slice(0, n), slice(n, m), empty, empty, empty, slice(m, len(fetched)))
+    totals = frozenset(m + k for k, (key, _) in enumerate(sums) if key.endswith(DIAG))
+    partial = tuple(masked(name) if k in totals else name for k, name in enumerate(fetched))
+    model.graph.output.extend(helper.make_empty_tensor_value_info(masked(fetched[k])) for k in sorted(totals))
+    return BatchedModel(model.SerializeToString(), r.batch, layout, totals, bool(stats.weighted), partial)
 
 
 def run(
@@ -262,21 +334,28 @@ def run(
     rng = np.random.default_rng(options.seed)
     stop_reason = StopReason.MAX_SAMPLES if total < data.num_samples else StopReason.DATA_EXHAUSTED
     zeros = {zero: np.zeros((bm.batch, *gm.sample_shapes[act][1:]), np.float32) for act, zero in gm.perturbations}
+    sums = bm.layout.sums.start
     _first_sample_checks(gm, data, specs, tuple(gm.sample_shapes[gm.head.targets[0].tap]))
     bar.start(total, "Fisher samples")
     for start in range(0, total, bm.batch):
         indices = list(range(start, min(start + bm.batch, total)))
         feed = _stack(_sample_feeds(gm, data, specs, indices, rng), bm.batch)
+        if bm.mask_input:
+            feed[BATCH_MASK] = (np.arange(bm.batch) < len(indices)).astype(np.float32)
         try:
-            values = session.run(list(bm.layout.names), {**feed, **zeros})
+            values = session.run(bm.fetch(len(indices)), {**feed, **zeros})
         except Exception as exc:
             raise ModelError(
                 f"onnxruntime failed on samples {indices[0]}-{indices[-1]}: {str(exc).splitlines()[0][:300]}"
             ) from None
+        for k in bm.totals:  # a batch total: added once, as len(indices) samples
+            acc.running[k - sums].add(values[k], samples=len(indices))
         for j, i in enumerate(indices):
-            acc.add(i, [v[j] for v in values], squared=False)
+            acc.add(i, [None if k in bm.totals else v[j] for k, v in enumerate(values)], squared=False)
             bar.advance(1)
             if acc.converged(options):
+                if bm.totals and i != indices[-1]:
+                    raise FitonnxError("a batch total cannot stop inside its batch")  # batch_plan rules it out
                 return acc.result(_act_shapes(gm), StopReason.TOL, ())
     return acc.result(_act_shapes(gm), stop_reason, ())
 

@@ -182,14 +182,17 @@ class RunningSum:
         self.part: np.ndarray | None = None  # float32 partial sum of the current run
         self.run = 0
 
-    def add(self, value: Any) -> None:
+    def add(self, value: Any, samples: int = 1) -> None:
+        """Add one sample's value, or (``samples`` > 1) a float32 total over that many samples."""
         v = np.asarray(value)
         if v.dtype == np.float32 and v.ndim:
+            if self.run + samples > CHUNK:
+                self._flush()
             if self.part is None:
                 self.part = np.array(v)
             else:
                 np.add(self.part, v, out=self.part)
-            self.run += 1
+            self.run += samples
             if self.run == CHUNK:
                 self._flush()
         elif self.total is None:
@@ -250,7 +253,8 @@ class _Accumulator:
             sq = np.asarray(grad, np.float64) if squared else np.square(np.asarray(grad, np.float64))
             self.diag[k] = sq if i == 0 else self.diag[k] + sq
         for total, value in zip(self.running, values[lay.sums], strict=True):
-            total.add(value)
+            if value is not None:  # None: a batch total, added by the batched loop
+                total.add(value)
         self.done = i + 1
         total = row.sum()
         self.s1 += total

@@ -317,20 +317,32 @@ def build_gradient_model(request: GradientRequest) -> GradientModel:
     )
 
 
+def scored_statistics(statistics: Statistics, tensors: Sequence[QuantTensor]) -> Statistics:
+    """The statistics of ``tensors``: a plan made over every quantizable tensor names some the loss
+    does not reach, which are not scored."""
+    scored = {t.name for t in tensors}
+    return Statistics(
+        tuple(x for x in statistics.groups if x.tensor in scored),
+        tuple(x for x in statistics.weighted if x.tensor in scored),
+        tuple(x for x in statistics.noise if x.tensor in scored),
+        tuple(x for x in statistics.blocks if x.tensor in scored),
+    )
+
+
+def statistic_shapes(
+    model: onnx.ModelProto, tensors: Sequence[QuantTensor], shapes: Mapping[str, tuple[int, ...]] | None
+) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape for its statistics: a weight's own, an activation's per-sample one."""
+    dims = {init.name: tuple(int(d) for d in init.dims) for init in model.graph.initializer}
+    return {t.name: dims[t.name] if t.kind is Kind.WEIGHT else tuple((shapes or {})[t.name]) for t in tensors}
+
+
 def _add_statistics(g: onnx.GraphProto, r: GradientRequest, grads: Sequence[str], opset: int) -> list[tuple[str, str]]:
     """Append the requested format statistics (``fisher.statistics``); return (key, output) pairs."""
     if not r.statistics:
         return []
-    dims = {init.name: tuple(int(d) for d in init.dims) for init in r.model.graph.initializer}
-    shapes = {t.name: dims[t.name] if t.kind is Kind.WEIGHT else tuple((r.shapes or {})[t.name]) for t in r.tensors}
-    # A plan made over every quantizable tensor names some the loss does not reach: they are not scored.
-    scored = {t.name for t in r.tensors}
-    stats = Statistics(
-        tuple(x for x in r.statistics.groups if x.tensor in scored),
-        tuple(x for x in r.statistics.weighted if x.tensor in scored),
-        tuple(x for x in r.statistics.noise if x.tensor in scored),
-        tuple(x for x in r.statistics.blocks if x.tensor in scored),
-    )
+    shapes = statistic_shapes(r.model, r.tensors, r.shapes)
+    stats = scored_statistics(r.statistics, r.tensors)
     return add_statistics(g, stats, dict(zip((t.name for t in r.tensors), grads, strict=True)), shapes, opset)
 
 

@@ -8,15 +8,17 @@ command that needs traces (score, recommend, validate, compare) starts here.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 
 from fitonnx.errors import DataError
 from fitonnx.fisher import batched, engine, engines, instrument, losses, outputs, parallel
 from fitonnx.fisher.checks import check_traces
 from fitonnx.fisher.options import FisherOptions
-from fitonnx.fisher.statistics import NO_STATISTICS, Statistics, finish_weighted
+from fitonnx.fisher.statistics import NO_STATISTICS, Deferred, Statistics, activation_absmax, finish_weighted
 from fitonnx.model import data as data_mod
 from fitonnx.model import external, graph
 from fitonnx.model.data import Dataset
@@ -99,31 +101,63 @@ def fisher_traces(
     keep_gradients: bool = False,
     threads: int = 0,
     exact_points: bool = False,
-    statistics: Statistics = NO_STATISTICS,
+    statistics: Statistics | Deferred = NO_STATISTICS,
 ) -> tuple[engine.FisherTraces, losses.OutputTarget, losses.FisherMode]:
     """The engine's raw per-sample statistics (for callers that need more than the report);
-    ``statistics``: format statistics reduced in the graph (``FisherTraces.sums``)."""
+    ``statistics``: format statistics reduced in the graph (``FisherTraces.sums``), or ``Deferred``
+    ones, whose max|a| calibration runs on the model the loop runs, at its batch size."""
     opts = options or FisherOptions()
     as_progress(progress).start(1, "Building the gradient model")  # closed by the samples' stage
     warm_up(opts.workers)  # local workers start while the gradient model is built
+    single_only = "--keep-gradients" if keep_gradients else "the grid noise model" if exact_points else None
+    if isinstance(statistics, Deferred) and not _may_batch(s, opts, single_only):
+        statistics = statistics.complete(_absmax(s, s.prepared.model, statistics.names, opts, threads, 1))
+    first = statistics.placeholder() if isinstance(statistics, Deferred) else statistics
+    if single_only is None and first.weighted and opts.tol is not None:
+        # a weight's g² arrives as one total per batch: --tol could not stop inside a batch
+        single_only = "--tol with floating-format weight statistics"
+
+    def build(stats: Statistics) -> instrument.GradientModel:
+        return gradient_model(
+            s, opts, keep_gradients=keep_gradients, threads=threads, exact_points=exact_points, statistics=stats
+        )[0]
+
     gm, target, mode = gradient_model(
-        s, opts, keep_gradients=keep_gradients, threads=threads, exact_points=exact_points, statistics=statistics
+        s, opts, keep_gradients=keep_gradients, threads=threads, exact_points=exact_points, statistics=first
     )
-    single_only = (
-        "--keep-gradients"
-        if keep_gradients
-        else "the grid noise model"
-        if exact_points
-        else "--format statistics"
-        if statistics
-        else None
-    )
-    traces = _run(s, gm, opts, threads, progress, single_only)
+    traces, used = _run(s, gm, opts, threads, progress, single_only, statistics, build)
     if traces.sums is not None:
-        sums = finish_weighted(traces.sums, statistics.weighted, traces.samples)
+        sums = finish_weighted(traces.sums, used.weighted, traces.samples)
         traces = dataclasses.replace(traces, sums=sums)
     feed = {k: v for k, v in s.data.sample(0, s.specs).items() if k in s.specs}
     return check_traces(traces, gm, feed, threads), target, mode
+
+
+def _total(s: Session, opts: FisherOptions) -> int:
+    """The number of samples the loop reads at most."""
+    return s.data.num_samples if opts.max_samples is None else min(opts.max_samples, s.data.num_samples)
+
+
+def _absmax(
+    s: Session, model: onnx.ModelProto, names: Sequence[str], opts: FisherOptions, threads: int, batch: int
+) -> dict[str, float]:
+    """max|a| of each of ``names`` over the samples the loop reads, by forward passes of ``model``
+    (the prepared model at batch 1, or its batched twin) ``batch`` samples at a time."""
+    return activation_absmax(model, names, batched.batches(s.data, s.specs, _total(s, opts), batch), threads)
+
+
+def _may_batch(s: Session, opts: FisherOptions, single_only: str | None) -> bool:
+    """Whether the loop may run batched (``batched.batch_plan``'s reasons that need no gradient model)."""
+    engine_name = engines.get_engine(opts.engine).name
+    size = opts.batch_size or batched.DEFAULT_BATCH_SIZE
+    fixed = any(not spec.shape or spec.shape[0] is not None for spec in s.specs.values())
+    return (
+        engine_name == "onnx"
+        and single_only is None
+        and not opts.workers.parallel
+        and min(size, _total(s, opts)) > 1
+        and not fixed
+    )
 
 
 def _run(
@@ -133,9 +167,13 @@ def _run(
     threads: int,
     progress: Progress | None,
     single_only: str | None,
-) -> engine.FisherTraces:
+    statistics: Statistics | Deferred,
+    rebuild: Callable[[Statistics], instrument.GradientModel],
+) -> tuple[engine.FisherTraces, Statistics]:
     """The per-sample loop: batched where the engine and the model allow it (``fisher.batched``),
-    else one sample per run, saying why (``batch_note``) when a batch was asked for."""
+    else one sample per run, saying why (``batch_note``) when a batch was asked for; and the
+    statistics it computed (``Deferred`` ones calibrated on the model it ran, at its batch size:
+    ``gm`` was built with their placeholder, and is rebuilt by ``rebuild`` for a batch-1 run)."""
     name = engines.get_engine(opts.engine).name
     default = batched.DEFAULT_BATCH_SIZE if name == "onnx" else 1
     if opts.workers.parallel:  # workers score one sample per run
@@ -158,15 +196,27 @@ def _run(
     if norms_only:
         attempts.append(1)
     for batch in attempts:
-        request = batched.BatchRequest(s.loaded.proto, s.prepared.model, gm, s.data, s.specs, batch, dtype, threads)
-        built = batched.build(request)
+        stats = statistics if isinstance(statistics, Statistics) else statistics.placeholder()
+        request = batched.BatchRequest(
+            s.loaded.proto, s.prepared.model, gm, s.data, s.specs, batch, dtype, threads, stats
+        )
+        prepared = batched.twin(request)
+        if isinstance(prepared, str):
+            note = note or prepared
+            continue
+        if isinstance(statistics, Deferred):
+            stats = statistics.complete(_absmax(s, prepared, statistics.names, opts, threads, batch))
+        built = batched.build(dataclasses.replace(request, statistics=stats), prepared)
         if not isinstance(built, str):
             traces = batched.run(built, gm, s.data, s.specs, opts.run_options(threads), progress)
             why = note or ""
-            return dataclasses.replace(traces, batch_size=batch, batch_note=why, engine=name, device=opts.device)
+            return dataclasses.replace(traces, batch_size=batch, batch_note=why, engine=name, device=opts.device), stats
         note = note or built
+    if isinstance(statistics, Deferred):
+        statistics = statistics.complete(_absmax(s, s.prepared.model, statistics.names, opts, threads, 1))
+        gm = rebuild(statistics)
     single = parallel.run(gm, s.data, s.specs, opts.run_options(threads), opts.workers, progress)
-    return dataclasses.replace(single, engine=name, device=opts.device, batch_note=note or "")
+    return dataclasses.replace(single, engine=name, device=opts.device, batch_note=note or ""), statistics
 
 
 def gradient_model(

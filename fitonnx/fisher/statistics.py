@@ -32,7 +32,7 @@ float64 first.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import ml_dtypes
@@ -138,6 +138,28 @@ class Statistics:
 NO_STATISTICS = Statistics()
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """Statistics of which the activations' need each activation in ``names``' max|a| over the
+    samples the Fisher reads first (``activation_absmax``): ``fixed`` holds the weights' (none of
+    them needs it), ``plan`` makes the activations' from it. ``fisher_traces`` calibrates on the
+    model it runs, at its batch size, so the calibration forward is batched as the loop is."""
+
+    names: tuple[str, ...]
+    fixed: Statistics = field(repr=False)
+    plan: Callable[[Mapping[str, float]], Statistics] = field(compare=False, repr=False)
+
+    def complete(self, absmax: Mapping[str, float]) -> Statistics:
+        """Every statistic, the activations' planned with ``absmax``."""
+        acts = self.plan(absmax)
+        return Statistics(self.fixed.groups, self.fixed.weighted, acts.noise, acts.blocks)
+
+    def placeholder(self) -> Statistics:
+        """The statistics at max|a| = 1 for every activation: the same keys, in the same order, for a
+        gradient model that is never run with them."""
+        return self.complete(dict.fromkeys(self.names, 1.0))
+
+
 def _chunk(n: int) -> int | None:
     """The largest divisor of ``n`` in [2, CHUNK], or None."""
     return next((k for k in range(CHUNK, 1, -1) if n % k == 0), None)
@@ -182,19 +204,29 @@ def _chunked_square_sum(x: str, dims: Sequence[int], keep: Sequence[int], out: s
     return nodes + rest, [shape, *part_inits, *rest_inits]
 
 
-def group_nodes(stat: GroupStat, grad: str, shape: Sequence[int], out: str, opset: int) -> Nodes:
-    """Nodes computing ``out``: the flat float64 per-group Σ g² of ``stat`` over a gradient of ``shape``."""
+def _lead(batch: int | None) -> list[int]:
+    """The leading batch axis of per-sample gradients [batch, ...] (none for one sample's gradient)."""
+    return [] if batch is None else [batch]
+
+
+def group_nodes(
+    stat: GroupStat, grad: str, shape: Sequence[int], out: str, opset: int, batch: int | None = None
+) -> Nodes:
+    """Nodes computing ``out``: the flat float64 per-group Σ g² of ``stat`` over a gradient of ``shape``
+    (with ``batch``: of per-sample gradients [batch, *shape], one flat row [batch, groups] each)."""
     shape = [int(d) for d in shape]
     axis = stat.axis % len(shape)
     pre, size, post = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
+    lead = _lead(batch)
+    k = len(lead)
     if stat.block is None:
-        nodes, inits = _chunked_square_sum(grad, [pre, size, post], [1], out + "_g", opset)
+        nodes, inits = _chunked_square_sum(grad, [*lead, pre, size, post], [*range(k), k + 1], out + "_g", opset)
     else:
         if size % stat.block:
             raise InternalError(f"block {stat.block} does not divide axis {axis} of {stat.tensor!r} {shape}")
-        dims = [pre, size // stat.block, stat.block, post]
-        nodes, inits = _chunked_square_sum(grad, dims, [0, 1, 3], out + "_g", opset)
-    flat = _const(out + "_flat", [-1])
+        dims = [*lead, pre, size // stat.block, stat.block, post]
+        nodes, inits = _chunked_square_sum(grad, dims, [*range(k), k, k + 1, k + 3], out + "_g", opset)
+    flat = _const(out + "_flat", [*lead, -1])
     return [*nodes, helper.make_node("Reshape", [out + "_g", flat.name], [out])], [*inits, flat]
 
 
@@ -207,6 +239,7 @@ class ChunkBase:
     axis: int
     chunk: int
     dims: tuple[int, ...]  # the weight's shape with the axis's length divided by ``chunk``
+    batch: int | None = None  # per-sample sums [batch, *dims] (``group_nodes``' batch)
 
 
 def shared_base(stats: Sequence[GroupStat], shape: Sequence[int]) -> tuple[int, int] | None:
@@ -222,31 +255,37 @@ def shared_base(stats: Sequence[GroupStat], shape: Sequence[int]) -> tuple[int, 
     return None if k is None or shape[axis] % k else (axis, k)
 
 
-def base_nodes(grad: str, shape: Sequence[int], axis: int, chunk: int, out: str, opset: int) -> tuple[ChunkBase, Nodes]:
+def base_nodes(
+    grad: str, shape: Sequence[int], axis: int, chunk: int, out: str, opset: int, batch: int | None = None
+) -> tuple[ChunkBase, Nodes]:
     """The ``ChunkBase`` of a gradient: one float32 pass of runs of ``chunk``, then float64."""
     shape = [int(d) for d in shape]
     pre, size, post = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
-    view = _const(out + "_shape", [pre, size // chunk, chunk, post])
+    lead = _lead(batch)
+    view = _const(out + "_shape", [*lead, pre, size // chunk, chunk, post])
     nodes = [helper.make_node("Reshape", [grad, view.name], [out + "_view"])]
-    part, inits = _reduce("ReduceSumSquare", out + "_view", [2], out + "_f32", opset)
+    part, inits = _reduce("ReduceSumSquare", out + "_view", [len(lead) + 2], out + "_f32", opset)
     nodes += [*part, helper.make_node("Cast", [out + "_f32"], [out], to=TensorProto.DOUBLE)]
     dims = tuple(d // chunk if k == axis else d for k, d in enumerate(shape))
-    return ChunkBase(out, axis, chunk, dims), (nodes, [view, *inits])
+    return ChunkBase(out, axis, chunk, dims, batch), (nodes, [view, *inits])
 
 
 def derived_group_nodes(stat: GroupStat, base: ChunkBase, out: str, opset: int) -> Nodes:
     """``group_nodes``' result for ``stat`` summed in float64 from ``base`` (no second pass over g)."""
-    dims = list(base.dims)
+    dims, lead = list(base.dims), _lead(base.batch)
+    k = len(lead)
     pre, post = math.prod(dims[: base.axis]), math.prod(dims[base.axis + 1 :])
     if stat.block is not None:  # runs of block/chunk chunk-sums along the same axis
-        view = _const(out + "_shape", [pre, dims[base.axis] * base.chunk // stat.block, stat.block // base.chunk, post])
-        summed, keep_shape = [2], [view]
+        blocks = dims[base.axis] * base.chunk // stat.block
+        view = _const(out + "_shape", [*lead, pre, blocks, stat.block // base.chunk, post])
+        summed, keep_shape = [k + 2], [view]
     else:
-        view = _const(out + "_shape", dims)
-        summed, keep_shape = [k for k in range(len(dims)) if k != stat.axis % len(dims)], [view]
+        view = _const(out + "_shape", [*lead, *dims])
+        summed = [k + j for j in range(len(dims)) if j != stat.axis % len(dims)]
+        keep_shape = [view]
     nodes = [helper.make_node("Reshape", [base.name, view.name], [out + "_view"])]
     red, inits = _reduce("ReduceSum", out + "_view", summed, out + "_g", opset)
-    flat = _const(out + "_flat", [-1])
+    flat = _const(out + "_flat", [*lead, -1])
     nodes += [*red, helper.make_node("Reshape", [out + "_g", flat.name], [out])]
     return nodes, [*keep_shape, *inits, flat]
 
@@ -259,9 +298,31 @@ def diag_key(tensor: str) -> str:
     return tensor + DIAG
 
 
-def diag_nodes(grad: str, out: str) -> Nodes:
-    """Nodes computing ``out`` = g² elementwise (float32; the engine sums it over samples in float64)."""
-    return [helper.make_node("Mul", [grad, grad], [out])], []
+BATCH_MASK = "fitonnx_batch_mask"  # [batch] float32 input of a batched model: 1 per real sample, 0 per pad
+
+
+def diag_nodes(grad: str, out: str, opset: int, batch: int | None = None, rank: int = 0) -> Nodes:
+    """Nodes computing ``out`` = g² elementwise (float32; the engine sums it over samples in float64).
+    With ``batch``: per-sample gradients [batch, ...] of a tensor of ``rank`` dims summed over the
+    batch in float32, one batch total (the engine sums the totals); ``masked(out)``, the same over
+    the real samples of a padded batch only (``BATCH_MASK``)."""
+    if batch is None:
+        return [helper.make_node("Mul", [grad, grad], [out])], []
+    shape = _const(out + "_mask_shape", [batch] + [1] * rank)
+    full, inits = _reduce("ReduceSumSquare", grad, [0], out, opset)
+    part, more = _reduce("ReduceSumSquare", out + "_masked_g", [0], masked(out), opset)
+    nodes = [
+        *full,
+        helper.make_node("Reshape", [BATCH_MASK, shape.name], [out + "_mask"]),
+        helper.make_node("Mul", [grad, out + "_mask"], [out + "_masked_g"]),
+        *part,
+    ]
+    return nodes, [shape, *inits, *more]
+
+
+def masked(out: str) -> str:
+    """The output of a batch total (``diag_nodes``) over the real samples of a padded batch."""
+    return out + "_masked"
 
 
 BLOCK = 1 << 18  # elements per step of finish_weighted's float64 products (kept in cache)
@@ -334,14 +395,17 @@ def binade_nodes(x: str, p: str, top: float, floor: bool = False) -> list[onnx.N
     ]
 
 
-def noise_nodes(stat: NoiseStat, grad: str, value: str, numel: int, out: str, opset: int) -> Nodes:
+def noise_nodes(
+    stat: NoiseStat, grad: str, value: str, numel: int, out: str, opset: int, batch: int | None = None
+) -> Nodes:
     """Nodes computing ``out`` = Σ g² · E[δ²](value) under ``stat.fmt`` with scale ``stat.scale``.
 
     v = value / s in float32 (as QuantizeLinear divides); p = 2^e with e = ⌊log2|v|⌋ the binade
     (``binade_nodes``), floored at the smallest normal binade; E[δ²] = s² · (p · 2^(−m))² / 12, and
     (|v| − max)² · s² beyond the largest element (fp16/bf16: infinite noise there, which the caller
     reports without asking the graph). The graph sums (g · r)², r = p in range and
-    (|v| − max)·√(12 · 4^m) beyond, and scales the sum by s² · 4^(−m) / 12 in float64."""
+    (|v| − max)·√(12 · 4^m) beyond, and scales the sum by s² · 4^(−m) / 12 in float64. With
+    ``batch``: value and gradient [batch, ...] of ``numel`` elements per sample, one sum per sample."""
     info = ml_dtypes.finfo(stat.fmt.dtype)
     top, mant, emin = float(info.max), int(info.nmant), int(info.minexp)
     p = out + "_"
@@ -363,7 +427,8 @@ def noise_nodes(stat: NoiseStat, grad: str, value: str, numel: int, out: str, op
         mk("Where", [p + "beyond", p + "r_sat", p + ("pow" if clip else "pw")], [p + "root"]),
         mk("Mul", [grad, p + "root"], [p + "gw"]),
     ]
-    more, more_inits = _chunked_square_sum(p + "gw", [max(numel, 1)], [], p + "units", opset)
+    lead = _lead(batch)
+    more, more_inits = _chunked_square_sum(p + "gw", [*lead, max(numel, 1)], list(range(len(lead))), p + "units", opset)
     factor = helper.make_tensor(p + "factor", TensorProto.DOUBLE, [], [stat.scale**2 * 4.0 ** (-mant) / 12.0])
     nodes += [*more, mk("Mul", [p + "units", factor.name], [out])]
     return nodes, [*inits, *more_inits, factor]
@@ -383,29 +448,36 @@ def add_statistics(
     grads: Mapping[str, str],
     shapes: Mapping[str, tuple[int, ...]],
     opset: int,
+    batch: int | None = None,
 ) -> list[tuple[str, str]]:
     """Append every statistic's nodes to ``g``; return (key, output name) pairs: the group statistics,
     one ``diag_key`` per weight with weighted statistics (``finish_weighted``), the noise statistics.
 
-    ``grads``: the gradient output of each tensor; ``shapes``: each tensor's (per-sample) shape."""
+    ``grads``: the gradient output of each tensor; ``shapes``: each tensor's (per-sample) shape.
+    ``batch``: a batched model's, whose ``grads`` are per-sample [batch, ...] (a weight's with the
+    batch axis in front of its shape, an activation's as it is): every statistic is one row per
+    sample, except a weight's g², one total over the batch's real samples (``BATCH_MASK``, an input
+    of ``g`` then)."""
     pairs: list[tuple[str, str]] = []
     everything: list[GroupStat | WeightedStat | NoiseStat] = [*stats.groups, *stats.weighted, *stats.noise]
     if any(x.tensor not in grads or x.tensor not in shapes for x in (*everything, *stats.blocks)):
         raise InternalError("a statistic names a tensor that is not scored")
-    bases = _add_bases(g, stats.groups, grads, shapes, opset)
+    bases = _add_bases(g, stats.groups, grads, shapes, opset, batch)
     diags = list(dict.fromkeys(x.tensor for x in stats.weighted))  # one g² per weight, for all its constants
     todo: list[GroupStat | NoiseStat | str] = [*stats.groups, *diags, *stats.noise]
     for i, stat in enumerate(todo):
         out = f"fitonnx_stat{i}"
         if isinstance(stat, str):
-            (nodes, inits), key = diag_nodes(grads[stat], out), diag_key(stat)
+            (nodes, inits), key = diag_nodes(grads[stat], out, opset, batch, len(shapes[stat])), diag_key(stat)
         elif isinstance(stat, GroupStat) and stat.tensor in bases:
             (nodes, inits), key = derived_group_nodes(stat, bases[stat.tensor], out, opset), stat.key
         elif isinstance(stat, GroupStat):
-            (nodes, inits), key = group_nodes(stat, grads[stat.tensor], shapes[stat.tensor], out, opset), stat.key
+            nodes, inits = group_nodes(stat, grads[stat.tensor], shapes[stat.tensor], out, opset, batch)
+            key = stat.key
         else:
             numel = math.prod(shapes[stat.tensor])
-            (nodes, inits), key = noise_nodes(stat, grads[stat.tensor], stat.tensor, numel, out, opset), stat.key
+            nodes, inits = noise_nodes(stat, grads[stat.tensor], stat.tensor, numel, out, opset, batch)
+            key = stat.key
         g.node.extend(nodes)
         g.initializer.extend(inits)
         pairs.append((key, out))
@@ -413,11 +485,13 @@ def add_statistics(
         g.initializer.extend(shared_initializers())
     for j, stat in enumerate(stats.blocks):
         nodes, inits, outs = block_stat_nodes(
-            stat, grads[stat.tensor], shapes[stat.tensor], f"fitonnx_bstat{j}_", opset
+            stat, grads[stat.tensor], shapes[stat.tensor], f"fitonnx_bstat{j}_", opset, batch
         )
         g.node.extend(nodes)
         g.initializer.extend(inits)
         pairs += [(stat.key, outs[0]), (stat.measured_key, outs[1])]
+    if batch is not None and stats.weighted:
+        g.input.append(helper.make_tensor_value_info(BATCH_MASK, TensorProto.FLOAT, [batch]))
     return pairs
 
 
@@ -427,6 +501,7 @@ def _add_bases(
     grads: Mapping[str, str],
     shapes: Mapping[str, tuple[int, ...]],
     opset: int,
+    batch: int | None = None,
 ) -> dict[str, ChunkBase]:
     """One ``ChunkBase`` per weight with several groupings that can share it (``shared_base``)."""
     by_tensor: dict[str, list[GroupStat]] = {}
@@ -437,7 +512,7 @@ def _add_bases(
         shared = shared_base(stats, shapes[tensor])
         if shared is None:
             continue
-        base, (nodes, inits) = base_nodes(grads[tensor], shapes[tensor], *shared, f"fitonnx_base{j}", opset)
+        base, (nodes, inits) = base_nodes(grads[tensor], shapes[tensor], *shared, f"fitonnx_base{j}", opset, batch)
         g.node.extend(nodes)
         g.initializer.extend(inits)
         bases[tensor] = base
@@ -474,7 +549,7 @@ def activation_absmax(
 
 
 def block_stat_nodes(
-    stat: BlockStat, grad: str, shape: Sequence[int], p: str, opset: int
+    stat: BlockStat, grad: str, shape: Sequence[int], p: str, opset: int, batch: int | None = None
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], tuple[str, str]]:
     """Nodes computing (noise, measured) float64 scalars of ``stat`` for one sample of ``shape``.
 
@@ -482,7 +557,9 @@ def block_stat_nodes(
     with s_b each block's dynamic scale, v = a/s_b, p_j the binade power of |v_j| (floored at the
     subnormal one) and m the element's mantissa bits: noise = Σ (g · r · s_b)² · 4^(−m)/12 with r = p_j
     in range and (|v_j| − max)·√(12·4^m) beyond (``noise_nodes``' rule per block); measured =
-    Σ (g · (Q(a) − a))², Q(a) the block quantize-dequantize itself."""
+    Σ (g · (Q(a) − a))², Q(a) the block quantize-dequantize itself. With ``batch``: activation and
+    gradient [batch, ...] (``shape`` one sample's, batch axis first: blocks never cross samples), one
+    pair of sums per sample."""
     layout = block_nodes.block_layout(shape, stat.axis, stat.fmt.block_size or 1)
     mant, _, top = block_nodes.element_constants(stat.fmt)
     mk = helper.make_node
@@ -513,8 +590,12 @@ def block_stat_nodes(
         for k, v in (("top", top), ("sat", math.sqrt(12.0 * 4.0**mant)))
     ]
     numel = max(math.prod(int(d) for d in shape) // layout.length * layout.blocks * layout.block, 1)
-    noise, noise_inits = _chunked_square_sum(p + "gw", [numel], [], p + "units", opset)
-    measured, measured_inits = _chunked_square_sum(p + "ge", [numel], [], p + "measured", opset)
+    lead = _lead(batch)
+    if batch is not None and (len(shape) < 2 or int(shape[0]) != 1 or stat.axis % len(shape) == 0):
+        raise InternalError(f"blocks of {stat.tensor!r} must run along a per-sample axis of a batch-first tensor")
+    keep = list(range(len(lead)))
+    noise, noise_inits = _chunked_square_sum(p + "gw", [*lead, numel], keep, p + "units", opset)
+    measured, measured_inits = _chunked_square_sum(p + "ge", [*lead, numel], keep, p + "measured", opset)
     factor = helper.make_tensor(p + "factor", TensorProto.DOUBLE, [], [4.0 ** (-mant) / 12.0])
     nodes += [*noise, *measured, mk("Mul", [p + "units", factor.name], [p + "noise"])]
     inits += [*more_inits, *rnd_inits, *consts, *noise_inits, *measured_inits, factor]

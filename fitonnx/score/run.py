@@ -13,9 +13,9 @@ from fitonnx.errors import FitonnxError
 from fitonnx.fisher import engine, losses
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.fisher.session import Session, fisher_traces, open_model, prepare_notes
-from fitonnx.fisher.statistics import NO_STATISTICS, Statistics, activation_absmax
+from fitonnx.fisher.statistics import NO_STATISTICS, Deferred, Statistics
 from fitonnx.formats import Format, parse_format
-from fitonnx.model.graph import FLOAT_TYPES
+from fitonnx.model.graph import FLOAT_TYPES, Kind
 from fitonnx.model.source import DataSource, ModelSource
 from fitonnx.progress import as_progress
 from fitonnx.scale import warm_up
@@ -161,7 +161,7 @@ def score_session(
     opts = options or FisherOptions()
     kind = noise.NoiseModel(noise_model)
     fmts, roles = _formats_and_roles(formats, activation_formats)
-    plan = format_statistics(s, fmts, opts, roles=roles) if fmts else NO_STATISTICS
+    plan = format_statistics(s, fmts, roles) if fmts else NO_STATISTICS
     traces, target, mode = fisher_traces(
         s, opts, progress=progress, exact_points=kind is noise.NoiseModel.GRID, statistics=plan
     )
@@ -219,23 +219,23 @@ def _formats_and_roles(
 
 
 def format_statistics(
-    s: Session,
-    fmts: Sequence[Format],
-    opts: FisherOptions,
-    threads: int = 0,
-    roles: formats_fit.Roles = formats_fit.EVERY_ROLE,
-) -> Statistics:
+    s: Session, fmts: Sequence[Format], roles: formats_fit.Roles = formats_fit.EVERY_ROLE
+) -> Statistics | Deferred:
     """The in-graph statistics ``fmts`` need on session ``s`` (each on the tensors ``roles`` give it);
-    floating activation formats first get each activation's max|a| from a forward pass over the
-    samples the Fisher will read."""
+    where floating activation formats need each activation's max|a| first, ``Deferred`` ones:
+    ``fisher_traces`` calibrates on the samples the Fisher reads, with the model and batch size of its loop."""
     on_acts = [f for f in fmts if roles.activations is None or f.name in roles.activations]
     names = formats_fit.scaled_activations(s.tensors, on_acts)
-    absmax = None
-    if names:
-        n = s.data.num_samples if opts.max_samples is None else min(opts.max_samples, s.data.num_samples)
-        feeds = ({k: v for k, v in s.data.sample(i, s.specs).items() if k in s.specs} for i in range(n))
-        absmax = activation_absmax(s.prepared.model, names, feeds, threads)
-    return formats_fit.plan_statistics(s.prepared.model, s.tensors, fmts, absmax, roles)
+    model = s.prepared.model
+    if not names:
+        return formats_fit.plan_statistics(model, s.tensors, fmts, roles=roles)
+    weights = [t for t in s.tensors if t.kind is Kind.WEIGHT]
+    acts = [t for t in s.tensors if t.kind is Kind.ACTIVATION]
+    return Deferred(
+        tuple(names),
+        formats_fit.plan_statistics(model, weights, fmts, roles=roles),
+        lambda absmax: formats_fit.plan_statistics(model, acts, fmts, absmax, roles),
+    )
 
 
 def with_formats(

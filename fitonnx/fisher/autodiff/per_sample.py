@@ -199,6 +199,85 @@ def _weight_norm(b: Builder, node: onnx.NodeProto, slot: int, g: str) -> str:
     )
 
 
+def _conv_grad(b: Builder, node: onnx.NodeProto, g: str) -> str:
+    """Per-sample gradients [N, *W] of an ungrouped Conv's weight with static shapes: G_n U_nᵀ, U_n
+    the patches of ``_patch_conv_norm`` (their rows in the weight's (channel, kernel offset) order)."""
+    x, w = node.input[0], node.input[1]
+    ws, xs, ys = b.static_shape(w), b.static_shape(x), b.static_shape(node.output[0])
+    static = all(s is not None and all(isinstance(d, int) for d in s) for s in (ws, xs, ys))
+    if not static or int(attr(node, "group", 1)) != 1:
+        raise UnsupportedError(
+            f"expected an ungrouped Conv with static shapes for per-sample gradients at {describe(node)}"
+        )
+    assert ws is not None and ys is not None
+    cout, cin, kernel = int(ws[0]), int(ws[1]), [int(k) for k in ws[2:]]
+    nsp, k = len(kernel), int(np.prod(kernel))
+    strides, dilations, pads = _conv_attrs(b, node, nsp)
+    positions, p = int(np.prod([int(d) for d in ys[2:]])), cin * k
+    if k == 1 and not any(pads) and all(s == 1 for s in strides):
+        u = b.op("Reshape", x, b.ints([0, cin, positions]))
+    else:
+        eye = np.tile(np.eye(k, dtype=helper.tensor_dtype_to_np_dtype(b.dtype(x))), [cin, 1])
+        picks = b.const(eye.reshape([p, 1, *kernel]), "picks")
+        patches = b.op("Conv", x, picks, strides=strides, dilations=dilations, pads=pads, group=cin)
+        u = b.op("Reshape", patches, b.ints([0, p, positions]))
+    gg = b.op("Reshape", g, b.ints([0, cout, positions]))
+    return b.op("Reshape", b.op("MatMul", gg, b.op("Transpose", u, perm=[0, 2, 1])), b.ints([0, *[int(d) for d in ws]]))
+
+
+def _scale(b: Builder, t: str, factor: float) -> str:
+    return t if factor == 1.0 else b.op("Mul", t, b.const(np.asarray(factor, np.float32), "f"))
+
+
+def _weight_grad(b: Builder, node: onnx.NodeProto, slot: int, g: str) -> str:
+    """The per-sample gradients [N, *W] (float32, the weight's own layout) of ``node``'s input
+    ``slot``, a weight it reads directly: an ungrouped static Conv's kernel or bias, a Gemm's B
+    (transA 0, 2-D input) or C of [M] or [1, M], a MatMul's 2-D right operand. Others are refused."""
+    op, ws = node.op_type, b.static_shape(node.input[slot])
+    if ws is None or not all(isinstance(d, int) for d in ws):
+        raise UnsupportedError(f"expected a static weight shape for per-sample gradients at {describe(node)}")
+    if op == "Conv" and slot == 1:
+        return _conv_grad(b, node, g)
+    if op == "Conv" and slot == 2:
+        return b.reduce("ReduceSum", g, list(range(2, b.rank(node.output[0], node))), 0)
+    xs = b.static_shape(node.input[0])
+    if op == "Gemm" and slot == 1 and not int(attr(node, "transA", 0)) and xs is not None and len(xs) == 2:
+        a = node.input[0]
+        if int(attr(node, "transB", 0)):  # B [M, K]: g_n a_nᵀ
+            outer = b.op("Mul", b.unsqueeze(g, [2]), b.unsqueeze(a, [1]))
+        else:  # B [K, M]: a_n g_nᵀ
+            outer = b.op("Mul", b.unsqueeze(a, [2]), b.unsqueeze(g, [1]))
+        return _scale(b, outer, float(attr(node, "alpha", 1.0)))
+    if op == "Gemm" and slot == 2 and len(ws) in (1, 2) and (len(ws) == 1 or ws[0] == 1):
+        return b.op("Reshape", _scale(b, g, float(attr(node, "beta", 1.0))), b.ints([0, *[int(d) for d in ws]]))
+    if op == "MatMul" and slot == 1 and len(ws) == 2:
+        x3, g3 = _rows(b, node.input[0], int(ws[0])), _rows(b, g, int(ws[1]))
+        return b.op("MatMul", b.op("Transpose", x3, perm=[0, 2, 1]), g3)
+    raise UnsupportedError(f"expected a Conv/Gemm/MatMul weight for per-sample gradients at {describe(node)}")
+
+
+def sample_grad_problem(model: onnx.ModelProto, weights: Sequence[str]) -> str | None:
+    """Why ``_weight_grad`` cannot form the per-sample gradients of one of ``weights`` (from the ops
+    alone, before a batched model is built), or None."""
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node, k))
+    for w in weights:
+        found = readers.get(w, [])
+        node, slot = found[0] if len(found) == 1 else (None, 0)
+        op = node.op_type if node is not None else ""
+        ok = node is not None and (
+            (op == "Conv" and (slot == 2 or (slot == 1 and int(attr(node, "group", 1)) == 1)))
+            or (op == "Gemm" and slot in (1, 2) and not int(attr(node, "transA", 0)))
+            or (op == "MatMul" and slot == 1)
+        )
+        if not ok:
+            where = f"input {slot} of {describe(node)}" if node is not None else f"read by {len(found)} nodes"
+            return f"the per-sample gradients of weight {w!r} ({where}) are not formed in a batch"
+    return None
+
+
 def _reader(readers: dict[str, list[tuple[onnx.NodeProto, int]]], w: str) -> tuple[onnx.NodeProto, int]:
     """The node and input slot that uses weight ``w``, looking through ops that only rearrange it."""
     name = w
@@ -288,8 +367,18 @@ def weight_readers(
     return used, whole
 
 
+def sample_grad_name(name: str) -> str:
+    """The output of ``per_sample_sqnorms`` holding the per-sample gradients [N, ...] of ``name``."""
+    return f"{name}_sample_grad"
+
+
 def per_sample_sqnorms(
-    model: onnx.ModelProto, loss: str, weights: Sequence[str], inputs: Sequence[str] = (), batch: int | None = None
+    model: onnx.ModelProto,
+    loss: str,
+    weights: Sequence[str],
+    inputs: Sequence[str] = (),
+    batch: int | None = None,
+    sample_grads: Sequence[str] = (),
 ) -> onnx.ModelProto:
     """A new model with a float64 output ``<name>_sqnorm`` of shape [N] per weight and per name in
     ``inputs``: ‖∂ℓ_n/∂name‖² for every sample n of the batch, where ``loss`` = Σ_n ℓ_n (e.g.
@@ -298,7 +387,10 @@ def per_sample_sqnorms(
     with the batch axis first); each of ``inputs`` must have the batch axis first. With ``batch``
     (the static batch size), a reader whose output has a batch axis of 1 gets its other inputs
     expanded to the batch, and one with another first axis is refused; at ``batch`` 1 a weight read
-    by several nodes is differentiated as it is (its gradient is the one sample's)."""
+    by several nodes is differentiated as it is (its gradient is the one sample's).
+
+    ``sample_grads`` (weights read directly by their reader, and names in ``inputs``) also get an
+    output ``sample_grad_name`` with the per-sample gradients themselves (``_weight_grad``)."""
     used, whole = weight_readers(model, weights, batch)
     if batch is not None and batch > 1:
         model = _per_sample_readers(model, {node.output[0]: slot for node, slot in used.values()}, batch)
@@ -310,7 +402,16 @@ def per_sample_sqnorms(
         g = grads[node.output[0]] if node is not None else grads[name]
         if g is None:
             raise UnsupportedError(f"expected the loss to depend on {name!r}")
-        if node is not None:
+        grad = None
+        if name in sample_grads:
+            if node is not None and node.input[slot] != name:
+                raise UnsupportedError(f"expected weight {name!r} to be read directly for per-sample gradients")
+            grad = _weight_grad(b, node, slot, g) if node is not None else g
+            b.nodes.append(helper.make_node("Identity", [grad], [sample_grad_name(name)]))
+            work.graph.output.append(helper.make_empty_tensor_value_info(sample_grad_name(name)))
+        if node is not None and grad is not None:  # the norm of the gradients at hand (no second pass)
+            norm = _sumsq(b, grad, int(np.prod([int(d) for d in b.static_shape(name) or ()])))
+        elif node is not None:
             norm = _weight_norm(b, node, slot, g)
         elif name in whole:  # batch 1: the weight's own gradient is the sample's
             norm = _sumsq(b, b.unsqueeze(g, [0]), int(np.prod(b.static_shape(name) or [0])) or None)
