@@ -54,6 +54,8 @@ MODELS = {
     ),
     "ppocrv4_rec_svtr": ("mc", [("mc N=8", "mc", 8), ("mc x4", "mc", None, 4)]),
     "silero_vad_16k_op15": ("mc", [("mc N=16", "mc", 16), ("mc N=48", "mc", 48), ("mc x4", "mc", None, 4)]),
+    # a Bernoulli per pixel (128 x 128): no labels for an empirical Fisher, too many outcomes for an exact one
+    "ppocrv4_det_dbnet": ("mc", [("mc N=8", "mc", 8), ("mc x4", "mc", None, 4)]),
 }
 SHOWN = (
     Predictor.FIT,

@@ -12,6 +12,14 @@ held-out damage is measured on samples the calibration never saw.
   1 rotated.
 * ``ppocrv4_rec_svtr`` (PaddleOCR recogniser): the same kind of lines at 48x320 (RapidOCR's rec shape);
   the script prints how many lines the model reads exactly (greedy CTC).
+* ``ppocrv4_det_dbnet`` (PaddleOCR DBNet text detector, 128x128): scenes of text lines, each line
+  fitted to the width in Pillow's font at 11-18 px; about 40% of the scenes are crops of
+  scikit-learn's two sample photos (the calibration set cuts its crops from the left half of each
+  photo, the held-out set from the right half) with most lines on light sign boxes and the rest
+  inked directly on the photo in a contrasting colour, the others plain paper; slight blur;
+  RapidOCR's detector normalisation (BGR, ``(x/255 - 0.5)/0.5``). Needs scikit-learn for the photos.
+  The script prints the mean probability on the lines' cores (each box shrunk by 0.3 of its height,
+  about what DBNet's shrunk training targets cover) and on the background (beyond 3 px of every box).
 * ``silero_vad_16k_op15`` (Silero VAD): 16 kHz speech synthesised by espeak-ng (when installed; else
   voiced synthetic formant signals, and the script says so) in several English voices, speeds and
   pitches, with pauses and low background noise; the model is run over the whole stream with its state
@@ -38,7 +46,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "zoo"))
@@ -48,6 +56,7 @@ from sentences import SENTENCES
 ZOO = zoo_common.ZOO
 OUT = ZOO / "data"
 SEED = 17
+CALIB_SEED, HELD_SEED = SEED + 1, SEED + 2  # each builder's seed for the calibration and held-out sets
 VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-us+f3", "en-gb-x-rp", "en-us+m4", "en-029", "en-gb-x-gbclan")
 
 
@@ -98,6 +107,105 @@ def ppocr_rec(sentences: list[str], count: int, seed: int) -> dict[str, np.ndarr
     x = zoo_common.ocr_lines(texts, 320, rng, line_renderer(rng), turn_odd=False)
     exact, _ = zoo_common.ctc_read(zoo_common.session("ppocrv4_rec_svtr"), x, texts)
     print(f"  recogniser reads {exact}/{count} lines exactly (spaces ignored)")
+    return {"x": x}
+
+
+DET_SIZE = 128
+DET_PHOTO_SHARE = 0.4
+
+
+def photo_half_crop(size: int, half: int, rng: np.random.Generator) -> Image.Image:
+    """A square crop (``size`` to 2.5 ``size`` pixels wide, resized to ``size``) of the left (``half``
+    0) or right (1) half of one of scikit-learn's sample photos: calibration and held-out crops never
+    overlap."""
+    photos = zoo_common.sample_photos()
+    photo = photos[int(rng.integers(len(photos)))]
+    width = photo.shape[1] // 2
+    region = photo[:, half * width : (half + 1) * width]
+    side = min(region.shape[0], width, round(size * rng.uniform(1.0, 2.5)))
+    top = int(rng.integers(0, region.shape[0] - side + 1))
+    left = int(rng.integers(0, width - side + 1))
+    return Image.fromarray(region[top : top + side, left : left + side]).resize((size, size), Image.BILINEAR)
+
+
+def fitted_line(sentence: str, font: ImageFont.FreeTypeFont, width: int, rng: np.random.Generator) -> str:
+    """The words of ``sentence`` from a random one on, as many as fit in ``width`` pixels."""
+    words = sentence.split()
+    start = int(rng.integers(0, max(1, len(words) - 2)))
+    line = ""
+    for word in words[start:]:
+        longer = f"{line} {word}".strip()
+        if font.getlength(longer) > width:
+            break
+        line = longer
+    return line
+
+
+def _ink(canvas: Image.Image, box: tuple[int, int, int, int], photo: bool, rng: np.random.Generator) -> tuple:
+    """The ink of one line: on a photo, 3 in 4 lines get a light sign box and dark ink, the others
+    dark or light ink against the photo under them; on paper, dark ink."""
+    if not photo:
+        return tuple(int(v) for v in rng.uniform(0, 90, 3))
+    left, top, right, bottom = box
+    if rng.uniform() < 0.75:
+        paper = tuple(int(v) for v in rng.uniform(190, 255, 3))
+        ImageDraw.Draw(canvas).rectangle([left - 3, top - 3, right + 3, bottom + 3], fill=paper)
+        return tuple(int(v) for v in rng.uniform(0, 70, 3))
+    under = np.asarray(canvas)[top:bottom, left:right].mean()
+    return tuple(int(v) for v in (rng.uniform(0, 50, 3) if under > 110 else rng.uniform(210, 255, 3)))
+
+
+def text_scene(
+    sentences: list[str], half: int, rng: np.random.Generator, size: int = DET_SIZE
+) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """One detector input [3, size, size] and the boxes (left, top, right, bottom) of its lines."""
+    photo = rng.uniform() < DET_PHOTO_SHARE
+    if photo:
+        canvas = photo_half_crop(size, half, rng)
+    else:
+        canvas = Image.new("RGB", (size, size), tuple(int(v) for v in rng.uniform(175, 250, 3)))
+    boxes = []
+    y = int(rng.integers(2, 12))
+    while True:
+        font = ImageFont.load_default(size=int(rng.integers(11, 19)))
+        x = int(rng.integers(3, 20))
+        text = fitted_line(sentences[int(rng.integers(len(sentences)))], font, size - x - 4, rng)
+        left, top, right, bottom = font.getbbox(text)
+        if y + bottom + 4 > size:
+            break
+        if len(text) >= 3:
+            box = (x + left, y + top, x + right, y + bottom)
+            ImageDraw.Draw(canvas).text((x, y), text, font=font, fill=_ink(canvas, box, photo, rng))
+            boxes.append(box)
+        y += bottom + int(rng.integers(3, 14))
+    canvas = canvas.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.0, 0.6))))
+    return zoo_common.ocr_normalize(np.asarray(canvas)[:, :, ::-1]), boxes
+
+
+def text_masks(size: int, boxes: list[tuple[int, int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """The lines' cores (each box shrunk by 0.3 of its height) and the background (3 px clear of every box)."""
+    core = np.zeros((size, size), dtype=bool)
+    near = np.zeros((size, size), dtype=bool)
+    for left, top, right, bottom in boxes:
+        s = round(0.3 * (bottom - top))
+        core[top + s : bottom - s, left + s : right - s] = True
+        near[max(0, top - 3) : bottom + 3, max(0, left - 3) : right + 3] = True
+    return core, ~near
+
+
+def ppocr_det(sentences: list[str], count: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    half = 0 if seed == CALIB_SEED else 1  # calibration crops from the photos' left halves, held-out from the right
+    scenes = [text_scene(sentences, half, rng) for _ in range(count)]
+    x = np.stack([s[0] for s in scenes])
+    masks = [text_masks(DET_SIZE, s[1]) for s in scenes]
+    core, background = np.stack([m[0] for m in masks]), np.stack([m[1] for m in masks])
+    p = zoo_common.session("ppocrv4_det_dbnet").run(None, {"x": x})[0][:, 0]
+    lines = sum(len(s[1]) for s in scenes)
+    print(
+        f"  {lines} lines on {count} scenes: detector probability {p[core].mean():.3f} on the lines' cores, "
+        f"{p[background].mean():.4f} on the background; {np.mean(p > 0.5):.3f} of pixels above 0.5"
+    )
     return {"x": x}
 
 
@@ -192,6 +300,7 @@ BUILDERS: dict[str, tuple[Callable[[list[str], int, int], dict[str, np.ndarray]]
     # model: (builder, calibration samples, held-out samples)
     "ppocr_cls_mbv3": (ppocr_cls, 16, 40),
     "ppocrv4_rec_svtr": (ppocr_rec, 8, 24),
+    "ppocrv4_det_dbnet": (ppocr_det, 8, 20),
     "silero_vad_16k_op15": (silero, 48, 128),
     "tiny_bert_dynamo": (tiny_bert, 64, 96),
 }
@@ -224,9 +333,9 @@ def main(argv: list[str]) -> None:
             raise SystemExit(f"expected one of {sorted(BUILDERS)}; found {name!r}")
         build, n_calib, n_held = BUILDERS[name]
         print(f"{name}: calibration")
-        save(out / f"{name}.calib.npz", build(calib_text, n_calib * scale, SEED + 1))
+        save(out / f"{name}.calib.npz", build(calib_text, n_calib * scale, CALIB_SEED))
         print(f"{name}: held-out")
-        save(out / f"{name}.heldout.npz", build(held_text, n_held * scale, SEED + 2))
+        save(out / f"{name}.heldout.npz", build(held_text, n_held * scale, HELD_SEED))
 
 
 if __name__ == "__main__":
