@@ -42,6 +42,7 @@ SHOW = (
     "output_space",
     "joint",
     "joint_kl",
+    "joint_uniform",
     "superposed",
     "weight_error",
     "noise_only",

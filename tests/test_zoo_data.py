@@ -14,6 +14,8 @@ import pytest
 ZOO = Path(__file__).resolve().parent.parent / "models" / "zoo"
 DATA = ZOO / "data"
 MAX_BYTES = 560_000  # the data README's "about 550 kB each"
+# The VAD's held-out chunks must span minutes of speech to measure damage reliably (256 chunks)
+LARGER = {"silero_vad_16k_op15.heldout.npz": 850_000}
 MODELS = sorted(p.name.removesuffix(".calib.npz") for p in DATA.glob("*.calib.npz"))
 
 
@@ -29,7 +31,7 @@ def test_sets_feed_the_model_and_share_no_sample(name: str) -> None:
     sets = []
     for split in ("calib", "heldout"):
         path = DATA / f"{name}.{split}.npz"
-        assert path.stat().st_size <= MAX_BYTES
+        assert path.stat().st_size <= LARGER.get(path.name, MAX_BYTES)
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
         assert set(inputs) <= set(arrays)
