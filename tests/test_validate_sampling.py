@@ -287,3 +287,31 @@ def test_oracle_finds_the_least_damaging_assignment_within_each_budget() -> None
             assert r.regret[label] >= 1.0 and r.rank[label] == 1 + sum(
                 v < kls[tuple(a.values())] - 1e-12 for v in kls.values()
             )
+
+
+def _dearer_shares(fam: choices.Family, n: int = 200, tensors: int = 20) -> np.ndarray:
+    from types import SimpleNamespace
+
+    from fitonnx.analysis.validate import budget_configs
+
+    h = SimpleNamespace(weights=[f"w{k}" for k in range(tensors)], activations=[])
+    drawn = budget_configs(h, fam, (0, len(fam.weights) - 1), n, np.random.default_rng(0))
+    top = fam.weights[-1]
+    return np.array([np.mean([c == top for c in cfg.weight_bits.values()]) for cfg in drawn])
+
+
+def test_budget_sampler_mixes_a_two_choice_family() -> None:
+    """fp8e4m3 against fp16 (8 bits apart): configurations mix the two over the whole range, instead
+    of nearly all landing on one side (what a 1-bit spread did: the FP8 family held its uniform mixes)."""
+    shares = _dearer_shares(choices.Family("fp8", ("fp8e4m3", "fp16"), ()))
+    mixed = (shares > 0) & (shares < 1)
+    assert mixed.mean() > 0.9
+    assert (shares < 0.25).any() and (shares > 0.75).any()
+    assert len({round(s, 3) for s in shares}) > 10
+
+
+def test_budget_sampler_spread_is_unchanged_for_integer_ladders() -> None:
+    from fitonnx.analysis.validate import BUDGET_SPREAD, _spread
+
+    assert _spread(np.array([4.0, 5.0, 6.0, 8.0])) == BUDGET_SPREAD
+    assert _spread(np.array([8.0, 16.0])) == 4.0

@@ -231,7 +231,8 @@ def budget_configs(
     ac = [c for c in fam.activations if lo_bits - 1 <= cost_bits(c) <= hi_bits + 1] or list(fam.activations)
 
     def pick(cands: Sequence[Choice], budget: float) -> Choice:
-        p = np.exp(-0.5 * (np.array([cost_bits(c) for c in cands]) - budget) ** 2 / BUDGET_SPREAD**2)
+        bits = np.array([cost_bits(c) for c in cands])
+        p = np.exp(-0.5 * (bits - budget) ** 2 / _spread(bits) ** 2)
         return cands[int(rng.choice(len(cands), p=p / p.sum()))]
 
     out = []
@@ -244,6 +245,14 @@ def budget_configs(
             )
         )
     return tuple(out)
+
+
+def _spread(bits: np.ndarray) -> float:
+    """The sampler's spread in bits: BUDGET_SPREAD, or half the widest gap between neighbouring
+    choices (fp8 against fp16 is 8 bits apart: at 1 bit every tensor of a configuration took the
+    same side and the family held only its uniform mixes)."""
+    gaps = np.diff(np.unique(bits))
+    return max(BUDGET_SPREAD, float(gaps.max()) / 2 if gaps.size else 0.0)
 
 
 @dataclass(frozen=True)
