@@ -89,6 +89,9 @@ def test_families_group_formats_and_pair_single_float_widths_with_fp16() -> None
     # MX/NVFP4 activations take the block format itself: scales per block of each sample (test_activation_blocks)
     assert fams["nvfp4/16"].weights == ("nvfp4/16", "fp16") and fams["nvfp4/16"].activations == ("nvfp4/16", "fp16")
     assert all(f.activations == () for f in choices.families(["all"], True))
+    # fp16 named beside a floating format joins that family instead of a one-choice family of its own
+    assert [f.name for f in choices.families(["fp8e4m3", "fp16"], True)] == ["fp8"]
+    assert [f.weights for f in choices.families(["fp16"], True)] == [("fp16",)]
 
 
 def test_threshold_on_decisions_and_kl() -> None:

@@ -102,7 +102,13 @@ def families(names: Sequence[str], weights_only: bool) -> tuple[Family, ...]:
             w.append(FLOAT_PARTNER)
         acts = [] if weights_only else [a for a in (_activation_choice(parse_format(c)) for c in w) if a]
         out.append(Family(name, sorted_choices(w), sorted_choices(acts)))
-    return tuple(out)
+    return tuple(f for f in out if not _absorbed(f, out))
+
+
+def _absorbed(fam: Family, every: Sequence[Family]) -> bool:
+    """A one-choice family whose choice another family already holds (``--format fp8e4m3 --format
+    fp16``: fp16 is the fp8 family's partner, not a family of its own with nothing to rank)."""
+    return len(fam.weights) == 1 and any(o is not fam and fam.weights[0] in o.weights for o in every)
 
 
 _PLAIN_KINDS = (ElementKind.FP16, ElementKind.BF16)
