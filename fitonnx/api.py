@@ -215,9 +215,7 @@ def recommend(
     alloc = _allocate(s, report, budget, choices)
     refinement, refine_note = None, None
     if rework.active:
-        as_progress(progress).start(1, f"Measuring on the calibration data ({rework.refine} candidates)")
         alloc, refinement, refine_note = rework_allocation(s, alloc, opts, rework, progress)
-        as_progress(progress).advance(1)
     if out is not None and s.data.synthetic:
         warnings.warn(RANDOM_CALIBRATION, RandomDataWarning, stacklevel=2)  # the bundle's QDQ models
     written = (

@@ -178,3 +178,23 @@ def test_neighbours_of_a_large_model_pair_only_the_most_promising_tensors(monkey
     for a, _ in got[1:]:
         assert 1 <= sum(a[n] != start[n] for n in a) <= 2
         assert sum(it.numel * a[it.name] for it in items) <= 4 * total
+
+
+def test_progress_of_an_output_space_refinement_never_passes_its_total() -> None:
+    """Each bar's count stays within its total (the output-space pass's bar read 257/256: the
+    measuring bar was started before that pass and advanced after it)."""
+    bars: list[list] = []
+
+    class Record:
+        def start(self, total: int, label: str) -> None:
+            bars.append([label, total, 0])
+
+        def advance(self, n: int = 1) -> None:
+            bars[-1][2] += n
+
+    opts = AllocationOptions(weight_bits=(2, 4, 8), objective=Objective.OUTPUT_SPACE, refine=2)
+    api.recommend(
+        CNN, MODELS / "mnist_cnn.calib.npz", budget=budget_from(avg_bits=4.0), choices=opts, progress=Record()
+    )
+    assert all(done <= total for _, total, done in bars), bars
+    assert any(label.startswith("Measuring") and done == total for label, total, done in bars), bars

@@ -42,7 +42,7 @@ from fitonnx.fisher.losses import OutputTarget
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.fisher.session import Session
 from fitonnx.model.data import Dataset
-from fitonnx.progress import Progress
+from fitonnx.progress import Progress, as_progress
 
 DEFAULT_MOVES = 2
 DEFAULT_Z = 2.0  # a candidate replaces the knapsack's answer only if better by 2 paired standard errors
@@ -283,7 +283,10 @@ def rework_allocation(
         if alloc.budget.kind is BudgetKind.MAX_FIT:  # neighbours within the FIT budget too
             limit = alloc.budget.value - alloc.activation_fit
             candidates = [c for i, c in enumerate(candidates) if i == 0 or c[1] <= limit]
+        bar = as_progress(progress)  # after the output-space pass, which starts its own bar
+        bar.start(1, f"Measuring on the calibration data ({request.refine} candidates)")
         r = refine(candidates, measure.samples, request.z)
+        bar.advance(1)
     record = {"refine": float(request.refine), "output_space_objective": float(request.objective is not Objective.FIT)}
     return with_weights(alloc, r.best if r else start, record), r, note
 
