@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from validate_study import FORMATS, repeated
+from validate_study import FORMATS, calibration_simulator, repeated
 
-from fitonnx.analysis.damage import damage, reference
+from fitonnx.analysis.damage import damage
 from fitonnx.analysis.harness import BaselineOptions, Extras, SimulationOptions, harness
 from fitonnx.analysis.predictors import Predictor
-from fitonnx.analysis.simulate import Config, Simulator
+from fitonnx.analysis.simulate import Config
 from fitonnx.fisher.options import FisherOptions
 from fitonnx.model.data import load_npz
 from fitonnx.score.ranks import spearman
@@ -61,9 +61,7 @@ def configs(rs) -> list[Config]:
 def per_sample(h, cs, on_calib: bool) -> tuple[np.ndarray, np.ndarray]:
     """[config, sample] KL and agreement on the held-out (or calibration) data."""
     if on_calib:
-        args = h.simulator._args
-        sim = Simulator(*args[:5], h.session.data, *args[6:])
-        ref = reference(h.target, sim.run(Config.floating()), None, "calibration")
+        sim, ref = calibration_simulator(h)
     else:
         sim, ref = h.simulator, h.reference
     ds = [damage(ref, sim.run(c)) for c in cs]

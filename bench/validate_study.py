@@ -159,13 +159,11 @@ def study(
     calib, held = data / f"{name}.calib.npz", data / f"{name}.heldout.npz"
     sim = SimulationOptions(formats=FORMATS, weights_only=True)
     t0 = time.perf_counter()
-    h0 = harness(
-        ZOO / f"{name}.onnx",
-        calib,
-        held,
-        simulation=sim,
-        options=FisherOptions(fisher=default, seed=seed),
-        baselines=BaselineOptions(
+    h0 = study_harness(
+        name,
+        data,
+        seed,
+        BaselineOptions(
             (Baseline.HESSIAN,) if hopts else (),
             hessian=hopts or hessian.HessianOptions(),
             extras=Extras(enumerate_outcomes=True, superpose=True),
@@ -269,13 +267,31 @@ def print_estimate(name: str, label: str, est: dict, result: dict) -> None:
         )
 
 
+def study_harness(name: str, data: Path, seed: int, baselines: BaselineOptions):
+    """The study's harness of model ``name``: its data in ``data``, the study's formats, weights
+    only, the model's default Fisher."""
+    return harness(
+        ZOO / f"{name}.onnx",
+        data / f"{name}.calib.npz",
+        data / f"{name}.heldout.npz",
+        simulation=SimulationOptions(formats=FORMATS, weights_only=True),
+        options=FisherOptions(fisher=MODELS[name][0], seed=seed),
+        baselines=baselines,
+    )
+
+
+def calibration_simulator(h) -> tuple[Simulator, object]:
+    """``h``'s simulator on its calibration samples instead of the held-out ones, and its float reference."""
+    args = h.simulator._args  # (sim, model, tensors, act_ranges, scheme, data, specs, batch_size)
+    sim = Simulator(*args[:5], h.session.data, *args[6:])
+    return sim, reference(h.target, sim.run(Config.floating()), None, "calibration")
+
+
 def on_calibration(h, configs: list[Config]) -> list[float]:
     """Each configuration's KL measured on the calibration samples instead of the held-out ones:
     what any predictor that reads only the calibration data can at best know (its ρ with the
     held-out KL is the calibration-to-held-out transfer, beside the held-out split-half ceiling)."""
-    args = h.simulator._args  # (sim, model, tensors, act_ranges, scheme, data, specs, batch_size)
-    sim = Simulator(*args[:5], h.session.data, *args[6:])
-    ref = reference(h.target, sim.run(Config.floating()), None, "calibration")
+    sim, ref = calibration_simulator(h)
     return [damage(ref, sim.run(c)).kl for c in configs]
 
 
@@ -283,17 +299,8 @@ def reuse(name: str, data: Path, previous: Path, seed: int, transfer: bool = Fal
     """Re-predict the configurations measured by an earlier run (its ``--json``) with this
     checkout's predictors: the calibration passes only, no simulation."""
     default = MODELS[name][0]
-    calib, held = data / f"{name}.calib.npz", data / f"{name}.heldout.npz"
-    sim = SimulationOptions(formats=FORMATS, weights_only=True)
     t0 = time.perf_counter()
-    h = harness(
-        ZOO / f"{name}.onnx",
-        calib,
-        held,
-        simulation=sim,
-        options=FisherOptions(fisher=default, seed=seed),
-        baselines=BaselineOptions(extras=Extras(enumerate_outcomes=True, superpose=superpose)),
-    )
+    h = study_harness(name, data, seed, BaselineOptions(extras=Extras(enumerate_outcomes=True, superpose=superpose)))
     seconds = time.perf_counter() - t0
     while not previous.exists():  # the earlier run may still be simulating: its predictions can wait
         time.sleep(30)

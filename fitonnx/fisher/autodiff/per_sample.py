@@ -115,22 +115,27 @@ def _patch_conv_norm(b: Builder, node: onnx.NodeProto, g: str, out_spatial: list
     """‖G_n U_nᵀ‖² for an ungrouped Conv: U_n [P, L] the patches of x, from one depthwise Conv
     whose kernel picks each offset of each channel (cost C·K²·L, against C²·K²·L for the
     full identity kernel of ``_unfolded_conv_norm``), then the direct or ghost ``_patch_norm``."""
-    x, w = node.input[0], node.input[1]
-    ws = b.static_shape(w)
+    ws = b.static_shape(node.input[1])
     assert ws is not None
-    cout, cin, kernel = int(ws[0]), int(ws[1]), [int(k) for k in ws[2:]]
-    nsp, k = len(kernel), int(np.prod(kernel))
-    strides, dilations, pads = _conv_attrs(b, node, nsp)
-    positions, p = int(np.prod(out_spatial)), cin * k
+    positions = int(np.prod(out_spatial))
+    u, p = _patches(b, node, [int(d) for d in ws], positions)
+    gg = b.op("Reshape", g, b.ints([0, int(ws[0]), positions]))
+    return _patch_norm(b, u, gg, p, int(ws[0]), positions)
+
+
+def _patches(b: Builder, node: onnx.NodeProto, ws: list[int], positions: int) -> tuple[str, int]:
+    """U [N, P, L]: the patches of an ungrouped Conv's input x, P = C_in·K rows in the weight's
+    (channel, kernel offset) order, from one depthwise Conv whose kernel picks each offset."""
+    x, cin, kernel = node.input[0], ws[1], ws[2:]
+    k = int(np.prod(kernel))
+    strides, dilations, pads = _conv_attrs(b, node, len(kernel))
+    p = cin * k
     if k == 1 and not any(pads) and all(s == 1 for s in strides):
-        u = b.op("Reshape", x, b.ints([0, cin, positions]))
-    else:
-        eye = np.tile(np.eye(k, dtype=helper.tensor_dtype_to_np_dtype(b.dtype(x))), [cin, 1])
-        picks = b.const(eye.reshape([p, 1, *kernel]), "picks")
-        patches = b.op("Conv", x, picks, strides=strides, dilations=dilations, pads=pads, group=cin)
-        u = b.op("Reshape", patches, b.ints([0, p, positions]))
-    gg = b.op("Reshape", g, b.ints([0, cout, positions]))
-    return _patch_norm(b, u, gg, p, cout, positions)
+        return b.op("Reshape", x, b.ints([0, cin, positions])), p
+    eye = np.tile(np.eye(k, dtype=helper.tensor_dtype_to_np_dtype(b.dtype(x))), [cin, 1])
+    picks = b.const(eye.reshape([p, 1, *kernel]), "picks")
+    patches = b.op("Conv", x, picks, strides=strides, dilations=dilations, pads=pads, group=cin)
+    return b.op("Reshape", patches, b.ints([0, p, positions])), p
 
 
 def _patch_norm(b: Builder, u: str, g: str, p: int, m: int, positions: int) -> str:
@@ -201,7 +206,7 @@ def _weight_norm(b: Builder, node: onnx.NodeProto, slot: int, g: str) -> str:
 
 def _conv_grad(b: Builder, node: onnx.NodeProto, g: str) -> str:
     """Per-sample gradients [N, *W] of an ungrouped Conv's weight with static shapes: G_n U_nᵀ, U_n
-    the patches of ``_patch_conv_norm`` (their rows in the weight's (channel, kernel offset) order)."""
+    the patches of ``_patches``."""
     x, w = node.input[0], node.input[1]
     ws, xs, ys = b.static_shape(w), b.static_shape(x), b.static_shape(node.output[0])
     static = all(s is not None and all(isinstance(d, int) for d in s) for s in (ws, xs, ys))
@@ -210,19 +215,11 @@ def _conv_grad(b: Builder, node: onnx.NodeProto, g: str) -> str:
             f"expected an ungrouped Conv with static shapes for per-sample gradients at {describe(node)}"
         )
     assert ws is not None and ys is not None
-    cout, cin, kernel = int(ws[0]), int(ws[1]), [int(k) for k in ws[2:]]
-    nsp, k = len(kernel), int(np.prod(kernel))
-    strides, dilations, pads = _conv_attrs(b, node, nsp)
-    positions, p = int(np.prod([int(d) for d in ys[2:]])), cin * k
-    if k == 1 and not any(pads) and all(s == 1 for s in strides):
-        u = b.op("Reshape", x, b.ints([0, cin, positions]))
-    else:
-        eye = np.tile(np.eye(k, dtype=helper.tensor_dtype_to_np_dtype(b.dtype(x))), [cin, 1])
-        picks = b.const(eye.reshape([p, 1, *kernel]), "picks")
-        patches = b.op("Conv", x, picks, strides=strides, dilations=dilations, pads=pads, group=cin)
-        u = b.op("Reshape", patches, b.ints([0, p, positions]))
-    gg = b.op("Reshape", g, b.ints([0, cout, positions]))
-    return b.op("Reshape", b.op("MatMul", gg, b.op("Transpose", u, perm=[0, 2, 1])), b.ints([0, *[int(d) for d in ws]]))
+    shape = [int(d) for d in ws]
+    positions = int(np.prod([int(d) for d in ys[2:]]))
+    u, _ = _patches(b, node, shape, positions)
+    gg = b.op("Reshape", g, b.ints([0, shape[0], positions]))
+    return b.op("Reshape", b.op("MatMul", gg, b.op("Transpose", u, perm=[0, 2, 1])), b.ints([0, *shape]))
 
 
 def _scale(b: Builder, t: str, factor: float) -> str:
